@@ -1,0 +1,48 @@
+"""GQA decoder with ada-RMSNorm delay conditioning; token and audio embeddings are summed."""
+from __future__ import annotations
+
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+
+from voxc.model.config import DecoderConfig
+from voxc.model.layers import RingAttention, SwiGLU, linear, rms_norm
+
+
+class AdaNorm(nn.Module):
+    """Per-layer scale 1 + w_out(gelu(w_in t_cond)) applied after the FFN norm."""
+
+    def __init__(self, dim: int, bottleneck: int, dtype: str):
+        self.w_in = linear(dim, bottleneck, dtype=dtype)
+        self.w_out = linear(bottleneck, dim, dtype=dtype)
+
+    def forward(self, t_cond: nn.Tensor) -> nn.Tensor:
+        return self.w_out(op.gelu(self.w_in(t_cond)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, index: int, cfg: DecoderConfig, dtype: str):
+        self.attention_norm = rms_norm(cfg.dim, cfg.norm_eps, dtype)
+        self.attention = RingAttention(index, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+                                       cfg.sliding_window, cfg.rope_theta, biases=False, dtype=dtype)
+        self.ffn_norm = rms_norm(cfg.dim, cfg.norm_eps, dtype)
+        self.ada_norm = AdaNorm(cfg.dim, cfg.ada_norm_dim, dtype)
+        self.feed_forward = SwiGLU(cfg.dim, cfg.hidden_dim, down_bias=False, dtype=dtype)
+
+    def forward(self, x, t_cond, cache, slots, starts):
+        attn, cache = self.attention(self.attention_norm(x), cache, slots, starts)
+        x = x + attn
+        scale = op.unsqueeze(self.ada_norm(t_cond), 1)  # [b, 1, dim]
+        h = self.ffn_norm(x) * (scale + 1.0)
+        return x + self.feed_forward(h), cache
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig, dtype: str):
+        self.cfg = cfg
+        self.layers = nn.ModuleList([DecoderLayer(i, cfg, dtype) for i in range(cfg.n_layers)])
+        self.norm = rms_norm(cfg.dim, cfg.norm_eps, dtype)
+
+    def forward(self, x, t_cond, cache, slots, starts):
+        for layer in self.layers:
+            x, cache = layer(x, t_cond, cache, slots, starts)
+        return self.norm(x), cache

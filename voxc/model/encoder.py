@@ -1,0 +1,57 @@
+"""Causal conv stem + sliding-window transformer encoder, streamed in chunks of mel frames."""
+from __future__ import annotations
+
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+
+from voxc.model.config import EncoderConfig
+from voxc.model.layers import RingAttention, SwiGLU, last_frames, rms_norm
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, index: int, cfg: EncoderConfig, dtype: str):
+        self.attention_norm = rms_norm(cfg.dim, cfg.norm_eps, dtype)
+        self.attention = RingAttention(index, cfg.dim, cfg.n_heads, cfg.n_heads, cfg.head_dim,
+                                       cfg.sliding_window, cfg.rope_theta, biases=True, dtype=dtype)
+        self.ffn_norm = rms_norm(cfg.dim, cfg.norm_eps, dtype)
+        self.feed_forward = SwiGLU(cfg.dim, cfg.hidden_dim, down_bias=True, dtype=dtype)
+
+    def forward(self, x, cache, slots, starts):
+        attn, cache = self.attention(self.attention_norm(x), cache, slots, starts)
+        x = x + attn
+        return x + self.feed_forward(self.ffn_norm(x)), cache
+
+
+class Encoder(nn.Module):
+    """Causal conv stem + transformer layers + final norm.
+
+    Stem: conv0 (k3, s1) -> GELU -> conv1 (k3, s2) -> GELU, left-padded only.  The left context
+    of each conv is carried between calls as state (CONV0_CONTEXT mel frames, CONV1_CONTEXT conv0
+    outputs); a fresh stream starts from zero state, which is exactly the reference's zero left
+    padding, so chunked and whole-clip runs agree.
+    """
+
+    CONV0_CONTEXT = 2
+    CONV1_CONTEXT = 1
+
+    def __init__(self, cfg: EncoderConfig, dtype: str):
+        self.cfg = cfg
+        self.conv0 = nn.Conv1D(cfg.num_mel_bins, cfg.dim, 3, stride=1, bias=True, dtype=dtype)
+        self.conv1 = nn.Conv1D(cfg.dim, cfg.dim, 3, stride=2, bias=True, dtype=dtype)
+        self.layers = nn.ModuleList([EncoderLayer(i, cfg, dtype) for i in range(cfg.n_layers)])
+        self.norm = rms_norm(cfg.dim, cfg.norm_eps, dtype)
+
+    def stem(self, mel: nn.Tensor, conv0_state: nn.Tensor, conv1_state: nn.Tensor):
+        """mel [b, n_mels, t] (t even) -> frames [b, t/2, dim] and the next conv states."""
+        x = op.concat([conv0_state, mel], dim=2)
+        h = op.gelu(self.conv0(x))
+        h_in = op.concat([conv1_state, h], dim=2)
+        frames = op.gelu(self.conv1(h_in))
+        next_conv0 = last_frames(x, self.CONV0_CONTEXT)
+        next_conv1 = last_frames(h_in, self.CONV1_CONTEXT)
+        return op.permute_dims(frames, [0, 2, 1]), next_conv0, next_conv1
+
+    def transformer(self, frames, cache, slots, starts):
+        for layer in self.layers:
+            frames, cache = layer(frames, cache, slots, starts)
+        return self.norm(frames), cache

@@ -1,0 +1,126 @@
+"""Building blocks shared by the encoder and the decoder."""
+from __future__ import annotations
+
+import math
+
+from tvm import te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
+
+from schedules.ring_attention import ring_append_func, ring_attention_func
+
+
+def linear(in_features: int, out_features: int, bias: bool = False, dtype: str = "float32") -> nn.Module:
+    """The one place a dense projection is made, so quantized builds can swap the module type."""
+    return nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
+
+
+def rms_norm(dim: int, eps: float, dtype: str = "float32") -> nn.Module:
+    return nn.RMSNorm(dim, axes=-1, epsilon=eps, bias=False, dtype=dtype)
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x); Mistral's names (w1 gate, w3 up, w2 down)."""
+
+    def __init__(self, dim: int, hidden_dim: int, down_bias: bool, dtype: str):
+        self.w1 = linear(dim, hidden_dim, dtype=dtype)
+        self.w2 = linear(hidden_dim, dim, bias=down_bias, dtype=dtype)
+        self.w3 = linear(dim, hidden_dim, dtype=dtype)
+
+    def forward(self, x: nn.Tensor) -> nn.Tensor:
+        return self.w2(op.silu(self.w1(x)) * self.w3(x))
+
+
+def apply_rope(x: nn.Tensor, starts: nn.Tensor, theta: float, name: str) -> nn.Tensor:
+    """Rotary embedding in Mistral's interleaved-pair layout: pairs (2i, 2i+1) of each head rotate.
+
+    x: [b, n, heads, head_dim]; starts: [b] int32, the absolute position of x[:, 0].
+    Frequencies follow the reference (float32 ``theta ** (-2i / d)`` times the float32 position).
+    """
+    head_dim = x.shape[-1]
+
+    def compute(xt: te.Tensor, st: te.Tensor):
+        def rotated(bi, i, h, d):
+            pair = d // 2
+            exponent = (pair * 2).astype("float32") / tirx.const(head_dim, "float32")
+            inv_freq = tirx.const(1.0, "float32") / tirx.power(tirx.const(theta, "float32"), exponent)
+            angle = (st[bi] + i.astype("int32")).astype("float32") * inv_freq
+            cos, sin = tirx.cos(angle), tirx.sin(angle)
+            even = xt[bi, i, h, pair * 2]
+            odd = xt[bi, i, h, pair * 2 + 1]
+            return tirx.if_then_else(d % 2 == 0, even * cos - odd * sin, even * sin + odd * cos)
+
+        return te.compute(xt.shape, rotated, name="rope")
+
+    return op.tensor_expr_op(compute, name, [x, starts])
+
+
+class RingAttention(nn.Module):
+    """Self-attention with biases as configured, RoPE, exact sliding window over a ring KV cache."""
+
+    def __init__(self, layer_index: int, dim: int, n_heads: int, n_kv_heads: int, head_dim: int,
+                 window: int, rope_theta: float, biases: bool, dtype: str):
+        self.layer_index = layer_index
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
+        self.window, self.rope_theta, self.dtype = window, rope_theta, dtype
+        self.wq = linear(dim, n_heads * head_dim, bias=biases, dtype=dtype)
+        self.wk = linear(dim, n_kv_heads * head_dim, dtype=dtype)
+        self.wv = linear(dim, n_kv_heads * head_dim, bias=biases, dtype=dtype)
+        self.wo = linear(n_heads * head_dim, dim, bias=biases, dtype=dtype)
+
+    def forward(self, x: nn.Tensor, cache: nn.Tensor, slots: nn.Tensor, starts: nn.Tensor):
+        b, n, _ = x.shape
+        q = op.reshape(self.wq(x), (b, n, self.n_heads, self.head_dim))
+        k = op.reshape(self.wk(x), (b, n, self.n_kv_heads, self.head_dim))
+        v = op.reshape(self.wv(x), (b, n, self.n_kv_heads, self.head_dim))
+        q = apply_rope(q, starts, self.rope_theta, "rope_q")
+        k = apply_rope(k, starts, self.rope_theta, "rope_k")
+        layer = tirx.IntImm("int64", self.layer_index)
+        attn = op.tensor_ir_op(
+            ring_attention_func(self.n_heads, self.n_kv_heads, self.head_dim, self.window, self.dtype),
+            "ring_attention", args=[q, k, v, cache, slots, starts, layer],
+            out=nn.Tensor.placeholder((b, n, self.n_heads, self.head_dim), self.dtype))
+        cache = op.tensor_ir_inplace_op(
+            ring_append_func(self.n_kv_heads, self.head_dim, self.window, self.dtype),
+            "ring_append", args=[cache, k, v, slots, starts, layer], inplace_indices=[0],
+            out=nn.Tensor.placeholder(cache.shape, self.dtype))
+        out = self.wo(op.reshape(attn, (b, n, self.n_heads * self.head_dim)))
+        return out, cache
+
+
+def sinusoidal_embedding(values: nn.Tensor, dim: int, theta: float = 10000.0) -> nn.Tensor:
+    """[b] float -> [b, dim]: cat(cos(v f), sin(v f)), f = exp(-ln(theta) * i / (dim/2))."""
+    half = dim // 2
+
+    def compute(vt: te.Tensor):
+        def emb(bi, j):
+            i = tirx.if_then_else(j < half, j, j - half)
+            freq = tirx.exp(tirx.const(-math.log(theta), "float32") * i.astype("float32")
+                            / tirx.const(half, "float32"))
+            angle = vt[bi] * freq
+            return tirx.if_then_else(j < half, tirx.cos(angle), tirx.sin(angle))
+
+        return te.compute((vt.shape[0], dim), emb, name="time_embedding")
+
+    return op.tensor_expr_op(compute, "time_embedding", [values])
+
+
+def gather_rows(table: nn.Tensor, offsets: nn.Tensor, count) -> nn.Tensor:
+    """[b, m, d] rows offsets[b] .. offsets[b] + count - 1 of each batch entry -> [b, count, d]."""
+
+    def compute(t: te.Tensor, off: te.Tensor):
+        return te.compute((t.shape[0], count, t.shape[2]),
+                          lambda bi, i, d: t[bi, off[bi].astype("int64") + i, d], name="gather_rows")
+
+    return op.tensor_expr_op(compute, "gather_rows", [table, offsets])
+
+
+def last_frames(x: nn.Tensor, count: int) -> nn.Tensor:
+    """[b, c, t] -> [b, c, count]: the last ``count`` frames (the carried context of a causal conv)."""
+
+    def compute(t: te.Tensor):
+        length = t.shape[2]
+        return te.compute((t.shape[0], t.shape[1], count),
+                          lambda bi, c, j: t[bi, c, length - count + j], name="last_frames")
+
+    return op.tensor_expr_op(compute, "last_frames", [x])

@@ -1,0 +1,145 @@
+"""A loaded artifact: weights on the device, the VM's entry points, and the KV caches.
+
+Caches are allocated per model for ``max_streams`` sequences (one slot each): the encoder ring
+``[L, 2, slots, 750, H, D]`` and the decoder ring ``[L, 2, slots, 8192, Hkv, D]``.  Every entry
+point takes a batch of slots, so the server can decode many streams in one step; a
+:class:`~voxc.runtime.session.StreamingSession` is one slot.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from voxc.errors import VoxcError
+from voxc.model.config import ModelConfig, delay_tokens
+from voxc.runtime.tvm_runtime import Runtime
+
+ARTIFACT_FORMAT = 1
+MANIFEST = "voxc-artifact.json"
+
+
+class CompiledModel:
+    def __init__(self, artifact_dir: Path, manifest: dict, runtime: Runtime, max_streams: int, progress: bool):
+        from safetensors import safe_open
+        from tqdm import tqdm
+
+        from voxc.tokenizer import Tokenizer
+
+        self.artifact_dir = artifact_dir
+        self.manifest = manifest
+        self.config = ModelConfig.from_dict(manifest["config"])
+        self.rt = runtime
+        self.vm = runtime.load_vm(artifact_dir / manifest["library"])
+        self.tokenizer = Tokenizer(artifact_dir / manifest["tokenizer"])
+        self.left_pad_tokens = int(manifest["left_pad_tokens"])
+        self.default_delay_ms = int(manifest["default_delay_ms"])
+        self.dtype = manifest["model_dtype"]
+
+        wanted = {p["name"]: p for p in manifest["params"]}
+        loaded: dict[str, object] = {}
+        with tqdm(total=len(wanted), desc="loading weights", unit="tensor", disable=not progress) as bar:
+            for shard in manifest["weights"]:
+                path = artifact_dir / shard
+                if not path.exists():
+                    raise VoxcError(f"artifact {artifact_dir} is incomplete: {shard} is missing")
+                try:
+                    with safe_open(str(path), "numpy") as f:
+                        for name in f.keys():
+                            array = f.get_tensor(name)
+                            spec = wanted.get(name)
+                            if spec is None or list(array.shape) != spec["shape"]:
+                                raise VoxcError(f"artifact {artifact_dir}: tensor {name} does not match the manifest")
+                            loaded[name] = runtime.tensor(array)
+                            bar.update()
+                except VoxcError:
+                    raise
+                except Exception as exc:
+                    raise VoxcError(f"artifact weight file {path} is unreadable or truncated: {exc}") from exc
+        missing = [n for n in wanted if n not in loaded]
+        if missing:
+            raise VoxcError(f"artifact {artifact_dir} lacks weights: {', '.join(missing[:5])}")
+        self.params = [loaded[p["name"]] for p in manifest["params"]]
+
+        self._mel = self.vm["mel"]
+        self._encode = self.vm["encode"]
+        self._encode_stages = self.vm["encode_stages"]
+        self._decode = self.vm["decode"]
+        self._view = runtime.ffi.get_global_func("runtime.TVMTensorCreateView")
+        self.slots = SlotPool(max_streams)
+        e, d = self.config.encoder, self.config.decoder
+        self.enc_cache = runtime.zeros((e.n_layers, 2, max_streams, e.sliding_window, e.n_heads, e.head_dim), self.dtype)
+        self.dec_cache = runtime.zeros((d.n_layers, 2, max_streams, d.sliding_window, d.n_kv_heads, d.head_dim),
+                                       self.dtype)
+
+    @classmethod
+    def load(cls, artifact_dir, device: str | None = None, *, max_streams: int = 1, progress: bool = False):
+        artifact_dir = Path(artifact_dir)
+        manifest_path = artifact_dir / MANIFEST
+        if not manifest_path.exists():
+            raise VoxcError(f"{artifact_dir} is not a voxc artifact (no {MANIFEST}); make one with `voxc build`")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise VoxcError(f"{manifest_path} is corrupt: {exc}") from exc
+        if manifest.get("format") != ARTIFACT_FORMAT:
+            raise VoxcError(f"{artifact_dir} was built by an incompatible voxc (artifact format "
+                            f"{manifest.get('format')}, this voxc reads {ARTIFACT_FORMAT}); rebuild it")
+        kind = manifest["device_kind"]
+        if device is not None and device != kind and not (device == "cpu" and kind == "llvm"):
+            raise VoxcError(f"{artifact_dir} was built for {manifest['target']} and runs on {kind}, not {device}")
+        if kind == "webgpu":
+            raise VoxcError(f"{artifact_dir} is a web bundle: serve it and open index.html in a browser")
+        return cls(artifact_dir, manifest, Runtime(kind), max_streams, progress)
+
+    # ---- streaming --------------------------------------------------------------------------
+    def stream(self, delay_ms: int | None = None, *, left_pad_tokens: int | None = None):
+        from voxc.runtime.session import StreamingSession
+
+        return StreamingSession(self, delay_ms=self.default_delay_ms if delay_ms is None else delay_ms,
+                                left_pad_tokens=self.left_pad_tokens if left_pad_tokens is None else left_pad_tokens)
+
+    def transcribe(self, audio, delay_ms: int | None = None) -> str:
+        """Whole-clip transcription: the streaming session fed all audio at once (same numbers)."""
+        session = self.stream(delay_ms)
+        text = session.feed(audio)
+        return text + session.finish()
+
+    # ---- entry points (device tensors in, device tensors out) --------------------------------
+    def mel(self, samples: np.ndarray):
+        mel = self._mel(self.rt.tensor(np.ascontiguousarray(samples, dtype=np.float32)), *self.params)
+        n_mels, frames = mel.shape
+        return self._view(mel, self.rt.ffi.Shape((1, n_mels, frames)), mel.dtype, 0)
+
+    def encode(self, mel, conv_states, slots, starts, stages: bool = False):
+        fn = self._encode_stages if stages else self._encode
+        out = fn(mel, conv_states[0], conv_states[1], self.enc_cache, self.rt.tensor(slots), self.rt.tensor(starts),
+                 *self.params)
+        self.enc_cache = out[3]
+        return out
+
+    def decode(self, tokens: np.ndarray, audio, audio_offsets: np.ndarray, delays: np.ndarray, slots, starts):
+        logits, next_tokens, self.dec_cache = self._decode(
+            self.rt.tensor(tokens.astype(np.int32)), audio, self.rt.tensor(audio_offsets.astype(np.int32)),
+            self.rt.tensor(delays.astype(np.float32)), self.dec_cache, self.rt.tensor(slots), self.rt.tensor(starts),
+            *self.params)
+        return logits, next_tokens
+
+    def delay_tokens(self, delay_ms: int) -> int:
+        return delay_tokens(delay_ms, self.config.audio)
+
+
+class SlotPool:
+    """Cache rows handed to sessions; a finished session's row is reused (its old keys are masked out)."""
+
+    def __init__(self, size: int):
+        self.free = list(range(size))
+
+    def acquire(self) -> int:
+        if not self.free:
+            raise VoxcError("all stream slots of this model are in use; load it with a larger max_streams")
+        return self.free.pop(0)
+
+    def release(self, slot: int) -> None:
+        self.free.append(slot)

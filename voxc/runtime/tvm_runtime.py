@@ -1,0 +1,124 @@
+"""TVM's runtime without its compiler: load a compiled artifact and run its Relax VM.
+
+A server or embedded device only needs ``libtvm_runtime*.so`` and ``tvm_ffi`` (about 31 MB)
+instead of the 300 MB compiler, and ``import tvm.relax`` would pull the compiler in.  So this
+module talks to the runtime only through ``tvm_ffi`` and the runtime's global functions, and
+never imports ``tvm`` itself.
+"""
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+
+from voxc.errors import VoxcError
+
+# DLPack device type codes (dlpack.h)
+DEVICE_TYPES = {"cpu": 1, "llvm": 1, "cuda": 2, "vulkan": 7, "metal": 8, "webgpu": 15}
+_POOLED_ALLOCATOR = 2
+_loaded_kinds: set[str] = set()
+
+
+def _tvm_lib_dir() -> Path:
+    override = os.environ.get("VOXC_TVM_LIB_DIR")
+    if override:
+        return Path(override)
+    spec = importlib.util.find_spec("tvm")  # locates the package without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise VoxcError("the TVM runtime is not installed: pip install apache-tvm==0.27.0.post1")
+    return Path(list(spec.submodule_search_locations)[0]) / "lib"
+
+
+def load_runtime(device_kind: str = "cpu"):
+    """dlopen the TVM runtime libraries a device needs (idempotent) and return ``tvm_ffi``."""
+    import tvm_ffi
+
+    lib_dir = _tvm_lib_dir()
+    wanted = ["libtvm_runtime.so", "libtvm_runtime_extra.so"]
+    if device_kind == "cuda":
+        wanted.append("libtvm_runtime_cuda.so")
+    for name in wanted:
+        if name in _loaded_kinds:
+            continue
+        path = lib_dir / name
+        if not path.exists():
+            if name == "libtvm_runtime_extra.so":
+                continue
+            raise VoxcError(f"TVM runtime library {path} is missing")
+        try:
+            ctypes.CDLL(str(path), mode=ctypes.RTLD_GLOBAL)
+        except OSError as exc:
+            hint = ""
+            if "libcuda" in str(exc):
+                hint = " (no NVIDIA driver found: a cuda artifact needs a machine with an NVIDIA GPU)"
+            elif "libcudart" in str(exc):
+                hint = " (install the CUDA runtime: pip install nvidia-cuda-runtime-cu13, or the CUDA toolkit)"
+            raise VoxcError(f"cannot load {name}: {exc}{hint}") from exc
+        _loaded_kinds.add(name)
+    return tvm_ffi
+
+
+class Runtime:
+    """A device plus the runtime functions voxc uses on it."""
+
+    def __init__(self, device_kind: str, device_id: int = 0):
+        if device_kind not in DEVICE_TYPES:
+            raise VoxcError(f"unknown device {device_kind!r}; choose one of {sorted(DEVICE_TYPES)}")
+        ffi = load_runtime(device_kind)
+        self.ffi = ffi
+        self.kind = device_kind
+        self.device = ffi.device(device_kind if device_kind != "llvm" else "cpu", device_id)
+        self._alloc = ffi.get_global_func("runtime.TVMTensorAllocWithScope")
+        self._from_bytes = ffi.get_global_func("runtime.TVMTensorCopyFromBytes")
+        self._to_bytes = ffi.get_global_func("runtime.TVMTensorCopyToBytes")
+        if device_kind not in ("cpu", "llvm"):
+            exists = ffi.get_global_func(f"device_api.{device_kind}", allow_missing=True)
+            if exists is None:
+                raise VoxcError(f"this TVM runtime has no {device_kind} support")
+
+    # ---- tensors ----------------------------------------------------------------------------
+    def empty(self, shape, dtype: str):
+        return self._alloc(self.ffi.Shape(tuple(int(s) for s in shape)), dtype, self.device, None)
+
+    def tensor(self, array: np.ndarray):
+        array = np.ascontiguousarray(array)
+        out = self.empty(array.shape, _dtype_name(array.dtype))
+        self._from_bytes(out, array.ctypes.data_as(ctypes.c_void_p), array.nbytes)
+        return out
+
+    def zeros(self, shape, dtype: str):
+        return self.tensor(np.zeros(shape, dtype=_numpy_dtype(dtype)))
+
+    def numpy(self, tensor) -> np.ndarray:
+        out = np.empty(tuple(tensor.shape), dtype=_numpy_dtype(str(tensor.dtype)))
+        self._to_bytes(tensor, out.ctypes.data_as(ctypes.c_void_p), out.nbytes)
+        return out
+
+    # ---- modules ----------------------------------------------------------------------------
+    def load_vm(self, library_path: Path):
+        """Load an exported Relax executable and start its VM on this device."""
+        try:
+            lib = self.ffi.load_module(str(library_path))
+        except Exception as exc:  # tvm_ffi raises its own error types
+            raise VoxcError(f"cannot load compiled model {library_path}: {exc}") from exc
+        vm = lib["vm_load_executable"]()
+        init = [DEVICE_TYPES[self.kind], self.device.index, _POOLED_ALLOCATOR]
+        if DEVICE_TYPES[self.kind] != DEVICE_TYPES["cpu"]:
+            init += [DEVICE_TYPES["cpu"], 0, _POOLED_ALLOCATOR]
+        vm["vm_initialization"](*init)
+        return vm
+
+
+def _dtype_name(dtype: np.dtype) -> str:
+    name = np.dtype(dtype).name
+    return "bfloat16" if name == "bfloat16" else name
+
+
+def _numpy_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
