@@ -1,0 +1,218 @@
+"""The ``voxc`` command line.  Every user error is printed as one line, never a traceback."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from voxc.errors import VoxcError
+
+DEFAULT_CACHE = Path(os.environ.get("VOXC_CACHE", Path.home() / ".cache" / "voxc"))
+
+EPILOG = """\
+typical use:
+  voxc make-tiny ./tiny                      # a small random checkpoint (official Mistral layout)
+  voxc build ./tiny --target llvm -o ./tiny-cpu
+  voxc transcribe speech.wav --model ./tiny-cpu
+  voxc transcribe speech.wav --model ./tiny-cpu --stream --delay-ms 480
+  voxc demo                                  # all of the above in one go
+
+real weights: download mistralai/Voxtral-Mini-4B-Realtime-2602 (consolidated.safetensors,
+params.json, tekken.json) and point `voxc build` at that directory.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "handler", None):
+        parser.print_help()
+        return 2
+    try:
+        return args.handler(args) or 0
+    except VoxcError as exc:
+        print(f"voxc: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("voxc: interrupted", file=sys.stderr)
+        return 130
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="voxc", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Compile Voxtral Mini 4B Realtime with TVM for CPU, CUDA or WebGPU, and transcribe speech "
+                    "offline or as a live stream.")
+    sub = parser.add_subparsers(metavar="COMMAND")
+
+    p = sub.add_parser("make-tiny", help="write a small random checkpoint for trying voxc without real weights",
+                       description="Write a small random Voxtral Realtime checkpoint (same structure, tiny sizes) "
+                                   "with a tiny Tekken tokenizer. Its transcripts are gibberish, but every stage "
+                                   "of voxc runs on it exactly as on the real model.")
+    p.add_argument("out_dir", type=Path, help="directory to create")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--encoder-window", type=int, default=750, help="encoder sliding window in frames (default 750)")
+    p.add_argument("--decoder-window", type=int, default=8192, help="decoder sliding window in tokens (default 8192)")
+    p.add_argument("--layout", choices=["mistral", "hf"], default="mistral",
+                   help="official Mistral layout (consolidated.safetensors + params.json) or transformers' layout")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="stored weight dtype")
+    p.set_defaults(handler=cmd_make_tiny)
+
+    p = sub.add_parser("build", help="compile a checkpoint into an artifact for one target",
+                       description="Compile a checkpoint directory (official Mistral layout, transformers layout) "
+                                   "or a GGUF file into an artifact directory that `voxc transcribe` and "
+                                   "voxc.load() run without the compiler.")
+    p.add_argument("checkpoint", type=Path, help="checkpoint directory or .gguf file")
+    p.add_argument("--target", default="llvm", help="llvm (CPU, default), cuda or webgpu")
+    p.add_argument("-o", "--output", type=Path, help="artifact directory (default: <checkpoint>-<target>)")
+    p.add_argument("--left-pad-tokens", type=int, default=None,
+                   help="silence tokens before the audio (default: the tokenizer's, 32; Q4_0 needs 76)")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(handler=cmd_build)
+
+    p = sub.add_parser("transcribe", help="transcribe an audio file (or the microphone)",
+                       description="Transcribe a WAV/FLAC/OGG file with a compiled artifact. Audio at other "
+                                   "sample rates or in stereo is resampled to 16 kHz mono.")
+    p.add_argument("audio", nargs="?", type=Path, help="audio file (omit with --mic)")
+    p.add_argument("--model", "-m", type=Path, required=True, help="artifact directory made by `voxc build`")
+    p.add_argument("--stream", action="store_true", help="feed the audio in chunks and print text as it comes")
+    p.add_argument("--chunk-ms", type=int, default=80, help="chunk size for --stream (default 80 ms)")
+    p.add_argument("--delay-ms", type=int, default=None,
+                   help="transcription delay: 80..1200 in steps of 80, or 2400 (default: the model's, 480)")
+    p.add_argument("--mic", action="store_true", help="stream from the default microphone until Ctrl-C")
+    p.set_defaults(handler=cmd_transcribe)
+
+    p = sub.add_parser("demo", help="make the tiny model, build it for the CPU and transcribe a clip",
+                       description="The whole pipeline on a machine without real weights: make-tiny, "
+                                   "build --target llvm, transcribe a generated clip offline and streaming.")
+    p.add_argument("--workdir", type=Path, default=DEFAULT_CACHE / "demo", help=f"(default {DEFAULT_CACHE}/demo)")
+    p.set_defaults(handler=cmd_demo)
+
+    for extra in _extra_commands():
+        extra(sub)
+    return parser
+
+
+def _extra_commands():
+    """Subcommands whose implementation lives with their subsystem (quantization, benchmarks)."""
+    found = []
+    for module_name in ("voxc.quant.cli", "voxc.bench_cli"):
+        try:
+            module = __import__(module_name, fromlist=["register"])
+        except ImportError:
+            continue
+        found.append(module.register)
+    return found
+
+
+# ---- commands -----------------------------------------------------------------------------------
+def cmd_make_tiny(args) -> int:
+    from voxc.loader.tiny import make_tiny
+
+    make_tiny(args.out_dir, seed=args.seed, encoder_window=args.encoder_window, decoder_window=args.decoder_window,
+              layout=args.layout, dtype=args.dtype)
+    print(f"wrote a tiny random checkpoint to {args.out_dir}")
+    return 0
+
+
+def cmd_build(args) -> int:
+    from voxc.build import build
+
+    out = args.output or args.checkpoint.with_name(f"{args.checkpoint.name}-{args.target}")
+    if not args.checkpoint.exists():
+        raise VoxcError(f"{args.checkpoint} does not exist")
+    build(args.checkpoint, args.target, out, progress=not args.quiet, left_pad_tokens=args.left_pad_tokens)
+    print(f"built {out}")
+    return 0
+
+
+def cmd_transcribe(args) -> int:
+    import voxc
+
+    if args.mic == (args.audio is not None):
+        raise VoxcError("give either an audio file or --mic")
+    model = voxc.load(args.model)
+    if args.mic:
+        return _transcribe_mic(model, args)
+    from voxc.audio import load_audio
+
+    audio = load_audio(args.audio)
+    if not args.stream:
+        print(model.transcribe(audio, delay_ms=args.delay_ms).strip())
+        return 0
+    if args.chunk_ms <= 0:
+        raise VoxcError("--chunk-ms must be positive")
+    session = model.stream(args.delay_ms)
+    chunk = model.config.audio.sampling_rate * args.chunk_ms // 1000
+    for begin in range(0, len(audio), chunk):
+        _print_delta(session.feed(audio[begin:begin + chunk]))
+    _print_delta(session.finish())
+    print()
+    return 0
+
+
+def _transcribe_mic(model, args) -> int:
+    try:
+        import sounddevice
+    except (ImportError, OSError) as exc:
+        raise VoxcError(f"--mic needs the sounddevice package and PortAudio (pip install sounddevice): {exc}") from exc
+    try:
+        sounddevice.query_devices(kind="input")
+    except Exception as exc:  # PortAudio raises its own error type
+        raise VoxcError(f"no microphone found: {exc}") from exc
+    rate = model.config.audio.sampling_rate
+    session = model.stream(args.delay_ms)
+    print("listening (Ctrl-C to stop)...", file=sys.stderr)
+    try:
+        with sounddevice.InputStream(samplerate=rate, channels=1, dtype="float32",
+                                     blocksize=rate * args.chunk_ms // 1000) as stream:
+            while True:
+                block, _ = stream.read(rate * args.chunk_ms // 1000)
+                _print_delta(session.feed(block[:, 0]))
+    except KeyboardInterrupt:
+        _print_delta(session.finish())
+        print()
+    return 0
+
+
+def _print_delta(text: str):
+    if text:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+
+def cmd_demo(args) -> int:
+    import numpy as np
+
+    import voxc
+    from voxc.build import MANIFEST, build
+    from voxc.loader.tiny import make_tiny
+
+    work = args.workdir
+    checkpoint, artifact = work / "tiny", work / "tiny-llvm"
+    if not (checkpoint / "params.json").exists():
+        print(f"1/3 making a tiny random checkpoint in {checkpoint}", file=sys.stderr)
+        make_tiny(checkpoint)
+    if not (artifact / MANIFEST).exists():
+        print(f"2/3 compiling it for the CPU into {artifact}", file=sys.stderr)
+        build(checkpoint, "llvm", artifact)
+    print("3/3 transcribing a 3 s clip (random weights: expect gibberish, but real compute)", file=sys.stderr)
+    rate = 16000
+    t = np.arange(3 * rate) / rate
+    clip = (0.3 * np.sin(2 * np.pi * 220 * t) * np.sin(2 * np.pi * 1.5 * t)).astype(np.float32)
+    model = voxc.load(artifact)
+    started = time.perf_counter()
+    text = model.transcribe(clip)
+    elapsed = time.perf_counter() - started
+    print(f"offline:   {text!r}")
+    session = model.stream()
+    streamed = "".join(session.feed(clip[i:i + 1280]) for i in range(0, len(clip), 1280)) + session.finish()
+    print(f"streaming: {streamed!r}")
+    print(f"real-time factor {elapsed / 3:.3f} on this CPU; streaming equals offline: {streamed == text}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
