@@ -1,0 +1,274 @@
+"""Log-mel front end, as a TVM graph, numerically equal to transformers' VoxtralRealtimeFeatureExtractor.
+
+The extractor computes, on 16 kHz float32 PCM::
+
+    X      = torch.stft(x, n_fft=W, hop=H, periodic Hann window of W, center=...)   # W=400, H=160
+    power  = |X|^2 with the LAST time frame dropped                                  # 201 bins
+    mel    = filters.T @ power                                                       # 128 Slaney filters
+    logmel = (max(log10(max(mel, 1e-10)), global_log_mel_max - 8) + 4) / 4          # max is a config constant
+
+How the pieces split between graph and host:
+
+* :class:`LogMel` (the graph) does plain "valid" framing only: ``n`` samples give
+  ``(n - W) // H + 1`` frames, frame ``j`` reading ``samples[j*H : j*H + W]``. No padding, no frame dropped.
+* The host decides which samples to pass:
+
+  - offline (``center=True``): :func:`offline_padded` reflect-pads W/2 samples on both sides and trims the
+    end so that LogMel returns exactly the extractor's ``N // H`` frames;
+  - streaming: :class:`StreamingMelFramer` turns PCM chunks of any size into windows of whole multiples of
+    ``frames_per_step`` frames, carrying the ``W - H`` sample overlap. The frames it yields, concatenated,
+    are exactly the offline frames of the whole stream (see the class for the start and end of the stream).
+
+The STFT is a direct real DFT: gather the frames, then one matmul against a constant Hann-windowed cos/sin
+basis, so every target (llvm, CUDA, WebGPU) runs the same graph and GPUs get dlight's matmul schedule. ``compute_dtype="float64"`` reproduces the
+extractor to ~1e-5 (the extractor's own float32 FFT error); WebGPU has no f64 and uses ``"float32"``.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from tvm import relax, te, tirx
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn.core import wrap_nested
+
+from voxc.errors import VoxcError
+from voxc.model.config import AudioConfig
+
+# log10 floor of the extractor: torch.clamp(mel, min=1e-10)
+_MEL_FLOOR = 1e-10
+# The extractor's dynamic range: values below global_log_mel_max - 8 (in log10) are clipped.
+_DYNAMIC_RANGE_LOG10 = 8.0
+
+
+def n_frequency_bins(cfg: AudioConfig) -> int:
+    """Bins of the one-sided spectrum; n_fft equals the window size in Voxtral."""
+    return cfg.window_size // 2 + 1
+
+
+def windowed_dft_basis(window: int, dtype: str = "float64") -> np.ndarray:
+    """``[window, 2 * (window//2 + 1)]``: ``hann[t] * cos(2 pi k t / W)`` in the first half of the columns,
+    ``hann[t] * sin(2 pi k t / W)`` in the second (k = column within the half), computed in float64.
+
+    Periodic Hann, as torch.hann_window. The phase k*t is reduced modulo W in integers before the angle is
+    formed, so cos/sin only see arguments in [0, 2 pi). The sign of the imaginary part does not matter:
+    only |X|^2 is used.
+
+    This is a compile-time constant of the graph rather than something computed on the device: WGSL only
+    promises cos/sin to an absolute error of 2^-11, and this way every target multiplies by the same
+    correctly rounded numbers.
+    """
+    t = np.arange(window)
+    k = np.arange(window // 2 + 1)
+    angle = (2.0 * np.pi / window) * ((t[:, None] * k[None, :]) % window)
+    hann = 0.5 - 0.5 * np.cos((2.0 * np.pi / window) * t)
+    basis = hann[:, None] * np.concatenate([np.cos(angle), np.sin(angle)], axis=1)
+    return np.ascontiguousarray(basis.astype(dtype))
+
+
+def mel_filter_bank(cfg: AudioConfig, n_mels: int) -> np.ndarray:
+    """The value of ``LogMel.filters``: Slaney mel filters, float32 ``[n_frequency_bins, n_mels]``.
+
+    Same numbers as the extractor's (it builds the same bank with transformers.audio_utils, in float64, and
+    casts it to float32 before the matmul).
+    """
+    from mistral_common.audio import mel_filter_bank as mistral_mel_filter_bank
+
+    bank = mistral_mel_filter_bank(n_frequency_bins(cfg), n_mels, 0.0, cfg.sampling_rate / 2, cfg.sampling_rate)
+    return np.ascontiguousarray(bank, dtype=np.float32)
+
+
+class LogMel(nn.Module):
+    """``forward(samples[n] f32) -> log-mel [n_mels, (n - window)//hop + 1] f32``, valid framing, n >= window.
+
+    ``filters`` is a parameter (value: :func:`mel_filter_bank`); the Hann-windowed DFT basis is a constant
+    of the graph (:func:`windowed_dft_basis`, 400 x 402). ``compute_dtype`` is the dtype of everything
+    between the input cast and the output cast.
+    """
+
+    def __init__(self, cfg: AudioConfig, n_mels: int, compute_dtype: str = "float64"):
+        if compute_dtype not in ("float32", "float64"):
+            raise VoxcError(f"LogMel compute_dtype must be float32 or float64, got {compute_dtype!r}")
+        self.window = cfg.window_size
+        self.hop = cfg.hop_length
+        self.n_bins = n_frequency_bins(cfg)
+        self.n_mels = n_mels
+        self.log_floor = cfg.global_log_mel_max - _DYNAMIC_RANGE_LOG10
+        self.compute_dtype = compute_dtype
+        self.filters = nn.Parameter((self.n_bins, n_mels), "float32")
+
+    def forward(self, samples: nn.Tensor) -> nn.Tensor:
+        frames = nn.op.tensor_expr_op(self._frames, "mel_frames", [samples])
+        # Give the frame count its own symbolic variable. Left as the expression (n - W)//H + 1, it ends up
+        # in the sizes of the local/shared tiles dlight's GPU matmul schedule allocates, and CUDA codegen
+        # rejects those ("Can only handle constant size stack allocation").
+        n_frames = tirx.Var("n_frames", "int64")
+        frames = wrap_nested(
+            relax.BlockBuilder.current().match_cast(
+                frames._expr, relax.TensorType((n_frames, self.window), self.compute_dtype)),
+            "mel_frames")
+        basis = wrap_nested(relax.const(windowed_dft_basis(self.window, self.compute_dtype), self.compute_dtype), "mel_dft_basis")
+        spectrum = nn.op.matmul(frames, basis)                 # [frames, re bins ++ im bins]
+        power = nn.op.tensor_expr_op(self._power, "mel_power", [spectrum])
+        mel = nn.op.tensor_expr_op(self._mel, "mel_project", [power, self.filters])
+        return nn.op.tensor_expr_op(self._log_scale, "mel_log_scale", [mel])
+
+    # ---- TE bodies --------------------------------------------------------------------------------------
+    def _const(self, value: float):
+        return tirx.const(value, self.compute_dtype)
+
+    def _frames(self, samples: te.Tensor) -> te.Tensor:
+        n_frames = (samples.shape[0] - self.window) // self.hop + 1
+        return te.compute(
+            (n_frames, self.window),
+            lambda frame, t: samples[frame * self.hop + t].astype(self.compute_dtype), name="frames")
+
+    def _power(self, spectrum: te.Tensor) -> te.Tensor:
+        n_bins = self.n_bins
+
+        def power_value(frame, k):
+            re, im = spectrum[frame, k], spectrum[frame, k + n_bins]
+            return re * re + im * im
+
+        return te.compute((spectrum.shape[0], n_bins), power_value, name="power")
+
+    def _mel(self, power: te.Tensor, filters: te.Tensor) -> te.Tensor:
+        k = te.reduce_axis((0, self.n_bins), name="k")
+        return te.compute(
+            (self.n_mels, power.shape[0]),
+            lambda m, frame: te.sum(filters[k, m].astype(self.compute_dtype) * power[frame, k], axis=k),
+            name="mel")
+
+    def _log_scale(self, mel: te.Tensor) -> te.Tensor:
+        def scaled(m, frame):
+            log_mel = tirx.log10(tirx.max(mel[m, frame], self._const(_MEL_FLOOR)))
+            log_mel = tirx.max(log_mel, self._const(self.log_floor))
+            return ((log_mel + self._const(4.0)) / self._const(4.0)).astype("float32")
+
+        return te.compute(mel.shape, scaled, name="log_mel")
+
+
+def forward_spec() -> dict:
+    """The export spec of :class:`LogMel` alone: ``model.export_tvm(spec=forward_spec())``."""
+    return {"forward": {"samples": nn.spec.Tensor(("n",), "float32")}}
+
+
+# ---- host-side framing ----------------------------------------------------------------------------------
+def frame_count(n_samples: int, cfg: AudioConfig) -> int:
+    """Mel frames the extractor gives offline (center=True) for ``n_samples`` of audio: ``n // hop``.
+
+    (The centred STFT has ``n // hop + 1`` frames; the extractor drops the last.)
+    """
+    return n_samples // cfg.hop_length
+
+
+def valid_frame_count(n_samples: int, cfg: AudioConfig) -> int:
+    """Frames :class:`LogMel` returns for ``n_samples`` input samples: ``(n - window) // hop + 1``."""
+    if n_samples < cfg.window_size:
+        return 0
+    return (n_samples - cfg.window_size) // cfg.hop_length + 1
+
+
+def samples_for_frames(n_frames: int, cfg: AudioConfig) -> int:
+    """Input length that makes :class:`LogMel` return exactly ``n_frames`` frames."""
+    return (n_frames - 1) * cfg.hop_length + cfg.window_size
+
+
+def offline_padded(audio: np.ndarray, cfg: AudioConfig) -> tuple[np.ndarray, int]:
+    """Samples to pass to :class:`LogMel` for the extractor's offline (center=True) output.
+
+    Returns ``(samples, n_frames)``: ``audio`` reflect-padded by window/2 on both sides (torch.stft's
+    ``pad_mode="reflect"``, which does not repeat the edge sample) and cut just after the last frame the
+    extractor keeps, so ``LogMel(samples)`` is exactly the extractor's ``[n_mels, n_frames]``,
+    ``n_frames = len(audio) // hop``.
+    """
+    audio = _as_pcm(audio)
+    half = cfg.window_size // 2
+    if audio.shape[0] <= half:
+        raise VoxcError(
+            f"audio of {audio.shape[0]} samples is too short for the centred STFT: need more than {half}")
+    n_frames = frame_count(audio.shape[0], cfg)
+    padded = np.pad(audio, half, mode="reflect")
+    return np.ascontiguousarray(padded[:samples_for_frames(n_frames, cfg)]), n_frames
+
+
+def _as_pcm(chunk) -> np.ndarray:
+    pcm = np.asarray(chunk, dtype=np.float32)  # the extractor casts to float32 before anything else
+    if pcm.ndim != 1:
+        raise VoxcError(f"expected mono PCM as a 1-D array, got shape {pcm.shape}")
+    return pcm
+
+
+class StreamingMelFramer:
+    """Cuts a PCM stream into LogMel input windows, so that streaming frames equal the offline ones.
+
+    ``push(chunk)`` takes any number of samples and returns ``None`` or one window of
+    ``samples_for_frames(k * frames_per_step)`` samples (``k >= 1``, as many steps as are complete), which
+    LogMel turns into the next ``k * frames_per_step`` frames. Consecutive windows overlap by
+    ``window - hop`` samples. ``flush()`` ends the stream and returns the window of the remaining frames
+    (possibly fewer than a step, or ``None``).
+
+    Equivalence: all windows' frames, concatenated, equal the extractor's offline (center=True) output on
+    the whole stream, ``len(stream) // hop`` frames, for ANY stream. That includes its reflect padding:
+
+    * Start: offline frame 0 reads the window/2 samples ``stream[window/2 : 0 : -1]`` (reflected, edge
+      excluded) followed by the stream. The framer therefore holds the first ``window/2 + 1`` samples before
+      it emits anything, then prepends that reflection. In Voxtral's pipeline the stream starts with the
+      32 x 1280 zero samples of left padding, so the reflection is zeros there; it is still computed, so
+      the equivalence does not depend on it.
+    * Middle: frame ``j`` needs stream samples up to ``j*hop + window/2``; it is emitted as soon as they
+      have arrived (rounded down to whole steps). Such a frame is never one the extractor drops.
+    * End: only ``flush()`` knows where the stream ends; it appends the reflection of the last samples and
+      emits the frames up to ``len(stream) // hop`` (the extractor drops the final centred frame).
+    """
+
+    def __init__(self, cfg: AudioConfig, frames_per_step: int | None = None):
+        self.cfg = cfg
+        self.frames_per_step = frames_per_step or cfg.mel_frames_per_token
+        if self.frames_per_step < 1:
+            raise VoxcError(f"frames_per_step must be positive, got {self.frames_per_step}")
+        self._half = cfg.window_size // 2
+        self._pending = np.zeros(0, np.float32)   # padded stream from the next frame's first sample on
+        self._started = False                     # left reflection prepended to _pending yet?
+        self._tail = np.zeros(0, np.float32)      # last window/2 + 1 stream samples, for the end reflection
+        self.samples_received = 0
+        self.frames_emitted = 0
+        self.finished = False
+
+    def push(self, chunk) -> np.ndarray | None:
+        if self.finished:
+            raise VoxcError("StreamingMelFramer: push() after flush()")
+        pcm = _as_pcm(chunk)
+        if pcm.size == 0:
+            return None
+        self.samples_received += pcm.shape[0]
+        self._tail = np.concatenate([self._tail, pcm])[-(self._half + 1):]
+        self._pending = np.concatenate([self._pending, pcm])
+        if not self._started:
+            if self._pending.shape[0] <= self._half:
+                return None
+            self._pending = np.concatenate([self._pending[self._half:0:-1], self._pending])
+            self._started = True
+        ready = valid_frame_count(self._pending.shape[0], self.cfg)
+        return self._take((ready // self.frames_per_step) * self.frames_per_step)
+
+    def flush(self) -> np.ndarray | None:
+        """End of stream: the window of all frames not yet emitted (``None`` if there are none)."""
+        if self.finished:
+            raise VoxcError("StreamingMelFramer: flush() called twice")
+        self.finished = True
+        if not self._started:
+            raise VoxcError(
+                f"stream of {self.samples_received} samples is too short for the centred STFT: "
+                f"need more than {self._half}")
+        end_reflection = self._tail[-2::-1][:self._half]
+        self._pending = np.concatenate([self._pending, end_reflection])
+        return self._take(frame_count(self.samples_received, self.cfg) - self.frames_emitted)
+
+    def _take(self, n_frames: int) -> np.ndarray | None:
+        if n_frames <= 0:
+            return None
+        window = self._pending[:samples_for_frames(n_frames, self.cfg)].copy()
+        self._pending = self._pending[n_frames * self.cfg.hop_length:]
+        self.frames_emitted += n_frames
+        return window
