@@ -48,7 +48,8 @@ class CompiledLogMel:
         self.compute_dtype = compute_dtype
         mod, params = mel.LogMel(CFG, N_MELS, compute_dtype).export_tvm(spec=mel.forward_spec())
         assert [name for name, _ in params] == ["filters"]
-        self.vm = relax.VirtualMachine(tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"})), tvm.cpu())
+        executable = tvm.compile(mod, target=tvm.target.Target({"kind": "llvm"}))
+        self.vm = relax.VirtualMachine(executable, tvm.cpu())
         self.filters = tvm.runtime.tensor(mel.mel_filter_bank(CFG, N_MELS))
 
     def __call__(self, samples: np.ndarray) -> np.ndarray:
@@ -190,9 +191,15 @@ def test_odd_lengths(log_mel, extractor, n_samples):
         assert np.abs(got - expected).max() <= TOLERANCE[log_mel.compute_dtype]
 
 
-def test_too_short_for_reflect_padding():
-    with pytest.raises(VoxcError):
+def test_rejects_what_the_extractor_cannot_take():
+    with pytest.raises(VoxcError, match="too short"):
         mel.offline_padded(np.zeros(CFG.window_size // 2, np.float32), CFG)
+    framer = mel.StreamingMelFramer(CFG)
+    assert framer.push(np.zeros(CFG.window_size // 2, np.float32)) is None
+    with pytest.raises(VoxcError, match="too short"):
+        framer.flush()
+    with pytest.raises(VoxcError, match="float PCM"):
+        mel.offline_padded(np.zeros(16000, np.int16), CFG)
 
 
 # ---- streaming -------------------------------------------------------------------------------------------
@@ -260,7 +267,7 @@ def test_streaming_equals_hf_streaming_protocol(log_mel_f64, extractor, signals)
     the same frames (the left reflection reflects zeros there).
     """
     samples_per_token, frames_per_token = CFG.samples_per_token, CFG.mel_frames_per_token
-    audio = signals("espeak_speech")
+    audio = signals("espeak_speech")[:2 * SR]          # ~40 steps keep it quick
     left_pad = np.zeros(32 * samples_per_token, np.float32)
     right_pad = np.zeros(-audio.shape[0] % samples_per_token + 17 * samples_per_token, np.float32)
     stream = np.concatenate([left_pad, audio, right_pad])
@@ -276,9 +283,9 @@ def test_streaming_equals_hf_streaming_protocol(log_mel_f64, extractor, signals)
     hf_frames = np.concatenate(hf, axis=1)
 
     framer = mel.StreamingMelFramer(CFG, frames_per_token)
-    ours = [log_mel_f64(w) for w in (framer.push(c) for c in np.array_split(stream, 97)) if w is not None]
+    ours = [log_mel_f64(w) for w in (framer.push(c) for c in np.array_split(stream, 37)) if w is not None]
     ours = np.concatenate(ours, axis=1)
-    assert hf_frames.shape[1] > 300 and ours.shape[1] >= hf_frames.shape[1]
+    assert hf_frames.shape[1] > 400 and ours.shape[1] >= hf_frames.shape[1]
     assert np.abs(ours[:, :hf_frames.shape[1]] - hf_frames).max() <= TOLERANCE["float64"]
 
 
