@@ -9,8 +9,10 @@ This module imports torch and transformers; only tests may import it (voxc itsel
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +147,8 @@ class Oracle:
     def generate(self, audio: np.ndarray, delay_tokens: int = DEFAULT_DELAY_TOKENS) -> tuple[np.ndarray, np.ndarray]:
         """Offline greedy transcription: (new token ids ``[n]``, logits of each step ``[n, vocab]``)."""
         inputs = self._inputs(audio, delay_tokens)
-        out = self.model.generate(**inputs, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        with _quiet_generate():
+            out = self.model.generate(**inputs, do_sample=False, output_scores=True, return_dict_in_generate=True)
         return _new_tokens_and_scores(out, inputs.input_ids.shape[1])
 
     @torch.no_grad()
@@ -170,9 +173,10 @@ class Oracle:
                                 return_tensors="pt").input_features
                 mel_frame += processor.audio_length_per_tok
 
-        out = self.model.generate(input_ids=first.input_ids, input_features=mel_chunks(),
-                                  num_delay_tokens=first.num_delay_tokens, do_sample=False,
-                                  output_scores=True, return_dict_in_generate=True)
+        with _quiet_generate():
+            out = self.model.generate(input_ids=first.input_ids, input_features=mel_chunks(),
+                                      num_delay_tokens=first.num_delay_tokens, do_sample=False,
+                                      output_scores=True, return_dict_in_generate=True)
         return _new_tokens_and_scores(out, first.input_ids.shape[1])
 
     @torch.no_grad()
@@ -195,6 +199,14 @@ class Oracle:
                          num_delay_tokens=delay_tokens, use_cache=False)
         first_row = len(prompt) - 1
         return out.logits[0, first_row:first_row + len(token_ids)].numpy()
+
+
+@contextlib.contextmanager
+def _quiet_generate():
+    """VoxtralRealtime sets max_length from the audio itself, which generate() warns about."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using the model-agnostic default `max_length`")
+        yield
 
 
 def _new_tokens_and_scores(out, prompt_length: int) -> tuple[np.ndarray, np.ndarray]:

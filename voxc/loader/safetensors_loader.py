@@ -109,8 +109,8 @@ class Checkpoint:
         show = self.progress if progress is None else progress
         from tqdm import tqdm
 
-        with tqdm(total=len(self._index), desc=f"loading {self.path.name}", unit="tensor",
-                  file=sys.stderr, disable=not show, leave=False) as bar:
+        with tqdm(total=len(self._index), desc="loading weights", unit="tensor",
+                  file=sys.stderr, disable=not show) as bar:
             for file in self.files:  # each file opened (memory-mapped) once
                 with _open_safetensors(file) as f:
                     for name, info in self._index.items():
