@@ -1,0 +1,495 @@
+"""Fused dequantize + matmul kernels for GGUF Q4_0 / Q8_0 / Q4_K weights, scheduled by hand per target.
+
+Two kernel shapes, both computing ``y[m, n] = sum_k x[m, k] * W[n, k]`` with ``W`` dequantized on the
+fly from the kernel layout of :mod:`voxc.quant.formats` (``qweight`` and ``scales``, both uint32):
+
+* **GEMV** (decode; static batch 1..16): bandwidth-bound, so the weight words are read once and
+  used for every batch row.  The math is factored per 32-element group ``g``::
+
+      part[b, n, g] = sum_{i<32} x[b, 32g+i] * raw(n, 32g+i)          # raw: q-8 / int8 / q
+      y[b, n]      = sum_g  scale(n, g) * part[b, n, g]  -  offset(n, g) * xsum[b, g]
+
+  so each weight costs one unpack and one FMA; the f16 scale (and the Q4_K 6-bit sub-scale) is
+  decoded once per group, and the Q4_K min term needs only the activation group sums.
+* **GEMM** (prefill / encoder; symbolic M): compute-bound, so a tile of ``W`` is dequantized once
+  (into registers/L2 on CPU, shared memory on GPU) and reused across many rows of ``x``.
+
+Schedules (all written here, not dlight):
+
+* ``llvm``: GEMV splits K into 8-lane chunks and ``rfactor``s the lane axis so the inner loop is a
+  vector FMA; rows are tiled 4 at a time (x chunk reused from registers) and the row tiles run
+  ``parallel``.  GEMM dequantizes a 16-column panel of W over all of K once (it stays in L2), then
+  runs a 4x16 register-blocked micro-kernel over every row tile of x.
+* ``cuda``: GEMV gives each thread whole 32-element groups (one 128-bit load of packed words per
+  Q4 group), 32 threads along K per row reduce with warp shuffles (TVM lowers the cross-thread
+  reduction to ``__shfl_down_sync``), several rows per block on ``threadIdx.y``.  The nibble ->
+  float conversion uses the exponent trick (``bits | 0x4B000000`` minus 2^23) instead of I2F,
+  which runs at a quarter rate on NVIDIA.  GEMM is a 64x64x32 shared-memory tiled kernel, 256
+  threads each owning a 4x4 register tile; the W tile is dequantized straight into shared memory.
+* ``webgpu``: the same structure with at most 256 invocations per workgroup, no subgroup
+  operations (TVM reduces across threads through workgroup memory), f32 arithmetic only, and the
+  f16 scales decoded from their u32 words with integer ops + ``bitcast<f32>`` (exact for normal and
+  subnormal halves), so no ``shader-f16`` is needed (Chrome on NVIDIA has none).
+
+Entry point: :func:`make_kernel` (cached) returns the scheduled ``PrimFunc`` with parameters
+``(x, qweight, scales, y)``; :func:`gemv_or_gemm` is the batch rule.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import re
+
+import tvm
+from tvm import te, tirx
+
+from voxc.errors import VoxcError
+from voxc.quant.formats import QType, kernel_layout_shapes
+
+GROUP = 32                   # elements sharing one scale (Q4_K: one sub-block)
+MAX_GEMV_BATCH = 16          # above this the weight reuse of GEMM tiles wins
+TARGET_KINDS = ("llvm", "cuda", "webgpu")
+
+F32 = "float32"
+
+
+def _u32(v: int):
+    return tirx.const(v, "uint32")
+
+
+def _f32(v: float):
+    return tirx.const(v, F32)
+
+
+def gemv_or_gemm(rows) -> str:
+    """The batch rule: a static row count of at most 16 runs the GEMV kernel, anything else
+    (a larger static count, or a symbolic one such as a prefill length) the GEMM kernel."""
+    if isinstance(rows, int) and 1 <= rows <= MAX_GEMV_BATCH:
+        return "gemv"
+    return "gemm"
+
+
+# ---- dequantization expressions ---------------------------------------------------------------
+
+def _half_to_f32(h, target: str):
+    """f32 value of the f16 whose bits are the low 16 bits of the uint32 expression ``h``."""
+    if target != "webgpu":
+        return tirx.Cast(F32, tirx.reinterpret("float16", tirx.Cast("uint16", h)))
+    # WGSL without shader-f16: build the f32 bits.  Normal halves: re-bias the exponent (15 -> 127)
+    # by adding 112 << 23 to the shifted magnitude; subnormals (exponent 0) are mant * 2^-24, done
+    # in float so that no f32 denormal (which GPUs may flush) ever appears.
+    magnitude = (h & _u32(0x7FFF)) << _u32(13)
+    normal = tirx.reinterpret(F32, ((h & _u32(0x8000)) << _u32(16)) | (magnitude + _u32(112 << 23)))
+    sign = tirx.Select((h & _u32(0x8000)) != _u32(0), _f32(-1.0), _f32(1.0))
+    subnormal = tirx.Cast(F32, h & _u32(0x3FF)) * _f32(2.0 ** -24) * sign
+    return tirx.Select((h & _u32(0x7C00)) == _u32(0), subnormal, normal)
+
+
+def _small_uint_to_f32(v, offset: int, target: str):
+    """float(v) - offset for a uint32 ``v`` < 2^16.
+
+    GPUs: the exponent trick, exact and two full-rate ops (int->float conversion is quarter rate
+    on NVIDIA).  CPU: vcvtdq2ps is cheap, so convert then subtract in integers."""
+    if target == "llvm":
+        if offset:
+            return tirx.Cast(F32, tirx.Cast("int32", v) - tirx.const(offset, "int32"))
+        return tirx.Cast(F32, v)
+    return tirx.reinterpret(F32, v | _u32(0x4B000000)) - _f32(float(2 ** 23 + offset))
+
+
+class _Decoder:
+    """TE expressions that read the kernel layout: raw level, group scale and group offset."""
+
+    def __init__(self, qtype: QType, qweight: te.Tensor, scales: te.Tensor, target: str):
+        self.qtype, self.qweight, self.scales, self.target = qtype, qweight, scales, target
+
+    def raw(self, n, k):
+        """The integer level as f32: Q4_0 q - 8, Q8_0 the int8, Q4_K q (0..15)."""
+        if self.qtype is QType.Q8_0:
+            byte = (self.qweight[n, k // 4] >> tirx.Cast("uint32", (k % 4) * 8)) & _u32(255)
+            return _small_uint_to_f32(byte ^ _u32(128), 128, self.target)   # two's complement -> offset
+        nibble = (self.qweight[n, k // 8] >> tirx.Cast("uint32", (k % 8) * 4)) & _u32(15)
+        return _small_uint_to_f32(nibble, 8 if self.qtype is QType.Q4_0 else 0, self.target)
+
+    def _q4k_byte(self, n, sb, b):
+        """Byte ``b`` (0..11) of the packed 6-bit scales of super-block ``sb``."""
+        word = self.scales[n, sb * 4 + 1 + b // 4]
+        return (word >> tirx.Cast("uint32", (b % 4) * 8)) & _u32(255)
+
+    def scale(self, n, g):
+        if self.qtype is not QType.Q4_K:
+            half = (self.scales[n, g // 2] >> tirx.Cast("uint32", (g % 2) * 16)) & _u32(0xFFFF)
+            return _half_to_f32(half, self.target)
+        sb, j = g // 8, g % 8
+        d = _half_to_f32(self.scales[n, sb * 4] & _u32(0xFFFF), self.target)
+        # ggml get_scale_min_k4; every byte index stays in 0..11 for both branches of the select.
+        sc = tirx.Select(j < 4, self._q4k_byte(n, sb, j) & _u32(63),
+                         (self._q4k_byte(n, sb, j + 4) & _u32(15)) | ((self._q4k_byte(n, sb, j % 4) >> _u32(6)) << _u32(4)))
+        return d * tirx.Cast(F32, sc)
+
+    def offset(self, n, g):
+        """Q4_K only: dmin * m, subtracted from every element of the sub-block."""
+        sb, j = g // 8, g % 8
+        dmin = _half_to_f32(self.scales[n, sb * 4] >> _u32(16), self.target)
+        m = tirx.Select(j < 4, self._q4k_byte(n, sb, j + 4) & _u32(63),
+                        (self._q4k_byte(n, sb, j + 4) >> _u32(4)) | ((self._q4k_byte(n, sb, j) >> _u32(6)) << _u32(4)))
+        return dmin * tirx.Cast(F32, m)
+
+    def value(self, n, k):
+        """The dequantized weight, in the float32 operation order of ggml / gguf.quants."""
+        g = k // GROUP
+        if self.qtype is QType.Q4_K:
+            return self.scale(n, g) * self.raw(n, k) - self.offset(n, g)
+        if self.qtype is QType.Q4_0:
+            return self.scale(n, g) * self.raw(n, k)
+        return self.raw(n, k) * self.scale(n, g)
+
+
+def _placeholders(qtype: QType, n: int, k: int, rows, dtype: str):
+    shapes = kernel_layout_shapes(qtype, n, k)
+    x = te.placeholder((rows, k), dtype, name="x")
+    qweight = te.placeholder(shapes["qweight"], "uint32", name="qweight")
+    scales = te.placeholder(shapes["scales"], "uint32", name="scales")
+    return x, qweight, scales
+
+
+def _with_output_cast(acc: te.Tensor, dtype: str):
+    if dtype == F32:
+        return acc
+    return te.compute(acc.shape, lambda i, j: acc[i, j].astype(dtype), name="y_cast")
+
+
+def gemv_compute(qtype: QType, n: int, k: int, batch: int, dtype: str, target: str, lanes: int) -> tirx.PrimFunc:
+    """Unscheduled GEMV; ``lanes`` is how many consecutive elements of a group stay separate in
+    ``part`` (the CPU vector width; 1 on GPUs, where one thread owns a whole group)."""
+    x, qweight, scales = _placeholders(qtype, n, k, batch, dtype)
+    dec = _Decoder(qtype, qweight, scales, target)
+    groups, steps = k // GROUP, GROUP // lanes
+    raw = te.compute((n, k), lambda i, j: dec.raw(i, j), name="raw")
+    s = te.reduce_axis((0, steps), name="s")
+    part = te.compute(
+        (batch, n, groups, lanes),
+        lambda b, i, g, l: te.sum(x[b, g * GROUP + s * lanes + l].astype(F32) * raw[i, g * GROUP + s * lanes + l], axis=s),
+        name="part")
+    rg, rl = te.reduce_axis((0, groups), name="rg"), te.reduce_axis((0, lanes), name="rl")
+    if qtype is QType.Q4_K:
+        s2 = te.reduce_axis((0, steps), name="s2")
+        xsum = te.compute((batch, groups, lanes),
+                          lambda b, g, l: te.sum(x[b, g * GROUP + s2 * lanes + l].astype(F32), axis=s2), name="xsum")
+        acc = te.compute((batch, n), lambda b, i: te.sum(
+            dec.scale(i, rg) * part[b, i, rg, rl] - dec.offset(i, rg) * xsum[b, rg, rl], axis=[rg, rl]), name="acc")
+    else:
+        acc = te.compute((batch, n), lambda b, i: te.sum(dec.scale(i, rg) * part[b, i, rg, rl], axis=[rg, rl]), name="acc")
+    y = _with_output_cast(acc, dtype)
+    return te.create_prim_func([x, qweight, scales, y])
+
+
+def gemm_compute(qtype: QType, n: int, k: int, dtype: str, target: str, transposed_panel: bool) -> tirx.PrimFunc:
+    """Unscheduled GEMM over a symbolic row count ``m``.  ``transposed_panel`` stores the
+    dequantized weights as [k, n] (CPU: the micro-kernel vectorizes along n)."""
+    m = tirx.Var("m", "int32")
+    x, qweight, scales = _placeholders(qtype, n, k, m, dtype)
+    dec = _Decoder(qtype, qweight, scales, target)
+    r = te.reduce_axis((0, k), name="r")
+    if transposed_panel:
+        w = te.compute((k, n), lambda j, i: dec.value(i, j), name="w")
+        acc = te.compute((m, n), lambda a, i: te.sum(x[a, r].astype(F32) * w[r, i], axis=r), name="acc")
+    else:
+        w = te.compute((n, k), lambda i, j: dec.value(i, j), name="w")
+        acc = te.compute((m, n), lambda a, i: te.sum(x[a, r].astype(F32) * w[i, r], axis=r), name="acc")
+    y = _with_output_cast(acc, dtype)
+    return te.create_prim_func([x, qweight, scales, y])
+
+
+# ---- schedules --------------------------------------------------------------------------------
+
+def _has_block(sch, name: str) -> bool:
+    try:
+        sch.get_sblock(name)
+        return True
+    except Exception:   # noqa: BLE001 - tvm raises a generic error for a missing block
+        return False
+
+
+def _schedule_gemv_llvm(func, qtype: QType, n: int, k: int, batch: int, rows_per_tile: int = 4):
+    sch = tvm.s_tir.Schedule(func)
+    acc, part, raw = sch.get_sblock("acc"), sch.get_sblock("part"), sch.get_sblock("raw")
+    b, i, g, l = sch.get_loops(acc)
+    io, ii = sch.split(i, [None, rows_per_tile])
+    sch.reorder(io, g, ii, b, l)
+    acc_rf = sch.rfactor(l, factor_axis=2)               # lanes become data-parallel: vector FMA
+    io, g, ii, b, l = sch.get_loops(acc_rf)
+    sch.compute_at(part, b)
+    sch.compute_at(raw, g)                               # unpack a 4-row x 32 tile once for all b
+    # One vector per packed word: a lane-dependent word index would turn the load into a gather.
+    _, per_word = sch.split(sch.get_loops(raw)[-1], [None, 32 // qtype.elements_per_word * 0 + qtype.elements_per_word])
+    sch.vectorize(per_word)
+    pl, ps = sch.get_loops(part)[-2:]
+    sch.reorder(ps, pl)
+    sch.vectorize(pl)
+    sch.vectorize(l)
+    sch.reverse_compute_at(acc, io)
+    if _has_block(sch, "xsum"):
+        xs = sch.get_sblock("xsum")
+        xl, xsr = sch.get_loops(xs)[-2:]
+        sch.reorder(xsr, xl)
+        sch.vectorize(xl)
+    if _has_block(sch, "y_cast"):
+        sch.reverse_compute_at(sch.get_sblock("y_cast"), io)
+    sch.parallel(io)
+    sch.decompose_reduction(acc_rf, g)
+    sch.decompose_reduction(part, ps)
+    return sch
+
+
+def _schedule_gemv_gpu(func, qtype: QType, n: int, k: int, batch: int, target: str):
+    threads_k = 32                                        # one warp along K per row
+    rows_per_block = 4 if target == "cuda" else 2         # webgpu: 64 invocations per workgroup
+    sch = tvm.s_tir.Schedule(func)
+    acc, part, raw = sch.get_sblock("acc"), sch.get_sblock("part"), sch.get_sblock("raw")
+    b, i, g, l = sch.get_loops(acc)
+    bx, ty = sch.split(i, [None, rows_per_block])
+    go, tx = sch.split(g, [None, threads_k])
+    sch.reorder(bx, ty, tx, go, b, l)
+    acc_rf = sch.rfactor(tx, factor_axis=1)
+    bx, ty, tx, go, b, l = sch.get_loops(acc_rf)
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    sch.set_scope(acc_rf, 0, "local")
+    sch.decompose_reduction(acc_rf, go)
+
+    sch.compute_at(part, go)
+    sch.set_scope(part, 0, "local")
+    sch.compute_at(raw, go)
+    sch.set_scope(raw, 0, "local")
+    # The group's packed words: one 128-bit load per 4 words.
+    words = sch.cache_read(raw, 0, "local")
+    sch.compute_at(words, go)
+    wl = sch.get_loops(words)[-1]
+    wo, wv = sch.split(wl, [None, 4])
+    sch.vectorize(wv)
+    sch.unroll(sch.get_loops(raw)[-1])
+    pb, pl, ps = sch.get_loops(part)[-3:]
+    sch.unroll(ps)
+    if _has_block(sch, "xsum"):
+        xs = sch.get_sblock("xsum")
+        sch.compute_at(xs, go)
+        sch.set_scope(xs, 0, "local")
+        sch.unroll(sch.get_loops(xs)[-1])
+
+    sch.reverse_compute_at(acc, ty)
+    # The final block's loops are (tx as a reduction, b); the reduction goes on threadIdx.x so
+    # that TVM lowers it to a cross-thread (warp shuffle / workgroup memory) reduction.
+    loops = sch.get_loops(acc)[2:]                       # below blockIdx.x, threadIdx.y
+    red = loops[0]
+    if len(loops) == 2:                                  # batch > 1 keeps its own loop
+        sch.reorder(loops[1], red)
+    sch.bind(red, "threadIdx.x")
+    if _has_block(sch, "y_cast"):
+        sch.set_scope(acc, 0, "local")
+        sch.reverse_compute_at(sch.get_sblock("y_cast"), ty)
+    return sch
+
+
+def _schedule_gemm_llvm(func, qtype: QType, n: int, k: int, panel: int = 16, rows_per_tile: int = 4):
+    sch = tvm.s_tir.Schedule(func)
+    acc, w = sch.get_sblock("acc"), sch.get_sblock("w")
+    m, i, r = sch.get_loops(acc)
+    io, ii = sch.split(i, [None, panel])
+    mo, mi = sch.split(m, [None, rows_per_tile])
+    sch.reorder(io, mo, r, mi, ii)
+    sch.compute_at(w, io)                                # dequantize a [k, panel] slab once per panel
+    wk, wn = sch.get_loops(w)[-2:]
+    sch.vectorize(wn)
+    acc_local = sch.cache_write(acc, 0, "local")        # 4x16 accumulators in registers
+    sch.reverse_compute_at(acc_local, mo)
+    sch.vectorize(sch.get_loops(acc_local)[-1])
+    sch.vectorize(ii)
+    sch.unroll(mi)
+    if _has_block(sch, "y_cast"):
+        sch.reverse_compute_inline(sch.get_sblock("y_cast"))
+    sch.parallel(io)
+    sch.decompose_reduction(acc, r)
+    return sch
+
+
+def _schedule_gemm_gpu(func, qtype: QType, n: int, k: int, target: str):
+    tile_m = tile_n = 64
+    micro = 4                                            # 4x4 outputs per thread, 16x16 threads
+    threads = tile_m // micro
+    sch = tvm.s_tir.Schedule(func)
+    acc = sch.get_sblock("acc")
+    # Pad m (symbolic) and n up to whole tiles so every shared-memory tile has a constant size;
+    # the padding blocks are inlined below, becoming predicates on the loads and the store.
+    sch.pad_einsum(acc, [tile_m, tile_n, GROUP])
+    x_pad, acc_pad = sch.get_sblock("x_pad"), sch.get_sblock("acc_pad")
+    if _has_block(sch, "w_pad"):                         # n not a whole number of tiles
+        sch.compute_inline(sch.get_sblock("w"))          # dequantize inside the padded W load
+        w_tile = sch.get_sblock("w_pad")
+    else:
+        w_tile = sch.get_sblock("w")
+    m, i, r = sch.get_loops(acc)
+    by, ty, mi = sch.split(m, [None, threads, micro])
+    bx, tx, ni = sch.split(i, [None, threads, micro])
+    ko, ki = sch.split(r, [None, GROUP])
+    sch.reorder(by, bx, ty, tx, ko, ki, mi, ni)
+    sch.bind(by, "blockIdx.y")
+    sch.bind(bx, "blockIdx.x")
+    sch.bind(ty, "threadIdx.y")
+    sch.bind(tx, "threadIdx.x")
+    acc_local = sch.cache_write(acc, 0, "local")
+    sch.reverse_compute_at(acc_local, tx)
+    sch.reverse_compute_inline(acc_pad)
+
+    def cooperative(block, vec: int):
+        # Shared scope first: compute_at then relaxes the region over the thread loops (one tile
+        # per block, loaded by all 256 threads together).
+        sch.set_scope(block, 0, "shared")
+        sch.compute_at(block, ko)
+        fused = sch.fuse(*sch.get_loops(block)[-2:])
+        _, t_y, t_x, v = sch.split(fused, [None, threads, threads, vec])
+        sch.bind(t_y, "threadIdx.y")
+        sch.bind(t_x, "threadIdx.x")
+        if vec > 1:
+            sch.vectorize(v)
+
+    cooperative(x_pad, 4 if target == "cuda" else 1)
+    cooperative(w_tile, 1)
+    sch.unroll(ki)
+    sch.unroll(mi)
+    sch.unroll(ni)
+    if _has_block(sch, "y_cast"):
+        sch.reverse_compute_inline(sch.get_sblock("y_cast"))
+    sch.decompose_reduction(acc, ko)
+    return sch
+
+
+# ---- public API -------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpec:
+    qtype: QType
+    out_features: int
+    in_features: int
+    batch: int | None        # GEMV batch (1..16), or None for GEMM over a symbolic row count
+    dtype: str = F32         # activation dtype (x and y); accumulation is always f32
+    target: str = "llvm"     # "llvm" | "cuda" | "webgpu"
+
+    @property
+    def kind(self) -> str:
+        return "gemm" if self.batch is None else "gemv"
+
+    @property
+    def name(self) -> str:
+        rows = f"b{self.batch}" if self.batch else "m"
+        return (f"{self.kind}_{self.qtype.value}_{self.out_features}x{self.in_features}_{rows}_"
+                f"{self.dtype}_{self.target}")
+
+
+def _validate(spec: KernelSpec) -> KernelSpec:
+    qtype = QType.parse(spec.qtype)
+    if spec.target not in TARGET_KINDS:
+        raise VoxcError(f"no dequant+matmul schedule for target {spec.target!r} (have {', '.join(TARGET_KINDS)})")
+    if spec.dtype not in ("float32", "float16"):
+        raise VoxcError(f"activation dtype must be float32 or float16, got {spec.dtype!r}")
+    if spec.dtype == "float16" and spec.target == "webgpu":
+        raise VoxcError("webgpu kernels use f32 activations: browsers on NVIDIA have no shader-f16")
+    if spec.in_features % qtype.block_size:
+        raise VoxcError(f"{qtype.value} needs in_features to be a multiple of {qtype.block_size}, "
+                        f"got {spec.in_features}")
+    if spec.batch is not None and not 1 <= spec.batch <= MAX_GEMV_BATCH:
+        raise VoxcError(f"GEMV batch must be 1..{MAX_GEMV_BATCH}, got {spec.batch}")
+    return dataclasses.replace(spec, qtype=qtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
+    q, n, k = spec.qtype, spec.out_features, spec.in_features
+    if spec.kind == "gemv":
+        lanes = 8 if spec.target == "llvm" else 1
+        func = gemv_compute(q, n, k, spec.batch, spec.dtype, spec.target, lanes)
+        sch = (_schedule_gemv_llvm(func, q, n, k, spec.batch) if spec.target == "llvm"
+               else _schedule_gemv_gpu(func, q, n, k, spec.batch, spec.target))
+    else:
+        func = gemm_compute(q, n, k, spec.dtype, spec.target, transposed_panel=spec.target == "llvm")
+        sch = (_schedule_gemm_llvm(func, q, n, k) if spec.target == "llvm"
+               else _schedule_gemm_gpu(func, q, n, k, spec.target))
+    return sch.mod["main"].with_attr("global_symbol", spec.name)
+
+
+def make_kernel(qtype: QType | str, out_features: int, in_features: int, batch: int | None,
+                dtype: str = F32, target: str = "llvm") -> tirx.PrimFunc:
+    """Scheduled PrimFunc ``(x [rows, in], qweight, scales, y [rows, out])``.
+
+    ``batch`` = static row count 1..16 for the GEMV kernel, or None for the GEMM kernel whose row
+    count ``m`` is symbolic.  ``target`` is a target kind name (``tvm.target.Target.kind.name``).
+    """
+    spec = _validate(KernelSpec(QType.parse(qtype), int(out_features), int(in_features),
+                                None if batch is None else int(batch), dtype, target))
+    return _make_kernel(spec)
+
+
+def target_kind(target) -> str:
+    """Kernel family for a ``tvm.target.Target`` (or kind name)."""
+    name = target if isinstance(target, str) else target.kind.name
+    if name not in TARGET_KINDS:
+        raise VoxcError(f"no dequant+matmul schedule for target kind {name!r} (have {', '.join(TARGET_KINDS)})")
+    return name
+
+
+def _symbolic_vars(func: tirx.PrimFunc) -> list:
+    """The shape variables of a PrimFunc (here: GEMM's row count ``m``)."""
+    out = []
+    for buf in func.params:              # tirx params carry their buffer shape directly
+        for dim in buf.shape:
+            if isinstance(dim, tirx.Var) and all(not dim.same_as(v) for v in out):
+                out.append(dim)
+    return out
+
+
+def thread_extents(func: tirx.PrimFunc, m: int | None = None) -> dict[str, int]:
+    """Launch dimensions of a scheduled GPU kernel (``blockIdx.x`` ... ``threadIdx.z``), with the
+    symbolic row count bound to ``m`` for GEMM kernels."""
+    analyzer = tvm.sym.Analyzer()
+    if m is not None:
+        for var in _symbolic_vars(func):
+            analyzer.bind(var, tirx.const(m, "int32"))   # gemm_compute declares m int32
+    found: dict[str, int] = {}
+
+    def walk(node):
+        if isinstance(node, tirx.For):
+            if node.kind == tirx.ForKind.THREAD_BINDING:
+                tag = node.thread_binding.thread_tag
+                ext = analyzer.simplify(node.extent)
+                if not isinstance(ext, tirx.IntImm):
+                    raise VoxcError(f"thread extent {ext} of {tag} is symbolic: pass m")
+                found[tag] = max(found.get(tag, 1), int(ext))
+            walk(node.body)
+        elif isinstance(node, tirx.SeqStmt):
+            for child in node.seq:
+                walk(child)
+        elif isinstance(node, tvm.s_tir.SBlockRealize):
+            walk(node.block)
+        elif isinstance(node, tvm.s_tir.SBlock):
+            walk(node.body)
+            if node.init is not None:
+                walk(node.init)
+        elif isinstance(node, tirx.IfThenElse):
+            walk(node.then_case)
+            if node.else_case is not None:
+                walk(node.else_case)
+        elif hasattr(node, "body"):
+            walk(node.body)
+
+    walk(func.body)
+    return found
+
+
+def kernel_signature(cuda_source: str, name: str) -> list[str]:
+    """Parameter names of ``name``'s ``__global__`` function in TVM's CUDA source, in order."""
+    pat = re.compile(r"__global__\s+void\s+(?:__launch_bounds__\(\d+\)\s+)?" + re.escape(name) + r"\(([^)]*)\)")
+    found = pat.search(cuda_source)
+    if not found:
+        raise VoxcError(f"kernel {name} not found in the CUDA source")
+    return [p.strip().split()[-1].lstrip("*") for p in found.group(1).split(",") if p.strip()]
