@@ -180,26 +180,29 @@ class Oracle:
         return _new_tokens_and_scores(out, first.input_ids.shape[1])
 
     @torch.no_grad()
-    def logits(self, audio: np.ndarray, token_ids, delay_tokens: int = DEFAULT_DELAY_TOKENS) -> np.ndarray:
-        """Teacher-forced logits: row i is the distribution that predicts ``token_ids[i]`` after the
-        prompt and ``token_ids[:i]`` (so for generated tokens it equals ``generate``'s step i)."""
+    def forward_logits(self, audio: np.ndarray, input_ids, delay_tokens: int = DEFAULT_DELAY_TOKENS) -> np.ndarray:
+        """One causal forward pass over the whole audio: ``[n_audio_tokens, vocab]``, row p from
+        ``input_ids[:p+1]`` and audio tokens ``[:p+1]``.  ``input_ids`` (prompt included) may be
+        shorter than the audio; it is filled up with [STREAMING_PAD], which only later rows see."""
         inputs = self._inputs(audio, delay_tokens)
-        prompt = inputs.input_ids[0].tolist()
         n_audio_tokens = inputs.input_features.shape[-1] // self.model.config.audio_length_per_tok
-        sequence = prompt + [int(t) for t in token_ids]
+        sequence = [int(t) for t in input_ids]
         if len(sequence) > n_audio_tokens:
-            raise ValueError(f"{len(token_ids)} tokens do not fit: the audio has room for "
-                             f"{n_audio_tokens - len(prompt)} after the prompt")
-        # Text and audio embeddings are added position by position, so the sequence must span the
-        # whole audio; the filler after the last token cannot influence the rows we return (causal).
+            raise ValueError(f"{len(sequence)} input ids do not fit: the audio has {n_audio_tokens} tokens")
+        # Text and audio embeddings are added position by position, so the sequence must span the audio.
         filler = self.processor(delay_tokens).tokenizer.tokenizer.instruct_tokenizer.tokenizer.get_special_token(
             "[STREAMING_PAD]")
         sequence += [filler] * (n_audio_tokens - len(sequence))
         out = self.model(input_ids=torch.tensor([sequence]), input_features=inputs.input_features,
                          num_delay_tokens=delay_tokens, use_cache=False)
-        first_row = len(prompt) - 1
-        return out.logits[0, first_row:first_row + len(token_ids)].numpy()
+        return out.logits[0].numpy()
 
+    def logits(self, audio: np.ndarray, token_ids, delay_tokens: int = DEFAULT_DELAY_TOKENS) -> np.ndarray:
+        """Teacher-forced logits: row i is the distribution that predicts ``token_ids[i]`` after the
+        prompt and ``token_ids[:i]`` (so for generated tokens it equals ``generate``'s step i)."""
+        prompt = self._inputs(audio, delay_tokens).input_ids[0].tolist()
+        all_rows = self.forward_logits(audio, prompt + [int(t) for t in token_ids], delay_tokens)
+        return all_rows[len(prompt) - 1:len(prompt) - 1 + len(token_ids)]
 
 @contextlib.contextmanager
 def _quiet_generate():

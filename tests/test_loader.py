@@ -425,3 +425,24 @@ def test_oracle_other_delay_and_small_windows(oracle, oracle_small_windows, spee
     np.testing.assert_array_equal(stream_tokens, tokens)
     np.testing.assert_allclose(stream_scores, scores, atol=1e-4)
     np.testing.assert_allclose(oracle_small_windows.logits(speech, tokens), scores, atol=1e-4)
+
+
+def test_oracle_sliding_windows_count_keys_including_the_query(tmp_path, oracle, speech):
+    """HF's window W lets position p attend to positions p-W+1..p.  Shrinking a window from
+    (almost) unlimited to W therefore changes nothing before position W and something at W."""
+    from oracle import Oracle
+
+    encoder_window, decoder_window = 8, 16
+    short_encoder = Oracle(make_tiny(tmp_path / "enc", encoder_window=encoder_window))
+    full, short = oracle.stages(speech)["encoder_out"], short_encoder.stages(speech)["encoder_out"]
+    np.testing.assert_allclose(short[:encoder_window], full[:encoder_window], atol=1e-6)
+    assert np.abs(short[encoder_window] - full[encoder_window]).max() > 1e-3
+
+    short_decoder = Oracle(make_tiny(tmp_path / "dec", decoder_window=decoder_window))
+    prompt = oracle.stages(speech)["input_ids"].tolist()
+    full, short = oracle.forward_logits(speech, prompt), short_decoder.forward_logits(speech, prompt)
+    # The first keys are BOS and silence, so dropping one moves the logits only a little; compare
+    # against the float noise of the rows the window cannot affect.
+    noise = np.abs(short[:decoder_window] - full[:decoder_window]).max()
+    assert noise < 1e-5
+    assert np.abs(short[decoder_window] - full[decoder_window]).max() > 10 * noise + 1e-5
