@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Set up voxc in ./.venv.  `./setup.sh` installs what transcription needs; `./setup.sh --test`
+# adds the test oracle (CPU torch + transformers), the system tools the tests use, and test data.
+set -euo pipefail
+cd "$(dirname "$0")"
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+.venv/bin/pip install -q --upgrade pip
+.venv/bin/pip install -q -e .
+if [ "${1:-}" = "--test" ]; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    apt-get update -q
+    # espeak-ng + sox: deterministic speech clips; emscripten: the WebGPU wasm runtime;
+    # chromium: the browser test; mesa-vulkan-drivers: lavapipe, a Vulkan driver for the wgpu tests
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q espeak-ng sox libsox-fmt-all emscripten chromium \
+      mesa-vulkan-drivers >/dev/null
+  fi
+  .venv/bin/pip install -q -e '.[test]'
+  # Only its speech clips are used; its own dependencies (an HTTP client, WER tools) are not needed.
+  .venv/bin/pip install -q --no-deps pytest-audioeval==0.1.3
+fi
+echo "voxc is installed in $(pwd)/.venv: try .venv/bin/voxc demo"
