@@ -23,7 +23,8 @@ The STFT is a direct real DFT: gather the frames, then one matmul against a cons
 basis, so every target (llvm, CUDA, WebGPU) runs the same graph and GPUs get dlight's matmul schedule.
 ``compute_dtype="float64"`` is within 6e-8 of an exact float64 log-mel and within ~3e-5 of the extractor
 (that is the extractor's own float32 FFT error); ``"float32"`` (WebGPU has no f64) is within ~2e-5 of
-exact and ~4e-5 of the extractor.
+exact and ~4e-5 of the extractor. On an H100 the CUDA build gave float64 output bitwise equal to the llvm
+build's, float32 within 8e-6 of it (checked once by hand; the tests only compile for CUDA and WebGPU).
 """
 from __future__ import annotations
 
