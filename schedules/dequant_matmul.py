@@ -277,6 +277,15 @@ def _schedule_gemv_gpu(func, qtype: QType, n: int, k: int, batch: int, target: s
         sch.compute_at(xs, go)
         sch.set_scope(xs, 0, "local")
         sch.unroll(sch.get_loops(xs)[-1])
+    if target == "cuda" and batch <= 4:
+        # (more rows would not fit in registers)
+        # The group's 32 activations per batch row as 128-bit loads (L1/L2 hits: every row of
+        # the grid reads the same x); Q4_K's group sums read the same copy.  WGSL has no wider
+        # loads from an array<f32>.
+        x_local = sch.cache_read(part, 0, "local")
+        sch.compute_at(x_local, go)
+        _, xv = sch.split(sch.get_loops(x_local)[-1], [None, 4])
+        sch.vectorize(xv)
 
     sch.reverse_compute_at(acc, ty)
     # The final block's loops are (tx as a reduction, b); the reduction goes on threadIdx.x so
