@@ -22,18 +22,23 @@ def sine_with_noise(seconds: float = 2.3, freq: float = 440.0, seed: int = 0) ->
     return (0.3 * np.sin(2 * np.pi * freq * t) + 0.05 * noise).astype(np.float32)
 
 
+def espeak_wav(text: str, path: Path) -> Path:
+    """espeak-ng speech as a 16 kHz float32 WAV; ``sox -D`` (no dither) keeps it byte-identical across runs."""
+    raw = path.with_name(path.stem + "_22k.wav")
+    subprocess.run(["espeak-ng", "-w", str(raw), text], check=True, capture_output=True)
+    subprocess.run(["sox", "-D", str(raw), "-r", str(RATE), "-c", "1", "-e", "floating-point", "-b", "32", str(path)],
+                   check=True, capture_output=True)
+    return path
+
+
 def espeak(text: str) -> np.ndarray | None:
-    """espeak-ng speech resampled with sox -D (no dither: byte-identical across runs); None if absent."""
+    """espeak-ng speech as an array; None if espeak-ng or sox is absent."""
     if not (shutil.which("espeak-ng") and shutil.which("sox")):
         return None
     import soundfile
 
     with tempfile.TemporaryDirectory() as tmp:
-        raw, out = Path(tmp) / "raw.wav", Path(tmp) / "16k.wav"
-        subprocess.run(["espeak-ng", "-w", str(raw), text], check=True, capture_output=True)
-        subprocess.run(["sox", "-D", str(raw), "-r", str(RATE), "-c", "1", "-b", "16", str(out)],
-                       check=True, capture_output=True)
-        audio, rate = soundfile.read(out, dtype="float32")
+        audio, rate = soundfile.read(espeak_wav(text, Path(tmp) / "speech.wav"), dtype="float32")
     assert rate == RATE
     return audio
 

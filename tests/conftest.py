@@ -16,6 +16,8 @@ import pytest
 from voxc.loader.tiny import make_tiny
 from voxc.tokenizer import write_tiny_tekken
 
+from clips import espeak_wav
+
 SAMPLE_RATE = 16000
 
 
@@ -129,10 +131,7 @@ def speech_clips(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("speech")
     clips = {}
     for name, text in SPEECH_TEXTS.items():
-        raw = _espeak(text, out / f"{name}_22k.wav")
-        clips[name] = out / f"{name}.wav"
-        subprocess.run(["sox", "-D", str(raw), "-r", str(SAMPLE_RATE), "-c", "1", "-e", "floating-point",
-                        "-b", "32", str(clips[name])], check=True, capture_output=True)
+        clips[name] = espeak_wav(text, out / f"{name}.wav")
     return clips
 
 
