@@ -51,6 +51,7 @@ MAX_GEMV_BATCH = 16          # above this the weight reuse of GEMM tiles wins
 TARGET_KINDS = ("llvm", "cuda", "webgpu")
 
 F32 = "float32"
+ROW_INDEX_DTYPE = {"llvm": "int64", "cuda": "int32", "webgpu": "int32"}
 
 
 def _u32(v: int):
@@ -187,7 +188,9 @@ def gemv_compute(qtype: QType, n: int, k: int, batch: int, dtype: str, target: s
 def gemm_compute(qtype: QType, n: int, k: int, dtype: str, target: str, transposed_panel: bool) -> tirx.PrimFunc:
     """Unscheduled GEMM over a symbolic row count ``m``.  ``transposed_panel`` stores the
     dequantized weights as [k, n] (CPU: the micro-kernel vectorizes along n)."""
-    m = tirx.Var("m", "int32")
+    # The row count is int64 like Relax shapes on CPU; GPU index math is int32 (int64 here trips
+    # a type mismatch in TVM's lowering of the Q4_K scale selects).
+    m = tirx.Var("m", ROW_INDEX_DTYPE[target])
     x, qweight, scales = _placeholders(qtype, n, k, m, dtype)
     dec = _Decoder(qtype, qweight, scales, target)
     r = te.reduce_axis((0, k), name="r")
@@ -424,7 +427,7 @@ def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
         func = gemm_compute(q, n, k, spec.dtype, spec.target, transposed_panel=spec.target == "llvm")
         sch = (_schedule_gemm_llvm(func, q, n, k) if spec.target == "llvm"
                else _schedule_gemm_gpu(func, q, n, k, spec.target))
-    return sch.mod["main"].with_attr("global_symbol", spec.name)
+    return _finish(sch.mod["main"], spec.name)
 
 
 def make_kernel(qtype: QType | str, out_features: int, in_features: int, batch: int | None,
@@ -437,6 +440,58 @@ def make_kernel(qtype: QType | str, out_features: int, in_features: int, batch: 
     spec = _validate(KernelSpec(QType.parse(qtype), int(out_features), int(in_features),
                                 None if batch is None else int(batch), dtype, target))
     return _make_kernel(spec)
+
+
+def embedding_compute(qtype: QType, vocab: int, dim: int, dtype: str, target: str) -> tirx.PrimFunc:
+    """Gather + dequantize rows of a quantized table: ``y[t, j] = W[ids[t], j]`` for a symbolic
+    token count ``t``.  Parameters ``(ids int32 [t], qweight, scales, y [t, dim])``."""
+    t = tirx.Var("t", "int32")
+    shapes = kernel_layout_shapes(qtype, vocab, dim)
+    ids = te.placeholder((t,), "int32", name="ids")
+    qweight = te.placeholder(shapes["qweight"], "uint32", name="qweight")
+    scales = te.placeholder(shapes["scales"], "uint32", name="scales")
+    dec = _Decoder(qtype, qweight, scales, target)
+    # Out-of-range ids read row 0 instead of memory past the table (the sampler never emits one;
+    # this only keeps a bad id from faulting the GPU).
+    row = lambda i: tirx.Select(tirx.all(ids[i] >= 0, ids[i] < vocab), ids[i], 0)   # noqa: E731
+    y = te.compute((t, dim), lambda i, j: dec.value(row(i), j).astype(dtype), name="rows")
+    return te.create_prim_func([ids, qweight, scales, y])
+
+
+def _schedule_embedding(func, qtype: QType, dim: int, target: str):
+    sch = tvm.s_tir.Schedule(func)
+    blk = sch.get_sblock("rows")
+    tok, j = sch.get_loops(blk)
+    if target == "llvm":
+        jo, ji = sch.split(j, [None, qtype.elements_per_word])
+        sch.vectorize(ji)
+        sch.parallel(tok)
+    else:
+        jo, ji = sch.split(j, [None, 128 if target == "cuda" else 64])
+        sch.bind(tok, "blockIdx.x")
+        sch.bind(ji, "threadIdx.x")
+    return sch
+
+
+@functools.lru_cache(maxsize=None)
+def _make_embedding_kernel(qtype: QType, vocab: int, dim: int, dtype: str, target: str) -> tirx.PrimFunc:
+    func = embedding_compute(qtype, vocab, dim, dtype, target)
+    sch = _schedule_embedding(func, qtype, dim, target)
+    name = f"embed_{qtype.value}_{vocab}x{dim}_{dtype}_{target}"
+    return _finish(sch.mod["main"], name)
+
+
+def make_embedding_kernel(qtype: QType | str, vocab: int, dim: int, dtype: str = F32,
+                          target: str = "llvm") -> tirx.PrimFunc:
+    """Scheduled row gather + dequantize ``(ids int32 [t], qweight, scales, y [t, dim])``."""
+    spec = _validate(KernelSpec(QType.parse(qtype), int(vocab), int(dim), 1, dtype, target))
+    return _make_embedding_kernel(spec.qtype, spec.out_features, spec.in_features, spec.dtype, spec.target)
+
+
+def _finish(func: tirx.PrimFunc, name: str) -> tirx.PrimFunc:
+    # Scheduled by hand: dlight must leave it alone, and Relax must not fuse neighbours into it
+    # (op_pattern 8 = opaque), which would discard the schedule.
+    return func.with_attrs({"global_symbol": name, "tirx.is_scheduled": True, "op_pattern": 8})
 
 
 def target_kind(target) -> str:
@@ -463,7 +518,7 @@ def thread_extents(func: tirx.PrimFunc, m: int | None = None) -> dict[str, int]:
     analyzer = tvm.sym.Analyzer()
     if m is not None:
         for var in _symbolic_vars(func):
-            analyzer.bind(var, tirx.const(m, "int32"))   # gemm_compute declares m int32
+            analyzer.bind(var, tirx.const(m, var.ty.dtype))
     found: dict[str, int] = {}
 
     def walk(node):
