@@ -1,0 +1,99 @@
+"""The command line as a user meets it: help, the make-tiny -> build -> transcribe path, and clear errors."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile
+
+import voxc
+from voxc.build import build
+
+from clips import sine_with_noise
+
+
+def voxc_cli(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "voxc.cli", *map(str, args)], capture_output=True, text=True)
+    if check and result.returncode != 0:
+        raise AssertionError(f"voxc {' '.join(map(str, args))} failed:\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, tiny_ckpt_dir):
+    out = tmp_path_factory.mktemp("cli") / "tiny-llvm"
+    build(tiny_ckpt_dir, "llvm", out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def wav(tmp_path_factory):
+    path = tmp_path_factory.mktemp("wav") / "clip.wav"
+    soundfile.write(path, sine_with_noise(seconds=2.0), 16000, subtype="FLOAT")
+    return path
+
+
+def test_help_teaches_every_command():
+    out = voxc_cli("--help").stdout
+    for command in ("make-tiny", "build", "transcribe", "demo", "bench"):
+        assert command in out
+    for command in ("make-tiny", "build", "transcribe", "bench"):
+        assert "usage: voxc " + command in voxc_cli(command, "--help").stdout
+
+
+def test_make_tiny_build_transcribe(tmp_path, wav):
+    voxc_cli("make-tiny", tmp_path / "ckpt", "--seed", "3")
+    assert (tmp_path / "ckpt" / "params.json").exists() and (tmp_path / "ckpt" / "tekken.json").exists()
+    built = voxc_cli("build", tmp_path / "ckpt", "--target", "llvm", "-o", tmp_path / "art")
+    assert "compiling" in built.stderr  # progress is shown
+    offline = voxc_cli("transcribe", wav, "--model", tmp_path / "art").stdout.strip()
+    streamed = voxc_cli("transcribe", wav, "--model", tmp_path / "art", "--stream", "--chunk-ms", "130").stdout.strip()
+    expected = voxc.load(tmp_path / "art").transcribe(soundfile.read(wav, dtype="float32")[0]).strip()
+    assert offline == streamed == expected
+
+
+def test_other_sample_rates_are_resampled(tmp_path, artifact, wav):
+    audio, _ = soundfile.read(wav, dtype="float32")
+    stereo_44k = tmp_path / "stereo44k.wav"
+    import soxr
+    resampled = soxr.resample(audio, 16000, 44100)
+    soundfile.write(stereo_44k, np.stack([resampled, resampled], 1), 44100)
+    result = voxc_cli("transcribe", stereo_44k, "--model", artifact)
+    assert result.returncode == 0
+
+
+@pytest.mark.parametrize("case", ["missing_audio", "empty_audio", "not_an_artifact", "bad_delay", "mic_and_file",
+                                  "truncated_weights", "wrong_format"])
+def test_errors_are_one_clear_line(tmp_path, artifact, wav, case):
+    import shutil
+    args = ["transcribe", wav, "--model", artifact]
+    if case == "missing_audio":
+        args[1] = tmp_path / "nope.wav"
+    elif case == "empty_audio":
+        empty = tmp_path / "empty.wav"
+        soundfile.write(empty, np.zeros(0, np.float32), 16000)
+        args[1] = empty
+    elif case == "not_an_artifact":
+        args[3] = tmp_path
+    elif case == "bad_delay":
+        args += ["--delay-ms", "100"]
+    elif case == "mic_and_file":
+        args += ["--mic"]
+    else:
+        broken = tmp_path / "broken"
+        shutil.copytree(artifact, broken)
+        args[3] = broken
+        if case == "truncated_weights":
+            shard = next(broken.glob("weights-*.safetensors"))
+            shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+        else:
+            manifest = json.loads((broken / "voxc-artifact.json").read_text())
+            manifest["format"] = 999
+            (broken / "voxc-artifact.json").write_text(json.dumps(manifest))
+    result = voxc_cli(*args, check=False)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("voxc: error: ") and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -1,0 +1,1 @@
+"""Benchmarks behind `voxc bench` (thin scripts in bench/ call these too)."""
