@@ -133,7 +133,7 @@ def cmd_transcribe(args) -> int:
 
     if args.mic == (args.audio is not None):
         raise VoxcError("give either an audio file or --mic")
-    model = voxc.load(args.model)
+    model = voxc.load(args.model, progress=sys.stderr.isatty())
     if args.mic:
         return _transcribe_mic(model, args)
     from voxc.audio import load_audio
