@@ -113,3 +113,227 @@ def ring_append_func(n_kv_heads: int, head_dim: int, window: int, dtype: str = "
                     v[vb, n - T.min(n, window) + vi, vh, vd]
 
     return ring_append
+
+
+# ---- CUDA kernels ----------------------------------------------------------------------------------------
+# The TE function above is the definition; on GPUs dlight cannot schedule it (its fallback rejects the
+# fused softmax blocks, and would read the whole W-row ring for every query). These two kernels compute
+# the same function, split-K ("flash decoding"): ``ring_attention_partial_cuda`` gives each
+# (query row, kv head, split) block a contiguous slice of the query's VISIBLE keys only (positions
+# max(0, q - W + 1) .. q, from the ring or the chunk), the ``group`` query heads of a kv head sharing the
+# keys in shared memory, with an online softmax in float32; ``ring_attention_merge_cuda`` combines the
+# splits by their log-sum-exp. targets/cuda.py swaps them in for every ``ring_attention*`` call.
+
+_LOG2E = 1.4426950408889634
+_EMPTY = -5.0e4   # running max of an empty softmax; exp2(_EMPTY - real max) == 0 in float32
+
+
+def cuda_kernel_layout(n_heads: int, n_kv_heads: int, head_dim: int, window: int, dtype: str,
+                       threads: int = 128, max_splits: int = 32, keys_per_split: int = 256) -> dict:
+    """Thread-block shape of the CUDA ring attention: tx over head_dim vectors (one warp at most),
+    ty over the query heads of one kv head, tz over keys; ``n_splits`` blocks share a query's keys."""
+    group = n_heads // n_kv_heads
+    vec = 16 // (2 if dtype in ("float16", "bfloat16") else 4)
+    while vec > 1 and head_dim % vec:
+        vec //= 2
+    while head_dim // vec > 32:
+        vec *= 2
+    bdx = head_dim // vec
+    bdy = group
+    bdz = max(1, threads // (bdx * bdy))
+    tile = 2 if group == 1 else 1
+    n_splits = max(1, min(max_splits, -(-window // keys_per_split)))
+    return dict(group=group, vec=vec, bdx=bdx, bdy=bdy, bdz=bdz, tile=tile, n_splits=n_splits)
+
+
+def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, window: int,
+                                dtype: str = "float32", **layout_args):
+    """Split-K partial attention: o [b, n, H, splits, D] (normalised within the split) and
+    lse [b, n, H, splits] (log2 of the split's softmax mass, plus its max). Same arguments as
+    :func:`ring_attention_func` up to ``layer``."""
+    from tvm.script import tirx as T
+
+    lay = cuda_kernel_layout(n_heads, n_kv_heads, head_dim, window, dtype, **layout_args)
+    G, VEC, bdx, bdy, bdz, TILE, NS = (lay[k] for k in ("group", "vec", "bdx", "bdy", "bdz", "tile", "n_splits"))
+    H, HKV, D, W = n_heads, n_kv_heads, head_dim, window
+    ROWS = bdz * bdy * TILE              # keys per iteration of a block
+    scale = float(head_dim ** -0.5) * _LOG2E
+
+    @T.prim_func(private=True, s_tir=True)
+    def ring_attention_partial(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_cache: T.handle,
+                               var_slots: T.handle, var_starts: T.handle, layer: T.int64,
+                               var_o: T.handle, var_lse: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        b, n, n_layers, n_slots = T.int64(), T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(var_q, (b, n, H, D), dtype)
+        k = T.match_buffer(var_k, (b, n, HKV, D), dtype)
+        v = T.match_buffer(var_v, (b, n, HKV, D), dtype)
+        cache = T.match_buffer(var_cache, (n_layers, 2, n_slots, W, HKV, D), dtype)
+        slots = T.match_buffer(var_slots, (b,), "int32")
+        starts = T.match_buffer(var_starts, (b,), "int32")
+        o = T.match_buffer(var_o, (b, n, H, NS, D), "float32")
+        lse = T.match_buffer(var_lse, (b, n, H, NS), "float32")
+
+        for bx in T.thread_binding(b * n, thread="blockIdx.x"):
+            for by in T.thread_binding(HKV * NS, thread="blockIdx.y"):
+                for ty in T.thread_binding(bdy, thread="threadIdx.y"):
+                    for tx in T.thread_binding(bdx, thread="threadIdx.x"):
+                        for tz in T.thread_binding(bdz, thread="threadIdx.z"):
+                            with T.sblock("attn"):
+                                q_local = T.sblock_alloc_buffer((VEC,), "float32", scope="local")
+                                k_smem = T.sblock_alloc_buffer((ROWS, D), dtype, scope="shared")
+                                v_smem = T.sblock_alloc_buffer((ROWS, D), dtype, scope="shared")
+                                o_merge = T.sblock_alloc_buffer((bdz, bdy, D), "float32", scope="shared")
+                                md_merge = T.sblock_alloc_buffer((bdz, bdy, 2), "float32", scope="shared")
+                                s_part = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                s_sum = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                s_local = T.sblock_alloc_buffer((bdy * TILE,), "float32", scope="local")
+                                qk = T.sblock_alloc_buffer((VEC,), "float32", scope="local")
+                                m_prev = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                d_prev = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                st_m = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                st_d = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                                o_local = T.sblock_alloc_buffer((VEC,), "float32", scope="local")
+
+                                bi: T.let[T.int64] = bx // n
+                                i: T.let[T.int64] = bx % n
+                                kvh: T.let[T.int64] = T.Cast("int64", by % HKV)
+                                split: T.let[T.int64] = T.Cast("int64", by // HKV)
+                                h: T.let[T.int64] = kvh * G + T.Cast("int64", ty)
+                                start: T.let[T.int64] = T.Cast("int64", starts[bi])
+                                slot: T.let[T.int64] = T.Cast("int64", slots[bi])
+                                hi: T.let[T.int64] = start + i
+                                lo: T.let[T.int64] = T.max(hi - W + 1, T.int64(0))
+                                per: T.let[T.int64] = (hi - lo + NS) // NS
+                                s_lo: T.let[T.int64] = lo + split * per
+                                s_len: T.let[T.int64] = T.max(T.min(per, hi + 1 - s_lo), T.int64(0))
+
+                                st_m[0] = T.float32(_EMPTY)
+                                st_d[0] = T.float32(1.0)
+                                for vec in T.vectorized(VEC):
+                                    o_local[vec] = T.float32(0)
+                                for vec in T.vectorized(VEC):
+                                    q_local[vec] = T.Cast("float32", q[bi, i, h, tx * VEC + vec]) * T.float32(scale)
+
+                                for it in T.serial((s_len + ROWS - 1) // ROWS):
+                                    row_s: T.let[T.int32] = (tz * bdy + ty) * TILE
+                                    row_g: T.let[T.int64] = ((it * bdz + T.Cast("int64", tz)) * bdy + T.Cast("int64", ty)) * TILE
+                                    for j in T.serial(TILE):
+                                        with T.sblock("kv_load"):
+                                            T.reads()
+                                            T.writes()
+                                            if row_g + j < s_len:
+                                                pos: T.let[T.int64] = s_lo + row_g + j
+                                                if pos < start:
+                                                    for vec in T.vectorized(VEC):
+                                                        k_smem[row_s + j, tx * VEC + vec] = cache[
+                                                            layer, 0, slot, T.floormod(pos, W), kvh, tx * VEC + vec]
+                                                        v_smem[row_s + j, tx * VEC + vec] = cache[
+                                                            layer, 1, slot, T.floormod(pos, W), kvh, tx * VEC + vec]
+                                                else:
+                                                    for vec in T.vectorized(VEC):
+                                                        k_smem[row_s + j, tx * VEC + vec] = k[bi, pos - start, kvh, tx * VEC + vec]
+                                                        v_smem[row_s + j, tx * VEC + vec] = v[bi, pos - start, kvh, tx * VEC + vec]
+                                            else:
+                                                for vec in T.vectorized(VEC):
+                                                    k_smem[row_s + j, tx * VEC + vec] = T.Cast(dtype, 0)
+                                                    v_smem[row_s + j, tx * VEC + vec] = T.Cast(dtype, 0)
+                                    T.tvm_storage_sync("shared")
+                                    m_prev[0] = st_m[0]
+                                    for j in T.serial(bdy * TILE):
+                                        for vec in T.vectorized(VEC):
+                                            qk[vec] = q_local[vec] * T.Cast("float32", k_smem[tz * bdy * TILE + j, tx * VEC + vec])
+                                        s_part[0] = T.float32(0)
+                                        for vec in T.unroll(VEC):
+                                            s_part[0] = s_part[0] + qk[vec]
+                                        with T.sblock("dot_allreduce"):
+                                            T.reads(s_part[0])
+                                            T.writes(s_sum[0])
+                                            T.attr(T.comm_reducer(lambda x0, y0: x0 + y0, [T.float32(0)]),
+                                                   "reduce_scope", T.int32(0))
+                                            T.tvm_thread_allreduce(T.uint32(1), s_part[0], True, s_sum[0], tx, dtype="void")
+                                        s_local[j] = T.float32(_EMPTY)
+                                        if (it * bdz + T.Cast("int64", tz)) * bdy * TILE + T.Cast("int64", j) < s_len:
+                                            s_local[j] = s_sum[0]
+                                        st_m[0] = T.max(st_m[0], s_local[j])
+                                    o_scale: T.let[T.float32] = T.exp2(m_prev[0] - st_m[0])
+                                    st_d[0] = st_d[0] * o_scale
+                                    for j in T.serial(bdy * TILE):
+                                        s_local[j] = T.exp2(s_local[j] - st_m[0])
+                                        st_d[0] = st_d[0] + s_local[j]
+                                    for vec in T.vectorized(VEC):
+                                        o_local[vec] = o_local[vec] * o_scale
+                                    for j in T.serial(bdy * TILE):
+                                        for vec in T.vectorized(VEC):
+                                            o_local[vec] = o_local[vec] + s_local[j] * T.Cast(
+                                                "float32", v_smem[tz * bdy * TILE + j, tx * VEC + vec])
+                                    T.tvm_storage_sync("shared")
+
+                                if bdz > 1:
+                                    for vec in T.vectorized(VEC):
+                                        o_merge[tz, ty, tx * VEC + vec] = o_local[vec]
+                                    md_merge[tz, ty, 0] = st_m[0]
+                                    md_merge[tz, ty, 1] = st_d[0]
+                                    T.tvm_storage_sync("shared")
+                                    st_m[0] = T.float32(_EMPTY)
+                                    st_d[0] = T.float32(1.0)
+                                    for vec in T.vectorized(VEC):
+                                        o_local[vec] = T.float32(0)
+                                    for z in T.serial(bdz):
+                                        m_prev[0] = st_m[0]
+                                        d_prev[0] = st_d[0]
+                                        st_m[0] = T.max(m_prev[0], md_merge[z, ty, 0])
+                                        st_d[0] = d_prev[0] * T.exp2(m_prev[0] - st_m[0]) + \
+                                            md_merge[z, ty, 1] * T.exp2(md_merge[z, ty, 0] - st_m[0])
+                                        for vec in T.vectorized(VEC):
+                                            o_local[vec] = o_local[vec] * T.exp2(m_prev[0] - st_m[0]) + \
+                                                o_merge[z, ty, tx * VEC + vec] * T.exp2(md_merge[z, ty, 0] - st_m[0])
+                                if tz == 0:
+                                    for vec in T.vectorized(VEC):
+                                        o[bi, i, h, split, tx * VEC + vec] = o_local[vec] / st_d[0]
+                                    if tx == 0:
+                                        lse[bi, i, h, split] = st_m[0] + T.log2(st_d[0])
+
+    return ring_attention_partial
+
+
+def ring_attention_merge_cuda(n_heads: int, n_kv_heads: int, head_dim: int, window: int,
+                              dtype: str = "float32", **layout_args):
+    """out [b, n, H, D] = the splits of :func:`ring_attention_partial_cuda` weighted by their mass."""
+    from tvm.script import tirx as T
+
+    lay = cuda_kernel_layout(n_heads, n_kv_heads, head_dim, window, dtype, **layout_args)
+    VEC, bdx, NS = lay["vec"], lay["bdx"], lay["n_splits"]
+    H, D = n_heads, head_dim
+
+    @T.prim_func(private=True, s_tir=True)
+    def ring_attention_merge(var_o: T.handle, var_lse: T.handle, var_out: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        b, n = T.int64(), T.int64()
+        o = T.match_buffer(var_o, (b, n, H, NS, D), "float32")
+        lse = T.match_buffer(var_lse, (b, n, H, NS), "float32")
+        out = T.match_buffer(var_out, (b, n, H, D), dtype)
+        for bx in T.thread_binding(b * n, thread="blockIdx.x"):
+            for h in T.thread_binding(H, thread="blockIdx.y"):
+                for tx in T.thread_binding(bdx, thread="threadIdx.x"):
+                    with T.sblock("merge"):
+                        m = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        d = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        acc = T.sblock_alloc_buffer((VEC,), "float32", scope="local")
+                        bi: T.let[T.int64] = bx // n
+                        i: T.let[T.int64] = bx % n
+                        m[0] = T.float32(_EMPTY)
+                        for s in T.serial(NS):
+                            m[0] = T.max(m[0], lse[bi, i, h, s])
+                        d[0] = T.float32(0)
+                        for vec in T.vectorized(VEC):
+                            acc[vec] = T.float32(0)
+                        for s in T.serial(NS):
+                            w: T.let[T.float32] = T.exp2(lse[bi, i, h, s] - m[0])
+                            d[0] = d[0] + w
+                            for vec in T.vectorized(VEC):
+                                acc[vec] = acc[vec] + w * o[bi, i, h, s, tx * VEC + vec]
+                        for vec in T.vectorized(VEC):
+                            out[bi, i, h, tx * VEC + vec] = T.Cast(dtype, acc[vec] / d[0])
+
+    return ring_attention_merge

@@ -39,6 +39,7 @@ def load_runtime(device_kind: str = "cpu"):
     lib_dir = _tvm_lib_dir()
     wanted = ["libtvm_runtime.so", "libtvm_runtime_extra.so"]
     if device_kind == "cuda":
+        _preload_cudart()
         wanted.append("libtvm_runtime_cuda.so")
     for name in wanted:
         if name in _loaded_kinds:
@@ -61,6 +62,41 @@ def load_runtime(device_kind: str = "cpu"):
     return tvm_ffi
 
 
+def _preload_cudart() -> None:
+    """libtvm_runtime_cuda.so needs libcudart.so.13; find it where the toolkit or pip put it.
+
+    Once a library of that soname is loaded, the dynamic linker reuses it for the runtime's
+    DT_NEEDED entry, so no LD_LIBRARY_PATH is needed.
+    """
+    if "libcudart" in _loaded_kinds:
+        return
+    candidates = ["libcudart.so.13"]
+    for root in filter(None, [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]):
+        candidates += [str(Path(root) / "lib64" / "libcudart.so.13"), str(Path(root) / "lib" / "libcudart.so.13")]
+    for sub in ("nvidia/cu13/lib", "nvidia/cuda_runtime/lib"):
+        spec = importlib.util.find_spec("nvidia")
+        for base in (spec.submodule_search_locations if spec and spec.submodule_search_locations else []):
+            candidates.append(str(Path(base).parent / sub / "libcudart.so.13"))
+    for candidate in candidates:
+        try:
+            ctypes.CDLL(candidate, mode=ctypes.RTLD_GLOBAL)
+        except OSError:
+            continue
+        _loaded_kinds.add("libcudart")
+        return
+    # not found: loading libtvm_runtime_cuda.so below reports it with a hint
+
+
+def _check_cuda_device(ffi, device_id: int) -> None:
+    try:
+        count = int(ffi.get_global_func("runtime.GetCudaDeviceCount")())
+    except Exception as exc:  # cudart answers "insufficient driver" / "no device" with an error
+        raise VoxcError(f"no usable NVIDIA GPU: a cuda artifact needs a machine with an NVIDIA GPU and driver "
+                        f"({str(exc).strip().splitlines()[-1]})") from None
+    if count <= device_id:
+        raise VoxcError(f"CUDA device {device_id} does not exist: this machine has {count} NVIDIA GPU(s)")
+
+
 class Runtime:
     """A device plus the runtime functions voxc uses on it."""
 
@@ -78,6 +114,8 @@ class Runtime:
             exists = ffi.get_global_func(f"device_api.{device_kind}", allow_missing=True)
             if exists is None:
                 raise VoxcError(f"this TVM runtime has no {device_kind} support")
+        if device_kind == "cuda":
+            _check_cuda_device(ffi, device_id)
 
     # ---- tensors ----------------------------------------------------------------------------
     def empty(self, shape, dtype: str):

@@ -1,0 +1,154 @@
+"""Build CUDA artifacts for the device runs, including weight-less ("manifest only") artifacts.
+
+A full-size artifact holds ~17 GB (float32) of weights, far over what can travel to the GPU machine
+(64 MiB a call), so the benchmark ships the compiled library and the manifest only, and
+:func:`fill_random_weights` writes random shards in the artifact layout on the device.
+
+    python bench/cuda_build.py full   OUT_DIR [--cuda-graph]   # ModelConfig() defaults, no weights
+    python bench/cuda_build.py tiny   OUT_DIR                  # tiny checkpoint -> OUT_DIR/{tiny_cuda,tiny_llvm}
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+MANIFEST = "voxc-artifact.json"
+SHARD_BYTES = 512 * 1024 * 1024
+
+
+def build_manifest_only(cfg, target, out_dir: Path, *, left_pad_tokens: int = 32, delay_ms: int = 480) -> Path:
+    """Compile ``cfg`` for ``target`` and write the artifact WITHOUT weight shards ("weights": [])."""
+    from voxc import build as vb
+    from voxc.tokenizer import write_tiny_tekken
+
+    out_dir = Path(out_dir)
+    t0 = time.perf_counter()
+    mod, params = vb.export_graph(cfg, target)
+    executable = target.compile(mod)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    library = target.export(executable, out_dir)
+    write_tiny_tekken(out_dir / "tekken.json")   # placeholder tokenizer: the bench never decodes text
+    param_specs = [(name, [int(s) for s in p.shape], str(p.dtype)) for name, p in params]
+    manifest = {
+        "format": vb.ARTIFACT_FORMAT,
+        "voxc_version": vb._voxc_version(),
+        "tvm_version": vb._tvm_version(),
+        "target": target.name,
+        "device_kind": target.device_kind,
+        "library": library.name,
+        "model_dtype": target.model_dtype,
+        "config": cfg.to_dict(),
+        "params": [{"name": n, "shape": s, "dtype": d} for n, s, d in param_specs],
+        "weights": [],
+        "weights_omitted": True,
+        "tokenizer": "tekken.json",
+        "left_pad_tokens": left_pad_tokens,
+        "default_delay_ms": delay_ms,
+        "quantization": None,
+        "build_seconds": round(time.perf_counter() - t0, 1),
+        "cuda": {"arch": getattr(target, "arch", None), "archs": list(getattr(target, "archs", ())),
+                 "cuda_graph": bool(getattr(target, "cuda_graph", False))},
+    }
+    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return out_dir
+
+
+def fill_random_weights(artifact_dir: Path, *, seed: int = 0, std: float = 0.02) -> float:
+    """Write random shards for a weight-less artifact (norm gains 1, mel filters the real bank if
+    given). Random N(0, std) weights keep activations finite through 58 layers. Returns GB written."""
+    from safetensors.numpy import save_file
+
+    artifact_dir = Path(artifact_dir)
+    manifest = json.loads((artifact_dir / MANIFEST).read_text())
+    rng = np.random.default_rng(seed)
+    shards, current, size, total = [], {}, 0, 0
+
+    def flush():
+        nonlocal current, size
+        if current:
+            name = f"weights-{len(shards):05d}.safetensors"
+            save_file(current, str(artifact_dir / name))
+            shards.append(name)
+            current, size = {}, 0
+
+    for p in manifest["params"]:
+        dtype = np.dtype(p["dtype"])
+        shape = tuple(p["shape"])
+        if p["name"].endswith("norm.weight"):
+            array = np.ones(shape, dtype)
+        elif p["name"] == "mel_frontend.filters":
+            array = np.abs(rng.standard_normal(shape, dtype=np.float32)) * 0.01
+        else:
+            array = (std * rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
+        if size + array.nbytes > SHARD_BYTES:
+            flush()
+        current[p["name"]] = array
+        size += array.nbytes
+        total += array.nbytes
+    flush()
+    manifest["weights"] = shards
+    manifest["weights_random_seed"] = seed
+    (artifact_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return total / 1e9
+
+
+def build_tiny_pair(out_root: Path, target=None) -> tuple[Path, Path]:
+    """The tiny test checkpoint built twice from the same weights: cuda and llvm artifacts."""
+    from targets import get_target
+    from voxc.build import build
+    from voxc.loader.tiny import make_tiny
+
+    out_root = Path(out_root)
+    ckpt = make_tiny(out_root / "tiny_ckpt")
+    cuda_dir = out_root / "tiny_cuda"
+    llvm_dir = out_root / "tiny_llvm"
+    if target is None:
+        build(ckpt, "cuda", cuda_dir, progress=False)
+    else:  # a CudaTarget variant: same steps as voxc.build.build, with this target object
+        import targets as t
+
+        original = t.get_target
+        t.get_target = lambda name: target if name == "cuda" else original(name)
+        try:
+            build(ckpt, "cuda", cuda_dir, progress=False)
+        finally:
+            t.get_target = original
+    build(ckpt, "llvm", llvm_dir, progress=False)
+    return cuda_dir, llvm_dir
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=["full", "tiny"])
+    ap.add_argument("out")
+    ap.add_argument("--cuda-graph", action="store_true")
+    ap.add_argument("--archs", default=None, help="comma list, e.g. sm_90 (default: targets.cuda.DEFAULT_ARCHS)")
+    args = ap.parse_args(argv)
+    from targets.cuda import TARGET
+    from voxc.model.config import ModelConfig
+
+    target = TARGET
+    if args.cuda_graph:
+        target = dataclasses.replace(target, cuda_graph=True)
+    if args.archs:
+        target = dataclasses.replace(target, archs=tuple(args.archs.split(",")))
+    t0 = time.perf_counter()
+    if args.what == "full":
+        out = build_manifest_only(ModelConfig(), target, Path(args.out))
+    else:
+        out = build_tiny_pair(Path(args.out), target if target is not TARGET else None)
+    print(f"built {out} in {time.perf_counter() - t0:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
