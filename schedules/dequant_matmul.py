@@ -247,7 +247,10 @@ def _schedule_gemv_llvm(func, qtype: QType, n: int, k: int, batch: int, rows_per
 
 def _schedule_gemv_gpu(func, qtype: QType, n: int, k: int, batch: int, target: str):
     threads_k = 32                                        # one warp along K per row
-    rows_per_block = 4 if target == "cuda" else 2         # webgpu: 64 invocations per workgroup
+    # Rows per block must divide n: the final cross-thread reduction block is not predicated on
+    # the row when TVM computes it under threadIdx.y, so a partial last block would write past
+    # the row range.  (Every width in the model is a multiple of 4; odd n falls back to 1.)
+    rows_per_block = next(r for r in ((4, 2, 1) if target == "cuda" else (2, 1)) if n % r == 0)
     sch = tvm.s_tir.Schedule(func)
     acc, part, raw = sch.get_sblock("acc"), sch.get_sblock("part"), sch.get_sblock("raw")
     b, i, g, l = sch.get_loops(acc)
