@@ -48,9 +48,10 @@ class CudaTarget(TargetSpec):
     archs: tuple[str, ...] = DEFAULT_ARCHS  # what nvcc emits machine code for
     cuda_graph: bool = False                # relax.backend.use_cuda_graph (see bench/RESULTS.md)
     hand_kernels: bool = True               # voxc's own attention kernels instead of dlight's fallback
-    # Extra entry points with static shapes, so dlight picks GEMV kernels for one-token steps:
-    # name -> (function, {symbolic var: value}).  The runtime may call them instead of the general one.
-    specialize: tuple = (("decode_b1n1", "decode", (("b", 1), ("n", 1))),)
+    # Extra entry points exported with static shapes: dlight then picks GEMV kernels for one-token
+    # steps, and with cuda_graph the whole step becomes one CUDA graph.  (name, entry, {dim: value});
+    # callers use them where the shapes match (bench/cuda_bench.py; voxc.runtime when it learns to).
+    static_entries: tuple = (("decode_b1n1", "decode", (("b", 1), ("n", 1))),)
 
     def tvm_target(self):
         import tvm
@@ -61,6 +62,10 @@ class CudaTarget(TargetSpec):
             "thread_warp_size": 32, "registers_per_block": 65536,
         }, host={"kind": "llvm"})
 
+    def export_graph(self, cfg):
+        """The model graph plus the static-shape entry points of ``static_entries`` (see there)."""
+        return export_with_static_entries(cfg, self, self.static_entries)
+
     def compile(self, mod):
         prepare_toolchain()
         import tvm
@@ -68,9 +73,8 @@ class CudaTarget(TargetSpec):
         from tvm import relax
 
         target = self.tvm_target()
-        # nn.Linear is matmul(x, permute_dims(W)); unfused, every call would materialise W^T
-        mod = relax.transform.FuseTransposeMatmul()(mod)
-        mod = add_specialized_entries(mod, self.specialize)
+        # nn.Linear is matmul(x, permute_dims(W)): unfused, every call materialises W^T (3x the bytes)
+        mod = fuse_transpose_matmul(mod)
         if self.hand_kernels:
             mod = apply_cuda_kernels(mod)
         config = {"relax.backend.use_cuda_graph": bool(self.cuda_graph)}
@@ -227,17 +231,94 @@ def fatbin_archs(data: bytes) -> set[str]:
         found.add(f"sm_{sm}")
 
 
-def add_specialized_entries(mod, specs):
-    """Copies of entry points with some symbolic shape variables bound to constants."""
-    for name, source, values in specs:
-        if source not in [gv.name_hint for gv in mod.get_global_vars()]:
-            continue
-        func = mod[source]
-        from tvm.relax.utils import copy_with_new_vars
+def export_with_static_entries(cfg, target, entries):
+    """Export the graph (as voxc.build.export_graph does) and add a static-shape copy of some entry
+    points under new names; their private functions are renamed with the entry's name as suffix."""
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+    from tvm.relax.frontend.nn import spec as nnspec
 
-        func = copy_with_new_vars(func).bind_symbolic_vars(dict(values)).with_attr("global_symbol", name)
-        mod[name] = func
-    return mod
+    from voxc.model.graph import VoxtralGraph
+
+    def graph():
+        return VoxtralGraph(cfg, dtype=target.model_dtype, mel_dtype=target.mel_dtype)
+
+    g = graph()
+    full_spec = g.export_spec()
+    mod, params = g.export_tvm(spec=full_spec)
+    for name, entry, values in entries:
+        values = dict(values)
+        static = {k: nnspec.Tensor([values.get(d, d) if isinstance(d, str) else d for d in v.shape], v.dtype)
+                  for k, v in full_spec[entry].items()}
+        part, _ = graph().export_tvm(spec={entry: static})
+
+        @mutator
+        class _Merge(PyExprMutator):
+            def __init__(self, module):
+                super().__init__(module)
+                self.renamed = {}
+
+            def visit_global_var_(self, op):
+                return self.renamed.get(op, op)
+
+            def merge(self):
+                for gv, func in part.functions_items():
+                    if not isinstance(func, relax.Function):
+                        self.renamed[gv] = self.builder_.add_func(func, f"{gv.name_hint}__{name}")
+                for gv, func in part.functions_items():
+                    if isinstance(func, relax.Function):
+                        if gv.name_hint != entry:
+                            raise VoxcError(f"unexpected function {gv.name_hint} in the export of {entry}")
+                        self.builder_.add_func(self.visit_expr(func).with_attr("global_symbol", name), name)
+                return self.builder_.get()
+
+        mod = _Merge(mod).merge()
+    return mod, params
+
+
+def fuse_transpose_matmul(mod):
+    """``matmul(x, permute_dims(W))`` with a 2-D ``W`` -> one ``NT_matmul`` TE PrimFunc reading W as stored.
+
+    (TVM's relax.transform.FuseTransposeMatmul does the same through a composite function, but its
+    output trips FuseTIR's buffer check on this model; a plain call_te does not.)"""
+    import tvm
+    from tvm import relax, te
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    matmul_op, permute_op = tvm.ir.Op.get("relax.matmul"), tvm.ir.Op.get("relax.permute_dims")
+
+    def nt_matmul(x, w, out_dtype):
+        k = te.reduce_axis((0, w.shape[1]), name="k")
+        return te.compute(tuple(x.shape[:-1]) + (w.shape[0],),
+                          lambda *i: te.sum(x[i[:-1] + (k,)].astype(out_dtype) * w[i[-1], k].astype(out_dtype), axis=k),
+                          name="NT_matmul")
+
+    @mutator
+    class _Fuse(PyExprMutator):
+        def __init__(self, module):
+            super().__init__(module)
+            self.module = module
+
+        def visit_call_(self, call):
+            call = self.visit_expr_post_order(call)
+            if call.op != matmul_op or not isinstance(call.args[1], relax.Var):
+                return call
+            bound = self.lookup_binding(call.args[1])
+            if not isinstance(bound, relax.Call) or bound.op != permute_op:
+                return call
+            w = bound.args[0]
+            axes = bound.attrs.axes
+            if w.ty.ndim != 2 or (axes is not None and [int(a) for a in axes] != [1, 0]):
+                return call
+            return self.builder_.call_te(nt_matmul, call.args[0], w, call.ty.dtype, primfunc_name_hint="NT_matmul")
+
+        def run(self):
+            for gv, func in self.module.functions_items():
+                if isinstance(func, relax.Function):
+                    self.builder_.update_func(gv, self.visit_expr(func))
+            return relax.transform.DeadCodeElimination()(self.builder_.get())
+
+    return _Fuse(mod).run()
 
 
 # ---- voxc's GPU kernels -------------------------------------------------------------------------------------
