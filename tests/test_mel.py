@@ -54,7 +54,7 @@ class CompiledLogMel:
 
     def __call__(self, samples: np.ndarray) -> np.ndarray:
         samples = np.ascontiguousarray(samples, dtype=np.float32)
-        return self.vm["forward"](tvm.runtime.tensor(samples), self.filters).numpy()
+        return self.vm["forward"](tvm.runtime.tensor(np.asarray(samples)[None]), self.filters).numpy()[0]
 
 
 @pytest.fixture(scope="session", params=["float64", "float32"])

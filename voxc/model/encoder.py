@@ -5,7 +5,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from voxc.model.config import EncoderConfig
-from voxc.model.layers import RingAttention, SwiGLU, last_frames, rms_norm
+from voxc.model.layers import RingAttention, SwiGLU, last_frames, read_slot_rows, rms_norm, write_slot_rows
 
 
 class EncoderLayer(nn.Module):
@@ -41,15 +41,22 @@ class Encoder(nn.Module):
         self.layers = nn.ModuleList([EncoderLayer(i, cfg, dtype) for i in range(cfg.n_layers)])
         self.norm = rms_norm(cfg.dim, cfg.norm_eps, dtype)
 
-    def stem(self, mel: nn.Tensor, conv0_state: nn.Tensor, conv1_state: nn.Tensor):
-        """mel [b, n_mels, t] (t even) -> frames [b, t/2, dim] and the next conv states."""
-        x = op.concat([conv0_state, mel], dim=2)
+    def stem(self, mel: nn.Tensor, conv0_state: nn.Tensor, conv1_state: nn.Tensor, slots: nn.Tensor):
+        """mel [b, n_mels, t] (t even) -> frames [b, t/2, dim]; the conv contexts of each stream are
+        read from and written back to its slot of the state rings ([slots, context, channels])."""
+        b = mel.shape[0]
+        zeros = op.zeros((b,), "int32")
+        context0 = op.permute_dims(read_slot_rows(conv0_state, slots, zeros, self.CONV0_CONTEXT), [0, 2, 1])
+        x = op.concat([context0, mel], dim=2)
         h = op.gelu(self.conv0(x))
-        h_in = op.concat([conv1_state, h], dim=2)
+        context1 = op.permute_dims(read_slot_rows(conv1_state, slots, zeros, self.CONV1_CONTEXT), [0, 2, 1])
+        h_in = op.concat([context1, h], dim=2)
         frames = op.gelu(self.conv1(h_in))
-        next_conv0 = last_frames(x, self.CONV0_CONTEXT)
-        next_conv1 = last_frames(h_in, self.CONV1_CONTEXT)
-        return op.permute_dims(frames, [0, 2, 1]), next_conv0, next_conv1
+        conv0_state = write_slot_rows(conv0_state, op.permute_dims(last_frames(x, self.CONV0_CONTEXT), [0, 2, 1]),
+                                      slots, zeros)
+        conv1_state = write_slot_rows(conv1_state, op.permute_dims(last_frames(h_in, self.CONV1_CONTEXT), [0, 2, 1]),
+                                      slots, zeros)
+        return op.permute_dims(frames, [0, 2, 1]), conv0_state, conv1_state
 
     def transformer(self, frames, cache, slots, starts):
         for layer in self.layers:

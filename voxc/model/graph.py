@@ -1,16 +1,22 @@
 """The whole Voxtral Realtime model as one Relax module: the graph every target compiles.
 
-Exported entry points (all batched over ``b`` sequences; ``slots`` picks each sequence's row in
-the KV caches, ``starts`` its absolute position):
+Exported entry points, all batched over ``b`` streams.  ``slots`` picks each stream's row in the
+device-resident state, ``starts`` its absolute position (encoder frames for ``encode``, tokens
+for ``decode``).  The state is updated in place and returned:
 
-* ``mel(samples)``: PCM window -> log-mel frames (see voxc.model.mel for the framing contract).
-* ``encode(mel, conv0_state, conv1_state, enc_cache, slots, starts)``: a chunk of mel frames
-  (a multiple of 8 per text token) -> one audio embedding per text token, new conv states, cache.
-* ``encode_stages``: the same computation, also returning the conv-stem and encoder outputs
-  (used by the stage-by-stage oracle tests; no separate model).
-* ``decode(tokens, audio, audio_offsets, delay_tokens, dec_cache, slots, starts)``: embeds the
-  tokens, adds the audio embedding rows ``audio_offsets .. +n``, runs the decoder, and returns the
-  last position's logits, its greedy token, and the cache.
+* ``conv0_state [S, 2, n_mels]``, ``conv1_state [S, 1, enc_dim]``: the causal convs' left context;
+* ``enc_cache``, ``dec_cache``: ring KV caches (schedules/ring_attention.py);
+* ``audio_ring [S, AUDIO_RING_ROWS, dec_dim]``: audio embeddings between encoder and decoder,
+  token position ``p`` at row ``p mod AUDIO_RING_ROWS``.
+
+* ``mel(samples [b, n])``: PCM windows -> log-mel frames (voxc.model.mel has the framing contract).
+* ``encode(mel, conv0_state, conv1_state, enc_cache, audio_ring, slots, starts)``: a chunk of mel
+  frames (8 per text token) -> one audio embedding per token, written to ``audio_ring``.
+* ``encode_stages``: the same computation, also returning the conv-stem output, the encoder output
+  and the embeddings (the stage-by-stage oracle tests use it; there is no separate model).
+* ``decode(tokens [b, n], audio_ring, delay_tokens, dec_cache, slots, starts)``: embeds the tokens,
+  adds the audio embeddings of the same positions, runs the decoder; returns the last position's
+  logits, its greedy token and the updated cache.
 """
 from __future__ import annotations
 
@@ -22,7 +28,11 @@ from voxc.model.adapter import Adapter
 from voxc.model.config import ModelConfig
 from voxc.model.decoder import Decoder
 from voxc.model.encoder import Encoder
-from voxc.model.layers import gather_rows, sinusoidal_embedding
+from voxc.model.layers import read_slot_rows, sinusoidal_embedding, write_slot_rows
+
+# Audio embeddings buffered per stream between encoder and decoder. The session never lets the
+# encoder run further ahead of the decoder than this (prompt + one encoder call fit easily).
+AUDIO_RING_ROWS = 256
 
 
 class VoxtralGraph(nn.Module):
@@ -41,20 +51,22 @@ class VoxtralGraph(nn.Module):
     def mel(self, samples: nn.Tensor):
         return self.mel_frontend(samples)
 
-    def encode_stages(self, mel, conv0_state, conv1_state, enc_cache, slots, starts):
-        frames, conv0_state, conv1_state = self.enc.stem(mel, conv0_state, conv1_state)
+    def encode_stages(self, mel, conv0_state, conv1_state, enc_cache, audio_ring, slots, starts):
+        frames, conv0_state, conv1_state = self.enc.stem(mel, conv0_state, conv1_state, slots)
         hidden, enc_cache = self.enc.transformer(frames, enc_cache, slots, starts)
         audio = self.adapter(hidden)
-        return audio, conv0_state, conv1_state, enc_cache, frames, hidden
+        token_starts = op.divide(starts, op.full((1,), self.cfg.audio.downsample_factor, "int32"))
+        audio_ring = write_slot_rows(audio_ring, audio, slots, token_starts)
+        return conv0_state, conv1_state, enc_cache, audio_ring, frames, hidden, audio
 
-    def encode(self, mel, conv0_state, conv1_state, enc_cache, slots, starts):
-        return self.encode_stages(mel, conv0_state, conv1_state, enc_cache, slots, starts)[:4]
+    def encode(self, mel, conv0_state, conv1_state, enc_cache, audio_ring, slots, starts):
+        return self.encode_stages(mel, conv0_state, conv1_state, enc_cache, audio_ring, slots, starts)[:4]
 
     # ---- text side --------------------------------------------------------------------------
-    def decode(self, tokens, audio, audio_offsets, delay_tokens, dec_cache, slots, starts):
+    def decode(self, tokens, audio_ring, delay_tokens, dec_cache, slots, starts):
         b, n = tokens.shape
         embedded = op.take(self.tok_embeddings.weight, op.reshape(tokens, (b * n,)), axis=0)
-        x = op.reshape(embedded, (b, n, self.cfg.decoder.dim)) + gather_rows(audio, audio_offsets, n)
+        x = op.reshape(embedded, (b, n, self.cfg.decoder.dim)) + read_slot_rows(audio_ring, slots, starts, n)
         t_cond = sinusoidal_embedding(delay_tokens, self.cfg.decoder.dim)
         hidden, dec_cache = self.dec(x, t_cond, dec_cache, slots, starts)
         last = _last_row(hidden)
@@ -66,25 +78,23 @@ class VoxtralGraph(nn.Module):
     def export_spec(self) -> dict:
         e, d = self.cfg.encoder, self.cfg.decoder
         mel_bins = e.num_mel_bins
-        enc_cache = spec.Tensor([e.n_layers, 2, "enc_slots", e.sliding_window, e.n_heads, e.head_dim], self.dtype)
-        dec_cache = spec.Tensor([d.n_layers, 2, "dec_slots", d.sliding_window, d.n_kv_heads, d.head_dim],
-                                self.dtype)
-        encode_args = {
-            "mel": spec.Tensor(["b", mel_bins, "t"], self.dtype),
-            "conv0_state": spec.Tensor(["b", mel_bins, Encoder.CONV0_CONTEXT], self.dtype),
-            "conv1_state": spec.Tensor(["b", e.dim, Encoder.CONV1_CONTEXT], self.dtype),
+        enc_cache = spec.Tensor([e.n_layers, 2, "n_slots", e.sliding_window, e.n_heads, e.head_dim], self.dtype)
+        dec_cache = spec.Tensor([d.n_layers, 2, "n_slots", d.sliding_window, d.n_kv_heads, d.head_dim], self.dtype)
+        state = {
+            "conv0_state": spec.Tensor(["n_slots", Encoder.CONV0_CONTEXT, mel_bins], self.dtype),
+            "conv1_state": spec.Tensor(["n_slots", Encoder.CONV1_CONTEXT, e.dim], self.dtype),
             "enc_cache": enc_cache,
-            "slots": spec.Tensor(["b"], "int32"),
-            "starts": spec.Tensor(["b"], "int32"),
+            "audio_ring": spec.Tensor(["n_slots", AUDIO_RING_ROWS, d.dim], self.dtype),
         }
+        encode_args = {"mel": spec.Tensor(["b", mel_bins, "t"], self.dtype), **state,
+                       "slots": spec.Tensor(["b"], "int32"), "starts": spec.Tensor(["b"], "int32")}
         return {
-            "mel": {"samples": spec.Tensor(["n_samples"], "float32")},
+            "mel": {"samples": spec.Tensor(["b", "n_samples"], "float32")},
             "encode": dict(encode_args),
             "encode_stages": dict(encode_args),
             "decode": {
                 "tokens": spec.Tensor(["b", "n"], "int32"),
-                "audio": spec.Tensor(["b", "m", d.dim], self.dtype),
-                "audio_offsets": spec.Tensor(["b"], "int32"),
+                "audio_ring": state["audio_ring"],
                 "delay_tokens": spec.Tensor(["b"], "float32"),
                 "dec_cache": dec_cache,
                 "slots": spec.Tensor(["b"], "int32"),

@@ -8,6 +8,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from schedules.ring_attention import ring_append_func, ring_attention_func
+from schedules.slot_rows import slot_rows_read, slot_rows_write_func
 
 
 def linear(in_features: int, out_features: int, bias: bool = False, dtype: str = "float32") -> nn.Module:
@@ -105,14 +106,16 @@ def sinusoidal_embedding(values: nn.Tensor, dim: int, theta: float = 10000.0) ->
     return op.tensor_expr_op(compute, "time_embedding", [values])
 
 
-def gather_rows(table: nn.Tensor, offsets: nn.Tensor, count) -> nn.Tensor:
-    """[b, m, d] rows offsets[b] .. offsets[b] + count - 1 of each batch entry -> [b, count, d]."""
+def read_slot_rows(ring: nn.Tensor, slots: nn.Tensor, offsets: nn.Tensor, count) -> nn.Tensor:
+    """[n_slots, rows, width] ring -> [b, count, width]: each stream's rows offsets[b] .. + count."""
+    return op.tensor_expr_op(lambda r, s, o: slot_rows_read(r, s, o, count), "slot_rows_read", [ring, slots, offsets])
 
-    def compute(t: te.Tensor, off: te.Tensor):
-        return te.compute((t.shape[0], count, t.shape[2]),
-                          lambda bi, i, d: t[bi, off[bi].astype("int64") + i, d], name="gather_rows")
 
-    return op.tensor_expr_op(compute, "gather_rows", [table, offsets])
+def write_slot_rows(ring: nn.Tensor, rows: nn.Tensor, slots: nn.Tensor, offsets: nn.Tensor) -> nn.Tensor:
+    """Write rows [b, n, width] into each stream's slot of the ring, in place; returns the ring."""
+    return op.tensor_ir_inplace_op(
+        slot_rows_write_func(int(ring.shape[2]), ring.dtype), "slot_rows_write",
+        args=[ring, rows, slots, offsets], inplace_indices=[0], out=nn.Tensor.placeholder(ring.shape, ring.dtype))
 
 
 def last_frames(x: nn.Tensor, count: int) -> nn.Tensor:

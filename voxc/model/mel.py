@@ -82,7 +82,9 @@ def mel_filter_bank(cfg: AudioConfig, n_mels: int) -> np.ndarray:
 
 
 class LogMel(nn.Module):
-    """``forward(samples[n] f32) -> log-mel [n_mels, (n - window)//hop + 1] f32``, valid framing, n >= window.
+    """``forward(samples[b, n] f32) -> log-mel [b, n_mels, (n - window)//hop + 1] f32``, valid framing, n >= window.
+
+    A batch of streams' windows of equal length goes through in one call.
 
     ``filters`` is a parameter (value: :func:`mel_filter_bank`); the Hann-windowed DFT basis is a constant
     of the graph (:func:`windowed_dft_basis`, 400 x 402). ``compute_dtype`` is the dtype of everything
@@ -108,11 +110,11 @@ class LogMel(nn.Module):
         n_frames = tirx.Var("n_frames", "int64")
         frames = wrap_nested(
             relax.BlockBuilder.current().match_cast(
-                frames._expr, relax.TensorType((n_frames, self.window), self.compute_dtype)),
+                frames._expr, relax.TensorType((samples.shape[0], n_frames, self.window), self.compute_dtype)),
             "mel_frames")
         basis_value = windowed_dft_basis(self.window, self.compute_dtype)
         basis = wrap_nested(relax.const(basis_value, self.compute_dtype), "mel_dft_basis")
-        spectrum = nn.op.matmul(frames, basis)                 # [frames, re bins ++ im bins]
+        spectrum = nn.op.matmul(frames, basis)                 # [b, frames, re bins ++ im bins]
         power = nn.op.tensor_expr_op(self._power, "mel_power", [spectrum])
         mel = nn.op.tensor_expr_op(self._mel, "mel_project", [power, self.filters])
         return nn.op.tensor_expr_op(self._log_scale, "mel_log_scale", [mel])
@@ -122,30 +124,30 @@ class LogMel(nn.Module):
         return tirx.const(value, self.compute_dtype)
 
     def _frames(self, samples: te.Tensor) -> te.Tensor:
-        n_frames = (samples.shape[0] - self.window) // self.hop + 1
+        n_frames = (samples.shape[1] - self.window) // self.hop + 1
         return te.compute(
-            (n_frames, self.window),
-            lambda frame, t: samples[frame * self.hop + t].astype(self.compute_dtype), name="frames")
+            (samples.shape[0], n_frames, self.window),
+            lambda b, frame, t: samples[b, frame * self.hop + t].astype(self.compute_dtype), name="frames")
 
     def _power(self, spectrum: te.Tensor) -> te.Tensor:
         n_bins = self.n_bins
 
-        def power_value(frame, k):
-            re, im = spectrum[frame, k], spectrum[frame, k + n_bins]
+        def power_value(b, frame, k):
+            re, im = spectrum[b, frame, k], spectrum[b, frame, k + n_bins]
             return re * re + im * im
 
-        return te.compute((spectrum.shape[0], n_bins), power_value, name="power")
+        return te.compute((spectrum.shape[0], spectrum.shape[1], n_bins), power_value, name="power")
 
     def _mel(self, power: te.Tensor, filters: te.Tensor) -> te.Tensor:
         k = te.reduce_axis((0, self.n_bins), name="k")
         return te.compute(
-            (self.n_mels, power.shape[0]),
-            lambda m, frame: te.sum(filters[k, m].astype(self.compute_dtype) * power[frame, k], axis=k),
+            (power.shape[0], self.n_mels, power.shape[1]),
+            lambda b, m, frame: te.sum(filters[k, m].astype(self.compute_dtype) * power[b, frame, k], axis=k),
             name="mel")
 
     def _log_scale(self, mel: te.Tensor) -> te.Tensor:
-        def scaled(m, frame):
-            log_mel = tirx.log10(tirx.max(mel[m, frame], self._const(_MEL_FLOOR)))
+        def scaled(b, m, frame):
+            log_mel = tirx.log10(tirx.max(mel[b, m, frame], self._const(_MEL_FLOOR)))
             log_mel = tirx.max(log_mel, self._const(self.log_floor))
             return ((log_mel + self._const(4.0)) / self._const(4.0)).astype("float32")
 
@@ -154,7 +156,7 @@ class LogMel(nn.Module):
 
 def forward_spec() -> dict:
     """The export spec of :class:`LogMel` alone: ``model.export_tvm(spec=forward_spec())``."""
-    return {"forward": {"samples": nn.spec.Tensor(("n",), "float32")}}
+    return {"forward": {"samples": nn.spec.Tensor(("b", "n"), "float32")}}
 
 
 # ---- host-side framing ----------------------------------------------------------------------------------

@@ -69,7 +69,13 @@ class CompiledModel:
         self._view = runtime.ffi.get_global_func("runtime.TVMTensorCreateView")
         self.slots = SlotPool(max_streams)
         e, d = self.config.encoder, self.config.decoder
+        from voxc.model.graph import AUDIO_RING_ROWS
+
+        self.audio_ring_rows = AUDIO_RING_ROWS
+        self.conv0_state = runtime.zeros((max_streams, 2, e.num_mel_bins), self.dtype)
+        self.conv1_state = runtime.zeros((max_streams, 1, e.dim), self.dtype)
         self.enc_cache = runtime.zeros((e.n_layers, 2, max_streams, e.sliding_window, e.n_heads, e.head_dim), self.dtype)
+        self.audio_ring = runtime.zeros((max_streams, AUDIO_RING_ROWS, d.dim), self.dtype)
         self.dec_cache = runtime.zeros((d.n_layers, 2, max_streams, d.sliding_window, d.n_kv_heads, d.head_dim),
                                        self.dtype)
 
@@ -106,23 +112,41 @@ class CompiledModel:
         text = session.feed(audio)
         return text + session.finish()
 
-    # ---- entry points (device tensors in, device tensors out) --------------------------------
-    def mel(self, samples: np.ndarray):
-        mel = self._mel(self.rt.tensor(np.ascontiguousarray(samples, dtype=np.float32)), *self.params)
-        n_mels, frames = mel.shape
-        return self._view(mel, self.rt.ffi.Shape((1, n_mels, frames)), mel.dtype, 0)
+    # ---- entry points: host arrays in, device tensors out; state stays on the device ---------
+    def reset_slot(self, slot: int) -> None:
+        """A new stream starts from silence: zero its conv-stem context (the reference's zero padding).
 
-    def encode(self, mel, conv_states, slots, starts, stages: bool = False):
+        Its KV-cache and audio rows need no clearing: positions before the stream's start are masked.
+        """
+        for state in (self.conv0_state, self.conv1_state):
+            row_shape = tuple(state.shape[1:])
+            row = self._view(state, self.rt.ffi.Shape(row_shape), state.dtype,
+                             slot * int(np.prod(row_shape)) * np.dtype(self.dtype).itemsize)
+            self.rt.copy_into(row, np.zeros(row_shape, self.dtype))
+
+    def mel(self, windows: np.ndarray):
+        """PCM windows [b, n] (or [n]) -> log-mel [b, n_mels, frames] on the device."""
+        windows = np.ascontiguousarray(np.atleast_2d(windows), dtype=np.float32)
+        return self._mel(self.rt.tensor(windows), *self.params)
+
+    def encode(self, mel, slots, starts, stages: bool = False):
+        """Encode mel [b, n_mels, 8k] for streams ``slots`` at encoder positions ``starts``.
+
+        Returns None, or with ``stages`` (conv-stem frames, encoder output, audio embeddings).
+        """
         fn = self._encode_stages if stages else self._encode
-        out = fn(mel, conv_states[0], conv_states[1], self.enc_cache, self.rt.tensor(slots), self.rt.tensor(starts),
+        out = fn(mel, self.conv0_state, self.conv1_state, self.enc_cache, self.audio_ring,
+                 self.rt.tensor(np.asarray(slots, np.int32)), self.rt.tensor(np.asarray(starts, np.int32)),
                  *self.params)
-        self.enc_cache = out[3]
-        return out
+        self.conv0_state, self.conv1_state, self.enc_cache, self.audio_ring = out[0], out[1], out[2], out[3]
+        return (out[4], out[5], out[6]) if stages else None
 
-    def decode(self, tokens: np.ndarray, audio, audio_offsets: np.ndarray, delays: np.ndarray, slots, starts):
+    def decode(self, tokens: np.ndarray, delays, slots, starts):
+        """Decode tokens [b, n] at positions ``starts``; returns (logits [b, vocab], greedy tokens [b])."""
         logits, next_tokens, self.dec_cache = self._decode(
-            self.rt.tensor(tokens.astype(np.int32)), audio, self.rt.tensor(audio_offsets.astype(np.int32)),
-            self.rt.tensor(delays.astype(np.float32)), self.dec_cache, self.rt.tensor(slots), self.rt.tensor(starts),
+            self.rt.tensor(np.asarray(tokens, np.int32)), self.audio_ring,
+            self.rt.tensor(np.asarray(delays, np.float32)), self.dec_cache,
+            self.rt.tensor(np.asarray(slots, np.int32)), self.rt.tensor(np.asarray(starts, np.int32)),
             *self.params)
         return logits, next_tokens
 

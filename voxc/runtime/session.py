@@ -47,14 +47,11 @@ class StreamingSession:
         self.tokens: list[int] = []
 
         self.slot = model.slots.acquire()
-        rt = model.rt
+        model.reset_slot(self.slot)
         self._slots = np.array([self.slot], np.int32)
-        self._conv_states = (rt.zeros((1, cfg.encoder.num_mel_bins, 2), model.dtype),
-                             rt.zeros((1, cfg.encoder.dim, 1), model.dtype))
         self._framer = StreamingMelFramer(cfg.audio, frames_per_step=cfg.audio.mel_frames_per_token)
         self._encoder_frames = 0         # encoder positions consumed so far
-        self._audio_chunks: list[tuple[int, object, int]] = []   # (first token index, [1,k,D] tensor, k)
-        self._audio_tokens = 0           # audio embeddings produced so far
+        self._audio_tokens = 0           # audio embeddings in this stream's ring so far
         self._position = 0               # next decoder position
         self._last_token: int | None = None
         self._samples_fed = 0
@@ -69,8 +66,7 @@ class StreamingSession:
             raise VoxcError("this stream is finished; start a new one with model.stream()")
         pcm = _check_pcm(pcm)
         self._samples_fed += pcm.shape[0]
-        self._push(pcm)
-        return self._advance(final_tokens=None)
+        return self._push(pcm)
 
     def finish(self) -> str:
         """End of audio: flush the tail and return the remaining text."""
@@ -79,11 +75,13 @@ class StreamingSession:
         spt = self.samples_per_token
         to_whole_token = (-self._samples_fed) % spt
         right_pad = to_whole_token + (self.delay + 1 + RIGHT_PAD_BUFFER_TOKENS) * spt
-        self._push(np.zeros(right_pad, np.float32))
+        total_tokens = (self.left_pad_tokens * spt + self._samples_fed + right_pad) // spt
+        text = self._push(np.zeros(right_pad, np.float32), final_tokens=total_tokens)
         window = self._framer.flush()
         if window is not None:
             self._encode(window)
-        text = self._advance(final_tokens=self._audio_tokens)
+        assert self._audio_tokens == total_tokens
+        text += self._advance(final_tokens=total_tokens)
         self.finished = True
         self.model.slots.release(self.slot)
         return text + self.text.flush()
@@ -93,24 +91,27 @@ class StreamingSession:
             self.model.slots.release(self.slot)
 
     # ---- audio side -------------------------------------------------------------------------
-    def _push(self, pcm: np.ndarray):
+    def _push(self, pcm: np.ndarray, final_tokens: int | None = None):
+        """Frame, encode and decode ``pcm`` in pieces, so the encoder never runs further ahead of the
+        decoder than the audio ring holds."""
         step = MAX_TOKENS_PER_ENCODE * self.samples_per_token
+        out = []
         for begin in range(0, pcm.shape[0], step):
             window = self._framer.push(pcm[begin:begin + step])
             if window is not None:
                 self._encode(window)
+                out.append(self._advance(final_tokens))
+        return "".join(out)
 
     def _encode(self, window: np.ndarray):
         model = self.model
         mel = model.mel(window)
         frames = mel.shape[2] // self.audio_cfg.conv_stride
-        starts = np.array([self._encoder_frames], np.int32)
-        audio, conv0, conv1, _ = model.encode(mel, self._conv_states, self._slots, starts)
-        self._conv_states = (conv0, conv1)
+        model.encode(mel, self._slots, np.array([self._encoder_frames], np.int32))
         self._encoder_frames += frames
-        count = audio.shape[1]
-        self._audio_chunks.append((self._audio_tokens, audio, count))
-        self._audio_tokens += count
+        self._audio_tokens += frames // self.audio_cfg.downsample_factor
+        if self._audio_tokens - self._position > self.model.audio_ring_rows:
+            raise AssertionError("encoder ran past the audio ring; MAX_TOKENS_PER_ENCODE is too large")
 
     # ---- text side --------------------------------------------------------------------------
     def _advance(self, final_tokens: int | None) -> str:
@@ -121,18 +122,17 @@ class StreamingSession:
         """
         out = []
         prompt_len = len(self.prompt)
-        limit = self._audio_tokens if final_tokens is None else final_tokens - 1
+        limit = self._audio_tokens if final_tokens is None else min(self._audio_tokens, final_tokens - 1)
         while not self._ended and self._position < limit:
-            first, audio, count = self._chunk_for(self._position)
             p = self._position
             if p < prompt_len:
-                run = min(prompt_len, first + count, limit) - p
+                run = min(prompt_len, limit) - p
                 tokens = self.prompt[p:p + run]
             else:
                 run, tokens = 1, [self._last_token]
             logits, next_token = self.model.decode(
-                np.array([tokens], np.int32), audio, np.array([p - first], np.int32),
-                np.array([self.delay], np.float32), self._slots, np.array([p], np.int32))
+                np.array([tokens], np.int32), np.array([self.delay], np.float32), self._slots,
+                np.array([p], np.int32))
             self._position += run
             if self._position < prompt_len:
                 continue
@@ -145,14 +145,7 @@ class StreamingSession:
                 self._ended = True
                 break
             out.append(self.text.push(token))
-        self._audio_chunks = [c for c in self._audio_chunks if c[0] + c[2] > self._position]
         return "".join(out)
-
-    def _chunk_for(self, position: int):
-        for chunk in self._audio_chunks:
-            if chunk[0] <= position < chunk[0] + chunk[2]:
-                return chunk
-        raise AssertionError(f"no audio embedding for position {position}")
 
 
 def _check_pcm(pcm) -> np.ndarray:

@@ -124,8 +124,13 @@ class Runtime:
     def tensor(self, array: np.ndarray):
         array = np.ascontiguousarray(array)
         out = self.empty(array.shape, _dtype_name(array.dtype))
-        self._from_bytes(out, array.ctypes.data_as(ctypes.c_void_p), array.nbytes)
+        self.copy_into(out, array)
         return out
+
+    def copy_into(self, tensor, array: np.ndarray) -> None:
+        """Host -> device copy into an existing tensor (or view) of the same size."""
+        array = np.ascontiguousarray(array)
+        self._from_bytes(tensor, array.ctypes.data_as(ctypes.c_void_p), array.nbytes)
 
     def zeros(self, shape, dtype: str):
         return self.tensor(np.zeros(shape, dtype=_numpy_dtype(dtype)))
