@@ -33,7 +33,8 @@ def build_manifest_only(cfg, target, out_dir: Path, *, left_pad_tokens: int = 32
 
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
-    mod, params = vb.export_graph(cfg, target)
+    export = getattr(target, "export_graph", None)
+    mod, params = export(cfg) if export else vb.export_graph(cfg, target)
     executable = target.compile(mod)
     out_dir.mkdir(parents=True, exist_ok=True)
     library = target.export(executable, out_dir)
@@ -112,24 +113,96 @@ def build_tiny_pair(out_root: Path, target=None) -> tuple[Path, Path]:
     ckpt = make_tiny(out_root / "tiny_ckpt")
     cuda_dir = out_root / "tiny_cuda"
     llvm_dir = out_root / "tiny_llvm"
-    if target is None:
-        build(ckpt, "cuda", cuda_dir, progress=False)
-    else:  # a CudaTarget variant: same steps as voxc.build.build, with this target object
-        import targets as t
+    import targets as t
+    from voxc import build as vb
 
-        original = t.get_target
-        t.get_target = lambda name: target if name == "cuda" else original(name)
-        try:
-            build(ckpt, "cuda", cuda_dir, progress=False)
-        finally:
-            t.get_target = original
+    # voxc.build.build with two changes: this target object, and the target's own graph export
+    # (targets/cuda.py adds static-shape entry points; voxc.build has no hook for it yet)
+    original_target, original_export = t.get_target, vb.export_graph
+    if target is not None:
+        t.get_target = lambda name: target if name == "cuda" else original_target(name)
+    vb.export_graph = lambda cfg, tgt: tgt.export_graph(cfg) if hasattr(tgt, "export_graph") \
+        else original_export(cfg, tgt)
+    try:
+        build(ckpt, "cuda", cuda_dir, progress=False)
+    finally:
+        t.get_target, vb.export_graph = original_target, original_export
     build(ckpt, "llvm", llvm_dir, progress=False)
     return cuda_dir, llvm_dir
 
 
+# Attention-only modules at the full model's shapes: (name, heads, kv heads, head dim, window, layers)
+ATTENTION_CASES = (("dec", 32, 8, 128, 8192, 3), ("enc", 32, 32, 64, 750, 2))
+
+
+def build_attention_modules(target, out_path: Path) -> Path:
+    """One library with ``dec``/``enc`` functions: (q, k, v, cache, slots, starts) -> ring attention of
+    the last layer, through targets/cuda.py's kernel swap (bench/device/tiny_check.py checks it)."""
+    from tvm.relax.frontend import nn
+    from tvm.relax.frontend.nn import op, spec
+    from tvm import tirx
+
+    from schedules.ring_attention import ring_attention_func
+
+    class Attention(nn.Module):
+        def __init__(self, heads, kv_heads, head_dim, window, layers):
+            self.args = (heads, kv_heads, head_dim, window)
+            self.layers = layers
+
+        def forward(self, q, k, v, cache, slots, starts):
+            b, n, heads, head_dim = q.shape
+            return op.tensor_ir_op(
+                ring_attention_func(*self.args, "float32"), "ring_attention",
+                args=[q, k, v, cache, slots, starts, tirx.IntImm("int64", self.layers - 1)],
+                out=nn.Tensor.placeholder((b, n, heads, head_dim), "float32"))
+
+    import tvm
+
+    merged = None
+    for name, heads, kv_heads, head_dim, window, layers in ATTENTION_CASES:
+        module = Attention(heads, kv_heads, head_dim, window, layers)
+        mod, _ = module.export_tvm(spec={"forward": {
+            "q": spec.Tensor(["b", "n", heads, head_dim], "float32"),
+            "k": spec.Tensor(["b", "n", kv_heads, head_dim], "float32"),
+            "v": spec.Tensor(["b", "n", kv_heads, head_dim], "float32"),
+            "cache": spec.Tensor([layers, 2, "s", window, kv_heads, head_dim], "float32"),
+            "slots": spec.Tensor(["b"], "int32"), "starts": spec.Tensor(["b"], "int32")}})
+        merged = _merge(merged if merged is not None else tvm.IRModule(), mod, name)
+    ex = target.compile(merged)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    ex.export_library(str(out_path))
+    return out_path
+
+
+def _merge(a, b, name):
+    """``a`` plus ``b``'s functions, ``b``'s ``forward`` renamed ``name`` and its PrimFuncs suffixed."""
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class _M(PyExprMutator):
+        def __init__(self, mod):
+            super().__init__(mod)
+            self.renamed = {}
+
+        def visit_global_var_(self, op):
+            return self.renamed.get(op, op)
+
+        def run(self):
+            for gv, func in b.functions_items():
+                if not isinstance(func, relax.Function):
+                    self.renamed[gv] = self.builder_.add_func(func, f"{gv.name_hint}_{name}")
+            for gv, func in b.functions_items():
+                if isinstance(func, relax.Function):
+                    self.builder_.add_func(self.visit_expr(func).with_attr("global_symbol", name), name)
+            return self.builder_.get()
+
+    return _M(a).run()
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=["full", "tiny"])
+    ap.add_argument("what", choices=["full", "tiny", "attn"])
     ap.add_argument("out")
     ap.add_argument("--cuda-graph", action="store_true")
     ap.add_argument("--archs", default=None, help="comma list, e.g. sm_90 (default: targets.cuda.DEFAULT_ARCHS)")
@@ -145,6 +218,8 @@ def main(argv=None):
     t0 = time.perf_counter()
     if args.what == "full":
         out = build_manifest_only(ModelConfig(), target, Path(args.out))
+    elif args.what == "attn":
+        out = build_attention_modules(target, Path(args.out))
     else:
         out = build_tiny_pair(Path(args.out), target if target is not TARGET else None)
     print(f"built {out} in {time.perf_counter() - t0:.1f}s")

@@ -141,7 +141,7 @@ def cuda_kernel_layout(n_heads: int, n_kv_heads: int, head_dim: int, window: int
     bdx = head_dim // vec
     bdy = group
     bdz = max(1, threads // (bdx * bdy))
-    tile = 2 if group == 1 else 1
+    tile = max(1, 16 // (bdz * bdy))   # >= 16 keys (2 x 8 KB of K/V at D=128) in flight per block and step
     n_splits = max(1, min(max_splits, -(-window // keys_per_split)))
     return dict(group=group, vec=vec, bdx=bdx, bdy=bdy, bdz=bdz, tile=tile, n_splits=n_splits)
 

@@ -1,0 +1,102 @@
+"""Shared set-up of the scripts that run on the GPU machine (see bench/device/pack.sh).
+
+They run voxc with TVM's RUNTIME only: ``.devpack/tvm_runtime/tvm/lib`` holds libtvm_runtime*.so
+(no libtvm_compiler.so, no tvm Python package), tvm_ffi comes from the carried cp312 wheel, and
+voxc's sources are the snapshot the artifacts were built from (``.devpack/src``), so an artifact
+and the runtime code that drives it always match even while the checkout moves on.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import types
+from pathlib import Path
+
+PACK = Path(os.environ.get("VOXC_DEVPACK", Path(__file__).resolve().parents[2] / ".devpack"))
+
+
+def setup(block_compiler: bool = True) -> Path:
+    """sys.path -> the voxc snapshot; the runtime libraries; no TVM compiler importable."""
+    src = PACK / "src"
+    if src.exists() and str(src) not in sys.path:
+        sys.path.insert(0, str(src))
+    lib = PACK / "tvm_runtime" / "tvm" / "lib"
+    if lib.exists():
+        os.environ.setdefault("VOXC_TVM_LIB_DIR", str(lib))
+    if os.environ.get("VOXC_HIDE_TVM") == "1":   # local rehearsal: act as if only the runtime were installed
+        _hide_tvm()
+    if block_compiler:
+        _shim_tvm()
+    return PACK
+
+
+def _hide_tvm() -> None:
+    import importlib.abc
+
+    class _Hide(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "tvm" or name.startswith("tvm."):
+                raise ModuleNotFoundError(f"No module named {name!r} (hidden: runtime-only rehearsal)")
+            return None
+
+    sys.meta_path.insert(0, _Hide())
+
+
+def _shim_tvm() -> None:
+    """voxc.model.mel (imported by the streaming session for its host-side framer) imports tvm's
+    compiler API at module level. With the runtime alone that import fails, so stand in empty
+    modules for the names it touches at import time; nothing of them is ever called here."""
+    try:
+        import tvm  # noqa: F401
+        raise RuntimeError("the tvm compiler package is importable here; the runtime-only check needs it absent")
+    except ImportError:
+        pass
+
+    class _Anything(types.ModuleType):
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return _Anything(f"{self.__name__}.{name}")
+
+    class _Module:  # nn.Module stand-in (a base class at import time)
+        pass
+
+    names = ["tvm", "tvm.relax", "tvm.te", "tvm.tirx", "tvm.relax.frontend", "tvm.relax.frontend.nn",
+             "tvm.relax.frontend.nn.core", "tvm.relax.frontend.nn.op", "tvm.relax.frontend.nn.spec"]
+    for name in names:
+        sys.modules[name] = _Anything(name)
+    sys.modules["tvm.relax.frontend.nn"].Module = _Module
+    sys.modules["tvm"].__voxc_shim__ = True
+
+
+class Report:
+    """Collects results; prints each line as it comes and writes JSON to $OUT at the end."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.data: dict = {"script": name, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.t0 = time.perf_counter()
+
+    def __setitem__(self, key, value):
+        self.data[key] = value
+        print(f"[{time.perf_counter() - self.t0:7.1f}s] {key}: {json.dumps(value, default=str)}", flush=True)
+
+    def __getitem__(self, key):
+        return self.data[key]
+
+    def save(self):
+        out = os.environ.get("OUT")
+        if out:
+            Path(out, f"{self.name}.json").write_text(json.dumps(self.data, indent=1, default=str))
+        return self.data
+
+
+def gpu_name() -> str:
+    try:
+        import subprocess
+        return subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20).stdout.strip()
+    except Exception as exc:  # noqa: BLE001
+        return f"unknown ({exc})"

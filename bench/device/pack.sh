@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Assemble .devpack/, what travels to the GPU machine with `run(carry=[".devpack"])` (64 MiB a call):
+#   src/                voxc, targets, schedules as committed (git archive HEAD): the code the artifacts
+#                       were built from, so the device never runs newer runtime code against them
+#   artifacts/          tiny_cuda, tiny_cuda_graph, tiny_llvm (one tiny checkpoint), full_cuda and
+#                       full_cuda_graph (ModelConfig() defaults, manifest + model.so, NO weights),
+#                       attn_cuda.so (ring attention at the full model's shapes)
+#   tvm_runtime.tar.gz  tvm/lib/libtvm_runtime{,_extra,_cuda}.so: TVM's runtime without its compiler
+#   wheels/             cp312 wheels the device lacks: apache-tvm-ffi 0.1.14.post1, mistral-common + deps
+# Usage: bash bench/device/pack.sh [--quick]   (--quick: sm_90 only, no full-size builds)
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+PACK="$ROOT/.devpack"
+PY="${PYTHON:-$ROOT/.venv/bin/python}"
+QUICK=${1:-}
+grep -qx '/.devpack/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.devpack/' >> "$ROOT/.git/info/exclude"
+
+rm -rf "$PACK" && mkdir -p "$PACK/src" "$PACK/artifacts" "$PACK/wheels"
+git -C "$ROOT" archive HEAD voxc targets schedules bench pyproject.toml | tar -x -C "$PACK/src"
+SRC="$PACK/src"
+ARCHS=""
+[ "$QUICK" = "--quick" ] && ARCHS="--archs sm_90"
+
+cd "$SRC"
+export PYTHONPATH="$SRC"
+"$PY" bench/cuda_build.py tiny "$PACK/artifacts" $ARCHS
+mkdir -p "$PACK/tmp" && "$PY" bench/cuda_build.py tiny "$PACK/tmp" --cuda-graph --archs sm_90
+mv "$PACK/tmp/tiny_cuda" "$PACK/artifacts/tiny_cuda_graph" && rm -rf "$PACK/tmp" "$PACK/artifacts/tiny_ckpt"
+"$PY" bench/cuda_build.py attn "$PACK/artifacts/attn_cuda.so" --archs sm_90
+if [ "$QUICK" != "--quick" ]; then
+  "$PY" bench/cuda_build.py full "$PACK/artifacts/full_cuda"
+  "$PY" bench/cuda_build.py full "$PACK/artifacts/full_cuda_graph" --cuda-graph --archs sm_90
+fi
+
+# TVM runtime only: the three runtime libraries of the installed apache-tvm wheel
+TVM_LIB=$("$PY" -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('tvm').origin).parent / 'lib')")
+STAGE=$(mktemp -d) && mkdir -p "$STAGE/tvm/lib"
+cp "$TVM_LIB"/libtvm_runtime.so "$TVM_LIB"/libtvm_runtime_extra.so "$TVM_LIB"/libtvm_runtime_cuda.so "$STAGE/tvm/lib/"
+tar -C "$STAGE" -czf "$PACK/tvm_runtime.tar.gz" tvm && rm -rf "$STAGE"
+
+WHEELS="${VOXC_WHEEL_CACHE:-$HOME/.cache/voxc/wheels-cp312}"
+mkdir -p "$WHEELS"
+if [ -z "$(ls "$WHEELS"/*.whl 2>/dev/null)" ]; then
+  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$WHEELS" \
+    apache-tvm-ffi==0.1.14.post1 mistral_common==1.13.1 pydantic==2.14.4 pydantic_core==2.50.5 \
+    pydantic-extra-types==2.11.1 pycountry==26.2.16 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 \
+    referencing==0.37.0 rpds-py==2026.9.1 annotated-types==0.8.0 typing-inspection==0.4.5
+fi
+cp "$WHEELS"/*.whl "$PACK/wheels/"
+
+echo "== .devpack sizes"
+du -sh "$PACK"/* "$PACK"/artifacts/* | sed "s#$PACK/##"
+du -sh "$PACK"
