@@ -57,6 +57,7 @@ def build_manifest_only(cfg, target, out_dir: Path, *, left_pad_tokens: int = 32
         "default_delay_ms": delay_ms,
         "quantization": None,
         "build_seconds": round(time.perf_counter() - t0, 1),
+        "kernel_calls": kernel_census(executable, getattr(sys.modules.get("targets.cuda"), "LAST_CUDA_SOURCE", None)),
         "cuda": {"arch": getattr(target, "arch", None), "archs": list(getattr(target, "archs", ())),
                  "cuda_graph": bool(getattr(target, "cuda_graph", False))},
     }
@@ -64,43 +65,117 @@ def build_manifest_only(cfg, target, out_dir: Path, *, left_pad_tokens: int = 32
     return out_dir
 
 
-def fill_random_weights(artifact_dir: Path, *, seed: int = 0, std: float = 0.02) -> float:
-    """Write random shards for a weight-less artifact (norm gains 1, mel filters the real bank if
-    given). Random N(0, std) weights keep activations finite through 58 layers. Returns GB written."""
+def kernel_census(executable, cuda_source: str | None, entries=("decode", "decode_b1n1", "encode", "mel")) -> dict:
+    """Per entry point: VM calls of compiled functions, CUDA kernel launches they make outside CUDA
+    graphs, graph replays, and kernels inside the captured graphs (read from the VM's bytecode text
+    and the generated CUDA source)."""
+    import re
+    from collections import Counter
+
+    kernels = Counter()
+    for name in re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+?)_kernel(?:_\d+)?\(", cuda_source or ""):
+        kernels[name] += 1
+    kernels = {k: v // 2 if v % 2 == 0 else v for k, v in kernels.items()}   # declaration + definition
+    text = executable.as_text()
+    sections, current = {}, None
+    for line in text.splitlines():
+        m = re.match(r"^@(\w+):", line)
+        if m:
+            current = sections.setdefault(m.group(1), [])
+        elif current is not None and line.strip().startswith("call"):
+            current.append(line.split()[1])
+    out = {}
+    for entry in entries:
+        if entry not in sections:
+            continue
+        calls = [c for c in sections[entry] if not c.startswith("vm.builtin") and c not in sections]
+        captured = [c for c in sections[entry] if c == "vm.builtin.cuda_graph.run_or_capture"]
+        inside = sum(kernels.get(c, 0) for sec, lines in sections.items()
+                     if sec.startswith(f"{entry}_cuda_graph_capture") for c in lines)
+        out[entry] = {"vm_instructions": len(sections[entry]), "function_calls": len(calls),
+                      "kernel_launches": sum(kernels.get(c, 0) for c in calls),
+                      "graph_replays": len(captured), "kernels_in_graphs": inside}
+    return out
+
+
+def fill_random_weights(artifact_dir: Path, *, seed: int = 0, std: float = 0.02, shard_dir: Path | None = None) -> float:
+    """Write random shards for a weight-less artifact and list them in its manifest; returns GB.
+
+    Values are windows of one N(0, std) pool (norm gains 1, mel filters positive): timing does not
+    depend on them, and drawing 4.4 G independent normals would cost the device a minute.
+    ``shard_dir``: write the shards there and symlink them into the artifact (shared by variants)."""
     from safetensors.numpy import save_file
 
     artifact_dir = Path(artifact_dir)
+    shard_dir = Path(shard_dir) if shard_dir else artifact_dir
+    shard_dir.mkdir(parents=True, exist_ok=True)
     manifest = json.loads((artifact_dir / MANIFEST).read_text())
     rng = np.random.default_rng(seed)
+    pool = (std * rng.standard_normal(1 << 26, dtype=np.float32))
     shards, current, size, total = [], {}, 0, 0
 
     def flush():
         nonlocal current, size
         if current:
             name = f"weights-{len(shards):05d}.safetensors"
-            save_file(current, str(artifact_dir / name))
+            save_file(current, str(shard_dir / name))
             shards.append(name)
             current, size = {}, 0
 
     for p in manifest["params"]:
         dtype = np.dtype(p["dtype"])
         shape = tuple(p["shape"])
+        count = int(np.prod(shape))
         if p["name"].endswith("norm.weight"):
             array = np.ones(shape, dtype)
-        elif p["name"] == "mel_frontend.filters":
-            array = np.abs(rng.standard_normal(shape, dtype=np.float32)) * 0.01
         else:
-            array = (std * rng.standard_normal(shape, dtype=np.float32)).astype(dtype)
+            offset = int(rng.integers(0, pool.size))
+            flat = np.resize(np.roll(pool, -offset)[: min(count, pool.size)], count)
+            array = flat.reshape(shape).astype(dtype, copy=False)
+            if p["name"] == "mel_frontend.filters":
+                array = np.abs(array)
         if size + array.nbytes > SHARD_BYTES:
             flush()
-        current[p["name"]] = array
+        current[p["name"]] = np.ascontiguousarray(array)
         size += array.nbytes
         total += array.nbytes
     flush()
-    manifest["weights"] = shards
+    _link_shards(artifact_dir, shard_dir, shards, manifest, seed)
+    return total / 1e9
+
+
+def _link_shards(artifact_dir: Path, shard_dir: Path, shards, manifest, seed):
+    if shard_dir != artifact_dir:
+        for name in shards:
+            link = artifact_dir / name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(shard_dir / name)
+    manifest["weights"] = list(shards)
     manifest["weights_random_seed"] = seed
     (artifact_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    return total / 1e9
+
+
+def ensure_weights(artifact_dir: Path, cache_root: Path = Path("/tmp/voxc_random_weights")) -> tuple[float, float]:
+    """Random weights for a weight-less artifact, written once per parameter list and shared by every
+    artifact of that list (full_cuda, full_cuda_graph). Returns (GB, seconds spent writing)."""
+    import hashlib
+
+    artifact_dir = Path(artifact_dir)
+    manifest = json.loads((artifact_dir / MANIFEST).read_text())
+    key = hashlib.sha1(json.dumps(manifest["params"]).encode()).hexdigest()[:12]
+    shard_dir = cache_root / key
+    gb = sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize for p in manifest["params"]) / 1e9
+    t0 = time.perf_counter()
+    done = shard_dir / "shards.json"
+    if done.exists():
+        _link_shards(artifact_dir, shard_dir, json.loads(done.read_text()), manifest, 0)
+    elif manifest["weights"] and all((artifact_dir / s).exists() for s in manifest["weights"]):
+        pass
+    else:
+        fill_random_weights(artifact_dir, shard_dir=shard_dir)
+        done.write_text(json.dumps(json.loads((artifact_dir / MANIFEST).read_text())["weights"]))
+    return gb, time.perf_counter() - t0
 
 
 def build_tiny_pair(out_root: Path, target=None) -> tuple[Path, Path]:

@@ -45,30 +45,59 @@ def _hide_tvm() -> None:
 
 
 def _shim_tvm() -> None:
-    """voxc.model.mel (imported by the streaming session for its host-side framer) imports tvm's
-    compiler API at module level. With the runtime alone that import fails, so stand in empty
-    modules for the names it touches at import time; nothing of them is ever called here."""
+    """voxc's runtime modules import compiler-side modules (voxc.model.mel for the host-side mel framer,
+    voxc.model.graph for a constant), which import tvm's compiler API at module level. With the runtime
+    alone those imports fail, so any ``tvm.*`` import gets a stub module whose attributes are stub
+    classes (subclassable, callable); nothing of them is ever run. Reported to the lead: the runtime
+    should not import graph code."""
     try:
         import tvm  # noqa: F401
-        raise RuntimeError("the tvm compiler package is importable here; the runtime-only check needs it absent")
+        if not getattr(tvm, "__voxc_shim__", False):
+            raise RuntimeError("the tvm compiler package is importable here; the runtime-only check needs it absent")
+        return
     except ImportError:
         pass
+    import importlib.abc
+    import importlib.machinery
 
-    class _Anything(types.ModuleType):
+    class _StubMeta(type):
+        def __getattr__(cls, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            return _StubMeta(name, (_Stub,), {})
+
+        def __call__(cls, *args, **kwargs):
+            return cls
+
+        def __getitem__(cls, item):
+            return cls
+
+    class _Stub(metaclass=_StubMeta):
+        pass
+
+    class _StubModule(types.ModuleType):
         def __getattr__(self, name):
             if name.startswith("__"):
                 raise AttributeError(name)
-            return _Anything(f"{self.__name__}.{name}")
+            full = f"{self.__name__}.{name}"
+            return sys.modules.get(full) or _StubMeta(name, (_Stub,), {})
 
-    class _Module:  # nn.Module stand-in (a base class at import time)
-        pass
+    class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+        def find_spec(self, name, path=None, target=None):
+            if name == "tvm" or name.startswith("tvm."):
+                return importlib.machinery.ModuleSpec(name, self, is_package=True)
+            return None
 
-    names = ["tvm", "tvm.relax", "tvm.te", "tvm.tirx", "tvm.relax.frontend", "tvm.relax.frontend.nn",
-             "tvm.relax.frontend.nn.core", "tvm.relax.frontend.nn.op", "tvm.relax.frontend.nn.spec"]
-    for name in names:
-        sys.modules[name] = _Anything(name)
-    sys.modules["tvm.relax.frontend.nn"].Module = _Module
-    sys.modules["tvm"].__voxc_shim__ = True
+        def create_module(self, spec):
+            module = _StubModule(spec.name)
+            module.__path__ = []
+            module.__voxc_shim__ = True
+            return module
+
+        def exec_module(self, module):
+            pass
+
+    sys.meta_path.insert(0, _Finder())
 
 
 class Report:

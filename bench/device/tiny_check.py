@@ -107,7 +107,7 @@ def attention_checks(report, rt):
     cases = [  # name, heads, kv, d, window, layers, n, starts
         ("dec", 32, 8, 128, 8192, 3, 1, [0, 5, 700, 8191, 8192, 20000]),
         ("dec", 32, 8, 128, 8192, 3, 7, [0, 3, 9000]),
-        ("enc", 32, 32, 64, 750, 2, 128, [0, 700, 751, 5000]),
+        ("enc", 32, 32, 64, 750, 2, 128, [700, 5000]),
         ("enc", 32, 32, 64, 750, 2, 4, [0, 1, 749, 1234]),
     ]
     for name, heads, kv, d, window, layers, n, starts in cases:
@@ -135,8 +135,8 @@ def main():
     report["gpu"] = common.gpu_name()
     import tvm_ffi
     report["tvm_ffi"] = tvm_ffi.__version__
-    report["tvm_compiler_importable"] = "no (runtime only)" if getattr(sys.modules.get("tvm"), "__voxc_shim__", False) \
-        else "yes"
+    import tvm  # the shim, or the real compiler if it were installed
+    report["tvm_compiler_importable"] = "no (runtime only)" if getattr(tvm, "__voxc_shim__", False) else "yes"
     audio = test_audio()
     t = time.perf_counter()
     llvm = CompiledModel.load(ART / "tiny_llvm")
@@ -157,8 +157,10 @@ def main():
         if use_static_decode(model):
             compare(report, f"{variant}_static_decode_b1n1", ref, run_session(model, audio))
             compare(report, f"{variant}_static_decode_b1n1_again", ref, run_session(model, audio, chunk=1280))
-    rt = llvm.rt.__class__("cuda")
-    attention_checks(report, rt)
+    try:
+        attention_checks(report, llvm.rt.__class__("cuda"))
+    except Exception as exc:  # noqa: BLE001
+        check(report, "attention", False, {"error": repr(exc)[:500]})
     report["failures"] = failures
     report.save()
     print("TINY CHECK", "FAILED: " + ", ".join(failures) if failures else "PASSED", flush=True)
