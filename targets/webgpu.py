@@ -19,7 +19,7 @@ every export re-runs LLVM code generation on 16 MB of runtime bitcode plus binar
 on 2 cores).  voxc instead compiles the runtime once to wasm *object files* and links those; the
 default link (``optimize=False``) skips binaryen and takes about one second (6.6 MB wasm with
 function names, useful in browser stack traces); ``optimize=True`` runs binaryen -O2 (3.9 MB,
-about 40 s) for published bundles.  Both use create_tvmjs_wasm's flags otherwise.  TVM's own
+30-40 s) for published bundles.  Both use create_tvmjs_wasm's flags otherwise.  TVM's own
 exporter can't take the objects: it looks runtime files up by their ``.bc`` names.
 
 Numerics: float32 by default.  Chrome on Linux/NVIDIA and SwiftShader (the headless test browser)
@@ -30,6 +30,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -99,8 +100,13 @@ class WebGPUTarget(TargetSpec):
 TARGET = WebGPUTarget()
 
 
-def webgpu_target(max_workgroup_size: int = WEBGPU_DEFAULT_MAX_WORKGROUP, supports_subgroups: bool = False):
-    """WebGPU device target with a wasm32 host.  Workgroups above 256 invocations need a device
+WASM_HOST = {"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"}
+
+
+def webgpu_target(max_workgroup_size: int = WEBGPU_DEFAULT_MAX_WORKGROUP, supports_subgroups: bool = False,
+                  host: dict | None = None):
+    """WebGPU device target, wasm32 host by default (a native ``host`` is for running the WGSL
+    outside a browser, see targets/vulkan.py).  Workgroups above 256 invocations need a device
     that grants more (voxc.js checks the adapter), so larger values are for known GPUs only."""
     import tvm
 
@@ -108,15 +114,15 @@ def webgpu_target(max_workgroup_size: int = WEBGPU_DEFAULT_MAX_WORKGROUP, suppor
         raise VoxcError(f"max_workgroup_size must be a power of two >= 32, got {max_workgroup_size}")
     return tvm.target.Target(
         {"kind": "webgpu", "max_num_threads": int(max_workgroup_size), "supports_subgroups": bool(supports_subgroups)},
-        host={"kind": "llvm", "mtriple": "wasm32-unknown-unknown-wasm"})
+        host=host or WASM_HOST)
 
 
 def compile_for_webgpu(mod, *, max_workgroup_size: int = WEBGPU_DEFAULT_MAX_WORKGROUP,
-                       supports_subgroups: bool = False, relax_pipeline="default"):
+                       supports_subgroups: bool = False, host: dict | None = None, relax_pipeline="default"):
     """Relax IRModule -> VM executable with WGSL kernels (TVM's GPU pipeline: legalize, fuse, dlight)."""
     import tvm
 
-    target = webgpu_target(max_workgroup_size, supports_subgroups)
+    target = webgpu_target(max_workgroup_size, supports_subgroups, host)
     with target:
         return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline)
 
@@ -166,6 +172,7 @@ def emcc_env() -> dict[str, str]:
     return env
 
 
+@functools.lru_cache(maxsize=None)  # ~1 s per call (Debian's emcc is a Python wrapper)
 def emcc_version() -> str:
     out = subprocess.run([find_emcc(), "--version"], capture_output=True, text=True, env=emcc_env())
     if out.returncode != 0:
@@ -178,7 +185,7 @@ def _run(cmd, *, cwd=None, env=None, what: str) -> str:
     if proc.returncode != 0:
         tail = (proc.stdout + proc.stderr)[-6000:]
         raise VoxcError(f"{what} failed (exit {proc.returncode}):\n$ {' '.join(map(str, cmd))}\n{tail}")
-    return proc.stdout + proc.stderr
+    return proc.stdout
 
 
 class _Progress:
@@ -212,10 +219,10 @@ class _Progress:
         self.bar.close()
 
 
-def _tree_hash(paths) -> str:
+def _headers_hash() -> str:
     h = hashlib.sha256()
-    for p in sorted(paths):
-        h.update(str(p.relative_to(HEADERS_DIR)).encode() if p.is_relative_to(HEADERS_DIR) else p.name.encode())
+    for p in sorted(HEADERS_DIR.rglob("*.h")):
+        h.update(p.relative_to(HEADERS_DIR).as_posix().encode())
         h.update(p.read_bytes())
     return h.hexdigest()
 
@@ -250,10 +257,8 @@ def _publish(tmp: Path, final: Path) -> None:
 
 # ---- C++ web runtime -------------------------------------------------------------------------------
 def runtime_key() -> str:
-    headers = [p for p in HEADERS_DIR.rglob("*.h")]
-    ident = json.dumps({**_versions(), "emcc": emcc_version(), "cxx": _CXX_FLAGS, "headers": _tree_hash(headers)},
-                       sort_keys=True)
     v = _versions()
+    ident = json.dumps({**v, "emcc": emcc_version(), "cxx": _CXX_FLAGS, "headers": _headers_hash()}, sort_keys=True)
     return f"tvm{v['tvm']}-ffi{v['tvm_ffi']}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
 
 
@@ -263,8 +268,8 @@ def ensure_web_runtime(cache_dir: str | Path | None = None, *, bitcode: bool = F
     ``*.bc`` files ``tvm.support.emcc.create_tvmjs_wasm`` expects under ``$TVM_HOME``.
 
     Cached under ``<cache_dir or ~/.cache/voxc>/web-runtime/<key>``, the key covering the tvm and
-    tvm-ffi versions, emcc's version, the compile flags and voxc's headers.  About 75 s per kind of
-    output on an idle 2-core machine (the two kinds build in parallel).
+    tvm-ffi versions, emcc's version, the compile flags and voxc's headers.  About 85 s for the
+    objects on 2 cores (wasm_runtime.cc is one big translation unit), as much again for bitcode.
     """
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     emcc = find_emcc()
@@ -285,7 +290,7 @@ def ensure_web_runtime(cache_dir: str | Path | None = None, *, bitcode: bool = F
     try:
         (tmp / "web" / "dist" / "wasm").mkdir(parents=True, exist_ok=True)
         jobs = [w for w in wanted if not (tmp / "web" / "dist" / "wasm" / w).exists()]
-        bar.step("compiling " + ", ".join(jobs) + " (about 75 s each on 2 cores)")
+        bar.step("compiling " + ", ".join(jobs) + " (wasm_runtime takes 1.5-2 min)")
 
         def build(out_name: str) -> None:
             t0 = time.perf_counter()
@@ -484,7 +489,7 @@ def _tvmjs_from_npm(cache: Path, progress: bool) -> Path:
     tmp.mkdir(parents=True)
     try:
         out = _run([npm, "pack", TVMJS_NPM_PACKAGE, "--pack-destination", tmp, "--json"], cwd=tmp, what="npm pack")
-        tgz = tmp / json.loads(out[out.index("["):])[0]["filename"]
+        tgz = tmp / json.loads(out)[0]["filename"]
         with tarfile.open(tgz) as tf:
             member = tf.getmember("package/lib/index.js")
             (tmp / "lib").mkdir()
