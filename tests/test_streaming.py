@@ -91,6 +91,31 @@ def test_concurrent_sessions_are_independent(small_windows):
     assert sa.tokens == ref_a.tolist() and sb.tokens == ref_b.tolist()
 
 
+def test_batched_advance_equals_separate_streams(small_windows):
+    """A server's path: chunks of several streams queued, then one batched encode/decode per tick."""
+    from voxc.runtime.session import advance
+
+    model, _ = small_windows
+    audios = [sine_with_noise(seconds=s, freq=f, seed=i) for i, (s, f) in enumerate([(2.0, 300), (3.1, 700), (1.3, 450)])]
+    references = [stream(model, a, [len(a)]) for a in audios]
+    sessions = [model.stream() for _ in audios]
+    for s in sessions:
+        s.record_logits = True
+    tick = 1280
+    for begin in range(0, max(len(a) for a in audios), tick):
+        for s, a in zip(sessions, audios):
+            if begin < len(a):
+                s.queue(a[begin:begin + tick])
+        advance(sessions)
+    for s in sessions:
+        s.end()
+    advance(sessions)
+    for s, (ref_tokens, ref_logits, _) in zip(sessions, references):
+        assert s.tokens == ref_tokens.tolist()
+        assert np.abs(np.array(s.logits) - ref_logits).max() <= 1e-5 * np.abs(ref_logits).max()
+        s.finish()
+
+
 def test_bad_use_is_refused_clearly(small_windows):
     model, _ = small_windows
     session = model.stream()

@@ -1,4 +1,4 @@
-"""One realtime transcription stream: PCM chunks in, text deltas out.
+"""Realtime transcription streams: PCM chunks in, text deltas out, many streams batched together.
 
 The same session serves offline transcription (all audio in one ``feed``), so there is one
 pipeline, and it reproduces the reference's offline layout exactly:
@@ -10,11 +10,18 @@ pipeline, and it reproduces the reference's offline layout exactly:
 * ``finish()`` pads the audio to a whole token plus ``delay + 1 + 10`` tokens of silence, as
   mistral-common does, and the sequence ends one position before the audio does (or at EOS).
 
-State kept across calls, all on the device except the PCM overlap: the mel framer's overlap, the
-conv stem's carried frames, the encoder and decoder ring caches (this session's slot), and the
-audio embeddings not yet consumed by the decoder.
+State kept across calls: the mel framer's PCM overlap on the host; on the device, in this
+stream's slot, the conv stem's context, the encoder and decoder ring caches and the audio
+embeddings not yet consumed by the decoder.
+
+:func:`advance` runs the pending work of any number of streams together: one batched mel+encode
+call per group of equal-length windows and one batched decode call for all streams past their
+prompt.  ``feed`` on a single stream is that with a batch of one; a server queues the chunks of
+all its streams with :meth:`StreamingSession.queue` and calls :func:`advance` once per tick.
 """
 from __future__ import annotations
+
+from collections import defaultdict, deque
 
 import numpy as np
 
@@ -24,7 +31,8 @@ from voxc.model.mel import StreamingMelFramer
 # mistral-common's OFFLINE_STREAMING_BUFFER_TOKENS: right padding beyond delay + BOS, so a word
 # spoken at the very end still gets its tokens.
 RIGHT_PAD_BUFFER_TOKENS = 10
-# Longest encoder call, in text tokens: bounds the attention scratch memory of a long feed().
+# Longest encoder call, in text tokens: bounds the attention scratch memory of a long feed(),
+# and keeps the encoder within the audio ring's reach of the decoder.
 MAX_TOKENS_PER_ENCODE = 32
 
 
@@ -48,104 +56,161 @@ class StreamingSession:
 
         self.slot = model.slots.acquire()
         model.reset_slot(self.slot)
-        self._slots = np.array([self.slot], np.int32)
         self._framer = StreamingMelFramer(cfg.audio, frames_per_step=cfg.audio.mel_frames_per_token)
+        self._windows: deque[np.ndarray] = deque()   # framed PCM waiting for the encoder
+        self._pending_text: list[str] = []
         self._encoder_frames = 0         # encoder positions consumed so far
         self._audio_tokens = 0           # audio embeddings in this stream's ring so far
         self._position = 0               # next decoder position
         self._last_token: int | None = None
         self._samples_fed = 0
-        self._ended = False              # EOS seen or finish() done
+        self._final_tokens: int | None = None   # total audio tokens, known at finish()
+        self._ended = False              # EOS seen
         self.finished = False
-        self._push(np.zeros(left_pad_tokens * self.samples_per_token, np.float32))
+        self.queue(np.zeros(left_pad_tokens * self.samples_per_token, np.float32), _padding=True)
 
     # ---- public API -------------------------------------------------------------------------
     def feed(self, pcm) -> str:
         """Add 16 kHz mono float PCM (any length); returns the text decoded since the last call."""
-        if self.finished:
-            raise VoxcError("this stream is finished; start a new one with model.stream()")
-        pcm = _check_pcm(pcm)
-        self._samples_fed += pcm.shape[0]
-        return self._push(pcm)
+        self.queue(pcm)
+        advance([self])
+        return self.take_text()
 
     def finish(self) -> str:
         """End of audio: flush the tail and return the remaining text."""
         if self.finished:
             raise VoxcError("finish() was already called on this stream")
-        spt = self.samples_per_token
-        to_whole_token = (-self._samples_fed) % spt
-        right_pad = to_whole_token + (self.delay + 1 + RIGHT_PAD_BUFFER_TOKENS) * spt
-        total_tokens = (self.left_pad_tokens * spt + self._samples_fed + right_pad) // spt
-        text = self._push(np.zeros(right_pad, np.float32), final_tokens=total_tokens)
-        window = self._framer.flush()
-        if window is not None:
-            self._encode(window)
-        assert self._audio_tokens == total_tokens
-        text += self._advance(final_tokens=total_tokens)
+        if self._final_tokens is None:
+            self.end()
+        advance([self])
         self.finished = True
         self.model.slots.release(self.slot)
-        return text + self.text.flush()
+        return self.take_text() + self.text.flush()
+
+    def queue(self, pcm, _padding: bool = False) -> None:
+        """Add PCM without computing anything yet (a server calls :func:`advance` for all its streams)."""
+        if self.finished or self._final_tokens is not None:
+            raise VoxcError("this stream is finished; start a new one with model.stream()")
+        pcm = np.zeros(0, np.float32) if pcm is None else _check_pcm(pcm)
+        if not _padding:
+            self._samples_fed += pcm.shape[0]
+        step = MAX_TOKENS_PER_ENCODE * self.samples_per_token
+        for begin in range(0, pcm.shape[0], step):
+            window = self._framer.push(pcm[begin:begin + step])
+            if window is not None:
+                self._windows.append(window)
+
+    def end(self) -> None:
+        """Mark the end of audio: queue the right padding and the framer's tail (no compute yet).
+        ``finish()`` does this itself; a server calls it to batch the last steps of many streams."""
+        spt = self.samples_per_token
+        right_pad = (-self._samples_fed) % spt + (self.delay + 1 + RIGHT_PAD_BUFFER_TOKENS) * spt
+        self.queue(np.zeros(right_pad, np.float32), _padding=True)
+        self._final_tokens = (self.left_pad_tokens * spt + self._samples_fed + right_pad) // spt
+        window = self._framer.flush()
+        if window is not None:
+            self._windows.append(window)
+
+    def take_text(self) -> str:
+        text, self._pending_text = "".join(self._pending_text), []
+        return text
 
     def __del__(self):
         if not getattr(self, "finished", True) and hasattr(self, "slot"):
             self.model.slots.release(self.slot)
 
-    # ---- audio side -------------------------------------------------------------------------
-    def _push(self, pcm: np.ndarray, final_tokens: int | None = None):
-        """Frame, encode and decode ``pcm`` in pieces, so the encoder never runs further ahead of the
-        decoder than the audio ring holds."""
-        step = MAX_TOKENS_PER_ENCODE * self.samples_per_token
-        out = []
-        for begin in range(0, pcm.shape[0], step):
-            window = self._framer.push(pcm[begin:begin + step])
-            if window is not None:
-                self._encode(window)
-                out.append(self._advance(final_tokens))
-        return "".join(out)
+    # ---- scheduling (used by advance) ---------------------------------------------------------
+    def _next_window_tokens(self) -> int:
+        """Tokens the next queued window adds, or 0 if it must wait (nothing queued, or no ring room)."""
+        if not self._windows:
+            return 0
+        tokens = (len(self._windows[0]) - self.audio_cfg.window_size) // self.audio_cfg.hop_length + 1
+        tokens //= self.audio_cfg.mel_frames_per_token
+        if self._audio_tokens + tokens - self._position > self.model.audio_ring_rows:
+            return 0
+        return tokens
 
-    def _encode(self, window: np.ndarray):
-        model = self.model
-        mel = model.mel(window)
-        frames = mel.shape[2] // self.audio_cfg.conv_stride
-        model.encode(mel, self._slots, np.array([self._encoder_frames], np.int32))
-        self._encoder_frames += frames
-        self._audio_tokens += frames // self.audio_cfg.downsample_factor
-        if self._audio_tokens - self._position > self.model.audio_ring_rows:
-            raise AssertionError("encoder ran past the audio ring; MAX_TOKENS_PER_ENCODE is too large")
+    def _decode_limit(self) -> int:
+        """Positions below this can be decoded now; the reference's sequence ends at N - 1."""
+        if self._ended:
+            return self._position
+        if self._final_tokens is None:
+            return self._audio_tokens
+        return min(self._audio_tokens, self._final_tokens - 1)
 
-    # ---- text side --------------------------------------------------------------------------
-    def _advance(self, final_tokens: int | None) -> str:
-        """Run the decoder over every position whose audio is here.
+    def _decode_input(self) -> tuple[list[int], int]:
+        """Tokens to decode next and how many positions they cover (a prompt run, or one step)."""
+        p, prompt_len = self._position, len(self.prompt)
+        if p < prompt_len:
+            run = min(prompt_len, self._decode_limit()) - p
+            return self.prompt[p:p + run], run
+        return [self._last_token], 1
 
-        ``final_tokens`` (at finish) is the total number of audio tokens N; the reference's
-        sequence is then N long, so the last position fed is N - 2.
-        """
-        out = []
-        prompt_len = len(self.prompt)
-        limit = self._audio_tokens if final_tokens is None else min(self._audio_tokens, final_tokens - 1)
-        while not self._ended and self._position < limit:
-            p = self._position
-            if p < prompt_len:
-                run = min(prompt_len, limit) - p
-                tokens = self.prompt[p:p + run]
-            else:
-                run, tokens = 1, [self._last_token]
-            logits, next_token = self.model.decode(
-                np.array([tokens], np.int32), np.array([self.delay], np.float32), self._slots,
-                np.array([p], np.int32))
-            self._position += run
-            if self._position < prompt_len:
-                continue
-            token = int(self.model.rt.numpy(next_token)[0])
-            if self.record_logits:
-                self.logits.append(self.model.rt.numpy(logits)[0])
-            self.tokens.append(token)
-            self._last_token = token
-            if token == self.eos_id:
-                self._ended = True
-                break
-            out.append(self.text.push(token))
-        return "".join(out)
+    def _accept(self, run: int, logits_row, token: int) -> None:
+        self._position += run
+        if self._position < len(self.prompt):
+            return
+        if self.record_logits:
+            self.logits.append(logits_row())
+        self.tokens.append(token)
+        self._last_token = token
+        if token == self.eos_id:
+            self._ended = True
+        else:
+            self._pending_text.append(self.text.push(token))
+
+
+def advance(sessions: list[StreamingSession]) -> None:
+    """Run all queued work of ``sessions`` (same model): batched encodes, then batched decodes, until idle."""
+    if not sessions:
+        return
+    model = sessions[0].model
+    while True:
+        progressed = _encode_ready(model, sessions)
+        progressed |= _decode_ready(model, sessions)
+        if not progressed:
+            return
+
+
+def _encode_ready(model, sessions) -> bool:
+    groups = defaultdict(list)
+    for session in sessions:
+        if session._next_window_tokens():
+            groups[len(session._windows[0])].append(session)
+    for group in groups.values():
+        windows = np.stack([s._windows.popleft() for s in group])
+        mel = model.mel(windows)
+        frames = mel.shape[2] // sessions[0].audio_cfg.conv_stride
+        model.encode(mel, [s.slot for s in group], [s._encoder_frames for s in group])
+        for s in group:
+            s._encoder_frames += frames
+            s._audio_tokens += frames // s.audio_cfg.downsample_factor
+    return bool(groups)
+
+
+def _decode_ready(model, sessions) -> bool:
+    ready = [s for s in sessions if s._position < s._decode_limit()]
+    # Streams in their prompt decode a run of known tokens alone; the rest share one batched step.
+    batches = [[s] for s in ready if s._position < len(s.prompt)]
+    steady = [s for s in ready if s._position >= len(s.prompt)]
+    if steady:
+        batches.append(steady)
+    for batch in batches:
+        inputs = [s._decode_input() for s in batch]
+        logits, next_tokens = model.decode(
+            [tokens for tokens, _ in inputs], [s.delay for s in batch], [s.slot for s in batch],
+            [s._position for s in batch])
+        tokens = model.rt.numpy(next_tokens)
+        all_logits = []
+
+        def logits_row(i):
+            if not all_logits:
+                all_logits.append(model.rt.numpy(logits))
+            return all_logits[0][i]
+
+        for i, (s, (_, run)) in enumerate(zip(batch, inputs)):
+            s._accept(run, lambda i=i: logits_row(i), int(tokens[i]))
+    return bool(ready)
 
 
 def _check_pcm(pcm) -> np.ndarray:
