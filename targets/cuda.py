@@ -288,10 +288,15 @@ def fuse_transpose_matmul(mod):
     matmul_op, permute_op = tvm.ir.Op.get("relax.matmul"), tvm.ir.Op.get("relax.permute_dims")
 
     def nt_matmul(x, w, out_dtype):
+        # half-precision outputs still accumulate in float32 (as cuBLAS does), then round once
+        acc = "float32" if out_dtype in ("float16", "bfloat16") else out_dtype
         k = te.reduce_axis((0, w.shape[1]), name="k")
-        return te.compute(tuple(x.shape[:-1]) + (w.shape[0],),
-                          lambda *i: te.sum(x[i[:-1] + (k,)].astype(out_dtype) * w[i[-1], k].astype(out_dtype), axis=k),
-                          name="NT_matmul")
+        out = te.compute(tuple(x.shape[:-1]) + (w.shape[0],),
+                         lambda *i: te.sum(x[i[:-1] + (k,)].astype(acc) * w[i[-1], k].astype(acc), axis=k),
+                         name="NT_matmul")
+        if acc != out_dtype:
+            out = te.compute(out.shape, lambda *i: out[i].astype(out_dtype), name="NT_matmul_cast")
+        return out
 
     @mutator
     class _Fuse(PyExprMutator):
