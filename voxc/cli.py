@@ -204,12 +204,14 @@ def cmd_demo(args) -> int:
     clip = (0.3 * np.sin(2 * np.pi * 220 * t) * np.sin(2 * np.pi * 1.5 * t)).astype(np.float32)
     model = voxc.load(artifact)
     started = time.perf_counter()
-    text = model.transcribe(clip)
+    session = model.stream()
+    text = session.feed(clip) + session.finish()
     elapsed = time.perf_counter() - started
     print(f"offline:   {text!r}")
+    print(f"           token ids {session.tokens[:12]}... (random weights pick random byte tokens)")
     session = model.stream()
     streamed = "".join(session.feed(clip[i:i + 1280]) for i in range(0, len(clip), 1280)) + session.finish()
-    print(f"streaming: {streamed!r}")
+    print(f"streaming: {streamed!r} (fed in 80 ms chunks)")
     print(f"real-time factor {elapsed / 3:.3f} on this CPU; streaming equals offline: {streamed == text}")
     return 0
 
