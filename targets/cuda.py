@@ -32,6 +32,7 @@ _DRIVER_SYMBOLS = ("cuDeviceGetName", "cuFuncSetAttribute", "cuGetErrorName", "c
                    "cuTensorMapEncodeTiled")
 FATBIN_MAGIC = b"\x50\xed\x55\xba"     # 0xBA55ED50, little endian: a CUDA fatbin container
 CUBIN_MAGIC = b"\x7fELF"
+SMALL_M_DISPATCHED: set[str] = set()   # functions given per-tier kernels (one of them runs per call)
 LAST_CUDA_SOURCE: str | None = None    # the CUDA C of the last compile (debugging; VOXC_KEEP_CUDA_SOURCE=1 saves it)
 
 
@@ -52,6 +53,10 @@ class CudaTarget(TargetSpec):
     # steps, and with cuda_graph the whole step becomes one CUDA graph.  (name, entry, {dim: value});
     # callers use them where the shapes match (bench/cuda_bench.py; voxc.runtime when it learns to).
     static_entries: tuple = (("decode_b1n1", "decode", (("b", 1), ("n", 1))),)
+    # Matmuls whose row count M (batch x tokens) is only known at run time get one kernel per tier,
+    # picked on the host by M: dlight's LowBatchGEMV (weights read once per `bucket` rows) for small M,
+    # its tiled Matmul (rows padded to its tile) above. (max M, bucket); M beyond the last -> Matmul.
+    small_m_tiers: tuple = ((4, 4), (32, 16))
 
     def tvm_target(self):
         import tvm
@@ -79,7 +84,7 @@ class CudaTarget(TargetSpec):
             mod = apply_cuda_kernels(mod)
         config = {"relax.backend.use_cuda_graph": bool(self.cuda_graph)}
         with target, tvm.transform.PassContext(opt_level=3, config=config), fatbin_compiler(self.archs):
-            return tvm.compile(mod, target=target)
+            return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target, self.small_m_tiers))
 
     def export(self, executable, out_dir: Path) -> Path:
         path = out_dir / self.library_name
@@ -229,6 +234,88 @@ def fatbin_archs(data: bytes) -> set[str]:
         # CUDA ELF e_flags: bits 8..15 hold the SM version for CUDA >= 12 (ABI v8), bits 0..7 before.
         sm = (flags >> 8) & 0xFF if (flags & 0xFF) in (0, 0x40, 0x80) or (flags >> 8) & 0xFF >= 50 else flags & 0xFF
         found.add(f"sm_{sm}")
+
+
+def relax_pipeline(target, small_m_tiers):
+    """TVM's CUDA pipeline (relax.backend.cuda.get_default_pipeline) with :func:`small_m_dispatch`
+    before dlight's default rules."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cuda import pipeline as cuda_pipeline
+    from tvm.s_tir import dlight as dl
+
+    legalize = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+                relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
+    schedule = [small_m_dispatch(target, small_m_tiers),
+                dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
+                                        dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
+
+    @tvm.transform.module_pass(opt_level=0, name="VoxcCudaPipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            seq = tvm.transform.Sequential(
+                cuda_pipeline.library_dispatch_passes(target) + legalize + schedule
+                + cuda_pipeline.dataflow_lower_passes(target) + cuda_pipeline.finalize_passes(target))
+            return seq(mod)
+
+    return _pipeline
+
+
+def small_m_dispatch(target, tiers):
+    """For each PrimFunc that dlight's Matmul rule takes and whose output rows M are symbolic, build one
+    schedule per tier of ``tiers`` (LowBatchGEMV with that bucket) plus the Matmul one, and pick among
+    them on the host: ``if M <= 4: ... elif M <= 32: ... else: ...``."""
+    import tvm
+    from tvm import tirx
+    from tvm.s_tir import dlight as dl
+
+    def rows(func):
+        out = func.params[-1]
+        shape = list(getattr(out, "shape", []) or [])
+        if len(shape) < 2:
+            return None
+        m = shape[0]
+        for d in shape[1:-1]:
+            m = m * d
+        from tvm.sym.analyzer import Analyzer
+
+        m = Analyzer().simplify(m)
+        return None if isinstance(m, tirx.IntImm) else m
+
+    def scheduled(rule, func):
+        try:
+            sch = rule.apply(func, target, False)
+        except Exception:  # noqa: BLE001 - a rule that cannot take this function
+            return None
+        if isinstance(sch, list):
+            sch = sch[0] if sch else None
+        return None if sch is None else sch.mod["main"]
+
+    @tvm.transform.module_pass(opt_level=0, name="VoxcSmallMDispatch")
+    def _pass(mod, _ctx):
+        updates = {}
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc) or (func.attrs is not None and "tirx.is_scheduled" in func.attrs):
+                continue
+            m = rows(func)
+            if m is None:
+                continue
+            large = scheduled(dl.gpu.Matmul(), func)
+            if large is None:
+                continue
+            small = [(limit, scheduled(dl.gpu.LowBatchGEMV(bucket), func)) for limit, bucket in tiers]
+            if any(f is None for _, f in small):
+                continue
+            body = large.body
+            for limit, f in reversed(small):
+                body = tirx.IfThenElse(tirx.op.tvm_thread_invariant(m <= limit), f.body, body)
+            updates[gv] = func.with_body(body).with_attr("tirx.is_scheduled", True)
+            SMALL_M_DISPATCHED.add(gv.name_hint)
+        for gv, func in updates.items():
+            mod[gv] = func
+        return mod
+
+    return _pass
 
 
 def export_with_static_entries(cfg, target, entries):

@@ -74,6 +74,27 @@ def compare(report, name, ref, got):
            "first_diff": next((i for i, (a, b) in enumerate(zip(ref_tokens, tokens)) if a != b), None)})
 
 
+def batched_check(report, art):
+    """Several streams per decode call (the generic entry, small-M kernels) against llvm."""
+    from voxc.runtime.model import CompiledModel
+
+    rng = np.random.default_rng(3)
+    models = [CompiledModel.load(art / "tiny_llvm", max_streams=6), CompiledModel.load(art / "tiny_cuda", max_streams=6)]
+    outs = [[], []]
+    for step in range(6):
+        b = [1, 3, 5, 6, 2, 4][step]
+        tokens = rng.integers(0, 1268, (b, 1 if step % 3 else 9)).astype(np.int32)
+        slots = rng.permutation(6)[:b].astype(np.int32)
+        starts = rng.integers(0, 40, b).astype(np.int32)
+        delays = np.full(b, 6, np.float32)
+        for k, m in enumerate(models):
+            logits, nxt = m.decode(tokens, delays, slots, starts)
+            outs[k].append(m.rt.numpy(logits))
+    ref, got = np.concatenate([o.ravel() for o in outs[0]]), np.concatenate([o.ravel() for o in outs[1]])
+    err = float(np.abs(ref - got).max() / np.abs(ref).max())
+    check(report, "tiny_cuda_batched_decode", err < LOGIT_RTOL, {"logit_rel_err": err, "batches": [1, 3, 5, 6, 2, 4]})
+
+
 # ---- ring attention at full shapes ----------------------------------------------------------------
 def attention_reference(q, k, v, cache, slots, starts, layer, window):
     b, n, heads, d = q.shape
@@ -157,6 +178,7 @@ def main():
         if use_static_decode(model):
             compare(report, f"{variant}_static_decode_b1n1", ref, run_session(model, audio))
             compare(report, f"{variant}_static_decode_b1n1_again", ref, run_session(model, audio, chunk=1280))
+    batched_check(report, ART)
     try:
         attention_checks(report, llvm.rt.__class__("cuda"))
     except Exception as exc:  # noqa: BLE001
