@@ -23,7 +23,7 @@ ARCHS=""
 
 cd "$SRC"
 export PYTHONPATH="$SRC"
-"$PY" bench/cuda_build.py tiny "$PACK/artifacts" $ARCHS
+"$PY" bench/cuda_build.py tiny "$PACK/artifacts" --archs ${TINY_ARCHS:-sm_80,sm_90}
 mkdir -p "$PACK/tmp" && "$PY" bench/cuda_build.py tiny "$PACK/tmp" --cuda-graph --archs sm_90
 mv "$PACK/tmp/tiny_cuda" "$PACK/artifacts/tiny_cuda_graph" && rm -rf "$PACK/tmp" "$PACK/artifacts/tiny_ckpt"
 "$PY" bench/cuda_build.py attn "$PACK/artifacts/attn_cuda.so" --archs sm_90
