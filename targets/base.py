@@ -16,6 +16,12 @@ class TargetSpec:
     def tvm_target(self):
         raise NotImplementedError
 
+    def export_graph(self, cfg):
+        """The model's Relax module and parameter list; targets may add entry points."""
+        from voxc.build import export_graph
+
+        return export_graph(cfg, self)
+
     def compile(self, mod):
         """Relax IRModule -> executable; targets override to add their schedules and passes."""
         import tvm

@@ -26,38 +26,109 @@ MEL_FILTERS = "mel_frontend.filters"
 
 
 def export_graph(cfg, target):
-    """The Relax module of the whole model for ``target`` and its ordered parameter list."""
+    """The Relax module of the whole model for ``target`` and its ordered parameter list.
+
+    Quantization comes from the surrounding :func:`voxc.model.layers.quantized` context.
+    """
     from voxc.model.graph import VoxtralGraph
 
     graph = VoxtralGraph(cfg, dtype=target.model_dtype, mel_dtype=target.mel_dtype)
     return graph.export_tvm(spec=graph.export_spec())
 
 
+class WeightSource:
+    """Where the weights come from: a checkpoint directory (official or HF layout) or a GGUF file."""
+
+    def __init__(self, path: str | Path, progress: bool):
+        path = Path(path)
+        if not path.exists():
+            raise VoxcError(f"{path} does not exist")
+        self.path = path
+        self.quantized: dict[str, object] = {}
+        self.build_quantization: str | None = None   # what the graph is built with (set by build())
+        if path.suffix == ".gguf":
+            from voxc.quant.gguf_io import read_gguf
+
+            self.config, tensors, meta = read_gguf(path)
+            self.tensors = dict(tensors)      # GGUF data is memory-mapped: this holds views, not copies
+            if not meta.get("tokenizer_json"):
+                raise VoxcError(f"{path.name} carries no tokenizer; voxc needs the Tekken vocabulary")
+            self.tokenizer_bytes = meta["tokenizer_json"]
+            self.quantization = meta.get("qtype")
+            self.left_pad_tokens = meta.get("left_pad_tokens")
+        else:
+            from voxc.loader.safetensors_loader import load_checkpoint
+
+            ckpt = load_checkpoint(path, progress=progress)
+            if ckpt.tokenizer_path is None:
+                raise VoxcError(f"{path}: no tekken.json next to the weights; voxc needs the tokenizer")
+            self.config = ckpt.config
+            self.tensors = ckpt
+            self.tokenizer_bytes = Path(ckpt.tokenizer_path).read_bytes()
+            self.quantization = None
+            self.left_pad_tokens = None
+
+    def get(self, name: str):
+        return self.tensors.get(name)
+
+    def graph_param(self, name: str, shape: list[int]):
+        """The value of graph parameter ``name``: a checkpoint tensor, or packed from one."""
+        from voxc.quant.linear import pack_linear_weight
+
+        prefix, _, field = name.rpartition(".")
+        if field not in ("qweight", "scales"):
+            value = self.get(name)
+            return value.dequantize() if hasattr(value, "dequantize") else value
+        if prefix not in self.quantized:
+            source = self.get(prefix + ".weight")
+            self.quantized.clear()   # the two fields of one layer are consecutive: keep one layer packed
+            self.quantized[prefix] = pack_linear_weight(source, self.storage_of(prefix, source))
+        return self.quantized[prefix][field]
+
+    def storage_of(self, prefix: str, source):
+        from voxc.quant import linear_storage
+
+        return linear_storage(int(source.shape[1]), self.build_quantization)
+
+
 def build(checkpoint: str | Path, target_name: str, out_dir: str | Path, *, progress: bool = True,
-          left_pad_tokens: int | None = None) -> Path:
+          left_pad_tokens: int | None = None, quantization: str | None = None) -> Path:
+    """Compile ``checkpoint`` for ``target_name`` into the artifact directory ``out_dir``.
+
+    ``quantization``: q4_0, q4_k or q8_0 to quantize the projections and the embedding table;
+    a GGUF input keeps its own type unless this says otherwise.
+    """
     from targets import get_target
-    from voxc.loader.safetensors_loader import load_checkpoint
     from voxc.model import mel
+    from voxc.model.layers import quantized
+    from voxc.quant import QType
+    from voxc.quant.gguf_io import LEFT_PAD_DEFAULT, LEFT_PAD_Q4_0
+    from voxc.quant.linear import kernel_target
 
     out_dir = Path(out_dir)
     target = get_target(target_name)
     log = _Log(progress)
-    ckpt = load_checkpoint(checkpoint, progress=progress)
-    if ckpt.tokenizer_path is None:
-        raise VoxcError(f"{checkpoint}: no tekken.json next to the weights; voxc needs the tokenizer")
-    log.step(f"exporting the graph for {target.name}")
-    mod, params = export_graph(ckpt.config, target)
-    log.step(f"compiling {len(mod.functions)} functions for {target.name} (this takes a while)")
-    executable = target.compile(mod)
+    source = WeightSource(checkpoint, progress)
+    quant = QType.parse(quantization).value if quantization else source.quantization
+    source.build_quantization = quant
+    if left_pad_tokens is None:
+        left_pad_tokens = source.left_pad_tokens
+    if left_pad_tokens is None and quant:
+        left_pad_tokens = LEFT_PAD_Q4_0 if quant == "q4_0" else LEFT_PAD_DEFAULT
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists():
         raise VoxcError(f"{out_dir} exists and is not a voxc artifact; refusing to overwrite it")
+    log.step(f"exporting the graph for {target.name}" + (f", weights {quant}" if quant else ""))
+    with quantized(quant), kernel_target(target.name):
+        mod, params = target.export_graph(source.config)
+    log.step(f"compiling {len(mod.functions)} functions for {target.name} (this takes a while)")
+    executable = target.compile(mod)
     out_dir.mkdir(parents=True, exist_ok=True)
     library = target.export(executable, out_dir)
     log.step("writing weights")
     param_specs = [(name, [int(s) for s in p.shape], str(p.dtype)) for name, p in params]
-    computed = {MEL_FILTERS: mel.mel_filter_bank(ckpt.config.audio, ckpt.config.encoder.num_mel_bins)}
-    shards = _write_weights(ckpt, param_specs, computed, out_dir, progress)
-    shutil.copyfile(ckpt.tokenizer_path, out_dir / "tekken.json")
+    computed = {MEL_FILTERS: mel.mel_filter_bank(source.config.audio, source.config.encoder.num_mel_bins)}
+    shards = _write_weights(source, param_specs, computed, out_dir, progress)
+    (out_dir / "tekken.json").write_bytes(source.tokenizer_bytes)
     from voxc.tokenizer import Tokenizer
 
     tokenizer = Tokenizer(out_dir / "tekken.json")
@@ -69,21 +140,21 @@ def build(checkpoint: str | Path, target_name: str, out_dir: str | Path, *, prog
         "device_kind": target.device_kind,
         "library": library.name,
         "model_dtype": target.model_dtype,
-        "config": ckpt.config.to_dict(),
+        "config": source.config.to_dict(),
         "params": [{"name": n, "shape": s, "dtype": d} for n, s, d in param_specs],
         "weights": shards,
         "tokenizer": "tekken.json",
         "left_pad_tokens": left_pad_tokens if left_pad_tokens is not None else tokenizer.n_left_pad_tokens,
         "default_delay_ms": int(tokenizer.transcription_delay_ms or 480),
-        "quantization": None,
+        "quantization": quant,
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     log.step(f"artifact written to {out_dir}")
     return out_dir
 
 
-def _write_weights(ckpt, param_specs, computed, out_dir: Path, progress: bool) -> list[str]:
-    """Stream tensors from the checkpoint into shards, converting to the graph's dtype on the way."""
+def _write_weights(source, param_specs, computed, out_dir: Path, progress: bool) -> list[str]:
+    """Stream tensors from the source into shards, converting to the graph's layout and dtype."""
     from safetensors.numpy import save_file
     from tqdm import tqdm
 
@@ -100,21 +171,16 @@ def _write_weights(ckpt, param_specs, computed, out_dir: Path, progress: bool) -
             current, current_bytes = {}, 0
 
     for name, shape, dtype in tqdm(param_specs, desc="weights", unit="tensor", disable=not progress):
-        array = computed[name] if name in computed else ckpt.get(_checkpoint_name(name))
+        array = computed[name] if name in computed else source.graph_param(name, shape)
         if list(array.shape) != shape:
             raise VoxcError(f"tensor {name}: checkpoint shape {list(array.shape)} but the graph expects {shape}")
-        array = np.ascontiguousarray(array.astype(_numpy_dtype(dtype), copy=False))
+        array = np.ascontiguousarray(np.asarray(array).astype(_numpy_dtype(dtype), copy=False))
         if current_bytes + array.nbytes > SHARD_BYTES:
             flush()
         current[name] = array
         current_bytes += array.nbytes
     flush()
     return shards
-
-
-def _checkpoint_name(graph_name: str) -> str:
-    """The graph's parameter names are voxc names, except for nn.Conv1D/nn.Linear defaults that agree."""
-    return graph_name
 
 
 def _numpy_dtype(name: str):

@@ -28,7 +28,7 @@ from voxc.model.adapter import Adapter
 from voxc.model.config import ModelConfig
 from voxc.model.decoder import Decoder
 from voxc.model.encoder import Encoder
-from voxc.model.layers import read_slot_rows, sinusoidal_embedding, write_slot_rows
+from voxc.model.layers import embedding, read_slot_rows, sinusoidal_embedding, write_slot_rows
 
 # Audio embeddings buffered per stream between encoder and decoder. The session never lets the
 # encoder run further ahead of the decoder than this (prompt + one encoder call fit easily).
@@ -44,7 +44,7 @@ class VoxtralGraph(nn.Module):
         self.mel_frontend = LogMel(cfg.audio, cfg.encoder.num_mel_bins, compute_dtype=mel_dtype)
         self.enc = Encoder(cfg.encoder, dtype)
         self.adapter = Adapter(cfg.encoder.dim, cfg.decoder.dim, cfg.audio.downsample_factor, dtype)
-        self.tok_embeddings = nn.Embedding(cfg.decoder.vocab_size, cfg.decoder.dim, dtype=dtype)
+        self.tok_embeddings = embedding(cfg.decoder.vocab_size, cfg.decoder.dim, dtype)
         self.dec = Decoder(cfg.decoder, dtype)
 
     # ---- audio side -------------------------------------------------------------------------
@@ -64,15 +64,14 @@ class VoxtralGraph(nn.Module):
 
     # ---- text side --------------------------------------------------------------------------
     def decode(self, tokens, audio_ring, delay_tokens, dec_cache, slots, starts):
-        b, n = tokens.shape
-        embedded = op.take(self.tok_embeddings.weight, op.reshape(tokens, (b * n,)), axis=0)
-        x = op.reshape(embedded, (b, n, self.cfg.decoder.dim)) + read_slot_rows(audio_ring, slots, starts, n)
+        n = tokens.shape[1]
+        x = self.tok_embeddings.lookup(tokens) + read_slot_rows(audio_ring, slots, starts, n)
         t_cond = sinusoidal_embedding(delay_tokens, self.cfg.decoder.dim)
         hidden, dec_cache = self.dec(x, t_cond, dec_cache, slots, starts)
         last = _last_row(hidden)
-        logits = op.matmul(last, op.permute_dims(self.tok_embeddings.weight))
+        logits = self.tok_embeddings.project(last)
         next_tokens = op.topk(logits, k=1, axis=-1, ret_type="indices", dtype="int32")
-        return logits, op.reshape(next_tokens, (b,)), dec_cache
+        return logits, op.reshape(next_tokens, (tokens.shape[0],)), dec_cache
 
     # ---- export -----------------------------------------------------------------------------
     def export_spec(self) -> dict:

@@ -1,6 +1,8 @@
 """Building blocks shared by the encoder and the decoder."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 
 from tvm import te, tirx
@@ -9,11 +11,56 @@ from tvm.relax.frontend.nn import op
 
 from schedules.ring_attention import ring_append_func, ring_attention_func
 from schedules.slot_rows import slot_rows_read, slot_rows_write_func
+from voxc.quant import linear_storage
+from voxc.quant.linear import QuantEmbedding, QuantLinear
+
+
+_QUANTIZATION: contextvars.ContextVar[str | None] = contextvars.ContextVar("voxc_quantization", default=None)
+
+
+@contextlib.contextmanager
+def quantized(qtype: str | None):
+    """Build the model's projections (and token embedding) quantized to ``qtype`` (None: dense)."""
+    token = _QUANTIZATION.set(qtype)
+    try:
+        yield
+    finally:
+        _QUANTIZATION.reset(token)
 
 
 def linear(in_features: int, out_features: int, bias: bool = False, dtype: str = "float32") -> nn.Module:
-    """The one place a dense projection is made, so quantized builds can swap the module type."""
-    return nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
+    """The one place a projection is made: dense, or quantized when built under :func:`quantized`."""
+    storage = linear_storage(in_features, _QUANTIZATION.get())
+    if storage is None:
+        return nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
+    return QuantLinear(in_features, out_features, storage, bias=bias, dtype=dtype)
+
+
+def embedding(vocab_size: int, dim: int, dtype: str = "float32") -> nn.Module:
+    """The tied token table: ``lookup(ids)`` and ``project(hidden)`` (the LM head)."""
+    storage = linear_storage(dim, _QUANTIZATION.get())
+    if storage is None:
+        return DenseEmbedding(vocab_size, dim, dtype)
+    return QuantEmbedding(vocab_size, dim, storage, dtype=dtype)
+
+
+class DenseEmbedding(nn.Module):
+    def __init__(self, vocab_size: int, dim: int, dtype: str):
+        self.weight = nn.Parameter((vocab_size, dim), dtype)
+
+    def lookup(self, ids: nn.Tensor) -> nn.Tensor:
+        flat = op.take(self.weight, op.reshape(ids, (_numel(ids.shape),)), axis=0)
+        return op.reshape(flat, list(ids.shape) + [self.weight.shape[1]])
+
+    def project(self, hidden: nn.Tensor) -> nn.Tensor:
+        return op.matmul(hidden, op.permute_dims(self.weight))
+
+
+def _numel(shape):
+    total = 1
+    for dim in shape:
+        total = total * dim
+    return total
 
 
 def rms_norm(dim: int, eps: float, dtype: str = "float32") -> nn.Module:

@@ -1,0 +1,21 @@
+"""Quantized weights: GGUF formats (``formats``), GGUF files (``gguf_io``), quantized layers (``linear``)."""
+from __future__ import annotations
+
+from voxc.quant.formats import QType
+
+
+def linear_storage(in_features: int, qtype: QType | str | None) -> QType | None:
+    """How a quantizable ``[out, in]`` weight is stored for a model quantized to ``qtype``.
+
+    The requested type where the row length is a whole number of its blocks; otherwise Q8_0 where
+    rows fit 32-blocks (e.g. the 32-wide ada-norm bottleneck with a K-quant); otherwise None
+    (kept as a float matrix).  The one rule shared by the GGUF writer and the model graph.
+    """
+    if qtype is None:
+        return None
+    qtype = QType.parse(qtype)
+    if in_features % qtype.block_size == 0:
+        return qtype
+    if in_features % QType.Q8_0.block_size == 0:
+        return QType.Q8_0
+    return None
