@@ -25,7 +25,8 @@ Schedules (all written here, not dlight):
   reduction to ``__shfl_down_sync``), several rows per block on ``threadIdx.y``.  The nibble ->
   float conversion uses the exponent trick (``bits | 0x4B000000`` minus 2^23) instead of I2F,
   which runs at a quarter rate on NVIDIA.  GEMM is a 64x64x32 shared-memory tiled kernel, 256
-  threads each owning a 4x4 register tile; the W tile is dequantized straight into shared memory.
+  threads each owning 4x4 outputs, shared tiles padded against bank conflicts; the W tile is
+  dequantized straight into shared memory.
 * ``webgpu``: the same structure with at most 256 invocations per workgroup, no subgroup
   operations (TVM reduces across threads through workgroup memory), f32 arithmetic only, and the
   f16 scales decoded from their u32 words with integer ops + ``bitcast<f32>`` (exact for normal and
@@ -223,9 +224,11 @@ def _schedule_gemv_llvm(func, qtype: QType, n: int, k: int, batch: int, rows_per
     acc_rf = sch.rfactor(l, factor_axis=2)               # lanes become data-parallel: vector FMA
     io, g, ii, b, l = sch.get_loops(acc_rf)
     sch.compute_at(part, b)
-    sch.compute_at(raw, g)                               # unpack a 4-row x 32 tile once for all b
+    # Unpack a 4-row x 32 tile once for all batch rows.  (Inlining the unpack into the FMA loop
+    # measured no faster at batch 1 on znver4.)
+    sch.compute_at(raw, g)
     # One vector per packed word: a lane-dependent word index would turn the load into a gather.
-    _, per_word = sch.split(sch.get_loops(raw)[-1], [None, 32 // qtype.elements_per_word * 0 + qtype.elements_per_word])
+    _, per_word = sch.split(sch.get_loops(raw)[-1], [None, qtype.elements_per_word])
     sch.vectorize(per_word)
     pl, ps = sch.get_loops(part)[-2:]
     sch.reorder(ps, pl)
@@ -269,15 +272,19 @@ def _schedule_gemv_gpu(func, qtype: QType, n: int, k: int, batch: int, target: s
     sch.set_scope(part, 0, "local")
     sch.compute_at(raw, go)
     sch.set_scope(raw, 0, "local")
-    # The group's packed words: one 128-bit load per 4 words.
+    # The group's packed words, 128 bits at a time.  The group loop is unrolled below, so the
+    # compiler can issue every group's loads before the first use (a thread walks only
+    # k / 32 / 32 = 3..9 groups) and keep enough bytes in flight to cover memory latency.
     words = sch.cache_read(raw, 0, "local")
     sch.compute_at(words, go)
     wl = sch.get_loops(words)[-1]
     wo, wv = sch.split(wl, [None, 4])
     sch.vectorize(wv)
     sch.unroll(sch.get_loops(raw)[-1])
-    pb, pl, ps = sch.get_loops(part)[-3:]
-    sch.unroll(ps)
+    # Below (blockIdx, threadIdx.y, threadIdx.x, group) every loop is short: unroll them (batch
+    # rows, lanes, the 32 elements).  Loops of extent 1 are absent, so index from the top.
+    for loop in sch.get_loops(part)[4:]:
+        sch.unroll(loop)
     if _has_block(sch, "xsum"):
         xs = sch.get_sblock("xsum")
         sch.compute_at(xs, go)
@@ -292,6 +299,11 @@ def _schedule_gemv_gpu(func, qtype: QType, n: int, k: int, batch: int, target: s
         sch.compute_at(x_local, go)
         _, xv = sch.split(sch.get_loops(x_local)[-1], [None, 4])
         sch.vectorize(xv)
+    # Unrolled groups and batch rows: the per-row accumulators then stay in registers (a loop
+    # index into a local array puts it in slow local memory).
+    sch.unroll(go)
+    for loop in sch.get_loops(acc_rf)[4:]:
+        sch.unroll(loop)
 
     sch.reverse_compute_at(acc, ty)
     # The final block's loops are (tx as a reduction, b); the reduction goes on threadIdx.x so
@@ -299,7 +311,7 @@ def _schedule_gemv_gpu(func, qtype: QType, n: int, k: int, batch: int, target: s
     loops = sch.get_loops(acc)[2:]                       # below blockIdx.x, threadIdx.y
     red = loops[0]
     if len(loops) == 2:                                  # batch > 1 keeps its own loop
-        sch.reorder(loops[1], red)
+        sch.reorder(loops[1], red)            # (not unrolled: TVM's allreduce lowering rejects that)
     sch.bind(red, "threadIdx.x")
     if _has_block(sch, "y_cast"):
         sch.set_scope(acc, 0, "local")
@@ -345,6 +357,9 @@ def _schedule_gemm_gpu(func, qtype: QType, n: int, k: int, target: str):
     else:
         w_tile = sch.get_sblock("w")
     m, i, r = sch.get_loops(acc)
+    # Each thread owns a 4x4 block of outputs.  (Interleaved ownership, ty + 16*mi, would make
+    # the W-tile reads conflict-free, but the local accumulator's write-back then covers the
+    # bounding box of the thread's outputs and overwrites its neighbours'.)
     by, ty, mi = sch.split(m, [None, threads, micro])
     bx, tx, ni = sch.split(i, [None, threads, micro])
     ko, ki = sch.split(r, [None, GROUP])
@@ -362,6 +377,9 @@ def _schedule_gemm_gpu(func, qtype: QType, n: int, k: int, target: str):
         # per block, loaded by all 256 threads together).
         sch.set_scope(block, 0, "shared")
         sch.compute_at(block, ko)
+        # Rows of 33 floats: threads 4 rows apart then hit banks 4 apart, so the W-tile reads of a
+        # half-warp conflict 2-way instead of 16-way.
+        sch.storage_align(block, 0, axis=0, factor=GROUP, offset=1)
         fused = sch.fuse(*sch.get_loops(block)[-2:])
         _, t_y, t_x, v = sch.split(fused, [None, threads, threads, vec])
         sch.bind(t_y, "threadIdx.y")
