@@ -78,6 +78,9 @@ def stats(ms):
 def use_static(model, on: bool):
     if not hasattr(model, "_general_decode"):
         model._general_decode = model._decode
+    if not hasattr(model, "_general_encode"):
+        model._general_encode = model._encode
+    model._encode = model._general_encode
     if not on:
         model._decode = model._general_decode
         return False
@@ -92,7 +95,22 @@ def use_static(model, on: bool):
         return static(tokens, *rest) if tuple(tokens.shape) == (1, 1) else general(tokens, *rest)
 
     model._decode = dispatch
+    _use_static_encode(model)
     return True
+
+
+def _use_static_encode(model):
+    """Route one-step encodes (one stream, 8 mel frames) to ``encode_b1t8`` when the artifact has it."""
+    try:
+        static = model.vm["encode_b1t8"]
+    except Exception:  # noqa: BLE001
+        return
+    general = model._encode
+
+    def dispatch(mel, *rest):
+        return static(mel, *rest) if tuple(mel.shape)[0] == 1 and tuple(mel.shape)[2] == 8 else general(mel, *rest)
+
+    model._encode = dispatch
 
 
 def decode_steps(model, slots, start, steps, delay=6):

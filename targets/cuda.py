@@ -52,7 +52,8 @@ class CudaTarget(TargetSpec):
     # Extra entry points exported with static shapes: dlight then picks GEMV kernels for one-token
     # steps, and with cuda_graph the whole step becomes one CUDA graph.  (name, entry, {dim: value});
     # callers use them where the shapes match (bench/cuda_bench.py; voxc.runtime when it learns to).
-    static_entries: tuple = (("decode_b1n1", "decode", (("b", 1), ("n", 1))),)
+    static_entries: tuple = (("decode_b1n1", "decode", (("b", 1), ("n", 1))),
+                             ("encode_b1t8", "encode", (("b", 1), ("t", 8))))   # one 80 ms streaming step
     # Matmuls whose row count M (batch x tokens) is only known at run time get one kernel per tier,
     # picked on the host by M: dlight's LowBatchGEMV (weights read once per `bucket` rows) for small M,
     # its tiled Matmul (rows padded to its tile) above. (max M, bucket); M beyond the last -> Matmul.
@@ -369,7 +370,7 @@ def fuse_transpose_matmul(mod):
     (TVM's relax.transform.FuseTransposeMatmul does the same through a composite function, but its
     output trips FuseTIR's buffer check on this model; a plain call_te does not.)"""
     import tvm
-    from tvm import relax, te
+    from tvm import relax, te, tirx
     from tvm.relax.expr_functor import PyExprMutator, mutator
 
     matmul_op, permute_op = tvm.ir.Op.get("relax.matmul"), tvm.ir.Op.get("relax.permute_dims")
@@ -402,7 +403,19 @@ def fuse_transpose_matmul(mod):
             axes = bound.attrs.axes
             if w.ty.ndim != 2 or (axes is not None and [int(a) for a in axes] != [1, 0]):
                 return call
-            return self.builder_.call_te(nt_matmul, call.args[0], w, call.ty.dtype, primfunc_name_hint="NT_matmul")
+            x = call.args[0]
+            lead = list(x.ty.shape.values[:-1])
+            if len(lead) <= 1 or all(isinstance(d, tirx.IntImm) for d in lead):
+                return self.builder_.call_te(nt_matmul, x, w, call.ty.dtype, primfunc_name_hint="NT_matmul")
+            # [b, n, K] -> [b*n, K] when the rows are symbolic: one row axis, as dlight's LowBatchGEMV
+            # expects (small_m_dispatch); costs the fusion of the epilogue into the matmul
+            rows = lead[0]
+            for d in lead[1:]:
+                rows = rows * d
+            x2 = self.builder_.emit(relax.op.reshape(x, lead[:0] + [rows, x.ty.shape.values[-1]]))
+            out = self.builder_.emit(self.builder_.call_te(nt_matmul, x2, w, call.ty.dtype,
+                                                           primfunc_name_hint="NT_matmul"))
+            return relax.op.reshape(out, lead + [w.ty.shape.values[0]])
 
         def run(self):
             for gv, func in self.module.functions_items():

@@ -29,7 +29,9 @@ mv "$PACK/tmp/tiny_cuda" "$PACK/artifacts/tiny_cuda_graph" && rm -rf "$PACK/tmp"
 "$PY" bench/cuda_build.py attn "$PACK/artifacts/attn_cuda.so" --archs sm_90
 if [ "$QUICK" != "--quick" ]; then
   "$PY" bench/cuda_build.py full "$PACK/artifacts/full_cuda"
-  "$PY" bench/cuda_build.py full "$PACK/artifacts/full_cuda_graph" --cuda-graph --archs sm_90
+  if [ "${FULL_GRAPH:-1}" = 1 ]; then  # FULL_GRAPH=0 skips the cuda-graph variant
+    "$PY" bench/cuda_build.py full "$PACK/artifacts/full_cuda_graph" --cuda-graph --archs sm_90
+  fi
 fi
 
 # TVM runtime only: the three runtime libraries of the installed apache-tvm wheel
