@@ -165,6 +165,8 @@ def bench_artifact(report, art: Path, copy_gbps: float):
     audio = (0.1 * rng.standard_normal(int(16000 * SECS))).astype(np.float32)
     steps = 60 if QUICK else 200
     for static in (False, True):
+        if os.environ.get("ONLY") == "batched":
+            break
         if not use_static(model, static) and static:
             continue
         tag = "static_b1n1" if static else "generic"

@@ -283,6 +283,8 @@ def main(argv=None):
     ap.add_argument("out")
     ap.add_argument("--cuda-graph", action="store_true")
     ap.add_argument("--archs", default=None, help="comma list, e.g. sm_90 (default: targets.cuda.DEFAULT_ARCHS)")
+    ap.add_argument("--tiers", default=None, help="small-M tiers 'maxM:bucket,...', e.g. 4:4,64:8")
+    ap.add_argument("--no-static", action="store_true", help="no static-shape entry points")
     args = ap.parse_args(argv)
     from targets.cuda import TARGET
     from voxc.model.config import ModelConfig
@@ -292,6 +294,11 @@ def main(argv=None):
         target = dataclasses.replace(target, cuda_graph=True)
     if args.archs:
         target = dataclasses.replace(target, archs=tuple(args.archs.split(",")))
+    if args.tiers:
+        tiers = tuple(tuple(int(x) for x in t.split(":")) for t in args.tiers.split(","))
+        target = dataclasses.replace(target, small_m_tiers=tiers)
+    if args.no_static:
+        target = dataclasses.replace(target, static_entries=())
     t0 = time.perf_counter()
     if args.what == "full":
         out = build_manifest_only(ModelConfig(), target, Path(args.out))

@@ -52,8 +52,9 @@ class CudaTarget(TargetSpec):
     # Extra entry points exported with static shapes: dlight then picks GEMV kernels for one-token
     # steps, and with cuda_graph the whole step becomes one CUDA graph.  (name, entry, {dim: value});
     # callers use them where the shapes match (bench/cuda_bench.py; voxc.runtime when it learns to).
-    static_entries: tuple = (("decode_b1n1", "decode", (("b", 1), ("n", 1))),
-                             ("encode_b1t8", "encode", (("b", 1), ("t", 8))))   # one 80 ms streaming step
+    # (An ("encode_b1t8", "encode", (("b", 1), ("t", 8))) entry was measured SLOWER than the generic
+    # encode: static M=4 goes to dlight's padded Matmul, the generic one to the small-M kernels.)
+    static_entries: tuple = (("decode_b1n1", "decode", (("b", 1), ("n", 1))),)
     # Matmuls whose row count M (batch x tokens) is only known at run time get one kernel per tier,
     # picked on the host by M: dlight's LowBatchGEMV (weights read once per `bucket` rows) for small M,
     # its tiled Matmul (rows padded to its tile) above. (max M, bucket); M beyond the last -> Matmul.
