@@ -20,10 +20,12 @@ Schedules (all written here, not dlight):
   vector FMA; rows are tiled 4 at a time (x chunk reused from registers) and the row tiles run
   ``parallel``.  GEMM dequantizes a 16-column panel of W over all of K once (it stays in L2), then
   runs a 4x16 register-blocked micro-kernel over every row tile of x.
-* ``cuda``: GEMV gives each thread whole 32-element groups (one 128-bit load of packed words per
-  Q4 group), 32 threads along K per row reduce with warp shuffles (TVM lowers the cross-thread
-  reduction to ``__shfl_down_sync``), several rows per block on ``threadIdx.y``.  The nibble ->
-  float conversion uses the exponent trick (``bits | 0x4B000000`` minus 2^23) instead of I2F,
+* ``cuda``: GEMV gives each output row one warp; its 32 threads cover 8 groups x 4 chunks of 8
+  elements, so each step reads 32 consecutive packed words and the matching activations, both
+  coalesced (activations as 128-bit loads); steps are unrolled so several loads per thread are in
+  flight, and the warp reduces with shuffles (TVM lowers the cross-thread reduction to
+  ``__shfl_down_sync``); several rows per block on ``threadIdx.y``.  The nibble -> float
+  conversion uses the exponent trick (``bits | 0x4B000000`` minus 2^23) instead of I2F,
   which runs at a quarter rate on NVIDIA.  GEMM is a 64x64x32 shared-memory tiled kernel, 256
   threads each owning 4x4 outputs, shared tiles padded against bank conflicts; the W tile is
   dequantized straight into shared memory.
@@ -161,23 +163,30 @@ def _with_output_cast(acc: te.Tensor, dtype: str):
     return te.compute(acc.shape, lambda i, j: acc[i, j].astype(dtype), name="y_cast")
 
 
-def gemv_compute(qtype: QType, n: int, k: int, batch: int, dtype: str, target: str, lanes: int) -> tirx.PrimFunc:
-    """Unscheduled GEMV; ``lanes`` is how many consecutive elements of a group stay separate in
-    ``part`` (the CPU vector width; 1 on GPUs, where one thread owns a whole group)."""
+def gemv_compute(qtype: QType, n: int, k: int, batch: int, dtype: str, target: str, lanes: int,
+                 chunked: bool = False) -> tirx.PrimFunc:
+    """Unscheduled GEMV.  Each 32-element group is split into ``lanes`` partial dot products
+    ``part[b, n, g, l]``; element ``s`` of lane ``l`` is ``32g + s*lanes + l`` (interleaved: the
+    CPU's vector lanes) or, with ``chunked``, ``32g + l*(32/lanes) + s`` (contiguous chunks: on
+    GPUs one thread owns one chunk, so a warp reads consecutive packed words and activations)."""
     x, qweight, scales = _placeholders(qtype, n, k, batch, dtype)
     dec = _Decoder(qtype, qweight, scales, target)
     groups, steps = k // GROUP, GROUP // lanes
+
+    def element(g, l, s):
+        return g * GROUP + (l * steps + s if chunked else s * lanes + l)
+
     raw = te.compute((n, k), lambda i, j: dec.raw(i, j), name="raw")
     s = te.reduce_axis((0, steps), name="s")
     part = te.compute(
         (batch, n, groups, lanes),
-        lambda b, i, g, l: te.sum(x[b, g * GROUP + s * lanes + l].astype(F32) * raw[i, g * GROUP + s * lanes + l], axis=s),
+        lambda b, i, g, l: te.sum(x[b, element(g, l, s)].astype(F32) * raw[i, element(g, l, s)], axis=s),
         name="part")
     rg, rl = te.reduce_axis((0, groups), name="rg"), te.reduce_axis((0, lanes), name="rl")
     if qtype is QType.Q4_K:
         s2 = te.reduce_axis((0, steps), name="s2")
         xsum = te.compute((batch, groups, lanes),
-                          lambda b, g, l: te.sum(x[b, g * GROUP + s2 * lanes + l].astype(F32), axis=s2), name="xsum")
+                          lambda b, g, l: te.sum(x[b, element(g, l, s2)].astype(F32), axis=s2), name="xsum")
         acc = te.compute((batch, n), lambda b, i: te.sum(
             dec.scale(i, rg) * part[b, i, rg, rl] - dec.offset(i, rg) * xsum[b, rg, rl], axis=[rg, rl]), name="acc")
     else:
@@ -248,8 +257,15 @@ def _schedule_gemv_llvm(func, qtype: QType, n: int, k: int, batch: int, rows_per
     return sch
 
 
+GPU_GEMV_LANES = 4            # threads per 32-element group: each owns 8 elements (1 Q4 / 2 Q8 words)
+GPU_GEMV_UNROLL = 4           # warp iterations unrolled so their loads are in flight together
+
+
 def _schedule_gemv_gpu(func, qtype: QType, n: int, k: int, batch: int, target: str):
-    threads_k = 32                                        # one warp along K per row
+    """One warp per output row, 32 threads = 8 groups x 4 lanes: at each step the warp reads 32
+    consecutive packed words (8 groups, 128 B of Q4) and the 256 matching activations, both
+    coalesced; steps are unrolled by 4 so that 4 loads per thread are in flight."""
+    groups_per_step = 32 // GPU_GEMV_LANES
     # Rows per block must divide n: the final cross-thread reduction block is not predicated on
     # the row when TVM computes it under threadIdx.y, so a partial last block would write past
     # the row range.  (Every width in the model is a multiple of 4; odd n falls back to 1.)
@@ -258,52 +274,45 @@ def _schedule_gemv_gpu(func, qtype: QType, n: int, k: int, batch: int, target: s
     acc, part, raw = sch.get_sblock("acc"), sch.get_sblock("part"), sch.get_sblock("raw")
     b, i, g, l = sch.get_loops(acc)
     bx, ty = sch.split(i, [None, rows_per_block])
-    go, tx = sch.split(g, [None, threads_k])
-    sch.reorder(bx, ty, tx, go, b, l)
+    go, gi = sch.split(g, [None, groups_per_step])
+    sch.reorder(bx, ty, gi, l, go, b)
+    tx = sch.fuse(gi, l)
     acc_rf = sch.rfactor(tx, factor_axis=1)
-    bx, ty, tx, go, b, l = sch.get_loops(acc_rf)
+    bx, ty, tx, go = sch.get_loops(acc_rf)[:4]
     sch.bind(bx, "blockIdx.x")
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
     sch.set_scope(acc_rf, 0, "local")
-    sch.decompose_reduction(acc_rf, go)
+    go_o, go_u = sch.split(go, [None, GPU_GEMV_UNROLL])
+    sch.decompose_reduction(acc_rf, go_o)
 
-    sch.compute_at(part, go)
+    sch.compute_at(part, go_u)
     sch.set_scope(part, 0, "local")
-    sch.compute_at(raw, go)
+    sch.compute_at(raw, go_u)
     sch.set_scope(raw, 0, "local")
-    # The group's packed words, 128 bits at a time.  The group loop is unrolled below, so the
-    # compiler can issue every group's loads before the first use (a thread walks only
-    # k / 32 / 32 = 3..9 groups) and keep enough bytes in flight to cover memory latency.
-    words = sch.cache_read(raw, 0, "local")
-    sch.compute_at(words, go)
-    wl = sch.get_loops(words)[-1]
-    wo, wv = sch.split(wl, [None, 4])
-    sch.vectorize(wv)
-    sch.unroll(sch.get_loops(raw)[-1])
-    # Below (blockIdx, threadIdx.y, threadIdx.x, group) every loop is short: unroll them (batch
-    # rows, lanes, the 32 elements).  Loops of extent 1 are absent, so index from the top.
-    for loop in sch.get_loops(part)[4:]:
-        sch.unroll(loop)
+    words = sch.cache_read(raw, 0, "local")              # this thread's 1 (Q4) or 2 (Q8) words
+    sch.compute_at(words, go_u)
+    if qtype is QType.Q8_0:
+        sch.vectorize(sch.get_loops(words)[-1])
     if _has_block(sch, "xsum"):
         xs = sch.get_sblock("xsum")
-        sch.compute_at(xs, go)
+        sch.compute_at(xs, go_u)
         sch.set_scope(xs, 0, "local")
-        sch.unroll(sch.get_loops(xs)[-1])
-    if target == "cuda" and batch <= 4:
-        # (more rows would not fit in registers)
-        # The group's 32 activations per batch row as 128-bit loads (L1/L2 hits: every row of
-        # the grid reads the same x); Q4_K's group sums read the same copy.  WGSL has no wider
-        # loads from an array<f32>.
+    if target == "cuda" and batch <= 8:
+        # The 8 activations of each batch row as two 128-bit loads.
         x_local = sch.cache_read(part, 0, "local")
-        sch.compute_at(x_local, go)
+        sch.compute_at(x_local, go_u)
         _, xv = sch.split(sch.get_loops(x_local)[-1], [None, 4])
         sch.vectorize(xv)
-    # Unrolled groups and batch rows: the per-row accumulators then stay in registers (a loop
-    # index into a local array puts it in slow local memory).
-    sch.unroll(go)
-    for loop in sch.get_loops(acc_rf)[4:]:
+    # Everything below the unrolled step is short: unroll it (batch rows, the 8 elements), so
+    # per-row accumulators stay in registers (a loop index into a local array would not).
+    for block in ("raw", "part", "xsum"):
+        if _has_block(sch, block):
+            for loop in sch.get_loops(sch.get_sblock(block))[5:]:
+                sch.unroll(loop)
+    for loop in sch.get_loops(acc_rf)[5:]:
         sch.unroll(loop)
+    sch.unroll(go_u)
 
     sch.reverse_compute_at(acc, ty)
     # The final block's loops are (tx as a reduction, b); the reduction goes on threadIdx.x so
@@ -442,8 +451,10 @@ def _validate(spec: KernelSpec) -> KernelSpec:
 def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
     q, n, k = spec.qtype, spec.out_features, spec.in_features
     if spec.kind == "gemv":
-        lanes = 8 if spec.target == "llvm" else 1
-        func = gemv_compute(q, n, k, spec.batch, spec.dtype, spec.target, lanes)
+        if spec.target == "llvm":
+            func = gemv_compute(q, n, k, spec.batch, spec.dtype, spec.target, lanes=8)
+        else:
+            func = gemv_compute(q, n, k, spec.batch, spec.dtype, spec.target, lanes=GPU_GEMV_LANES, chunked=True)
         sch = (_schedule_gemv_llvm(func, q, n, k, spec.batch) if spec.target == "llvm"
                else _schedule_gemv_gpu(func, q, n, k, spec.batch, spec.target))
     else:
