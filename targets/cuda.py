@@ -58,7 +58,8 @@ class CudaTarget(TargetSpec):
     # Matmuls whose row count M (batch x tokens) is only known at run time get one kernel per tier,
     # picked on the host by M: dlight's LowBatchGEMV (weights read once per `bucket` rows) for small M,
     # its tiled Matmul (rows padded to its tile) above. (max M, bucket); M beyond the last -> Matmul.
-    small_m_tiers: tuple = ((4, 4), (32, 16))
+    # Measured on the H100 (bench/RESULTS.md): bucket 4 up to M=64 beats buckets 8 and 16 at M=8..27.
+    small_m_tiers: tuple = ((64, 4),)
 
     def tvm_target(self):
         import tvm
@@ -266,7 +267,7 @@ def relax_pipeline(target, small_m_tiers):
 def small_m_dispatch(target, tiers):
     """For each PrimFunc that dlight's Matmul rule takes and whose output rows M are symbolic, build one
     schedule per tier of ``tiers`` (LowBatchGEMV with that bucket) plus the Matmul one, and pick among
-    them on the host: ``if M <= 4: ... elif M <= 32: ... else: ...``."""
+    them on the host: ``if M <= 64: <LowBatchGEMV> else: <Matmul>`` (more tiers nest)."""
     import tvm
     from tvm import tirx
     from tvm.s_tir import dlight as dl
