@@ -44,7 +44,7 @@ QTYPES = ("q4_0", "q8_0", "q4_k")
 
 
 def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None, qtypes=QTYPES,
-          batches=GEMV_BATCHES, dtype: str = "float32") -> Path:
+          batches=GEMV_BATCHES, dtype: str = "float32", kinds=("gemv", "gemm")) -> Path:
     import tvm
     from tvm.support import nvcc
 
@@ -56,7 +56,7 @@ def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None, 
     funcs, manifest = {}, []
     for label, (n, k) in (shapes or SHAPES).items():
         for qtype in qtypes:
-            for batch in (*batches, None):
+            for batch in (*(batches if "gemv" in kinds else ()), *((None,) if "gemm" in kinds else ())):
                 if batch is None and label.startswith("lm_head"):
                     continue
                 func = make_kernel(qtype, n, k, batch, dtype=dtype, target="cuda")
@@ -144,6 +144,7 @@ def run(out_dir: str | Path, gemm_rows=GEMM_ROWS, l2_bytes: int = 64 << 20, reps
                "copy_GBps_read_plus_write": round(hbm_gbps, 1), "kernels": []}
     rng = np.random.default_rng(0)
     weights_cache = {}
+    stream.use()            # uploads, zero fills, kernels and references all on one stream
     for entry in manifest["kernels"]:
         n, k, qtype = entry["n"], entry["k"], entry["qtype"]
         key = (qtype, n, k)
@@ -190,6 +191,7 @@ def main(argv=None):
     b = sub.add_parser("build")
     b.add_argument("--out", required=True)
     b.add_argument("--arch", default="sm_90")
+    b.add_argument("--kinds", default="gemv,gemm", help="gemv, gemm or both")
     r = sub.add_parser("run")
     r.add_argument("--dir", required=True)
     r.add_argument("--json")
@@ -199,7 +201,7 @@ def main(argv=None):
     a.add_argument("--json")
     args = ap.parse_args(argv)
     if args.cmd in ("build", "all"):
-        build(args.out, args.arch)
+        build(args.out, args.arch, kinds=tuple(getattr(args, "kinds", "gemv,gemm").split(",")))
     if args.cmd in ("run", "all"):
         res = run(getattr(args, "dir", None) or args.out)
         if args.json:
