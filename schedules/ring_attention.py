@@ -36,7 +36,7 @@ def ring_attention_func(n_heads: int, n_kv_heads: int, head_dim: int, window: in
     n_layers, n_slots = te.var("n_layers", "int64"), te.var("n_slots", "int64")
     layer = te.var("layer", "int64")
     group = n_heads // n_kv_heads
-    scale = tirx.const(head_dim ** -0.5, dtype)
+    scale = tirx.const(head_dim ** -0.5, "float32")   # scores and softmax in float32 for any storage dtype
     q = te.placeholder((b, n, n_heads, head_dim), dtype, name="q")
     k = te.placeholder((b, n, n_kv_heads, head_dim), dtype, name="k")
     v = te.placeholder((b, n, n_kv_heads, head_dim), dtype, name="v")
@@ -64,12 +64,13 @@ def ring_attention_func(n_heads: int, n_kv_heads: int, head_dim: int, window: in
     rd = te.reduce_axis((0, head_dim), name="rd")
     dots = te.compute(
         (b, n_heads, n, n_keys),
-        lambda bi, h, i, j: te.sum(q[bi, i, h, rd] * key_or_value(0, k, bi, j, h // group, rd), axis=rd),
+        lambda bi, h, i, j: te.sum(q[bi, i, h, rd].astype("float32")
+                                   * key_or_value(0, k, bi, j, h // group, rd).astype("float32"), axis=rd),
         name="dots")
     scores = te.compute(
         (b, n_heads, n, n_keys),
         lambda bi, h, i, j: tirx.if_then_else(visible(bi, i, j), dots[bi, h, i, j] * scale,
-                                              tirx.const(NEG_INF, dtype)),
+                                              tirx.const(NEG_INF, "float32")),
         name="scores")
     rj = te.reduce_axis((0, n_keys), name="rj")
     row_max = te.compute((b, n_heads, n), lambda bi, h, i: te.max(scores[bi, h, i, rj], axis=rj), name="row_max")
@@ -80,10 +81,11 @@ def ring_attention_func(n_heads: int, n_kv_heads: int, head_dim: int, window: in
     ro = te.reduce_axis((0, n_keys), name="ro")
     weighted = te.compute(
         (b, n, n_heads, head_dim),
-        lambda bi, i, h, d: te.sum(weights[bi, h, i, ro] * key_or_value(1, v, bi, ro, h // group, d), axis=ro),
+        lambda bi, i, h, d: te.sum(weights[bi, h, i, ro]
+                                   * key_or_value(1, v, bi, ro, h // group, d).astype("float32"), axis=ro),
         name="weighted")
     out = te.compute((b, n, n_heads, head_dim),
-                     lambda bi, i, h, d: weighted[bi, i, h, d] / row_sum[bi, h, i], name="attn_out")
+                     lambda bi, i, h, d: (weighted[bi, i, h, d] / row_sum[bi, h, i]).astype(dtype), name="attn_out")
     return te.create_prim_func([q, k, v, cache, slots, starts, layer, out]).without_attr("global_symbol")
 
 

@@ -99,3 +99,25 @@ def test_errors_are_one_clear_line(tmp_path, artifact, wav, case):
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith("voxc: error: ") and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_runtime_needs_no_compiler(artifact, wav):
+    """A server installs TVM's runtime libraries only: loading and transcribing must not import tvm."""
+    import importlib.util
+    lib_dir = f"{list(importlib.util.find_spec('tvm').submodule_search_locations)[0]}/lib"
+    script = f"""
+import sys
+class NoTVM:
+    def find_spec(self, name, path=None, target=None):
+        if name == "tvm" or name.startswith("tvm."):
+            raise ImportError("the TVM compiler is not installed here")
+sys.meta_path.insert(0, NoTVM())
+import soundfile, voxc
+model = voxc.load({str(artifact)!r})
+print(repr(model.transcribe(soundfile.read({str(wav)!r}, dtype="float32")[0])))
+"""
+    env = {**__import__("os").environ, "VOXC_TVM_LIB_DIR": lib_dir}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env)
+    assert result.returncode == 0, result.stderr
+    expected = voxc.load(artifact).transcribe(soundfile.read(wav, dtype="float32")[0])
+    assert result.stdout.strip() == repr(expected)

@@ -10,8 +10,8 @@ An artifact is a directory any voxc runtime can load without the compiler:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -92,11 +92,12 @@ class WeightSource:
 
 
 def build(checkpoint: str | Path, target_name: str, out_dir: str | Path, *, progress: bool = True,
-          left_pad_tokens: int | None = None, quantization: str | None = None) -> Path:
+          left_pad_tokens: int | None = None, quantization: str | None = None, dtype: str | None = None) -> Path:
     """Compile ``checkpoint`` for ``target_name`` into the artifact directory ``out_dir``.
 
     ``quantization``: q4_0, q4_k or q8_0 to quantize the projections and the embedding table;
-    a GGUF input keeps its own type unless this says otherwise.
+    a GGUF input keeps its own type unless this says otherwise.  ``dtype``: the activation, cache
+    and float-weight dtype (float32 or float16; default: the target's).
     """
     from targets import get_target
     from voxc.model import mel
@@ -107,6 +108,10 @@ def build(checkpoint: str | Path, target_name: str, out_dir: str | Path, *, prog
 
     out_dir = Path(out_dir)
     target = get_target(target_name)
+    if dtype is not None:
+        if dtype not in ("float32", "float16"):
+            raise VoxcError(f"--dtype must be float32 or float16, not {dtype}")
+        target = dataclasses.replace(target, model_dtype=dtype)
     log = _Log(progress)
     source = WeightSource(checkpoint, progress)
     quant = QType.parse(quantization).value if quantization else source.quantization
@@ -122,6 +127,10 @@ def build(checkpoint: str | Path, target_name: str, out_dir: str | Path, *, prog
         mod, params = target.export_graph(source.config)
     log.step(f"compiling {len(mod.functions)} functions for {target.name} (this takes a while)")
     executable = target.compile(mod)
+    package = getattr(target, "package", None)
+    if package is not None:   # a target with its own output layout (webgpu: a static web folder)
+        return package(out_dir, executable=executable, params=params, source=source, left_pad_tokens=left_pad_tokens,
+                       quantization=quant, progress=progress, log=log.step)
     out_dir.mkdir(parents=True, exist_ok=True)
     library = target.export(executable, out_dir)
     log.step("writing weights")

@@ -69,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", type=Path, help="artifact directory (default: <checkpoint>-<target>)")
     p.add_argument("--left-pad-tokens", type=int, default=None,
                    help="silence tokens before the audio (default: the tokenizer's, 32; Q4_0 needs 76)")
+    p.add_argument("--quantization", "-q", choices=["q4_0", "q4_k", "q8_0"], default=None,
+                   help="store projections and the embedding table quantized (GGUF block formats); "
+                        "a .gguf input keeps its own type by default")
+    p.add_argument("--dtype", choices=["float32", "float16"], default=None,
+                   help="activation/KV-cache dtype (default: the target's; float16 halves GPU memory)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(handler=cmd_build)
 
@@ -123,7 +128,8 @@ def cmd_build(args) -> int:
     out = args.output or args.checkpoint.with_name(f"{args.checkpoint.name}-{args.target}")
     if not args.checkpoint.exists():
         raise VoxcError(f"{args.checkpoint} does not exist")
-    build(args.checkpoint, args.target, out, progress=not args.quiet, left_pad_tokens=args.left_pad_tokens)
+    build(args.checkpoint, args.target, out, progress=not args.quiet, left_pad_tokens=args.left_pad_tokens,
+          quantization=args.quantization, dtype=args.dtype)
     print(f"built {out}")
     return 0
 

@@ -14,6 +14,11 @@ from typing import Any
 from voxc.errors import VoxcError
 
 
+# Audio embeddings buffered per stream between encoder and decoder (rows of the device audio ring).
+# The session never lets the encoder run further ahead of the decoder than this.
+AUDIO_RING_ROWS = 256
+
+
 @dataclasses.dataclass(frozen=True)
 class EncoderConfig:
     dim: int = 1280

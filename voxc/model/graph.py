@@ -25,14 +25,10 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op, spec
 
 from voxc.model.adapter import Adapter
-from voxc.model.config import ModelConfig
+from voxc.model.config import AUDIO_RING_ROWS, ModelConfig
 from voxc.model.decoder import Decoder
 from voxc.model.encoder import Encoder
 from voxc.model.layers import embedding, read_slot_rows, sinusoidal_embedding, write_slot_rows
-
-# Audio embeddings buffered per stream between encoder and decoder. The session never lets the
-# encoder run further ahead of the decoder than this (prompt + one encoder call fit easily).
-AUDIO_RING_ROWS = 256
 
 
 class VoxtralGraph(nn.Module):
@@ -49,7 +45,8 @@ class VoxtralGraph(nn.Module):
 
     # ---- audio side -------------------------------------------------------------------------
     def mel(self, samples: nn.Tensor):
-        return self.mel_frontend(samples)
+        mel = self.mel_frontend(samples)
+        return mel if self.dtype == "float32" else mel.astype(self.dtype)
 
     def encode_stages(self, mel, conv0_state, conv1_state, enc_cache, audio_ring, slots, starts):
         frames, conv0_state, conv1_state = self.enc.stem(mel, conv0_state, conv1_state, slots)
@@ -66,7 +63,7 @@ class VoxtralGraph(nn.Module):
     def decode(self, tokens, audio_ring, delay_tokens, dec_cache, slots, starts):
         n = tokens.shape[1]
         x = self.tok_embeddings.lookup(tokens) + read_slot_rows(audio_ring, slots, starts, n)
-        t_cond = sinusoidal_embedding(delay_tokens, self.cfg.decoder.dim)
+        t_cond = sinusoidal_embedding(delay_tokens, self.cfg.decoder.dim).astype(self.dtype)
         hidden, dec_cache = self.dec(x, t_cond, dec_cache, slots, starts)
         last = _last_row(hidden)
         logits = self.tok_embeddings.project(last)

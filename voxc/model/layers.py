@@ -83,7 +83,8 @@ def apply_rope(x: nn.Tensor, starts: nn.Tensor, theta: float, name: str) -> nn.T
     """Rotary embedding in Mistral's interleaved-pair layout: pairs (2i, 2i+1) of each head rotate.
 
     x: [b, n, heads, head_dim]; starts: [b] int32, the absolute position of x[:, 0].
-    Frequencies follow the reference (float32 ``theta ** (-2i / d)`` times the float32 position).
+    Frequencies follow the reference (float32 ``theta ** (-2i / d)`` times the float32 position);
+    the rotation is computed in float32 and stored back in x's dtype.
     """
     head_dim = x.shape[-1]
 
@@ -94,9 +95,10 @@ def apply_rope(x: nn.Tensor, starts: nn.Tensor, theta: float, name: str) -> nn.T
             inv_freq = tirx.const(1.0, "float32") / tirx.power(tirx.const(theta, "float32"), exponent)
             angle = (st[bi] + i.astype("int32")).astype("float32") * inv_freq
             cos, sin = tirx.cos(angle), tirx.sin(angle)
-            even = xt[bi, i, h, pair * 2]
-            odd = xt[bi, i, h, pair * 2 + 1]
-            return tirx.if_then_else(d % 2 == 0, even * cos - odd * sin, even * sin + odd * cos)
+            even = xt[bi, i, h, pair * 2].astype("float32")
+            odd = xt[bi, i, h, pair * 2 + 1].astype("float32")
+            rotated_value = tirx.if_then_else(d % 2 == 0, even * cos - odd * sin, even * sin + odd * cos)
+            return rotated_value.astype(xt.dtype)
 
         return te.compute(xt.shape, rotated, name="rope")
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from voxc.errors import VoxcError
-from voxc.model.config import ModelConfig, delay_tokens
+from voxc.model.config import AUDIO_RING_ROWS, ModelConfig, delay_tokens
 from voxc.runtime.tvm_runtime import Runtime
 
 ARTIFACT_FORMAT = 1
@@ -66,11 +66,11 @@ class CompiledModel:
         self._encode = self.vm["encode"]
         self._encode_stages = self.vm["encode_stages"]
         self._decode = self.vm["decode"]
+        # Targets may add a static-shape copy of decode for one stream and one token (faster kernels).
+        self._decode_single = _optional_function(self.vm, "decode_b1n1")
         self._view = runtime.ffi.get_global_func("runtime.TVMTensorCreateView")
         self.slots = SlotPool(max_streams)
         e, d = self.config.encoder, self.config.decoder
-        from voxc.model.graph import AUDIO_RING_ROWS
-
         self.audio_ring_rows = AUDIO_RING_ROWS
         self.conv0_state = runtime.zeros((max_streams, 2, e.num_mel_bins), self.dtype)
         self.conv1_state = runtime.zeros((max_streams, 1, e.dim), self.dtype)
@@ -143,8 +143,10 @@ class CompiledModel:
 
     def decode(self, tokens: np.ndarray, delays, slots, starts):
         """Decode tokens [b, n] at positions ``starts``; returns (logits [b, vocab], greedy tokens [b])."""
-        logits, next_tokens, self.dec_cache = self._decode(
-            self.rt.tensor(np.asarray(tokens, np.int32)), self.audio_ring,
+        tokens = np.asarray(tokens, np.int32)
+        fn = self._decode_single if tokens.shape == (1, 1) and self._decode_single is not None else self._decode
+        logits, next_tokens, self.dec_cache = fn(
+            self.rt.tensor(tokens), self.audio_ring,
             self.rt.tensor(np.asarray(delays, np.float32)), self.dec_cache,
             self.rt.tensor(np.asarray(slots, np.int32)), self.rt.tensor(np.asarray(starts, np.int32)),
             *self.params)
@@ -152,6 +154,13 @@ class CompiledModel:
 
     def delay_tokens(self, delay_ms: int) -> int:
         return delay_tokens(delay_ms, self.config.audio)
+
+
+def _optional_function(vm, name: str):
+    try:
+        return vm[name]
+    except Exception:  # tvm_ffi raises its own error type for a missing function
+        return None
 
 
 class SlotPool:

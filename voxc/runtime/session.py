@@ -26,7 +26,7 @@ from collections import defaultdict, deque
 import numpy as np
 
 from voxc.errors import VoxcError
-from voxc.model.mel import StreamingMelFramer
+from voxc.runtime.framing import StreamingMelFramer
 
 # mistral-common's OFFLINE_STREAMING_BUFFER_TOKENS: right padding beyond delay + BOS, so a word
 # spoken at the very end still gets its tokens.
