@@ -634,6 +634,8 @@ def read_gguf(path: str | os.PathLike | Iterable[str | os.PathLike], *, config: 
     linear_types = collections.Counter(types[n] for n in types if _QUANTIZED.match(n))
     quant_counts = {k: v for k, v in linear_types.items() if k not in ("F32", "F16", "BF16")}
     main_qtype = max(quant_counts, key=quant_counts.get) if quant_counts else None
+    if layout == "voxc" and "voxc.qtype" in kv:   # the requested type, whatever small layers fell back to
+        main_qtype = str(kv["voxc.qtype"]).upper()
     if layout == "voxc":
         left_pad = int(kv.get("voxc.left_pad_tokens", LEFT_PAD_DEFAULT))
     elif layout == "voxtral_cpp" and "voxtral.audio.n_left_pad_tokens" in kv:

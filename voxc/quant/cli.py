@@ -1,0 +1,57 @@
+"""`voxc quantize`: an official (or transformers-layout) checkpoint -> voxc's quantized GGUF."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+DEFAULT_QTYPE = "q4_k"   # least error at 4.5 bits/weight (tests/test_quant.py measures it against Q4_0)
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "quantize", help="write a quantized GGUF (Q4_K, Q4_0 or Q8_0) from a checkpoint",
+        description="Quantize a checkpoint's projections and embedding table into voxc's GGUF file "
+                    "(norms and biases stay float32, convs float16). The file carries the model config, the "
+                    "tokenizer and the left-padding setting (76 silence tokens for Q4_0, which needs them; "
+                    "32 otherwise). Build it with `voxc build FILE.gguf --target ...`.")
+    p.add_argument("checkpoint", type=Path, help="checkpoint directory (official Mistral or transformers layout)")
+    p.add_argument("output", type=Path, help="the .gguf file to write")
+    p.add_argument("--type", "-t", dest="qtype", choices=["q4_k", "q4_0", "q8_0"], default=DEFAULT_QTYPE,
+                   help=f"quantization type (default {DEFAULT_QTYPE})")
+    p.add_argument("--left-pad-tokens", type=int, default=None, help="override the recorded left padding")
+    p.set_defaults(handler=run)
+
+
+class LazyTensors(Mapping):
+    """The checkpoint as a mapping read one tensor at a time (the GGUF writer walks it twice)."""
+
+    def __init__(self, checkpoint):
+        self.checkpoint = checkpoint
+
+    def __getitem__(self, name):
+        return self.checkpoint.get(name)
+
+    def __iter__(self):
+        return iter(self.checkpoint.names())
+
+    def __len__(self):
+        return len(self.checkpoint)
+
+
+def run(args) -> int:
+    from voxc.errors import VoxcError
+    from voxc.loader.safetensors_loader import load_checkpoint
+    from voxc.quant.gguf_io import write_voxc_gguf
+
+    if args.output.suffix != ".gguf":
+        raise VoxcError(f"{args.output}: the output file must end in .gguf")
+    ckpt = load_checkpoint(args.checkpoint, progress=sys.stderr.isatty())
+    if ckpt.tokenizer_path is None:
+        raise VoxcError(f"{args.checkpoint}: no tekken.json next to the weights")
+    print(f"quantizing {len(ckpt)} tensors to {args.qtype} ...", file=sys.stderr)
+    plan = write_voxc_gguf(LazyTensors(ckpt), ckpt.config, Path(ckpt.tokenizer_path).read_bytes(), args.output,
+                           args.qtype, left_pad_tokens=args.left_pad_tokens)
+    kinds = sorted({kind for kind in plan.values()})
+    print(f"wrote {args.output} ({args.output.stat().st_size / 2**20:.1f} MiB; tensor types: {', '.join(kinds)})")
+    return 0
