@@ -1,6 +1,7 @@
 """`voxc bench ...`: benchmarks, each reporting ratios against a baseline measured in the same run."""
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 
@@ -15,7 +16,37 @@ def register(sub) -> None:
     m.add_argument("--model", "-m", type=Path, required=True, help="artifact directory")
     m.add_argument("--minutes", type=float, default=60.0)
     m.set_defaults(handler=_memory)
+    for name, script, text in BENCH_SCRIPTS:
+        b = kinds.add_parser(name, help=text, description=f"{text} (runs bench/{script}; its docstring and "
+                                                           "bench/RESULTS.md say how, and what it needs)")
+        b.add_argument("args", nargs=argparse.REMAINDER, help="passed to the script")
+        b.set_defaults(handler=_script_runner(script))
     p.set_defaults(handler=lambda args: p.print_help() or 2)
+
+
+# Benchmarks that live as scripts in bench/ (they need a GPU machine or extra packages).
+BENCH_SCRIPTS = [
+    ("cuda", "cuda_bench.py", "full-size model on a GPU: decode step vs bandwidth floor, RTF, streams per GPU"),
+    ("quant-cpu", "quant_cpu.py", "quantized GEMV at the decoder's shapes vs a streaming-read floor, on the CPU"),
+    ("quant-gpu", "quant_gpu.py", "quantized GEMV/GEMM kernels on a GPU vs its copy bandwidth"),
+]
+
+
+def _script_runner(script: str):
+    def run(args) -> int:
+        import runpy
+        import sys
+
+        from voxc.errors import VoxcError
+
+        path = Path(__file__).resolve().parents[1] / "bench" / script
+        if not path.exists():
+            raise VoxcError(f"bench/{script} is not here: benchmarks run from a source checkout of voxc")
+        sys.argv = [str(path), *args.args]
+        runpy.run_path(str(path), run_name="__main__")
+        return 0
+
+    return run
 
 
 def _memory(args) -> int:
