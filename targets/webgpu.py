@@ -24,6 +24,15 @@ exporter can't take the objects: it looks runtime files up by their ``.bc`` name
 
 Numerics: float32 by default.  Chrome on Linux/NVIDIA and SwiftShader (the headless test browser)
 have no ``shader-f16``; a bundle records whether its WGSL needs it and voxc.js checks the adapter.
+The mel front end computes in float32 (WGSL has no f64).
+
+``voxc build CKPT --target webgpu -o OUT`` (``WebGPUTarget.package`` -> :func:`write_model_bundle`)
+writes a static folder: the demo page (web/index.html, demo.js, demo.css, capture-worklet.js),
+web/voxc.js (the streaming API, voxc.runtime.session's logic in JavaScript), tvmjs.js, model.wasm,
+tensor-cache.json + params_shard_*.bin (weights, tvmjs's tensor-cache format), tokenizer.json
+(token bytes for the text) and voxc-bundle.json (the manifest voxc.js reads first).  What the
+browser graph changes against the common one (packed parameters, the split token table, argmax,
+attention kernels, the DFT matmul, log10) is described at :func:`export_web_graph`.
 """
 from __future__ import annotations
 
@@ -43,6 +52,9 @@ import tarfile
 import threading
 import time
 from pathlib import Path
+
+from tvm.relax.frontend import nn
+from tvm.relax.frontend.nn import op
 
 from targets.base import TargetSpec
 from voxc.errors import VoxcError
@@ -67,6 +79,8 @@ TVMJS_BUILD_DEPS = {
 TVMJS_NPM_PACKAGE = "@mlc-ai/web-runtime@0.27.0-dev0"  # the tvmjs build published for TVM 0.27
 # The browser can always count on 256 invocations per workgroup (the WebGPU default limit).
 WEBGPU_DEFAULT_MAX_WORKGROUP = 256
+# WebGPU's default maxStorageBufferBindingSize: every weight buffer of a bundle stays under it.
+EMBEDDING_PART_BYTES = 128 << 20
 # create_tvmjs_wasm's link flags (tvm/support/emcc.py), which the model wasm keeps.
 _LINK_FLAGS = ["-std=c++17", "--no-entry", "-s", "WASM_BIGINT=1", "-s", "ERROR_ON_UNDEFINED_SYMBOLS=0",
                "-s", "STANDALONE_WASM=1", "-s", "ALLOW_MEMORY_GROWTH=1", "-s", "TOTAL_MEMORY=160MB"]
@@ -86,15 +100,30 @@ class WebGPUTarget(TargetSpec):
     mel_dtype: str = "float32"     # WGSL has no f64
     max_workgroup_size: int = WEBGPU_DEFAULT_MAX_WORKGROUP
     optimize_wasm: bool = True     # binaryen -O2 on the final link (see module docstring)
+    # A dense token table larger than this is split into row blocks of at most this many bytes, one
+    # GPU buffer each (see SplitEmbedding); 128 MiB is WebGPU's default maxStorageBufferBindingSize.
+    embedding_part_bytes: int = EMBEDDING_PART_BYTES
+    shard_mb: int = 32             # weight shard size (a tensor above half of it gets its own shard)
 
     def tvm_target(self):
         return webgpu_target(self.max_workgroup_size)
 
+    def export_graph(self, cfg):
+        return export_web_graph(cfg, dtype=self.model_dtype, mel_dtype=self.mel_dtype,
+                                embedding_part_bytes=self.embedding_part_bytes)
+
     def compile(self, mod):
-        return compile_for_webgpu(mod, max_workgroup_size=self.max_workgroup_size)
+        return compile_model_for_webgpu(mod, max_workgroup_size=self.max_workgroup_size)
 
     def export(self, executable, out_dir: Path) -> Path:
         return export_wasm(executable, Path(out_dir) / self.library_name, optimize=self.optimize_wasm)
+
+    def package(self, out_dir: Path, *, executable, params, source, left_pad_tokens=None, quantization=None,
+                progress: bool = True, log=None) -> Path:
+        """``voxc build --target webgpu``: the static web folder (see :func:`write_model_bundle`)."""
+        return write_model_bundle(out_dir, target=self, executable=executable, params=params, source=source,
+                                  left_pad_tokens=left_pad_tokens, quantization=quantization,
+                                  progress=progress, log=log)
 
 
 TARGET = WebGPUTarget()
@@ -121,6 +150,8 @@ def compile_for_webgpu(mod, *, max_workgroup_size: int = WEBGPU_DEFAULT_MAX_WORK
                        supports_subgroups: bool = False, host: dict | None = None, relax_pipeline="default"):
     """Relax IRModule -> VM executable with WGSL kernels (TVM's GPU pipeline: legalize, fuse, dlight)."""
     import tvm
+
+    register_wgsl_intrinsics()
 
     target = webgpu_target(max_workgroup_size, supports_subgroups, host)
     with target:
@@ -149,6 +180,404 @@ def shader_info(executable) -> dict:
         features.append("subgroups")
     return {"required_features": features, "max_workgroup_size": max(sizes, default=1),
             "num_kernels": len(json.loads(dev.inspect_source("func_info")))}
+
+
+# ---- the Voxtral graph for the browser -------------------------------------------------------------
+# What the browser build changes against the graph every target compiles (voxc/model/graph.py):
+#
+# * parameters are one packed tuple argument (nn's ``param_mode="packed"``): voxc.js hands the VM
+#   the weight array it got from the tensor cache once per call instead of hundreds of arguments;
+# * a dense token table above ``embedding_part_bytes`` becomes row blocks, one GPU buffer each
+#   (:class:`SplitEmbedding`): the 4B model's f32 table is 131072 x 3072 x 4 B = 1.5 GB, above
+#   every browser's maxStorageBufferBindingSize default (128 MiB) and above SwiftShader's and
+#   tvmjs's 1 GiB, while the table's other use, the tied LM head, must read all of it on the GPU
+#   every step (so a CPU-side row lookup would not remove it from the GPU);
+# * greedy ``topk(k=1)`` becomes an int32 argmax kernel (TVM's sort/argmax use int64 indices or
+#   blockIdx.z, neither of which WGSL has);
+# * the ring attention uses voxc's split-K kernels (schedules/ring_attention.py; dlight cannot
+#   schedule the TE definition) with workgroups and shared memory sized for WebGPU's limits.
+
+
+def _gather_rows_func(start: int, rows: int, dim: int, dtype: str, threads: int = 256):
+    """In place: ``acc[i, :] = part[ids[i] - start, :]`` for the ids inside ``[start, start + rows)``."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(private=True, s_tir=True)
+    def embedding_part_gather(var_acc: T.handle, var_part: T.handle, var_ids: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        m = T.int64()
+        acc = T.match_buffer(var_acc, (m, dim), dtype)
+        part = T.match_buffer(var_part, (rows, dim), dtype)
+        ids = T.match_buffer(var_ids, (m,), "int32")
+        for bx in T.thread_binding((m * dim + threads - 1) // threads, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                with T.sblock("gather"):
+                    flat: T.let[T.int64] = bx * threads + T.Cast("int64", tx)
+                    if flat < m * dim:
+                        row: T.let[T.int64] = T.Cast("int64", ids[flat // dim]) - start
+                        if row >= 0 and row < rows:
+                            acc[flat // dim, flat % dim] = part[row, flat % dim]
+
+    return embedding_part_gather
+
+
+def _write_columns_func(start: int, cols: int, total: int, dtype: str, threads: int = 256):
+    """In place: ``out[:, start:start + cols] = src``."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(private=True, s_tir=True)
+    def write_columns(var_out: T.handle, var_src: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        b = T.int64()
+        out = T.match_buffer(var_out, (b, total), dtype)
+        src = T.match_buffer(var_src, (b, cols), dtype)
+        for bx in T.thread_binding((b * cols + threads - 1) // threads, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                with T.sblock("copy"):
+                    flat: T.let[T.int64] = bx * threads + T.Cast("int64", tx)
+                    if flat < b * cols:
+                        out[flat // cols, start + flat % cols] = src[flat // cols, flat % cols]
+
+    return write_columns
+
+
+class _Rows(nn.Module):
+    def __init__(self, rows: int, dim: int, dtype: str):
+        self.weight = nn.Parameter((rows, dim), dtype)
+
+
+class SplitEmbedding(nn.Module):
+    """The tied token table as row blocks ``parts.<k>.weight`` (``embedding_part_rows`` below),
+    with DenseEmbedding's interface.  Every kernel binds at most one block, so no buffer exceeds
+    the block size and no kernel needs more than a handful of storage bindings (WebGPU's default
+    is 8 per shader stage)."""
+
+    def __init__(self, vocab_size: int, dim: int, dtype: str, rows_per_part: int):
+        self.vocab_size, self.dim, self.dtype = vocab_size, dim, dtype
+        self.bounds = embedding_part_bounds(vocab_size, rows_per_part)
+        self.parts = nn.ModuleList([_Rows(end - start, dim, dtype) for start, end in self.bounds])
+
+    def lookup(self, ids: nn.Tensor) -> nn.Tensor:
+        b, n = ids.shape
+        flat_ids = op.reshape(ids, (b * n,))
+        acc = op.zeros((b * n, self.dim), self.dtype)
+        for (start, end), part in zip(self.bounds, self.parts):
+            acc = op.tensor_ir_inplace_op(
+                _gather_rows_func(start, end - start, self.dim, self.dtype), "embedding_part_gather",
+                args=[acc, part.weight, flat_ids], inplace_indices=[0],
+                out=nn.Tensor.placeholder((b * n, self.dim), self.dtype))
+        return op.reshape(acc, (b, n, self.dim))
+
+    def project(self, hidden: nn.Tensor) -> nn.Tensor:
+        b = hidden.shape[0]
+        logits = op.zeros((b, self.vocab_size), self.dtype)
+        for (start, end), part in zip(self.bounds, self.parts):
+            piece = op.matmul(hidden, op.permute_dims(part.weight))
+            logits = op.tensor_ir_inplace_op(
+                _write_columns_func(start, end - start, self.vocab_size, self.dtype), "write_columns",
+                args=[logits, piece], inplace_indices=[0],
+                out=nn.Tensor.placeholder((b, self.vocab_size), self.dtype))
+        return logits
+
+
+def embedding_part_bounds(vocab_size: int, rows_per_part: int) -> list[tuple[int, int]]:
+    return [(s, min(s + rows_per_part, vocab_size)) for s in range(0, vocab_size, rows_per_part)]
+
+
+def embedding_part_rows(vocab_size: int, dim: int, dtype: str, part_bytes: int) -> int | None:
+    """Rows per block of the token table, or None when the whole table fits in ``part_bytes``."""
+    import numpy as np
+
+    row_bytes = dim * np.dtype(dtype).itemsize
+    if vocab_size * row_bytes <= part_bytes:
+        return None
+    n_parts = -(-vocab_size * row_bytes // part_bytes)
+    rows = -(-vocab_size // n_parts)
+    while rows * row_bytes > part_bytes:
+        n_parts += 1
+        rows = -(-vocab_size // n_parts)
+    return rows
+
+
+SPLIT_EMBEDDING_PREFIX = "tok_embeddings.parts."
+
+
+def export_web_graph(cfg, *, dtype: str = "float32", mel_dtype: str = "float32",
+                     embedding_part_bytes: int = EMBEDDING_PART_BYTES):
+    """The model's Relax module for the browser (see the section comment) and its parameter list."""
+    from voxc.model.graph import VoxtralGraph
+    from voxc.model.layers import DenseEmbedding
+
+    graph = VoxtralGraph(cfg, dtype=dtype, mel_dtype=mel_dtype)
+    d = cfg.decoder
+    rows = embedding_part_rows(d.vocab_size, d.dim, dtype, embedding_part_bytes)
+    if rows is not None and isinstance(graph.tok_embeddings, DenseEmbedding):
+        graph.tok_embeddings = SplitEmbedding(d.vocab_size, d.dim, dtype, rows)
+    spec = graph.export_spec()
+    for method in spec.values():
+        method["$"] = {"param_mode": "packed", "effect_mode": "none"}
+    return graph.export_tvm(spec=spec)
+
+
+def split_param_source(name: str, cfg, dtype: str, embedding_part_bytes: int):
+    """``(checkpoint name, row slice)`` of a graph parameter: a block of the split token table comes
+    from rows of ``tok_embeddings.weight``; every other parameter is itself (slice None)."""
+    if not name.startswith(SPLIT_EMBEDDING_PREFIX):
+        return name, None
+    k = int(name[len(SPLIT_EMBEDDING_PREFIX):].split(".")[0])
+    rows = embedding_part_rows(cfg.decoder.vocab_size, cfg.decoder.dim, dtype, embedding_part_bytes)
+    start, end = embedding_part_bounds(cfg.decoder.vocab_size, rows)[k]
+    return "tok_embeddings.weight", slice(start, end)
+
+
+def _argmax_func(threads: int = 256):
+    """``out[b, 0] = argmax(x[b, :])`` as int32, the lowest index among equal maxima (topk's k=1),
+    one workgroup per row: a strided scan, then a tree in workgroup memory."""
+    from tvm.script import tirx as T
+
+    steps = threads.bit_length() - 1
+
+    @T.prim_func(private=True, s_tir=True)
+    def argmax_rows(var_x: T.handle, var_out: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        b, n = T.int64(), T.int64()
+        x = T.match_buffer(var_x, (b, n), "float32")
+        out = T.match_buffer(var_out, (b, 1), "int32")
+        for bx in T.thread_binding(b, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                with T.sblock("argmax"):
+                    best_v = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    best_i = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                    ov = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    oi = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                    mv = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                    mi = T.sblock_alloc_buffer((1,), "int32", scope="local")
+                    sv = T.sblock_alloc_buffer((threads,), "float32", scope="shared")
+                    si = T.sblock_alloc_buffer((threads,), "int32", scope="shared")
+                    best_v[0] = T.float32(-3.4028234663852886e38)
+                    best_i[0] = T.int32(2147483647)
+                    for j in T.serial((n + threads - 1) // threads):
+                        idx: T.let[T.int64] = j * threads + T.Cast("int64", tx)
+                        if idx < n:
+                            if x[bx, idx] > best_v[0] or best_i[0] == T.int32(2147483647):
+                                best_v[0] = x[bx, idx]
+                                best_i[0] = T.Cast("int32", idx)
+                    sv[tx] = best_v[0]
+                    si[tx] = best_i[0]
+                    T.tvm_storage_sync("shared")
+                    for s in T.unroll(steps):
+                        half: T.let[T.int32] = T.shift_right(T.int32(threads // 2), T.Cast("int32", s))
+                        ov[0] = sv[T.min(tx + half, threads - 1)]
+                        oi[0] = si[T.min(tx + half, threads - 1)]
+                        mv[0] = sv[tx]
+                        mi[0] = si[tx]
+                        T.tvm_storage_sync("shared")
+                        if tx < half and (ov[0] > mv[0] or (ov[0] == mv[0] and oi[0] < mi[0])):
+                            sv[tx] = ov[0]
+                            si[tx] = oi[0]
+                        T.tvm_storage_sync("shared")
+                    if tx == 0:
+                        out[bx, 0] = si[0]
+
+    return argmax_rows
+
+
+def replace_greedy_topk(mod, threads: int = 256):
+    """Every ``topk(x [b, n] f32, k=1, largest, indices, int32)`` -> :func:`_argmax_func`."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    topk_op = tvm.ir.Op.get("relax.topk")
+
+    @mutator
+    class _Replace(PyExprMutator):
+        def __init__(self, module):
+            super().__init__(module)
+            self.module = module
+            self.kernel = None
+
+        def visit_call_(self, call):
+            call = self.visit_expr_post_order(call)
+            if call.op != topk_op:
+                return call
+            a = call.attrs
+            x = call.args[0].ty
+            if (int(a.k) != 1 or a.ret_type != "indices" or not a.largest or str(a.dtype) != "int32"
+                    or x.ndim != 2 or int(a.axis) not in (-1, 1) or str(x.dtype) != "float32"):
+                raise VoxcError(f"webgpu: unsupported topk ({a}); only greedy argmax is implemented")
+            if self.kernel is None:
+                self.kernel = self.builder_.add_func(_argmax_func(threads), "argmax_rows")
+            return relax.call_tir(self.kernel, [call.args[0]],
+                                  relax.TensorType((x.shape.values[0], 1), "int32"))
+
+        def run(self):
+            for gv, func in self.module.functions_items():
+                if isinstance(func, relax.Function):
+                    self.builder_.update_func(gv, self.visit_expr(func))
+            return self.builder_.get()
+
+    return _Replace(mod).run()
+
+
+def apply_attention_kernels(mod, *, threads: int = 128, keys_per_split: int = 256, max_splits: int = 32):
+    """Swap each TE ``ring_attention*`` PrimFunc call for voxc's split-K kernels (partial + merge,
+    schedules/ring_attention.py), laid out for WebGPU: ``threads`` invocations per workgroup."""
+    import tvm
+    from tvm import relax, tirx
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    from schedules import ring_attention as ra
+
+    layout_args = {"threads": threads, "keys_per_split": keys_per_split, "max_splits": max_splits}
+    attention = {gv for gv, f in mod.functions_items()
+                 if isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith("ring_attention")}
+    if not attention:
+        return mod
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+
+    @mutator
+    class _Swap(PyExprMutator):
+        def __init__(self, module):
+            super().__init__(module)
+            self.module = module
+            self.kernels = {}
+
+        def kernels_for(self, gv):
+            if gv not in self.kernels:
+                func = self.module[gv]
+                q, k, _, cache = func.params[:4]
+                heads, head_dim = int(q.shape[2]), int(q.shape[3])
+                kv_heads, window, dtype = int(k.shape[2]), int(cache.shape[3]), str(q.dtype)
+                lay = ra.cuda_kernel_layout(heads, kv_heads, head_dim, window, dtype, **layout_args)
+                partial = self.builder_.add_func(ra.ring_attention_partial_cuda(
+                    heads, kv_heads, head_dim, window, dtype, **layout_args), gv.name_hint + "_partial")
+                merge = self.builder_.add_func(ra.ring_attention_merge_cuda(
+                    heads, kv_heads, head_dim, window, dtype, **layout_args), gv.name_hint + "_merge")
+                self.kernels[gv] = (partial, merge, heads, head_dim, lay["n_splits"])
+            return self.kernels[gv]
+
+        def visit_call_(self, call):
+            call = self.visit_expr_post_order(call)
+            if call.op != call_tir or call.args[0] not in attention:
+                return call
+            partial, merge, heads, head_dim, splits = self.kernels_for(call.args[0])
+            out_info = call.ty_args[0]
+            b, n = out_info.shape.values[0], out_info.shape.values[1]
+            parts = self.builder_.emit(relax.call_tir(partial, call.args[1], [
+                relax.TensorType((b, n, heads, splits, head_dim), "float32"),
+                relax.TensorType((b, n, heads, splits), "float32")]), "attn_parts")
+            o = self.builder_.emit(relax.TupleGetItem(parts, 0), "attn_o")
+            lse = self.builder_.emit(relax.TupleGetItem(parts, 1), "attn_lse")
+            return relax.call_tir(merge, relax.Tuple([o, lse]), out_info)
+
+        def run(self):
+            for gv, func in self.module.functions_items():
+                if isinstance(func, relax.Function):
+                    self.builder_.update_func(gv, self.visit_expr(func))
+            return self.builder_.get()
+
+    return relax.transform.DeadCodeElimination()(_Swap(mod).run())
+
+
+def _const_matmul_func(k_dim: int, n_dim: int, dtype: str, threads: int = 256):
+    """``out[b, f, j] = sum_k x[b, f, k] * w[k, j]``, one invocation per output, k in order."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(private=True, s_tir=True)
+    def const_matmul(var_x: T.handle, var_w: T.handle, var_out: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        b, f = T.int64(), T.int64()
+        x = T.match_buffer(var_x, (b, f, k_dim), dtype)
+        w = T.match_buffer(var_w, (k_dim, n_dim), dtype)
+        out = T.match_buffer(var_out, (b, f, n_dim), dtype)
+        for bx in T.thread_binding((b * f * n_dim + threads - 1) // threads, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                with T.sblock("const_matmul"):
+                    acc = T.sblock_alloc_buffer((1,), dtype, scope="local")
+                    flat: T.let[T.int64] = bx * threads + T.Cast("int64", tx)
+                    if flat < b * f * n_dim:
+                        row: T.let[T.int64] = flat // n_dim
+                        col: T.let[T.int64] = flat % n_dim
+                        acc[0] = T.Cast(dtype, 0)
+                        for k in T.serial(k_dim):
+                            acc[0] = acc[0] + x[row // f, row % f, k] * w[k, col]
+                        out[row // f, row % f, col] = acc[0]
+
+    return const_matmul
+
+
+def schedule_constant_matmuls(mod):
+    """``matmul(x [b, f, K], C [K, N])`` with a constant ``C`` (the mel front end's DFT basis) -> a
+    plain kernel, one invocation per output.  SwiftShader (the test browser's WebGPU) never finishes
+    compiling dlight's tiled WGSL for that matmul, and it is small (N x K = 402 x 400 per frame)."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    matmul_op = tvm.ir.Op.get("relax.matmul")
+
+    @mutator
+    class _Rewrite(PyExprMutator):
+        def __init__(self, module):
+            super().__init__(module)
+            self.module = module
+            self.kernels = {}
+
+        def visit_call_(self, call):
+            call = self.visit_expr_post_order(call)
+            if call.op != matmul_op:
+                return call
+            const = call.args[1]
+            if isinstance(const, relax.Var):
+                const = self.lookup_binding(const)
+            x = call.args[0].ty
+            if not isinstance(const, tvm.ir.expr.Constant) or x.ndim != 3:
+                return call
+            k_dim, n_dim = (int(d) for d in const.value.shape)
+            dtype = str(x.dtype)
+            key = (k_dim, n_dim, dtype)
+            if key not in self.kernels:
+                self.kernels[key] = self.builder_.add_func(_const_matmul_func(k_dim, n_dim, dtype), "const_matmul")
+            b, f = x.shape.values[0], x.shape.values[1]
+            return relax.call_tir(self.kernels[key], [call.args[0], call.args[1]],
+                                  relax.TensorType((b, f, n_dim), dtype))
+
+        def run(self):
+            for gv, func in self.module.functions_items():
+                if isinstance(func, relax.Function):
+                    self.builder_.update_func(gv, self.visit_expr(func))
+            return self.builder_.get()
+
+    return _Rewrite(mod).run()
+
+
+@functools.lru_cache(maxsize=None)
+def register_wgsl_intrinsics() -> None:
+    """WGSL has no log10 (TVM's WebGPU codegen would print C's ``log10f``): lower it to
+    ``log(x) * (1 / ln 10)``.  Registered once, for the webgpu target only."""
+    import math
+
+    from tvm import tirx
+    from tvm.tirx.op import register_intrin_lowering
+
+    def log10(op):
+        x = op.args[0]
+        return tirx.log(x) * tirx.const(1.0 / math.log(10.0), str(x.ty.dtype))
+
+    register_intrin_lowering("tirx.log10", "webgpu", f=log10, level=99)
+
+
+def compile_model_for_webgpu(mod, *, max_workgroup_size: int = WEBGPU_DEFAULT_MAX_WORKGROUP,
+                             attention_threads: int = 128):
+    """The Voxtral graph (:func:`export_web_graph`) -> VM executable with WGSL kernels."""
+    from targets.passes import fuse_transpose_matmul
+
+    mod = replace_greedy_topk(mod, threads=min(256, max_workgroup_size))
+    mod = schedule_constant_matmuls(mod)
+    mod = fuse_transpose_matmul(mod)
+    mod = apply_attention_kernels(mod, threads=min(attention_threads, max_workgroup_size))
+    return compile_for_webgpu(mod, max_workgroup_size=max_workgroup_size)
 
 
 # ---- toolchain helpers -----------------------------------------------------------------------------
@@ -555,4 +984,269 @@ def write_bundle(out_dir: str | Path, *, wasm: str | Path, executable=None, para
         "meta": meta or {},
     }
     (out / BUNDLE_MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return out
+
+
+# ---- the model bundle (voxc build --target webgpu) -------------------------------------------------
+MODEL_BUNDLE_FORMAT = 2
+TOKENIZER_TABLE = "tokenizer.json"
+TENSOR_CACHE = "tensor-cache.json"
+# The page and its helpers, copied from web/ next to voxc.js.
+WEB_PAGE_FILES = ("index.html", "demo.js", "demo.css", "capture-worklet.js")
+_WGSL_SCALAR_BYTES = {"f32": 4, "i32": 4, "u32": 4, "f16": 2, "bool": 4}
+
+
+def kernel_report(executable) -> dict:
+    """Per-kernel resource use of the WGSL, checked against the adapter by voxc.js: storage buffers
+    bound by one kernel (WebGPU's default maxStorageBuffersPerShaderStage is 8) and workgroup memory
+    (default maxComputeWorkgroupStorageSize 16 KiB), besides :func:`shader_info`'s fields."""
+    dev = webgpu_module(executable)
+    wgsl = dev.inspect_source("wgsl")
+    func_info = json.loads(dev.inspect_source("func_info"))
+    buffers = max((sum(1 for t in info["arg_types"] if t == "handle") for info in func_info.values()), default=0)
+    # A kernel's module starts with its bindings; split the source at each one's first binding.
+    workgroup_bytes = 0
+    for chunk in re.split(r"\n(?=@group\(0\) @binding\(0\))", wgsl):
+        total = 0
+        for elem, count in re.findall(r"var<workgroup>\s+\w+\s*:\s*array<([^,<>]+(?:<[^<>]+>)?),\s*(\d+)>", chunk):
+            vec = re.fullmatch(r"vec(\d)<(\w+)>", elem.strip())
+            size = int(vec.group(1)) * _WGSL_SCALAR_BYTES[vec.group(2)] if vec else _WGSL_SCALAR_BYTES[elem.strip()]
+            total += size * int(count)
+        for elem in re.findall(r"var<workgroup>\s+\w+\s*:\s*(\w+)\s*;", chunk):
+            total += _WGSL_SCALAR_BYTES.get(elem, 4)
+        workgroup_bytes = max(workgroup_bytes, total)
+    return {**shader_info(executable), "max_storage_buffers_per_kernel": buffers,
+            "max_workgroup_storage_bytes": workgroup_bytes}
+
+
+def tokenizer_table(tokenizer) -> dict:
+    """What voxc.js needs to turn token ids into text: each ordinary token's bytes (base64, index =
+    id - num_special; special/control ids print nothing, as voxc.tokenizer's token_bytes)."""
+    import base64
+
+    n_special = tokenizer.num_special_tokens
+    pieces = [base64.b64encode(tokenizer.token_bytes(i)).decode("ascii")
+              for i in range(n_special, tokenizer.vocab_size)]
+    return {"format": 1, "vocab_size": tokenizer.vocab_size, "num_special": n_special,
+            "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
+            "streaming_pad_id": tokenizer.streaming_pad_id, "streaming_word_id": tokenizer.streaming_word_id,
+            "pieces": pieces}
+
+
+def state_specs(cfg, dtype: str) -> dict:
+    """Device state per stream slot, as voxc.runtime.model allocates it: name -> (shape with None at
+    the slot axis, dtype).  Slot-indexed rings, updated in place by encode/decode."""
+    from voxc.model.encoder import Encoder
+    from voxc.model.config import AUDIO_RING_ROWS
+
+    e, d = cfg.encoder, cfg.decoder
+    return {
+        "conv0_state": [None, Encoder.CONV0_CONTEXT, e.num_mel_bins],
+        "conv1_state": [None, Encoder.CONV1_CONTEXT, e.dim],
+        "enc_cache": [e.n_layers, 2, None, e.sliding_window, e.n_heads, e.head_dim],
+        "audio_ring": [None, AUDIO_RING_ROWS, d.dim],
+        "dec_cache": [d.n_layers, 2, None, d.sliding_window, d.n_kv_heads, d.head_dim],
+    }
+
+
+class _ShardWriter:
+    """tvmjs's tensor cache (``tensor-cache.json`` + ``params_shard_<i>.bin``, "raw" records), written
+    tensor by tensor so a model larger than memory streams through.  A tensor above half the cap gets
+    a shard of its own; every shard stays below the browser's 2 GB ArrayBuffer limit as long as no
+    single tensor does (write_model_bundle keeps them under 128 MiB)."""
+
+    def __init__(self, out: Path, cap_bytes: int):
+        self.out, self.cap = out, cap_bytes
+        self.shards: list[dict] = []
+        self._records: list[dict] = []
+        self._file = None
+        self._size = 0
+        self._md5 = None
+        self._sha = hashlib.sha256()
+
+    def _open(self):
+        name = f"params_shard_{len(self.shards)}.bin"
+        self._file = open(self.out / name, "wb")
+        self._name, self._size, self._records, self._md5 = name, 0, [], hashlib.md5()
+
+    def _close(self):
+        if self._file is None:
+            return
+        self._file.close()
+        self._sha.update(self._name.encode() + self._md5.digest())
+        self.shards.append({"dataPath": self._name, "format": "raw-shard", "nbytes": self._size,
+                            "records": self._records, "md5sum": self._md5.hexdigest()})
+        self._file = None
+
+    def add(self, name: str, array) -> None:
+        data = array.tobytes()
+        big = len(data) > self.cap // 2
+        if self._file is not None and (big or self._size + len(data) > self.cap):
+            self._close()
+        if self._file is None:
+            self._open()
+        pad = (-self._size) % 4   # WebGPU copies start at 4-byte offsets
+        if pad:
+            self._file.write(b"\0" * pad)
+            self._md5.update(b"\0" * pad)
+            self._size += pad
+        self._records.append({"name": name, "shape": [int(s) for s in array.shape], "dtype": str(array.dtype),
+                              "format": "raw", "nbytes": len(data), "byteOffset": self._size})
+        self._file.write(data)
+        self._md5.update(data)
+        self._size += len(data)
+        if big:
+            self._close()
+
+    def finish(self, metadata: dict) -> str:
+        self._close()
+        (self.out / TENSOR_CACHE).write_text(json.dumps({"metadata": metadata, "records": self.shards}))
+        return self._sha.hexdigest()
+
+
+def _copy_web_files(out: Path, tvmjs: str | Path | None, cache_dir) -> None:
+    shutil.copy2(tvmjs or build_tvmjs(cache_dir), out / "tvmjs.js")
+    shutil.copy2(WEB_DIR / "voxc.js", out / "voxc.js")
+    for name in WEB_PAGE_FILES:
+        if (WEB_DIR / name).exists():
+            shutil.copy2(WEB_DIR / name, out / name)
+
+
+def write_model_bundle(out_dir: str | Path, *, target: WebGPUTarget, executable, params, source,
+                       left_pad_tokens: int | None = None, quantization: str | None = None,
+                       tvmjs: str | Path | None = None, cache_dir: str | Path | None = None,
+                       progress: bool = True, log=None) -> Path:
+    """Write the static web folder of a compiled Voxtral model:
+
+    ``index.html`` + ``demo.js``/``demo.css``/``capture-worklet.js`` (the demo page), ``voxc.js``
+    (the streaming API), ``tvmjs.js``, ``model.wasm``, ``tensor-cache.json`` + ``params_shard_*.bin``
+    (weights in the graph's order and dtype), ``tokenizer.json`` (token bytes for the text),
+    ``voxc-bundle.json`` (what voxc.js reads first: config, parameter order, streaming defaults,
+    state shapes, GPU requirements, content id) and ``voxc-artifact.json`` (so Python tools
+    recognise the folder as a web bundle).
+
+    ``params`` is the graph's parameter list (export_web_graph), ``source`` a voxc.build.WeightSource.
+    """
+    import numpy as np
+    from tqdm import tqdm
+
+    from voxc import build as vb
+    from voxc.model import mel
+    from voxc.model.config import AUDIO_RING_ROWS
+    from voxc.runtime.session import MAX_TOKENS_PER_ENCODE, RIGHT_PAD_BUFFER_TOKENS
+    from voxc.tokenizer import Tokenizer
+
+    log = log or (lambda msg: None)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = source.config
+    log("linking model.wasm")
+    wasm = target.export(executable, out)
+    report = kernel_report(executable)
+
+    log("writing weights (tensor cache shards)")
+    for old in out.glob("params_shard_*.bin"):
+        old.unlink()
+    writer = _ShardWriter(out, target.shard_mb << 20)
+    computed = {vb.MEL_FILTERS: mel.mel_filter_bank(cfg.audio, cfg.encoder.num_mel_bins)}
+    specs = [(name, [int(s) for s in p.shape], str(p.dtype)) for name, p in params]
+    table = None
+    largest, total = 0, 0
+    for name, shape, dtype in tqdm(specs, desc="weights", unit="tensor", disable=not progress):
+        src_name, rows = split_param_source(name, cfg, target.model_dtype, target.embedding_part_bytes)
+        if name in computed:
+            array = computed[name]
+        elif rows is not None:
+            if table is None:
+                table = np.asarray(source.graph_param(src_name, None))
+            array = table[rows]
+        else:
+            array = source.graph_param(name, shape)
+        if array is None:
+            raise VoxcError(f"the checkpoint has no tensor for graph parameter {name}")
+        array = np.ascontiguousarray(np.asarray(array).astype(vb._numpy_dtype(dtype), copy=False))
+        if list(array.shape) != shape:
+            raise VoxcError(f"tensor {name}: checkpoint shape {list(array.shape)} but the graph expects {shape}")
+        writer.add(name, array)
+        largest, total = max(largest, array.nbytes), total + array.nbytes
+    weights_hash = writer.finish({"ParamSize": len(specs), "ParamBytes": total})
+    table = None
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:   # Tokenizer reads a file; the source holds bytes
+        (Path(tmp) / "tekken.json").write_bytes(source.tokenizer_bytes)
+        tokenizer = Tokenizer(Path(tmp) / "tekken.json")
+        tok_table = tokenizer_table(tokenizer)
+    (out / TOKENIZER_TABLE).write_text(json.dumps(tok_table, separators=(",", ":")))
+    if left_pad_tokens is None:
+        left_pad_tokens = tokenizer.n_left_pad_tokens
+    default_delay_ms = int(tokenizer.transcription_delay_ms or 480)
+
+    log("writing the page and the manifest")
+    _copy_web_files(out, tvmjs, cache_dir)
+    itemsize = np.dtype(target.model_dtype).itemsize
+    states = state_specs(cfg, target.model_dtype)
+    state_bytes = {k: int(np.prod([1 if s is None else s for s in v])) * itemsize for k, v in states.items()}
+    h = hashlib.sha256()
+    for part in (hashlib.sha256(Path(wasm).read_bytes()).digest(), weights_hash.encode(),
+                 (out / TOKENIZER_TABLE).read_bytes()):
+        h.update(part)
+    a = cfg.audio
+    manifest = {
+        "format": MODEL_BUNDLE_FORMAT,
+        "id": h.hexdigest()[:16],
+        "kind": "voxtral-realtime",
+        "voxc_version": vb._voxc_version(),
+        "tvm_version": vb._tvm_version(),
+        "wasm": wasm.name,
+        "tensor_cache": TENSOR_CACHE,
+        "param_names": [n for n, _, _ in specs],
+        "param_mode": "packed",
+        "has_params": True,
+        "model_dtype": target.model_dtype,
+        "mel_dtype": target.mel_dtype,
+        "quantization": quantization,
+        "config": cfg.to_dict(),
+        "functions": ["mel", "encode", "encode_stages", "decode"],
+        "streaming": {
+            "left_pad_tokens": int(left_pad_tokens),
+            "default_delay_ms": default_delay_ms,
+            "sampling_rate": a.sampling_rate, "hop_length": a.hop_length, "window_size": a.window_size,
+            "samples_per_token": a.samples_per_token, "mel_frames_per_token": a.mel_frames_per_token,
+            "conv_stride": a.conv_stride, "downsample_factor": a.downsample_factor,
+            "ms_per_token": 1000.0 / a.frame_rate, "allowed_delay_tokens": [*range(1, 16), 30],
+            "audio_ring_rows": AUDIO_RING_ROWS, "max_tokens_per_encode": MAX_TOKENS_PER_ENCODE,
+            "right_pad_buffer_tokens": RIGHT_PAD_BUFFER_TOKENS,
+        },
+        "state": {k: {"shape": v, "dtype": target.model_dtype, "bytes_per_stream": state_bytes[k]}
+                  for k, v in states.items()},
+        "tokenizer": {"file": TOKENIZER_TABLE, **{k: v for k, v in tok_table.items() if k != "pieces"}},
+        "embedding": ({"split": True, "parts": len(embedding_part_bounds(
+            cfg.decoder.vocab_size, embedding_part_rows(cfg.decoder.vocab_size, cfg.decoder.dim, target.model_dtype,
+                                                        target.embedding_part_bytes)))}
+                      if any(n.startswith(SPLIT_EMBEDDING_PREFIX) for n, _, _ in specs) else {"split": False}),
+        "gpu": {
+            **report,
+            "largest_param_bytes": int(largest),
+            "total_param_bytes": int(total),
+            "largest_state_bytes_per_stream": max(state_bytes.values()),
+            "state_bytes_per_stream": sum(state_bytes.values()),
+        },
+        # phase-1 fields, still read by voxc.js's generic loader
+        "largest_param_bytes": int(largest),
+        "required_features": report["required_features"],
+        "max_workgroup_size": report["max_workgroup_size"],
+    }
+    (out / BUNDLE_MANIFEST).write_text(json.dumps(manifest, indent=1))
+    artifact = {
+        "format": vb.ARTIFACT_FORMAT, "voxc_version": manifest["voxc_version"], "tvm_version": manifest["tvm_version"],
+        "target": target.name, "device_kind": target.device_kind, "library": wasm.name,
+        "model_dtype": target.model_dtype, "config": manifest["config"],
+        "params": [{"name": n, "shape": s, "dtype": d} for n, s, d in specs], "weights": [TENSOR_CACHE],
+        "tokenizer": TOKENIZER_TABLE, "left_pad_tokens": int(left_pad_tokens), "default_delay_ms": default_delay_ms,
+        "quantization": quantization, "web_bundle": BUNDLE_MANIFEST,
+    }
+    (out / vb.MANIFEST).write_text(json.dumps(artifact, indent=1))
+    log(f"web bundle written to {out}: serve the folder and open index.html")
     return out

@@ -1,17 +1,28 @@
-// voxc.js: load a voxc WebGPU bundle in the browser and run it (ES module, no dependencies
-// besides tvmjs, which the bundle ships as tvmjs.js).
+// voxc.js: Voxtral Realtime in the browser on WebGPU (ES module; its only dependency is tvmjs,
+// which the bundle ships as tvmjs.js).
 //
 //   import { Voxc } from "./voxc.js";
-//   const voxc = await Voxc.load("/bundle/", { onProgress: (r) => console.log(r.text) });
-//   const [y] = await voxc.runFunction("forward", [{ data: x, shape: [1, 7, 64] }]);
+//   const model = await Voxc.load("./", { onProgress: (r) => console.log(r.phase, r.progress, r.text) });
+//   const s = model.stream({ delayMs: 480 });
+//   let text = await s.feed(float32Array16k);   // the text delta of this chunk (any length)
+//   text += await s.finish();                   // end of audio: the rest of the transcript
 //
-// A bundle (targets/webgpu.py: write_bundle) is a folder with voxc-bundle.json (manifest),
-// model.wasm, tvmjs.js and tensor-cache.json + params_shard_*.bin.  Weights are fetched shard by
-// shard, kept in the Cache API (a second visit downloads nothing) under a scope named after the
-// bundle's content hash, and written straight into GPU buffers: they never sit in the wasm heap.
-// Every GPU read is async (mapAsync under the hood), so nothing blocks the page.
+// The stream is voxc/runtime/session.py's StreamingSession line for line: the same mel framing
+// (MelFramer = voxc.runtime.framing.StreamingMelFramer, with its start reflection and end flush), the
+// left padding of silence, the prompt [BOS] + [STREAMING_PAD] * (left_pad + delay), one decoder
+// step per 80 ms of audio, the right padding at finish(), the end one position before the audio
+// ends (or at EOS), incremental UTF-8 decoding of token bytes and no special tokens in the text.
+// The state (conv contexts, encoder/decoder ring caches, audio embeddings) stays in GPU buffers
+// between calls; each step reads back only the next token id (4 bytes), asynchronously.
+//
+// A bundle (targets/webgpu.py: write_model_bundle) is a folder with voxc-bundle.json (manifest),
+// model.wasm, tvmjs.js, tokenizer.json and tensor-cache.json + params_shard_*.bin.  Weights are
+// fetched shard by shard (none near the 2 GB ArrayBuffer limit), kept in the Cache API under a
+// scope named after the bundle's content hash (a second visit downloads nothing) and written
+// straight into GPU buffers: they never sit in the 4 GB wasm heap.  No GPU read is synchronous.
 
 const CACHE_PREFIX = "voxc/";
+const BUNDLE_MANIFEST = "voxc-bundle.json";
 
 export class VoxcError extends Error {
   constructor(message, { cause, code } = {}) {
@@ -22,20 +33,44 @@ export class VoxcError extends Error {
 }
 
 function bytesMB(n) {
-  return `${Math.round(n / (1 << 20))} MB`;
+  return n >= 1 << 30 ? `${(n / (1 << 30)).toFixed(2)} GB` : `${Math.round(n / (1 << 20))} MB`;
 }
 
+// ---- what the GPU must offer --------------------------------------------------------------------
+
 /**
- * Check that this browser can run a bundle, before anything is downloaded.
+ * The limits a bundle needs (from its manifest), for `maxStreams` concurrent streams.
+ * Buffers: the largest weight tensor and the largest state tensor (the caches hold all streams).
+ */
+export function bundleRequirements(manifest, { maxStreams = 1 } = {}) {
+  const gpu = manifest.gpu ?? {};
+  const largestState = (gpu.largest_state_bytes_per_stream ?? 0) * maxStreams;
+  const largestBuffer = Math.max(manifest.largest_param_bytes ?? 0, largestState);
+  return {
+    requiredFeatures: manifest.required_features ?? [],
+    maxBufferSize: largestBuffer,
+    maxStorageBufferBindingSize: largestBuffer,
+    maxComputeInvocationsPerWorkgroup: manifest.max_workgroup_size ?? 0,
+    maxStorageBuffersPerShaderStage: gpu.max_storage_buffers_per_kernel ?? 0,
+    maxComputeWorkgroupStorageSize: gpu.max_workgroup_storage_bytes ?? 0,
+    totalBytes: (gpu.total_param_bytes ?? 0) + (gpu.state_bytes_per_stream ?? 0) * maxStreams,
+  };
+}
+
+const LIMIT_HELP = {
+  maxBufferSize: "the largest GPU buffer",
+  maxStorageBufferBindingSize: "the largest buffer one kernel binds",
+  maxComputeInvocationsPerWorkgroup: "invocations per workgroup",
+  maxStorageBuffersPerShaderStage: "storage buffers per kernel",
+  maxComputeWorkgroupStorageSize: "workgroup memory per kernel",
+};
+
+/**
+ * Check that this browser can run a bundle, before anything large is downloaded.
  * Resolves to {adapter, info, features, limits}; throws a VoxcError whose message says what is
  * missing and what to do about it.
  */
-export async function checkWebGPU({
-  requiredFeatures = [],
-  minStorageBufferBindingSize = 0,
-  minWorkgroupSize = 0,
-  powerPreference = "high-performance",
-} = {}) {
+export async function checkWebGPU({ requirements = {}, powerPreference = "high-performance" } = {}) {
   if (typeof globalThis.isSecureContext === "boolean" && !globalThis.isSecureContext) {
     throw new VoxcError(
       "WebGPU needs a secure context: serve this page over https:// or from localhost.",
@@ -57,7 +92,7 @@ export async function checkWebGPU({
   }
   const limits = adapter.limits;
   const info = adapter.info ?? {};
-  for (const f of requiredFeatures) {
+  for (const f of requirements.requiredFeatures ?? []) {
     if (!adapter.features.has(f)) {
       const why = f === "shader-f16"
         ? " This build computes in float16; use a float32 build of the model on this GPU/browser."
@@ -66,19 +101,42 @@ export async function checkWebGPU({
         { code: "missing-feature" });
     }
   }
-  if (minStorageBufferBindingSize > limits.maxStorageBufferBindingSize) {
-    throw new VoxcError(
-      `The model binds buffers of ${bytesMB(minStorageBufferBindingSize)}, but this GPU allows ` +
-      `only ${bytesMB(limits.maxStorageBufferBindingSize)} per storage buffer binding ` +
-      `(maxStorageBufferBindingSize).`, { code: "limit" });
-  }
-  if (minWorkgroupSize > limits.maxComputeInvocationsPerWorkgroup) {
-    throw new VoxcError(
-      `The model's kernels use ${minWorkgroupSize} invocations per workgroup, but this GPU allows ` +
-      `${limits.maxComputeInvocationsPerWorkgroup} (maxComputeInvocationsPerWorkgroup); rebuild ` +
-      `with a smaller max_workgroup_size.`, { code: "limit" });
+  for (const [name, what] of Object.entries(LIMIT_HELP)) {
+    const need = requirements[name] ?? 0;
+    if (need > limits[name]) {
+      const amount = (n) => (name.endsWith("Size") ? bytesMB(n) : String(n));
+      throw new VoxcError(
+        `The model needs ${amount(need)} for ${what} (${name}), but this GPU/browser allows ` +
+        `${amount(limits[name])}. ` +
+        (name.endsWith("Size")
+          ? "Use a smaller (quantized) build of the model, or a GPU/browser with higher limits."
+          : "Rebuild the model for smaller workgroups."),
+        { code: "limit" });
+    }
   }
   return { adapter, info, features: [...adapter.features], limits };
+}
+
+// The device voxc asks for: the adapter's own maxima for the limits a model leans on (tvmjs's
+// detectGPUDevice caps buffers at 1 GB, below what the 4B model's decoder cache needs), and
+// shader-f16 only when the build uses it.
+async function requestDevice(adapter, requirements) {
+  const l = adapter.limits;
+  const requiredLimits = {
+    maxBufferSize: l.maxBufferSize,
+    maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
+    maxComputeWorkgroupStorageSize: l.maxComputeWorkgroupStorageSize,
+    maxStorageBuffersPerShaderStage: l.maxStorageBuffersPerShaderStage,
+    maxComputeInvocationsPerWorkgroup: l.maxComputeInvocationsPerWorkgroup,
+    maxComputeWorkgroupSizeX: l.maxComputeWorkgroupSizeX,
+    maxComputeWorkgroupsPerDimension: l.maxComputeWorkgroupsPerDimension,
+  };
+  const requiredFeatures = (requirements.requiredFeatures ?? []).filter((f) => adapter.features.has(f));
+  try {
+    return await adapter.requestDevice({ requiredLimits, requiredFeatures });
+  } catch (err) {
+    throw new VoxcError(`WebGPU device creation failed: ${err.message ?? err}`, { cause: err, code: "no-device" });
+  }
 }
 
 // tvmjs.js is a UMD bundle: imported as a module it registers itself as globalThis.tvmjs.
@@ -102,7 +160,11 @@ async function cachedFetch(url, scope, onBytes) {
       throw new VoxcError(`GET ${url} failed: ${response.status} ${response.statusText}`);
     }
     if (cache) {
-      await cache.put(url, response.clone());
+      try {
+        await cache.put(url, response.clone());
+      } catch (err) {  // QuotaExceededError, private windows: run without caching
+        console.warn(`voxc: could not cache ${url}: ${err}`);
+      }
     }
   }
   const total = Number(response.headers.get("content-length")) || 0;
@@ -151,6 +213,240 @@ function dtypeOf(data) {
   throw new VoxcError("input data must be a typed array (or give dtype)");
 }
 
+// ---- audio framing: voxc.runtime.framing.StreamingMelFramer ------------------------------------------
+
+function concatF32(a, b) {
+  if (a.length === 0) return b.slice();
+  if (b.length === 0) return a;
+  const out = new Float32Array(a.length + b.length);
+  out.set(a, 0);
+  out.set(b, a.length);
+  return out;
+}
+
+/**
+ * Cuts a PCM stream into LogMel input windows so that streaming frames equal the offline
+ * (center=True) ones: the port of voxc.runtime.framing.StreamingMelFramer (see its docstring).
+ * push(chunk) returns null or a Float32Array window of samplesForFrames(k * framesPerStep)
+ * samples; flush() ends the stream and returns the window of the remaining frames (or null).
+ */
+export class MelFramer {
+  constructor({ window_size: windowSize, hop_length: hop }, framesPerStep) {
+    if (!(framesPerStep >= 1)) throw new VoxcError(`framesPerStep must be positive, got ${framesPerStep}`);
+    this.window = windowSize;
+    this.hop = hop;
+    this.framesPerStep = framesPerStep;
+    this.half = windowSize >> 1;
+    this.pending = new Float32Array(0);  // padded stream from the next frame's first sample on
+    this.started = false;                // left reflection prepended yet?
+    this.tail = new Float32Array(0);     // last window/2 + 1 stream samples, for the end reflection
+    this.samplesReceived = 0;
+    this.framesEmitted = 0;
+    this.finished = false;
+  }
+
+  validFrameCount(n) {
+    return n < this.window ? 0 : Math.floor((n - this.window) / this.hop) + 1;
+  }
+
+  samplesForFrames(n) {
+    return (n - 1) * this.hop + this.window;
+  }
+
+  push(pcm) {
+    if (this.finished) throw new VoxcError("MelFramer: push() after flush()");
+    if (pcm.length === 0) return null;
+    this.samplesReceived += pcm.length;
+    const tail = concatF32(this.tail, pcm);
+    this.tail = tail.slice(Math.max(0, tail.length - (this.half + 1)));
+    this.pending = concatF32(this.pending, pcm);
+    if (!this.started) {
+      if (this.pending.length <= this.half) return null;
+      const refl = new Float32Array(this.half);   // pending[half:0:-1]
+      for (let i = 0; i < this.half; i++) refl[i] = this.pending[this.half - i];
+      this.pending = concatF32(refl, this.pending);
+      this.started = true;
+    }
+    const ready = this.validFrameCount(this.pending.length);
+    return this.take(Math.floor(ready / this.framesPerStep) * this.framesPerStep);
+  }
+
+  flush() {
+    if (this.finished) throw new VoxcError("MelFramer: flush() called twice");
+    this.finished = true;
+    if (!this.started) {
+      throw new VoxcError(`stream of ${this.samplesReceived} samples is too short for the centred STFT: ` +
+                          `need more than ${this.half}`);
+    }
+    const n = Math.min(this.half, Math.max(0, this.tail.length - 1));   // tail[-2::-1][:half]
+    const refl = new Float32Array(n);
+    for (let i = 0; i < n; i++) refl[i] = this.tail[this.tail.length - 2 - i];
+    this.pending = concatF32(this.pending, refl);
+    return this.take(Math.floor(this.samplesReceived / this.hop) - this.framesEmitted);
+  }
+
+  take(nFrames) {
+    if (nFrames <= 0) return null;
+    const window = this.pending.slice(0, this.samplesForFrames(nFrames));
+    this.pending = this.pending.slice(nFrames * this.hop);
+    this.framesEmitted += nFrames;
+    return window;
+  }
+}
+
+// ---- text: voxc.tokenizer (token bytes, incremental UTF-8) --------------------------------------
+
+function b64ToBytes(s) {
+  const bin = atob(s);
+  const out = new Uint8Array(bin.length);
+  for (let i = 0; i < bin.length; i++) out[i] = bin.charCodeAt(i);
+  return out;
+}
+
+/** Token ids -> bytes, from the bundle's tokenizer.json (special/control ids have no bytes). */
+export class TokenTable {
+  constructor(table) {
+    Object.assign(this, {
+      vocabSize: table.vocab_size, numSpecial: table.num_special, bosId: table.bos_id,
+      eosId: table.eos_id, streamingPadId: table.streaming_pad_id, streamingWordId: table.streaming_word_id,
+    });
+    this.pieces = table.pieces;
+    this.decoded = new Array(table.pieces.length);
+  }
+
+  isSpecial(id) {
+    return id >= 0 && id < this.numSpecial;
+  }
+
+  tokenBytes(id) {
+    if (!(id >= 0 && id < this.vocabSize)) {
+      throw new VoxcError(`token id ${id} is outside the vocabulary (0..${this.vocabSize - 1})`);
+    }
+    if (this.isSpecial(id)) return new Uint8Array(0);
+    const k = id - this.numSpecial;
+    return (this.decoded[k] ??= b64ToBytes(this.pieces[k]));
+  }
+
+  /** Text of a whole id sequence (bytes joined across control tokens, invalid UTF-8 -> U+FFFD). */
+  decode(ids) {
+    const d = this.incrementalDecoder();
+    return ids.map((i) => d.push(i)).join("") + d.flush();
+  }
+
+  incrementalDecoder() {
+    return new IncrementalDecoder(this);
+  }
+}
+
+/** Token ids in, text deltas out, always whole characters (voxc.tokenizer.IncrementalDecoder). */
+export class IncrementalDecoder {
+  constructor(table) {
+    this.table = table;
+    this.utf8 = new TextDecoder("utf-8", { fatal: false, ignoreBOM: true });
+    this.text = "";
+  }
+
+  push(id) {
+    const delta = this.utf8.decode(this.table.tokenBytes(id), { stream: true });
+    this.text += delta;
+    return delta;
+  }
+
+  flush() {
+    const delta = this.utf8.decode();
+    this.text += delta;
+    return delta;
+  }
+}
+
+// ---- resampling to 16 kHz --------------------------------------------------------------------
+
+/**
+ * Streaming windowed-sinc resampler (Blackman window, `halfTaps` input samples each side, cut-off
+ * at the lower Nyquist frequency).  push(Float32Array at inRate) -> Float32Array at outRate;
+ * flush() returns the last samples (the input padded with silence).
+ */
+export class Resampler {
+  constructor(inRate, outRate = 16000, { halfTaps = 32 } = {}) {
+    this.inRate = inRate;
+    this.outRate = outRate;
+    this.step = inRate / outRate;                 // input samples per output sample
+    this.cutoff = Math.min(1, outRate / inRate);  // relative to the input Nyquist
+    this.half = Math.ceil(halfTaps / this.cutoff);
+    this.buffer = new Float32Array(this.half);    // history: starts with silence before the stream
+    this.offset = -this.half;                     // stream index of buffer[0]
+    this.next = 0;                                // next output sample index
+    this.passthrough = inRate === outRate;
+  }
+
+  kernel(x) {
+    if (x === 0) return this.cutoff;
+    const w = Math.abs(x) >= this.half ? 0
+      : 0.42 + 0.5 * Math.cos(Math.PI * x / this.half) + 0.08 * Math.cos(2 * Math.PI * x / this.half);
+    const t = Math.PI * this.cutoff * x;
+    return this.cutoff * Math.sin(t) / t * w;
+  }
+
+  push(input) {
+    if (this.passthrough) return Float32Array.from(input);
+    this.buffer = concatF32(this.buffer, input);
+    const out = [];
+    for (;;) {
+      const center = this.next * this.step;
+      const lo = Math.floor(center) - this.half + 1;
+      const hi = Math.floor(center) + this.half;
+      if (hi - this.offset >= this.buffer.length) break;
+      let acc = 0;
+      for (let k = lo; k <= hi; k++) acc += this.buffer[k - this.offset] * this.kernel(center - k);
+      out.push(acc);
+      this.next++;
+    }
+    const keep = Math.floor(this.next * this.step) - this.half + 1 - this.offset;  // first sample still needed
+    if (keep > 0) {
+      this.buffer = this.buffer.slice(keep);
+      this.offset += keep;
+    }
+    return Float32Array.from(out);
+  }
+
+  flush() {
+    if (this.passthrough) return new Float32Array(0);
+    const total = Math.floor((this.offset + this.buffer.length) / this.step);   // outputs the input covers
+    const pad = new Float32Array(this.half + 1);
+    const out = this.push(pad);
+    return out.slice(0, Math.max(0, total - (this.next - out.length)));
+  }
+}
+
+/** Mono 16 kHz PCM of a whole AudioBuffer (decodeAudioData's result): channels averaged, resampled. */
+export function audioBufferTo16k(buffer, outRate = 16000) {
+  const n = buffer.length;
+  const mono = new Float32Array(n);
+  for (let c = 0; c < buffer.numberOfChannels; c++) {
+    const ch = buffer.getChannelData(c);
+    for (let i = 0; i < n; i++) mono[i] += ch[i] / buffer.numberOfChannels;
+  }
+  const r = new Resampler(buffer.sampleRate, outRate);
+  return concatF32(r.push(mono), r.flush());
+}
+
+// ---- the model --------------------------------------------------------------------------------
+
+function checkPcm(pcm) {
+  if (pcm == null) return new Float32Array(0);
+  if (!(pcm instanceof Float32Array || pcm instanceof Float64Array || Array.isArray(pcm))) {
+    if (pcm instanceof Int16Array || pcm instanceof Int32Array) {
+      throw new VoxcError("feed() takes float PCM in [-1, 1]; convert Int16Array with x / 32768");
+    }
+    throw new VoxcError("feed() takes mono 16 kHz PCM as a Float32Array");
+  }
+  const out = pcm instanceof Float32Array ? pcm : Float32Array.from(pcm);
+  for (let i = 0; i < out.length; i++) {
+    if (!Number.isFinite(out[i])) throw new VoxcError("audio chunk contains NaN or infinite samples");
+  }
+  return out;
+}
+
 export class Voxc {
   constructor(fields) {
     Object.assign(this, fields);
@@ -159,27 +455,24 @@ export class Voxc {
   /**
    * Load a bundle.  onProgress receives {phase, progress (0..1), timeElapsed (s), text}, shaped
    * like WebLLM's InitProgressReport; phases: "check", "runtime", "wasm", "weights",
-   * "pipelines", "ready".
+   * "pipelines", "ready".  maxStreams: how many streams may be open at once (their state is
+   * allocated up front).
    */
   static async load(baseUrl, { onProgress = () => {}, tvmjsUrl, powerPreference = "high-performance",
-                               logger = console.log } = {}) {
+                               logger = console.log, maxStreams = 1 } = {}) {
     const t0 = performance.now();
     const base = new URL(baseUrl, globalThis.location?.href);
     const report = (phase, progress, text) =>
       onProgress({ phase, progress, timeElapsed: (performance.now() - t0) / 1000, text });
 
     report("check", 0, "Checking WebGPU support");
-    const manifestResp = await fetch(new URL("voxc-bundle.json", base), { cache: "no-cache" });
+    const manifestResp = await fetch(new URL(BUNDLE_MANIFEST, base), { cache: "no-cache" });
     if (!manifestResp.ok) {
-      throw new VoxcError(`no voxc bundle at ${base}: voxc-bundle.json: ${manifestResp.status}`);
+      throw new VoxcError(`no voxc bundle at ${base}: ${BUNDLE_MANIFEST}: ${manifestResp.status}`);
     }
     const manifest = await manifestResp.json();
-    const gpuInfo = await checkWebGPU({
-      requiredFeatures: manifest.required_features ?? [],
-      minStorageBufferBindingSize: manifest.largest_param_bytes ?? 0,
-      minWorkgroupSize: manifest.max_workgroup_size ?? 0,
-      powerPreference,
-    });
+    const requirements = bundleRequirements(manifest, { maxStreams });
+    const gpuInfo = await checkWebGPU({ requirements, powerPreference });
 
     report("runtime", 0, "Loading the TVM runtime");
     const tvmjs = await importTvmjs(tvmjsUrl ?? new URL("tvmjs.js", base).href);
@@ -189,36 +482,64 @@ export class Voxc {
     const wasmUrl = new URL(manifest.wasm ?? "model.wasm", base).href;
     const wasm = await cachedFetch(wasmUrl, scope, (got, total) =>
       report("wasm", total ? got / total : 0, `Fetching model code: ${bytesMB(got)}`));
+    const tokenizerPromise = manifest.tokenizer
+      ? cachedFetch(new URL(manifest.tokenizer.file, base).href, scope)
+        .then((b) => new TokenTable(JSON.parse(new TextDecoder().decode(b))))
+      : null;
     const tvm = await tvmjs.instantiate(wasm.buffer, tvmjs.createPolyfillWASI(), logger);
 
-    // tvmjs asks the adapter for large buffers (1 GB, falling back to the defaults) and enables
-    // shader-f16/subgroups when present.
-    const gpu = await tvmjs.detectGPUDevice(powerPreference);
-    if (!gpu) {
-      throw new VoxcError("WebGPU device creation failed", { code: "no-device" });
-    }
-    tvm.initWebGPU(gpu.device);
+    const device = await requestDevice(gpuInfo.adapter, requirements);
+    let lost = null;
+    device.lost.then((info) => {
+      lost = info;
+      console.error(`voxc: the GPU device was lost (${info.reason}): ${info.message}`);
+    });
+    tvm.initWebGPU(device);
     const dev = tvm.webgpu();
 
+    let phase = "weights";
+    tvm.registerInitProgressCallback((r) => report(phase, r.progress, r.text));
     if (manifest.has_params) {
-      tvm.registerInitProgressCallback((r) => report("weights", r.progress, r.text));
-      await tvm.fetchTensorCache(base.href, dev, { cacheScope: scope, cacheType: "cache" });
+      try {
+        await tvm.fetchTensorCache(base.href, dev, { cacheScope: scope, cacheType: "cache" });
+      } catch (err) {
+        const quota = /quota/i.test(String(err?.name ?? "") + String(err?.message ?? err));
+        throw new VoxcError(
+          (quota ? "The browser's storage quota is too small for the model's weights " +
+                   `(${bytesMB(requirements.totalBytes)}); free some space or allow more storage. `
+                 : "Loading the weights failed. ") + (lost ? `The GPU device was lost: ${lost.message}` : String(err)),
+          { cause: err, code: quota ? "quota" : "weights" });
+      }
     }
 
+    phase = "pipelines";
     report("pipelines", 0, "Compiling GPU kernels");
     tvm.beginScope();
     const vm = tvm.detachFromCurrentScope(tvm.createVirtualMachine(dev));
     await tvm.asyncLoadWebGPUPipelines(vm.getInternalModule());
     let params = [];
+    let packedParams = null;
     if (manifest.has_params && manifest.param_names.length) {
       const arr = tvm.getParamsFromCacheByName(manifest.param_names);
-      params = manifest.param_names.map((_, i) => tvm.detachFromCurrentScope(arr.get(i)));
+      if (manifest.param_mode === "packed") {
+        packedParams = tvm.detachFromCurrentScope(arr);
+      } else {
+        params = manifest.param_names.map((_, i) => tvm.detachFromCurrentScope(arr.get(i)));
+      }
     }
     tvm.endScope();
+    const tokens = tokenizerPromise ? await tokenizerPromise : null;
 
+    const model = new Voxc({ tvmjs, tvm, vm, dev, params, packedParams, manifest, tokens, maxStreams,
+                             gpu: { ...gpuInfo, device }, deviceLost: () => lost });
+    if (manifest.kind === "voxtral-realtime") {
+      model.#initState();
+    }
     report("ready", 1, "Ready");
-    return new Voxc({ tvmjs, tvm, vm, dev, params, manifest, gpu: { ...gpuInfo, device: gpu.device } });
+    return model;
   }
+
+  // ---- generic calls (any bundle) -------------------------------------------------------------
 
   /**
    * Call a function of the model: inputs are {data: TypedArray, shape, dtype?} (dtype defaults to
@@ -231,11 +552,9 @@ export class Voxc {
     tvm.beginScope();
     try {
       const args = inputs.map((x) => this.#toDevice(x));
-      if (withParams) args.push(...this.params);
-      const fn = this.vm.getFunction(name);
-      const ret = fn(...args);
-      const outs = this.#flatten(ret);
-      const host = outs.map((t) => {
+      if (withParams) args.push(...this.#paramArgs());
+      const ret = this.vm.getFunction(name)(...args);
+      const host = this.#flatten(ret).map((t) => {
         const cpu = tvm.empty(t.shape, t.dtype, tvm.cpu());
         cpu.copyFrom(t);  // queued GPU -> staging copy; valid after sync
         return cpu;
@@ -250,6 +569,10 @@ export class Voxc {
     } finally {
       tvm.endScope();
     }
+  }
+
+  #paramArgs() {
+    return this.packedParams ? [this.packedParams] : this.params;
   }
 
   #toDevice({ data, shape, dtype }) {
@@ -274,9 +597,359 @@ export class Voxc {
     return [ret];
   }
 
+  // ---- Voxtral streaming (voxc.runtime.model.CompiledModel) ------------------------------------
+
+  #initState() {
+    const { tvm, manifest } = this;
+    this.config = manifest.config;
+    this.streaming = manifest.streaming;
+    this.freeSlots = [...Array(this.maxStreams).keys()];
+    this.state = {};
+    tvm.beginScope();
+    for (const [name, spec] of Object.entries(manifest.state)) {
+      const shape = spec.shape.map((s) => (s === null ? this.maxStreams : s));
+      // WebGPU zero-fills new buffers; the caches need no clearing (positions before a stream's
+      // start are masked), the conv contexts are zeroed per stream in resetSlot.
+      this.state[name] = tvm.detachFromCurrentScope(tvm.empty(shape, spec.dtype, this.dev));
+    }
+    this.fns = {};
+    for (const name of ["mel", "encode", "decode"]) {   // kept for the model's life
+      this.fns[name] = tvm.detachFromCurrentScope(this.vm.getFunction(name));
+    }
+    this.fns.createView = tvm.detachFromCurrentScope(tvm.getGlobalFunc("runtime.TVMTensorCreateView"));
+    tvm.endScope();
+    this.lock = Promise.resolve();
+  }
+
+  /** A new transcription stream (StreamingSession); delayMs defaults to the model's (480). */
+  stream({ delayMs, leftPadTokens, recordLogits = false, onStep } = {}) {
+    if (!this.streaming) throw new VoxcError("this bundle is not a Voxtral model");
+    return new VoxcStream(this, {
+      delayMs: delayMs ?? this.streaming.default_delay_ms,
+      leftPadTokens: leftPadTokens ?? this.streaming.left_pad_tokens, recordLogits, onStep,
+    });
+  }
+
+  /** Whole-clip transcription: a stream fed all audio at once (same numbers as streaming). */
+  async transcribe(pcm, opts = {}) {
+    const s = this.stream(opts);
+    const text = await s.feed(pcm);
+    return text + (await s.finish());
+  }
+
+  delayTokens(delayMs) {
+    const n = delayMs / this.streaming.ms_per_token;
+    const k = Math.round(n);
+    if (Math.abs(n - k) > 1e-9 || !this.streaming.allowed_delay_tokens.includes(k)) {
+      throw new VoxcError(`delay ${delayMs} ms is not supported: use 80..1200 ms in steps of ` +
+                          `${this.streaming.ms_per_token} ms, or 2400 ms`);
+    }
+    return k;
+  }
+
+  /** Runs fn with the model to itself: GPU work of different streams never interleaves. */
+  exclusive(fn) {
+    const run = this.lock.then(fn);
+    this.lock = run.catch(() => {});
+    return run;
+  }
+
+  acquireSlot() {
+    if (!this.freeSlots.length) {
+      throw new VoxcError("all stream slots of this model are in use; finish() a stream or load with a larger maxStreams");
+    }
+    return this.freeSlots.shift();
+  }
+
+  releaseSlot(slot) {
+    this.freeSlots.push(slot);
+  }
+
+  #checkDevice() {
+    const lost = this.deviceLost();
+    if (lost) {
+      throw new VoxcError(`the GPU device was lost (${lost.reason || "unknown reason"}): ${lost.message}. ` +
+                          "The model may not fit in GPU memory; reload the page to try again.", { code: "device-lost" });
+    }
+  }
+
+  /** Zero the conv-stem context of a stream's slot (a new stream starts from silence). */
+  resetSlot(slot) {
+    for (const name of ["conv0_state", "conv1_state"]) {
+      const t = this.state[name];
+      const rowShape = t.shape.slice(1);
+      const rowElems = rowShape.reduce((a, b) => a * b, 1);
+      const bytes = new Uint8Array(rowElems * 4);
+      this.tvm.beginScope();
+      try {
+        const view = this.fns.createView(
+          t, this.tvm.makeShapeTuple(rowShape), t.dtype, new this.tvmjs.Scalar(slot * rowElems * 4, "int"));
+        view.copyFromRawBytes(bytes);
+      } finally {
+        this.tvm.endScope();
+      }
+    }
+  }
+
+  #i32(values) {
+    return this.#toDevice({ data: Int32Array.from(values), shape: [values.length], dtype: "int32" });
+  }
+
+  #replaceState(name, tensor) {
+    const old = this.state[name];
+    this.state[name] = this.tvm.detachFromCurrentScope(tensor);
+    if (old !== tensor) old.dispose();
+  }
+
+  /** mel + encode of one PCM window for the streams `slots` (one window each): the audio ring gains
+   * the window's audio embeddings.  Returns the number of mel frames. */
+  encodeWindow(windows, slots, starts) {
+    this.#checkDevice();
+    const { tvm, state } = this;
+    const n = windows[0].length;
+    const flat = new Float32Array(windows.length * n);
+    windows.forEach((w, i) => flat.set(w, i * n));
+    tvm.beginScope();
+    try {
+      const samples = this.#toDevice({ data: flat, shape: [windows.length, n], dtype: "float32" });
+      const mel = this.fns.mel(samples, ...this.#paramArgs());
+      const ret = this.fns.encode(mel, state.conv0_state, state.conv1_state, state.enc_cache, state.audio_ring,
+                                  this.#i32(slots), this.#i32(starts), ...this.#paramArgs());
+      ["conv0_state", "conv1_state", "enc_cache", "audio_ring"].forEach((k, i) => this.#replaceState(k, ret.get(i)));
+      return mel.shape[2];
+    } finally {
+      tvm.endScope();
+    }
+  }
+
+  /** One decoder call; resolves to {tokens: Int32Array (greedy next token per stream), logits?}.
+   * Only the token ids (4 bytes a stream) come back unless withLogits. */
+  async decode(tokens, delays, slots, starts, { readTokens = true, withLogits = false } = {}) {
+    this.#checkDevice();
+    const { tvm, state } = this;
+    const b = tokens.length;
+    const n = tokens[0].length;
+    const flat = new Int32Array(b * n);
+    tokens.forEach((t, i) => flat.set(t, i * n));
+    tvm.beginScope();
+    let hostTokens = null;
+    let hostLogits = null;
+    try {
+      const tokIn = this.#toDevice({ data: flat, shape: [b, n], dtype: "int32" });
+      const delayIn = this.#toDevice({ data: Float32Array.from(delays), shape: [b], dtype: "float32" });
+      const ret = this.fns.decode(tokIn, state.audio_ring, delayIn, state.dec_cache, this.#i32(slots),
+                                  this.#i32(starts), ...this.#paramArgs());
+      this.#replaceState("dec_cache", ret.get(2));
+      if (readTokens) {
+        hostTokens = tvm.empty([b], "int32", tvm.cpu());
+        hostTokens.copyFrom(ret.get(1));
+      }
+      if (withLogits) {
+        const logits = ret.get(0);
+        hostLogits = tvm.empty(logits.shape, logits.dtype, tvm.cpu());
+        hostLogits.copyFrom(logits);
+      }
+      if (hostTokens || hostLogits) {
+        await this.dev.sync();   // mapAsync of the staging buffer: never a synchronous readback
+      }
+      this.#checkDevice();
+      return {
+        tokens: hostTokens ? new Int32Array(hostTokens.toRawBytes().buffer.slice(0)) : null,
+        logits: hostLogits ? new Float32Array(hostLogits.toRawBytes().buffer.slice(0)) : null,
+      };
+    } finally {
+      tvm.endScope();
+    }
+  }
+
   dispose() {
+    for (const t of Object.values(this.state ?? {})) t.dispose();
+    for (const f of Object.values(this.fns ?? {})) f.dispose();
+    this.packedParams?.dispose();
     this.params.forEach((p) => p.dispose());
     this.vm.dispose();
     this.tvm.dispose();
+    this.gpu.device.destroy();
+  }
+}
+
+/**
+ * One transcription stream: voxc.runtime.session.StreamingSession (a batch of one).
+ * feed()/finish() calls are queued, so they may be called without awaiting the previous one.
+ */
+export class VoxcStream {
+  constructor(model, { delayMs, leftPadTokens, recordLogits = false, onStep } = {}) {
+    const st = model.streaming;
+    this.model = model;
+    this.samplesPerToken = st.samples_per_token;
+    this.delay = model.delayTokens(delayMs);
+    if (!(leftPadTokens >= 0)) throw new VoxcError(`leftPadTokens must be >= 0, got ${leftPadTokens}`);
+    this.leftPadTokens = leftPadTokens;
+    const tok = model.tokens;
+    this.prompt = [tok.bosId, ...Array(leftPadTokens + this.delay).fill(tok.streamingPadId)];
+    this.eosId = tok.eosId;
+    this.textDecoder = tok.incrementalDecoder();
+    this.recordLogits = recordLogits;
+    this.onStep = onStep;
+    this.logits = [];
+    this.tokens = [];
+    this.stats = { audioSeconds: 0, computeSeconds: 0, encodeCalls: 0, decodeCalls: 0, lastStepMs: 0 };
+
+    this.slot = model.acquireSlot();
+    model.resetSlot(this.slot);
+    this.framer = new MelFramer(st, st.mel_frames_per_token);
+    this.windows = [];            // framed PCM waiting for the encoder
+    this.pendingText = [];
+    this.encoderFrames = 0;       // encoder positions consumed so far
+    this.audioTokens = 0;         // audio embeddings in this stream's ring so far
+    this.position = 0;            // next decoder position
+    this.lastToken = null;
+    this.samplesFed = 0;
+    this.finalTokens = null;      // total audio tokens, known at finish()
+    this.ended = false;           // EOS seen
+    this.finished = false;
+    this.closing = false;
+    this.#queue(new Float32Array(leftPadTokens * this.samplesPerToken), true);
+  }
+
+  /** Add 16 kHz mono float PCM (any length); resolves to the text decoded since the last call. */
+  feed(pcm) {
+    if (this.closing) throw new VoxcError("this stream is finished; start a new one with model.stream()");
+    const chunk = checkPcm(pcm).slice();   // copied now: the caller may reuse its buffer
+    return this.model.exclusive(async () => {
+      const t0 = performance.now();
+      this.#queue(chunk, false);
+      await this.#advance();
+      this.stats.audioSeconds += chunk.length / this.model.streaming.sampling_rate;
+      this.stats.computeSeconds += (performance.now() - t0) / 1000;
+      return this.#takeText();
+    });
+  }
+
+  /** End of audio: flush the tail and resolve to the remaining text. */
+  finish() {
+    if (this.closing) throw new VoxcError("finish() was already called on this stream");
+    this.closing = true;
+    return this.model.exclusive(async () => {
+      const t0 = performance.now();
+      try {
+        if (this.finalTokens === null) this.#end();
+        await this.#advance();
+      } finally {
+        this.finished = true;
+        this.model.releaseSlot(this.slot);
+      }
+      this.stats.computeSeconds += (performance.now() - t0) / 1000;
+      return this.#takeText() + this.textDecoder.flush();
+    });
+  }
+
+  /** Everything transcribed so far. */
+  get text() {
+    return this.textDecoder.text;
+  }
+
+  /** Compute time over audio time (below 1: faster than real time). */
+  get realTimeFactor() {
+    return this.stats.audioSeconds ? this.stats.computeSeconds / this.stats.audioSeconds : 0;
+  }
+
+  #queue(pcm, padding) {
+    if (this.finished || this.finalTokens !== null) {
+      throw new VoxcError("this stream is finished; start a new one with model.stream()");
+    }
+    if (!padding) this.samplesFed += pcm.length;
+    const step = this.model.streaming.max_tokens_per_encode * this.samplesPerToken;
+    for (let begin = 0; begin < pcm.length; begin += step) {
+      const window = this.framer.push(pcm.subarray(begin, begin + step));
+      if (window !== null) this.windows.push(window);
+    }
+  }
+
+  #end() {
+    const spt = this.samplesPerToken;
+    const st = this.model.streaming;
+    const rightPad = (((-this.samplesFed) % spt) + spt) % spt + (this.delay + 1 + st.right_pad_buffer_tokens) * spt;
+    this.#queue(new Float32Array(rightPad), true);
+    this.finalTokens = Math.floor((this.leftPadTokens * spt + this.samplesFed + rightPad) / spt);
+    const window = this.framer.flush();
+    if (window !== null) this.windows.push(window);
+  }
+
+  #takeText() {
+    const text = this.pendingText.join("");
+    this.pendingText = [];
+    return text;
+  }
+
+  #nextWindowTokens() {
+    if (!this.windows.length) return 0;
+    const st = this.model.streaming;
+    let tokens = Math.floor((this.windows[0].length - st.window_size) / st.hop_length) + 1;
+    tokens = Math.floor(tokens / st.mel_frames_per_token);
+    if (this.audioTokens + tokens - this.position > st.audio_ring_rows) return 0;
+    return tokens;
+  }
+
+  #decodeLimit() {
+    if (this.ended) return this.position;
+    if (this.finalTokens === null) return this.audioTokens;
+    return Math.min(this.audioTokens, this.finalTokens - 1);
+  }
+
+  #decodeInput() {
+    const p = this.position;
+    const promptLen = this.prompt.length;
+    if (p < promptLen) {
+      const run = Math.min(promptLen, this.#decodeLimit()) - p;
+      return [this.prompt.slice(p, p + run), run];
+    }
+    return [[this.lastToken], 1];
+  }
+
+  #accept(run, logits, token) {
+    this.position += run;
+    if (this.position < this.prompt.length) return;
+    if (this.recordLogits) this.logits.push(logits);
+    this.tokens.push(token);
+    this.lastToken = token;
+    let delta = "";
+    if (token === this.eosId) {
+      this.ended = true;
+    } else {
+      delta = this.textDecoder.push(token);
+      this.pendingText.push(delta);
+    }
+    this.onStep?.({ token, delta, position: this.position, ms: this.stats.lastStepMs });
+  }
+
+  // voxc.runtime.session.advance for one stream: encode what is ready, decode what is ready, repeat.
+  async #advance() {
+    const model = this.model;
+    const st = model.streaming;
+    for (;;) {
+      let progressed = false;
+      if (this.#nextWindowTokens()) {
+        const window = this.windows.shift();
+        const melFrames = model.encodeWindow([window], [this.slot], [this.encoderFrames]);
+        const frames = Math.floor(melFrames / st.conv_stride);
+        this.encoderFrames += frames;
+        this.audioTokens += Math.floor(frames / st.downsample_factor);
+        this.stats.encodeCalls++;
+        progressed = true;
+      }
+      if (this.position < this.#decodeLimit()) {
+        const [tokens, run] = this.#decodeInput();
+        const needed = this.position + run >= this.prompt.length;   // a token comes out of this call
+        const t0 = performance.now();
+        const out = await model.decode([tokens], [this.delay], [this.slot], [this.position],
+                                        { readTokens: needed, withLogits: needed && this.recordLogits });
+        this.stats.lastStepMs = performance.now() - t0;
+        this.stats.decodeCalls++;
+        this.#accept(run, out.logits, out.tokens ? out.tokens[0] : -1);
+        progressed = true;
+      }
+      if (!progressed) return;
+    }
   }
 }

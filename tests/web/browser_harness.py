@@ -109,14 +109,15 @@ class PageServer:
         self.httpd.server_close()
 
 
-def _chromium_cmd(chromium: str, user_data_dir: Path, extra=()) -> list[str]:
-    return [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={user_data_dir}", *extra]
+def _chromium_cmd(chromium: str, user_data_dir: Path, extra=(), flags=None) -> list[str]:
+    return [chromium, *(CHROMIUM_FLAGS if flags is None else flags), f"--user-data-dir={user_data_dir}", *extra]
 
 
 def run_page(server: PageServer, url: str, *, user_data_dir: Path | None = None, timeout: float = 180,
-             chromium: str | None = None) -> dict:
+             chromium: str | None = None, flags: list[str] | None = None) -> dict:
     """Open ``url`` in headless Chromium and return the first JSON the page POSTs to /result.
-    Reusing ``user_data_dir`` keeps the browser profile (and its Cache API storage) between runs."""
+    Reusing ``user_data_dir`` keeps the browser profile (and its Cache API storage) between runs.
+    ``flags`` replaces CHROMIUM_FLAGS (e.g. without --enable-unsafe-webgpu: a browser with no GPU adapter)."""
     chromium = chromium or find_chromium()
     if chromium is None:
         raise RuntimeError("chromium not found (apt-get install chromium)")
@@ -124,7 +125,7 @@ def run_page(server: PageServer, url: str, *, user_data_dir: Path | None = None,
         if user_data_dir is None:
             user_data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="voxc-chromium-")))
         errlog = stack.enter_context(tempfile.TemporaryFile())
-        proc = subprocess.Popen(_chromium_cmd(chromium, user_data_dir, [url]), stdout=errlog, stderr=errlog,
+        proc = subprocess.Popen(_chromium_cmd(chromium, user_data_dir, [url], flags), stdout=errlog, stderr=errlog,
                                 start_new_session=True)
         try:
             return server.results.get(timeout=timeout)
@@ -135,6 +136,108 @@ def run_page(server: PageServer, url: str, *, user_data_dir: Path | None = None,
                                f"\nchromium output (tail):\n{tail}") from None
         finally:
             _stop(proc)
+
+
+class _DevToolsPipe:
+    """Chrome DevTools Protocol over ``--remote-debugging-pipe`` (Chromium reads commands on fd 3 and
+    writes replies on fd 4, JSON messages ended by NUL): enough to screenshot a page on demand."""
+
+    def __init__(self, read_fd: int, write_fd: int):
+        self._read, self._write = read_fd, write_fd
+        self._next_id = 0
+        self._replies: dict[int, dict] = {}
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._reader, daemon=True)
+        self._thread.start()
+
+    def _reader(self):
+        buf = b""
+        while True:
+            try:
+                chunk = os.read(self._read, 1 << 16)
+            except OSError:
+                chunk = b""
+            if not chunk:
+                with self._cond:
+                    self._replies[-1] = {"error": "pipe closed"}
+                    self._cond.notify_all()
+                return
+            buf += chunk
+            while b"\0" in buf:
+                raw, buf = buf.split(b"\0", 1)
+                msg = json.loads(raw)
+                if "id" in msg:
+                    with self._cond:
+                        self._replies[msg["id"]] = msg
+                        self._cond.notify_all()
+
+    def call(self, method: str, params: dict | None = None, session: str | None = None, timeout: float = 60):
+        with self._cond:
+            self._next_id += 1
+            mid = self._next_id
+        msg = {"id": mid, "method": method, "params": params or {}}
+        if session:
+            msg["sessionId"] = session
+        os.write(self._write, json.dumps(msg).encode() + b"\0")
+        deadline = time.time() + timeout
+        with self._cond:
+            while mid not in self._replies:
+                if -1 in self._replies or not self._cond.wait(max(0.0, deadline - time.time())):
+                    raise RuntimeError(f"DevTools: no reply to {method}")
+            reply = self._replies.pop(mid)
+        if "error" in reply:
+            raise RuntimeError(f"DevTools {method}: {reply['error']}")
+        return reply.get("result", {})
+
+
+def run_page_with_screenshot(server: PageServer, url: str, out_png: Path, *, window_size=(1280, 900),
+                             user_data_dir: Path | None = None, timeout: float = 180,
+                             chromium: str | None = None) -> dict:
+    """``run_page``, and once the page has POSTed its result, a PNG of it (DevTools
+    Page.captureScreenshot): the screenshot shows the page in the state it reported."""
+    import base64
+
+    chromium = chromium or find_chromium()
+    if chromium is None:
+        raise RuntimeError("chromium not found (apt-get install chromium)")
+    with contextlib.ExitStack() as stack:
+        if user_data_dir is None:
+            user_data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="voxc-chromium-")))
+        errlog = stack.enter_context(tempfile.TemporaryFile())
+        to_chrome_r, to_chrome_w = os.pipe()
+        from_chrome_r, from_chrome_w = os.pipe()
+
+        def child_fds():   # the pipe ends at the fds Chromium expects: 3 (commands in), 4 (replies out)
+            os.dup2(to_chrome_r, 3)
+            os.dup2(from_chrome_w, 4)
+
+        proc = subprocess.Popen(
+            _chromium_cmd(chromium, user_data_dir, ["--remote-debugging-pipe",
+                                                    f"--window-size={window_size[0]},{window_size[1]}",
+                                                    "--hide-scrollbars", url]),
+            stdout=errlog, stderr=errlog, start_new_session=True, preexec_fn=child_fds, pass_fds=(3, 4))
+        os.close(to_chrome_r)
+        os.close(from_chrome_w)
+        try:
+            devtools = _DevToolsPipe(from_chrome_r, to_chrome_w)
+            try:
+                result = server.results.get(timeout=timeout)
+            except queue.Empty:
+                errlog.seek(0)
+                tail = errlog.read().decode("utf-8", "replace")[-3000:]
+                raise TimeoutError(f"no result from {url} within {timeout} s\npage log:\n"
+                                   + "\n".join(server.logs[-30:]) + f"\nchromium output (tail):\n{tail}") from None
+            pages = [t for t in devtools.call("Target.getTargets")["targetInfos"] if t["type"] == "page"]
+            session = devtools.call("Target.attachToTarget", {"targetId": pages[0]["targetId"],
+                                                              "flatten": True})["sessionId"]
+            shot = devtools.call("Page.captureScreenshot", {"format": "png"}, session=session)
+            Path(out_png).write_bytes(base64.b64decode(shot["data"]))
+            return result
+        finally:
+            _stop(proc)
+            for fd in (from_chrome_r, to_chrome_w):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
 
 def _stop(proc: subprocess.Popen) -> None:
