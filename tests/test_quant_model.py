@@ -50,3 +50,47 @@ def test_quantize_refuses_a_wrong_output_name(tmp_path, tiny_ckpt_dir):
     result = subprocess.run([sys.executable, "-m", "voxc.cli", "quantize", str(tiny_ckpt_dir), str(tmp_path / "x.bin")],
                             capture_output=True, text=True)
     assert result.returncode == 1 and "must end in .gguf" in result.stderr
+
+
+@pytest.mark.parametrize("layout", ["trevors", "crispasr", "transcribe_cpp", "audio_cpp", "voxtral_cpp"])
+def test_community_gguf_builds_compute_the_dequantized_model(tmp_path, layout):
+    """A community file (synthetic, in that project's names, row order and types) built by voxc must
+    compute exactly the model its blocks dequantize to: checked against a float32 build of those
+    dequantized weights in the official layout.  Catches any name, RoPE-order or packing slip."""
+    import dataclasses
+
+    from test_quant import _layout_file, toy_config
+
+    from voxc.loader.names import expected_shapes
+    from voxc.loader.tiny import write_checkpoint
+    from voxc.tokenizer import TINY_VOCAB_SIZE, write_tiny_tekken
+
+    base = toy_config()
+    cfg = dataclasses.replace(base, decoder=dataclasses.replace(base.decoder, vocab_size=TINY_VOCAB_SIZE))
+    rng = np.random.default_rng(4)
+    weights = {n: (rng.standard_normal(s) * 0.05).astype(np.float32) for n, s in expected_shapes(cfg).items()}
+    gguf_file = tmp_path / f"{layout}.gguf"
+    _layout_file(gguf_file, layout, cfg, weights, np.random.default_rng(5))
+    from voxc.quant.gguf_io import read_gguf
+    _, tensors, meta = read_gguf(gguf_file, config=cfg)
+    dequantized = {name: value.dequantize() if hasattr(value, "dequantize") else np.asarray(value, np.float32)
+                   for name, value in tensors}
+    # Types voxc has no kernels for (Q6_K, Q5_K, BF16 ...) are re-quantized to the file's main type by
+    # the build; the reference goes through the same rounding.
+    from voxc.quant import linear_storage
+    from voxc.quant.formats import quantize_tensor
+    for name in meta["transcoded"]:
+        storage = linear_storage(dequantized[name].shape[1], meta["qtype"])
+        if storage is not None:
+            dequantized[name] = quantize_tensor(dequantized[name], storage).dequantize()
+    write_checkpoint(tmp_path / "float", dequantized, cfg)
+    tekken = write_tiny_tekken(tmp_path / "tekken.json")
+    build(gguf_file, "llvm", tmp_path / "community", progress=False, left_pad_tokens=32, tokenizer=tekken)
+    build(tmp_path / "float", "llvm", tmp_path / "reference", progress=False)
+    audio = sine_with_noise(seconds=1.5)
+    _, tokens, logits = run(tmp_path / "community", audio)
+    _, ref_tokens, ref_logits = run(tmp_path / "reference", audio)
+    assert tokens.tolist() == ref_tokens.tolist()
+    # fused dequant kernels sum in another order than a dense matmul: float rounding only (a name
+    # or row-order slip moves logits by their own size)
+    assert np.abs(logits - ref_logits).max() < 1e-3 * np.abs(ref_logits).max()

@@ -39,7 +39,7 @@ def export_graph(cfg, target):
 class WeightSource:
     """Where the weights come from: a checkpoint directory (official or HF layout) or a GGUF file."""
 
-    def __init__(self, path: str | Path, progress: bool):
+    def __init__(self, path: str | Path, progress: bool, tokenizer: str | Path | None = None):
         path = Path(path)
         if not path.exists():
             raise VoxcError(f"{path} does not exist")
@@ -51,22 +51,36 @@ class WeightSource:
 
             self.config, tensors, meta = read_gguf(path)
             self.tensors = dict(tensors)      # GGUF data is memory-mapped: this holds views, not copies
-            if not meta.get("tokenizer_json"):
-                raise VoxcError(f"{path.name} carries no tokenizer; voxc needs the Tekken vocabulary")
-            self.tokenizer_bytes = meta["tokenizer_json"]
+            # Each layer keeps the type the file gives it where voxc has kernels for it; floats stay
+            # dense; other quantized types (Q6_K, Q5_K ...) are re-quantized to the file's main type.
+            self.overrides = {}
+            for name, value in self.tensors.items():
+                if getattr(value, "ndim", len(value.shape)) == 2 and name in meta["tensor_types"]:
+                    if hasattr(value, "dequantize"):
+                        self.overrides[name] = value.qtype
+                    elif name not in meta["transcoded"] and meta["tensor_types"][name] in ("F32", "F16", "BF16"):
+                        self.overrides[name] = None
+            if tokenizer is not None:
+                self.tokenizer_bytes = Path(tokenizer).read_bytes()
+            elif meta.get("tokenizer_json"):
+                self.tokenizer_bytes = meta["tokenizer_json"]
+            else:
+                raise VoxcError(f"{path.name} carries no tokenizer (the Rust port's files do not): pass the "
+                                "model's tekken.json with --tokenizer")
             self.quantization = meta.get("qtype")
             self.left_pad_tokens = meta.get("left_pad_tokens")
         else:
             from voxc.loader.safetensors_loader import load_checkpoint
 
-            ckpt = load_checkpoint(path, progress=progress)
-            if ckpt.tokenizer_path is None:
+            ckpt = load_checkpoint(path, progress=progress, require_tokenizer=tokenizer is None)
+            if ckpt.tokenizer_path is None and tokenizer is None:
                 raise VoxcError(f"{path}: no tekken.json next to the weights; voxc needs the tokenizer")
             self.config = ckpt.config
             self.tensors = ckpt
-            self.tokenizer_bytes = Path(ckpt.tokenizer_path).read_bytes()
+            self.tokenizer_bytes = Path(tokenizer or ckpt.tokenizer_path).read_bytes()
             self.quantization = None
             self.left_pad_tokens = None
+            self.overrides = {}
 
     def get(self, name: str):
         return self.tensors.get(name)
@@ -88,11 +102,15 @@ class WeightSource:
     def storage_of(self, prefix: str, source):
         from voxc.quant import linear_storage
 
+        name = prefix + ".weight"
+        if name in self.overrides and self.build_quantization == self.quantization:
+            return self.overrides[name]
         return linear_storage(int(source.shape[1]), self.build_quantization)
 
 
 def build(checkpoint: str | Path, target_name: str, out_dir: str | Path, *, progress: bool = True,
-          left_pad_tokens: int | None = None, quantization: str | None = None, dtype: str | None = None) -> Path:
+          left_pad_tokens: int | None = None, quantization: str | None = None, dtype: str | None = None,
+          tokenizer: str | Path | None = None) -> Path:
     """Compile ``checkpoint`` for ``target_name`` into the artifact directory ``out_dir``.
 
     ``quantization``: q4_0, q4_k or q8_0 to quantize the projections and the embedding table;
@@ -113,7 +131,7 @@ def build(checkpoint: str | Path, target_name: str, out_dir: str | Path, *, prog
             raise VoxcError(f"--dtype must be float32 or float16, not {dtype}")
         target = dataclasses.replace(target, model_dtype=dtype)
     log = _Log(progress)
-    source = WeightSource(checkpoint, progress)
+    source = WeightSource(checkpoint, progress, tokenizer)
     quant = QType.parse(quantization).value if quantization else source.quantization
     source.build_quantization = quant
     if left_pad_tokens is None:
@@ -123,7 +141,9 @@ def build(checkpoint: str | Path, target_name: str, out_dir: str | Path, *, prog
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists():
         raise VoxcError(f"{out_dir} exists and is not a voxc artifact; refusing to overwrite it")
     log.step(f"exporting the graph for {target.name}" + (f", weights {quant}" if quant else ""))
-    with quantized(quant), kernel_target(target.name):
+    # a GGUF keeps its per-layer types unless the user asked for another quantization
+    overrides = source.overrides if quant == source.quantization else None
+    with quantized(quant, overrides), kernel_target(target.name):
         mod, params = target.export_graph(source.config)
     log.step(f"compiling {len(mod.functions)} functions for {target.name} (this takes a while)")
     executable = target.compile(mod)

@@ -79,20 +79,24 @@ def make_tiny(out_dir: str | Path, *, seed: int = 0, encoder_window: int = 750, 
     ``layout="hf"``: ``model.safetensors`` + ``config.json`` as transformers saves them (q/k rows
     in split-half order).  ``config`` replaces ``ModelConfig.tiny(...)`` (the windows are then ignored).
     """
+    cfg = config or ModelConfig.tiny(encoder_window=encoder_window, decoder_window=decoder_window)
+    return write_checkpoint(out_dir, tiny_weights(cfg, seed=seed, scales=scales), cfg, layout=layout, dtype=dtype)
+
+
+def write_checkpoint(out_dir: str | Path, weights: dict[str, np.ndarray], cfg: ModelConfig, *,
+                     layout: str = "mistral", dtype: str = "float32") -> Path:
+    """Write voxc-named float ``weights`` (official RoPE order) as a checkpoint with the tiny tokenizer."""
     from safetensors.numpy import save_file
 
     if dtype not in _DTYPES:
         raise VoxcError(f"unsupported dtype {dtype!r} for a tiny checkpoint; use one of {', '.join(_DTYPES)}")
     if layout not in ("mistral", "hf"):
         raise VoxcError(f"unknown checkpoint layout {layout!r}; use 'mistral' or 'hf'")
-    cfg = config or ModelConfig.tiny(encoder_window=encoder_window, decoder_window=decoder_window)
     if cfg.decoder.vocab_size != TINY_VOCAB_SIZE:
         raise VoxcError(f"the tiny tokenizer has {TINY_VOCAB_SIZE} tokens but the config's vocab_size is "
                         f"{cfg.decoder.vocab_size}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-
-    weights = tiny_weights(cfg, seed=seed, scales=scales)
     if layout == "mistral":
         stored = {voxc_to_official(n): w for n, w in weights.items()}
         weights_file, config_file, config_json = "consolidated.safetensors", "params.json", cfg.to_params_json()

@@ -28,7 +28,7 @@ from voxc.model.adapter import Adapter
 from voxc.model.config import AUDIO_RING_ROWS, ModelConfig
 from voxc.model.decoder import Decoder
 from voxc.model.encoder import Encoder
-from voxc.model.layers import embedding, read_slot_rows, sinusoidal_embedding, write_slot_rows
+from voxc.model.layers import apply_storage_overrides, embedding, read_slot_rows, sinusoidal_embedding, write_slot_rows
 
 
 class VoxtralGraph(nn.Module):
@@ -42,6 +42,7 @@ class VoxtralGraph(nn.Module):
         self.adapter = Adapter(cfg.encoder.dim, cfg.decoder.dim, cfg.audio.downsample_factor, dtype)
         self.tok_embeddings = embedding(cfg.decoder.vocab_size, cfg.decoder.dim, dtype)
         self.dec = Decoder(cfg.decoder, dtype)
+        apply_storage_overrides(self)
 
     # ---- audio side -------------------------------------------------------------------------
     def mel(self, samples: nn.Tensor):
