@@ -989,6 +989,7 @@ def write_bundle(out_dir: str | Path, *, wasm: str | Path, executable=None, para
 
 # ---- the model bundle (voxc build --target webgpu) -------------------------------------------------
 MODEL_BUNDLE_FORMAT = 2
+MAX_RECORD_BYTES = 1 << 30   # one weight tensor: far below the 2 GB ArrayBuffer limit and 1 GiB bindings
 TOKENIZER_TABLE = "tokenizer.json"
 TENSOR_CACHE = "tensor-cache.json"
 # The page and its helpers, copied from web/ next to voxc.js.
@@ -1115,7 +1116,7 @@ def _copy_web_files(out: Path, tvmjs: str | Path | None, cache_dir) -> None:
 def write_model_bundle(out_dir: str | Path, *, target: WebGPUTarget, executable, params, source,
                        left_pad_tokens: int | None = None, quantization: str | None = None,
                        tvmjs: str | Path | None = None, cache_dir: str | Path | None = None,
-                       progress: bool = True, log=None) -> Path:
+                       progress: bool = True, log=None, weights: bool = True) -> Path:
     """Write the static web folder of a compiled Voxtral model:
 
     ``index.html`` + ``demo.js``/``demo.css``/``capture-worklet.js`` (the demo page), ``voxc.js``
@@ -1125,7 +1126,9 @@ def write_model_bundle(out_dir: str | Path, *, target: WebGPUTarget, executable,
     state shapes, GPU requirements, content id) and ``voxc-artifact.json`` (so Python tools
     recognise the folder as a web bundle).
 
-    ``params`` is the graph's parameter list (export_web_graph), ``source`` a voxc.build.WeightSource.
+    ``params`` is the graph's parameter list (export_web_graph), ``source`` a voxc.build.WeightSource
+    (or any object with ``config``, ``tokenizer_bytes`` and ``graph_param(name, shape)``).
+    ``weights=False`` writes no shards (a benchmark bundle: voxc.js ``weights: "random"`` fills them).
     """
     import numpy as np
     from tqdm import tqdm
@@ -1144,7 +1147,7 @@ def write_model_bundle(out_dir: str | Path, *, target: WebGPUTarget, executable,
     wasm = target.export(executable, out)
     report = kernel_report(executable)
 
-    log("writing weights (tensor cache shards)")
+    log("writing weights (tensor cache shards)" if weights else "no weights (a benchmark bundle)")
     for old in out.glob("params_shard_*.bin"):
         old.unlink()
     writer = _ShardWriter(out, target.shard_mb << 20)
@@ -1152,7 +1155,7 @@ def write_model_bundle(out_dir: str | Path, *, target: WebGPUTarget, executable,
     specs = [(name, [int(s) for s in p.shape], str(p.dtype)) for name, p in params]
     table = None
     largest, total = 0, 0
-    for name, shape, dtype in tqdm(specs, desc="weights", unit="tensor", disable=not progress):
+    for name, shape, dtype in tqdm(specs if weights else [], desc="weights", unit="tensor", disable=not progress):
         src_name, rows = split_param_source(name, cfg, target.model_dtype, target.embedding_part_bytes)
         if name in computed:
             array = computed[name]
@@ -1167,8 +1170,14 @@ def write_model_bundle(out_dir: str | Path, *, target: WebGPUTarget, executable,
         array = np.ascontiguousarray(np.asarray(array).astype(vb._numpy_dtype(dtype), copy=False))
         if list(array.shape) != shape:
             raise VoxcError(f"tensor {name}: checkpoint shape {list(array.shape)} but the graph expects {shape}")
+        if array.nbytes > MAX_RECORD_BYTES:
+            raise VoxcError(f"tensor {name} has {array.nbytes / 2**30:.2f} GiB: a browser cannot hold it in one "
+                            f"ArrayBuffer or bind it as one buffer; split it (as SplitEmbedding does the token table)")
         writer.add(name, array)
         largest, total = max(largest, array.nbytes), total + array.nbytes
+    if not weights:
+        total = sum(int(np.prod(sh)) * np.dtype(d).itemsize for _, sh, d in specs)
+        largest = max((int(np.prod(sh)) * np.dtype(d).itemsize for _, sh, d in specs), default=0)
     weights_hash = writer.finish({"ParamSize": len(specs), "ParamBytes": total})
     table = None
 
@@ -1202,8 +1211,9 @@ def write_model_bundle(out_dir: str | Path, *, target: WebGPUTarget, executable,
         "wasm": wasm.name,
         "tensor_cache": TENSOR_CACHE,
         "param_names": [n for n, _, _ in specs],
+        "params": [{"name": n, "shape": sh, "dtype": d} for n, sh, d in specs],
         "param_mode": "packed",
-        "has_params": True,
+        "has_params": weights,
         "model_dtype": target.model_dtype,
         "mel_dtype": target.mel_dtype,
         "quantization": quantization,
@@ -1249,4 +1259,43 @@ def write_model_bundle(out_dir: str | Path, *, target: WebGPUTarget, executable,
     }
     (out / vb.MANIFEST).write_text(json.dumps(artifact, indent=1))
     log(f"web bundle written to {out}: serve the folder and open index.html")
+    return out
+
+
+class _NoWeights:
+    """The WeightSource stand-in of a weight-less bundle: a config and a tokenizer, no tensors."""
+
+    def __init__(self, config, tokenizer_bytes: bytes):
+        self.config, self.tokenizer_bytes = config, tokenizer_bytes
+
+    def graph_param(self, name, shape):
+        raise VoxcError("a weight-less bundle has no weights")
+
+
+def write_benchmark_bundle(out_dir: str | Path, cfg=None, *, target: WebGPUTarget | None = None,
+                           progress: bool = True) -> Path:
+    """A weight-less bundle of ``cfg`` (default: the 4B model, ``ModelConfig()``) for benchmarks:
+    voxc.js loads it with ``weights: "random"`` (bench/webgpu_dawn.mjs).  Its tokenizer is the tiny
+    Tekken vocabulary with the table padded to the model's vocab_size by one-byte pieces, so every
+    token id the random model emits decodes."""
+    import base64
+
+    from voxc.model.config import ModelConfig
+    from voxc.tokenizer import tiny_tekken_dict
+
+    cfg = cfg or ModelConfig()
+    target = target or TARGET
+    mod, params = target.export_graph(cfg)
+    executable = target.compile(mod)
+    source = _NoWeights(cfg, json.dumps(tiny_tekken_dict()).encode())
+    out = write_model_bundle(out_dir, target=target, executable=executable, params=params, source=source,
+                             progress=progress, weights=False)
+    table = json.loads((out / TOKENIZER_TABLE).read_text())
+    pad = base64.b64encode(b"?").decode()
+    table["pieces"] += [pad] * (cfg.decoder.vocab_size - table["num_special"] - len(table["pieces"]))
+    table["vocab_size"] = cfg.decoder.vocab_size
+    (out / TOKENIZER_TABLE).write_text(json.dumps(table, separators=(",", ":")))
+    manifest = json.loads((out / BUNDLE_MANIFEST).read_text())
+    manifest["tokenizer"]["vocab_size"] = cfg.decoder.vocab_size
+    (out / BUNDLE_MANIFEST).write_text(json.dumps(manifest, indent=1))
     return out

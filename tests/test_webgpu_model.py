@@ -394,8 +394,9 @@ def test_no_webgpu_message(built, tmp_path):
 
 def test_gpu_limits_too_small_message(built, tmp_path):
     def huge_cache(m):   # a decoder cache no GPU's buffers can hold
-        m["gpu"]["largest_state_bytes_per_stream"] = 1 << 40
+        m["gpu"]["largest_state_bytes_per_stream"] = m["state"]["dec_cache"]["bytes_per_stream"] = 1 << 40
 
     result = _demo_error(built[0], tmp_path, manifest_patch=huge_cache)
     assert result["events"][-1]["code"] == "limit"
-    assert "maxBufferSize" in result["dom"]["error"]["text"] and "1024.00 GB" in result["dom"]["error"]["text"]
+    text = result["dom"]["error"]["text"]
+    assert "maxBufferSize" in text and "1024.00 GB" in text and "key/value cache" in text, text

@@ -46,7 +46,14 @@ export function bundleRequirements(manifest, { maxStreams = 1 } = {}) {
   const gpu = manifest.gpu ?? {};
   const largestState = (gpu.largest_state_bytes_per_stream ?? 0) * maxStreams;
   const largestBuffer = Math.max(manifest.largest_param_bytes ?? 0, largestState);
+  let largestName = "a weight tensor";
+  if (largestState >= (manifest.largest_param_bytes ?? 0)) {
+    const [name] = Object.entries(manifest.state ?? {})
+      .sort((a, b) => b[1].bytes_per_stream - a[1].bytes_per_stream)[0] ?? ["state"];
+    largestName = STATE_HELP[name] ?? name;
+  }
   return {
+    largestName,
     requiredFeatures: manifest.required_features ?? [],
     maxBufferSize: largestBuffer,
     maxStorageBufferBindingSize: largestBuffer,
@@ -56,6 +63,11 @@ export function bundleRequirements(manifest, { maxStreams = 1 } = {}) {
     totalBytes: (gpu.total_param_bytes ?? 0) + (gpu.state_bytes_per_stream ?? 0) * maxStreams,
   };
 }
+
+const STATE_HELP = {
+  dec_cache: "the decoder's key/value cache (decoder layers x window x kv heads, for all streams)",
+  enc_cache: "the encoder's key/value cache",
+};
 
 const LIMIT_HELP = {
   maxBufferSize: "the largest GPU buffer",
@@ -105,12 +117,14 @@ export async function checkWebGPU({ requirements = {}, powerPreference = "high-p
     const need = requirements[name] ?? 0;
     if (need > limits[name]) {
       const amount = (n) => (name.endsWith("Size") ? bytesMB(n) : String(n));
+      const buffer = name === "maxBufferSize" || name === "maxStorageBufferBindingSize";
       throw new VoxcError(
-        `The model needs ${amount(need)} for ${what} (${name}), but this GPU/browser allows ` +
-        `${amount(limits[name])}. ` +
-        (name.endsWith("Size")
-          ? "Use a smaller (quantized) build of the model, or a GPU/browser with higher limits."
-          : "Rebuild the model for smaller workgroups."),
+        `The model needs ${amount(need)} for ${what} (${name}${buffer ? `: ${requirements.largestName}` : ""}), ` +
+        `but this GPU/browser allows ${amount(limits[name])}. ` +
+        (buffer ? "Use a GPU/browser with higher limits (Chrome or Edge on a discrete GPU allow 2 GB or more), " +
+                  "or a smaller build of the model."
+          : name.endsWith("Size") ? "Use a GPU/browser with higher limits."
+          : "Rebuild the model for smaller workgroups or fewer bindings."),
         { code: "limit" });
     }
   }
@@ -188,6 +202,151 @@ async function cachedFetch(url, scope, onBytes) {
     off += c.length;
   }
   return out;
+}
+
+// A response for url from the Cache API, else from the network (and then stored in the cache while
+// it streams: the body is teed, not read into memory first).
+async function cachedResponse(url, scope) {
+  const cache = globalThis.caches ? await caches.open(scope) : null;
+  const hit = cache ? await cache.match(url) : undefined;
+  if (hit) return { response: hit, cached: true };
+  const response = await fetch(url);
+  if (!response.ok) {
+    throw new VoxcError(`GET ${url} failed: ${response.status} ${response.statusText}`);
+  }
+  if (!cache) return { response, cached: false };
+  const stored = cache.put(url, response.clone()).catch((err) => {   // QuotaExceededError, private windows
+    console.warn(`voxc: could not cache ${url}: ${err}`);
+  });
+  return { response, cached: false, stored };
+}
+
+/** Reads a response body record by record: only the bytes of the record being assembled are held. */
+class BodyCursor {
+  constructor(response) {
+    this.reader = response.body ? response.body.getReader() : null;
+    this.response = response;
+    this.chunk = new Uint8Array(0);
+    this.offset = 0;   // body offset of chunk[0]
+  }
+
+  async #more() {
+    if (!this.reader) {   // no streams (old runtimes): the whole body at once
+      if (this.response) {
+        this.chunk = new Uint8Array(await this.response.arrayBuffer());
+        this.response = null;
+        return true;
+      }
+      return false;
+    }
+    const { done, value } = await this.reader.read();
+    if (done) return false;
+    this.offset += this.chunk.length;
+    this.chunk = value;
+    return true;
+  }
+
+  /** The bytes [start, start + n) of the body (start never goes back), copied into one array. */
+  async read(start, n, onBytes) {
+    const out = new Uint8Array(n);
+    let filled = 0;
+    while (filled < n) {
+      const from = start + filled - this.offset;
+      if (from >= 0 && from < this.chunk.length) {
+        const take = Math.min(n - filled, this.chunk.length - from);
+        out.set(this.chunk.subarray(from, from + take), filled);
+        filled += take;
+        continue;
+      }
+      const before = this.offset + this.chunk.length;
+      if (!(await this.#more())) throw new VoxcError("a weight shard ended early (truncated download?)");
+      onBytes?.(this.offset + this.chunk.length - before);
+    }
+    return out;
+  }
+
+  async drain(onBytes) {
+    const before = this.offset + this.chunk.length;
+    while (await this.#more()) onBytes?.(this.chunk.length);
+    return this.offset + this.chunk.length - before;
+  }
+}
+
+/**
+ * Weights into GPU buffers, registered in tvmjs's tensor cache by name.  Shards (tvmjs's
+ * tensor-cache.json format) are streamed: each record's bytes go to queue.writeBuffer as soon as
+ * they have arrived, so neither a shard nor the model is ever held whole in JS or wasm memory
+ * (each record stays below 128 MiB by construction of the bundle).  Three shards download at once.
+ * mode "random" fills the parameters with small pseudo-random values instead (benchmarks of
+ * weight-less bundles).
+ */
+async function loadWeights(tvm, dev, base, manifest, scope, report) {
+  const t0 = performance.now();
+  if (manifest.weights_mode === "none" || !manifest.has_params) {
+    const specs = manifest.params ?? [];
+    const block = new Float32Array(1 << 18);
+    let seed = 12345;
+    for (let i = 0; i < block.length; i++) {
+      seed = (seed * 1103515245 + 12345) >>> 0;
+      block[i] = ((seed >>> 8) / (1 << 24) - 0.5) * 0.04;
+    }
+    const total = specs.reduce((a, p) => a + p.shape.reduce((x, y) => x * y, 1) * 4, 0);
+    let done = 0;
+    for (const p of specs) {
+      if (p.dtype !== "float32") throw new VoxcError(`random weights support float32 only (${p.name}: ${p.dtype})`);
+      const n = p.shape.reduce((x, y) => x * y, 1);
+      const data = new Float32Array(n);
+      for (let off = 0; off < n; off += block.length) data.set(block.subarray(0, Math.min(block.length, n - off)), off);
+      tvm.beginScope();
+      const t = tvm.empty(p.shape, p.dtype, dev);
+      t.copyFromRawBytes(new Uint8Array(data.buffer));
+      tvm.tensorCacheUpdate(p.name, t, true);
+      tvm.endScope();
+      done += n * 4;
+      report("weights", done / total, `Random weights: ${bytesMB(done)} of ${bytesMB(total)}`);
+    }
+    await dev.sync();
+    return { bytes: total, seconds: (performance.now() - t0) / 1000, fromCache: false };
+  }
+  const index = JSON.parse(new TextDecoder().decode(
+    await cachedFetch(new URL(manifest.tensor_cache ?? "tensor-cache.json", base).href, scope)));
+  const shards = index.records;
+  const total = shards.reduce((a, s) => a + s.nbytes, 0);
+  let received = 0;
+  let fromCache = true;
+  const onBytes = (n) => {
+    received += n;
+    report("weights", total ? received / total : 1,
+           `${fromCache ? "Loading" : "Downloading"} weights: ${bytesMB(received)} of ${bytesMB(total)}`);
+  };
+  const opened = [];
+  const open = (i) => (opened[i] ??= cachedResponse(new URL(shards[i].dataPath, base).href, scope));
+  const pending = [];
+  for (let i = 0; i < shards.length; i++) {
+    for (let j = i; j < Math.min(shards.length, i + 3); j++) open(j);
+    const { response, cached, stored } = await open(i);
+    fromCache &&= cached;
+    if (stored) pending.push(stored);
+    const cursor = new BodyCursor(response);
+    const records = [...shards[i].records].sort((a, b) => a.byteOffset - b.byteOffset);
+    for (const rec of records) {
+      if (rec.format !== "raw") throw new VoxcError(`weight record ${rec.name}: unsupported format ${rec.format}`);
+      const bytes = await cursor.read(rec.byteOffset, rec.nbytes, onBytes);
+      tvm.beginScope();
+      const t = tvm.empty(rec.shape, rec.dtype, dev);
+      if (bytes.length % 4 === 0) {
+        t.copyFromRawBytes(bytes);   // queue.writeBuffer from JS memory: never through the wasm heap
+      } else {
+        t.copyFrom(tvm.empty(rec.shape, rec.dtype, tvm.cpu()).copyFromRawBytes(bytes));
+      }
+      tvm.tensorCacheUpdate(rec.name, t, true);
+      tvm.endScope();
+    }
+    await cursor.drain(onBytes);
+  }
+  await Promise.all(pending);
+  await dev.sync();
+  return { bytes: total, seconds: (performance.now() - t0) / 1000, fromCache };
 }
 
 // Old bundles' caches: a rebuilt model gets a new id, so its predecessor's weights can go.
@@ -456,10 +615,11 @@ export class Voxc {
    * Load a bundle.  onProgress receives {phase, progress (0..1), timeElapsed (s), text}, shaped
    * like WebLLM's InitProgressReport; phases: "check", "runtime", "wasm", "weights",
    * "pipelines", "ready".  maxStreams: how many streams may be open at once (their state is
-   * allocated up front).
+   * allocated up front).  weights: "fetch" (the bundle's shards, through the Cache API) or "random"
+   * (small pseudo-random values, for benchmarks of weight-less bundles).
    */
   static async load(baseUrl, { onProgress = () => {}, tvmjsUrl, powerPreference = "high-performance",
-                               logger = console.log, maxStreams = 1 } = {}) {
+                               logger = console.log, maxStreams = 1, weights = "fetch" } = {}) {
     const t0 = performance.now();
     const base = new URL(baseUrl, globalThis.location?.href);
     const report = (phase, progress, text) =>
@@ -499,17 +659,18 @@ export class Voxc {
 
     let phase = "weights";
     tvm.registerInitProgressCallback((r) => report(phase, r.progress, r.text));
-    if (manifest.has_params) {
-      try {
-        await tvm.fetchTensorCache(base.href, dev, { cacheScope: scope, cacheType: "cache" });
-      } catch (err) {
-        const quota = /quota/i.test(String(err?.name ?? "") + String(err?.message ?? err));
-        throw new VoxcError(
-          (quota ? "The browser's storage quota is too small for the model's weights " +
-                   `(${bytesMB(requirements.totalBytes)}); free some space or allow more storage. `
-                 : "Loading the weights failed. ") + (lost ? `The GPU device was lost: ${lost.message}` : String(err)),
-          { cause: err, code: quota ? "quota" : "weights" });
-      }
+    let weightStats = null;
+    try {
+      weightStats = await loadWeights(tvm, dev, base,
+                                      weights === "random" ? { ...manifest, weights_mode: "none" } : manifest,
+                                      scope, report);
+    } catch (err) {
+      const quota = /quota/i.test(String(err?.name ?? "") + String(err?.message ?? err));
+      throw new VoxcError(
+        (quota ? "The browser's storage quota is too small for the model's weights " +
+                 `(${bytesMB(requirements.totalBytes)}); free some space or allow more storage. `
+               : "Loading the weights failed. ") + (lost ? `The GPU device was lost: ${lost.message}` : String(err?.message ?? err)),
+        { cause: err, code: quota ? "quota" : lost ? "device-lost" : "weights" });
     }
 
     phase = "pipelines";
@@ -519,7 +680,7 @@ export class Voxc {
     await tvm.asyncLoadWebGPUPipelines(vm.getInternalModule());
     let params = [];
     let packedParams = null;
-    if (manifest.has_params && manifest.param_names.length) {
+    if (manifest.param_names?.length) {
       const arr = tvm.getParamsFromCacheByName(manifest.param_names);
       if (manifest.param_mode === "packed") {
         packedParams = tvm.detachFromCurrentScope(arr);
@@ -530,11 +691,12 @@ export class Voxc {
     tvm.endScope();
     const tokens = tokenizerPromise ? await tokenizerPromise : null;
 
-    const model = new Voxc({ tvmjs, tvm, vm, dev, params, packedParams, manifest, tokens, maxStreams,
-                             gpu: { ...gpuInfo, device }, deviceLost: () => lost });
+    const model = new Voxc({ tvmjs, tvm, vm, dev, params, packedParams, manifest, tokens, maxStreams, weightStats,
+                             loadSeconds: 0, gpu: { ...gpuInfo, device }, deviceLost: () => lost });
     if (manifest.kind === "voxtral-realtime") {
       model.#initState();
     }
+    model.loadSeconds = (performance.now() - t0) / 1000;
     report("ready", 1, "Ready");
     return model;
   }

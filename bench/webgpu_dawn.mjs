@@ -1,0 +1,186 @@
+// Run a voxc web bundle in Node.js on Dawn (npm "webgpu", the WebGPU implementation inside Chrome)
+// through the same web/voxc.js the browser uses, and time it.
+//
+//   node bench/webgpu_dawn.mjs BUNDLE_DIR [--weights fetch|random] [--seconds 10] [--steps 200]
+//        [--expect expect.json] [--json out.json]
+//
+// Env: VOXC_WEBGPU_MODULE   path of the "webgpu" package (default: resolved from node_modules)
+//      DAWN_FLAGS           comma-separated flags for create() (e.g. "backend=vulkan")
+//
+// What it measures (one JSON object on stdout, also written to --json):
+//   load         seconds for manifest + wasm + weights (fetched, or random for a weight-less bundle)
+//                + pipeline compilation, and the adapter's info and limits;
+//   stream       a synthetic clip (sine + noise) fed in 80 ms chunks through model.stream(): the
+//                real-time factor, per-feed latency (median, p90, max) and decoder step times;
+//   decode_step  model.decode() of one token, readback of the token id included (the stream's loop);
+//   decode_nosync  the same steps queued without waiting for the token (GPU time per step);
+//   encode       one 80 ms window (mel + encoder + adapter) and one 32-token window;
+//   check        with --expect {clip: {file: "clip.f32"} or {seconds, freq, seed}, chunk, delay_ms, tokens}:
+//                the stream's token ids against the CPU (llvm) build's for the same clip (the tiny model).
+// Dawn does not accept lavapipe; on a CPU-only machine point the Vulkan loader at Chromium's
+// SwiftShader (VK_ICD_FILENAMES=/usr/lib/chromium/vk_swiftshader_icd.json) to try it out.
+import { copyFileSync, createReadStream, mkdtempSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { createServer } from "node:http";
+import { createRequire } from "node:module";
+import { tmpdir } from "node:os";
+import { extname, join, resolve } from "node:path";
+import { pathToFileURL } from "node:url";
+
+const args = process.argv.slice(2);
+const opt = (name, dflt) => {
+  const i = args.indexOf(`--${name}`);
+  return i >= 0 ? args[i + 1] : dflt;
+};
+const bundleDir = resolve(args.find((a, i) => !a.startsWith("--") && !(i > 0 && args[i - 1].startsWith("--"))) ?? ".");
+const weights = opt("weights", "fetch");
+const seconds = Number(opt("seconds", "10"));
+const steps = Number(opt("steps", "200"));
+const expectPath = opt("expect", null);
+const jsonOut = opt("json", null);
+
+// ---- WebGPU in Node: Dawn's navigator.gpu ----------------------------------------------------
+const webgpuModule = process.env.VOXC_WEBGPU_MODULE
+  ? pathToFileURL(join(process.env.VOXC_WEBGPU_MODULE, "index.js")).href : "webgpu";
+const { create, globals } = await import(webgpuModule);
+Object.assign(globalThis, globals);
+const dawnFlags = (process.env.DAWN_FLAGS ?? "").split(",").filter(Boolean);
+Object.defineProperty(globalThis, "navigator", { value: { gpu: create(dawnFlags) }, configurable: true });
+
+// ---- the bundle over HTTP (voxc.js fetches URLs; Node's fetch has no file://) ------------------
+const TYPES = { ".js": "text/javascript", ".json": "application/json", ".wasm": "application/wasm" };
+const server = createServer((req, res) => {
+  const path = join(bundleDir, decodeURIComponent(new URL(req.url, "http://x").pathname));
+  if (!path.startsWith(bundleDir)) { res.writeHead(403).end(); return; }
+  let size;
+  try { size = statSync(path).size; } catch { res.writeHead(404).end(); return; }
+  res.writeHead(200, { "content-type": TYPES[extname(path)] ?? "application/octet-stream", "content-length": size });
+  createReadStream(path).pipe(res);
+});
+await new Promise((ok) => server.listen(0, "127.0.0.1", ok));
+const base = `http://127.0.0.1:${server.address().port}/`;
+
+// tvmjs.js is UMD: in Node it is a CommonJS module.  voxc.js is an ES module with no imports; its
+// file ends in .js, which Node 20 would read as CommonJS, so it is imported as a copy named .mjs.
+globalThis.tvmjs = createRequire(import.meta.url)(join(bundleDir, "tvmjs.js"));
+const voxcModule = join(mkdtempSync(join(tmpdir(), "voxc-")), "voxc.mjs");
+copyFileSync(join(bundleDir, "voxc.js"), voxcModule);
+const { Voxc } = await import(pathToFileURL(voxcModule).href);
+
+const stats = (xs) => {
+  const s = [...xs].sort((a, b) => a - b);
+  const q = (p) => s[Math.min(s.length - 1, Math.floor(p * s.length))];
+  return { n: s.length, mean: s.reduce((a, b) => a + b, 0) / Math.max(1, s.length), median: q(0.5), p90: q(0.9), max: s[s.length - 1] };
+};
+const round = (x) => (typeof x === "number" ? Math.round(x * 1000) / 1000 : x);
+const roundAll = (o) => JSON.parse(JSON.stringify(o, (k, v) => round(v)));
+
+function clip({ seconds: secs, freq = 440, seed = 0 }) {
+  // 0.3 sin + 0.05 noise (a linear congruential generator: reproducible in Python, see expect files)
+  const n = Math.round(16000 * secs);
+  const x = new Float32Array(n);
+  let state = seed >>> 0;
+  for (let i = 0; i < n; i++) {
+    state = (Math.imul(state, 1664525) + 1013904223) >>> 0;
+    x[i] = 0.3 * Math.sin(2 * Math.PI * freq * i / 16000) + 0.05 * (state / 2 ** 32 - 0.5) * 2;
+  }
+  return x;
+}
+
+const out = { bundle: bundleDir, weights, node: process.version, dawn_flags: dawnFlags };
+try {
+  const phases = {};
+  const t0 = performance.now();
+  const model = await Voxc.load(base, {
+    weights, logger: () => {},
+    onProgress: (r) => { phases[r.phase] ??= (performance.now() - t0) / 1000; },
+  });
+  const info = model.gpu.info;
+  const l = model.gpu.limits;
+  out.adapter = { vendor: info.vendor, architecture: info.architecture, description: info.description,
+                  features: model.gpu.features,
+                  limits: { maxBufferSize: l.maxBufferSize, maxStorageBufferBindingSize: l.maxStorageBufferBindingSize,
+                            maxComputeInvocationsPerWorkgroup: l.maxComputeInvocationsPerWorkgroup,
+                            maxStorageBuffersPerShaderStage: l.maxStorageBuffersPerShaderStage,
+                            maxComputeWorkgroupStorageSize: l.maxComputeWorkgroupStorageSize } };
+  const m = model.manifest;
+  out.model = { id: m.id, config: { encoder: m.config.encoder, decoder: m.config.decoder }, dtype: m.model_dtype,
+                quantization: m.quantization, param_bytes: m.gpu.total_param_bytes,
+                state_bytes: m.gpu.state_bytes_per_stream, embedding: m.embedding, kernels: m.gpu.num_kernels };
+  out.load = { seconds: model.loadSeconds, phase_start_s: phases, weights: model.weightStats };
+
+  // the stream, as the demo feeds a microphone: 80 ms chunks
+  const spec = expectPath ? JSON.parse(readFileSync(expectPath, "utf8")) : null;
+  const pcm = spec?.clip?.file   // raw float32 LE PCM at 16 kHz, next to the expect file
+    ? new Float32Array(readFileSync(join(resolve(expectPath, ".."), spec.clip.file)).buffer.slice(0))
+    : clip(spec?.clip ?? { seconds });
+  const chunk = spec?.chunk ?? 1280;
+  const s = model.stream({ delayMs: spec?.delay_ms ?? m.streaming.default_delay_ms });
+  const feedMs = [];
+  const stepMs = [];
+  let text = "";
+  const ts = performance.now();
+  for (let i = 0; i < pcm.length; i += chunk) {
+    const tf = performance.now();
+    text += await s.feed(pcm.subarray(i, i + chunk));
+    feedMs.push(performance.now() - tf);
+    stepMs.push(s.stats.lastStepMs);
+  }
+  const tfin = performance.now();
+  text += await s.finish();
+  const finishMs = performance.now() - tfin;
+  const wall = (performance.now() - ts) / 1000;
+  out.stream = { audio_s: pcm.length / 16000, wall_s: wall, rtf: wall / (pcm.length / 16000), chunk,
+                 feed_ms: stats(feedMs), decode_step_ms: stats(stepMs.filter((x) => x > 0)), finish_ms: finishMs,
+                 tokens: s.tokens.length, decode_calls: s.stats.decodeCalls, encode_calls: s.stats.encodeCalls,
+                 first_tokens: s.tokens.slice(0, 24), text_chars: text.length };
+  if (spec?.tokens) {
+    const same = spec.tokens.length === s.tokens.length && spec.tokens.every((t, i) => t === s.tokens[i]);
+    const firstDiff = spec.tokens.findIndex((t, i) => t !== s.tokens[i]);
+    out.check = { pass: same, expected: spec.tokens.length, got: s.tokens.length, first_difference: same ? null : firstDiff };
+  }
+
+  // decoder steps on their own, past a prompt, in a fresh stream slot
+  const delay = model.delayTokens(m.streaming.default_delay_ms);
+  const warm = 5;
+  const d1 = [];
+  for (let i = 0; i < steps + warm; i++) {
+    const t = performance.now();
+    await model.decode([[1000 + (i % 200)]], [delay], [0], [50 + i]);
+    if (i >= warm) d1.push(performance.now() - t);
+  }
+  out.decode_step = stats(d1);
+  const tq = performance.now();
+  for (let i = 0; i < steps; i++) {
+    model.decode([[1000 + (i % 200)]], [delay], [0], [50 + steps + warm + i], { readTokens: false });
+  }
+  await model.dev.sync();
+  out.decode_nosync = { ms_per_step: (performance.now() - tq) / steps, steps };
+
+  // encoder windows: one 80 ms step and 32 tokens (the session's largest)
+  const st = m.streaming;
+  const enc = {};
+  for (const tokens of [1, st.max_tokens_per_encode]) {
+    const frames = tokens * st.mel_frames_per_token;
+    const win = pcm.slice(0, (frames - 1) * st.hop_length + st.window_size);
+    const times = [];
+    for (let i = 0; i < 12; i++) {
+      const t = performance.now();
+      model.encodeWindow([win], [0], [1000 + i * frames / st.conv_stride]);
+      await model.dev.sync();
+      if (i >= 2) times.push(performance.now() - t);
+    }
+    enc[`tokens_${tokens}`] = stats(times);
+  }
+  out.encode = enc;
+  out.ok = true;
+  model.dispose();
+} catch (err) {
+  out.ok = false;
+  out.error = String(err?.stack ?? err);
+}
+server.close();
+const result = roundAll(out);
+const json = JSON.stringify(result, null, 1);
+if (jsonOut) writeFileSync(jsonOut, json);
+console.log(json);
+process.exit(result.ok && (result.check?.pass ?? true) ? 0 : 1);
