@@ -134,7 +134,8 @@ def bench_artifact(report, art: Path, copy_gbps: float):
 
     name = art.name
     manifest = json.loads((art / "voxc-artifact.json").read_text())
-    res: dict = {"cuda": manifest.get("cuda"), "kernel_calls": manifest.get("kernel_calls")}
+    res: dict = {"cuda": manifest.get("cuda"), "kernel_calls": manifest.get("kernel_calls"),
+                 "model_dtype": manifest["model_dtype"], "quantization": manifest.get("quantization")}
     t = time.perf_counter()
     res["weights_gb"], res["weights_written_s"] = ensure_weights(art)
     res["weights_written_s"] = round(res["weights_written_s"], 1)
@@ -148,15 +149,15 @@ def bench_artifact(report, art: Path, copy_gbps: float):
     import torch
     free = torch.cuda.mem_get_info()[0]
     max_streams = int(os.environ.get("MAX_STREAMS", 0)) or \
-        max(1, min(64, int((free - res["weights_gb"] * 1e9 - 8e9) // per_stream)))
+        max(1, min(128, int((free - res["weights_gb"] * 1e9 - 6e9) // per_stream)))
     res["max_streams"] = max_streams
     t = time.perf_counter()
     model = CompiledModel.load(art, max_streams=max_streams)
     model.tokenizer = BenchTokenizer()
     res["load_s"] = round(time.perf_counter() - t, 1)
     res["gpu_used_after_load_gb"] = round(gpu_used_gb(), 2)
-    dec_bytes = sum(int(np.prod(p["shape"])) * itemsize for p in manifest["params"]
-                    if p["name"].startswith("dec.") or p["name"] == "tok_embeddings.weight")
+    dec_bytes = sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize for p in manifest["params"]
+                    if p["name"].startswith(("dec.", "tok_embeddings.")))   # quantized: qweight + scales
     res["decode_weight_gb"] = round(dec_bytes / 1e9, 3)
     res["decode_floor_ms"] = round(dec_bytes / (copy_gbps * 1e9) * 1e3, 3)
     report[name] = res

@@ -26,15 +26,19 @@ MANIFEST = "voxc-artifact.json"
 SHARD_BYTES = 512 * 1024 * 1024
 
 
-def build_manifest_only(cfg, target, out_dir: Path, *, left_pad_tokens: int = 32, delay_ms: int = 480) -> Path:
+def build_manifest_only(cfg, target, out_dir: Path, *, left_pad_tokens: int = 32, delay_ms: int = 480,
+                        quantization: str | None = None) -> Path:
     """Compile ``cfg`` for ``target`` and write the artifact WITHOUT weight shards ("weights": [])."""
     from voxc import build as vb
+    from voxc.model.layers import quantized
+    from voxc.quant.linear import kernel_target
     from voxc.tokenizer import write_tiny_tekken
 
     out_dir = Path(out_dir)
     t0 = time.perf_counter()
     export = getattr(target, "export_graph", None)
-    mod, params = export(cfg) if export else vb.export_graph(cfg, target)
+    with quantized(quantization, None), kernel_target(target.name):
+        mod, params = export(cfg) if export else vb.export_graph(cfg, target)
     executable = target.compile(mod)
     out_dir.mkdir(parents=True, exist_ok=True)
     library = target.export(executable, out_dir)
@@ -55,7 +59,7 @@ def build_manifest_only(cfg, target, out_dir: Path, *, left_pad_tokens: int = 32
         "tokenizer": "tekken.json",
         "left_pad_tokens": left_pad_tokens,
         "default_delay_ms": delay_ms,
-        "quantization": None,
+        "quantization": quantization,
         "build_seconds": round(time.perf_counter() - t0, 1),
         "kernel_calls": kernel_census(executable, getattr(sys.modules.get("targets.cuda"), "LAST_CUDA_SOURCE", None)),
         "cuda": {"arch": getattr(target, "arch", None), "archs": list(getattr(target, "archs", ())),
@@ -130,6 +134,13 @@ def fill_random_weights(artifact_dir: Path, *, seed: int = 0, std: float = 0.02,
         count = int(np.prod(shape))
         if p["name"].endswith("norm.weight"):
             array = np.ones(shape, dtype)
+        elif p["name"].endswith(".scales"):
+            # packed f16 block scales (Q4_K: f16 d/dmin, then scale bytes): every half a small
+            # positive float16, so no random bit pattern decodes to inf/NaN
+            halves = (np.abs(np.resize(pool, count * 2)) * 0.05 + 1e-4).astype(np.float16)
+            array = halves.view(np.uint32).reshape(shape)
+        elif dtype == np.uint32:   # packed quantized levels: any bits are valid
+            array = rng.integers(0, 1 << 32, size=shape, dtype=np.uint32)
         else:
             offset = int(rng.integers(0, pool.size))
             flat = np.resize(np.roll(pool, -offset)[: min(count, pool.size)], count)
@@ -180,8 +191,10 @@ def ensure_weights(artifact_dir: Path, cache_root: Path = Path("/tmp/voxc_random
     return gb, time.perf_counter() - t0
 
 
-def build_tiny_pair(out_root: Path, target=None) -> tuple[Path, Path]:
-    """The tiny test checkpoint built twice from the same weights: cuda and llvm artifacts."""
+def build_tiny_pair(out_root: Path, target=None, *, quantization: str | None = None,
+                    dtype: str | None = None) -> tuple[Path, Path]:
+    """The tiny test checkpoint built twice from the same weights: cuda and llvm artifacts (both
+    with the same ``quantization`` and ``dtype``)."""
     from targets import get_target
     from voxc.build import build
     from voxc.loader.tiny import make_tiny
@@ -201,10 +214,10 @@ def build_tiny_pair(out_root: Path, target=None) -> tuple[Path, Path]:
     vb.export_graph = lambda cfg, tgt: tgt.export_graph(cfg) if hasattr(tgt, "export_graph") \
         else original_export(cfg, tgt)
     try:
-        build(ckpt, "cuda", cuda_dir, progress=False)
+        build(ckpt, "cuda", cuda_dir, progress=False, quantization=quantization, dtype=dtype)
     finally:
         t.get_target, vb.export_graph = original_target, original_export
-    build(ckpt, "llvm", llvm_dir, progress=False)
+    build(ckpt, "llvm", llvm_dir, progress=False, quantization=quantization, dtype=dtype)
     return cuda_dir, llvm_dir
 
 
@@ -285,6 +298,8 @@ def main(argv=None):
     ap.add_argument("--archs", default=None, help="comma list, e.g. sm_90 (default: targets.cuda.DEFAULT_ARCHS)")
     ap.add_argument("--tiers", default=None, help="small-M tiers 'maxM:bucket,...', e.g. 4:4,64:8")
     ap.add_argument("--no-static", action="store_true", help="no static-shape entry points")
+    ap.add_argument("--dtype", default=None, help="float32 or float16 (default: the target's)")
+    ap.add_argument("--quantization", default=None, help="q4_0, q4_k or q8_0 (default: dense)")
     args = ap.parse_args(argv)
     from targets.cuda import TARGET
     from voxc.model.config import ModelConfig
@@ -299,13 +314,18 @@ def main(argv=None):
         target = dataclasses.replace(target, small_m_tiers=tiers)
     if args.no_static:
         target = dataclasses.replace(target, static_entries=())
+    if args.dtype:
+        target = dataclasses.replace(target, model_dtype=args.dtype)
     t0 = time.perf_counter()
     if args.what == "full":
-        out = build_manifest_only(ModelConfig(), target, Path(args.out))
+        from voxc.quant.formats import QType
+        quant = QType.parse(args.quantization).value if args.quantization else None
+        out = build_manifest_only(ModelConfig(), target, Path(args.out), quantization=quant)
     elif args.what == "attn":
         out = build_attention_modules(target, Path(args.out))
     else:
-        out = build_tiny_pair(Path(args.out), target if target is not TARGET else None)
+        out = build_tiny_pair(Path(args.out), target if target is not TARGET else None,
+                              quantization=args.quantization, dtype=args.dtype)
     print(f"built {out} in {time.perf_counter() - t0:.1f}s")
 
 

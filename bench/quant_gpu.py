@@ -144,6 +144,33 @@ def run(out_dir: str | Path, gemm_rows=GEMM_ROWS, l2_bytes: int = 64 << 20, reps
                "copy_GBps_read_plus_write": round(hbm_gbps, 1), "kernels": []}
     rng = np.random.default_rng(0)
     weights_cache = {}
+    fp16_us = {}
+
+    def fp16_baseline(n, k, rows):
+        """cuBLAS half GEMV/GEMM (cupy.matmul) at the same shape: the dense f16 model's cost."""
+        if (n, k, rows) not in fp16_us:
+            copies = max(1, math.ceil(2 * l2_bytes / (n * k * 2)))
+            ws = [cp.asarray(rng.standard_normal((n, k), dtype=np.float32).astype(np.float16) * 0.02)
+                  for _ in range(copies)]
+            xh = cp.asarray(rng.standard_normal((rows, k), dtype=np.float32).astype(np.float16))
+            yh = cp.empty((rows, n), cp.float16)
+            gemv = lambda i=0: cp.matmul(xh, ws[i % copies].T, out=yh)  # noqa: E731
+            try:
+                fp16_us[(n, k, rows)] = timed(gemv) * 1e6
+            except Exception as e:   # cuBLAS refused stream capture: events over back-to-back calls
+                print(f"fp16 baseline without a CUDA graph ({type(e).__name__}: {e})", flush=True)
+                with stream:
+                    for i in range(5):
+                        gemv(i)
+                    start.record(stream)
+                    for i in range(reps):
+                        gemv(i)
+                    stop.record(stream)
+                    stop.synchronize()
+                fp16_us[(n, k, rows)] = cp.cuda.get_elapsed_time(start, stop) / reps * 1e3
+            del ws
+        return fp16_us[(n, k, rows)]
+
     stream.use()            # uploads, zero fills, kernels and references all on one stream
     for entry in manifest["kernels"]:
         n, k, qtype = entry["n"], entry["k"], entry["qtype"]
@@ -179,6 +206,9 @@ def run(out_dir: str | Path, gemm_rows=GEMM_ROWS, l2_bytes: int = 64 << 20, reps
                    "rows": rows, "us": round(seconds * 1e6, 2), "weight_GBps": round(wbytes / seconds / 1e9, 1),
                    "of_hbm": round(wbytes / seconds / 1e9 / hbm_gbps, 3),
                    "TFLOPs": round(2 * rows * n * k / seconds / 1e12, 2), "max_rel_err": err}
+            base = fp16_baseline(n, k, rows)
+            row["cublas_fp16_us"] = round(base, 2)
+            row["speedup_vs_fp16"] = round(base / (seconds * 1e6), 2)
             results["kernels"].append(row)
             print(json.dumps(row), flush=True)
         del dev_w

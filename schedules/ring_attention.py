@@ -148,6 +148,13 @@ def cuda_kernel_layout(n_heads: int, n_kv_heads: int, head_dim: int, window: int
     return dict(group=group, vec=vec, bdx=bdx, bdy=bdy, bdz=bdz, tile=tile, n_splits=n_splits)
 
 
+def float32_lanes(T, vec: int):
+    """Loop kind for float32 work on ``vec`` elements: a half-precision cache loads 8 elements per
+    16-byte vector, but TVM's CUDA codegen has no float32x8 type (it emits a broken ulonglong4), so
+    float32 loops of more than 4 lanes are unrolled instead of vectorized."""
+    return T.vectorized if vec <= 4 else T.unroll
+
+
 def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, window: int,
                                 dtype: str = "float32", **layout_args):
     """Split-K partial attention: o [b, n, H, splits, D] (normalised within the split) and
@@ -158,6 +165,7 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
     lay = cuda_kernel_layout(n_heads, n_kv_heads, head_dim, window, dtype, **layout_args)
     G, VEC, bdx, bdy, bdz, TILE, NS = (lay[k] for k in ("group", "vec", "bdx", "bdy", "bdz", "tile", "n_splits"))
     H, HKV, D, W = n_heads, n_kv_heads, head_dim, window
+    F32_LANES = float32_lanes(T, VEC)
     ROWS = bdz * bdy * TILE              # keys per iteration of a block
     scale = float(head_dim ** -0.5) * _LOG2E
 
@@ -212,9 +220,9 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
 
                                 st_m[0] = T.float32(_EMPTY)
                                 st_d[0] = T.float32(1.0)
-                                for vec in T.vectorized(VEC):
+                                for vec in F32_LANES(VEC):
                                     o_local[vec] = T.float32(0)
-                                for vec in T.vectorized(VEC):
+                                for vec in F32_LANES(VEC):
                                     q_local[vec] = T.Cast("float32", q[bi, i, h, tx * VEC + vec]) * T.float32(scale)
 
                                 for it in T.serial((s_len + ROWS - 1) // ROWS):
@@ -243,7 +251,7 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                     T.tvm_storage_sync("shared")
                                     m_prev[0] = st_m[0]
                                     for j in T.serial(bdy * TILE):
-                                        for vec in T.vectorized(VEC):
+                                        for vec in F32_LANES(VEC):
                                             qk[vec] = q_local[vec] * T.Cast("float32", k_smem[tz * bdy * TILE + j, tx * VEC + vec])
                                         s_part[0] = T.float32(0)
                                         for vec in T.unroll(VEC):
@@ -263,23 +271,23 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                     for j in T.serial(bdy * TILE):
                                         s_local[j] = T.exp2(s_local[j] - st_m[0])
                                         st_d[0] = st_d[0] + s_local[j]
-                                    for vec in T.vectorized(VEC):
+                                    for vec in F32_LANES(VEC):
                                         o_local[vec] = o_local[vec] * o_scale
                                     for j in T.serial(bdy * TILE):
-                                        for vec in T.vectorized(VEC):
+                                        for vec in F32_LANES(VEC):
                                             o_local[vec] = o_local[vec] + s_local[j] * T.Cast(
                                                 "float32", v_smem[tz * bdy * TILE + j, tx * VEC + vec])
                                     T.tvm_storage_sync("shared")
 
                                 if bdz > 1:
-                                    for vec in T.vectorized(VEC):
+                                    for vec in F32_LANES(VEC):
                                         o_merge[tz, ty, tx * VEC + vec] = o_local[vec]
                                     md_merge[tz, ty, 0] = st_m[0]
                                     md_merge[tz, ty, 1] = st_d[0]
                                     T.tvm_storage_sync("shared")
                                     st_m[0] = T.float32(_EMPTY)
                                     st_d[0] = T.float32(1.0)
-                                    for vec in T.vectorized(VEC):
+                                    for vec in F32_LANES(VEC):
                                         o_local[vec] = T.float32(0)
                                     for z in T.serial(bdz):
                                         m_prev[0] = st_m[0]
@@ -287,11 +295,11 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                         st_m[0] = T.max(m_prev[0], md_merge[z, ty, 0])
                                         st_d[0] = d_prev[0] * T.exp2(m_prev[0] - st_m[0]) + \
                                             md_merge[z, ty, 1] * T.exp2(md_merge[z, ty, 0] - st_m[0])
-                                        for vec in T.vectorized(VEC):
+                                        for vec in F32_LANES(VEC):
                                             o_local[vec] = o_local[vec] * T.exp2(m_prev[0] - st_m[0]) + \
                                                 o_merge[z, ty, tx * VEC + vec] * T.exp2(md_merge[z, ty, 0] - st_m[0])
                                 if tz == 0:
-                                    for vec in T.vectorized(VEC):
+                                    for vec in F32_LANES(VEC):
                                         o[bi, i, h, split, tx * VEC + vec] = o_local[vec] / st_d[0]
                                     if tx == 0:
                                         lse[bi, i, h, split] = st_m[0] + T.log2(st_d[0])
@@ -306,6 +314,7 @@ def ring_attention_merge_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wind
 
     lay = cuda_kernel_layout(n_heads, n_kv_heads, head_dim, window, dtype, **layout_args)
     VEC, bdx, NS = lay["vec"], lay["bdx"], lay["n_splits"]
+    F32_LANES = float32_lanes(T, VEC)
     H, D = n_heads, head_dim
 
     @T.prim_func(private=True, s_tir=True)
@@ -328,14 +337,14 @@ def ring_attention_merge_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wind
                         for s in T.serial(NS):
                             m[0] = T.max(m[0], lse[bi, i, h, s])
                         d[0] = T.float32(0)
-                        for vec in T.vectorized(VEC):
+                        for vec in F32_LANES(VEC):
                             acc[vec] = T.float32(0)
                         for s in T.serial(NS):
                             w: T.let[T.float32] = T.exp2(lse[bi, i, h, s] - m[0])
                             d[0] = d[0] + w
-                            for vec in T.vectorized(VEC):
+                            for vec in F32_LANES(VEC):
                                 acc[vec] = acc[vec] + w * o[bi, i, h, s, tx * VEC + vec]
-                        for vec in T.vectorized(VEC):
+                        for vec in F32_LANES(VEC):
                             out[bi, i, h, tx * VEC + vec] = T.Cast(dtype, acc[vec] / d[0])
 
     return ring_attention_merge

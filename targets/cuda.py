@@ -210,8 +210,10 @@ def fatbin_compiler(archs):
         try:
             return tvm_nvcc.compile_cuda(code, target_format="fatbin", arch=flags, options=["--threads", "0"],
                                          compiler="nvcc")
-        except RuntimeError as exc:   # nvcc's message follows the whole source; keep the tail
-            raise VoxcError("nvcc failed: " + str(exc)[-4000:]) from None
+        except RuntimeError as exc:   # nvcc's message follows the whole source: keep its errors
+            lines = str(exc).splitlines()
+            errors = [" | ".join(lines[i:i + 3]) for i, line in enumerate(lines) if ": error" in line]
+            raise VoxcError("nvcc failed:\n" + "\n".join(errors[:12]) + "\n" + "\n".join(lines[-3:])) from None
 
     previous = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_fatbin, override=True)

@@ -165,3 +165,20 @@ def test_fatbin_arch_parser_on_synthetic_cubins():
     blob = b"junk" + tc.FATBIN_MAGIC + cubin(80) + b"pad" + cubin(90)
     assert tc.fatbin_archs(blob) == {"sm_80", "sm_90"}
     assert np.array([1])[0] == 1
+
+
+@needs_nvcc
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_ring_attention_kernels_compile_for_each_storage_dtype(dtype):
+    """Half caches load 8 lanes per vector; the float32 math on them must still compile with nvcc
+    (TVM's CUDA codegen has no float32x8)."""
+    from schedules.ring_attention import ring_attention_merge_cuda, ring_attention_partial_cuda
+
+    funcs = {"partial": ring_attention_partial_cuda(8, 2, 128, 64, dtype),
+             "merge": ring_attention_merge_cuda(8, 2, 128, 64, dtype)}
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+    tc.prepare_toolchain()
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host="llvm")
+    with target, tc.fatbin_compiler(("sm_90",)):
+        tvm.compile(mod, target=target)        # nvcc raises a VoxcError on a broken kernel
+    assert "__global__" in tc.LAST_CUDA_SOURCE and "make_ulonglong4" not in tc.LAST_CUDA_SOURCE

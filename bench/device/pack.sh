@@ -8,6 +8,8 @@
 #   tvm_runtime.tar.gz  tvm/lib/libtvm_runtime{,_extra,_cuda}.so: TVM's runtime without its compiler
 #   wheels/             cp312 wheels the device lacks: apache-tvm-ffi 0.1.14.post1, mistral-common + deps
 # Usage: bash bench/device/pack.sh [--quick]   (--quick: sm_90 only, no full-size builds)
+#   VARIANTS="tiny_q4k:--quantization=q4_k tiny_f16:--dtype=float16 full_f16:--dtype=float16 \
+#             full_q4k:--quantization=q4_k quantbench" bash bench/device/pack.sh   (this session's run)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PACK="$ROOT/.devpack"
@@ -24,15 +26,22 @@ ARCHS=""
 cd "$SRC"
 export PYTHONPATH="$SRC"
 "$PY" bench/cuda_build.py tiny "$PACK/artifacts" --archs ${TINY_ARCHS:-sm_80,sm_90}
-mkdir -p "$PACK/tmp" && "$PY" bench/cuda_build.py tiny "$PACK/tmp" --cuda-graph --archs sm_90
-mv "$PACK/tmp/tiny_cuda" "$PACK/artifacts/tiny_cuda_graph" && rm -rf "$PACK/tmp" "$PACK/artifacts/tiny_ckpt"
+# VARIANTS: which other builds travel, as name:cuda_build-args pairs (tiny_* -> tiny_cuda_<x> and its
+# llvm twin tiny_llvm_<x>; full_* -> a weight-less full-size artifact; quantbench -> bench/quant_gpu.py's cubin)
+VARIANTS=${VARIANTS:-"tiny_graph:--cuda-graph full:--archs=sm_80,sm_90 full_graph:--cuda-graph+--archs=sm_90"}
+for spec in $VARIANTS; do
+  name=${spec%%:*}; args=$(echo "${spec#*:}" | tr '+' ' ')   # args joined by '+', e.g. --dtype=float16+--cuda-graph
+  case $name in
+    tiny_*)  mkdir -p "$PACK/tmp" && "$PY" bench/cuda_build.py tiny "$PACK/tmp" --archs sm_90 $args
+             mv "$PACK/tmp/tiny_cuda" "$PACK/artifacts/tiny_cuda_${name#tiny_}"
+             [ "$name" = tiny_graph ] || mv "$PACK/tmp/tiny_llvm" "$PACK/artifacts/tiny_llvm_${name#tiny_}"
+             rm -rf "$PACK/tmp" ;;
+    full*)   [ "$QUICK" = "--quick" ] || "$PY" bench/cuda_build.py full "$PACK/artifacts/${name/full/full_cuda}" $args ;;
+    quantbench) "$PY" bench/quant_gpu.py build --out "$PACK/quantbench" --arch sm_90 ;;
+  esac
+done
+rm -rf "$PACK/artifacts/tiny_ckpt"
 "$PY" bench/cuda_build.py attn "$PACK/artifacts/attn_cuda.so" --archs sm_90
-if [ "$QUICK" != "--quick" ]; then
-  "$PY" bench/cuda_build.py full "$PACK/artifacts/full_cuda"
-  if [ "${FULL_GRAPH:-1}" = 1 ]; then  # FULL_GRAPH=0 skips the cuda-graph variant
-    "$PY" bench/cuda_build.py full "$PACK/artifacts/full_cuda_graph" --cuda-graph --archs sm_90
-  fi
-fi
 
 # TVM runtime only: the three runtime libraries of the installed apache-tvm wheel
 TVM_LIB=$("$PY" -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('tvm').origin).parent / 'lib')")
