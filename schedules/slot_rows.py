@@ -9,6 +9,10 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
+from schedules import pin_source
+
+pin_source(__name__)   # the TVMScript kernel builders below parse this file when called
+
 
 def slot_rows_write_func(width: int, dtype: str):
     """In place: ``ring[slots[b], (offsets[b] + i) mod rows, :] = src[b, n - m + i, :]`` for i < m = min(n, rows)."""

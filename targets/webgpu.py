@@ -56,8 +56,11 @@ from pathlib import Path
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
+from schedules import pin_source
 from targets.base import TargetSpec
 from voxc.errors import VoxcError
+
+pin_source(__name__)   # the TVMScript kernel builders below parse this file when called
 
 HEADERS_DIR = Path(__file__).resolve().parent / "web_runtime_headers"
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"  # voxc.js, the browser API
