@@ -84,6 +84,9 @@ TVMJS_NPM_PACKAGE = "@mlc-ai/web-runtime@0.27.0-dev0"  # the tvmjs build publish
 WEBGPU_DEFAULT_MAX_WORKGROUP = 256
 # WebGPU's default maxStorageBufferBindingSize: every weight buffer of a bundle stays under it.
 EMBEDDING_PART_BYTES = 128 << 20
+# Matmuls with a run-time row count M: LowBatchGEMV (weights read once per `bucket` rows) while
+# M <= limit, dlight's tiled Matmul above.  (limit, bucket) pairs, as the CUDA target's.
+SMALL_M_TIERS = ((4, 4), (32, 16))
 # create_tvmjs_wasm's link flags (tvm/support/emcc.py), which the model wasm keeps.
 _LINK_FLAGS = ["-std=c++17", "--no-entry", "-s", "WASM_BIGINT=1", "-s", "ERROR_ON_UNDEFINED_SYMBOLS=0",
                "-s", "STANDALONE_WASM=1", "-s", "ALLOW_MEMORY_GROWTH=1", "-s", "TOTAL_MEMORY=160MB"]
@@ -107,6 +110,7 @@ class WebGPUTarget(TargetSpec):
     # GPU buffer each (see SplitEmbedding); 128 MiB is WebGPU's default maxStorageBufferBindingSize.
     embedding_part_bytes: int = EMBEDDING_PART_BYTES
     shard_mb: int = 32             # weight shard size (a tensor above half of it gets its own shard)
+    small_m_tiers: tuple = SMALL_M_TIERS
 
     def tvm_target(self):
         return webgpu_target(self.max_workgroup_size)
@@ -116,7 +120,8 @@ class WebGPUTarget(TargetSpec):
                                 embedding_part_bytes=self.embedding_part_bytes)
 
     def compile(self, mod):
-        return compile_model_for_webgpu(mod, max_workgroup_size=self.max_workgroup_size)
+        return compile_model_for_webgpu(mod, max_workgroup_size=self.max_workgroup_size,
+                                        small_m_tiers=self.small_m_tiers)
 
     def export(self, executable, out_dir: Path) -> Path:
         return export_wasm(executable, Path(out_dir) / self.library_name, optimize=self.optimize_wasm)
@@ -572,15 +577,52 @@ def register_wgsl_intrinsics() -> None:
 
 
 def compile_model_for_webgpu(mod, *, max_workgroup_size: int = WEBGPU_DEFAULT_MAX_WORKGROUP,
-                             attention_threads: int = 128):
-    """The Voxtral graph (:func:`export_web_graph`) -> VM executable with WGSL kernels."""
+                             attention_threads: int = 128, small_m_tiers=None):
+    """The Voxtral graph (:func:`export_web_graph`) -> VM executable with WGSL kernels.
+    ``small_m_tiers``: see :func:`web_relax_pipeline` (None: SMALL_M_TIERS; ``()``: dlight's
+    Matmul for every row count)."""
+    import tvm
+
     from targets.passes import fuse_transpose_matmul
+
+    small_m_tiers = SMALL_M_TIERS if small_m_tiers is None else small_m_tiers
 
     mod = replace_greedy_topk(mod, threads=min(256, max_workgroup_size))
     mod = schedule_constant_matmuls(mod)
     mod = fuse_transpose_matmul(mod)
     mod = apply_attention_kernels(mod, threads=min(attention_threads, max_workgroup_size))
-    return compile_for_webgpu(mod, max_workgroup_size=max_workgroup_size)
+    target = webgpu_target(max_workgroup_size)
+    register_wgsl_intrinsics()
+    with target:
+        return tvm.compile(mod, target=target, relax_pipeline=web_relax_pipeline(target, small_m_tiers))
+
+
+def web_relax_pipeline(target, small_m_tiers=SMALL_M_TIERS):
+    """TVM's generic GPU pipeline with one change: matmuls whose row count is only known at run time
+    (every projection: rows = streams x tokens) get dlight's LowBatchGEMV kernels for few rows and
+    its tiled Matmul for many, picked on the host by the row count (targets.cuda.small_m_dispatch).
+    A decoder step has one row: the GEMV reads each weight once with all invocations busy."""
+    import tvm
+    from tvm.relax.backend.gpu_generic import pipeline as gpu_pipeline
+    from tvm.s_tir import dlight as dl
+
+    from targets.cuda import small_m_dispatch
+
+    legalize = [tvm.relax.transform.LegalizeOps(), tvm.relax.transform.AnnotateTIROpPattern(),
+                tvm.relax.transform.FoldConstant(), tvm.relax.transform.FuseOps(), tvm.relax.transform.FuseTIR()]
+    schedule = ([small_m_dispatch(target, small_m_tiers)] if small_m_tiers else []) + [
+        dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+                                dl.gpu.Fallback())]
+
+    @tvm.transform.module_pass(opt_level=0, name="VoxcWebGPUPipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            seq = tvm.transform.Sequential(
+                gpu_pipeline.library_dispatch_passes(target) + legalize + schedule
+                + gpu_pipeline.dataflow_lower_passes(target) + gpu_pipeline.finalize_passes(target))
+            return seq(mod)
+
+    return _pipeline
 
 
 # ---- toolchain helpers -----------------------------------------------------------------------------
