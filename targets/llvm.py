@@ -1,10 +1,40 @@
 """CPU (llvm): the embedded default.  TVM's default CPU pipeline after voxc's transpose-matmul fusion;
-quantized projections bring their own hand-scheduled kernels (schedules/dequant_matmul.py)."""
+quantized projections bring their own hand-scheduled kernels (schedules/dequant_matmul.py).
+
+The instruction set is chosen at build time (``voxc build --cpu``): ``native`` (the default) compiles
+for the building machine's CPU (AVX2/FMA/AVX-512 where it has them), ``generic`` for any x86-64 or
+AArch64 CPU, or any LLVM CPU name (``x86-64-v3``, ``znver4``, ``cortex-a76``).  The artifact records
+the ISA extensions its code uses, and loading it on a CPU without them is a clear error, not SIGILL.
+"""
 from __future__ import annotations
 
 import dataclasses
 
 from targets.base import TargetSpec
+from voxc.errors import VoxcError
+
+# LLVM feature name -> Linux /proc/cpuinfo flag, for the extensions that generated code may use
+ISA_FLAGS = {
+    "sse4.1": "sse4_1", "sse4.2": "sse4_2", "avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c",
+    "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512dq": "avx512dq", "avx512vl": "avx512vl",
+    "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16",
+    "avxvnni": "avx_vnni", "amx-tile": "amx_tile",
+    "neon": "asimd", "dotprod": "asimddp", "fullfp16": "asimdhp", "sve": "sve", "i8mm": "i8mm",
+}
+
+
+def resolve_cpu(cpu: str | None) -> str | None:
+    """``native`` -> this machine's LLVM CPU name; ``generic``/None -> None (LLVM's baseline)."""
+    if cpu in (None, "", "generic"):
+        return None
+    from tvm.target import codegen
+
+    if cpu == "native":
+        return codegen.llvm_get_system_cpu()
+    if not codegen.llvm_is_valid_cpu(cpu, codegen.llvm_get_system_triple()):
+        raise VoxcError(f"--cpu {cpu!r} is not a CPU LLVM knows for this machine's architecture; use native, generic, or a name such as "
+                        "x86-64-v3, skylake-avx512, znver4, cortex-a76")
+    return cpu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -12,7 +42,7 @@ class LlvmTarget(TargetSpec):
     name: str = "llvm"
     device_kind: str = "cpu"
     library_name: str = "model.so"
-    mcpu: str | None = None     # e.g. "znver4"; None = generic x86-64 so the artifact runs anywhere
+    mcpu: str | None = "native"   # see the module docstring
 
     def compile(self, mod):
         from targets.passes import fuse_transpose_matmul
@@ -25,9 +55,20 @@ class LlvmTarget(TargetSpec):
         import tvm
 
         desc = {"kind": "llvm"}
-        if self.mcpu:
-            desc["mcpu"] = self.mcpu
+        mcpu = resolve_cpu(self.mcpu)
+        if mcpu:
+            desc["mcpu"] = mcpu
         return tvm.target.Target(desc)
+
+    def manifest_extras(self) -> dict:
+        """The CPU the code was generated for and the ISA extensions it may use (checked at load)."""
+        from tvm.target import codegen
+
+        target = self.tvm_target()
+        features = set(codegen.llvm_get_cpu_features(target))
+        mcpu = target.attrs.get("mcpu")
+        return {"cpu": {"mcpu": str(mcpu) if mcpu else "generic",
+                        "isa": sorted(f for f in features if f in ISA_FLAGS)}}
 
 
 TARGET = LlvmTarget()

@@ -121,3 +121,54 @@ print(repr(model.transcribe(soundfile.read({str(wav)!r}, dtype="float32")[0])))
     assert result.returncode == 0, result.stderr
     expected = voxc.load(artifact).transcribe(soundfile.read(wav, dtype="float32")[0])
     assert result.stdout.strip() == repr(expected)
+
+
+def test_cpu_artifact_records_its_instruction_set(artifact):
+    from targets.llvm import ISA_FLAGS
+    from voxc.runtime.model import host_cpu_flags
+
+    cpu = json.loads((artifact / "voxc-artifact.json").read_text())["cpu"]
+    flags = host_cpu_flags()
+    assert cpu["mcpu"] != "generic"              # the default compiles for this machine
+    if flags is not None and "avx2" in flags:
+        assert {"avx", "avx2", "fma"} <= set(cpu["isa"])
+    if flags is not None:
+        assert all(ISA_FLAGS[f] in flags for f in cpu["isa"])
+
+
+def test_an_artifact_for_a_newer_cpu_is_refused_not_crashed(tmp_path, artifact, monkeypatch):
+    from voxc.runtime import model as runtime_model
+
+    copy = tmp_path / "art"
+    copy.mkdir()
+    for f in artifact.iterdir():
+        (copy / f.name).symlink_to(f)
+    manifest = json.loads((artifact / "voxc-artifact.json").read_text())
+    manifest["cpu"] = {"mcpu": "sapphirerapids", "isa": ["avx2", "avx512f", "amx-tile"]}
+    (copy / "voxc-artifact.json").unlink()
+    (copy / "voxc-artifact.json").write_text(json.dumps(manifest))
+    monkeypatch.setattr(runtime_model, "host_cpu_flags", lambda: {"sse2", "avx", "avx2"})
+    with pytest.raises(voxc.VoxcError, match=r"sapphirerapids.*avx512f, amx-tile.*--cpu generic"):
+        voxc.load(copy)
+
+
+def test_generic_cpu_build_runs_anywhere_and_matches_native(tmp_path, tiny_ckpt_dir, artifact):
+    generic = build(tiny_ckpt_dir, "llvm", tmp_path / "generic", progress=False, cpu="generic")
+    cpu = json.loads((generic / "voxc-artifact.json").read_text())["cpu"]
+    assert cpu["mcpu"] == "generic" and not {"avx", "avx2", "fma", "avx512f"} & set(cpu["isa"])
+    pcm = sine_with_noise(seconds=2.0)
+    a, b = voxc.load(generic), voxc.load(artifact)
+    sa, sb = a.stream(), b.stream()
+    for s in (sa, sb):
+        s.record_logits = True
+        s.feed(pcm)
+        s.finish()
+    assert sa.tokens == sb.tokens
+    la, lb = np.stack(sa.logits), np.stack(sb.logits)
+    assert np.abs(la - lb).max() / np.abs(lb).max() < 1e-4    # FMA contraction only
+
+
+def test_unknown_cpu_is_a_clear_error(tmp_path, tiny_ckpt_dir):
+    result = voxc_cli("build", tiny_ckpt_dir, "--target", "llvm", "--cpu", "pentium-9000", "-o", tmp_path / "x",
+                      check=False)
+    assert result.returncode != 0 and "pentium-9000" in result.stderr and "Traceback" not in result.stderr

@@ -110,12 +110,13 @@ class WeightSource:
 
 def build(checkpoint: str | Path, target_name: str, out_dir: str | Path, *, progress: bool = True,
           left_pad_tokens: int | None = None, quantization: str | None = None, dtype: str | None = None,
-          tokenizer: str | Path | None = None) -> Path:
+          tokenizer: str | Path | None = None, cpu: str | None = None) -> Path:
     """Compile ``checkpoint`` for ``target_name`` into the artifact directory ``out_dir``.
 
     ``quantization``: q4_0, q4_k or q8_0 to quantize the projections and the embedding table;
     a GGUF input keeps its own type unless this says otherwise.  ``dtype``: the activation, cache
-    and float-weight dtype (float32 or float16; default: the target's).
+    and float-weight dtype (float32 or float16; default: the target's).  ``cpu`` (llvm only): the
+    CPU to generate code for, ``native`` (default), ``generic`` or an LLVM CPU name.
     """
     from targets import get_target
     from voxc.model import mel
@@ -130,6 +131,10 @@ def build(checkpoint: str | Path, target_name: str, out_dir: str | Path, *, prog
         if dtype not in ("float32", "float16"):
             raise VoxcError(f"--dtype must be float32 or float16, not {dtype}")
         target = dataclasses.replace(target, model_dtype=dtype)
+    if cpu is not None:
+        if not hasattr(target, "mcpu"):
+            raise VoxcError(f"--cpu applies to the llvm (CPU) target, not {target.name}")
+        target = dataclasses.replace(target, mcpu=cpu)
     log = _Log(progress)
     source = WeightSource(checkpoint, progress, tokenizer)
     quant = QType.parse(quantization).value if quantization else source.quantization
@@ -176,6 +181,7 @@ def build(checkpoint: str | Path, target_name: str, out_dir: str | Path, *, prog
         "left_pad_tokens": left_pad_tokens if left_pad_tokens is not None else tokenizer.n_left_pad_tokens,
         "default_delay_ms": int(tokenizer.transcription_delay_ms or 480),
         "quantization": quant,
+        **(target.manifest_extras() if hasattr(target, "manifest_extras") else {}),
     }
     (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
     log.step(f"artifact written to {out_dir}")

@@ -74,6 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "a .gguf input keeps its own type by default")
     p.add_argument("--dtype", choices=["float32", "float16"], default=None,
                    help="activation/KV-cache dtype (default: the target's; float16 halves GPU memory)")
+    p.add_argument("--cpu", default=None, metavar="NAME",
+                   help="llvm target: the CPU to generate code for: native (default: this machine's, "
+                        "e.g. AVX-512), generic (runs on any CPU of this architecture, slower), or an "
+                        "LLVM CPU name such as x86-64-v3 or znver4. Loading on a CPU that lacks the "
+                        "instructions is refused with a clear message")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tekken.json to use (needed for GGUF files that carry no tokenizer, e.g. the Rust port's)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -131,7 +136,7 @@ def cmd_build(args) -> int:
     if not args.checkpoint.exists():
         raise VoxcError(f"{args.checkpoint} does not exist")
     build(args.checkpoint, args.target, out, progress=not args.quiet, left_pad_tokens=args.left_pad_tokens,
-          quantization=args.quantization, dtype=args.dtype, tokenizer=args.tokenizer)
+          quantization=args.quantization, dtype=args.dtype, tokenizer=args.tokenizer, cpu=args.cpu)
     print(f"built {out}")
     return 0
 

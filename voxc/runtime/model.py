@@ -20,6 +20,33 @@ ARTIFACT_FORMAT = 1
 MANIFEST = "voxc-artifact.json"
 
 
+def host_cpu_flags() -> set[str] | None:
+    """The CPU's feature flags from /proc/cpuinfo (x86 "flags", Arm "Features"); None if unknown."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return set(value.split())
+    return None
+
+
+def check_cpu_isa(artifact_dir: Path, cpu: dict | None) -> None:
+    """Refuse an llvm artifact whose code uses instructions this CPU lacks (it would die of SIGILL)."""
+    from targets.llvm import ISA_FLAGS
+
+    flags = host_cpu_flags()
+    if not cpu or flags is None:
+        return
+    missing = [f for f in cpu.get("isa", []) if ISA_FLAGS.get(f) and ISA_FLAGS[f] not in flags]
+    if missing:
+        raise VoxcError(f"{artifact_dir} was compiled for the CPU {cpu.get('mcpu')!r} and uses {', '.join(missing)}, "
+                        f"which this CPU lacks; rebuild it here (`voxc build --target llvm`, which compiles for "
+                        f"this CPU) or with `--cpu generic` for any CPU")
+
+
 class CompiledModel:
     def __init__(self, artifact_dir: Path, manifest: dict, runtime: Runtime, max_streams: int, progress: bool):
         from safetensors import safe_open
@@ -97,6 +124,8 @@ class CompiledModel:
             raise VoxcError(f"{artifact_dir} was built for {manifest['target']} and runs on {kind}, not {device}")
         if kind == "webgpu":
             raise VoxcError(f"{artifact_dir} is a web bundle: serve it and open index.html in a browser")
+        if kind == "cpu":
+            check_cpu_isa(artifact_dir, manifest.get("cpu"))
         return cls(artifact_dir, manifest, Runtime(kind), max_streams, progress)
 
     # ---- streaming --------------------------------------------------------------------------
