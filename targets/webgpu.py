@@ -288,15 +288,57 @@ class SplitEmbedding(nn.Module):
         return logits
 
 
+class SplitQuantEmbedding(nn.Module):
+    """A quantized tied token table (voxc.quant.linear.QuantEmbedding) as row blocks
+    ``parts.<k>.qweight`` / ``parts.<k>.scales``: the 4B model's Q4_K table (201 MB of packed levels)
+    is above WebGPU's 128 MiB binding limit too.  A lookup gathers from every block (ids outside a
+    block read its row 0, masked out); the LM head runs the Q4 kernels per block into its columns."""
+
+    def __init__(self, vocab_size: int, dim: int, qtype, dtype: str, rows_per_part: int):
+        from voxc.quant.linear import QuantEmbedding
+
+        self.vocab_size, self.dim, self.dtype = vocab_size, dim, dtype
+        self.bounds = embedding_part_bounds(vocab_size, rows_per_part)
+        self.parts = nn.ModuleList([QuantEmbedding(end - start, dim, qtype, dtype=dtype) for start, end in self.bounds])
+
+    def lookup(self, ids: nn.Tensor) -> nn.Tensor:
+        import numpy as np
+
+        b, n = ids.shape
+        flat = op.reshape(ids, (b * n,))
+        acc = op.zeros((b * n, self.dim), self.dtype)
+        for (start, end), part in zip(self.bounds, self.parts):
+            local = op.subtract(flat, nn.Tensor.from_const(np.array(start, "int32")))
+            rows = part.lookup(local)
+            col = op.reshape(local, (b * n, 1))
+            inside_lo = op.greater_equal(col, nn.Tensor.from_const(np.array(0, "int32")))
+            inside_hi = op.less(col, nn.Tensor.from_const(np.array(end - start, "int32")))
+            acc = op.where(inside_lo, op.where(inside_hi, rows, acc), acc)
+        return op.reshape(acc, (b, n, self.dim))
+
+    def project(self, hidden: nn.Tensor) -> nn.Tensor:
+        b = hidden.shape[0]
+        logits = op.zeros((b, self.vocab_size), self.dtype)
+        for (start, end), part in zip(self.bounds, self.parts):
+            piece = part.project(hidden)
+            logits = op.tensor_ir_inplace_op(
+                _write_columns_func(start, end - start, self.vocab_size, self.dtype), "write_columns",
+                args=[logits, piece], inplace_indices=[0],
+                out=nn.Tensor.placeholder((b, self.vocab_size), self.dtype))
+        return logits
+
+
 def embedding_part_bounds(vocab_size: int, rows_per_part: int) -> list[tuple[int, int]]:
     return [(s, min(s + rows_per_part, vocab_size)) for s in range(0, vocab_size, rows_per_part)]
 
 
-def embedding_part_rows(vocab_size: int, dim: int, dtype: str, part_bytes: int) -> int | None:
-    """Rows per block of the token table, or None when the whole table fits in ``part_bytes``."""
+def embedding_part_rows(vocab_size: int, dim: int, dtype: str, part_bytes: int, row_bytes: int | None = None
+                        ) -> int | None:
+    """Rows per block of the token table, or None when the whole table fits in ``part_bytes``.
+    ``row_bytes`` (default: ``dim`` elements of ``dtype``) is the size of a row's largest buffer."""
     import numpy as np
 
-    row_bytes = dim * np.dtype(dtype).itemsize
+    row_bytes = row_bytes or dim * np.dtype(dtype).itemsize
     if vocab_size * row_bytes <= part_bytes:
         return None
     n_parts = -(-vocab_size * row_bytes // part_bytes)
@@ -315,27 +357,46 @@ def export_web_graph(cfg, *, dtype: str = "float32", mel_dtype: str = "float32",
     """The model's Relax module for the browser (see the section comment) and its parameter list."""
     from voxc.model.graph import VoxtralGraph
     from voxc.model.layers import DenseEmbedding
+    from voxc.quant.formats import kernel_layout_shapes
+    from voxc.quant.linear import QuantEmbedding
 
     graph = VoxtralGraph(cfg, dtype=dtype, mel_dtype=mel_dtype)
     d = cfg.decoder
-    rows = embedding_part_rows(d.vocab_size, d.dim, dtype, embedding_part_bytes)
-    if rows is not None and isinstance(graph.tok_embeddings, DenseEmbedding):
-        graph.tok_embeddings = SplitEmbedding(d.vocab_size, d.dim, dtype, rows)
+    table = graph.tok_embeddings
+    if isinstance(table, DenseEmbedding):
+        rows = embedding_part_rows(d.vocab_size, d.dim, dtype, embedding_part_bytes)
+        if rows is not None:
+            graph.tok_embeddings = SplitEmbedding(d.vocab_size, d.dim, dtype, rows)
+    elif isinstance(table, QuantEmbedding):
+        row_bytes = 4 * max(s[1] for s in kernel_layout_shapes(table.qtype, d.vocab_size, d.dim).values())
+        rows = embedding_part_rows(d.vocab_size, d.dim, dtype, embedding_part_bytes, row_bytes=row_bytes)
+        if rows is not None:
+            graph.tok_embeddings = SplitQuantEmbedding(d.vocab_size, d.dim, table.qtype, dtype, rows)
     spec = graph.export_spec()
     for method in spec.values():
         method["$"] = {"param_mode": "packed", "effect_mode": "none"}
     return graph.export_tvm(spec=spec)
 
 
-def split_param_source(name: str, cfg, dtype: str, embedding_part_bytes: int):
-    """``(checkpoint name, row slice)`` of a graph parameter: a block of the split token table comes
-    from rows of ``tok_embeddings.weight``; every other parameter is itself (slice None)."""
-    if not name.startswith(SPLIT_EMBEDDING_PREFIX):
-        return name, None
-    k = int(name[len(SPLIT_EMBEDDING_PREFIX):].split(".")[0])
-    rows = embedding_part_rows(cfg.decoder.vocab_size, cfg.decoder.dim, dtype, embedding_part_bytes)
-    start, end = embedding_part_bounds(cfg.decoder.vocab_size, rows)[k]
-    return "tok_embeddings.weight", slice(start, end)
+def split_param_sources(specs) -> dict[str, tuple[str, slice]]:
+    """Graph parameter -> ``(checkpoint name, row slice)`` for the blocks of a split token table
+    (``tok_embeddings.parts.<k>.<field>`` are rows of ``tok_embeddings.<field>``, the blocks in
+    order); ``specs`` is the graph's ``[(name, shape, dtype)]``.  Other parameters are not listed."""
+    out, starts = {}, {}
+    for name, shape, _ in specs:
+        if not name.startswith(SPLIT_EMBEDDING_PREFIX):
+            continue
+        field = name.rsplit(".", 1)[1]
+        start = starts.get(field, 0)
+        out[name] = ("tok_embeddings." + field, slice(start, start + int(shape[0])))
+        starts[field] = start + int(shape[0])
+    return out
+
+
+def split_embedding_parts(specs) -> int:
+    """Number of token table blocks among the graph's parameters (0: not split)."""
+    return len({name[len(SPLIT_EMBEDDING_PREFIX):].split(".")[0] for name, _, _ in specs
+                if name.startswith(SPLIT_EMBEDDING_PREFIX)})
 
 
 def _argmax_func(threads: int = 256):
@@ -1198,16 +1259,17 @@ def write_model_bundle(out_dir: str | Path, *, target: WebGPUTarget, executable,
     writer = _ShardWriter(out, target.shard_mb << 20)
     computed = {vb.MEL_FILTERS: mel.mel_filter_bank(cfg.audio, cfg.encoder.num_mel_bins)}
     specs = [(name, [int(s) for s in p.shape], str(p.dtype)) for name, p in params]
-    table = None
+    split = split_param_sources(specs)
+    tables = {}   # tok_embeddings.<field> -> the whole table, while its blocks are written
     largest, total = 0, 0
     for name, shape, dtype in tqdm(specs if weights else [], desc="weights", unit="tensor", disable=not progress):
-        src_name, rows = split_param_source(name, cfg, target.model_dtype, target.embedding_part_bytes)
         if name in computed:
             array = computed[name]
-        elif rows is not None:
-            if table is None:
-                table = np.asarray(source.graph_param(src_name, None))
-            array = table[rows]
+        elif name in split:
+            src_name, rows = split[name]
+            if src_name not in tables:
+                tables[src_name] = np.asarray(source.graph_param(src_name, None))
+            array = tables[src_name][rows]
         else:
             array = source.graph_param(name, shape)
         if array is None:
@@ -1224,7 +1286,7 @@ def write_model_bundle(out_dir: str | Path, *, target: WebGPUTarget, executable,
         total = sum(int(np.prod(sh)) * np.dtype(d).itemsize for _, sh, d in specs)
         largest = max((int(np.prod(sh)) * np.dtype(d).itemsize for _, sh, d in specs), default=0)
     weights_hash = writer.finish({"ParamSize": len(specs), "ParamBytes": total})
-    table = None
+    tables.clear()
 
     import tempfile
 
@@ -1277,10 +1339,8 @@ def write_model_bundle(out_dir: str | Path, *, target: WebGPUTarget, executable,
         "state": {k: {"shape": v, "dtype": target.model_dtype, "bytes_per_stream": state_bytes[k]}
                   for k, v in states.items()},
         "tokenizer": {"file": TOKENIZER_TABLE, **{k: v for k, v in tok_table.items() if k != "pieces"}},
-        "embedding": ({"split": True, "parts": len(embedding_part_bounds(
-            cfg.decoder.vocab_size, embedding_part_rows(cfg.decoder.vocab_size, cfg.decoder.dim, target.model_dtype,
-                                                        target.embedding_part_bytes)))}
-                      if any(n.startswith(SPLIT_EMBEDDING_PREFIX) for n, _, _ in specs) else {"split": False}),
+        "embedding": ({"split": True, "parts": split_embedding_parts(specs)} if split_embedding_parts(specs)
+                      else {"split": False}),
         "gpu": {
             **report,
             "largest_param_bytes": int(largest),
@@ -1318,23 +1378,29 @@ class _NoWeights:
 
 
 def write_benchmark_bundle(out_dir: str | Path, cfg=None, *, target: WebGPUTarget | None = None,
-                           progress: bool = True) -> Path:
+                           quantization: str | None = None, progress: bool = True) -> Path:
     """A weight-less bundle of ``cfg`` (default: the 4B model, ``ModelConfig()``) for benchmarks:
-    voxc.js loads it with ``weights: "random"`` (bench/webgpu_dawn.mjs).  Its tokenizer is the tiny
-    Tekken vocabulary with the table padded to the model's vocab_size by one-byte pieces, so every
-    token id the random model emits decodes."""
+    voxc.js loads it with ``weights: "random"`` (bench/webgpu_dawn.mjs).  ``quantization`` (q4_k,
+    q4_0, q8_0) builds the projections and the token table quantized, as ``voxc build
+    --quantization`` does.  Its tokenizer is the tiny Tekken vocabulary with the table padded to the
+    model's vocab_size by one-byte pieces, so every token id the random model emits decodes."""
     import base64
 
     from voxc.model.config import ModelConfig
+    from voxc.model.layers import quantized
+    from voxc.quant.formats import QType
+    from voxc.quant.linear import kernel_target
     from voxc.tokenizer import tiny_tekken_dict
 
     cfg = cfg or ModelConfig()
     target = target or TARGET
-    mod, params = target.export_graph(cfg)
+    quant = QType.parse(quantization).value if quantization else None
+    with quantized(quant), kernel_target(target.name):
+        mod, params = target.export_graph(cfg)
     executable = target.compile(mod)
     source = _NoWeights(cfg, json.dumps(tiny_tekken_dict()).encode())
     out = write_model_bundle(out_dir, target=target, executable=executable, params=params, source=source,
-                             progress=progress, weights=False)
+                             quantization=quant, progress=progress, weights=False)
     table = json.loads((out / TOKENIZER_TABLE).read_text())
     pad = base64.b64encode(b"?").decode()
     table["pieces"] += [pad] * (cfg.decoder.vocab_size - table["num_special"] - len(table["pieces"]))
