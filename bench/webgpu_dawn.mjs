@@ -2,7 +2,7 @@
 // through the same web/voxc.js the browser uses, and time it.
 //
 //   node bench/webgpu_dawn.mjs BUNDLE_DIR [--weights fetch|random] [--seconds 10] [--steps 200]
-//        [--expect expect.json] [--json out.json]
+//        [--offline-seconds 60] [--expect expect.json] [--json out.json]
 //
 // Env: VOXC_WEBGPU_MODULE   path of the "webgpu" package (default: resolved from node_modules)
 //      DAWN_FLAGS           comma-separated flags for create() (e.g. "backend=vulkan")
@@ -15,6 +15,8 @@
 //   decode_step  model.decode() of one token, readback of the token id included (the stream's loop);
 //   decode_nosync  the same steps queued without waiting for the token (GPU time per step);
 //   encode       one 80 ms window (mel + encoder + adapter) and one 32-token window;
+//   offline      with --offline-seconds N: a clip of N seconds given to one feed() + finish() (the
+//                session encodes it in 32-token windows and decodes token by token): the offline RTF;
 //   check        with --expect {clip: {file: "clip.f32"} or {seconds, freq, seed}, chunk, delay_ms, tokens}:
 //                the stream's token ids against the CPU (llvm) build's for the same clip (the tiny model).
 // Dawn does not accept lavapipe; on a CPU-only machine point the Vulkan loader at Chromium's
@@ -35,6 +37,7 @@ const bundleDir = resolve(args.find((a, i) => !a.startsWith("--") && !(i > 0 && 
 const weights = opt("weights", "fetch");
 const seconds = Number(opt("seconds", "10"));
 const steps = Number(opt("steps", "200"));
+const offlineSeconds = Number(opt("offline-seconds", "0"));
 const expectPath = opt("expect", null);
 const jsonOut = opt("json", null);
 
@@ -172,6 +175,17 @@ try {
     enc[`tokens_${tokens}`] = stats(times);
   }
   out.encode = enc;
+
+  if (offlineSeconds > 0) {   // the whole clip at once, as voxc transcribe does offline
+    const long = clip({ seconds: offlineSeconds, freq: 330, seed: 7 });
+    const so = model.stream({ delayMs: m.streaming.default_delay_ms });
+    const t = performance.now();
+    let otext = await so.feed(long);
+    otext += await so.finish();
+    const w = (performance.now() - t) / 1000;
+    out.offline = { audio_s: offlineSeconds, wall_s: w, rtf: w / offlineSeconds, tokens: so.tokens.length,
+                    decode_calls: so.stats.decodeCalls, encode_calls: so.stats.encodeCalls, text_chars: otext.length };
+  }
   out.ok = true;
   model.dispose();
 } catch (err) {

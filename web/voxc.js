@@ -278,25 +278,34 @@ class BodyCursor {
  * they have arrived, so neither a shard nor the model is ever held whole in JS or wasm memory
  * (each record stays below 128 MiB by construction of the bundle).  Three shards download at once.
  * mode "random" fills the parameters with small pseudo-random values instead (benchmarks of
- * weight-less bundles).
+ * weight-less bundles): float32 tensors uniform in +-0.02; quantized ones (uint32) random packed
+ * levels in ``*.qweight`` and, in ``*.scales``, f16 halves in [2^-11, 2^-10) (finite Q4_K/Q8_0
+ * scales and mins, whatever the header layout).
  */
 async function loadWeights(tvm, dev, base, manifest, scope, report) {
   const t0 = performance.now();
   if (manifest.weights_mode === "none" || !manifest.has_params) {
     const specs = manifest.params ?? [];
     const block = new Float32Array(1 << 18);
+    const words = new Uint32Array(block.length);
+    const halves = new Uint32Array(block.length);
     let seed = 12345;
     for (let i = 0; i < block.length; i++) {
       seed = (seed * 1103515245 + 12345) >>> 0;
       block[i] = ((seed >>> 8) / (1 << 24) - 0.5) * 0.04;
+      words[i] = (seed ^ (seed << 13) ^ (i * 2654435761)) >>> 0;
+      halves[i] = ((0x1000 | (words[i] & 0x3ff)) | ((0x1000 | ((words[i] >>> 16) & 0x3ff)) << 16)) >>> 0;
     }
     const total = specs.reduce((a, p) => a + p.shape.reduce((x, y) => x * y, 1) * 4, 0);
     let done = 0;
     for (const p of specs) {
-      if (p.dtype !== "float32") throw new VoxcError(`random weights support float32 only (${p.name}: ${p.dtype})`);
+      if (p.dtype !== "float32" && p.dtype !== "uint32") {
+        throw new VoxcError(`random weights support float32 and uint32 (quantized) only (${p.name}: ${p.dtype})`);
+      }
       const n = p.shape.reduce((x, y) => x * y, 1);
-      const data = new Float32Array(n);
-      for (let off = 0; off < n; off += block.length) data.set(block.subarray(0, Math.min(block.length, n - off)), off);
+      const src = p.dtype === "float32" ? block : p.name.endsWith(".scales") ? halves : words;
+      const data = p.dtype === "float32" ? new Float32Array(n) : new Uint32Array(n);
+      for (let off = 0; off < n; off += block.length) data.set(src.subarray(0, Math.min(block.length, n - off)), off);
       tvm.beginScope();
       const t = tvm.empty(p.shape, p.dtype, dev);
       t.copyFromRawBytes(new Uint8Array(data.buffer));

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # voxc's web bundle in Node.js on Dawn (Chrome's WebGPU) on the lent GPU, through web/voxc.js.
 #
-#   bash bench/device/webgpu_bench.sh pack    # here: build .webgpupack/ (about 50 MB, see below)
+#   bash bench/device/webgpu_bench.sh pack    # here: build .webgpupack/ (see below; FULL=q4k for Q4_K only)
 #   run(command="bash bench/device/webgpu_bench.sh run", carry=[".webgpupack"], kind="nvidia-h100-x1")
 #   bash bench/device/webgpu_bench.sh local   # here: the same run on Chromium's SwiftShader (tiny only)
 #
@@ -11,14 +11,22 @@
 #   debs/          Debian's libvulkan1 (the loader; the NVIDIA ICD is on the machine)
 #   tiny.tgz       the tiny model's bundle WITH weights (windows 750/8192, the 4B model's structure),
 #                  expect.json + clip.f32: the token ids the CPU (llvm) build gives for that clip
+#   tiny_q4k.tgz   the same check for Q4_K weights: a small model whose widths are multiples of 256
+#                  (tests/test_webgpu_quant.py's), built --quantization q4_k, tokens of its llvm Q4_K build
 #   full.tgz       the 4B model's bundle (ModelConfig(), float32, split token table) WITHOUT weights:
 #                  voxc.js fills 16.5 GB of random weights on the GPU (--weights random)
-# `run` writes $OUT/tiny.json (check: tokens equal the CPU's) and $OUT/full.json (load, stream RTF,
-# decode step, encode windows on the 4B model's shapes) plus logs.
+#   full_q4k.tgz   the 4B model with Q4_K projections and token table (split in blocks < 128 MiB),
+#                  WITHOUT weights: 2.6 GB of random packed levels and finite scales on the GPU
+# `run` writes $OUT/tiny.json, $OUT/tiny_q4k.json (check: tokens equal the CPU's), $OUT/full.json and
+# $OUT/full_q4k.json (load, stream RTF + per-feed latency, decode step with and without the token
+# readback, encode windows of 1 and 32 tokens, offline RTF of a 60 s clip, on the 4B model's shapes)
+# plus a .log each.  Kernel-level timing: decode_nosync.ms_per_step is the GPU time of one decoder
+# step (26 layers of Q4 GEMVs + attention + the LM head), decode_step adds the token readback.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PACK="$ROOT/.webgpupack"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
+FULL=${FULL:-q4k,f32}   # which full-size bundles `pack` builds: q4k, f32 or both
 WHAT=${1:-run}
 DAWN_CACHE="${VOXC_CACHE_DIR:-$HOME/.cache/voxc}/dawn-node-webgpu-0.6.2"
 
@@ -39,7 +47,7 @@ pack() {
   [ -n "$(ls /tmp/amd64/*Packages* 2>/dev/null)" ] || apt-get $o update >/dev/null
   (cd "$PACK/debs" && apt-get $o download libvulkan1 >/dev/null)
   # bundles
-  (cd "$ROOT" && PYTHONPATH="$ROOT" "$PY" - "$PACK/stage" <<'EOF'
+  (cd "$ROOT" && PYTHONPATH="$ROOT" "$PY" - "$PACK/stage" "$FULL" <<'EOF'
 import json, sys
 from pathlib import Path
 import numpy as np
@@ -51,25 +59,40 @@ import voxc
 
 stage = Path(sys.argv[1])
 ckpt = make_tiny(stage / "tiny_ckpt")
-tiny = build(ckpt, "webgpu", stage / "tiny", progress=False)
-cpu = voxc.load(build(ckpt, "llvm", stage / "tiny_llvm", progress=False))
 rng = np.random.default_rng(0)
 t = np.arange(int(16000 * 3.0)) / 16000
 pcm = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(t.shape)).astype(np.float32)
-(tiny / "clip.f32").write_bytes(pcm.astype("<f4").tobytes())
-s = StreamingSession(cpu, delay_ms=480, left_pad_tokens=cpu.left_pad_tokens)
-for i in range(0, len(pcm), 1280):
-    s.feed(pcm[i:i + 1280])
-s.finish()
-(tiny / "expect.json").write_text(json.dumps({"clip": {"file": "clip.f32"}, "chunk": 1280, "delay_ms": 480,
-                                              "tokens": s.tokens}))
-print("tiny: expect", len(s.tokens), "tokens")
-webgpu.write_benchmark_bundle(stage / "full")
-print("full: written")
+
+
+def tiny_case(name, ckpt, quantization=None):
+    tiny = build(ckpt, "webgpu", stage / name, progress=False, quantization=quantization)
+    cpu = voxc.load(build(ckpt, "llvm", stage / (name + "_llvm"), progress=False, quantization=quantization))
+    (tiny / "clip.f32").write_bytes(pcm.astype("<f4").tobytes())
+    s = StreamingSession(cpu, delay_ms=480, left_pad_tokens=cpu.left_pad_tokens)
+    for i in range(0, len(pcm), 1280):
+        s.feed(pcm[i:i + 1280])
+    s.finish()
+    (tiny / "expect.json").write_text(json.dumps({"clip": {"file": "clip.f32"}, "chunk": 1280, "delay_ms": 480,
+                                                  "tokens": s.tokens}))
+    print(name + ": expect", len(s.tokens), "tokens", flush=True)
+
+
+sys.path.insert(0, "tests")
+from test_webgpu_quant import q4k_config
+
+tiny_case("tiny", make_tiny(stage / "tiny_ckpt"))
+tiny_case("tiny_q4k", make_tiny(stage / "tiny_q4k_ckpt", seed=5, config=q4k_config()), "q4_k")
+if "f32" in sys.argv[2].split(","):
+    webgpu.write_benchmark_bundle(stage / "full", progress=False)
+    print("full: written", flush=True)
+if "q4k" in sys.argv[2].split(","):
+    webgpu.write_benchmark_bundle(stage / "full_q4k", quantization="q4_k", progress=False)
+    print("full_q4k: written", flush=True)
 EOF
   )
-  tar -C "$PACK/stage" -czf "$PACK/tiny.tgz" tiny
-  tar -C "$PACK/stage" -czf "$PACK/full.tgz" full
+  for b in tiny tiny_q4k full full_q4k; do
+    [ -d "$PACK/stage/$b" ] && tar -C "$PACK/stage" -czf "$PACK/$b.tgz" "$b"
+  done
   rm -rf "$PACK/stage"
   du -sh "$PACK"/* "$PACK"
 }
@@ -79,22 +102,31 @@ unpack() {   # into /tmp/webgpu: node, node_modules/webgpu, the bundles
   rm -rf "$dst" && mkdir -p "$dst/bin" "$dst/node_modules"
   gzip -dc "$PACK/node.gz" > "$dst/bin/node" && chmod +x "$dst/bin/node"
   tar -C "$dst/node_modules" -xzf "$PACK/webgpu.tgz"
-  tar -C "$dst" -xzf "$PACK/tiny.tgz"
-  tar -C "$dst" -xzf "$PACK/full.tgz"
+  for b in tiny tiny_q4k full full_q4k; do
+    [ -f "$PACK/$b.tgz" ] && tar -C "$dst" -xzf "$PACK/$b.tgz"
+  done
+  return 0
 }
 
 run_bench() {   # $1: what (tiny|full|all); env as set up by the caller
-  local dst=/tmp/webgpu node=/tmp/webgpu/bin/node
+  local dst=/tmp/webgpu node=/tmp/webgpu/bin/node b
   export VOXC_WEBGPU_MODULE=$dst/node_modules/webgpu
   if [ "$1" = tiny ] || [ "$1" = all ]; then
-    "$node" "$ROOT/bench/webgpu_dawn.mjs" "$dst/tiny" --expect "$dst/tiny/expect.json" --steps 100 \
-      --json "$OUT/tiny.json" > "$OUT/tiny.log" 2>&1 || echo "tiny: FAILED (see tiny.log)"
-    tail -c 600 "$OUT/tiny.log"
+    for b in tiny tiny_q4k; do
+      [ -d "$dst/$b" ] || continue
+      "$node" "$ROOT/bench/webgpu_dawn.mjs" "$dst/$b" --expect "$dst/$b/expect.json" --steps 100 \
+        --json "$OUT/$b.json" > "$OUT/$b.log" 2>&1 || echo "$b: FAILED (see $b.log)"
+      tail -c 600 "$OUT/$b.log"; echo
+    done
   fi
   if [ "$1" = full ] || [ "$1" = all ]; then
-    "$node" "$ROOT/bench/webgpu_dawn.mjs" "$dst/full" --weights random --seconds ${SECONDS_AUDIO:-10} \
-      --steps ${STEPS:-200} --json "$OUT/full.json" > "$OUT/full.log" 2>&1 || echo "full: FAILED (see full.log)"
-    tail -c 2500 "$OUT/full.log"
+    for b in full_q4k full; do   # Q4_K first: the issue's question
+      [ -d "$dst/$b" ] || continue
+      "$node" "$ROOT/bench/webgpu_dawn.mjs" "$dst/$b" --weights random --seconds ${SECONDS_AUDIO:-10} \
+        --steps ${STEPS:-200} --offline-seconds ${OFFLINE_SECONDS:-60} --json "$OUT/$b.json" > "$OUT/$b.log" 2>&1 \
+        || echo "$b: FAILED (see $b.log)"
+      tail -c 2500 "$OUT/$b.log"; echo
+    done
   fi
 }
 
