@@ -352,3 +352,109 @@ def ring_attention_merge_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wind
                             out[bi, i, h, tx * VEC + vec] = T.Cast(dtype, acc[vec] / d[0])
 
     return ring_attention_merge
+
+
+# ---- CPU kernel ------------------------------------------------------------------------------------------
+def ring_attention_cpu(n_heads: int, n_kv_heads: int, head_dim: int, window: int, dtype: str = "float32",
+                       keys_per_block: int = 64):
+    """The TE function's drop-in replacement on llvm (same signature).  TVM's default CPU lowering of
+    the TE definition runs on one thread and scores all W + n ring rows of every query (the decoder's
+    W = 8192 rows at any position: ~240 ms per layer at position 100).  This kernel runs one
+    (sequence, query, kv head) per task in parallel, the kv head's ``G`` query heads together so each
+    key and value row is read once (GQA), visits only the query's visible positions
+    max(0, q - W + 1) .. q, and keeps an online softmax over blocks of keys; dot products use
+    ``lanes`` vector partial sums (LLVM does not reorder a scalar float sum into vectors)."""
+    from tvm.script import tirx as T
+
+    H, HKV, D, W, KB = n_heads, n_kv_heads, head_dim, window, keys_per_block
+    G = n_heads // n_kv_heads
+    lanes = next(x for x in (16, 8, 4, 2, 1) if D % x == 0)
+    chunks = D // lanes
+    scale = float(head_dim ** -0.5) * _LOG2E
+
+    @T.prim_func(private=True, s_tir=True)
+    def ring_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_cache: T.handle,
+                       var_slots: T.handle, var_starts: T.handle, layer: T.int64, var_out: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        b, n, n_layers, n_slots = T.int64(), T.int64(), T.int64(), T.int64()
+        q = T.match_buffer(var_q, (b, n, H, D), dtype)
+        k = T.match_buffer(var_k, (b, n, HKV, D), dtype)
+        v = T.match_buffer(var_v, (b, n, HKV, D), dtype)
+        cache = T.match_buffer(var_cache, (n_layers, 2, n_slots, W, HKV, D), dtype)
+        slots = T.match_buffer(var_slots, (b,), "int32")
+        starts = T.match_buffer(var_starts, (b,), "int32")
+        out = T.match_buffer(var_out, (b, n, H, D), dtype)
+
+        for task in T.parallel(b * n * HKV):
+            with T.sblock("attn"):
+                T.reads()
+                T.writes()
+                q_scaled = T.sblock_alloc_buffer((G, D), "float32", scope="local")
+                acc = T.sblock_alloc_buffer((G, D), "float32", scope="local")
+                part = T.sblock_alloc_buffer((lanes,), "float32", scope="local")
+                scores = T.sblock_alloc_buffer((G, KB), "float32", scope="local")
+                # per head: running max, mass, block max, rescale
+                state = T.sblock_alloc_buffer((G, 4), "float32", scope="local")
+
+                bi: T.let[T.int64] = task // (n * HKV)
+                i: T.let[T.int64] = task // HKV % n
+                kvh: T.let[T.int64] = task % HKV
+                start: T.let[T.int64] = T.Cast("int64", starts[bi])
+                slot: T.let[T.int64] = T.Cast("int64", slots[bi])
+                hi: T.let[T.int64] = start + i
+                lo: T.let[T.int64] = T.max(hi - W + 1, T.int64(0))
+
+                for g in T.serial(G):
+                    for d in T.vectorized(D):
+                        q_scaled[g, d] = T.Cast("float32", q[bi, i, kvh * G + g, d]) * T.float32(scale)
+                        acc[g, d] = T.float32(0)
+                    state[g, 0] = T.float32(_EMPTY)
+                    state[g, 1] = T.float32(0)
+                for blk in T.serial((hi - lo + KB) // KB):
+                    first: T.let[T.int64] = lo + blk * KB
+                    count: T.let[T.int64] = T.min(T.int64(KB), hi + 1 - first)
+                    for g in T.serial(G):
+                        state[g, 2] = T.float32(_EMPTY)
+                    for j in T.serial(count):
+                        for g in T.serial(G):
+                            for l in T.vectorized(lanes):
+                                part[l] = T.float32(0)
+                            if first + j < start:
+                                for c in T.serial(chunks):
+                                    for l in T.vectorized(lanes):
+                                        part[l] = part[l] + q_scaled[g, c * lanes + l] * T.Cast(
+                                            "float32", cache[layer, 0, slot, T.floormod(first + j, W), kvh, c * lanes + l])
+                            else:
+                                for c in T.serial(chunks):
+                                    for l in T.vectorized(lanes):
+                                        part[l] = part[l] + q_scaled[g, c * lanes + l] * T.Cast(
+                                            "float32", k[bi, first + j - start, kvh, c * lanes + l])
+                            scores[g, j] = T.float32(0)
+                            for l in T.serial(lanes):
+                                scores[g, j] = scores[g, j] + part[l]
+                            state[g, 2] = T.max(state[g, 2], scores[g, j])
+                    for g in T.serial(G):
+                        state[g, 3] = T.exp2(state[g, 0] - T.max(state[g, 0], state[g, 2]))
+                        state[g, 0] = T.max(state[g, 0], state[g, 2])
+                        state[g, 1] = state[g, 1] * state[g, 3]
+                        for d in T.vectorized(D):
+                            acc[g, d] = acc[g, d] * state[g, 3]
+                    for j in T.serial(count):
+                        for g in T.serial(G):
+                            scores[g, j] = T.exp2(scores[g, j] - state[g, 0])
+                            state[g, 1] = state[g, 1] + scores[g, j]
+                        if first + j < start:
+                            for g in T.serial(G):
+                                for d in T.vectorized(D):
+                                    acc[g, d] = acc[g, d] + scores[g, j] * T.Cast(
+                                        "float32", cache[layer, 1, slot, T.floormod(first + j, W), kvh, d])
+                        else:
+                            for g in T.serial(G):
+                                for d in T.vectorized(D):
+                                    acc[g, d] = acc[g, d] + scores[g, j] * T.Cast(
+                                        "float32", v[bi, first + j - start, kvh, d])
+                for g in T.serial(G):
+                    for d in T.vectorized(D):
+                        out[bi, i, kvh * G + g, d] = T.Cast(dtype, acc[g, d] / state[g, 1])
+
+    return ring_attention

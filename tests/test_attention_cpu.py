@@ -1,0 +1,80 @@
+"""The llvm target's ring-attention kernel against a float64 numpy reference of the sliding window
+(ring rows + the chunk's own keys), and against the TE definition every target starts from."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from schedules.ring_attention import ring_attention_cpu, ring_attention_func  # noqa: E402
+
+
+def reference(q, k, v, cache, slots, starts, layer, window):
+    b, n, heads, d = q.shape
+    group = heads // k.shape[2]
+    out = np.zeros(q.shape, np.float64)
+    for bi in range(b):
+        s = int(starts[bi])
+        for i in range(n):
+            pos = np.arange(max(0, s + i - window + 1), s + i + 1)
+            ring = pos < s
+            for h in range(heads):
+                kh = h // group
+                keys = np.where(ring[:, None], cache[layer, 0, slots[bi], pos % window, kh],
+                                k[bi, np.clip(pos - s, 0, n - 1), kh])
+                vals = np.where(ring[:, None], cache[layer, 1, slots[bi], pos % window, kh],
+                                v[bi, np.clip(pos - s, 0, n - 1), kh])
+                scores = keys.astype(np.float64) @ q[bi, i, h].astype(np.float64) * d ** -0.5
+                w = np.exp(scores - scores.max())
+                out[bi, i, h] = (w / w.sum()) @ vals.astype(np.float64)
+    return out
+
+
+def _run(func, arrays, layer, out_shape, dtype):
+    mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
+    lib = tvm.compile(mod, target=tvm.target.Target("llvm"))
+    dev = tvm.cpu()
+    out = tvm.runtime.tensor(np.zeros(out_shape, dtype), dev)
+    lib["main"](*[tvm.runtime.tensor(a, dev) for a in arrays], layer, out)
+    return out.numpy()
+
+
+CASES = [  # heads, kv heads, head dim, window, n, starts, dtype
+    (8, 2, 64, 16, 1, [0, 5, 15, 16, 40], "float32"),      # decode: empty ring, partial, full, wrapped
+    (4, 4, 32, 8, 7, [0, 3, 30], "float32"),               # encoder-like chunk, ring wraps inside it
+    (6, 2, 48, 5, 12, [2, 9], "float32"),                   # chunk longer than the window, odd sizes
+    (8, 1, 64, 64, 3, [100, 1], "float32"),                 # one kv head for all queries
+    (8, 2, 64, 16, 3, [0, 21], "float16"),                  # half storage, float32 math
+]
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,window,n,starts,dtype", CASES)
+def test_cpu_ring_attention_equals_the_window_definition(heads, kv_heads, head_dim, window, n, starts, dtype):
+    rng = np.random.default_rng(heads * 100 + window)
+    b, layers = len(starts), 2
+    q = rng.standard_normal((b, n, heads, head_dim)).astype(dtype)
+    k = rng.standard_normal((b, n, kv_heads, head_dim)).astype(dtype)
+    v = rng.standard_normal((b, n, kv_heads, head_dim)).astype(dtype)
+    cache = rng.standard_normal((layers, 2, b + 2, window, kv_heads, head_dim)).astype(dtype)
+    slots = rng.permutation(b + 2)[:b].astype(np.int32)
+    arrays = (q, k, v, cache, slots, np.array(starts, np.int32))
+    want = reference(*arrays, 1, window)
+    got = _run(ring_attention_cpu(heads, kv_heads, head_dim, window, dtype, keys_per_block=4), arrays, 1,
+               q.shape, dtype)
+    tol = 2e-3 if dtype == "float16" else 1e-5
+    assert np.abs(got - want).max() / np.abs(want).max() < tol
+    if dtype == "float32":
+        te = _run(ring_attention_func(heads, kv_heads, head_dim, window, dtype), arrays, 1, q.shape, dtype)
+        assert np.abs(got - te).max() / np.abs(te).max() < 1e-5
+
+
+def test_llvm_target_swaps_in_the_cpu_kernel():
+    from targets import llvm
+    from voxc import build as vb
+    from voxc.model.config import ModelConfig
+
+    mod, _ = vb.export_graph(ModelConfig.tiny(), llvm.TARGET)
+    swapped = llvm.apply_cpu_attention(mod)
+    funcs = {gv.name_hint: f for gv, f in swapped.functions_items() if gv.name_hint.startswith("ring_attention")}
+    assert funcs and all(f.attrs and f.attrs.get("tirx.is_scheduled") for f in funcs.values())
