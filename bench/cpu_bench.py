@@ -173,7 +173,7 @@ def bench_target(mcpu: str | None):
         static_entries: tuple = STATIC_DECODE
 
         def export_graph(self, cfg):
-            from targets.cuda import export_with_static_entries
+            from targets.base import export_with_static_entries
             return export_with_static_entries(cfg, self, self.static_entries)
 
     return LlvmBenchTarget(mcpu=mcpu)

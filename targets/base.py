@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from voxc.errors import VoxcError
+
 
 @dataclasses.dataclass(frozen=True)
 class TargetSpec:
@@ -17,10 +19,12 @@ class TargetSpec:
         raise NotImplementedError
 
     def export_graph(self, cfg):
-        """The model's Relax module and parameter list; targets may add entry points."""
+        """The model's Relax module and parameter list, plus the static-shape entry points of
+        ``static_entries`` (a target class attribute; none by default)."""
         from voxc.build import export_graph
 
-        return export_graph(cfg, self)
+        entries = getattr(self, "static_entries", ())
+        return export_with_static_entries(cfg, self, entries) if entries else export_graph(cfg, self)
 
     def compile(self, mod):
         """Relax IRModule -> executable; targets override to add their schedules and passes."""
@@ -34,3 +38,54 @@ class TargetSpec:
         path = out_dir / self.library_name
         executable.export_library(str(path))
         return path
+
+
+# A one-stream, one-token decode step with static shapes: its projections get GEMV kernels (a
+# quantized layer picks GEMV for a static row count <= 16, GEMM otherwise) and no shape arithmetic;
+# CompiledModel.decode uses it for single-token steps.
+DECODE_B1N1 = ("decode_b1n1", "decode", (("b", 1), ("n", 1)))
+
+
+def export_with_static_entries(cfg, target, entries):
+    """Export the graph (as voxc.build.export_graph does) and add a static-shape copy of some entry
+    points under new names; their private functions are renamed with the entry's name as suffix."""
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+    from tvm.relax.frontend.nn import spec as nnspec
+
+    from voxc.model.graph import VoxtralGraph
+
+    def graph():
+        return VoxtralGraph(cfg, dtype=target.model_dtype, mel_dtype=target.mel_dtype)
+
+    g = graph()
+    full_spec = g.export_spec()
+    mod, params = g.export_tvm(spec=full_spec)
+    for name, entry, values in entries:
+        values = dict(values)
+        static = {k: nnspec.Tensor([values.get(d, d) if isinstance(d, str) else d for d in v.shape], v.dtype)
+                  for k, v in full_spec[entry].items()}
+        part, _ = graph().export_tvm(spec={entry: static})
+
+        @mutator
+        class _Merge(PyExprMutator):
+            def __init__(self, module):
+                super().__init__(module)
+                self.renamed = {}
+
+            def visit_global_var_(self, op):
+                return self.renamed.get(op, op)
+
+            def merge(self):
+                for gv, func in part.functions_items():
+                    if not isinstance(func, relax.Function):
+                        self.renamed[gv] = self.builder_.add_func(func, f"{gv.name_hint}__{name}")
+                for gv, func in part.functions_items():
+                    if isinstance(func, relax.Function):
+                        if gv.name_hint != entry:
+                            raise VoxcError(f"unexpected function {gv.name_hint} in the export of {entry}")
+                        self.builder_.add_func(self.visit_expr(func).with_attr("global_symbol", name), name)
+                return self.builder_.get()
+
+        mod = _Merge(mod).merge()
+    return mod, params

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from targets.base import TargetSpec
+from targets.base import DECODE_B1N1, TargetSpec, export_with_static_entries  # noqa: F401 (re-exported)
 from targets.passes import fuse_transpose_matmul
 from voxc.errors import VoxcError
 
@@ -55,7 +55,7 @@ class CudaTarget(TargetSpec):
     # callers use them where the shapes match (bench/cuda_bench.py; voxc.runtime when it learns to).
     # (An ("encode_b1t8", "encode", (("b", 1), ("t", 8))) entry was measured SLOWER than the generic
     # encode: static M=4 goes to dlight's padded Matmul, the generic one to the small-M kernels.)
-    static_entries: tuple = (("decode_b1n1", "decode", (("b", 1), ("n", 1))),)
+    static_entries: tuple = (DECODE_B1N1,)
     # Matmuls whose row count M (batch x tokens) is only known at run time get one kernel per tier,
     # picked on the host by M: dlight's LowBatchGEMV (weights read once per `bucket` rows) for small M,
     # its tiled Matmul (rows padded to its tile) above. (max M, bucket); M beyond the last -> Matmul.
@@ -70,10 +70,6 @@ class CudaTarget(TargetSpec):
             "max_shared_memory_per_block": 49152, "max_threads_per_block": 1024,
             "thread_warp_size": 32, "registers_per_block": 65536,
         }, host={"kind": "llvm"})
-
-    def export_graph(self, cfg):
-        """The model graph plus the static-shape entry points of ``static_entries`` (see there)."""
-        return export_with_static_entries(cfg, self, self.static_entries)
 
     def compile(self, mod):
         prepare_toolchain()
@@ -322,51 +318,6 @@ def small_m_dispatch(target, tiers):
         return mod
 
     return _pass
-
-
-def export_with_static_entries(cfg, target, entries):
-    """Export the graph (as voxc.build.export_graph does) and add a static-shape copy of some entry
-    points under new names; their private functions are renamed with the entry's name as suffix."""
-    from tvm import relax
-    from tvm.relax.expr_functor import PyExprMutator, mutator
-    from tvm.relax.frontend.nn import spec as nnspec
-
-    from voxc.model.graph import VoxtralGraph
-
-    def graph():
-        return VoxtralGraph(cfg, dtype=target.model_dtype, mel_dtype=target.mel_dtype)
-
-    g = graph()
-    full_spec = g.export_spec()
-    mod, params = g.export_tvm(spec=full_spec)
-    for name, entry, values in entries:
-        values = dict(values)
-        static = {k: nnspec.Tensor([values.get(d, d) if isinstance(d, str) else d for d in v.shape], v.dtype)
-                  for k, v in full_spec[entry].items()}
-        part, _ = graph().export_tvm(spec={entry: static})
-
-        @mutator
-        class _Merge(PyExprMutator):
-            def __init__(self, module):
-                super().__init__(module)
-                self.renamed = {}
-
-            def visit_global_var_(self, op):
-                return self.renamed.get(op, op)
-
-            def merge(self):
-                for gv, func in part.functions_items():
-                    if not isinstance(func, relax.Function):
-                        self.renamed[gv] = self.builder_.add_func(func, f"{gv.name_hint}__{name}")
-                for gv, func in part.functions_items():
-                    if isinstance(func, relax.Function):
-                        if gv.name_hint != entry:
-                            raise VoxcError(f"unexpected function {gv.name_hint} in the export of {entry}")
-                        self.builder_.add_func(self.visit_expr(func).with_attr("global_symbol", name), name)
-                return self.builder_.get()
-
-        mod = _Merge(mod).merge()
-    return mod, params
 
 
 def apply_cuda_kernels(mod):

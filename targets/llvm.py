@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from targets.base import TargetSpec
+from targets.base import DECODE_B1N1, TargetSpec
 from voxc.errors import VoxcError
 
 # LLVM feature name -> Linux /proc/cpuinfo flag, for the extensions that generated code may use
@@ -43,6 +43,8 @@ class LlvmTarget(TargetSpec):
     device_kind: str = "cpu"
     library_name: str = "model.so"
     mcpu: str | None = "native"   # see the module docstring
+    # one-token decode steps run the quantized GEMV kernels (the generic entry runs the GEMM ones)
+    static_entries: tuple = (DECODE_B1N1,)
 
     def compile(self, mod):
         from targets.passes import fuse_transpose_matmul
