@@ -40,7 +40,6 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 PACK = Path(os.environ.get("VOXC_CPUPACK", ROOT / ".cpupack"))
 MANIFEST = "voxc-artifact.json"
-STATIC_DECODE = (("decode_b1n1", "decode", (("b", 1), ("n", 1))),)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,18 +164,10 @@ def kv_bytes(manifest: dict, position: int) -> int:
 # build (here, with the TVM compiler)
 # ---------------------------------------------------------------------------------------------
 def bench_target(mcpu: str | None):
-    """targets/llvm.py's target with a fixed -mcpu and a static ``decode_b1n1`` entry point."""
+    """targets/llvm.py's target (with its static one-stream entries) for a fixed -mcpu."""
     from targets.llvm import LlvmTarget
 
-    @dataclasses.dataclass(frozen=True)
-    class LlvmBenchTarget(LlvmTarget):
-        static_entries: tuple = STATIC_DECODE
-
-        def export_graph(self, cfg):
-            from targets.base import export_with_static_entries
-            return export_with_static_entries(cfg, self, self.static_entries)
-
-    return LlvmBenchTarget(mcpu=mcpu)
+    return LlvmTarget(mcpu=mcpu)
 
 
 def cmd_build(args):
@@ -192,7 +183,7 @@ def cmd_build(args):
     out = build_manifest_only(cfg, target, Path(args.out), quantization=quant)
     seconds = time.perf_counter() - t0
     manifest = json.loads((out / MANIFEST).read_text())
-    manifest["cpu_bench"] = {"mcpu": args.mcpu, "size": args.size, "static_entries": [e[0] for e in STATIC_DECODE],
+    manifest["cpu_bench"] = {"mcpu": args.mcpu, "size": args.size, "static_entries": [e[0] for e in target.static_entries],
                              "build_seconds": round(seconds, 1), "host_built_on": cpu_info().get("Model name")}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
     lib = out / manifest["library"]

@@ -44,6 +44,10 @@ class TargetSpec:
 # quantized layer picks GEMV for a static row count <= 16, GEMM otherwise) and no shape arithmetic;
 # CompiledModel.decode uses it for single-token steps.
 DECODE_B1N1 = ("decode_b1n1", "decode", (("b", 1), ("n", 1)))
+# One stream's 80 ms streaming step (8 mel frames -> 4 encoder rows): quantized encoder projections
+# run the GEMV kernel with 4 rows instead of the GEMM kernel, whose full dequantized weight panels
+# cost as much at 4 rows as at 400 (llvm; on cuda dense static M=4 went to a slower dlight kernel).
+ENCODE_B1T8 = ("encode_b1t8", "encode", (("b", 1), ("t", 8)))
 
 
 def export_with_static_entries(cfg, target, entries):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from targets.base import DECODE_B1N1, TargetSpec
+from targets.base import DECODE_B1N1, ENCODE_B1T8, TargetSpec
 from voxc.errors import VoxcError
 
 # LLVM feature name -> Linux /proc/cpuinfo flag, for the extensions that generated code may use
@@ -43,8 +43,9 @@ class LlvmTarget(TargetSpec):
     device_kind: str = "cpu"
     library_name: str = "model.so"
     mcpu: str | None = "native"   # see the module docstring
-    # one-token decode steps run the quantized GEMV kernels (the generic entry runs the GEMM ones)
-    static_entries: tuple = (DECODE_B1N1,)
+    # one-token decode steps and one stream's 80 ms encode run the quantized GEMV kernels (the
+    # generic entries, whose row counts are symbolic, run the GEMM ones)
+    static_entries: tuple = (DECODE_B1N1, ENCODE_B1T8)
 
     def compile(self, mod):
         from targets.passes import fuse_transpose_matmul

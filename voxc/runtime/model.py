@@ -95,6 +95,7 @@ class CompiledModel:
         self._decode = self.vm["decode"]
         # Targets may add a static-shape copy of decode for one stream and one token (faster kernels).
         self._decode_single = _optional_function(self.vm, "decode_b1n1")
+        self._encode_single = _optional_function(self.vm, "encode_b1t8")   # llvm: one stream, 80 ms
         self._view = runtime.ffi.get_global_func("runtime.TVMTensorCreateView")
         self.slots = SlotPool(max_streams)
         e, d = self.config.encoder, self.config.decoder
@@ -164,6 +165,8 @@ class CompiledModel:
         Returns None, or with ``stages`` (conv-stem frames, encoder output, audio embeddings).
         """
         fn = self._encode_stages if stages else self._encode
+        if not stages and self._encode_single is not None and tuple(mel.shape) == (1, self.config.encoder.num_mel_bins, 8):
+            fn = self._encode_single
         out = fn(mel, self.conv0_state, self.conv1_state, self.enc_cache, self.audio_ring,
                  self.rt.tensor(np.asarray(slots, np.int32)), self.rt.tensor(np.asarray(starts, np.int32)),
                  *self.params)
