@@ -461,7 +461,45 @@ def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
         func = gemm_compute(q, n, k, spec.dtype, spec.target, transposed_panel=spec.target == "llvm")
         sch = (_schedule_gemm_llvm(func, q, n, k) if spec.target == "llvm"
                else _schedule_gemm_gpu(func, q, n, k, spec.target))
+        if spec.target == "llvm":
+            rows = tirx.Var("m", ROW_INDEX_DTYPE[spec.target])
+            gemv = gemv_compute(q, n, k, rows, spec.dtype, spec.target, lanes=8)
+            small = _schedule_gemv_llvm(gemv, q, n, k, rows).mod["main"]
+            return _finish(row_dispatch(small, sch.mod["main"], MAX_GEMV_BATCH), spec.name)
     return _finish(sch.mod["main"], spec.name)
+
+
+def row_dispatch(small: tirx.PrimFunc, large: tirx.PrimFunc, limit: int) -> tirx.PrimFunc:
+    """One PrimFunc over a symbolic row count ``m`` that runs ``small``'s body when ``m <= limit`` and
+    ``large``'s otherwise.  The GEMM dequantizes whole weight panels whatever ``m`` is, so a few
+    rows (a batched decode step, one stream's encoder chunk) cost as much as hundreds (7 s for one
+    row of the 4B decoder on 2 CPU cores); the GEMV over ``m`` rows reads each weight once per row
+    tile instead.  Both functions must have the same parameters (names, shapes, ``m``); each body
+    goes into its own block of one function, through TVMScript (TVM 0.27's Python API has no
+    variable substitution to merge two bodies directly)."""
+    import typing
+
+    import tvm.script
+    from tvm.script import tirx as T
+
+    def parts(func):
+        lines = func.script().splitlines()
+        head = next(i for i, line in enumerate(lines) if line.startswith("def "))
+        body = [line for line in lines[head + 1:] if not line.strip().startswith(("T.func_attr", "# with T.sblock"))]
+        return [line for line in lines[:head + 1] if line and not line.startswith(("#", "m = "))], body
+
+    header, small_body = parts(small)
+    large_header, large_body = parts(large)
+    if header != large_header:
+        raise VoxcError("row_dispatch: the two kernels have different parameters")
+
+    def nested(body):
+        return ["        " + line if line.strip() else line for line in body]
+
+    source = "\n".join(header + [f"    if m <= {int(limit)}:", '        with T.sblock("few_rows"):'] + nested(small_body)
+                       + ["    else:", '        with T.sblock("many_rows"):'] + nested(large_body))
+    merged = tvm.script.from_source(source, extra_vars={"T": T, "m": typing.TypeVar("m")}, s_tir=True)
+    return merged.with_attrs(dict(large.attrs)) if large.attrs else merged
 
 
 def make_kernel(qtype: QType | str, out_features: int, in_features: int, batch: int | None,

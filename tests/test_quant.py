@@ -156,10 +156,13 @@ def test_llvm_gemv_matches_float64(qtype):
 
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.value)
 def test_llvm_gemm_matches_float64(qtype):
+    """The symbolic-row kernel: the GEMV path up to MAX_GEMV_BATCH rows, the GEMM path above."""
+    from schedules.dequant_matmul import MAX_GEMV_BATCH
+
     n, k = SHAPES[qtype][0]
     func = make_kernel(qtype, n, k, None)
     lib = tvm.compile(tvm.IRModule({"main": func}), target=LLVM)
-    for rows in (1, 5, 67):
+    for rows in (1, 5, MAX_GEMV_BATCH, MAX_GEMV_BATCH + 1, 67):
         params, x, wd = _case(qtype, n, k, rows, seed=rows)
         args = [tvm.runtime.tensor(a) for a in (x, params["qweight"], params["scales"], np.zeros((rows, n), np.float32))]
         lib[func.attrs["global_symbol"]](*args)
