@@ -80,7 +80,8 @@ def kernel_census(executable, cuda_source: str | None, entries=("decode", "decod
     for name in re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+?)_kernel(?:_\d+)?\(", cuda_source or ""):
         kernels[name] += 1
     kernels = {k: v // 2 if v % 2 == 0 else v for k, v in kernels.items()}   # declaration + definition
-    dispatched = getattr(sys.modules.get("targets.cuda"), "SMALL_M_DISPATCHED", set())
+    dispatched = set(getattr(sys.modules.get("targets.cuda"), "SMALL_M_DISPATCHED", set()))
+    dispatched |= {k for k in kernels if re.match(r"gemm_q\w+_m_", k)}   # quantized: GEMV or GEMM per call
     kernels = {k: (1 if k in dispatched else v) for k, v in kernels.items()}   # one tier runs per call
     text = executable.as_text()
     sections, current = {}, None

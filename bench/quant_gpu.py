@@ -59,7 +59,7 @@ def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None, 
             for batch in (*(batches if "gemv" in kinds else ()), *((None,) if "gemm" in kinds else ())):
                 if batch is None and label.startswith("lm_head"):
                     continue
-                func = make_kernel(qtype, n, k, batch, dtype=dtype, target="cuda")
+                func = make_kernel(qtype, n, k, batch, dtype=dtype, target="cuda", dispatch_rows=False)
                 name = func.attrs["global_symbol"]
                 funcs[name] = func
                 manifest.append({"name": name, "label": label, "qtype": qtype, "n": n, "k": k, "batch": batch,

@@ -419,6 +419,7 @@ class KernelSpec:
     batch: int | None        # GEMV batch (1..16), or None for GEMM over a symbolic row count
     dtype: str = F32         # activation dtype (x and y); accumulation is always f32
     target: str = "llvm"     # "llvm" | "cuda" | "webgpu"
+    dispatch_rows: bool = True  # GPU GEMM: a one-row call runs the GEMV (see row_dispatch)
 
     @property
     def kind(self) -> str:
@@ -465,52 +466,69 @@ def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
             rows = tirx.Var("m", ROW_INDEX_DTYPE[spec.target])
             gemv = gemv_compute(q, n, k, rows, spec.dtype, spec.target, lanes=8)
             small = _schedule_gemv_llvm(gemv, q, n, k, rows).mod["main"]
-            return _finish(row_dispatch(small, sch.mod["main"], MAX_GEMV_BATCH), spec.name)
+            return _finish(row_dispatch([(f"m <= {MAX_GEMV_BATCH}", small)], sch.mod["main"]), spec.name)
+        if spec.dispatch_rows:
+            # GPU GEMVs keep per-row accumulators in registers, so their batch is static: the
+            # one-row step (decode) gets the batch-1 GEMV, any other row count the tiled GEMM
+            one = _make_kernel(dataclasses.replace(spec, batch=1))
+            return _finish(row_dispatch([("m == 1", one)], sch.mod["main"], gpu=True), spec.name)
     return _finish(sch.mod["main"], spec.name)
 
 
-def row_dispatch(small: tirx.PrimFunc, large: tirx.PrimFunc, limit: int) -> tirx.PrimFunc:
-    """One PrimFunc over a symbolic row count ``m`` that runs ``small``'s body when ``m <= limit`` and
-    ``large``'s otherwise.  The GEMM dequantizes whole weight panels whatever ``m`` is, so a few
-    rows (a batched decode step, one stream's encoder chunk) cost as much as hundreds (7 s for one
-    row of the 4B decoder on 2 CPU cores); the GEMV over ``m`` rows reads each weight once per row
-    tile instead.  Both functions must have the same parameters (names, shapes, ``m``); each body
-    goes into its own block of one function, through TVMScript (TVM 0.27's Python API has no
-    variable substitution to merge two bodies directly)."""
+def row_dispatch(branches, default: tirx.PrimFunc, *, gpu: bool = False) -> tirx.PrimFunc:
+    """One PrimFunc over a symbolic row count ``m`` that runs the body of the first ``(condition,
+    func)`` of ``branches`` whose condition (TVMScript text over ``m``, e.g. ``"m <= 16"``) holds, and
+    ``default``'s otherwise.  The GEMM dequantizes whole weight tiles whatever ``m`` is, so a few rows
+    (a decode step, one stream's encoder chunk) cost as much as hundreds (7 s for one row of the 4B
+    decoder on 2 CPU cores); a GEMV reads each weight once per row tile instead.  A branch function
+    has the same parameter names as ``default`` (its shapes may fix ``m``, e.g. a batch-1 GEMV under
+    ``m == 1``).  Each body goes into its own block of one function, through TVMScript: TVM 0.27's
+    Python API has no variable substitution to merge bodies directly.  On GPUs the condition is
+    marked thread-invariant, so the host picks the kernel (as targets.cuda.small_m_dispatch)."""
     import typing
 
     import tvm.script
     from tvm.script import tirx as T
 
     def parts(func):
-        lines = func.script().splitlines()
+        lines = [line for line in func.script().splitlines() if line and not line.startswith(("#", "m = "))]
         head = next(i for i, line in enumerate(lines) if line.startswith("def "))
-        body = [line for line in lines[head + 1:] if not line.strip().startswith(("T.func_attr", "# with T.sblock"))]
-        return [line for line in lines[:head + 1] if line and not line.startswith(("#", "m = "))], body
+        body = lines[head + 1:]
+        decls = [line for line in body if re.fullmatch(r"    m = T\.int(32|64)\(\)", line)]
+        body = [line for line in body if line not in decls
+                and not line.strip().startswith(("T.func_attr", "# with T.sblock"))]
+        params = re.findall(r"(\w+): T\.Buffer", lines[head])
+        return lines[:head + 1], decls, params, body
 
-    header, small_body = parts(small)
-    large_header, large_body = parts(large)
-    if header != large_header:
-        raise VoxcError("row_dispatch: the two kernels have different parameters")
+    header, decls, params, default_body = parts(default)
 
     def nested(body):
         return ["        " + line if line.strip() else line for line in body]
 
-    source = "\n".join(header + [f"    if m <= {int(limit)}:", '        with T.sblock("few_rows"):'] + nested(small_body)
-                       + ["    else:", '        with T.sblock("many_rows"):'] + nested(large_body))
-    merged = tvm.script.from_source(source, extra_vars={"T": T, "m": typing.TypeVar("m")}, s_tir=True)
-    return merged.with_attrs(dict(large.attrs)) if large.attrs else merged
+    source = header + decls
+    for index, (condition, func) in enumerate(branches):
+        _, _, branch_params, body = parts(func)
+        if branch_params != params:
+            raise VoxcError(f"row_dispatch: parameters {branch_params} differ from {params}")
+        test = f"T.tvm_thread_invariant({condition})" if gpu else condition
+        source += [f"    {'if' if index == 0 else 'elif'} {test}:", f'        with T.sblock("rows_case_{index}"):']
+        source += nested(body)
+    source += ["    else:", '        with T.sblock("rows_default"):'] + nested(default_body)
+    # int64 shape variables print as a module-level TypeVar, int32 ones as ``m = T.int32()`` in the body
+    extra = {"T": T} if decls else {"T": T, "m": typing.TypeVar("m")}
+    merged = tvm.script.from_source("\n".join(source), extra_vars=extra, s_tir=True)
+    return merged.with_attrs(dict(default.attrs)) if default.attrs else merged
 
 
 def make_kernel(qtype: QType | str, out_features: int, in_features: int, batch: int | None,
-                dtype: str = F32, target: str = "llvm") -> tirx.PrimFunc:
+                dtype: str = F32, target: str = "llvm", dispatch_rows: bool = True) -> tirx.PrimFunc:
     """Scheduled PrimFunc ``(x [rows, in], qweight, scales, y [rows, out])``.
 
     ``batch`` = static row count 1..16 for the GEMV kernel, or None for the GEMM kernel whose row
     count ``m`` is symbolic.  ``target`` is a target kind name (``tvm.target.Target.kind.name``).
     """
     spec = _validate(KernelSpec(QType.parse(qtype), int(out_features), int(in_features),
-                                None if batch is None else int(batch), dtype, target))
+                                None if batch is None else int(batch), dtype, target, dispatch_rows))
     return _make_kernel(spec)
 
 

@@ -327,7 +327,9 @@ def test_wgsl_kernels_on_lavapipe(qtype):
     n, k = SHAPES[qtype][0]
     for rows, batch in ((1, 1), (3, 3), (45, None)):
         params, x, wd = _case(qtype, n, k, rows)
-        y = run_wgsl(make_kernel(qtype, n, k, batch, target="webgpu"),
+        # the GEMM alone (run_wgsl runs one kernel; the one-row GEMV branch of the dispatched kernel
+        # runs in the browser tests, tests/test_webgpu_quant.py)
+        y = run_wgsl(make_kernel(qtype, n, k, batch, target="webgpu", dispatch_rows=False),
                      {"x": x, "qweight": params["qweight"], "scales": params["scales"],
                       "acc": np.zeros((rows, n), np.float32)}, m=rows)
         _check(y, x, wd)
@@ -344,14 +346,16 @@ def test_wgsl_kernels_on_lavapipe(qtype):
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_cuda_kernels_compile_to_cubin():
     from tvm.support import nvcc
-    funcs = {}
+    funcs, kernels = {}, 0
     for qtype in QTYPES:
         n, k = SHAPES[qtype][-1]
         for batch, dtype in ((1, "float32"), (4, "float32"), (16, "float16"), (None, "float32"), (None, "float16")):
             f = make_kernel(qtype, n, k, batch, dtype=dtype, target="cuda")
             funcs[f.attrs["global_symbol"]] = f
+            kernels += 2 if batch is None else 1       # a symbolic-row GEMM also holds the one-row GEMV
         f = make_embedding_kernel(qtype, 100, k, target="cuda")
         funcs[f.attrs["global_symbol"]] = f
+        kernels += 1
     for arch in ("sm_80", "sm_90"):
         target = tvm.target.Target({"kind": "cuda", "arch": arch})
         # With TVM's CUDA runtime loaded (after tests/test_cuda.py) the build compiles the source through
@@ -361,7 +365,7 @@ def test_cuda_kernels_compile_to_cubin():
         with target, cuda_target.fatbin_compiler([arch]):
             module = tvm.compile(tvm.IRModule(funcs), target=target)
         source = cuda_target.LAST_CUDA_SOURCE or module.mod.imports[0].inspect_source("")
-        assert len(re.findall(r"__global__ void[^;{]*\{", source)) == len(funcs)   # definitions
+        assert len(re.findall(r"__global__ void[^;{]*\{", source)) == kernels   # definitions
         assert "__shfl_down_sync" in source            # GEMV rows reduce inside a warp
         assert "uint2" in source and "float4" in source   # vector loads: Q8_0 words, activations
         with target:
@@ -729,3 +733,27 @@ def test_gguf_errors(tmp_path, toy):
     _write(path, "llama", [], [("token_embd.weight", np.zeros((8, 32), np.float32), None)])
     with pytest.raises(VoxcError, match="llama.cpp text model"):
         read_gguf(path)
+
+
+@pytest.mark.parametrize("target", ["webgpu", "cuda"])
+def test_gpu_gemm_dispatches_one_row_to_the_gemv(target):
+    """A symbolic-row GPU kernel holds two device kernels, the batch-1 GEMV and the tiled GEMM, and
+    the host chooses by the row count."""
+    if target == "cuda":
+        from targets import cuda as tc
+        if shutil.which("nvcc") is None:
+            pytest.skip("no nvcc")
+    func = make_kernel(QType.Q4_K, 64, 256, None, target=target)
+    text = func.script()
+    assert "tvm_thread_invariant(m == 1)" in text
+    gemv_body = make_kernel(QType.Q4_K, 64, 256, 1, target=target).script()
+    assert gemv_body.count("T.thread_binding") and text.count("T.thread_binding") > gemv_body.count("T.thread_binding")
+    if target == "webgpu":
+        ex = tvm.compile(tvm.IRModule({"main": func}), target=tvm.target.Target({"kind": "webgpu"}, host={"kind": "llvm"}))
+        assert len(json.loads(ex.mod.imports[0].inspect_source("func_info"))) == 2
+    else:
+        tc.prepare_toolchain()
+        target_obj = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host="llvm")
+        with target_obj, tc.fatbin_compiler(("sm_90",)):
+            tvm.compile(tvm.IRModule({"main": func}), target=target_obj)
+        assert tc.LAST_CUDA_SOURCE.count("__global__") >= 2
