@@ -38,6 +38,8 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE / "device"))
+from common import BenchTokenizer, Report  # noqa: E402  (bench/device/common.py, shared with the GPU benches)
 PACK = Path(os.environ.get("VOXC_CPUPACK", ROOT / ".cpupack"))
 MANIFEST = "voxc-artifact.json"
 
@@ -45,29 +47,6 @@ MANIFEST = "voxc-artifact.json"
 # ---------------------------------------------------------------------------------------------
 # common
 # ---------------------------------------------------------------------------------------------
-class Report:
-    """Prints each result as it comes and rewrites $OUT/<name>.json after each one."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.data: dict = {"script": name, "started": time.strftime("%Y-%m-%d %H:%M:%S")}
-        self.t0 = time.perf_counter()
-
-    def __setitem__(self, key, value):
-        self.data[key] = value
-        print(f"[{time.perf_counter() - self.t0:7.1f}s] {key}: {json.dumps(value, default=str)}", flush=True)
-        self.save()
-
-    def __getitem__(self, key):
-        return self.data[key]
-
-    def save(self):
-        out = os.environ.get("OUT")
-        if out:
-            Path(out).mkdir(parents=True, exist_ok=True)
-            Path(out, f"{self.name}.json").write_text(json.dumps(self.data, indent=1, default=str))
-
-
 def threads() -> int:
     return int(os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
 
@@ -219,21 +198,6 @@ def runtime_setup(hide_tvm: bool = True):
 
     if hide_tvm:
         sys.meta_path.insert(0, _Hide())
-
-
-class BenchTokenizer:
-    """Random weights emit arbitrary ids: a tokenizer that never ends a stream and decodes nothing."""
-    bos_id, streaming_pad_id, eos_id = 1, 32, -1
-
-    class _Decoder:
-        def push(self, token):
-            return ""
-
-        def flush(self):
-            return ""
-
-    def incremental_decoder(self):
-        return self._Decoder()
 
 
 def decode_steps(model, fn, start, steps, delay=6):

@@ -17,26 +17,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "device"))
 import common  # noqa: E402
+from common import BenchTokenizer  # noqa: E402
 
 PACK = common.setup()
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 SECS = float(os.environ.get("SECS", 60))
 QUICK = os.environ.get("QUICK") == "1"
-
-
-class BenchTokenizer:
-    """Random weights emit arbitrary ids: a tokenizer that never ends a stream and decodes nothing."""
-    bos_id, streaming_pad_id, eos_id = 1, 32, -1
-
-    class _Decoder:
-        def push(self, token):
-            return ""
-
-        def flush(self):
-            return ""
-
-    def incremental_decoder(self):
-        return self._Decoder()
 
 
 def copy_bandwidth():

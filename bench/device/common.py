@@ -101,7 +101,8 @@ def _shim_tvm() -> None:
 
 
 class Report:
-    """Collects results; prints each line as it comes and writes JSON to $OUT at the end."""
+    """Prints each result as it comes and rewrites $OUT/<name>.json after each one (a run killed at
+    its time limit keeps what it measured)."""
 
     def __init__(self, name: str):
         self.name = name
@@ -111,6 +112,7 @@ class Report:
     def __setitem__(self, key, value):
         self.data[key] = value
         print(f"[{time.perf_counter() - self.t0:7.1f}s] {key}: {json.dumps(value, default=str)}", flush=True)
+        self.save()
 
     def __getitem__(self, key):
         return self.data[key]
@@ -118,8 +120,24 @@ class Report:
     def save(self):
         out = os.environ.get("OUT")
         if out:
+            Path(out).mkdir(parents=True, exist_ok=True)
             Path(out, f"{self.name}.json").write_text(json.dumps(self.data, indent=1, default=str))
         return self.data
+
+
+class BenchTokenizer:
+    """Random weights emit arbitrary ids: a tokenizer that never ends a stream and decodes nothing."""
+    bos_id, streaming_pad_id, eos_id = 1, 32, -1
+
+    class _Decoder:
+        def push(self, token):
+            return ""
+
+        def flush(self):
+            return ""
+
+    def incremental_decoder(self):
+        return self._Decoder()
 
 
 def gpu_name() -> str:

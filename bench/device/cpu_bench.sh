@@ -32,6 +32,7 @@ pack() {
   rm -rf "$PACK" && mkdir -p "$PACK/src/bench" "$PACK/artifacts" "$PACK/wheels" "$PACK/build"
   (cd "$ROOT" && tar --exclude=__pycache__ -cf - voxc) | tar -x -C "$PACK/src"
   cp "$ROOT/bench/cpu_bench.py" "$ROOT/bench/cuda_build.py" "$PACK/src/bench/"
+  mkdir -p "$PACK/src/bench/device" && cp "$ROOT/bench/device/common.py" "$PACK/src/bench/device/"
   local log="$PACK/build.log"; : > "$log"
   cd "$ROOT"
   local t0=$SECONDS
