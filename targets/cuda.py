@@ -241,23 +241,31 @@ def fatbin_archs(data: bytes) -> set[str]:
 def relax_pipeline(target, small_m_tiers):
     """TVM's CUDA pipeline (relax.backend.cuda.get_default_pipeline) with :func:`small_m_dispatch`
     before dlight's default rules."""
+    from tvm.relax.backend.cuda import pipeline as cuda_pipeline
+
+    return gpu_relax_pipeline(target, small_m_tiers, cuda_pipeline, "VoxcCudaPipeline")
+
+
+def gpu_relax_pipeline(target, small_m_tiers, backend, name: str):
+    """``backend``'s (a ``tvm.relax.backend.*.pipeline`` module) GPU pipeline: library dispatch,
+    legalize + fuse, then :func:`small_m_dispatch` (if ``small_m_tiers``) before dlight's default
+    rules, dataflow lowering and finalization."""
     import tvm
     from tvm import relax
-    from tvm.relax.backend.cuda import pipeline as cuda_pipeline
     from tvm.s_tir import dlight as dl
 
     legalize = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
                 relax.transform.FoldConstant(), relax.transform.FuseOps(), relax.transform.FuseTIR()]
-    schedule = [small_m_dispatch(target, small_m_tiers),
-                dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(),
-                                        dl.gpu.GeneralReduction(), dl.gpu.Fallback())]
+    schedule = ([small_m_dispatch(target, small_m_tiers)] if small_m_tiers else []) + [
+        dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
+                                dl.gpu.Fallback())]
 
-    @tvm.transform.module_pass(opt_level=0, name="VoxcCudaPipeline")
+    @tvm.transform.module_pass(opt_level=0, name=name)
     def _pipeline(mod, _ctx):
         with target:
             seq = tvm.transform.Sequential(
-                cuda_pipeline.library_dispatch_passes(target) + legalize + schedule
-                + cuda_pipeline.dataflow_lower_passes(target) + cuda_pipeline.finalize_passes(target))
+                backend.library_dispatch_passes(target) + legalize + schedule
+                + backend.dataflow_lower_passes(target) + backend.finalize_passes(target))
             return seq(mod)
 
     return _pipeline

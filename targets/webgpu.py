@@ -663,27 +663,11 @@ def web_relax_pipeline(target, small_m_tiers=SMALL_M_TIERS):
     (every projection: rows = streams x tokens) get dlight's LowBatchGEMV kernels for few rows and
     its tiled Matmul for many, picked on the host by the row count (targets.cuda.small_m_dispatch).
     A decoder step has one row: the GEMV reads each weight once with all invocations busy."""
-    import tvm
     from tvm.relax.backend.gpu_generic import pipeline as gpu_pipeline
-    from tvm.s_tir import dlight as dl
 
-    from targets.cuda import small_m_dispatch
+    from targets.cuda import gpu_relax_pipeline
 
-    legalize = [tvm.relax.transform.LegalizeOps(), tvm.relax.transform.AnnotateTIROpPattern(),
-                tvm.relax.transform.FoldConstant(), tvm.relax.transform.FuseOps(), tvm.relax.transform.FuseTIR()]
-    schedule = ([small_m_dispatch(target, small_m_tiers)] if small_m_tiers else []) + [
-        dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
-                                dl.gpu.Fallback())]
-
-    @tvm.transform.module_pass(opt_level=0, name="VoxcWebGPUPipeline")
-    def _pipeline(mod, _ctx):
-        with target:
-            seq = tvm.transform.Sequential(
-                gpu_pipeline.library_dispatch_passes(target) + legalize + schedule
-                + gpu_pipeline.dataflow_lower_passes(target) + gpu_pipeline.finalize_passes(target))
-            return seq(mod)
-
-    return _pipeline
+    return gpu_relax_pipeline(target, small_m_tiers, gpu_pipeline, "VoxcWebGPUPipeline")
 
 
 # ---- toolchain helpers -----------------------------------------------------------------------------
