@@ -52,7 +52,7 @@ class LlvmTarget(TargetSpec):
 
         # nn.Linear is matmul(x, permute_dims(W)); unfused, every call copies W^T (8x slower decode
         # measured on a 60M-parameter decoder on this machine)
-        return super().compile(schedule_dense_gemv(apply_cpu_attention(fuse_transpose_matmul(mod))))
+        return super().compile(schedule_dense_matmuls(apply_cpu_attention(fuse_transpose_matmul(mod))))
 
     def tvm_target(self):
         import tvm
@@ -90,16 +90,16 @@ def apply_cpu_attention(mod):
     return mod
 
 
-def schedule_dense_gemv(mod):
-    """Every float NT_matmul with a few static rows (the one-stream decode/encode entries) ->
-    schedules/dense_matmul.py's parallel, vectorized GEMV; other matmuls keep TVM's lowering."""
+def schedule_dense_matmuls(mod):
+    """Every float NT_matmul -> schedules/dense_matmul.py's parallel, vectorized schedule (GEMV
+    order for a few static rows, GEMM order otherwise); shapes that do not tile keep TVM's lowering."""
     from tvm import tirx
 
-    from schedules.dense_matmul import schedule_gemv_llvm
+    from schedules.dense_matmul import schedule_nt_matmul_llvm
 
     for gv, func in list(mod.functions_items()):
         if isinstance(func, tirx.PrimFunc) and gv.name_hint.startswith("NT_matmul"):
-            scheduled = schedule_gemv_llvm(func)
+            scheduled = schedule_nt_matmul_llvm(func)
             if scheduled is not None:
                 mod[gv] = scheduled
     return mod

@@ -1,5 +1,6 @@
-"""The llvm target's dense GEMV schedule (schedules/dense_matmul.py) against numpy, for the shapes
-fuse_transpose_matmul produces: 2-D and 3-D inputs, a few static rows, float32 and float16."""
+"""The llvm target's dense matmul schedule (schedules/dense_matmul.py) against numpy, for the shapes
+fuse_transpose_matmul produces: 2-D and 3-D inputs, few static rows (GEMV order), many or symbolic
+rows (GEMM order), float32 and float16."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,9 +8,9 @@ import pytest
 
 tvm = pytest.importorskip("tvm")
 
-from tvm import te  # noqa: E402
+from tvm import te, tirx  # noqa: E402
 
-from schedules.dense_matmul import MAX_ROWS, schedule_gemv_llvm  # noqa: E402
+from schedules.dense_matmul import MAX_GEMV_ROWS, schedule_nt_matmul_llvm  # noqa: E402
 
 
 def nt_matmul(lead, n, k, dtype):
@@ -23,23 +24,30 @@ def nt_matmul(lead, n, k, dtype):
     return te.create_prim_func([x, w, acc])
 
 
-@pytest.mark.parametrize("lead,n,k,dtype", [((1,), 64, 96, "float32"), ((1, 1), 40, 128, "float32"),
-                                            ((1, 4), 32, 64, "float32"), ((3,), 24, 48, "float16")])
-def test_dense_gemv_matches_numpy(lead, n, k, dtype):
-    func = schedule_gemv_llvm(nt_matmul(lead, n, k, dtype))
+ROWS = tirx.Var("m", "int64")
+
+
+@pytest.mark.parametrize("lead,n,k,dtype,run_rows", [
+    ((1,), 64, 96, "float32", None), ((1, 1), 40, 128, "float32", None), ((1, 4), 32, 64, "float32", None),
+    ((3,), 24, 48, "float16", None),                                   # GEMV order
+    ((MAX_GEMV_ROWS + 3,), 48, 64, "float32", None),                   # GEMM order, static
+    ((ROWS,), 56, 80, "float32", 1), ((ROWS,), 56, 80, "float32", 37),  # GEMM order, symbolic
+    ((ROWS,), 16, 32, "float16", 5)])
+def test_dense_matmul_matches_numpy(lead, n, k, dtype, run_rows):
+    func = schedule_nt_matmul_llvm(nt_matmul(lead, n, k, dtype))
     assert func is not None and func.attrs["tirx.is_scheduled"]
     lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=tvm.target.Target("llvm"))
+    shape = tuple(run_rows if isinstance(d, tirx.Var) else d for d in lead)
     rng = np.random.default_rng(n)
-    x = rng.standard_normal((*lead, k)).astype(dtype)
+    x = rng.standard_normal((*shape, k)).astype(dtype)
     w = rng.standard_normal((n, k)).astype(dtype)
-    out = tvm.runtime.tensor(np.zeros((*lead, n), dtype))
+    out = tvm.runtime.tensor(np.zeros((*shape, n), dtype))
     lib["main"](tvm.runtime.tensor(x), tvm.runtime.tensor(w), out)
     ref = x.astype(np.float64) @ w.T.astype(np.float64)
     tol = 1e-3 if dtype == "float16" else 1e-5
     assert np.abs(out.numpy() - ref).max() <= tol * np.abs(ref).max()
 
 
-def test_many_or_symbolic_rows_are_left_to_tvm():
-    assert schedule_gemv_llvm(nt_matmul((MAX_ROWS + 1,), 64, 96, "float32")) is None
-    assert schedule_gemv_llvm(nt_matmul((te.var("m"),), 64, 96, "float32")) is None
-    assert schedule_gemv_llvm(nt_matmul((1,), 63, 96, "float32")) is None      # rows not a tile multiple
+def test_shapes_that_do_not_tile_are_left_to_tvm():
+    assert schedule_nt_matmul_llvm(nt_matmul((1,), 63, 96, "float32")) is None     # columns
+    assert schedule_nt_matmul_llvm(nt_matmul((1,), 64, 90, "float32")) is None     # K
