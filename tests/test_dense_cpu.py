@@ -51,3 +51,15 @@ def test_dense_matmul_matches_numpy(lead, n, k, dtype, run_rows):
 def test_shapes_that_do_not_tile_are_left_to_tvm():
     assert schedule_nt_matmul_llvm(nt_matmul((1,), 63, 96, "float32")) is None     # columns
     assert schedule_nt_matmul_llvm(nt_matmul((1,), 64, 90, "float32")) is None     # K
+
+
+def test_llvm_target_schedules_the_model_matmuls():
+    from targets import llvm
+    from targets.passes import fuse_transpose_matmul
+    from voxc.model.config import ModelConfig
+
+    mod, _ = llvm.TARGET.export_graph(ModelConfig.tiny())
+    out = llvm.schedule_dense_matmuls(fuse_transpose_matmul(mod))
+    matmuls = {gv.name_hint: f for gv, f in out.functions_items() if gv.name_hint.startswith("NT_matmul")}
+    scheduled = [name for name, f in matmuls.items() if f.attrs and f.attrs.get("tirx.is_scheduled")]
+    assert matmuls and len(scheduled) >= len(matmuls) * 3 // 4   # all but shapes that do not tile
