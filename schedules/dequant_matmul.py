@@ -419,7 +419,7 @@ class KernelSpec:
     batch: int | None        # GEMV batch (1..16), or None for GEMM over a symbolic row count
     dtype: str = F32         # activation dtype (x and y); accumulation is always f32
     target: str = "llvm"     # "llvm" | "cuda" | "webgpu"
-    dispatch_rows: bool = True  # GPU GEMM: a one-row call runs the GEMV (see row_dispatch)
+    dispatch_rows: bool = True  # GEMM: few rows run a GEMV (llvm: m <= 16, GPUs: m == 1; see row_dispatch)
 
     @property
     def kind(self) -> str:
@@ -462,12 +462,12 @@ def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
         func = gemm_compute(q, n, k, spec.dtype, spec.target, transposed_panel=spec.target == "llvm")
         sch = (_schedule_gemm_llvm(func, q, n, k) if spec.target == "llvm"
                else _schedule_gemm_gpu(func, q, n, k, spec.target))
-        if spec.target == "llvm":
+        if spec.dispatch_rows and spec.target == "llvm":
             rows = tirx.Var("m", ROW_INDEX_DTYPE[spec.target])
             gemv = gemv_compute(q, n, k, rows, spec.dtype, spec.target, lanes=8)
             small = _schedule_gemv_llvm(gemv, q, n, k, rows).mod["main"]
             return _finish(row_dispatch([(f"m <= {MAX_GEMV_BATCH}", small)], sch.mod["main"]), spec.name)
-        if spec.dispatch_rows:
+        if spec.dispatch_rows and spec.target != "llvm":
             # GPU GEMVs keep per-row accumulators in registers, so their batch is static: the
             # one-row step (decode) gets the batch-1 GEMV, any other row count the tiled GEMM
             one = _make_kernel(dataclasses.replace(spec, batch=1))

@@ -21,10 +21,7 @@ class TargetSpec:
     def export_graph(self, cfg):
         """The model's Relax module and parameter list, plus the static-shape entry points of
         ``static_entries`` (a target class attribute; none by default)."""
-        from voxc.build import export_graph
-
-        entries = getattr(self, "static_entries", ())
-        return export_with_static_entries(cfg, self, entries) if entries else export_graph(cfg, self)
+        return export_with_static_entries(cfg, self, getattr(self, "static_entries", ()))
 
     def compile(self, mod):
         """Relax IRModule -> executable; targets override to add their schedules and passes."""
@@ -51,20 +48,20 @@ ENCODE_B1T8 = ("encode_b1t8", "encode", (("b", 1), ("t", 8)))
 
 
 def export_with_static_entries(cfg, target, entries):
-    """Export the graph (as voxc.build.export_graph does) and add a static-shape copy of some entry
-    points under new names; their private functions are renamed with the entry's name as suffix."""
+    """voxc.build.export_graph, plus a static-shape copy of some entry points under new names; their
+    private functions are renamed with the entry's name as suffix."""
     from tvm import relax
     from tvm.relax.expr_functor import PyExprMutator, mutator
     from tvm.relax.frontend.nn import spec as nnspec
 
+    from voxc.build import export_graph
     from voxc.model.graph import VoxtralGraph
 
     def graph():
         return VoxtralGraph(cfg, dtype=target.model_dtype, mel_dtype=target.mel_dtype)
 
-    g = graph()
-    full_spec = g.export_spec()
-    mod, params = g.export_tvm(spec=full_spec)
+    mod, params = export_graph(cfg, target)
+    full_spec = graph().export_spec() if entries else {}
     for name, entry, values in entries:
         values = dict(values)
         static = {k: nnspec.Tensor([values.get(d, d) if isinstance(d, str) else d for d in v.shape], v.dtype)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from targets.base import DECODE_B1N1, TargetSpec, export_with_static_entries  # noqa: F401 (re-exported)
+from targets.base import DECODE_B1N1, TargetSpec
 from targets.passes import fuse_transpose_matmul
 from voxc.errors import VoxcError
 
@@ -53,7 +53,7 @@ class CudaTarget(TargetSpec):
     # Extra entry points exported with static shapes: dlight then picks GEMV kernels for one-token
     # steps, and with cuda_graph the whole step becomes one CUDA graph.  (name, entry, {dim: value});
     # callers use them where the shapes match (bench/cuda_bench.py; voxc.runtime when it learns to).
-    # (An ("encode_b1t8", "encode", (("b", 1), ("t", 8))) entry was measured SLOWER than the generic
+    # (targets.base.ENCODE_B1T8, which llvm exports, was measured SLOWER here than the generic
     # encode: static M=4 goes to dlight's padded Matmul, the generic one to the small-M kernels.)
     static_entries: tuple = (DECODE_B1N1,)
     # Matmuls whose row count M (batch x tokens) is only known at run time get one kernel per tier,

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from targets.base import DECODE_B1N1, ENCODE_B1T8
 from voxc.errors import VoxcError
 from voxc.model.config import AUDIO_RING_ROWS, ModelConfig, delay_tokens
 from voxc.runtime.tvm_runtime import Runtime
@@ -94,8 +95,9 @@ class CompiledModel:
         self._encode_stages = self.vm["encode_stages"]
         self._decode = self.vm["decode"]
         # Targets may add a static-shape copy of decode for one stream and one token (faster kernels).
-        self._decode_single = _optional_function(self.vm, "decode_b1n1")
-        self._encode_single = _optional_function(self.vm, "encode_b1t8")   # llvm: one stream, 80 ms
+        self._decode_single = _optional_function(self.vm, DECODE_B1N1[0])
+        self._encode_single = _optional_function(self.vm, ENCODE_B1T8[0])   # llvm: one stream, 80 ms
+        self._encode_single_mel = (1, self.config.encoder.num_mel_bins, dict(ENCODE_B1T8[2])["t"])
         self._view = runtime.ffi.get_global_func("runtime.TVMTensorCreateView")
         self.slots = SlotPool(max_streams)
         e, d = self.config.encoder, self.config.decoder
@@ -165,7 +167,7 @@ class CompiledModel:
         Returns None, or with ``stages`` (conv-stem frames, encoder output, audio embeddings).
         """
         fn = self._encode_stages if stages else self._encode
-        if not stages and self._encode_single is not None and tuple(mel.shape) == (1, self.config.encoder.num_mel_bins, 8):
+        if not stages and self._encode_single is not None and tuple(mel.shape) == self._encode_single_mel:
             fn = self._encode_single
         out = fn(mel, self.conv0_state, self.conv1_state, self.enc_cache, self.audio_ring,
                  self.rt.tensor(np.asarray(slots, np.int32)), self.rt.tensor(np.asarray(starts, np.int32)),
