@@ -172,3 +172,6 @@ def test_unknown_cpu_is_a_clear_error(tmp_path, tiny_ckpt_dir):
     result = voxc_cli("build", tiny_ckpt_dir, "--target", "llvm", "--cpu", "pentium-9000", "-o", tmp_path / "x",
                       check=False)
     assert result.returncode != 0 and "pentium-9000" in result.stderr and "Traceback" not in result.stderr
+    result = voxc_cli("build", tiny_ckpt_dir, "--target", "webgpu", "--cpu", "native", "-o", tmp_path / "y",
+                      check=False)
+    assert result.returncode != 0 and "--cpu applies to the llvm" in result.stderr and "Traceback" not in result.stderr
