@@ -153,7 +153,7 @@ def cmd_build(args):
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(HERE))
     from cuda_build import build_manifest_only
-    from voxc.model.config import ModelConfig
+    from voxc.config import ModelConfig
 
     cfg = ModelConfig() if args.size == "full" else ModelConfig.tiny()
     quant = None if args.quant in ("f32", "float32", "none") else args.quant
@@ -390,7 +390,7 @@ def cmd_hf(args):
                               VoxtralRealtimeForConditionalGeneration)
 
     from voxc.loader.hf import hf_config_dict
-    from voxc.model.config import ModelConfig
+    from voxc.config import ModelConfig
 
     art = Path(args.artifact)
     manifest = json.loads((art / MANIFEST).read_text())

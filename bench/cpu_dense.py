@@ -58,7 +58,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     import targets.llvm as llvm
     from cuda_build import build_manifest_only, ensure_weights
-    from voxc.model.config import ModelConfig
+    from voxc.config import ModelConfig
 
     cfg = ModelConfig()
     cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, n_layers=args.decoder_layers),

@@ -303,7 +303,7 @@ def main(argv=None):
     ap.add_argument("--quantization", default=None, help="q4_0, q4_k or q8_0 (default: dense)")
     args = ap.parse_args(argv)
     from targets.cuda import TARGET
-    from voxc.model.config import ModelConfig
+    from voxc.config import ModelConfig
 
     target = TARGET
     if args.cuda_graph:

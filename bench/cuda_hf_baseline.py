@@ -30,7 +30,7 @@ def load_voxc_weights(model, artifact: Path, cfg_dict: dict) -> int:
     common.setup(block_compiler=False)
     from voxc.loader import hf
     from voxc.loader.names import rope_rows
-    from voxc.model.config import ModelConfig
+    from voxc.config import ModelConfig
 
     cfg = ModelConfig.from_dict(cfg_dict)
     manifest = json.loads((artifact / "voxc-artifact.json").read_text())

@@ -10,17 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from targets.base import DECODE_B1N1, ENCODE_B1T8, TargetSpec
+from targets.base import CompileReport, TargetSpec
+from targets.passes import fuse_transpose_matmul
+from voxc.artifact import DECODE_B1N1, ENCODE_B1T8, ISA_FLAGS
 from voxc.errors import VoxcError
-
-# LLVM feature name -> Linux /proc/cpuinfo flag, for the extensions that generated code may use
-ISA_FLAGS = {
-    "sse4.1": "sse4_1", "sse4.2": "sse4_2", "avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c",
-    "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512dq": "avx512dq", "avx512vl": "avx512vl",
-    "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16",
-    "avxvnni": "avx_vnni", "amx-tile": "amx_tile",
-    "neon": "asimd", "dotprod": "asimddp", "fullfp16": "asimdhp", "sve": "sve", "i8mm": "i8mm",
-}
 
 
 def resolve_cpu(cpu: str | None) -> str | None:
@@ -47,9 +40,7 @@ class LlvmTarget(TargetSpec):
     # generic entries, whose row counts are symbolic, run the GEMM ones)
     static_entries: tuple = (DECODE_B1N1, ENCODE_B1T8)
 
-    def compile(self, mod):
-        from targets.passes import fuse_transpose_matmul
-
+    def compile(self, mod, report: CompileReport | None = None):
         # nn.Linear is matmul(x, permute_dims(W)); unfused, every call copies W^T (8x slower decode
         # measured on a 60M-parameter decoder on this machine)
         return super().compile(schedule_dense_matmuls(apply_cpu_attention(fuse_transpose_matmul(mod))))

@@ -1,4 +1,4 @@
-"""Relax passes shared by several targets."""
+"""Relax passes that swap parts of the model graph for voxc's kernels, shared by the targets."""
 from __future__ import annotations
 
 
@@ -9,7 +9,6 @@ def fuse_transpose_matmul(mod):
     output trips FuseTIR's buffer check on this model; a plain call_te does not.)"""
     import tvm
     from tvm import relax, te, tirx
-    from tvm.relax.expr_functor import PyExprMutator, mutator
 
     matmul_op, permute_op = tvm.ir.Op.get("relax.matmul"), tvm.ir.Op.get("relax.permute_dims")
 
@@ -24,44 +23,154 @@ def fuse_transpose_matmul(mod):
             out = te.compute(out.shape, lambda *i: out[i].astype(out_dtype), name="NT_matmul_cast")
         return out
 
-    @mutator
-    class _Fuse(PyExprMutator):
-        def __init__(self, module):
-            super().__init__(module)
-            self.module = module
+    def rewrite(builder, call):
+        if call.op != matmul_op or not isinstance(call.args[1], relax.Var):
+            return call
+        bound = builder.lookup_binding(call.args[1])
+        if not isinstance(bound, relax.Call) or bound.op != permute_op:
+            return call
+        w = bound.args[0]
+        axes = bound.attrs.axes
+        if w.ty.ndim != 2 or (axes is not None and [int(a) for a in axes] != [1, 0]):
+            return call
+        x = call.args[0]
+        bb = builder.builder_
+        lead = list(x.ty.shape.values[:-1])
+        if len(lead) <= 1 or all(isinstance(d, tirx.IntImm) for d in lead):
+            return bb.call_te(nt_matmul, x, w, call.ty.dtype, primfunc_name_hint="NT_matmul")
+        # [b, n, K] -> [b*n, K] when the rows are symbolic: one row axis, as dlight's LowBatchGEMV
+        # expects (small_m_dispatch); costs the fusion of the epilogue into the matmul
+        rows = lead[0]
+        for d in lead[1:]:
+            rows = rows * d
+        x2 = bb.emit(relax.op.reshape(x, [rows, x.ty.shape.values[-1]]))
+        out = bb.emit(bb.call_te(nt_matmul, x2, w, call.ty.dtype, primfunc_name_hint="NT_matmul"))
+        return relax.op.reshape(out, lead + [w.ty.shape.values[0]])
 
+    return _rewrite_calls(mod, rewrite)
+
+
+# ---- voxc's GPU kernels -------------------------------------------------------------------------------------
+
+
+def _rewrite_calls(mod, rewrite):
+    """Every Relax function of ``mod`` with each call replaced by ``rewrite(builder, call)`` (the
+    call itself, after its arguments were rewritten, to keep it); dead bindings removed."""
+    from tvm import relax
+    from tvm.relax.expr_functor import PyExprMutator, mutator
+
+    @mutator
+    class _Rewrite(PyExprMutator):
         def visit_call_(self, call):
-            call = self.visit_expr_post_order(call)
-            if call.op != matmul_op or not isinstance(call.args[1], relax.Var):
-                return call
-            bound = self.lookup_binding(call.args[1])
-            if not isinstance(bound, relax.Call) or bound.op != permute_op:
-                return call
-            w = bound.args[0]
-            axes = bound.attrs.axes
-            if w.ty.ndim != 2 or (axes is not None and [int(a) for a in axes] != [1, 0]):
-                return call
-            x = call.args[0]
-            lead = list(x.ty.shape.values[:-1])
-            if len(lead) <= 1 or all(isinstance(d, tirx.IntImm) for d in lead):
-                return self.builder_.call_te(nt_matmul, x, w, call.ty.dtype, primfunc_name_hint="NT_matmul")
-            # [b, n, K] -> [b*n, K] when the rows are symbolic: one row axis, as dlight's LowBatchGEMV
-            # expects (small_m_dispatch); costs the fusion of the epilogue into the matmul
-            rows = lead[0]
-            for d in lead[1:]:
-                rows = rows * d
-            x2 = self.builder_.emit(relax.op.reshape(x, lead[:0] + [rows, x.ty.shape.values[-1]]))
-            out = self.builder_.emit(self.builder_.call_te(nt_matmul, x2, w, call.ty.dtype,
-                                                           primfunc_name_hint="NT_matmul"))
-            return relax.op.reshape(out, lead + [w.ty.shape.values[0]])
+            return rewrite(self, self.visit_expr_post_order(call))
 
         def run(self):
-            for gv, func in self.module.functions_items():
+            for gv, func in mod.functions_items():
                 if isinstance(func, relax.Function):
                     self.builder_.update_func(gv, self.visit_expr(func))
             return relax.transform.DeadCodeElimination()(self.builder_.get())
 
-    return _Fuse(mod).run()
+    return _Rewrite(mod).run()
 
 
-# ---- voxc's GPU kernels -------------------------------------------------------------------------------------
+def swap_ring_attention(mod, **layout):
+    """Each call of a TE ``ring_attention*`` PrimFunc (voxc.model.layers.RingAttention) -> voxc's
+    split-K GPU kernels (partial + merge, schedules/ring_attention.py) laid out by ``layout``
+    (``cuda_kernel_layout``'s keyword arguments: threads, keys_per_split, max_splits)."""
+    import tvm
+    from tvm import relax, tirx
+
+    from schedules import ring_attention as ra
+
+    attention = {gv for gv, f in mod.functions_items()
+                 if isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith("ring_attention")}
+    if not attention:
+        return mod
+    call_tir = tvm.ir.Op.get("relax.call_tir")
+    kernels = {}
+
+    def kernels_for(builder, gv):
+        if gv not in kernels:
+            q, k, _, cache = mod[gv].params[:4]
+            heads, head_dim = int(q.shape[2]), int(q.shape[3])
+            kv_heads, window, dtype = int(k.shape[2]), int(cache.shape[3]), str(q.dtype)
+            shape = (heads, kv_heads, head_dim, window, dtype)
+            splits = ra.cuda_kernel_layout(*shape, **layout)["n_splits"]
+            partial = builder.builder_.add_func(ra.ring_attention_partial_cuda(*shape, **layout),
+                                                gv.name_hint + "_partial")
+            merge = builder.builder_.add_func(ra.ring_attention_merge_cuda(*shape, **layout), gv.name_hint + "_merge")
+            kernels[gv] = (partial, merge, heads, head_dim, splits)
+        return kernels[gv]
+
+    def rewrite(builder, call):
+        if call.op != call_tir or call.args[0] not in attention:
+            return call
+        partial, merge, heads, head_dim, splits = kernels_for(builder, call.args[0])
+        out_info = call.ty_args[0]
+        b, n = out_info.shape.values[0], out_info.shape.values[1]
+        parts = builder.builder_.emit(relax.call_tir(partial, call.args[1], [
+            relax.TensorType((b, n, heads, splits, head_dim), "float32"),
+            relax.TensorType((b, n, heads, splits), "float32")]), "attn_parts")
+        o = builder.builder_.emit(relax.TupleGetItem(parts, 0), "attn_o")
+        lse = builder.builder_.emit(relax.TupleGetItem(parts, 1), "attn_lse")
+        return relax.call_tir(merge, relax.Tuple([o, lse]), out_info)
+
+    return _rewrite_calls(mod, rewrite)
+
+
+def replace_greedy_topk(mod, threads: int = 256):
+    """Every ``topk(x [b, n] f32, k=1, largest, indices, int32)`` -> schedules/argmax.py's kernel
+    (TVM's sort/argmax use int64 indices or blockIdx.z, neither of which WGSL has)."""
+    import tvm
+    from tvm import relax
+
+    from schedules.argmax import argmax_rows_func
+    from voxc.errors import VoxcError
+
+    topk_op = tvm.ir.Op.get("relax.topk")
+    kernel = []
+
+    def rewrite(builder, call):
+        if call.op != topk_op:
+            return call
+        a = call.attrs
+        x = call.args[0].ty
+        if (int(a.k) != 1 or a.ret_type != "indices" or not a.largest or str(a.dtype) != "int32"
+                or x.ndim != 2 or int(a.axis) not in (-1, 1) or str(x.dtype) != "float32"):
+            raise VoxcError(f"unsupported topk ({a}); only greedy argmax is implemented")
+        if not kernel:
+            kernel.append(builder.builder_.add_func(argmax_rows_func(threads), "argmax_rows"))
+        return relax.call_tir(kernel[0], [call.args[0]], relax.TensorType((x.shape.values[0], 1), "int32"))
+
+    return _rewrite_calls(mod, rewrite)
+
+
+def schedule_constant_matmuls(mod):
+    """``matmul(x [b, f, K], C [K, N])`` with a constant ``C`` (the mel front end's DFT basis) ->
+    schedules/const_matmul.py's plain kernel, one invocation per output."""
+    import tvm
+    from tvm import relax
+
+    from schedules.const_matmul import const_matmul_func
+
+    matmul_op = tvm.ir.Op.get("relax.matmul")
+    kernels = {}
+
+    def rewrite(builder, call):
+        if call.op != matmul_op:
+            return call
+        const = call.args[1]
+        if isinstance(const, relax.Var):
+            const = builder.lookup_binding(const)
+        x = call.args[0].ty
+        if not isinstance(const, tvm.ir.expr.Constant) or x.ndim != 3:
+            return call
+        k_dim, n_dim = (int(d) for d in const.value.shape)
+        dtype = str(x.dtype)
+        key = (k_dim, n_dim, dtype)
+        if key not in kernels:
+            kernels[key] = builder.builder_.add_func(const_matmul_func(k_dim, n_dim, dtype), "const_matmul")
+        b, f = x.shape.values[0], x.shape.values[1]
+        return relax.call_tir(kernels[key], [call.args[0], call.args[1]], relax.TensorType((b, f, n_dim), dtype))
+
+    return _rewrite_calls(mod, rewrite)

@@ -23,7 +23,7 @@ from transformers import (BatchFeature, MistralCommonBackend, VoxtralRealtimeCon
 from voxc.loader import hf
 from voxc.loader.names import rope_rows
 from voxc.loader.safetensors_loader import load_checkpoint
-from voxc.model.config import ModelConfig
+from voxc.config import ModelConfig
 
 DEFAULT_DELAY_TOKENS = 6
 

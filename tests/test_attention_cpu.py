@@ -72,7 +72,7 @@ def test_cpu_ring_attention_equals_the_window_definition(heads, kv_heads, head_d
 def test_llvm_target_swaps_in_the_cpu_kernel():
     from targets import llvm
     from voxc import build as vb
-    from voxc.model.config import ModelConfig
+    from voxc.config import ModelConfig
 
     mod, _ = vb.export_graph(ModelConfig.tiny(), llvm.TARGET)
     swapped = llvm.apply_cpu_attention(mod)

@@ -109,7 +109,7 @@ def test_cuda_build_holds_a_fatbin_for_each_arch(cuda_artifact):
 @needs_nvcc
 def test_ring_attention_is_replaced_by_the_cuda_kernels():
     from voxc import build as vb
-    from voxc.model.config import ModelConfig
+    from voxc.config import ModelConfig
 
     mod, _ = vb.export_graph(ModelConfig.tiny(), tc.TARGET)
     out = tc.apply_cuda_kernels(tc.fuse_transpose_matmul(mod))
@@ -121,7 +121,7 @@ def test_ring_attention_is_replaced_by_the_cuda_kernels():
 
 
 def test_static_entries_are_exported():
-    from voxc.model.config import ModelConfig
+    from voxc.config import ModelConfig
 
     mod, params = tc.TARGET.export_graph(ModelConfig.tiny())
     names = {gv.name_hint for gv in mod.get_global_vars()}

@@ -56,7 +56,7 @@ def test_shapes_that_do_not_tile_are_left_to_tvm():
 def test_llvm_target_schedules_the_model_matmuls():
     from targets import llvm
     from targets.passes import fuse_transpose_matmul
-    from voxc.model.config import ModelConfig
+    from voxc.config import ModelConfig
 
     mod, _ = llvm.TARGET.export_graph(ModelConfig.tiny())
     out = llvm.schedule_dense_matmuls(fuse_transpose_matmul(mod))

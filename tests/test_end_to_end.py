@@ -12,7 +12,7 @@ import pytest
 import voxc
 from voxc.build import build
 from voxc.loader.tiny import PLAIN, make_tiny
-from voxc.model.config import AudioConfig, DecoderConfig, EncoderConfig, ModelConfig
+from voxc.config import AudioConfig, DecoderConfig, EncoderConfig, ModelConfig
 from voxc.tokenizer import TINY_VOCAB_SIZE
 
 from clips import espeak

@@ -12,7 +12,7 @@ from voxc.loader import hf
 from voxc.loader.names import expected_shapes, rope_rows, voxc_to_official
 from voxc.loader.safetensors_loader import load_checkpoint
 from voxc.loader.tiny import PLAIN, VARIED, make_tiny, tiny_weights
-from voxc.model.config import ModelConfig
+from voxc.config import ModelConfig
 
 OFFICIAL = "consolidated.safetensors"
 EMBEDDING = "mm_streams_embeddings.embedding_module.tok_embeddings.weight"

@@ -17,7 +17,8 @@ from tvm import relax  # noqa: E402
 
 from voxc.errors import VoxcError  # noqa: E402
 from voxc.model import mel  # noqa: E402
-from voxc.model.config import AudioConfig  # noqa: E402
+from voxc.runtime import framing  # noqa: E402
+from voxc.config import AudioConfig  # noqa: E402
 
 CFG = AudioConfig()
 N_MELS = 128
@@ -126,10 +127,10 @@ def signals(tmp_path_factory):
 @pytest.mark.parametrize("signal", SIGNALS)
 def test_offline_matches_extractor(log_mel, extractor, signals, signal):
     audio = signals(signal)
-    samples, n_frames = mel.offline_padded(audio, CFG)
+    samples, n_frames = framing.offline_padded(audio, CFG)
     expected = reference(extractor, audio, center=True)
     got = log_mel(samples)
-    assert n_frames == mel.frame_count(audio.shape[0], CFG) == expected.shape[1]
+    assert n_frames == framing.frame_count(audio.shape[0], CFG) == expected.shape[1]
     assert got.shape == expected.shape == (N_MELS, n_frames)
     assert got.dtype == np.float32
     error = np.abs(got - expected).max()
@@ -152,7 +153,7 @@ def exact_log_mel(audio: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("signal", ["sine_1khz", "espeak_speech", "audioeval_counting"])
 def test_offline_matches_exact_float64(log_mel, signals, signal):
     audio = signals(signal)
-    got = log_mel(mel.offline_padded(audio, CFG)[0])
+    got = log_mel(framing.offline_padded(audio, CFG)[0])
     error = np.abs(got - exact_log_mel(audio)).max()
     assert error <= TOLERANCE_TO_EXACT[log_mel.compute_dtype], f"{signal}: max abs error {error:.3g}"
 
@@ -163,13 +164,13 @@ def test_valid_framing_matches_extractor_without_centering(log_mel, extractor, s
     audio = signals(signal)
     expected = reference(extractor, audio, center=False)
     got = log_mel(audio)
-    assert got.shape[1] == mel.valid_frame_count(audio.shape[0], CFG) == expected.shape[1] + 1
+    assert got.shape[1] == framing.valid_frame_count(audio.shape[0], CFG) == expected.shape[1] + 1
     error = np.abs(got[:, :-1] - expected).max()
     assert error <= TOLERANCE[log_mel.compute_dtype], f"{signal}: max abs error {error:.3g}"
 
 
 def test_silence_is_exactly_the_floor(log_mel):
-    samples, n_frames = mel.offline_padded(np.zeros(5 * CFG.hop_length + 3, np.float32), CFG)
+    samples, n_frames = framing.offline_padded(np.zeros(5 * CFG.hop_length + 3, np.float32), CFG)
     got = log_mel(samples)
     assert got.shape == (N_MELS, n_frames)
     assert np.all(got == np.float32(SILENCE_VALUE)) and SILENCE_VALUE == -0.625
@@ -178,8 +179,8 @@ def test_silence_is_exactly_the_floor(log_mel):
 @pytest.mark.parametrize("n_samples", [201, 202, 399, 400, 401, 559, 560, 561, 719, 1681, 12345])
 def test_odd_lengths(log_mel, extractor, n_samples):
     audio = np.random.default_rng(n_samples).standard_normal(n_samples).astype(np.float32) * 0.1
-    samples, n_frames = mel.offline_padded(audio, CFG)
-    assert samples.shape[0] == mel.samples_for_frames(n_frames, CFG)
+    samples, n_frames = framing.offline_padded(audio, CFG)
+    assert samples.shape[0] == framing.samples_for_frames(n_frames, CFG)
     expected = reference(extractor, audio, center=True)
     got = log_mel(samples)
     assert got.shape == expected.shape == (N_MELS, n_samples // CFG.hop_length)
@@ -193,13 +194,13 @@ def test_odd_lengths(log_mel, extractor, n_samples):
 
 def test_rejects_what_the_extractor_cannot_take():
     with pytest.raises(VoxcError, match="too short"):
-        mel.offline_padded(np.zeros(CFG.window_size // 2, np.float32), CFG)
-    framer = mel.StreamingMelFramer(CFG)
+        framing.offline_padded(np.zeros(CFG.window_size // 2, np.float32), CFG)
+    framer = framing.StreamingMelFramer(CFG)
     assert framer.push(np.zeros(CFG.window_size // 2, np.float32)) is None
     with pytest.raises(VoxcError, match="too short"):
         framer.flush()
     with pytest.raises(VoxcError, match="float PCM"):
-        mel.offline_padded(np.zeros(16000, np.int16), CFG)
+        framing.offline_padded(np.zeros(16000, np.int16), CFG)
 
 
 # ---- streaming -------------------------------------------------------------------------------------------
@@ -215,26 +216,26 @@ def _random_chunks(audio: np.ndarray, seed: int):
 
 
 def _framer_windows(audio: np.ndarray, frames_per_step: int, seed: int) -> list[np.ndarray]:
-    framer = mel.StreamingMelFramer(CFG, frames_per_step)
+    framer = framing.StreamingMelFramer(CFG, frames_per_step)
     windows = []
     for chunk in _random_chunks(audio, seed):
         window = framer.push(chunk)
         if window is not None:
-            n_frames = mel.valid_frame_count(window.shape[0], CFG)
-            assert window.shape[0] == mel.samples_for_frames(n_frames, CFG)
+            n_frames = framing.valid_frame_count(window.shape[0], CFG)
+            assert window.shape[0] == framing.samples_for_frames(n_frames, CFG)
             assert n_frames % frames_per_step == 0
             windows.append(window)
-    assert framer.frames_emitted <= mel.frame_count(audio.shape[0], CFG)
+    assert framer.frames_emitted <= framing.frame_count(audio.shape[0], CFG)
     last = framer.flush()
     if last is not None:
         windows.append(last)
-    assert framer.frames_emitted == mel.frame_count(audio.shape[0], CFG)
+    assert framer.frames_emitted == framing.frame_count(audio.shape[0], CFG)
     return windows
 
 
 def _frames_of(samples: np.ndarray) -> np.ndarray:
     """All valid-framing windows of ``samples``, [n_frames, window]: what LogMel reads per frame."""
-    n_frames = mel.valid_frame_count(samples.shape[0], CFG)
+    n_frames = framing.valid_frame_count(samples.shape[0], CFG)
     starts = np.arange(n_frames) * CFG.hop_length
     return samples[starts[:, None] + np.arange(CFG.window_size)]
 
@@ -243,7 +244,7 @@ def _frames_of(samples: np.ndarray) -> np.ndarray:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_streaming_framer_reads_exactly_the_offline_frames(signals, frames_per_step, seed):
     audio = np.concatenate([signals("espeak_speech"), signals("white_noise")[:12345]])
-    offline_frames = _frames_of(mel.offline_padded(audio, CFG)[0])
+    offline_frames = _frames_of(framing.offline_padded(audio, CFG)[0])
     windows = _framer_windows(audio, frames_per_step, seed)
     streamed_frames = np.concatenate([_frames_of(w) for w in windows])
     assert np.array_equal(streamed_frames, offline_frames)
@@ -255,7 +256,7 @@ def test_streaming_log_mel_equals_extractor(log_mel, extractor, signals):
     expected = reference(extractor, audio, center=True)
     assert streamed.shape == expected.shape
     assert np.abs(streamed - expected).max() <= TOLERANCE[log_mel.compute_dtype]
-    offline = log_mel(mel.offline_padded(audio, CFG)[0])
+    offline = log_mel(framing.offline_padded(audio, CFG)[0])
     assert np.abs(streamed - offline).max() <= 1e-6   # same samples per frame, per-frame computation
 
 
@@ -282,7 +283,7 @@ def test_streaming_equals_hf_streaming_protocol(log_mel_f64, extractor, signals)
         frame += frames_per_token
     hf_frames = np.concatenate(hf, axis=1)
 
-    framer = mel.StreamingMelFramer(CFG, frames_per_token)
+    framer = framing.StreamingMelFramer(CFG, frames_per_token)
     ours = [log_mel_f64(w) for w in (framer.push(c) for c in np.array_split(stream, 37)) if w is not None]
     ours = np.concatenate(ours, axis=1)
     assert hf_frames.shape[1] > 400 and ours.shape[1] >= hf_frames.shape[1]

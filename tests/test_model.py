@@ -11,7 +11,7 @@ import pytest
 import voxc
 from voxc.build import build
 from voxc.loader.tiny import make_tiny
-from voxc.model.mel import offline_padded
+from voxc.runtime.framing import offline_padded
 
 from oracle import Oracle
 

@@ -21,7 +21,7 @@ from schedules.dequant_matmul import (gemv_or_gemm, make_embedding_kernel, make_
 from voxc.errors import VoxcError
 from voxc.loader import hf
 from voxc.loader.names import expected_shapes, rope_rows, voxc_to_official
-from voxc.model.config import AudioConfig, DecoderConfig, EncoderConfig, ModelConfig
+from voxc.config import AudioConfig, DecoderConfig, EncoderConfig, ModelConfig
 from voxc.quant import formats
 from voxc.quant.formats import QType, QuantTensor, quantize, quantize_tensor
 from voxc.quant.gguf_io import read_gguf, write_voxc_gguf

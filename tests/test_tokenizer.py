@@ -3,7 +3,7 @@ import json
 import pytest
 
 from voxc.errors import VoxcError
-from voxc.model.config import ModelConfig
+from voxc.config import ModelConfig
 from voxc.tokenizer import TINY_VOCAB_SIZE, Tokenizer, write_tiny_tekken
 
 TEXT = " Hello world, the quick brown fox. Ça va? 日本"

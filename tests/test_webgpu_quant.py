@@ -39,7 +39,7 @@ STREAMS = [(1280, 480, True)]   # SwiftShader runs the Q4 GEMM tiles slowly: one
 def q4k_config():
     """Every input width a multiple of 256 (Q4_K's super-block), the tiny tokenizer's vocabulary,
     windows shorter than the clip (encoder 8, decoder 16: the rings wrap)."""
-    from voxc.model.config import AudioConfig, DecoderConfig, EncoderConfig, ModelConfig
+    from voxc.config import AudioConfig, DecoderConfig, EncoderConfig, ModelConfig
     from voxc.tokenizer import TINY_VOCAB_SIZE
 
     return ModelConfig(

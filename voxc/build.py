@@ -1,228 +1,232 @@
-"""``voxc build``: checkpoint -> compiled artifact directory for one target.
+"""``voxc build``: checkpoint -> compiled artifact directory for one target (voxc.artifact says what
+an artifact holds).
 
-An artifact is a directory any voxc runtime can load without the compiler:
-
-* ``voxc-artifact.json``: format version, target, model config, the graph's parameter order,
-  weight shards, tokenizer file, streaming defaults (left padding, delay);
-* the compiled library (``model.so`` for llvm/cuda, ``model.wasm`` for webgpu);
-* ``weights-NNNNN.safetensors``: parameters in the graph's layout and dtype, in shards;
-* ``tekken.json``: the tokenizer.
+The build validates every input before it compiles, writes the artifact into a temporary
+directory beside the output and renames it into place only when it is complete: a failed or
+interrupted build leaves no debris and an earlier artifact at the same path untouched.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
-import json
+import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
+from voxc import artifact
 from voxc.errors import VoxcError
 
-ARTIFACT_FORMAT = 1
-MANIFEST = "voxc-artifact.json"
-SHARD_BYTES = 512 * 1024 * 1024   # far below the browser's 2 GB ArrayBuffer limit
-MEL_FILTERS = "mel_frontend.filters"
+DTYPES = ("float32", "float16")
 
 
-def export_graph(cfg, target):
-    """The Relax module of the whole model for ``target`` and its ordered parameter list.
-
-    Quantization comes from the surrounding :func:`voxc.model.layers.quantized` context.
-    """
-    from voxc.model.graph import VoxtralGraph
-
-    graph = VoxtralGraph(cfg, dtype=target.model_dtype, mel_dtype=target.mel_dtype)
-    return graph.export_tvm(spec=graph.export_spec())
+@dataclasses.dataclass(frozen=True)
+class StorageChoice:
+    """How one projection weight is stored, and why when that is not what was asked for."""
+    name: str
+    requested: str
+    stored: str
+    reason: str
 
 
-class WeightSource:
-    """Where the weights come from: a checkpoint directory (official or HF layout) or a GGUF file."""
-
-    def __init__(self, path: str | Path, progress: bool, tokenizer: str | Path | None = None):
-        path = Path(path)
-        if not path.exists():
-            raise VoxcError(f"{path} does not exist")
-        self.path = path
-        self.quantized: dict[str, object] = {}
-        self.build_quantization: str | None = None   # what the graph is built with (set by build())
-        if path.suffix == ".gguf":
-            from voxc.quant.gguf_io import read_gguf
-
-            self.config, tensors, meta = read_gguf(path)
-            self.tensors = dict(tensors)      # GGUF data is memory-mapped: this holds views, not copies
-            # Each layer keeps the type the file gives it where voxc has kernels for it; floats stay
-            # dense; other quantized types (Q6_K, Q5_K ...) are re-quantized to the file's main type.
-            self.overrides = {}
-            for name, value in self.tensors.items():
-                if getattr(value, "ndim", len(value.shape)) == 2 and name in meta["tensor_types"]:
-                    if hasattr(value, "dequantize"):
-                        self.overrides[name] = value.qtype
-                    elif name not in meta["transcoded"] and meta["tensor_types"][name] in ("F32", "F16", "BF16"):
-                        self.overrides[name] = None
-            if tokenizer is not None:
-                self.tokenizer_bytes = Path(tokenizer).read_bytes()
-            elif meta.get("tokenizer_json"):
-                self.tokenizer_bytes = meta["tokenizer_json"]
-            else:
-                raise VoxcError(f"{path.name} carries no tokenizer (the Rust port's files do not): pass the "
-                                "model's tekken.json with --tokenizer")
-            self.quantization = meta.get("qtype")
-            self.left_pad_tokens = meta.get("left_pad_tokens")
-        else:
-            from voxc.loader.safetensors_loader import load_checkpoint
-
-            ckpt = load_checkpoint(path, progress=progress, require_tokenizer=tokenizer is None)
-            if ckpt.tokenizer_path is None and tokenizer is None:
-                raise VoxcError(f"{path}: no tekken.json next to the weights; voxc needs the tokenizer")
-            self.config = ckpt.config
-            self.tensors = ckpt
-            self.tokenizer_bytes = Path(tokenizer or ckpt.tokenizer_path).read_bytes()
-            self.quantization = None
-            self.left_pad_tokens = None
-            self.overrides = {}
-
-    def get(self, name: str):
-        return self.tensors.get(name)
-
-    def graph_param(self, name: str, shape: list[int]):
-        """The value of graph parameter ``name``: a checkpoint tensor, or packed from one."""
-        from voxc.quant.linear import pack_linear_weight
-
-        prefix, _, field = name.rpartition(".")
-        if field not in ("qweight", "scales"):
-            value = self.get(name)
-            return value.dequantize() if hasattr(value, "dequantize") else value
-        if prefix not in self.quantized:
-            source = self.get(prefix + ".weight")
-            self.quantized.clear()   # the two fields of one layer are consecutive: keep one layer packed
-            self.quantized[prefix] = pack_linear_weight(source, self.storage_of(prefix, source))
-        return self.quantized[prefix][field]
-
-    def storage_of(self, prefix: str, source):
-        from voxc.quant import linear_storage
-
-        name = prefix + ".weight"
-        if name in self.overrides and self.build_quantization == self.quantization:
-            return self.overrides[name]
-        return linear_storage(int(source.shape[1]), self.build_quantization)
-
-
-def build(checkpoint: str | Path, target_name: str, out_dir: str | Path, *, progress: bool = True,
+def build(checkpoint: str | Path, target, out_dir: str | Path, *, progress: bool = True,
           left_pad_tokens: int | None = None, quantization: str | None = None, dtype: str | None = None,
-          tokenizer: str | Path | None = None, cpu: str | None = None) -> Path:
-    """Compile ``checkpoint`` for ``target_name`` into the artifact directory ``out_dir``.
+          tokenizer: str | Path | None = None, cpu: str | None = None, weights: bool = True, force: bool = False,
+          strict_quantization: bool = False, report=None) -> Path:
+    """Compile ``checkpoint`` for ``target`` into the artifact directory ``out_dir``.
 
+    ``target``: a target name (llvm, cuda, webgpu) or a targets.base.TargetSpec.
     ``quantization``: q4_0, q4_k or q8_0 to quantize the projections and the embedding table;
-    a GGUF input keeps its own type unless this says otherwise.  ``dtype``: the activation, cache
-    and float-weight dtype (float32 or float16; default: the target's).  ``cpu`` (llvm only): the
-    CPU to generate code for, ``native`` (default), ``generic`` or an LLVM CPU name.
+    a GGUF input keeps its own type unless this says otherwise.  ``strict_quantization``: a weight
+    whose rows do not fit the requested type's blocks is an error instead of stored in another type.
+    ``dtype``: the activation, cache and float-weight dtype (float32 or float16; default: the
+    target's, float16 for a quantized GPU build).  ``cpu`` (llvm only): the CPU to generate code for,
+    ``native`` (default), ``generic`` or an LLVM CPU name.  ``weights=False`` writes no weights (a
+    benchmark artifact: the checkpoint needs only its config and tokenizer; runtimes fill random
+    weights).  ``force``: replace an existing ``out_dir``.  ``report``: a targets.base.CompileReport
+    the compile fills in.
     """
     from targets import get_target
-    from voxc.model import mel
-    from voxc.model.layers import quantized
+    from targets.base import TargetSpec
+    from voxc.loader.source import WeightSource
+    from voxc.model.export import export_graph
+    from voxc.model.quantization import QuantPlan
     from voxc.quant import QType
-    from voxc.quant.gguf_io import LEFT_PAD_DEFAULT, LEFT_PAD_Q4_0
-    from voxc.quant.linear import kernel_target
+    from voxc.tokenizer import Tokenizer
 
+    log = _Log(progress)
     out_dir = Path(out_dir)
-    target = get_target(target_name)
-    if dtype is not None:
-        if dtype not in ("float32", "float16"):
-            raise VoxcError(f"--dtype must be float32 or float16, not {dtype}")
-        target = dataclasses.replace(target, model_dtype=dtype)
+    _check_output(out_dir, force)
+    target = target if isinstance(target, TargetSpec) else get_target(target)
+    if dtype is not None and dtype not in DTYPES:
+        raise VoxcError(f"--dtype must be float32 or float16, not {dtype}")
     if cpu is not None:
         if not hasattr(target, "mcpu"):
             raise VoxcError(f"--cpu applies to the llvm (CPU) target, not {target.name}")
         target = dataclasses.replace(target, mcpu=cpu)
-    log = _Log(progress)
-    source = WeightSource(checkpoint, progress, tokenizer)
-    quant = QType.parse(quantization).value if quantization else source.quantization
-    source.build_quantization = quant
+        target.tvm_target()   # an unknown CPU name fails here, before the compile
+    if left_pad_tokens is not None:
+        artifact.check_left_pad_tokens(left_pad_tokens)
+    quant_request = QType.parse(quantization).value if quantization else None
+
+    source = WeightSource(checkpoint, progress, tokenizer, read_weights=weights)
+    tok = Tokenizer.from_bytes(source.tokenizer_bytes, name=str(tokenizer or checkpoint))
+    if tok.vocab_size > source.config.decoder.vocab_size:
+        raise VoxcError(f"the tokenizer has {tok.vocab_size} tokens, more than the model's {source.config.decoder.vocab_size}")
+    quant = quant_request or source.quantization
+    # a GGUF keeps its per-layer types unless the user asked for another quantization
+    overrides = source.overrides if quant == source.quantization else {}
+    if dtype is None and quant and getattr(target, "quantized_dtype", None):
+        dtype = target.quantized_dtype
+    if dtype is not None:
+        target = dataclasses.replace(target, model_dtype=dtype)
     if left_pad_tokens is None:
         left_pad_tokens = source.left_pad_tokens
-    if left_pad_tokens is None and quant:
-        left_pad_tokens = LEFT_PAD_Q4_0 if quant == "q4_0" else LEFT_PAD_DEFAULT
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MANIFEST).exists():
-        raise VoxcError(f"{out_dir} exists and is not a voxc artifact; refusing to overwrite it")
-    log.step(f"exporting the graph for {target.name}" + (f", weights {quant}" if quant else ""))
-    # a GGUF keeps its per-layer types unless the user asked for another quantization
-    overrides = source.overrides if quant == source.quantization else None
-    with quantized(quant, overrides), kernel_target(target.name):
-        mod, params = target.export_graph(source.config)
-    log.step(f"compiling {len(mod.functions)} functions for {target.name} (this takes a while)")
-    executable = target.compile(mod)
-    package = getattr(target, "package", None)
-    if package is not None:   # a target with its own output layout (webgpu: a static web folder)
-        return package(out_dir, executable=executable, params=params, source=source, left_pad_tokens=left_pad_tokens,
-                       quantization=quant, progress=progress, log=log.step)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    library = target.export(executable, out_dir)
-    log.step("writing weights")
-    param_specs = [(name, [int(s) for s in p.shape], str(p.dtype)) for name, p in params]
-    computed = {MEL_FILTERS: mel.mel_filter_bank(source.config.audio, source.config.encoder.num_mel_bins)}
-    shards = _write_weights(source, param_specs, computed, out_dir, progress)
-    (out_dir / "tekken.json").write_bytes(source.tokenizer_bytes)
-    from voxc.tokenizer import Tokenizer
+    if left_pad_tokens is None:
+        left_pad_tokens = artifact.default_left_pad_tokens(quant) if quant else tok.n_left_pad_tokens
+    left_pad_tokens = artifact.check_left_pad_tokens(left_pad_tokens)
+    default_delay_ms = int(tok.transcription_delay_ms or artifact.DEFAULT_DELAY_MS)
+    artifact.delay_tokens(default_delay_ms, source.config.audio)   # a tokenizer with an untrained delay fails here
+    choices = storage_choices(source, quant, overrides)
+    print_storage_table(choices, quant, progress)
+    if strict_quantization and any(c.reason for c in choices):
+        bad = next(c for c in choices if c.reason)
+        raise VoxcError(f"{bad.name} cannot be stored as {bad.requested}: {bad.reason} (drop --strict-quantization "
+                        f"to store such weights as voxc's table shows)")
 
-    tokenizer = Tokenizer(out_dir / "tekken.json")
-    manifest = {
-        "format": ARTIFACT_FORMAT,
-        "voxc_version": _voxc_version(),
-        "tvm_version": _tvm_version(),
-        "target": target.name,
-        "device_kind": target.device_kind,
-        "library": library.name,
-        "model_dtype": target.model_dtype,
-        "config": source.config.to_dict(),
-        "params": [{"name": n, "shape": s, "dtype": d} for n, s, d in param_specs],
-        "weights": shards,
-        "tokenizer": "tekken.json",
-        "left_pad_tokens": left_pad_tokens if left_pad_tokens is not None else tokenizer.n_left_pad_tokens,
-        "default_delay_ms": int(tokenizer.transcription_delay_ms or 480),
-        "quantization": quant,
-        **(target.manifest_extras() if hasattr(target, "manifest_extras") else {}),
-    }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    log.step(f"exporting the graph for {target.name}" + (f", weights {quant}" if quant else "")
+             + f", {target.model_dtype}")
+    mod, params = export_graph(source.config, target.graph_options(QuantPlan(quant, overrides)))
+    log.step(f"compiling {len(mod.functions)} functions for {target.name} (this takes a while)")
+    executable = target.compile(mod, report)
+    specs = [(name, [int(s) for s in p.shape], str(p.dtype)) for name, p in params]
+
+    staging = out_dir.with_name(f".{out_dir.name}.voxc-build-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        library = target.export(executable, staging)
+        if weights:
+            log.step("writing weights")
+            _write_weights(source, specs, quant, overrides, staging, target.shard_bytes, progress)
+        else:
+            artifact.WeightShardWriter(staging, target.shard_bytes).finish()
+        extras = target.package(staging, executable=executable, tokenizer_bytes=source.tokenizer_bytes,
+                                params=specs, cfg=source.config, weights_written=weights)
+        manifest = artifact.new_manifest(
+            target=target.name, device_kind=target.device_kind, library=library.name, model_dtype=target.model_dtype,
+            cfg=source.config, params=specs, quantization=quant, left_pad_tokens=left_pad_tokens,
+            default_delay_ms=default_delay_ms, tokenizer=artifact.TOKENIZER_FILE, voxc_version=_voxc_version(),
+            tvm_version=_tvm_version(),
+            entries=[*artifact.ENTRY_POINTS, *(e.name for e in getattr(target, "static_entries", ()))],
+            weights_included=weights, **target.manifest_extras(), **extras)
+        for path in staging.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        artifact.write_manifest(staging, manifest)
+        _replace(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     log.step(f"artifact written to {out_dir}")
     return out_dir
 
 
-def _write_weights(source, param_specs, computed, out_dir: Path, progress: bool) -> list[str]:
-    """Stream tensors from the source into shards, converting to the graph's layout and dtype."""
-    from safetensors.numpy import save_file
+def _check_output(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise VoxcError(f"{out_dir} is a file; give a directory for the artifact")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        what = "an artifact" if (out_dir / artifact.MANIFEST).exists() else "not empty"
+        raise VoxcError(f"{out_dir} exists and is {what}; pass --force to replace it (the old contents stay until "
+                        f"the new artifact is complete)")
+    if not out_dir.parent.exists():
+        raise VoxcError(f"{out_dir.parent} does not exist")
+
+
+def _replace(staging: Path, out_dir: Path) -> None:
+    """Move the finished artifact into place; an old one is removed only after the new one is there."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.voxc-old-{os.getpid()}")
+        os.replace(out_dir, old)
+    try:
+        os.replace(staging, out_dir)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_weights(source, specs, quant, overrides, out_dir: Path, shard_bytes: int, progress: bool) -> None:
+    """Stream tensors from the source into shards, converting to the graph's layout and dtype.  The
+    blocks of a split token table (voxc.model.embedding) are row ranges of the whole table."""
     from tqdm import tqdm
 
-    for old in out_dir.glob("weights-*.safetensors"):
-        old.unlink()
-    shards, current, current_bytes = [], {}, 0
+    from voxc.model import mel
+    from voxc.model.embedding import split_param_sources
 
-    def flush():
-        nonlocal current, current_bytes
-        if current:
-            name = f"weights-{len(shards):05d}.safetensors"
-            save_file(current, str(out_dir / name))
-            shards.append(name)
-            current, current_bytes = {}, 0
-
-    for name, shape, dtype in tqdm(param_specs, desc="weights", unit="tensor", disable=not progress):
-        array = computed[name] if name in computed else source.graph_param(name, shape)
+    cfg = source.config
+    computed = {artifact.MEL_FILTERS: mel.mel_filter_bank(cfg.audio, cfg.encoder.num_mel_bins)}
+    split = split_param_sources(specs)
+    table = {}   # the whole token table field while its blocks are written
+    writer = artifact.WeightShardWriter(out_dir, shard_bytes)
+    for name, shape, dtype in tqdm(specs, desc="weights", unit="tensor", disable=not progress):
+        if name in computed:
+            array = computed[name]
+        elif name in split:
+            whole, rows = split[name]
+            if whole not in table:
+                table.clear()
+                table[whole] = source.graph_param(whole, quant, overrides)
+            array = table[whole][rows]
+        else:
+            array = source.graph_param(name, quant, overrides)
         if list(array.shape) != shape:
             raise VoxcError(f"tensor {name}: checkpoint shape {list(array.shape)} but the graph expects {shape}")
-        array = np.ascontiguousarray(np.asarray(array).astype(_numpy_dtype(dtype), copy=False))
-        if current_bytes + array.nbytes > SHARD_BYTES:
-            flush()
-        current[name] = array
-        current_bytes += array.nbytes
-    flush()
-    return shards
+        writer.add(name, np.asarray(array).astype(artifact.numpy_dtype(dtype), copy=False))
+    writer.finish()
 
 
-def _numpy_dtype(name: str):
-    if name == "bfloat16":
-        import ml_dtypes
-        return ml_dtypes.bfloat16
-    return np.dtype(name)
+def storage_choices(source, quant: str | None, overrides: dict) -> list[StorageChoice]:
+    """The storage of every projection weight for a build quantized to ``quant`` (empty when dense)."""
+    from voxc.loader.names import QUANTIZED_WEIGHT, expected_shapes
+    from voxc.quant import QType, weight_storage
+
+    if not quant:
+        return []
+    requested = QType.parse(quant)
+    choices = []
+    for name, shape in expected_shapes(source.config).items():
+        if not QUANTIZED_WEIGHT.match(name) or len(shape) != 2:
+            continue
+        stored = weight_storage(name, int(shape[1]), quant, overrides)
+        label = stored.name if stored is not None else "float"
+        reason = ""
+        if name in overrides:
+            file_type = getattr(source, "tensor_types", {}).get(name, label)
+            reason = "" if stored is requested else f"the file stores it as {file_type}"
+        elif name in getattr(source, "transcoded", {}):
+            reason = f"re-quantized from the file's {source.tensor_types.get(name)}"
+        elif stored is not requested:
+            reason = (f"its rows of {shape[1]} are not a multiple of {requested.name}'s {requested.block_size}-value "
+                      f"blocks")
+        choices.append(StorageChoice(name, requested.name, label, reason))
+    return choices
+
+
+def print_storage_table(choices: list[StorageChoice], quant: str | None, enabled: bool) -> None:
+    """Count of weights per stored type, and every weight stored otherwise than asked, with why."""
+    if not choices or not enabled:
+        return
+    counts = collections.Counter(c.stored for c in choices)
+    print(f"weights ({quant} requested): " + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())), file=sys.stderr)
+    for c in choices:
+        if c.reason:
+            print(f"  {c.name}: {c.stored} ({c.reason})", file=sys.stderr)
 
 
 def _voxc_version() -> str:
@@ -244,5 +248,4 @@ class _Log:
 
     def step(self, message: str):
         if self.enabled:
-            import sys
             print(f"[{time.perf_counter() - self.t0:7.1f}s] {message}", file=sys.stderr, flush=True)

@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layout", choices=["mistral", "hf"], default="mistral",
                    help="official Mistral layout (consolidated.safetensors + params.json) or transformers' layout")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="stored weight dtype")
+    p.add_argument("--force", action="store_true", help="write into an existing, non-empty directory")
     p.set_defaults(handler=cmd_make_tiny)
 
     p = sub.add_parser("build", help="compile a checkpoint into an artifact for one target",
@@ -81,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "instructions is refused with a clear message")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tekken.json to use (needed for GGUF files that carry no tokenizer, e.g. the Rust port's)")
+    p.add_argument("--strict-quantization", action="store_true",
+                   help="fail when a weight cannot be stored in the requested type, instead of storing it in "
+                        "another one (the build prints which weights those are, and why)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing output directory (the old one stays until the new artifact is complete)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(handler=cmd_build)
 
@@ -90,11 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("audio", nargs="?", type=Path, help="audio file (omit with --mic)")
     p.add_argument("--model", "-m", type=Path, required=True, help="artifact directory made by `voxc build`")
     p.add_argument("--stream", action="store_true", help="feed the audio in chunks and print text as it comes")
-    p.add_argument("--chunk-ms", type=int, default=80, help="chunk size for --stream (default 80 ms)")
+    p.add_argument("--chunk-ms", type=int, default=None, help="chunk size for --stream or --mic (default 80 ms)")
     p.add_argument("--delay-ms", type=int, default=None,
                    help="transcription delay: 80..1200 in steps of 80, or 2400 (default: the model's, 480)")
     p.add_argument("--mic", action="store_true", help="stream from the default microphone until Ctrl-C")
+    p.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
     p.set_defaults(handler=cmd_transcribe)
+
+    p = sub.add_parser("verify", help="check an artifact's files against the checksums in its manifest",
+                       description="Hash every file of an artifact and compare it with the size and SHA-256 its "
+                                   "manifest recorded at build time (voxc.load checks sizes on every load and "
+                                   "hashes on the first one).")
+    p.add_argument("artifact", type=Path, help="artifact directory")
+    p.set_defaults(handler=cmd_verify)
 
     p = sub.add_parser("demo", help="make the tiny model, build it for the CPU and transcribe a clip",
                        description="The whole pipeline on a machine without real weights: make-tiny, "
@@ -108,15 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    """Subcommands whose implementation lives with their subsystem (quantization, benchmarks)."""
-    found = []
-    for module_name in ("voxc.quant.cli", "voxc.bench_cli"):
-        try:
-            module = __import__(module_name, fromlist=["register"])
-        except ImportError:
-            continue
-        found.append(module.register)
-    return found
+    """Subcommands whose implementation lives with their subsystem (quantization)."""
+    from voxc.quant import cli as quant_cli
+
+    return [quant_cli.register]
 
 
 # ---- commands -----------------------------------------------------------------------------------
@@ -124,7 +133,7 @@ def cmd_make_tiny(args) -> int:
     from voxc.loader.tiny import make_tiny
 
     make_tiny(args.out_dir, seed=args.seed, encoder_window=args.encoder_window, decoder_window=args.decoder_window,
-              layout=args.layout, dtype=args.dtype)
+              layout=args.layout, dtype=args.dtype, force=args.force)
     print(f"wrote a tiny random checkpoint to {args.out_dir}")
     return 0
 
@@ -136,7 +145,8 @@ def cmd_build(args) -> int:
     if not args.checkpoint.exists():
         raise VoxcError(f"{args.checkpoint} does not exist")
     build(args.checkpoint, args.target, out, progress=not args.quiet, left_pad_tokens=args.left_pad_tokens,
-          quantization=args.quantization, dtype=args.dtype, tokenizer=args.tokenizer, cpu=args.cpu)
+          quantization=args.quantization, dtype=args.dtype, tokenizer=args.tokenizer, cpu=args.cpu,
+          force=args.force, strict_quantization=args.strict_quantization)
     print(f"built {out}")
     return 0
 
@@ -146,17 +156,20 @@ def cmd_transcribe(args) -> int:
 
     if args.mic == (args.audio is not None):
         raise VoxcError("give either an audio file or --mic")
-    model = voxc.load(args.model, progress=sys.stderr.isatty())
-    if args.mic:
-        return _transcribe_mic(model, args)
-    from voxc.audio import load_audio
-
-    audio = load_audio(args.audio)
-    if not args.stream:
-        print(model.transcribe(audio, delay_ms=args.delay_ms).strip())
-        return 0
+    if args.chunk_ms is not None and not (args.stream or args.mic):
+        raise VoxcError("--chunk-ms sets the chunk size of --stream or --mic; add --stream (or drop --chunk-ms)")
+    args.chunk_ms = 80 if args.chunk_ms is None else args.chunk_ms
     if args.chunk_ms <= 0:
         raise VoxcError("--chunk-ms must be positive")
+    from voxc.audio import load_audio
+
+    audio = None if args.mic else load_audio(args.audio)   # a bad file fails before the model loads
+    model = voxc.load(args.model, progress=sys.stderr.isatty() and not args.quiet)
+    if args.mic:
+        return _transcribe_mic(model, args)
+    if not args.stream:
+        print(_transcribe_offline(model, audio, args.delay_ms, progress=not args.quiet).strip())
+        return 0
     session = model.stream(args.delay_ms)
     chunk = model.config.audio.sampling_rate * args.chunk_ms // 1000
     for begin in range(0, len(audio), chunk):
@@ -164,6 +177,34 @@ def cmd_transcribe(args) -> int:
     _print_delta(session.finish())
     print()
     return 0
+
+
+# Offline audio is fed in pieces of this many seconds so a progress bar can move; the session gives
+# the same text for any chunking (tests/test_streaming.py).
+PROGRESS_PIECE_S = 10
+PROGRESS_MIN_S = 30
+
+
+def _transcribe_offline(model, audio, delay_ms, *, progress: bool) -> str:
+    """The whole file through one session; a progress bar (audio seconds, real-time factor) on
+    stderr for files longer than PROGRESS_MIN_S seconds."""
+    from tqdm import tqdm
+
+    rate = model.config.audio.sampling_rate
+    seconds = len(audio) / rate
+    session = model.stream(delay_ms)
+    piece = PROGRESS_PIECE_S * rate
+    text = []
+    started = time.perf_counter()
+    with tqdm(total=round(seconds, 1), unit="s", desc="audio", file=sys.stderr,
+              disable=not progress or seconds < PROGRESS_MIN_S,
+              bar_format="{desc}: {n:.0f}/{total:.0f} s {bar} [{elapsed}<{remaining}{postfix}]") as bar:
+        for begin in range(0, len(audio), piece):
+            text.append(session.feed(audio[begin:begin + piece]))
+            bar.update(round(min(piece, len(audio) - begin) / rate, 1))
+            bar.set_postfix_str(f"RTF {(time.perf_counter() - started) / (bar.n or 1):.3f}")
+        text.append(session.finish())
+    return "".join(text)
 
 
 def _transcribe_mic(model, args) -> int:
@@ -200,17 +241,20 @@ def cmd_demo(args) -> int:
     import numpy as np
 
     import voxc
-    from voxc.build import MANIFEST, build
+    from voxc.artifact import read_manifest
+    from voxc.build import build
     from voxc.loader.tiny import make_tiny
 
     work = args.workdir
     checkpoint, artifact = work / "tiny", work / "tiny-llvm"
     if not (checkpoint / "params.json").exists():
         print(f"1/3 making a tiny random checkpoint in {checkpoint}", file=sys.stderr)
-        make_tiny(checkpoint)
-    if not (artifact / MANIFEST).exists():
+        make_tiny(checkpoint, force=True)
+    try:
+        read_manifest(artifact)
+    except VoxcError:   # none yet, or made by another voxc version: the demo's own folder is rebuilt
         print(f"2/3 compiling it for the CPU into {artifact}", file=sys.stderr)
-        build(checkpoint, "llvm", artifact)
+        build(checkpoint, "llvm", artifact, force=True)
     print("3/3 transcribing a 3 s clip (random weights: expect gibberish, but real compute)", file=sys.stderr)
     rate = 16000
     t = np.arange(3 * rate) / rate
@@ -226,6 +270,15 @@ def cmd_demo(args) -> int:
     streamed = "".join(session.feed(clip[i:i + 1280]) for i in range(0, len(clip), 1280)) + session.finish()
     print(f"streaming: {streamed!r} (fed in 80 ms chunks)")
     print(f"real-time factor {elapsed / 3:.3f} on this CPU; streaming equals offline: {streamed == text}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from voxc.artifact import read_manifest, verify_files
+
+    manifest = read_manifest(args.artifact)
+    verify_files(args.artifact, manifest, hashes=True)
+    print(f"{args.artifact}: {len(manifest['files'])} files match their checksums")
     return 0
 
 

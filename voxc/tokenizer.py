@@ -58,6 +58,19 @@ class Tokenizer:
         self.streaming_pad_id = self._special_id(STREAMING_PAD)
         self.streaming_word_id = self._special_id(STREAMING_WORD)
 
+    @classmethod
+    def from_bytes(cls, data: bytes, name: str = "tekken.json") -> "Tokenizer":
+        """A tokenizer from the bytes of a ``tekken.json`` (``name`` is used in error messages)."""
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "tekken.json"
+            path.write_bytes(data)
+            try:
+                return cls(path)
+            except VoxcError as exc:
+                raise VoxcError(str(exc).replace(str(path), str(name))) from None
+
     def _special_id(self, token_str: str) -> int:
         try:
             return self._tekken.get_special_token(token_str)

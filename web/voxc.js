@@ -15,14 +15,15 @@
 // The state (conv contexts, encoder/decoder ring caches, audio embeddings) stays in GPU buffers
 // between calls; each step reads back only the next token id (4 bytes), asynchronously.
 //
-// A bundle (targets/webgpu.py: write_model_bundle) is a folder with voxc-bundle.json (manifest),
+// A bundle (`voxc build --target webgpu`) is a folder with voxc-artifact.json (the manifest, whose
+// contract voxc/artifact.py defines: every shape, constant and default below comes from it),
 // model.wasm, tvmjs.js, tokenizer.json and tensor-cache.json + params_shard_*.bin.  Weights are
 // fetched shard by shard (none near the 2 GB ArrayBuffer limit), kept in the Cache API under a
 // scope named after the bundle's content hash (a second visit downloads nothing) and written
 // straight into GPU buffers: they never sit in the 4 GB wasm heap.  No GPU read is synchronous.
 
 const CACHE_PREFIX = "voxc/";
-const BUNDLE_MANIFEST = "voxc-bundle.json";
+const BUNDLE_MANIFEST = "voxc-artifact.json";
 
 export class VoxcError extends Error {
   constructor(message, { cause, code } = {}) {
@@ -318,7 +319,7 @@ async function loadWeights(tvm, dev, base, manifest, scope, report) {
     return { bytes: total, seconds: (performance.now() - t0) / 1000, fromCache: false };
   }
   const index = JSON.parse(new TextDecoder().decode(
-    await cachedFetch(new URL(manifest.tensor_cache ?? "tensor-cache.json", base).href, scope)));
+    await cachedFetch(new URL(manifest.weights, base).href, scope)));
   const shards = index.records;
   const total = shards.reduce((a, s) => a + s.nbytes, 0);
   let received = 0;
@@ -651,8 +652,8 @@ export class Voxc {
     const wasmUrl = new URL(manifest.wasm ?? "model.wasm", base).href;
     const wasm = await cachedFetch(wasmUrl, scope, (got, total) =>
       report("wasm", total ? got / total : 0, `Fetching model code: ${bytesMB(got)}`));
-    const tokenizerPromise = manifest.tokenizer
-      ? cachedFetch(new URL(manifest.tokenizer.file, base).href, scope)
+    const tokenizerPromise = manifest.tokenizer_table
+      ? cachedFetch(new URL(manifest.tokenizer_table.file, base).href, scope)
         .then((b) => new TokenTable(JSON.parse(new TextDecoder().decode(b))))
       : null;
     const tvm = await tvmjs.instantiate(wasm.buffer, tvmjs.createPolyfillWASI(), logger);

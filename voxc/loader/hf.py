@@ -15,7 +15,7 @@ import re
 import numpy as np
 
 from voxc.errors import VoxcError
-from voxc.model.config import ModelConfig
+from voxc.config import ModelConfig
 
 HF_CONFIG_FILE = "config.json"
 HF_SINGLE_FILE = "model.safetensors"

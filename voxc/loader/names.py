@@ -8,7 +8,12 @@ from __future__ import annotations
 
 import re
 
-from voxc.model.config import ModelConfig
+from voxc.config import ModelConfig
+
+# voxc names of the projection weights (and the token table) a quantized model stores in blocks.
+QUANTIZED_WEIGHT = re.compile(r"^(tok_embeddings\.weight|adapter\.w_(in|out)\.weight|"
+                              r"(enc|dec)\.layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight|"
+                              r"dec\.layers\.\d+\.ada_norm\.w_(in|out)\.weight)$")
 
 OFFICIAL_PREFIX = "mm_streams_embeddings.embedding_module."
 OFFICIAL_ENCODER = OFFICIAL_PREFIX + "whisper_encoder."

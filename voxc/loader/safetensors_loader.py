@@ -30,7 +30,7 @@ import numpy as np
 from voxc.errors import VoxcError
 from voxc.loader import hf
 from voxc.loader.names import expected_shapes, official_to_voxc, rope_rows
-from voxc.model.config import ModelConfig
+from voxc.config import ModelConfig
 
 PARAMS_FILE = "params.json"
 TOKENIZER_FILE = "tekken.json"

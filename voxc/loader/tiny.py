@@ -22,7 +22,7 @@ import numpy as np
 from voxc.errors import VoxcError
 from voxc.loader import hf
 from voxc.loader.names import expected_shapes, rope_rows, voxc_to_official
-from voxc.model.config import ModelConfig
+from voxc.config import ModelConfig
 from voxc.tokenizer import NUM_SPECIAL_TOKENS, TINY_VOCAB_SIZE, write_tiny_tekken
 
 BASE_STD = 0.1  # every weight starts as BASE_STD * N(0, 1); norm weights as 1 + BASE_STD * N(0, 1)
@@ -72,20 +72,34 @@ def _scale_of(name: str, scales: TinyScales) -> float:
 
 def make_tiny(out_dir: str | Path, *, seed: int = 0, encoder_window: int = 750, decoder_window: int = 8192,
               layout: str = "mistral", scales: TinyScales = VARIED, dtype: str = "float32",
-              config: ModelConfig | None = None) -> Path:
-    """Write a tiny random checkpoint (weights, config, ``tekken.json``) into ``out_dir``.
+              config: ModelConfig | None = None, force: bool = False) -> Path:
+    """Write a tiny random checkpoint (weights, config, ``tekken.json``) into ``out_dir``, which must
+    not exist or be empty unless ``force``.
 
     ``layout="mistral"``: ``consolidated.safetensors`` + ``params.json`` as Mistral ships them;
     ``layout="hf"``: ``model.safetensors`` + ``config.json`` as transformers saves them (q/k rows
     in split-half order).  ``config`` replaces ``ModelConfig.tiny(...)`` (the windows are then ignored).
     """
     cfg = config or ModelConfig.tiny(encoder_window=encoder_window, decoder_window=decoder_window)
-    return write_checkpoint(out_dir, tiny_weights(cfg, seed=seed, scales=scales), cfg, layout=layout, dtype=dtype)
+    check_new_directory(out_dir, force)
+    return write_checkpoint(out_dir, tiny_weights(cfg, seed=seed, scales=scales), cfg, layout=layout, dtype=dtype,
+                            force=force)
+
+
+def check_new_directory(out_dir: str | Path, force: bool) -> None:
+    """A directory voxc may write a checkpoint into: absent or empty, or anything with ``force``."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise VoxcError(f"{out} is a file; give a directory to write the checkpoint into")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise VoxcError(f"{out} exists and is not empty; pass --force to write the tiny checkpoint's files into it "
+                        f"(consolidated.safetensors, params.json and tekken.json there would be replaced)")
 
 
 def write_checkpoint(out_dir: str | Path, weights: dict[str, np.ndarray], cfg: ModelConfig, *,
-                     layout: str = "mistral", dtype: str = "float32") -> Path:
-    """Write voxc-named float ``weights`` (official RoPE order) as a checkpoint with the tiny tokenizer."""
+                     layout: str = "mistral", dtype: str = "float32", force: bool = False) -> Path:
+    """Write voxc-named float ``weights`` (official RoPE order) as a checkpoint with the tiny tokenizer
+    into ``out_dir`` (absent or empty unless ``force``)."""
     from safetensors.numpy import save_file
 
     if dtype not in _DTYPES:
@@ -95,6 +109,7 @@ def write_checkpoint(out_dir: str | Path, weights: dict[str, np.ndarray], cfg: M
     if cfg.decoder.vocab_size != TINY_VOCAB_SIZE:
         raise VoxcError(f"the tiny tokenizer has {TINY_VOCAB_SIZE} tokens but the config's vocab_size is "
                         f"{cfg.decoder.vocab_size}")
+    check_new_directory(out_dir, force)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if layout == "mistral":

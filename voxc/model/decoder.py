@@ -4,7 +4,7 @@ from __future__ import annotations
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from voxc.model.config import DecoderConfig
+from voxc.config import DecoderConfig
 from voxc.model.layers import RingAttention, SwiGLU, linear, rms_norm
 
 

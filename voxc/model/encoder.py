@@ -4,7 +4,8 @@ from __future__ import annotations
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from voxc.model.config import EncoderConfig
+from voxc.artifact import CONV0_CONTEXT, CONV1_CONTEXT
+from voxc.config import EncoderConfig
 from voxc.model.layers import RingAttention, SwiGLU, last_frames, read_slot_rows, rms_norm, write_slot_rows
 
 
@@ -31,8 +32,8 @@ class Encoder(nn.Module):
     padding, so chunked and whole-clip runs agree.
     """
 
-    CONV0_CONTEXT = 2
-    CONV1_CONTEXT = 1
+    CONV0_CONTEXT = CONV0_CONTEXT
+    CONV1_CONTEXT = CONV1_CONTEXT
 
     def __init__(self, cfg: EncoderConfig, dtype: str):
         self.cfg = cfg

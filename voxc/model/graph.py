@@ -20,29 +20,61 @@ for ``decode``).  The state is updated in place and returned:
 """
 from __future__ import annotations
 
+import dataclasses
+
 from tvm import te
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op, spec
 
+from voxc.artifact import ENTRY_POINTS, StaticEntry, state_shapes
+from voxc.config import ModelConfig
 from voxc.model.adapter import Adapter
-from voxc.model.config import AUDIO_RING_ROWS, ModelConfig
 from voxc.model.decoder import Decoder
+from voxc.model.embedding import DenseEmbedding, split_token_table
 from voxc.model.encoder import Encoder
-from voxc.model.layers import apply_storage_overrides, embedding, read_slot_rows, sinusoidal_embedding, write_slot_rows
+from voxc.model.layers import read_slot_rows, sinusoidal_embedding, write_slot_rows
+from voxc.model.mel import LogMel
+from voxc.model.quantization import QuantPlan, quantize_graph
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphOptions:
+    """What a target changes in the graph it compiles; every target starts from the same model.
+
+    ``dtype``: activations, caches and float weights.  ``mel_dtype``: the mel front end's math
+    (WebGPU has no f64).  ``quant``: which weights are stored quantized (voxc.model.quantization).
+    ``token_table_part_bytes``: split a token table larger than this into row blocks (a device's
+    largest storage binding; voxc.model.embedding).  ``packed_params``: the parameters as one
+    packed tuple argument (the browser hands the VM one array per call instead of hundreds).
+    ``static_entries``: static-shape copies of entry points (voxc.artifact.StaticEntry).
+    """
+
+    dtype: str = "float32"
+    mel_dtype: str = "float64"
+    quant: QuantPlan = QuantPlan()
+    token_table_part_bytes: int | None = None
+    packed_params: bool = False
+    static_entries: tuple[StaticEntry, ...] = ()
 
 
 class VoxtralGraph(nn.Module):
     def __init__(self, cfg: ModelConfig, dtype: str = "float32", mel_dtype: str = "float64"):
-        from voxc.model.mel import LogMel
-
         self.cfg = cfg
         self.dtype = dtype
         self.mel_frontend = LogMel(cfg.audio, cfg.encoder.num_mel_bins, compute_dtype=mel_dtype)
         self.enc = Encoder(cfg.encoder, dtype)
         self.adapter = Adapter(cfg.encoder.dim, cfg.decoder.dim, cfg.audio.downsample_factor, dtype)
-        self.tok_embeddings = embedding(cfg.decoder.vocab_size, cfg.decoder.dim, dtype)
+        self.tok_embeddings = DenseEmbedding(cfg.decoder.vocab_size, cfg.decoder.dim, dtype)
         self.dec = Decoder(cfg.decoder, dtype)
-        apply_storage_overrides(self)
+
+    @classmethod
+    def build(cls, cfg: ModelConfig, options: GraphOptions = GraphOptions()) -> "VoxtralGraph":
+        """The graph with ``options``' quantization and token-table split applied."""
+        graph = cls(cfg, dtype=options.dtype, mel_dtype=options.mel_dtype)
+        quantize_graph(graph, options.quant)
+        if options.token_table_part_bytes is not None:
+            split_token_table(graph, options.token_table_part_bytes)
+        return graph
 
     # ---- audio side -------------------------------------------------------------------------
     def mel(self, samples: nn.Tensor):
@@ -73,19 +105,14 @@ class VoxtralGraph(nn.Module):
 
     # ---- export -----------------------------------------------------------------------------
     def export_spec(self) -> dict:
-        e, d = self.cfg.encoder, self.cfg.decoder
-        mel_bins = e.num_mel_bins
-        enc_cache = spec.Tensor([e.n_layers, 2, "n_slots", e.sliding_window, e.n_heads, e.head_dim], self.dtype)
-        dec_cache = spec.Tensor([d.n_layers, 2, "n_slots", d.sliding_window, d.n_kv_heads, d.head_dim], self.dtype)
-        state = {
-            "conv0_state": spec.Tensor(["n_slots", Encoder.CONV0_CONTEXT, mel_bins], self.dtype),
-            "conv1_state": spec.Tensor(["n_slots", Encoder.CONV1_CONTEXT, e.dim], self.dtype),
-            "enc_cache": enc_cache,
-            "audio_ring": spec.Tensor(["n_slots", AUDIO_RING_ROWS, d.dim], self.dtype),
-        }
-        encode_args = {"mel": spec.Tensor(["b", mel_bins, "t"], self.dtype), **state,
+        """The entry points' argument specs; state shapes come from voxc.artifact.state_shapes."""
+        mel_bins = self.cfg.encoder.num_mel_bins
+        state = {name: spec.Tensor(["n_slots" if d is None else d for d in shape], self.dtype)
+                 for name, shape in state_shapes(self.cfg).items()}
+        encode_args = {"mel": spec.Tensor(["b", mel_bins, "t"], self.dtype),
+                       **{k: state[k] for k in ("conv0_state", "conv1_state", "enc_cache", "audio_ring")},
                        "slots": spec.Tensor(["b"], "int32"), "starts": spec.Tensor(["b"], "int32")}
-        return {
+        specs = {
             "mel": {"samples": spec.Tensor(["b", "n_samples"], "float32")},
             "encode": dict(encode_args),
             "encode_stages": dict(encode_args),
@@ -93,11 +120,13 @@ class VoxtralGraph(nn.Module):
                 "tokens": spec.Tensor(["b", "n"], "int32"),
                 "audio_ring": state["audio_ring"],
                 "delay_tokens": spec.Tensor(["b"], "float32"),
-                "dec_cache": dec_cache,
+                "dec_cache": state["dec_cache"],
                 "slots": spec.Tensor(["b"], "int32"),
                 "starts": spec.Tensor(["b"], "int32"),
             },
         }
+        assert tuple(specs) == ENTRY_POINTS
+        return specs
 
 
 def _last_row(hidden: nn.Tensor) -> nn.Tensor:

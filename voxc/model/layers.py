@@ -1,8 +1,6 @@
 """Building blocks shared by the encoder and the decoder."""
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
 
 from tvm import te, tirx
@@ -11,98 +9,11 @@ from tvm.relax.frontend.nn import op
 
 from schedules.ring_attention import ring_append_func, ring_attention_func
 from schedules.slot_rows import slot_rows_read, slot_rows_write_func
-from voxc.quant import linear_storage
-from voxc.quant.linear import QuantEmbedding, QuantLinear
-
-
-_QUANTIZATION: contextvars.ContextVar[str | None] = contextvars.ContextVar("voxc_quantization", default=None)
-_OVERRIDES: contextvars.ContextVar[dict | None] = contextvars.ContextVar("voxc_storage_overrides", default=None)
-
-
-@contextlib.contextmanager
-def quantized(qtype: str | None, overrides: dict | None = None):
-    """Build the model's projections (and token embedding) quantized to ``qtype`` (None: dense).
-
-    ``overrides`` maps weight names (``dec.layers.0.attention.wo.weight``) to the storage a source
-    file really has (a QType, or None for a float matrix), so a GGUF whose layers mix types runs
-    each layer on its own blocks; see :func:`apply_storage_overrides`.
-    """
-    tokens = _QUANTIZATION.set(qtype), _OVERRIDES.set(overrides)
-    try:
-        yield
-    finally:
-        _QUANTIZATION.reset(tokens[0])
-        _OVERRIDES.reset(tokens[1])
-
-
-def apply_storage_overrides(root: nn.Module) -> None:
-    """Swap each projection whose weight has an override for one of that storage (called once the
-    whole graph is built, when module paths, i.e. weight names, are known)."""
-    overrides = _OVERRIDES.get()
-    if not overrides:
-        return
-
-    def visit(module: nn.Module, prefix: str):
-        for attr, child in list(vars(module).items()):
-            path = f"{prefix}{attr}"
-            if isinstance(child, nn.ModuleList):
-                for i, item in enumerate(child):
-                    visit(item, f"{path}.{i}.")
-            elif isinstance(child, (nn.Linear, QuantLinear, DenseEmbedding, QuantEmbedding)):
-                name = f"{path}.weight"
-                if name in overrides:
-                    setattr(module, attr, _with_storage(child, overrides[name]))
-            elif isinstance(child, nn.Module):
-                visit(child, f"{path}.")
-
-    visit(root, "")
-
-
-def _with_storage(layer: nn.Module, storage) -> nn.Module:
-    if isinstance(layer, (DenseEmbedding, QuantEmbedding)):
-        vocab, dim = (layer.weight.shape if isinstance(layer, DenseEmbedding) else (layer.vocab_size, layer.dim))
-        dtype = layer.weight.dtype if isinstance(layer, DenseEmbedding) else layer.dtype
-        return DenseEmbedding(vocab, dim, dtype) if storage is None else QuantEmbedding(vocab, dim, storage, dtype=dtype)
-    dtype = layer.weight.dtype if isinstance(layer, nn.Linear) else layer.dtype
-    bias = layer.bias is not None
-    if storage is None:
-        return nn.Linear(layer.in_features, layer.out_features, bias=bias, dtype=dtype)
-    return QuantLinear(layer.in_features, layer.out_features, storage, bias=bias, dtype=dtype)
-
 
 def linear(in_features: int, out_features: int, bias: bool = False, dtype: str = "float32") -> nn.Module:
-    """The one place a projection is made: dense, or quantized when built under :func:`quantized`."""
-    storage = linear_storage(in_features, _QUANTIZATION.get())
-    if storage is None:
-        return nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
-    return QuantLinear(in_features, out_features, storage, bias=bias, dtype=dtype)
-
-
-def embedding(vocab_size: int, dim: int, dtype: str = "float32") -> nn.Module:
-    """The tied token table: ``lookup(ids)`` and ``project(hidden)`` (the LM head)."""
-    storage = linear_storage(dim, _QUANTIZATION.get())
-    if storage is None:
-        return DenseEmbedding(vocab_size, dim, dtype)
-    return QuantEmbedding(vocab_size, dim, storage, dtype=dtype)
-
-
-class DenseEmbedding(nn.Module):
-    def __init__(self, vocab_size: int, dim: int, dtype: str):
-        self.weight = nn.Parameter((vocab_size, dim), dtype)
-
-    def lookup(self, ids: nn.Tensor) -> nn.Tensor:
-        flat = op.take(self.weight, op.reshape(ids, (_numel(ids.shape),)), axis=0)
-        return op.reshape(flat, list(ids.shape) + [self.weight.shape[1]])
-
-    def project(self, hidden: nn.Tensor) -> nn.Tensor:
-        return op.matmul(hidden, op.permute_dims(self.weight))
-
-
-def _numel(shape):
-    total = 1
-    for dim in shape:
-        total = total * dim
-    return total
+    """A projection ``[out, in]``: a dense nn.Linear; voxc.model.quantization swaps it for a quantized
+    layer where the build asks for one."""
+    return nn.Linear(in_features, out_features, bias=bias, dtype=dtype)
 
 
 def rms_norm(dim: int, eps: float, dtype: str = "float32") -> nn.Module:

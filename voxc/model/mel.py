@@ -34,7 +34,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn.core import wrap_nested
 
 from voxc.errors import VoxcError
-from voxc.model.config import AudioConfig
+from voxc.config import AudioConfig
 
 # log10 floor of the extractor: torch.clamp(mel, min=1e-10)
 _MEL_FLOOR = 1e-10
@@ -157,8 +157,3 @@ class LogMel(nn.Module):
 def forward_spec() -> dict:
     """The export spec of :class:`LogMel` alone: ``model.export_tvm(spec=forward_spec())``."""
     return {"forward": {"samples": nn.spec.Tensor(("b", "n"), "float32")}}
-
-
-# The host-side framing lives with the runtime (no TVM imports there); re-exported for build and tests.
-from voxc.runtime.framing import (  # noqa: E402,F401
-    StreamingMelFramer, frame_count, offline_padded, samples_for_frames, valid_frame_count)

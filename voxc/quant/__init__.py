@@ -1,4 +1,6 @@
-"""Quantized weights: GGUF formats (``formats``), GGUF files (``gguf_io``), quantized layers (``linear``)."""
+"""Quantized weights: GGUF block formats (``formats``), packing into the kernels' layout
+(``packing``), voxc's GGUF writer (``gguf_writer``).  The quantized layers of the graph are
+voxc.model.quant_linear; GGUF files are read by voxc.loader.gguf."""
 from __future__ import annotations
 
 from voxc.quant.formats import QType
@@ -19,3 +21,12 @@ def linear_storage(in_features: int, qtype: QType | str | None) -> QType | None:
     if in_features % QType.Q8_0.block_size == 0:
         return QType.Q8_0
     return None
+
+
+def weight_storage(name: str, in_features: int, qtype: QType | str | None, overrides=None) -> QType | None:
+    """How a build stores projection weight ``name``: as a source file has it where ``overrides``
+    (weight name -> QType or None) says, else :func:`linear_storage`.  The rule the graph
+    (voxc.model.quantization) and the weight writer (voxc.loader.source) share."""
+    if overrides and name in overrides:
+        return overrides[name]
+    return linear_storage(in_features, qtype)

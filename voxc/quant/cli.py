@@ -42,7 +42,7 @@ class LazyTensors(Mapping):
 def run(args) -> int:
     from voxc.errors import VoxcError
     from voxc.loader.safetensors_loader import load_checkpoint
-    from voxc.quant.gguf_io import write_voxc_gguf
+    from voxc.quant.gguf_writer import write_voxc_gguf
 
     if args.output.suffix != ".gguf":
         raise VoxcError(f"{args.output}: the output file must end in .gguf")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from voxc.errors import VoxcError
-from voxc.model.config import AudioConfig
+from voxc.config import AudioConfig
 
 
 # ---- host-side framing ----------------------------------------------------------------------------------

@@ -7,18 +7,19 @@ point takes a batch of slots, so the server can decode many streams in one step;
 """
 from __future__ import annotations
 
-import json
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
 
-from targets.base import DECODE_B1N1, ENCODE_B1T8
+from voxc import artifact
+from voxc.artifact import DECODE_B1N1, ENCODE_B1T8, ISA_FLAGS
+from voxc.config import ModelConfig
 from voxc.errors import VoxcError
-from voxc.model.config import AUDIO_RING_ROWS, ModelConfig, delay_tokens
 from voxc.runtime.tvm_runtime import Runtime
 
-ARTIFACT_FORMAT = 1
-MANIFEST = "voxc-artifact.json"
+VERIFY_MODES = ("auto", "full", "size")
 
 
 def host_cpu_flags() -> set[str] | None:
@@ -36,8 +37,6 @@ def host_cpu_flags() -> set[str] | None:
 
 def check_cpu_isa(artifact_dir: Path, cpu: dict | None) -> None:
     """Refuse an llvm artifact whose code uses instructions this CPU lacks (it would die of SIGILL)."""
-    from targets.llvm import ISA_FLAGS
-
     flags = host_cpu_flags()
     if not cpu or flags is None:
         return
@@ -50,7 +49,6 @@ def check_cpu_isa(artifact_dir: Path, cpu: dict | None) -> None:
 
 class CompiledModel:
     def __init__(self, artifact_dir: Path, manifest: dict, runtime: Runtime, max_streams: int, progress: bool):
-        from safetensors import safe_open
         from tqdm import tqdm
 
         from voxc.tokenizer import Tokenizer
@@ -61,75 +59,51 @@ class CompiledModel:
         self.rt = runtime
         self.vm = runtime.load_vm(artifact_dir / manifest["library"])
         self.tokenizer = Tokenizer(artifact_dir / manifest["tokenizer"])
-        self.left_pad_tokens = int(manifest["left_pad_tokens"])
-        self.default_delay_ms = int(manifest["default_delay_ms"])
+        streaming = manifest["streaming"]
+        self.left_pad_tokens = int(streaming["left_pad_tokens"])
+        self.default_delay_ms = int(streaming["default_delay_ms"])
         self.dtype = manifest["model_dtype"]
 
-        wanted = {p["name"]: p for p in manifest["params"]}
-        loaded: dict[str, object] = {}
-        with tqdm(total=len(wanted), desc="loading weights", unit="tensor", disable=not progress) as bar:
-            for shard in manifest["weights"]:
-                path = artifact_dir / shard
-                if not path.exists():
-                    raise VoxcError(f"artifact {artifact_dir} is incomplete: {shard} is missing")
-                try:
-                    with safe_open(str(path), "numpy") as f:
-                        for name in f.keys():
-                            array = f.get_tensor(name)
-                            spec = wanted.get(name)
-                            if spec is None or list(array.shape) != spec["shape"]:
-                                raise VoxcError(f"artifact {artifact_dir}: tensor {name} does not match the manifest")
-                            loaded[name] = runtime.tensor(array)
-                            bar.update()
-                except VoxcError:
-                    raise
-                except Exception as exc:
-                    raise VoxcError(f"artifact weight file {path} is unreadable or truncated: {exc}") from exc
-        missing = [n for n in wanted if n not in loaded]
-        if missing:
-            raise VoxcError(f"artifact {artifact_dir} lacks weights: {', '.join(missing[:5])}")
-        self.params = [loaded[p["name"]] for p in manifest["params"]]
+        order = {p["name"]: i for i, p in enumerate(manifest["params"])}
+        self.params = [None] * len(order)
+        for name, array in tqdm(artifact.read_weights(artifact_dir, manifest), total=len(order),
+                                desc="loading weights", unit="tensor", disable=not progress):
+            self.params[order[name]] = runtime.tensor(array)
 
         self._mel = self.vm["mel"]
         self._encode = self.vm["encode"]
         self._encode_stages = self.vm["encode_stages"]
         self._decode = self.vm["decode"]
         # Targets may add a static-shape copy of decode for one stream and one token (faster kernels).
-        self._decode_single = _optional_function(self.vm, DECODE_B1N1[0])
-        self._encode_single = _optional_function(self.vm, ENCODE_B1T8[0])   # llvm: one stream, 80 ms
-        self._encode_single_mel = (1, self.config.encoder.num_mel_bins, dict(ENCODE_B1T8[2])["t"])
+        self._decode_single = _optional_function(self.vm, DECODE_B1N1.name)
+        self._encode_single = _optional_function(self.vm, ENCODE_B1T8.name)   # llvm: one stream, 80 ms
+        self._encode_single_mel = (1, self.config.encoder.num_mel_bins, ENCODE_B1T8.dim("t"))
         self._view = runtime.ffi.get_global_func("runtime.TVMTensorCreateView")
         self.slots = SlotPool(max_streams)
-        e, d = self.config.encoder, self.config.decoder
-        self.audio_ring_rows = AUDIO_RING_ROWS
-        self.conv0_state = runtime.zeros((max_streams, 2, e.num_mel_bins), self.dtype)
-        self.conv1_state = runtime.zeros((max_streams, 1, e.dim), self.dtype)
-        self.enc_cache = runtime.zeros((e.n_layers, 2, max_streams, e.sliding_window, e.n_heads, e.head_dim), self.dtype)
-        self.audio_ring = runtime.zeros((max_streams, AUDIO_RING_ROWS, d.dim), self.dtype)
-        self.dec_cache = runtime.zeros((d.n_layers, 2, max_streams, d.sliding_window, d.n_kv_heads, d.head_dim),
-                                       self.dtype)
+        self.audio_ring_rows = artifact.AUDIO_RING_ROWS
+        for name, shape in artifact.state_shapes(self.config).items():   # one slot per stream
+            setattr(self, name, runtime.zeros(tuple(max_streams if s is None else s for s in shape), self.dtype))
 
     @classmethod
-    def load(cls, artifact_dir, device: str | None = None, *, max_streams: int = 1, progress: bool = False):
+    def load(cls, artifact_dir, device: str | None = None, *, max_streams: int = 1, progress: bool = False,
+             verify: str = "auto"):
+        """``verify``: ``auto`` checks every file's size, and its SHA-256 on the first load (and again
+        whenever a file changed since); ``full`` hashes every time; ``size`` never hashes."""
         artifact_dir = Path(artifact_dir)
-        manifest_path = artifact_dir / MANIFEST
-        if not manifest_path.exists():
-            raise VoxcError(f"{artifact_dir} is not a voxc artifact (no {MANIFEST}); make one with `voxc build`")
-        try:
-            manifest = json.loads(manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise VoxcError(f"{manifest_path} is corrupt: {exc}") from exc
-        if manifest.get("format") != ARTIFACT_FORMAT:
-            raise VoxcError(f"{artifact_dir} was built by an incompatible voxc (artifact format "
-                            f"{manifest.get('format')}, this voxc reads {ARTIFACT_FORMAT}); rebuild it")
+        if verify not in VERIFY_MODES:
+            raise VoxcError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
+        if isinstance(max_streams, bool) or not isinstance(max_streams, (int, np.integer)) or max_streams < 1:
+            raise VoxcError(f"max_streams must be a whole number >= 1, not {max_streams!r}")
+        manifest = artifact.read_manifest(artifact_dir)
         kind = manifest["device_kind"]
         if device is not None and device != kind and not (device == "cpu" and kind == "llvm"):
             raise VoxcError(f"{artifact_dir} was built for {manifest['target']} and runs on {kind}, not {device}")
         if kind == "webgpu":
             raise VoxcError(f"{artifact_dir} is a web bundle: serve it and open index.html in a browser")
+        verify_artifact(artifact_dir, manifest, verify)
         if kind == "cpu":
             check_cpu_isa(artifact_dir, manifest.get("cpu"))
-        return cls(artifact_dir, manifest, Runtime(kind), max_streams, progress)
+        return cls(artifact_dir, manifest, Runtime(kind), int(max_streams), progress)
 
     # ---- streaming --------------------------------------------------------------------------
     def stream(self, delay_ms: int | None = None, *, left_pad_tokens: int | None = None):
@@ -187,7 +161,34 @@ class CompiledModel:
         return logits, next_tokens
 
     def delay_tokens(self, delay_ms: int) -> int:
-        return delay_tokens(delay_ms, self.config.audio)
+        return artifact.delay_tokens(delay_ms, self.config.audio)
+
+
+def verify_artifact(artifact_dir: Path, manifest: dict, mode: str = "auto") -> None:
+    """Check the artifact's files against its manifest (see CompiledModel.load's ``verify``).  After
+    a full check, a stamp of the files' sizes and modification times goes to the user's cache, so
+    the next load of unchanged files skips hashing (about 1.5 s per GB)."""
+    if mode == "size":
+        artifact.verify_files(artifact_dir, manifest, hashes=False)
+        return
+    stamp_dir = Path(os.environ.get("VOXC_CACHE_DIR", Path.home() / ".cache" / "voxc")) / "verified"
+    stamp_file = stamp_dir / hashlib.sha256(str(artifact_dir.resolve()).encode()).hexdigest()[:32]
+    artifact.verify_files(artifact_dir, manifest, hashes=False)
+    stamp = artifact.verified_stamp(artifact_dir, manifest)
+    if mode == "auto":
+        try:
+            if stamp_file.read_text() == stamp:
+                return
+        except OSError:
+            pass
+    artifact.verify_files(artifact_dir, manifest, hashes=True)
+    try:
+        stamp_dir.mkdir(parents=True, exist_ok=True)
+        tmp = stamp_file.with_suffix(f".{os.getpid()}")
+        tmp.write_text(stamp)
+        os.replace(tmp, stamp_file)
+    except OSError:
+        pass   # a read-only home: every load hashes
 
 
 def _optional_function(vm, name: str):

@@ -25,15 +25,10 @@ from collections import defaultdict, deque
 
 import numpy as np
 
+from voxc.artifact import MAX_TOKENS_PER_ENCODE, RIGHT_PAD_BUFFER_TOKENS, check_left_pad_tokens
 from voxc.errors import VoxcError
 from voxc.runtime.framing import StreamingMelFramer
 
-# mistral-common's OFFLINE_STREAMING_BUFFER_TOKENS: right padding beyond delay + BOS, so a word
-# spoken at the very end still gets its tokens.
-RIGHT_PAD_BUFFER_TOKENS = 10
-# Longest encoder call, in text tokens: bounds the attention scratch memory of a long feed(),
-# and keeps the encoder within the audio ring's reach of the decoder.
-MAX_TOKENS_PER_ENCODE = 32
 
 
 class StreamingSession:
@@ -43,9 +38,7 @@ class StreamingSession:
         self.audio_cfg = cfg.audio
         self.samples_per_token = cfg.audio.samples_per_token
         self.delay = model.delay_tokens(delay_ms)
-        if left_pad_tokens < 0:
-            raise VoxcError(f"left_pad_tokens must be >= 0, got {left_pad_tokens}")
-        self.left_pad_tokens = left_pad_tokens
+        self.left_pad_tokens = check_left_pad_tokens(left_pad_tokens)
         tok = model.tokenizer
         self.prompt = [tok.bos_id] + [tok.streaming_pad_id] * (left_pad_tokens + self.delay)
         self.eos_id = tok.eos_id

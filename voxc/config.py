@@ -7,16 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 from typing import Any
 
 from voxc.errors import VoxcError
-
-
-# Audio embeddings buffered per stream between encoder and decoder (rows of the device audio ring).
-# The session never lets the encoder run further ahead of the decoder than this.
-AUDIO_RING_ROWS = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,17 +199,6 @@ class ModelConfig:
             DecoderConfig(dim=48, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=12, hidden_dim=96,
                           sliding_window=decoder_window, vocab_size=vocab_size),
             AudioConfig()).validate()
-
-
-def delay_tokens(delay_ms: int, audio: AudioConfig = AudioConfig()) -> int:
-    """Transcription delay in text tokens; Voxtral was trained on 80..1200 ms in 80 ms steps and 2400 ms."""
-    ms_per_token = 1000.0 / audio.frame_rate
-    n = delay_ms / ms_per_token
-    allowed = set(range(1, 16)) | {30}
-    if not math.isclose(n, round(n)) or int(round(n)) not in allowed:
-        raise VoxcError(
-            f"delay {delay_ms} ms is not supported: use 80..1200 ms in steps of {ms_per_token:g} ms, or 2400 ms")
-    return int(round(n))
 
 
 def _read_json(path_or_dict) -> dict:

@@ -20,47 +20,30 @@ integer of at most 16 it calls the GEMV kernel specialised to that many rows (de
 (a larger static count or a symbolic one, e.g. a prefill or encoder length) the GEMM kernel with a
 symbolic row count.  Export a decode step with a static shape to get the GEMV kernel.
 
-**Target.** The kernels are scheduled per target when the graph is traced, so trace under the
-build target: ``with tvm.target.Target(...):`` or ``with kernel_target("cuda"):`` around
-``export_tvm``; without either, ``llvm`` schedules are used.  The functions are marked
+**Target.** The kernels are scheduled per target when the graph is traced: a layer's
+``kernel_target`` (set by voxc.model.quantization.quantize_graph), else the enclosing
+``tvm.target.Target``, else ``llvm``.  The functions are marked
 ``tirx.is_scheduled`` (dlight skips them) and opaque (Relax does not fuse into them).
 
-Loading: :func:`pack_linear_weight` turns a float ``[out, in]`` weight or a GGUF
+Loading: :func:`voxc.quant.packing.pack_linear_weight` turns a float ``[out, in]`` weight or a GGUF
 :class:`~voxc.quant.formats.QuantTensor` into ``{"qweight": ..., "scales": ...}``; store them as
 ``<prefix>.qweight`` / ``<prefix>.scales`` where the dense model had ``<prefix>.weight``.
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import math
-
-import numpy as np
 import tvm
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from schedules.dequant_matmul import gemv_or_gemm, make_embedding_kernel, make_kernel, target_kind
 from voxc.errors import VoxcError
-from voxc.quant.formats import QType, QuantTensor, kernel_layout_shapes, quantize_tensor, to_kernel_layout
+from voxc.quant.formats import QType, kernel_layout_shapes
 
-_TARGET_KIND: contextvars.ContextVar[str | None] = contextvars.ContextVar("voxc_quant_target", default=None)
-
-
-@contextlib.contextmanager
-def kernel_target(target):
-    """Trace quantized layers with the kernels scheduled for ``target`` (a kind name or Target)."""
-    token = _TARGET_KIND.set(target_kind(target))
-    try:
-        yield
-    finally:
-        _TARGET_KIND.reset(token)
-
-
-def current_kernel_target() -> str:
-    explicit = _TARGET_KIND.get()
-    if explicit:
-        return explicit
+def resolve_kernel_target(target) -> str:
+    """The target kind whose schedules a quantized layer traces with: ``target`` (a kind name or a
+    Target) if given, else the enclosing ``tvm.target.Target``, else ``llvm``."""
+    if target is not None:
+        return target_kind(target)
     current = tvm.target.Target.current(allow_none=True)
     return target_kind(current) if current is not None else "llvm"
 
@@ -75,7 +58,7 @@ def _flat_rows(shape) -> int | tvm.tirx.PrimExpr:
 
 
 def _quant_matmul(x: nn.Tensor, qweight: nn.Tensor, scales: nn.Tensor, qtype: QType,
-                  out_features: int, in_features: int, dtype: str, name: str) -> nn.Tensor:
+                  out_features: int, in_features: int, dtype: str, name: str, kernel_target: str | None) -> nn.Tensor:
     if isinstance(x.shape[-1], int) and x.shape[-1] != in_features:
         raise VoxcError(f"{name}: input has {x.shape[-1]} features, the layer takes {in_features}")
     lead = list(x.shape[:-1])
@@ -84,7 +67,7 @@ def _quant_matmul(x: nn.Tensor, qweight: nn.Tensor, scales: nn.Tensor, qtype: QT
     if x2.dtype != dtype:
         x2 = x2.astype(dtype)
     batch = rows if gemv_or_gemm(rows) == "gemv" else None
-    kernel = make_kernel(qtype, out_features, in_features, batch, dtype, current_kernel_target())
+    kernel = make_kernel(qtype, out_features, in_features, batch, dtype, resolve_kernel_target(kernel_target))
     y = op.tensor_ir_op(kernel, kernel.attrs["global_symbol"], args=[x2, qweight, scales],
                         out=nn.Tensor.placeholder([rows, out_features], dtype))
     return op.reshape(y, lead + [out_features])
@@ -94,10 +77,11 @@ class QuantLinear(nn.Module):
     """``y = x @ W.T (+ bias)`` with ``W [out_features, in_features]`` stored quantized."""
 
     def __init__(self, in_features: int, out_features: int, qtype: QType | str, *, bias: bool = False,
-                 dtype: str = "float32"):
+                 dtype: str = "float32", kernel_target: str | None = None):
         self.in_features, self.out_features = int(in_features), int(out_features)
         self.qtype = QType.parse(qtype)
         self.dtype = dtype
+        self.kernel_target = kernel_target
         shapes = kernel_layout_shapes(self.qtype, self.out_features, self.in_features)
         self.qweight = nn.Parameter(shapes["qweight"], "uint32")
         self.scales = nn.Parameter(shapes["scales"], "uint32")
@@ -105,7 +89,7 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
         y = _quant_matmul(x, self.qweight, self.scales, self.qtype, self.out_features, self.in_features,
-                          self.dtype, "QuantLinear")
+                          self.dtype, "QuantLinear", self.kernel_target)
         if self.bias is not None:
             y = y + self.bias
         return y
@@ -114,10 +98,12 @@ class QuantLinear(nn.Module):
 class QuantEmbedding(nn.Module):
     """A quantized ``[vocab, dim]`` table: row lookup, and the tied output projection."""
 
-    def __init__(self, vocab_size: int, dim: int, qtype: QType | str, *, dtype: str = "float32"):
+    def __init__(self, vocab_size: int, dim: int, qtype: QType | str, *, dtype: str = "float32",
+                 kernel_target: str | None = None):
         self.vocab_size, self.dim = int(vocab_size), int(dim)
         self.qtype = QType.parse(qtype)
         self.dtype = dtype
+        self.kernel_target = kernel_target
         shapes = kernel_layout_shapes(self.qtype, self.vocab_size, self.dim)
         self.qweight = nn.Parameter(shapes["qweight"], "uint32")
         self.scales = nn.Parameter(shapes["scales"], "uint32")
@@ -129,7 +115,8 @@ class QuantEmbedding(nn.Module):
         flat = op.reshape(ids, [rows])
         if flat.dtype != "int32":
             flat = flat.astype("int32")
-        kernel = make_embedding_kernel(self.qtype, self.vocab_size, self.dim, self.dtype, current_kernel_target())
+        kernel = make_embedding_kernel(self.qtype, self.vocab_size, self.dim, self.dtype,
+                                       resolve_kernel_target(self.kernel_target))
         y = op.tensor_ir_op(kernel, kernel.attrs["global_symbol"], args=[flat, self.qweight, self.scales],
                             out=nn.Tensor.placeholder([rows, self.dim], self.dtype))
         return op.reshape(y, lead + [self.dim])
@@ -140,31 +127,4 @@ class QuantEmbedding(nn.Module):
     def project(self, h: nn.Tensor) -> nn.Tensor:
         """Tied LM head: ``h [..., dim]`` -> logits ``[..., vocab]``."""
         return _quant_matmul(h, self.qweight, self.scales, self.qtype, self.vocab_size, self.dim,
-                             self.dtype, "QuantEmbedding.project")
-
-
-def pack_linear_weight(weight: np.ndarray | QuantTensor, qtype: QType | str | None = None) -> dict[str, np.ndarray]:
-    """Parameters of :class:`QuantLinear` / :class:`QuantEmbedding` for a ``[out, in]`` weight.
-
-    ``weight`` is a float array (quantized here, ggml's reference algorithms) or a GGUF
-    :class:`QuantTensor` (repacked losslessly when its type is ``qtype`` or ``qtype`` is None;
-    otherwise dequantized and quantized again, which adds the error of both).
-    Returns ``{"qweight": uint32 array, "scales": uint32 array}``.
-    """
-    if isinstance(weight, QuantTensor):
-        target = weight.qtype if qtype is None else QType.parse(qtype)
-        if target is not weight.qtype:
-            weight = quantize_tensor(weight.dequantize(), target)
-        return to_kernel_layout(weight)
-    if qtype is None:
-        raise VoxcError("pack_linear_weight: a float weight needs a qtype")
-    weight = np.asarray(weight)
-    if weight.ndim != 2:
-        raise VoxcError(f"pack_linear_weight: expected a 2-D [out, in] weight, got shape {weight.shape}")
-    return to_kernel_layout(quantize_tensor(weight.astype(np.float32), qtype))
-
-
-def quantized_param_bytes(out_features: int, in_features: int, qtype: QType | str) -> int:
-    """Bytes of ``qweight`` + ``scales`` (for memory planning and WebGPU binding limits)."""
-    shapes = kernel_layout_shapes(qtype, out_features, in_features)
-    return 4 * sum(math.prod(s) for s in shapes.values())
+                             self.dtype, "QuantEmbedding.project", self.kernel_target)

@@ -1,0 +1,355 @@
+"""The artifact contract: what ``voxc build`` writes and every runtime reads (numpy and stdlib only).
+
+An artifact is a directory:
+
+* ``voxc-artifact.json`` (:data:`MANIFEST`): format version, target, model config, the entry
+  points, parameter order, state shapes, streaming constants and defaults, and the size and
+  SHA-256 of every other file.  The browser runtime (web/voxc.js) reads the same file and takes
+  every number it needs from it;
+* the compiled library (``model.so`` for llvm/cuda, ``model.wasm`` for webgpu);
+* the weights in the graph's layout and dtype: ``tensor-cache.json`` (:data:`WEIGHT_INDEX`) and
+  ``params_shard_<i>.bin``, raw little-endian records at 4-byte-aligned offsets (tvmjs's tensor
+  cache format, so the browser streams the same files the native runtime memory-maps);
+* the tokenizer: ``tekken.json`` (native), ``tokenizer.json`` (web: token bytes per id).
+
+This module is the one source of those names and numbers, of the per-stream device state, of the
+streaming constants and of the delay rule; build, targets, the runtime and voxc.js all use it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from voxc.config import AudioConfig, ModelConfig
+from voxc.errors import VoxcError
+
+FORMAT_VERSION = 2          # 2: tensor-cache weights, file checksums, entry/state/streaming sections
+MANIFEST = "voxc-artifact.json"
+WEIGHT_INDEX = "tensor-cache.json"
+SHARD_NAME = "params_shard_{}.bin"
+TOKENIZER_FILE = "tekken.json"
+WEB_TOKENIZER_TABLE = "tokenizer.json"
+MEL_FILTERS = "mel_frontend.filters"   # a graph parameter computed at build time, not read from a checkpoint
+NATIVE_SHARD_BYTES = 512 << 20
+WEB_SHARD_BYTES = 32 << 20             # each shard is fetched and cached by the browser on its own
+
+# ---- entry points ----------------------------------------------------------------------------------
+ENTRY_POINTS = ("mel", "encode", "encode_stages", "decode")
+
+
+@dataclasses.dataclass(frozen=True)
+class StaticEntry:
+    """A static-shape copy of an entry point: fixed symbolic dims get GEMV kernels and no shape
+    arithmetic.  ``dims`` maps the entry's symbolic dims to their values."""
+    name: str
+    entry: str
+    dims: tuple[tuple[str, int], ...]
+
+    def dim(self, name: str) -> int:
+        return dict(self.dims)[name]
+
+
+# One stream, one token: every single-token decode step.
+DECODE_B1N1 = StaticEntry("decode_b1n1", "decode", (("b", 1), ("n", 1)))
+# One stream's 80 ms streaming step (8 mel frames -> 4 encoder rows -> 1 audio embedding).
+ENCODE_B1T8 = StaticEntry("encode_b1t8", "encode", (("b", 1), ("t", 8)))
+STATIC_ENTRIES = {e.name: e for e in (DECODE_B1N1, ENCODE_B1T8)}
+
+# ---- device state per stream ----------------------------------------------------------------------
+# Left context the causal convs of the stem carry between calls (mel frames, conv0 frames).
+CONV0_CONTEXT = 2
+CONV1_CONTEXT = 1
+# Audio embeddings buffered per stream between encoder and decoder (rows of the device audio ring).
+# The session never lets the encoder run further ahead of the decoder than this.
+AUDIO_RING_ROWS = 256
+
+
+def state_shapes(cfg: ModelConfig) -> dict[str, list[int | None]]:
+    """Device state, name -> shape with ``None`` at the slot axis (one slot per stream).  Every
+    entry point takes and returns these, updated in place; the order is the runtime's."""
+    e, d = cfg.encoder, cfg.decoder
+    return {
+        "conv0_state": [None, CONV0_CONTEXT, e.num_mel_bins],
+        "conv1_state": [None, CONV1_CONTEXT, e.dim],
+        "enc_cache": [e.n_layers, 2, None, e.sliding_window, e.n_heads, e.head_dim],
+        "audio_ring": [None, AUDIO_RING_ROWS, d.dim],
+        "dec_cache": [d.n_layers, 2, None, d.sliding_window, d.n_kv_heads, d.head_dim],
+    }
+
+
+def state_bytes_per_stream(cfg: ModelConfig, dtype: str) -> dict[str, int]:
+    size = np.dtype(dtype).itemsize
+    return {k: math.prod(1 if s is None else s for s in v) * size for k, v in state_shapes(cfg).items()}
+
+
+# ---- streaming ---------------------------------------------------------------------------------------
+# mistral-common's OFFLINE_STREAMING_BUFFER_TOKENS: right padding beyond delay + BOS, so a word
+# spoken at the very end still gets its tokens.
+RIGHT_PAD_BUFFER_TOKENS = 10
+# Longest encoder call, in text tokens: bounds the attention scratch memory of a long feed(),
+# and keeps the encoder within the audio ring's reach of the decoder.
+MAX_TOKENS_PER_ENCODE = 32
+# Delays Voxtral Realtime was trained on, in text tokens (80 ms each): 80..1200 ms and 2400 ms.
+ALLOWED_DELAY_TOKENS = (*range(1, 16), 30)
+DEFAULT_DELAY_MS = 480
+# Silence tokens before the audio: mistral-common's 32; TrevorS' Q4_0 port found Q4_0 needs the
+# whole 76-token streaming prefix to stay robust.
+LEFT_PAD_TOKENS = 32
+LEFT_PAD_TOKENS_Q4_0 = 76
+MAX_LEFT_PAD_TOKENS = 4096
+
+
+def delay_tokens(delay_ms, audio: AudioConfig = AudioConfig()) -> int:
+    """Transcription delay in text tokens; raises for a delay the model was not trained on."""
+    ms_per_token = 1000.0 / audio.frame_rate
+    if isinstance(delay_ms, bool) or not isinstance(delay_ms, (int, float, np.integer, np.floating)):
+        raise VoxcError(f"delay_ms must be a number of milliseconds, not {type(delay_ms).__name__} {delay_ms!r}")
+    n = float(delay_ms) / ms_per_token
+    if not math.isfinite(n) or not math.isclose(n, round(n)) or int(round(n)) not in ALLOWED_DELAY_TOKENS:
+        raise VoxcError(f"delay {delay_ms} ms is not supported: use 80..1200 ms in steps of {ms_per_token:g} ms, "
+                        f"or 2400 ms")
+    return int(round(n))
+
+
+def default_left_pad_tokens(quantization: str | None) -> int:
+    return LEFT_PAD_TOKENS_Q4_0 if quantization == "q4_0" else LEFT_PAD_TOKENS
+
+
+def check_left_pad_tokens(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value <= MAX_LEFT_PAD_TOKENS:
+        raise VoxcError(f"left padding must be a whole number of tokens from 0 to {MAX_LEFT_PAD_TOKENS}, got {value!r}")
+    return int(value)
+
+
+def streaming_section(cfg: ModelConfig, *, left_pad_tokens: int, default_delay_ms: int) -> dict:
+    """The manifest's ``streaming`` section: everything a session needs besides the model."""
+    a = cfg.audio
+    return {
+        "left_pad_tokens": int(left_pad_tokens), "default_delay_ms": int(default_delay_ms),
+        "sampling_rate": a.sampling_rate, "hop_length": a.hop_length, "window_size": a.window_size,
+        "samples_per_token": a.samples_per_token, "mel_frames_per_token": a.mel_frames_per_token,
+        "conv_stride": a.conv_stride, "downsample_factor": a.downsample_factor,
+        "ms_per_token": 1000.0 / a.frame_rate, "allowed_delay_tokens": list(ALLOWED_DELAY_TOKENS),
+        "audio_ring_rows": AUDIO_RING_ROWS, "max_tokens_per_encode": MAX_TOKENS_PER_ENCODE,
+        "right_pad_buffer_tokens": RIGHT_PAD_BUFFER_TOKENS,
+    }
+
+
+# ---- CPU instruction sets ---------------------------------------------------------------------------
+# LLVM feature name -> Linux /proc/cpuinfo flag, for the extensions that generated code may use
+ISA_FLAGS = {
+    "sse4.1": "sse4_1", "sse4.2": "sse4_2", "avx": "avx", "avx2": "avx2", "fma": "fma", "f16c": "f16c",
+    "avx512f": "avx512f", "avx512bw": "avx512bw", "avx512dq": "avx512dq", "avx512vl": "avx512vl",
+    "avx512vnni": "avx512_vnni", "avx512bf16": "avx512_bf16", "avx512fp16": "avx512_fp16",
+    "avxvnni": "avx_vnni", "amx-tile": "amx_tile",
+    "neon": "asimd", "dotprod": "asimddp", "fullfp16": "asimdhp", "sve": "sve", "i8mm": "i8mm",
+}
+
+
+# ---- the manifest -----------------------------------------------------------------------------------
+def new_manifest(*, target: str, device_kind: str, library: str, model_dtype: str, cfg: ModelConfig,
+                 params: list[tuple[str, list[int], str]], quantization: str | None, left_pad_tokens: int,
+                 default_delay_ms: int, tokenizer: str, voxc_version: str, tvm_version: str,
+                 entries: list[str], **extras) -> dict:
+    """A manifest without its ``files`` section (:func:`write_manifest` adds that)."""
+    return {
+        "format": FORMAT_VERSION,
+        "voxc_version": voxc_version,
+        "tvm_version": tvm_version,
+        "target": target,
+        "device_kind": device_kind,
+        "library": library,
+        "model_dtype": model_dtype,
+        "quantization": quantization,
+        "config": cfg.to_dict(),
+        "functions": list(entries),
+        "params": [{"name": n, "shape": [int(s) for s in sh], "dtype": str(d)} for n, sh, d in params],
+        "weights": WEIGHT_INDEX,
+        "tokenizer": tokenizer,
+        "streaming": streaming_section(cfg, left_pad_tokens=left_pad_tokens, default_delay_ms=default_delay_ms),
+        "state": {k: {"shape": v, "dtype": model_dtype, "bytes_per_stream": b} for (k, v), b in
+                  zip(state_shapes(cfg).items(), state_bytes_per_stream(cfg, model_dtype).values())},
+        **extras,
+    }
+
+
+def file_record(path: Path) -> dict:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
+
+
+def write_manifest(directory: Path, manifest: dict) -> dict:
+    """Record size and SHA-256 of every other file in ``directory`` and write the manifest."""
+    directory = Path(directory)
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = {**manifest, "files": {p.relative_to(directory).as_posix(): file_record(p) for p in files}}
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return manifest
+
+
+def read_manifest(directory: Path) -> dict:
+    """The manifest of the artifact in ``directory``, checked for format and completeness."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise VoxcError(f"{directory} is not a directory: give the artifact directory `voxc build` wrote"
+                        if directory.exists() else f"{directory} does not exist")
+    path = directory / MANIFEST
+    if not path.exists():
+        raise VoxcError(f"{directory} is not a voxc artifact (no {MANIFEST}); make one with `voxc build`")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise VoxcError(f"{path} is corrupt ({exc}); rebuild the artifact") from exc
+    if not isinstance(manifest, dict):
+        raise VoxcError(f"{path} is corrupt (not a JSON object); rebuild the artifact")
+    if manifest.get("format") != FORMAT_VERSION:
+        raise VoxcError(f"{directory} was built by an incompatible voxc (artifact format {manifest.get('format')!r}, "
+                        f"this voxc reads {FORMAT_VERSION}); rebuild it with `voxc build`")
+    required = ("target", "device_kind", "library", "model_dtype", "config", "params", "weights", "tokenizer",
+                "streaming", "state", "functions", "files")
+    missing = [k for k in required if k not in manifest]
+    if missing:
+        raise VoxcError(f"{path} is corrupt (lacks {', '.join(missing)}); rebuild the artifact")
+    return manifest
+
+
+def verify_files(directory: Path, manifest: dict, *, hashes: bool) -> None:
+    """Every file the manifest lists exists with its size (and, with ``hashes``, its SHA-256);
+    raises naming the first damaged file."""
+    directory = Path(directory)
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise VoxcError(f"{directory / MANIFEST} is corrupt (no file list); rebuild the artifact")
+    for name, record in files.items():
+        path = directory / name
+        if not path.is_file():
+            raise VoxcError(f"artifact {directory} is incomplete: {name} is missing; rebuild it")
+        size = path.stat().st_size
+        if size != record.get("bytes"):
+            raise VoxcError(f"artifact file {path} is damaged: {size} bytes, the manifest says {record.get('bytes')}; "
+                            f"rebuild the artifact")
+        if hashes and file_record(path)["sha256"] != record.get("sha256"):
+            raise VoxcError(f"artifact file {path} is damaged: its SHA-256 differs from the manifest's; "
+                            f"rebuild the artifact")
+
+
+# ---- weights ----------------------------------------------------------------------------------------
+def numpy_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
+
+
+class WeightShardWriter:
+    """Weights as ``tensor-cache.json`` + ``params_shard_<i>.bin`` (tvmjs's tensor cache, "raw"
+    records), written tensor by tensor so a model larger than memory streams through.  Records
+    start at 4-byte offsets (WebGPU copies need them).  A tensor above half of ``shard_bytes`` gets
+    a shard of its own.  Every target writes its weights with this one writer."""
+
+    def __init__(self, out: Path, shard_bytes: int):
+        self.out, self.cap = Path(out), int(shard_bytes)
+        self.shards: list[dict] = []
+        self._file = None
+        self._records: list[dict] = []
+        self._size = 0
+        self.total_bytes = 0
+        self.largest_bytes = 0
+        self.count = 0
+
+    def _open(self):
+        self._name = SHARD_NAME.format(len(self.shards))
+        self._file = open(self.out / self._name, "wb")
+        self._size, self._records, self._md5 = 0, [], hashlib.md5()
+
+    def _close(self):
+        if self._file is None:
+            return
+        self._file.close()
+        self.shards.append({"dataPath": self._name, "format": "raw-shard", "nbytes": self._size,
+                            "records": self._records, "md5sum": self._md5.hexdigest()})
+        self._file = None
+
+    def add(self, name: str, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array)
+        data = memoryview(array).cast("B") if array.size else b""
+        nbytes = array.nbytes
+        big = nbytes > self.cap // 2
+        if self._file is not None and (big or self._size + nbytes > self.cap):
+            self._close()
+        if self._file is None:
+            self._open()
+        pad = (-self._size) % 4
+        if pad:
+            self._file.write(b"\0" * pad)
+            self._md5.update(b"\0" * pad)
+            self._size += pad
+        self._records.append({"name": name, "shape": [int(s) for s in array.shape], "dtype": str(array.dtype),
+                              "format": "raw", "nbytes": nbytes, "byteOffset": self._size})
+        self._file.write(data)
+        self._md5.update(data)
+        self._size += nbytes
+        self.total_bytes += nbytes
+        self.largest_bytes = max(self.largest_bytes, nbytes)
+        self.count += 1
+        if big:
+            self._close()
+
+    def finish(self) -> None:
+        self._close()
+        index = {"metadata": {"ParamSize": self.count, "ParamBytes": self.total_bytes}, "records": self.shards}
+        (self.out / WEIGHT_INDEX).write_text(json.dumps(index))
+
+
+def read_weights(directory: Path, manifest: dict) -> Iterator[tuple[str, np.ndarray]]:
+    """The artifact's weights as (name, read-only memory-mapped array), checked against the manifest's
+    parameter list: every parameter once, with its shape and dtype."""
+    directory = Path(directory)
+    index_path = directory / manifest["weights"]
+    try:
+        index = json.loads(index_path.read_text())
+        shards = index["records"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise VoxcError(f"artifact weight index {index_path} is unreadable ({exc}); rebuild the artifact") from exc
+    wanted = {p["name"]: p for p in manifest["params"]}
+    seen = set()
+    for shard in shards:
+        path = directory / shard["dataPath"]
+        try:
+            data = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+        except (OSError, ValueError) as exc:
+            raise VoxcError(f"artifact weight file {path} is unreadable ({exc}); rebuild the artifact") from exc
+        for rec in shard["records"]:
+            name = rec["name"]
+            spec = wanted.get(name)
+            if spec is None or list(rec["shape"]) != spec["shape"] or rec["dtype"] != spec["dtype"] or name in seen:
+                raise VoxcError(f"artifact {directory}: tensor {name} does not match the manifest; rebuild it")
+            dtype = numpy_dtype(rec["dtype"])
+            start, nbytes = int(rec["byteOffset"]), int(rec["nbytes"])
+            if nbytes != math.prod(rec["shape"]) * dtype.itemsize or start + nbytes > data.shape[0]:
+                raise VoxcError(f"artifact weight file {path} is truncated or damaged at {name}; rebuild the artifact")
+            seen.add(name)
+            yield name, data[start:start + nbytes].view(dtype).reshape(rec["shape"])
+    missing = [n for n in wanted if n not in seen]
+    if missing:
+        raise VoxcError(f"artifact {directory} lacks weights: {', '.join(missing[:5])}; rebuild it")
+
+
+def verified_stamp(directory: Path, manifest: dict) -> str:
+    """A fingerprint of the files as they are now (names, sizes, modification times): a load that
+    finds the same stamp as the one written after the last full check skips re-hashing."""
+    h = hashlib.sha256(json.dumps(manifest.get("files", {}), sort_keys=True).encode())
+    for name in sorted(manifest.get("files", {})):
+        st = os.stat(Path(directory) / name)
+        h.update(f"{name}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}".encode())
+    return h.hexdigest()

@@ -1,1 +1,0 @@
-"""Benchmarks behind `voxc bench` (thin scripts in bench/ call these too)."""

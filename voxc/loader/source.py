@@ -1,0 +1,104 @@
+"""Where a build's weights come from: a checkpoint directory (official Mistral or transformers
+layout) or a GGUF file, read one tensor at a time and converted to the graph's parameters."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from voxc.config import ModelConfig
+from voxc.errors import VoxcError
+from voxc.loader import hf
+from voxc.loader.safetensors_loader import PARAMS_FILE, TOKENIZER_FILE, load_checkpoint
+from voxc.quant import weight_storage
+from voxc.quant.packing import pack_linear_weight
+
+QUANT_FIELDS = ("qweight", "scales")
+
+
+class WeightSource:
+    """The config, tokenizer and tensors of a checkpoint.
+
+    ``quantization`` / ``overrides``: what the file itself stores (a GGUF's main type, and per
+    layer the types voxc runs as they are; None and {} for float checkpoints); ``left_pad_tokens``:
+    what the file records, if anything.  ``read_weights=False`` reads only the config and the
+    tokenizer (a directory then needs params.json or config.json, and tekken.json).
+    """
+
+    def __init__(self, path: str | Path, progress: bool, tokenizer: str | Path | None = None,
+                 read_weights: bool = True):
+        path = Path(path)
+        if not path.exists():
+            raise VoxcError(f"{path} does not exist")
+        self.path = path
+        self.quantization: str | None = None
+        self.left_pad_tokens: int | None = None
+        self.overrides: dict = {}
+        self.tensors = {}
+        self._packed: dict[str, dict] = {}
+        if tokenizer is not None and not Path(tokenizer).is_file():
+            raise VoxcError(f"tokenizer file {tokenizer} not found")
+        if path.suffix == ".gguf":
+            self._open_gguf(path, tokenizer)
+        elif path.is_file():
+            raise VoxcError(f"{path} is neither a checkpoint directory nor a .gguf file")
+        elif read_weights:
+            ckpt = load_checkpoint(path, progress=progress, require_tokenizer=tokenizer is None)
+            self.config = ckpt.config
+            self.tensors = ckpt
+            self.tokenizer_bytes = Path(tokenizer or ckpt.tokenizer_path).read_bytes()
+        else:
+            if (path / PARAMS_FILE).is_file():
+                self.config = ModelConfig.from_params_json(path / PARAMS_FILE)
+            elif (path / hf.HF_CONFIG_FILE).is_file():
+                self.config = ModelConfig.from_hf_config(path / hf.HF_CONFIG_FILE)
+            else:
+                raise VoxcError(f"{path} has neither {PARAMS_FILE} nor {hf.HF_CONFIG_FILE}: not a Voxtral checkpoint")
+            tok = Path(tokenizer) if tokenizer else path / TOKENIZER_FILE
+            if not tok.is_file():
+                raise VoxcError(f"{tok} not found: voxc needs the tokenizer (tekken.json)")
+            self.tokenizer_bytes = tok.read_bytes()
+
+    def _open_gguf(self, path: Path, tokenizer):
+        from voxc.loader.gguf import read_gguf
+
+        self.config, tensors, meta = read_gguf(path)
+        self.tensors = dict(tensors)      # GGUF data is memory-mapped: this holds views, not copies
+        # Each layer keeps the type the file gives it where voxc has kernels for it; floats stay
+        # dense; other quantized types (Q6_K, Q5_K ...) are re-quantized to the file's main type.
+        for name, value in self.tensors.items():
+            if getattr(value, "ndim", len(value.shape)) == 2 and name in meta["tensor_types"]:
+                if hasattr(value, "dequantize"):
+                    self.overrides[name] = value.qtype
+                elif name not in meta["transcoded"] and meta["tensor_types"][name] in ("F32", "F16", "BF16"):
+                    self.overrides[name] = None
+        self.transcoded = dict.fromkeys(meta["transcoded"])
+        self.tensor_types = meta["tensor_types"]
+        if tokenizer is not None:
+            self.tokenizer_bytes = Path(tokenizer).read_bytes()
+        elif meta.get("tokenizer_json"):
+            self.tokenizer_bytes = meta["tokenizer_json"]
+        else:
+            raise VoxcError(f"{path.name} carries no tokenizer (the Rust port's files do not): pass the "
+                            "model's tekken.json with --tokenizer")
+        self.quantization = meta.get("qtype")
+        self.left_pad_tokens = meta.get("left_pad_tokens")
+
+    def get(self, name: str):
+        return self.tensors.get(name)
+
+    def graph_param(self, name: str, quantization: str | None, overrides: dict):
+        """The value of graph parameter ``name`` for a build storing weights as ``quantization``
+        with ``overrides`` (voxc.quant.weight_storage): a checkpoint tensor, or packed from one."""
+        prefix, _, field = name.rpartition(".")
+        if field not in QUANT_FIELDS:
+            value = self.get(name)
+            if value is None:
+                raise VoxcError(f"the checkpoint has no tensor for graph parameter {name}")
+            return value.dequantize() if hasattr(value, "dequantize") else value
+        if prefix not in self._packed:
+            source = self.get(prefix + ".weight")
+            if source is None:
+                raise VoxcError(f"the checkpoint has no tensor {prefix}.weight")
+            storage = weight_storage(prefix + ".weight", int(source.shape[1]), quantization, overrides)
+            self._packed.clear()   # the two fields of one layer are consecutive: keep one layer packed
+            self._packed[prefix] = pack_linear_weight(source, storage)
+        return self._packed[prefix][field]
