@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from targets.web_toolchain import build_tvmjs
-from voxc.artifact import MANIFEST, WEB_TOKENIZER_TABLE, WEIGHT_INDEX, WeightShardWriter
+from voxc.artifact import MANIFEST, WEB_TOKENIZER_TABLE, WEIGHT_INDEX, WeightShardWriter, state_bytes_per_stream
 from voxc.model.embedding import split_embedding_parts
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"  # voxc.js, the browser API, and the demo page
@@ -63,6 +63,7 @@ def write_web_files(out: Path, *, target, executable, tokenizer_bytes: bytes, pa
     for name in (target.library_name, WEIGHT_INDEX, WEB_TOKENIZER_TABLE):
         h.update(hashlib.sha256((out / name).read_bytes()).digest())
     sizes = [int(np.prod(shape)) * np.dtype(dtype).itemsize for _, shape, dtype in params]
+    state = state_bytes_per_stream(cfg, target.model_dtype)
     parts = split_embedding_parts(params)
     return {
         "kind": "voxtral-realtime",
@@ -74,7 +75,8 @@ def write_web_files(out: Path, *, target, executable, tokenizer_bytes: bytes, pa
         "has_params": weights_written,
         "tokenizer_table": {"file": WEB_TOKENIZER_TABLE, **{k: v for k, v in table.items() if k != "pieces"}},
         "embedding": {"split": bool(parts), "parts": parts},
-        "gpu": {**report, "largest_param_bytes": max(sizes, default=0), "total_param_bytes": sum(sizes)},
+        "gpu": {**report, "largest_param_bytes": max(sizes, default=0), "total_param_bytes": sum(sizes),
+                "largest_state_bytes_per_stream": max(state.values()), "state_bytes_per_stream": sum(state.values())},
         "largest_param_bytes": max(sizes, default=0),
         "required_features": report["required_features"],
         "max_workgroup_size": report["max_workgroup_size"],

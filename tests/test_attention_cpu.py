@@ -71,10 +71,10 @@ def test_cpu_ring_attention_equals_the_window_definition(heads, kv_heads, head_d
 
 def test_llvm_target_swaps_in_the_cpu_kernel():
     from targets import llvm
-    from voxc import build as vb
     from voxc.config import ModelConfig
+    from voxc.model.export import export_graph
 
-    mod, _ = vb.export_graph(ModelConfig.tiny(), llvm.TARGET)
+    mod, _ = export_graph(ModelConfig.tiny(), llvm.TARGET.graph_options())
     swapped = llvm.apply_cpu_attention(mod)
     funcs = {gv.name_hint: f for gv, f in swapped.functions_items() if gv.name_hint.startswith("ring_attention")}
     assert funcs and all(f.attrs and f.attrs.get("tirx.is_scheduled") for f in funcs.values())

@@ -108,11 +108,12 @@ def test_cuda_build_holds_a_fatbin_for_each_arch(cuda_artifact):
 
 @needs_nvcc
 def test_ring_attention_is_replaced_by_the_cuda_kernels():
-    from voxc import build as vb
+    from targets.passes import fuse_transpose_matmul, swap_ring_attention
     from voxc.config import ModelConfig
+    from voxc.model.export import export_graph
 
-    mod, _ = vb.export_graph(ModelConfig.tiny(), tc.TARGET)
-    out = tc.apply_cuda_kernels(tc.fuse_transpose_matmul(mod))
+    mod, _ = export_graph(ModelConfig.tiny(), tc.TARGET.graph_options())
+    out = swap_ring_attention(fuse_transpose_matmul(mod))
     names = {gv.name_hint for gv in out.get_global_vars()}
     assert not {n for n in names if n.startswith("ring_attention") and not n.endswith(("_partial", "_merge"))}
     assert {n for n in names if n.endswith("_partial")} and {n for n in names if n.endswith("_merge")}
@@ -122,8 +123,9 @@ def test_ring_attention_is_replaced_by_the_cuda_kernels():
 
 def test_static_entries_are_exported():
     from voxc.config import ModelConfig
+    from voxc.model.export import export_graph
 
-    mod, params = tc.TARGET.export_graph(ModelConfig.tiny())
+    mod, params = export_graph(ModelConfig.tiny(), tc.TARGET.graph_options())
     names = {gv.name_hint for gv in mod.get_global_vars()}
     assert {"decode", "decode_b1n1", "encode", "mel"} <= names
     assert "tokens: R.Tensor((1, 1)" in mod["decode_b1n1"].script()
@@ -164,7 +166,6 @@ def test_fatbin_arch_parser_on_synthetic_cubins():
 
     blob = b"junk" + tc.FATBIN_MAGIC + cubin(80) + b"pad" + cubin(90)
     assert tc.fatbin_archs(blob) == {"sm_80", "sm_90"}
-    assert np.array([1])[0] == 1
 
 
 @needs_nvcc
@@ -179,6 +180,8 @@ def test_ring_attention_kernels_compile_for_each_storage_dtype(dtype):
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
     tc.prepare_toolchain()
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host="llvm")
-    with target, tc.fatbin_compiler(("sm_90",)):
+    from targets.base import CompileReport
+    report = CompileReport()
+    with target, tc.fatbin_compiler(("sm_90",), report):
         tvm.compile(mod, target=target)        # nvcc raises a VoxcError on a broken kernel
-    assert "__global__" in tc.LAST_CUDA_SOURCE and "make_ulonglong4" not in tc.LAST_CUDA_SOURCE
+    assert "__global__" in report.device_source and "make_ulonglong4" not in report.device_source

@@ -57,8 +57,9 @@ def test_llvm_target_schedules_the_model_matmuls():
     from targets import llvm
     from targets.passes import fuse_transpose_matmul
     from voxc.config import ModelConfig
+    from voxc.model.export import export_graph
 
-    mod, _ = llvm.TARGET.export_graph(ModelConfig.tiny())
+    mod, _ = export_graph(ModelConfig.tiny(), llvm.TARGET.graph_options())
     out = llvm.schedule_dense_matmuls(fuse_transpose_matmul(mod))
     matmuls = {gv.name_hint: f for gv, f in out.functions_items() if gv.name_hint.startswith("NT_matmul")}
     scheduled = [name for name, f in matmuls.items() if f.attrs and f.attrs.get("tirx.is_scheduled")]

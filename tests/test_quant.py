@@ -24,8 +24,10 @@ from voxc.loader.names import expected_shapes, rope_rows, voxc_to_official
 from voxc.config import AudioConfig, DecoderConfig, EncoderConfig, ModelConfig
 from voxc.quant import formats
 from voxc.quant.formats import QType, QuantTensor, quantize, quantize_tensor
-from voxc.quant.gguf_io import read_gguf, write_voxc_gguf
-from voxc.quant.linear import QuantEmbedding, QuantLinear, kernel_target, pack_linear_weight
+from voxc.loader.gguf import read_gguf
+from voxc.model.quant_linear import QuantEmbedding, QuantLinear
+from voxc.quant.gguf_writer import write_voxc_gguf
+from voxc.quant.packing import pack_linear_weight
 
 QTYPES = [QType.Q4_0, QType.Q8_0, QType.Q4_K]
 GGML = {QType.Q4_0: GT.Q4_0, QType.Q8_0: GT.Q8_0, QType.Q4_K: GT.Q4_K}
@@ -255,8 +257,9 @@ def test_relax_builds_for_gpu_targets():
         assert f"gemm_q4_k_64x256_m_float32_{target.kind.name}" in names
         with target:   # once a CUDA runtime is loaded (tests/test_cuda.py), nvcc runs and needs the arch
             tvm.compile(mod, target=target)
-    with kernel_target("webgpu"):
-        mod, _ = Toy().export_tvm(spec={"forward": {"x": spec.Tensor([1, 256], "float32")}})
+    toy = Toy()
+    toy.lin.kernel_target = "webgpu"   # as voxc.model.quantization sets it for a build's target
+    mod, _ = toy.export_tvm(spec={"forward": {"x": spec.Tensor([1, 256], "float32")}})
     assert "gemv_q4_k_64x256_b1_float32_webgpu" in [gv.name_hint for gv in mod.get_global_vars()]
 
 
@@ -361,10 +364,11 @@ def test_cuda_kernels_compile_to_cubin():
         # With TVM's CUDA runtime loaded (after tests/test_cuda.py) the build compiles the source through
         # the nvcc callback, which records it; without, the module keeps the source itself.
         import targets.cuda as cuda_target
-        cuda_target.LAST_CUDA_SOURCE = None
-        with target, cuda_target.fatbin_compiler([arch]):
+        from targets.base import CompileReport
+        report = CompileReport()
+        with target, cuda_target.fatbin_compiler([arch], report):
             module = tvm.compile(tvm.IRModule(funcs), target=target)
-        source = cuda_target.LAST_CUDA_SOURCE or module.mod.imports[0].inspect_source("")
+        source = report.device_source or module.mod.imports[0].inspect_source("")
         assert len(re.findall(r"__global__ void[^;{]*\{", source)) == kernels   # definitions
         assert "__shfl_down_sync" in source            # GEMV rows reduce inside a warp
         assert "uint2" in source and "float4" in source   # vector loads: Q8_0 words, activations
@@ -754,6 +758,8 @@ def test_gpu_gemm_dispatches_one_row_to_the_gemv(target):
     else:
         tc.prepare_toolchain()
         target_obj = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host="llvm")
-        with target_obj, tc.fatbin_compiler(("sm_90",)):
+        from targets.base import CompileReport
+        report = CompileReport()
+        with target_obj, tc.fatbin_compiler(("sm_90",), report):
             tvm.compile(tvm.IRModule({"main": func}), target=target_obj)
-        assert tc.LAST_CUDA_SOURCE.count("__global__") >= 2
+        assert report.device_source.count("__global__") >= 2

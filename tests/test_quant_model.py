@@ -71,7 +71,7 @@ def test_community_gguf_builds_compute_the_dequantized_model(tmp_path, layout):
     weights = {n: (rng.standard_normal(s) * 0.05).astype(np.float32) for n, s in expected_shapes(cfg).items()}
     gguf_file = tmp_path / f"{layout}.gguf"
     _layout_file(gguf_file, layout, cfg, weights, np.random.default_rng(5))
-    from voxc.quant.gguf_io import read_gguf
+    from voxc.loader.gguf import read_gguf
     _, tensors, meta = read_gguf(gguf_file, config=cfg)
     dequantized = {name: value.dequantize() if hasattr(value, "dequantize") else np.asarray(value, np.float32)
                    for name, value in tensors}

@@ -29,6 +29,8 @@ import browser_harness  # noqa: E402
 
 from clips import espeak_wav, sine_with_noise  # noqa: E402
 from targets import webgpu  # noqa: E402
+from voxc import artifact  # noqa: E402
+from voxc.model import embedding  # noqa: E402
 
 HAVE_TOOLS = all(shutil.which(t) for t in ("emcc", "npm")) and browser_harness.find_chromium() is not None
 pytestmark = pytest.mark.skipif(not HAVE_TOOLS, reason="needs emcc, npm and chromium "
@@ -53,26 +55,16 @@ def _f32_b64(b64: str) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def built(tiny_ckpt_small_windows_dir, tmp_path_factory, monkeypatch_module):
+def built(tiny_ckpt_small_windows_dir, tmp_path_factory):
     """(web bundle, llvm artifact, seconds for the web build) of the same checkpoint, both through
     voxc.build.build: the webgpu one with the test's embedding block size and a fast wasm link."""
     from voxc.build import build
 
     out = tmp_path_factory.mktemp("webgpu_model")
-    monkeypatch_module.setattr(webgpu, "TARGET", webgpu.WebGPUTarget(
-        embedding_part_bytes=EMBEDDING_PART_BYTES, optimize_wasm=False))
-    t0 = time.perf_counter()
-    bundle = build(tiny_ckpt_small_windows_dir, "webgpu", out / "bundle", progress=False)
-    seconds = time.perf_counter() - t0
+    target = webgpu.WebGPUTarget(embedding_part_bytes=EMBEDDING_PART_BYTES, optimize_wasm=False)
+    bundle = build(tiny_ckpt_small_windows_dir, target, out / "bundle", progress=False)
     cpu = build(tiny_ckpt_small_windows_dir, "llvm", out / "cpu", progress=False)
-    return bundle, cpu, seconds
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
+    return bundle, cpu
 
 
 @pytest.fixture(scope="module")
@@ -183,12 +175,12 @@ def model_run(site, audio, profile, decode_cases):
 
 # ---- the bundle --------------------------------------------------------------------------------
 def test_bundle_layout(built):
-    bundle, _, seconds = built
-    manifest = json.loads((bundle / webgpu.BUNDLE_MANIFEST).read_text())
+    bundle, _ = built
+    manifest = json.loads((bundle / artifact.MANIFEST).read_text())
     for name in ("index.html", "demo.js", "demo.css", "capture-worklet.js", "voxc.js", "tvmjs.js", "model.wasm",
                  "tensor-cache.json", "tokenizer.json", "voxc-artifact.json"):
         assert (bundle / name).is_file(), name
-    assert manifest["format"] == webgpu.MODEL_BUNDLE_FORMAT and manifest["kind"] == "voxtral-realtime"
+    assert manifest["format"] == artifact.FORMAT_VERSION and manifest["kind"] == "voxtral-realtime"
     assert manifest["param_mode"] == "packed" and manifest["model_dtype"] == "float32"
     assert manifest["mel_dtype"] == "float32"
     assert manifest["required_features"] == []
@@ -212,7 +204,6 @@ def test_bundle_layout(built):
 
     with pytest.raises(VoxcError, match="web bundle"):
         voxc.load(bundle)
-    assert seconds < 120
 
 
 def test_tokenizer_table_matches_voxc_tokenizer(built, cpu_model):
@@ -225,13 +216,13 @@ def test_tokenizer_table_matches_voxc_tokenizer(built, cpu_model):
 
 
 def test_split_embedding_bounds():
-    rows = webgpu.embedding_part_rows(131072, 3072, "float32", webgpu.EMBEDDING_PART_BYTES)
-    parts = webgpu.embedding_part_bounds(131072, rows)
+    rows = embedding.embedding_part_rows(131072, 3072, "float32", webgpu.EMBEDDING_PART_BYTES)
+    parts = embedding.embedding_part_bounds(131072, rows)
     assert parts[0][0] == 0 and parts[-1][1] == 131072
     assert all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
     assert max(e - s for s, e in parts) * 3072 * 4 <= webgpu.EMBEDDING_PART_BYTES
     assert len(parts) == 13   # 1.5 GB of f32 rows in 13 buffers of <= 128 MiB
-    assert webgpu.embedding_part_rows(1268, 48, "float32", webgpu.EMBEDDING_PART_BYTES) is None
+    assert embedding.embedding_part_rows(1268, 48, "float32", webgpu.EMBEDDING_PART_BYTES) is None
 
 
 # ---- streaming in the browser vs the CPU --------------------------------------------------------
@@ -310,14 +301,6 @@ def test_resampler(model_run):
         assert float(np.max(np.abs(y[edge:-edge] - want[edge:-edge]))) < 2e-3
 
 
-def test_browser_timings(model_run):
-    """Load and streaming stay within a test budget on SwiftShader (a CPU; a GPU is far faster)."""
-    timings = f"load {model_run['loadMs']:.0f} ms, streams {[round(g['ms']) for g in model_run['streams']]} ms"
-    assert model_run["loadMs"] < 90_000, timings
-    for got in model_run["streams"]:
-        assert got["ms"] < 60_000, timings
-
-
 # ---- the demo page -------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def demo_run(site, audio, profile, model_run, tmp_path_factory):
@@ -372,9 +355,9 @@ def _demo_error(bundle: Path, tmp_path: Path, *, flags=None, manifest_patch=None
     if manifest_patch:
         served = tmp_path / "bundle"
         shutil.copytree(bundle, served)
-        manifest = json.loads((served / webgpu.BUNDLE_MANIFEST).read_text())
+        manifest = json.loads((served / artifact.MANIFEST).read_text())
         manifest_patch(manifest)
-        (served / webgpu.BUNDLE_MANIFEST).write_text(json.dumps(manifest))
+        (served / artifact.MANIFEST).write_text(json.dumps(manifest))
     with browser_harness.PageServer({"/": served}) as server:
         result = browser_harness.run_page(server, server.url("index.html?report=/result"), flags=flags, timeout=60)
         gets = server.gets("/")

@@ -188,11 +188,14 @@ def file_record(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
 
 
-def write_manifest(directory: Path, manifest: dict) -> dict:
-    """Record size and SHA-256 of every other file in ``directory`` and write the manifest."""
+def write_manifest(directory: Path, manifest: dict, *, hashes: bool = True) -> dict:
+    """Record size and SHA-256 of every other file in ``directory`` and write the manifest.
+    ``hashes=False`` records sizes only (weights written on a benchmark machine: load those with
+    ``verify="size"``)."""
     directory = Path(directory)
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {**manifest, "files": {p.relative_to(directory).as_posix(): file_record(p) for p in files}}
+    manifest = {**manifest, "files": {p.relative_to(directory).as_posix():
+                                      file_record(p) if hashes else {"bytes": p.stat().st_size} for p in files}}
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 

@@ -11,8 +11,10 @@ block, so no kernel needs more than a handful of storage bindings (WebGPU's defa
 from __future__ import annotations
 
 import numpy as np
+from tvm import relax
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
+from tvm.relax.frontend.nn.core import wrap_nested
 
 from schedules.embedding_parts import gather_rows_func, write_columns_func
 from voxc.model.quant_linear import QuantEmbedding
@@ -26,7 +28,10 @@ class DenseEmbedding(nn.Module):
         self.weight = nn.Parameter((vocab_size, dim), dtype)
 
     def lookup(self, ids: nn.Tensor) -> nn.Tensor:
-        flat = op.take(self.weight, op.reshape(ids, (_numel(ids.shape),)), axis=0)
+        # mode "clip": an id outside the table reads its last row instead of memory past it (TVM's
+        # default "fast" mode does no bounds check, and warns at every build)
+        flat_ids = op.reshape(ids, (_numel(ids.shape),))
+        flat = wrap_nested(relax.op.take(self.weight._expr, flat_ids._expr, axis=0, mode="clip"), name="take")
         return op.reshape(flat, list(ids.shape) + [self.weight.shape[1]])
 
     def project(self, hidden: nn.Tensor) -> nn.Tensor:

@@ -75,8 +75,7 @@ class CompiledModel:
         self._encode_stages = self.vm["encode_stages"]
         self._decode = self.vm["decode"]
         # Targets may add a static-shape copy of decode for one stream and one token (faster kernels).
-        self._decode_single = _optional_function(self.vm, DECODE_B1N1.name)
-        self._encode_single = _optional_function(self.vm, ENCODE_B1T8.name)   # llvm: one stream, 80 ms
+        self.use_static_entries(True)
         self._encode_single_mel = (1, self.config.encoder.num_mel_bins, ENCODE_B1T8.dim("t"))
         self._view = runtime.ffi.get_global_func("runtime.TVMTensorCreateView")
         self.slots = SlotPool(max_streams)
@@ -104,6 +103,17 @@ class CompiledModel:
         if kind == "cpu":
             check_cpu_isa(artifact_dir, manifest.get("cpu"))
         return cls(artifact_dir, manifest, Runtime(kind), int(max_streams), progress)
+
+    @property
+    def functions(self) -> list[str]:
+        """The artifact's entry points (voxc.artifact.ENTRY_POINTS and the target's static copies)."""
+        return list(self.manifest["functions"])
+
+    def use_static_entries(self, enabled: bool = True) -> None:
+        """Run one-stream steps through the static-shape entries (decode_b1n1, encode_b1t8) where the
+        artifact has them (the default), or always through the generic ones (to compare the two)."""
+        self._decode_single = _optional_function(self.vm, DECODE_B1N1.name) if enabled else None
+        self._encode_single = _optional_function(self.vm, ENCODE_B1T8.name) if enabled else None
 
     # ---- streaming --------------------------------------------------------------------------
     def stream(self, delay_ms: int | None = None, *, left_pad_tokens: int | None = None):
