@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import shutil
 import subprocess
 from pathlib import Path
@@ -301,5 +302,9 @@ def test_compiles_for_gpu_targets(target, host, compute_dtype):
     target = tvm.target.Target(target, host=host)
     with target:  # once a CUDA runtime is loaded (tests/test_cuda.py), nvcc runs and needs the arch
         executable = tvm.compile(mod, target=target)
-    assert executable is not None
+    # device code for the target: the host module imports a module of the target's kind holding kernels
+    device = [m for m in executable.mod.imports if m.kind == target.kind.name]
+    assert device, [m.kind for m in executable.mod.imports]
+    if target.kind.name == "webgpu":
+        assert len(json.loads(device[0].inspect_source("func_info"))) >= 3   # framing, DFT, filters + log
 
