@@ -18,6 +18,11 @@ embeddings not yet consumed by the decoder.
 call per group of equal-length windows and one batched decode call for all streams past their
 prompt.  ``feed`` on a single stream is that with a batch of one; a server queues the chunks of
 all its streams with :meth:`StreamingSession.queue` and calls :func:`advance` once per tick.
+
+A session runs for as long as audio comes: it keeps only the last :data:`TOKEN_HISTORY` tokens in
+``tokens`` (``token_count`` counts them all), so an hours-long stream does not grow.  Text leaves
+with the decoder position of the token that completed it (:meth:`StreamingSession.take_pieces`),
+from which a server derives timestamps (``voxc.server.timestamps``).
 """
 from __future__ import annotations
 
@@ -29,6 +34,9 @@ from voxc.artifact import MAX_TOKENS_PER_ENCODE, RIGHT_PAD_BUFFER_TOKENS, check_
 from voxc.errors import VoxcError
 from voxc.runtime.framing import StreamingMelFramer
 
+# Tokens a session keeps in ``tokens`` (409 s of audio at 80 ms a token): tests compare the whole
+# list for short clips; a stream that runs for hours keeps its memory flat.
+TOKEN_HISTORY = 4096
 
 
 class StreamingSession:
@@ -45,13 +53,14 @@ class StreamingSession:
         self.text = tok.incremental_decoder()
         self.record_logits = record_logits
         self.logits: list[np.ndarray] = []
-        self.tokens: list[int] = []
+        self.tokens: list[int] = []     # the last TOKEN_HISTORY tokens emitted
+        self.token_count = 0             # all tokens emitted (EOS included)
 
         self.slot = model.slots.acquire()
         model.reset_slot(self.slot)
         self._framer = StreamingMelFramer(cfg.audio, frames_per_step=cfg.audio.mel_frames_per_token)
         self._windows: deque[np.ndarray] = deque()   # framed PCM waiting for the encoder
-        self._pending_text: list[str] = []
+        self._pending_text: list[tuple[str, int]] = []   # (text, decoder position that emitted it)
         self._encoder_frames = 0         # encoder positions consumed so far
         self._audio_tokens = 0           # audio embeddings in this stream's ring so far
         self._position = 0               # next decoder position
@@ -105,8 +114,20 @@ class StreamingSession:
             self._windows.append(window)
 
     def take_text(self) -> str:
-        text, self._pending_text = "".join(self._pending_text), []
-        return text
+        return "".join(text for text, _ in self.take_pieces())
+
+    def take_pieces(self) -> list[tuple[str, int]]:
+        """The text decoded since the last take, as ``(text, position)`` per token that completed some:
+        ``position`` is the decoder position whose output the token was (the first text token comes
+        from position ``len(prompt) - 1``).  Tokens that complete no text (control tokens, the first
+        bytes of a multi-byte character) are left out; their bytes arrive with a later piece."""
+        pieces, self._pending_text = self._pending_text, []
+        return pieces
+
+    @property
+    def samples_fed(self) -> int:
+        """Samples of audio queued so far (without the silence padding)."""
+        return self._samples_fed
 
     def __del__(self):
         if not getattr(self, "finished", True) and hasattr(self, "slot"):
@@ -146,11 +167,16 @@ class StreamingSession:
         if self.record_logits:
             self.logits.append(logits_row())
         self.tokens.append(token)
+        if len(self.tokens) > TOKEN_HISTORY:
+            del self.tokens[0]
+        self.token_count += 1
         self._last_token = token
         if token == self.eos_id:
             self._ended = True
         else:
-            self._pending_text.append(self.text.push(token))
+            text = self.text.push(token)
+            if text:
+                self._pending_text.append((text, self._position - 1))
 
 
 def advance(sessions: list[StreamingSession]) -> None:
