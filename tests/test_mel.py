@@ -303,8 +303,12 @@ def test_compiles_for_gpu_targets(target, host, compute_dtype):
     with target:  # once a CUDA runtime is loaded (tests/test_cuda.py), nvcc runs and needs the arch
         executable = tvm.compile(mod, target=target)
     # device code for the target: the host module imports a module of the target's kind holding kernels
-    device = [m for m in executable.mod.imports if m.kind == target.kind.name]
-    assert device, [m.kind for m in executable.mod.imports]
+    modules, stack = [], [executable.mod]
+    while stack:
+        modules.append(stack.pop())
+        stack.extend(modules[-1].imports)
+    device = [m for m in modules if m.kind == target.kind.name]
+    assert device, [m.kind for m in modules]
     if target.kind.name == "webgpu":
         assert len(json.loads(device[0].inspect_source("func_info"))) >= 3   # framing, DFT, filters + log
 

@@ -38,7 +38,7 @@ def test_gguf_build_equals_direct_quantized_build(tmp_path, tiny_ckpt_dir, qtype
     build(tiny_ckpt_dir, "llvm", tmp_path / "direct", progress=False, quantization=qtype)
     manifest = json.loads((tmp_path / "from_gguf" / "voxc-artifact.json").read_text())
     assert manifest["quantization"] == qtype
-    assert manifest["left_pad_tokens"] == (76 if qtype == "q4_0" else 32)
+    assert manifest["streaming"]["left_pad_tokens"] == (76 if qtype == "q4_0" else 32)
     audio = sine_with_noise(seconds=2.0)
     text, tokens, logits = run(tmp_path / "from_gguf", audio)
     direct_text, direct_tokens, direct_logits = run(tmp_path / "direct", audio)

@@ -7,7 +7,6 @@ interrupted build leaves no debris and an earlier artifact at the same path unto
 """
 from __future__ import annotations
 
-import collections
 import dataclasses
 import os
 import shutil
@@ -19,17 +18,9 @@ import numpy as np
 
 from voxc import artifact
 from voxc.errors import VoxcError
+from voxc.quant import StorageChoice
 
 DTYPES = ("float32", "float16")
-
-
-@dataclasses.dataclass(frozen=True)
-class StorageChoice:
-    """How one projection weight is stored, and why when that is not what was asked for."""
-    name: str
-    requested: str
-    stored: str
-    reason: str
 
 
 def build(checkpoint: str | Path, target, out_dir: str | Path, *, progress: bool = True,
@@ -54,7 +45,7 @@ def build(checkpoint: str | Path, target, out_dir: str | Path, *, progress: bool
     from voxc.loader.source import WeightSource
     from voxc.model.export import export_graph
     from voxc.model.quantization import QuantPlan
-    from voxc.quant import QType
+    from voxc.quant import QType, print_storage_table
     from voxc.tokenizer import Tokenizer
 
     log = _Log(progress)
@@ -91,11 +82,12 @@ def build(checkpoint: str | Path, target, out_dir: str | Path, *, progress: bool
     default_delay_ms = int(tok.transcription_delay_ms or artifact.DEFAULT_DELAY_MS)
     artifact.delay_tokens(default_delay_ms, source.config.audio)   # a tokenizer with an untrained delay fails here
     choices = storage_choices(source, quant, overrides)
-    print_storage_table(choices, quant, progress)
-    if strict_quantization and any(c.reason for c in choices):
-        bad = next(c for c in choices if c.reason)
-        raise VoxcError(f"{bad.name} cannot be stored as {bad.requested}: {bad.reason} (drop --strict-quantization "
-                        f"to store such weights as voxc's table shows)")
+    odd = [c for c in choices if c.reason]
+    if strict_quantization and odd:
+        raise VoxcError(f"{odd[0].name} cannot be stored as {odd[0].requested}: {odd[0].reason} ({len(odd)} such "
+                        f"weights; without --strict-quantization they are stored as the build's table shows)")
+    if progress:
+        print_storage_table(choices, quant)
 
     log.step(f"exporting the graph for {target.name}" + (f", weights {quant}" if quant else "")
              + f", {target.model_dtype}")
@@ -217,16 +209,6 @@ def storage_choices(source, quant: str | None, overrides: dict) -> list[StorageC
         choices.append(StorageChoice(name, requested.name, label, reason))
     return choices
 
-
-def print_storage_table(choices: list[StorageChoice], quant: str | None, enabled: bool) -> None:
-    """Count of weights per stored type, and every weight stored otherwise than asked, with why."""
-    if not choices or not enabled:
-        return
-    counts = collections.Counter(c.stored for c in choices)
-    print(f"weights ({quant} requested): " + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())), file=sys.stderr)
-    for c in choices:
-        if c.reason:
-            print(f"  {c.name}: {c.stored} ({c.reason})", file=sys.stderr)
 
 
 def _voxc_version() -> str:

@@ -3,6 +3,10 @@
 voxc.model.quant_linear; GGUF files are read by voxc.loader.gguf."""
 from __future__ import annotations
 
+import collections
+import dataclasses
+import sys
+
 from voxc.quant.formats import QType
 
 
@@ -30,3 +34,24 @@ def weight_storage(name: str, in_features: int, qtype: QType | str | None, overr
     if overrides and name in overrides:
         return overrides[name]
     return linear_storage(in_features, qtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageChoice:
+    """How one projection weight is stored, and why when that is not what was asked for."""
+    name: str
+    requested: str
+    stored: str
+    reason: str = ""
+
+
+def print_storage_table(choices: list[StorageChoice], requested: str | None, file=None) -> None:
+    """Count of weights per stored type, and every weight stored otherwise than asked, with why."""
+    if not choices:
+        return
+    file = file or sys.stderr
+    counts = collections.Counter(c.stored for c in choices)
+    print(f"weights ({requested} requested): " + ", ".join(f"{n} {t}" for t, n in sorted(counts.items())), file=file)
+    for c in choices:
+        if c.reason:
+            print(f"  {c.name}: {c.stored} ({c.reason})", file=file)

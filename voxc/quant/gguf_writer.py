@@ -20,6 +20,7 @@ from voxc.config import ModelConfig
 from voxc.errors import VoxcError
 from voxc.loader.gguf import FORMAT_VERSION, VOXC_ARCH
 from voxc.loader.names import QUANTIZED_WEIGHT, expected_shapes
+from voxc.quant import StorageChoice
 from voxc.quant.formats import QType, quantize
 
 _CONV = re.compile(r"^enc\.conv[01]\.weight$")
@@ -36,6 +37,21 @@ def voxc_storage_type(name: str, shape: tuple[int, ...], qtype: QType) -> str:
     if _CONV.match(name):
         return "F16"
     return "F32"
+
+
+def storage_plan(config: ModelConfig, qtype: QType | str) -> list[StorageChoice]:
+    """How ``write_voxc_gguf`` stores each projection weight of ``config`` for ``qtype``, and why a
+    weight gets another type."""
+    qtype = QType.parse(qtype)
+    out = []
+    for name, shape in expected_shapes(config).items():
+        if not QUANTIZED_WEIGHT.match(name) or len(shape) != 2:
+            continue
+        kind = voxc_storage_type(name, tuple(shape), qtype)
+        reason = "" if kind == qtype.name else (f"its rows of {shape[1]} are not a multiple of {qtype.name}'s "
+                                                f"{qtype.block_size}-value blocks")
+        out.append(StorageChoice(name, qtype.name, kind, reason))
+    return out
 
 
 def write_voxc_gguf(checkpoint_tensors: Mapping[str, np.ndarray], config: ModelConfig,

@@ -124,6 +124,10 @@ class CompiledModel:
 
     def transcribe(self, audio, delay_ms: int | None = None) -> str:
         """Whole-clip transcription: the streaming session fed all audio at once (same numbers)."""
+        from voxc.runtime.session import check_pcm
+
+        if check_pcm(audio).size == 0:
+            raise VoxcError("the audio is empty: nothing to transcribe")
         session = self.stream(delay_ms)
         text = session.feed(audio)
         return text + session.finish()

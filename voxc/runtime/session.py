@@ -26,6 +26,7 @@ from which a server derives timestamps (``voxc.server.timestamps``).
 """
 from __future__ import annotations
 
+import os
 from collections import defaultdict, deque
 
 import numpy as np
@@ -93,7 +94,7 @@ class StreamingSession:
         """Add PCM without computing anything yet (a server calls :func:`advance` for all its streams)."""
         if self.finished or self._final_tokens is not None:
             raise VoxcError("this stream is finished; start a new one with model.stream()")
-        pcm = np.zeros(0, np.float32) if pcm is None else _check_pcm(pcm)
+        pcm = np.zeros(0, np.float32) if pcm is None else check_pcm(pcm)
         if not _padding:
             self._samples_fed += pcm.shape[0]
         step = MAX_TOKENS_PER_ENCODE * self.samples_per_token
@@ -232,7 +233,10 @@ def _decode_ready(model, sessions) -> bool:
     return bool(ready)
 
 
-def _check_pcm(pcm) -> np.ndarray:
+def check_pcm(pcm) -> np.ndarray:
+    if isinstance(pcm, (str, bytes, os.PathLike)):
+        raise VoxcError(f"feed() and transcribe() take PCM samples, not a file name ({pcm!r}); read the file with "
+                        f"voxc.audio.load_audio(path), which also resamples it to 16 kHz mono")
     array = np.asarray(pcm)
     if array.ndim != 1:
         raise VoxcError(f"feed() takes mono PCM as a 1-D array, got shape {array.shape}")
