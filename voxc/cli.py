@@ -122,10 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _extra_commands():
-    """Subcommands whose implementation lives with their subsystem (quantization)."""
+    """Subcommands whose implementation lives with their subsystem (quantization, the server)."""
     from voxc.quant import cli as quant_cli
+    from voxc.server import cli as server_cli
 
-    return [quant_cli.register]
+    return [quant_cli.register, server_cli.register]
 
 
 # ---- commands -----------------------------------------------------------------------------------
