@@ -12,6 +12,7 @@ import io
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -239,6 +240,44 @@ def test_openai_24khz_default_and_beta_events(server, offline):
 
     check_transcript(run(openai_client(server.url, pcm24, rate=24000, chunk=4000)), want, 2.1)
     check_transcript(run(beta()), want, 2.1)
+
+
+def test_openai_g711_and_delay_levels(server, offline):
+    from voxc.audio import load_audio
+    from voxc.server.protocol import decode_audio
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            import audioop  # the stdlib's G.711 codec (Python < 3.13) checks voxc's tables
+        raw = bytes(range(256))
+        for law, expand in (("ulaw", audioop.ulaw2lin), ("alaw", audioop.alaw2lin)):
+            want = np.frombuffer(expand(raw, 2), "<i2") / 32768
+            assert np.array_equal(decode_audio(base64.b64encode(raw).decode(), law), want)
+    except ImportError:
+        pass
+    ulaw = np.random.default_rng(11).integers(0, 256, 8000 * 2, dtype=np.uint8).tobytes()   # 2 s of noise at 8 kHz
+    want = offline(load_audio(decode_audio(base64.b64encode(ulaw).decode(), "ulaw"), sample_rate=8000), 240)
+
+    async def main():
+        async with aiohttp.ClientSession() as http, http.ws_connect(server.url + "/v1/realtime?intent=transcription") as ws:
+            await next_event(ws)
+            await ws.send_json({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+                "format": {"type": "audio/pcmu"}, "transcription": {"model": "voxtral", "delay": "low"}}}}})
+            updated = await next_event(ws)
+            await ws.send_json({"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
+                "transcription": {"delay": "sometime"}}}}})
+            bad = await next_event(ws)
+            for i in range(0, len(ulaw), 1000):
+                await ws.send_json({"type": "input_audio_buffer.append", "audio": base64.b64encode(ulaw[i:i + 1000]).decode()})
+            await ws.send_json({"type": "input_audio_buffer.commit"})
+            return updated, bad, await until(ws, {OAI_DONE, "error"})
+
+    updated, bad, events = run(main())
+    assert updated["session"]["audio"]["input"]["format"] == {"type": "audio/pcmu", "rate": 8000}
+    assert updated["session"]["delay_ms"] == 240
+    assert bad["type"] == "error" and bad["error"]["code"] == "invalid_delay"
+    check_transcript(events, want, 2.0)
 
 
 def test_vllm_utterances_delay_and_detection_without_update(server, offline):

@@ -102,7 +102,7 @@ def create_app(model, config: ServerConfig | None = None) -> web.Application:
 class Utterance:
     """One stream of a connection: its item id, text so far and segments."""
 
-    def __init__(self, conn: "Connection", rate: int):
+    def __init__(self, conn: "Connection", codec: str, rate: int):
         self.conn = conn
         self.item_id = "item_" + uuid.uuid4().hex[:20]
         self.text: list[str] = []
@@ -112,6 +112,7 @@ class Utterance:
         if rate != 16000:
             import soxr
             self.resampler = soxr.ResampleStream(rate, 16000, 1, dtype="float32", quality="HQ")
+        self.codec = codec
         self.samples = 0
 
     def append(self, pcm: np.ndarray) -> None:
@@ -166,7 +167,7 @@ class Connection:
         self.beta = "realtime=v1" in request.headers.get("OpenAI-Beta", "")
         self.id = "sess_" + uuid.uuid4().hex[:20]
         self.delay_ms = state.default_delay_ms
-        self.rate: int | None = None         # client PCM rate; None: the protocol's default
+        self.format: tuple[str, int] | None = None   # client (codec, rate); None: the protocol's default
         self.model = state.model_name
         self.utterance: Utterance | None = None
         self.previous_item_id: str | None = None
@@ -279,12 +280,17 @@ class Connection:
             self.error(str(exc), code, event)
 
     def _session_object(self) -> dict:
-        rate = self.rate or (P.OPENAI_DEFAULT_RATE if self.protocol == P.OPENAI else P.VLLM_RATE)
-        return P.session_object(self.id, model=self.model, delay_ms=self.delay_ms, rate=rate, protocol=self.protocol)
+        codec, rate = self._input_format()
+        return P.session_object(self.id, model=self.model, delay_ms=self.delay_ms, codec=codec, rate=rate,
+                                protocol=self.protocol)
 
     def _update(self, event: dict) -> None:
-        delay = P.find_delay_ms(event)
-        rate = P.find_input_rate(event) if self.protocol == P.OPENAI else None
+        try:
+            delay = P.find_delay_ms(event)
+        except VoxcError as exc:
+            self.error(str(exc), "invalid_delay", event)
+            return
+        fmt = P.find_input_format(event) if self.protocol == P.OPENAI else None
         if delay is not None:
             try:
                 delay_tokens(delay, self.state.model.config.audio)
@@ -292,8 +298,8 @@ class Connection:
                 self.error(str(exc), "invalid_delay", event)
                 return
             self.delay_ms = int(delay)
-        if rate is not None:
-            self.rate = rate
+        if fmt is not None:
+            self.format = fmt
         model = event.get("model")
         if isinstance(model, str):
             self.model = model
@@ -302,15 +308,16 @@ class Connection:
                 else "session.updated"
             self.send({"type": kind, "event_id": P.event_id(), "session": self._session_object()})
 
-    def _input_rate(self) -> int:
-        return self.rate or (P.OPENAI_DEFAULT_RATE if self.protocol == P.OPENAI else P.VLLM_RATE)
+    def _input_format(self) -> tuple[str, int]:
+        return self.format or ("pcm16", P.OPENAI_DEFAULT_RATE if self.protocol == P.OPENAI else P.VLLM_RATE)
 
     async def _append(self, event: dict) -> None:
-        pcm = P.decode_pcm16(event.get("audio"))
+        codec = self.utterance.codec if self.utterance is not None else self._input_format()[0]
+        pcm = P.decode_audio(event.get("audio"), codec)
         if pcm.size == 0:
             return
         if self.utterance is None:
-            self.utterance = Utterance(self, self._input_rate())
+            self.utterance = Utterance(self, *self._input_format())
         self.utterance.append(pcm)
         await self.utterance.stream.wait_room()
 
@@ -327,7 +334,7 @@ class Connection:
             return
         if not event.get("final"):
             if self.utterance is None:      # vLLM: a commit starts the utterance
-                self.utterance = Utterance(self, self._input_rate())
+                self.utterance = Utterance(self, *self._input_format())
             return
         if self.utterance is None:
             self.send({"type": "transcription.done", "text": "", "segments": [], "duration": 0.0,
