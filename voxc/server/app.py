@@ -160,11 +160,15 @@ class Utterance:
 
 
 class Connection:
-    def __init__(self, state: ServerState, ws: web.WebSocketResponse, request: web.Request):
+    """One websocket client.  ``ws`` is aiohttp's WebSocketResponse or anything with the same
+    ``receive(timeout)``, ``send_str``, ``close(code, message)`` and ``closed`` (voxc.server.ray_app's
+    ASGI adapter); ``query`` and ``headers`` are the upgrade request's."""
+
+    def __init__(self, state: ServerState, ws, query, headers):
         self.state = state
         self.ws = ws
-        self.protocol = P.OPENAI if request.query.get("intent") == "transcription" else None
-        self.beta = "realtime=v1" in request.headers.get("OpenAI-Beta", "")
+        self.protocol = P.OPENAI if query.get("intent") == "transcription" else None
+        self.beta = "realtime=v1" in headers.get("OpenAI-Beta", "")
         self.id = "sess_" + uuid.uuid4().hex[:20]
         self.delay_ms = state.default_delay_ms
         self.format: tuple[str, int] | None = None   # client (codec, rate); None: the protocol's default
@@ -359,66 +363,82 @@ async def realtime_handler(request: web.Request) -> web.WebSocketResponse:
     state = request.app[STATE]
     ws = web.WebSocketResponse(max_msg_size=state.config.hard_message_bytes, heartbeat=None)
     await ws.prepare(request)
-    await Connection(state, ws, request).run()
+    await Connection(state, ws, request.query, request.headers).run()
     return ws
 
 
 # ---- file transcription ------------------------------------------------------------------------
-def _http_error(status: int, message: str, code: str, param: str | None = None) -> web.Response:
-    return web.json_response({"error": {"message": message, "type": "invalid_request_error" if status < 500
-                                        else "server_error", "param": param, "code": code}}, status=status)
+@dataclass
+class Reply:
+    """An HTTP answer, independent of the web framework serving it."""
+    status: int
+    content_type: str
+    body: str
+
+    @classmethod
+    def error(cls, status: int, message: str, code: str, param: str | None = None) -> "Reply":
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        return cls(status, "application/json", _dumps({"error": {"message": message, "type": kind, "param": param,
+                                                                  "code": code}}))
 
 
 async def transcriptions_handler(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     if not request.content_type.startswith("multipart/"):
-        return _http_error(400, "send the audio as multipart/form-data with a 'file' field", "invalid_request")
+        return _response(Reply.error(400, "send the audio as multipart/form-data with a 'file' field",
+                                     "invalid_request"))
     fields: dict[str, str] = {}
-    tmp_dir = tempfile.TemporaryDirectory(prefix="voxc-upload-")
-    try:
+    with tempfile.TemporaryDirectory(prefix="voxc-upload-") as tmp:
         upload = None
         reader = await request.multipart()
         async for part in reader:
             if part.name == "file":
-                suffix = Path(part.filename or "audio").suffix[:16]
-                upload = Path(tmp_dir.name) / f"upload{suffix}"
+                upload = Path(tmp) / f"upload{Path(part.filename or 'audio').suffix[:16]}"
                 size = 0
                 with open(upload, "wb") as f:
                     while chunk := await part.read_chunk(1 << 16):
                         size += len(chunk)
                         if size > state.config.max_upload_bytes:
-                            return _http_error(413, f"the file is larger than {state.config.max_upload_bytes} bytes",
-                                               "file_too_large", "file")
+                            return _response(Reply.error(413, f"the file is larger than {state.config.max_upload_bytes}"
+                                                              f" bytes", "file_too_large", "file"))
                         f.write(chunk)
             elif part.name:
                 value = await part.read(decode=True)
                 if len(value) > 4096:
-                    return _http_error(400, f"form field {part.name!r} is too long", "invalid_request", part.name)
+                    return _response(Reply.error(400, f"form field {part.name!r} is too long", "invalid_request",
+                                                 part.name))
                 fields[part.name] = value.decode("utf-8", errors="replace")
-        if upload is None:
-            return _http_error(400, "the form has no 'file' field with the audio", "invalid_request", "file")
-        fmt = fields.get("response_format", "json")
-        if fmt not in RESPONSE_FORMATS:
-            return _http_error(400, f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, not {fmt!r}",
-                               "invalid_request", "response_format")
-        delay_ms = state.default_delay_ms
-        if "delay_ms" in fields:
-            try:
-                delay_ms = int(fields["delay_ms"])
-                delay_tokens(delay_ms, state.model.config.audio)
-            except (ValueError, VoxcError) as exc:
-                return _http_error(400, str(exc), "invalid_delay", "delay_ms")
-        from voxc.audio import load_audio
+        return _response(await transcribe_upload(state, upload, fields))
+
+
+def _response(reply: Reply) -> web.Response:
+    return web.Response(status=reply.status, text=reply.body, content_type=reply.content_type)
+
+
+async def transcribe_upload(state: ServerState, upload: Path | None, fields: dict[str, str]) -> Reply:
+    """OpenAI's /v1/audio/transcriptions on an uploaded file (``fields``: the other form fields)."""
+    if upload is None:
+        return Reply.error(400, "the form has no 'file' field with the audio", "invalid_request", "file")
+    fmt = fields.get("response_format", "json")
+    if fmt not in RESPONSE_FORMATS:
+        return Reply.error(400, f"response_format must be one of {', '.join(RESPONSE_FORMATS)}, not {fmt!r}",
+                           "invalid_request", "response_format")
+    delay_ms = state.default_delay_ms
+    if "delay_ms" in fields:
         try:
-            pcm = await asyncio.get_running_loop().run_in_executor(None, load_audio, str(upload))
-        except VoxcError as exc:
-            return _http_error(400, str(exc).replace(str(upload), repr(upload.name)), "invalid_audio", "file")
-    finally:
-        tmp_dir.cleanup()
+            delay_ms = int(fields["delay_ms"])
+            delay_tokens(delay_ms, state.model.config.audio)
+        except (ValueError, VoxcError) as exc:
+            return Reply.error(400, str(exc), "invalid_delay", "delay_ms")
+    from voxc.audio import load_audio
+    try:
+        pcm = await asyncio.get_running_loop().run_in_executor(None, load_audio, str(upload))
+    except VoxcError as exc:
+        return Reply.error(400, str(exc).replace(str(upload), repr(upload.name)), "invalid_audio", "file")
 
     engine = state.engine
     if not engine.try_lease():
-        return _http_error(503, f"the server is full: all {state.config.max_sessions} sessions are in use; "
+        return Reply.error(503, f"the server is full: all {state.config.max_sessions} sessions are in use; "
                                 f"try again later", "server_full")
     done = asyncio.get_running_loop().create_future()
     pieces, segmenter = [], Segmenter()
@@ -440,7 +460,7 @@ async def transcriptions_handler(request: web.Request) -> web.StreamResponse:
         stream.end()
         out = await done
     except VoxcError as exc:
-        return _http_error(500, f"transcription failed: {exc}", "server_error")
+        return Reply.error(500, f"transcription failed: {exc}", "server_error")
     finally:
         if not stream.finished:
             stream.abort()
@@ -448,17 +468,17 @@ async def transcriptions_handler(request: web.Request) -> web.StreamResponse:
     text = "".join(pieces)
     duration = round(out.duration, 3)
     if fmt == "text":
-        return web.Response(text=text, content_type="text/plain")
+        return Reply(200, "text/plain", text)
     if fmt == "srt":
-        return web.Response(text=to_srt(segmenter.segments), content_type="application/x-subrip")
+        return Reply(200, "application/x-subrip", to_srt(segmenter.segments))
     if fmt == "vtt":
-        return web.Response(text=to_vtt(segmenter.segments), content_type="text/vtt")
+        return Reply(200, "text/vtt", to_vtt(segmenter.segments))
     usage = {"type": "duration", "seconds": duration}
     if fmt == "json":
-        return web.json_response({"text": text, "usage": usage}, dumps=_dumps)
+        return Reply(200, "application/json", _dumps({"text": text, "usage": usage}))
     segments = [{**s, "seek": 0} for s in segmenter.as_dicts()]
-    return web.json_response({"task": "transcribe", "language": None, "duration": duration, "text": text,
-                              "segments": segments, "usage": usage}, dumps=_dumps)
+    return Reply(200, "application/json", _dumps({"task": "transcribe", "language": None, "duration": duration,
+                                                  "text": text, "segments": segments, "usage": usage}))
 
 
 def _dumps(obj) -> str:
@@ -479,13 +499,16 @@ def _status(state: ServerState) -> dict:
             "active_streams": engine.active_streams(), "uptime_s": round(time.time() - state.started, 1)}
 
 
-async def health_handler(request: web.Request) -> web.Response:
-    state = request.app[STATE]
+def health(state: ServerState) -> tuple[int, dict]:
     engine = state.engine
     if engine.worker_error is not None or not engine.alive:
-        return web.json_response({"status": "error", "error": "the model worker is not running",
-                                  **_status(state)}, status=503)
-    return web.json_response({"status": "ok", **_status(state)})
+        return 503, {"status": "error", "error": "the model worker is not running", **_status(state)}
+    return 200, {"status": "ok", **_status(state)}
+
+
+async def health_handler(request: web.Request) -> web.Response:
+    status, body = health(request.app[STATE])
+    return web.json_response(body, status=status)
 
 
 def metrics(state: ServerState) -> dict:
@@ -517,10 +540,7 @@ _PROMETHEUS = [
 ]
 
 
-async def metrics_handler(request: web.Request) -> web.Response:
-    m = metrics(request.app[STATE])
-    if request.query.get("format") == "json" or "application/json" in request.headers.get("Accept", ""):
-        return web.json_response(m)
+def prometheus_text(m: dict) -> str:
     lines = []
     for name, kind, help_ in _PROMETHEUS:
         lines += [f"# HELP voxc_{name} {help_}", f"# TYPE voxc_{name} {kind}", f"voxc_{name} {m[name]}"]
@@ -528,7 +548,18 @@ async def metrics_handler(request: web.Request) -> web.Response:
               "# TYPE voxc_step_seconds summary"]
     for q, key in ((0.5, "p50"), (0.9, "p90"), (0.99, "p99")):
         lines.append(f'voxc_step_seconds{{quantile="{q}"}} {m["step_seconds"][key]:.6f}')
-    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain")
+    return "\n".join(lines) + "\n"
+
+
+def wants_json(query, headers) -> bool:
+    return query.get("format") == "json" or "application/json" in headers.get("Accept", "")
+
+
+async def metrics_handler(request: web.Request) -> web.Response:
+    m = metrics(request.app[STATE])
+    if wants_json(request.query, request.headers):
+        return web.json_response(m)
+    return web.Response(text=prometheus_text(m), content_type="text/plain")
 
 
 # ---- running it ------------------------------------------------------------------------------------
