@@ -17,6 +17,8 @@ shared memory <= 48 KiB per block (more needs the dynamic opt-in, which no voxc 
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
 
 import pytest
 
@@ -292,10 +294,11 @@ def _quant_shapes():
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_dequant_kernel_launches_are_legal(dtype):
     full, odd = _quant_shapes()
+    shapes = full + odd if dtype == "float32" else full     # the launch does not depend on the dtype
     problems = []
     for qtype in ("q4_0", "q8_0", "q4_k"):
         funcs = {}
-        for n, k in full + odd:
+        for n, k in shapes:
             if k % (256 if qtype == "q4_k" else 32):
                 continue
             # (the symbolic-row kernel's one-row branch is the batch-1 GEMV: checked on its own here)
@@ -335,3 +338,54 @@ def test_launch_checker_catches_an_illegal_block():
 
     problems = launch_problems("bad", launch_dims(bad, {})[0])
     assert problems == ["bad: threadIdx.z = 128 > 64"]
+
+
+# ---- the generated CUDA compiles -------------------------------------------------------------------
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA toolkit (nvcc) on this machine")
+@pytest.mark.parametrize("config", [(4, 4, 8, 750, "float16"), (37, 1, 128, 300, "float32"),
+                                    (16, 2, 256, 512, "float32"), (16, 2, 256, 512, "float16"), (5, 5, 2, 3, "float32")],
+                         ids=lambda c: "_".join(map(str, c)))
+def test_ring_attention_odd_configs_compile(config, tmp_path):
+    """The paths the odd configs take (a 1-thread x axis, masked head blocks, K/V loads split into
+    16-byte pieces) compile with nvcc: TVM's 32-byte float32x8 moves did not (make_ulonglong4)."""
+    heads, kv_heads, head_dim, window, dtype = config
+    source = cuda_source({"partial": ra.ring_attention_partial_cuda(heads, kv_heads, head_dim, window, dtype),
+                          "merge": ra.ring_attention_merge_cuda(heads, kv_heads, head_dim, window, dtype)})
+    (tmp_path / "k.cu").write_text(source)
+    proc = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-w", "-o", str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+# ---- 32-bit indices ---------------------------------------------------------------------------------
+def test_weights_past_32_bit_indices_are_refused():
+    from voxc.errors import VoxcError
+
+    with pytest.raises(VoxcError, match="32 bits"):
+        dm.make_kernel("q8_0", 300000, 32768, 1, "float32", "cuda")      # 2.46e9 packed words
+    dm.make_kernel("q8_0", 262144, 8192, 1, "float32", "cuda")             # 5.4e8: fine
+
+
+def test_symbolic_row_counts_are_checked_on_the_host():
+    """GPU GEMMs and every row gather index rows * width in 32 bits: the host refuses a call whose
+    row count would wrap (checked here on llvm with a pretend 2^28-element row: at most 7 rows)."""
+    import numpy as np
+
+    from voxc.quant.formats import kernel_layout_shapes
+
+    for target in ("cuda", "webgpu"):
+        body = dm.make_kernel("q4_0", 131072, 3072, None, "float32", target).body
+        assert isinstance(body, tirx.SeqStmt) and isinstance(body.seq[0], tirx.AssertStmt)
+    func = dm._guard_rows(dm.embedding_compute(dm.QType.Q8_0, 4, 64, "float32", "llvm"), 2**28, "gather")
+    lib = tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target="llvm")
+    shapes = kernel_layout_shapes("q8_0", 4, 64)
+    dev = tvm.cpu()
+    weights = [tvm.runtime.tensor(np.zeros(shapes[k], np.uint32), dev) for k in ("qweight", "scales")]
+    for rows, ok in ((7, True), (8, False)):
+        args = [tvm.runtime.tensor(np.zeros(rows, np.int32), dev), *weights,
+                tvm.runtime.tensor(np.zeros((rows, 64), np.float32), dev)]
+        if ok:
+            lib["main"](*args)
+        else:
+            with pytest.raises(ValueError, match="at most 7 rows"):
+                lib["main"](*args)
