@@ -4,20 +4,31 @@
    arch, compiles the CUDA source TVM emits to one cubin with nvcc, and writes ``kernels.cubin``
    and ``manifest.json`` (per kernel: name, qtype, shape, batch, parameter order, launch dims).
 
-       python bench/quant_gpu.py build --out bench_out --arch sm_90
+       python bench/quant_gpu.py build --out bench_out --arch sm_90 [--only lm_head,dec.w2] [--dtype float16]
 
 2. ``run`` (needs a CUDA GPU, numpy and CuPy; imports nothing from TVM): loads the cubin, fills
    the kernel layout with real quantized random weights (``voxc.quant.formats``, pure numpy),
-   checks every kernel against float64 ``x @ dequant(W).T``, and times it with CUDA events,
-   rotating through enough weight copies to exceed L2 so the weights stream from HBM (the
-   launches are replayed from a CUDA graph so Python's launch cost is not timed).  Reports
-   microseconds per call, weight GB/s, and ``of_hbm``: that rate over the memory bandwidth of a
+   checks every kernel against a float64 ``x @ dequant(W).T`` computed on the GPU (the output is
+   pre-filled with NaN between NaN guard bands, so unwritten outputs and stray writes show), and
+   times it with CUDA events, rotating through enough weight copies to exceed L2 so the weights
+   stream from HBM.  Kernel times, both in microseconds of GPU time per call:
+
+   * voxc kernels: ``n`` launches captured in a CUDA graph and replayed (Python's ~10 us launch
+     cost would otherwise be timed instead of a small GEMV);
+   * cuBLAS half (``cupy.matmul``, the dense float16 model's cost at the same shape): CuPy refuses
+     cuBLAS calls inside a stream capture, so these run back to back outside any graph, queued
+     behind a short spin kernel so that the host's launch cost stays off the GPU's timeline
+     (``cublas_host_bound`` says if the host still could not keep up).
+
+   Also reports weight GB/s and ``of_hbm``: that rate over the memory bandwidth of a
    device-to-device copy measured in the same run (read + write bytes / time).
 
        python bench/quant_gpu.py run --dir bench_out [--json results.json]
 
 ``python bench/quant_gpu.py all --out DIR`` does both (a machine with TVM, nvcc and a GPU).
-From another program: ``build(out_dir, arch, shapes=...)`` and ``run(out_dir) -> dict``.
+``python bench/quant_gpu.py local`` (TVM + nvcc, no GPU) builds a few tiny shapes into a temporary
+directory and checks the manifest against the cubin: what CI runs to keep this script working.
+From another program: ``build(out_dir, arch, shapes=...)``, ``run(out_dir) -> dict`` and ``local()``.
 """
 from __future__ import annotations
 
@@ -38,9 +49,17 @@ SHAPES = {
     "dec.wq 4096x3072": (4096, 3072), "dec.wk/wv 1024x3072": (1024, 3072),
     "enc.w1/w3 5120x1280": (5120, 1280), "enc.w2 1280x5120": (1280, 5120), "lm_head 131072x3072": (131072, 3072),
 }
+# `local`: a few tiny shapes (odd row counts, one Q4_K super-block per row) that build in seconds
+LOCAL_SHAPES = {"tiny 100x256": (100, 256), "tiny 36x512": (36, 512)}
 GEMV_BATCHES = (1, 4, 16)
 GEMM_ROWS = (64, 512)
 QTYPES = ("q4_0", "q8_0", "q4_k")
+PARAMS = ("acc", "y_cast", "x", "qweight", "scales", "m")       # what a kernel's parameters may be called
+# CUDA launch limits (threads per block; block x, y, z; grid x, y, z)
+MAX_THREADS = 1024
+MAX_BLOCK = (1024, 1024, 64)
+MAX_GRID = (2**31 - 1, 65535, 65535)
+GUARD = 256                 # NaN elements on each side of an output
 
 
 def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None, qtypes=QTYPES,
@@ -56,6 +75,8 @@ def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None, 
     funcs, manifest = {}, []
     for label, (n, k) in (shapes or SHAPES).items():
         for qtype in qtypes:
+            if k % (256 if qtype == "q4_k" else 32):
+                continue
             for batch in (*(batches if "gemv" in kinds else ()), *((None,) if "gemm" in kinds else ())):
                 if batch is None and label.startswith("lm_head"):
                     continue
@@ -91,6 +112,54 @@ def _launch_dims(entry, rows):
     return grid, block
 
 
+def launch_problems(grid, block) -> list[str]:
+    """What makes a (grid, block) launch illegal on CUDA (empty: legal)."""
+    problems = [f"block.{a} = {v} > {lim}" for a, v, lim in zip("xyz", block, MAX_BLOCK) if v > lim]
+    problems += [f"grid.{a} = {v} > {lim}" for a, v, lim in zip("xyz", grid, MAX_GRID) if v > lim]
+    if math.prod(block) > MAX_THREADS:
+        problems.append(f"{math.prod(block)} threads per block > {MAX_THREADS}")
+    return problems
+
+
+def check_manifest(out_dir: str | Path, gemm_rows=GEMM_ROWS) -> list[str]:
+    """Problems of a ``build`` output that ``run`` would trip over (empty: none): files, kernels
+    missing from the cubin, parameters ``run`` cannot bind, launches outside CUDA's limits."""
+    out = Path(out_dir)
+    problems = [f"missing {name}" for name in ("manifest.json", "kernels.cubin", "kernels.cu") if not (out / name).exists()]
+    if problems:
+        return problems
+    manifest = json.loads((out / "manifest.json").read_text())
+    cubin = (out / "kernels.cubin").read_bytes()
+    if not cubin.startswith(b"\x7fELF"):
+        problems.append("kernels.cubin is not an ELF cubin")
+    if not manifest.get("kernels"):
+        problems.append("the manifest lists no kernels")
+    for entry in manifest.get("kernels", []):
+        name = entry.get("kernel", "?")
+        if name.encode() not in cubin:
+            problems.append(f"{name}: not in kernels.cubin")
+        unknown = [p for p in entry.get("params", []) if p.removesuffix("_ptr") not in PARAMS]
+        if unknown or not entry.get("params"):
+            problems.append(f"{name}: parameters {entry.get('params')} (run binds {PARAMS})")
+        for rows in ((entry["batch"],) if entry.get("batch") else gemm_rows):
+            problems += [f"{name} rows={rows}: {p}" for p in launch_problems(*_launch_dims(entry, rows))]
+    return problems
+
+
+def local(out_dir: str | Path | None = None, arch: str = "sm_90") -> Path:
+    """Build a few tiny shapes (every qtype, GEMV and GEMM) with nvcc, no GPU, and check the result."""
+    import tempfile
+
+    out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="quant_gpu_local_"))
+    build(out, arch, shapes=LOCAL_SHAPES, batches=(1, 4))
+    problems = check_manifest(out)
+    if problems:
+        raise SystemExit("quant_gpu local: " + "; ".join(problems))
+    count = len(json.loads((out / "manifest.json").read_text())["kernels"])
+    print(f"quant_gpu local: OK, {count} kernels in {out}")
+    return out
+
+
 def _random_packed(qtype: str, n: int, k: int, rng) -> dict[str, np.ndarray]:
     """Valid kernel-layout weights without quantizing (Q4_K of the LM head would take minutes in
     numpy): random levels, f16 scales in a realistic range, random 6-bit Q4_K sub-scales."""
@@ -106,40 +175,97 @@ def _random_packed(qtype: str, n: int, k: int, rng) -> dict[str, np.ndarray]:
     return {"qweight": qweight, "scales": scales.astype(np.uint32)}
 
 
+_SPIN = r'''
+extern "C" __global__ void voxc_spin(long long cycles) {
+    long long start = clock64();
+    while (clock64() - start < cycles) { }
+}
+'''
+
+
+class Timer:
+    """GPU time per call on one stream, two ways (see the module docstring)."""
+
+    def __init__(self, cp, stream, reps: int):
+        self.cp, self.stream, self.reps = cp, stream, reps
+        self.start, self.stop = cp.cuda.Event(), cp.cuda.Event()
+        try:
+            self.spin = cp.RawKernel(_SPIN, "voxc_spin")
+            self.cycles_per_us = cp.cuda.runtime.getDeviceProperties(0)["clockRate"] / 1e3   # kHz -> per us
+        except Exception as exc:  # noqa: BLE001 - no NVRTC: time without the spin (flagged per call)
+            print(f"no spin kernel ({type(exc).__name__}: {exc}); cuBLAS times may include host gaps", flush=True)
+            self.spin = None
+
+    def graph(self, fn, n: int | None = None) -> float:
+        """Seconds per call of ``fn(i)``: n calls captured in a CUDA graph, replayed once untimed
+        and once timed."""
+        cp, stream, n = self.cp, self.stream, n or self.reps
+        with stream:
+            fn(0)
+            stream.synchronize()
+            stream.begin_capture()
+            try:
+                for i in range(n):
+                    fn(i)
+            finally:
+                graph = stream.end_capture()      # never leave the stream capturing, even on an error
+            graph.launch(stream)
+            stream.synchronize()
+            self.start.record(stream)
+            graph.launch(stream)
+            self.stop.record(stream)
+            self.stop.synchronize()
+        return cp.cuda.get_elapsed_time(self.start, self.stop) / n * 1e-3
+
+    def back_to_back(self, fn, min_seconds: float = 2e-3, max_calls: int = 400) -> tuple[float, bool]:
+        """(seconds per call of ``fn(i)``, host_bound): calls issued back to back outside any graph,
+        behind a spin kernel long enough for the host to queue them all, timed by events around them.
+        ``host_bound``: queuing took longer than the spin, so the GPU may have waited for the host."""
+        cp, stream = self.cp, self.stream
+        with stream:
+            for i in range(3):
+                fn(i)
+            stream.synchronize()
+            t = time.perf_counter()          # rough per-call time (host and GPU) for the call count
+            for i in range(5):
+                fn(i)
+            stream.synchronize()
+            rough = (time.perf_counter() - t) / 5
+            n = int(min(max_calls, max(20, math.ceil(min_seconds / max(rough, 1e-7)))))
+            spin_us = 40.0 * n + 2000.0
+            if self.spin is not None:
+                self.spin((1,), (1,), (np.int64(spin_us * self.cycles_per_us),))
+            self.start.record(stream)
+            t = time.perf_counter()
+            for i in range(n):
+                fn(i)
+            queued_us = (time.perf_counter() - t) * 1e6
+            self.stop.record(stream)
+            self.stop.synchronize()
+        host_bound = self.spin is None or queued_us > spin_us
+        return cp.cuda.get_elapsed_time(self.start, self.stop) / n * 1e-3, host_bound
+
+
 def run(out_dir: str | Path, gemm_rows=GEMM_ROWS, l2_bytes: int = 64 << 20, reps: int = 50) -> dict:
     import cupy as cp
 
     from voxc.quant.formats import dequantize_kernel_layout
 
     out = Path(out_dir)
+    problems = check_manifest(out, gemm_rows)
+    if problems:
+        raise SystemExit("bad build output: " + "; ".join(problems))
     manifest = json.loads((out / "manifest.json").read_text())
     module = cp.RawModule(path=str(out / "kernels.cubin"))
-    start, stop = cp.cuda.Event(), cp.cuda.Event()
-
     stream = cp.cuda.Stream(non_blocking=True)
-
-    def timed(fn, n=reps):
-        """GPU time per call.  The n launches are captured in a CUDA graph first: launching from
-        Python costs ~10 us a call, longer than a small GEMV, and would be timed instead."""
-        with stream:
-            fn(0)
-            stream.synchronize()
-            stream.begin_capture()
-            for i in range(n):
-                fn(i)
-            graph = stream.end_capture()
-            graph.launch(stream)
-            stream.synchronize()
-            start.record(stream)
-            graph.launch(stream)
-            stop.record(stream)
-            stop.synchronize()
-        return cp.cuda.get_elapsed_time(start, stop) / n * 1e-3
+    stream.use()            # uploads, fills, kernels and references all on one stream
+    timer = Timer(cp, stream, reps)
 
     src = cp.empty(1 << 28, cp.uint8)
     dst = cp.empty_like(src)
-    copy_s = timed(lambda i=0: cp.copyto(dst, src), 20)
+    copy_s = timer.graph(lambda i=0: cp.copyto(dst, src), 20)
     hbm_gbps = 2 * src.nbytes / copy_s / 1e9        # a copy reads and writes every byte
+    del src, dst
     results = {"device": cp.cuda.runtime.getDeviceProperties(0)["name"].decode(),
                "copy_GBps_read_plus_write": round(hbm_gbps, 1), "kernels": []}
     rng = np.random.default_rng(0)
@@ -154,24 +280,11 @@ def run(out_dir: str | Path, gemm_rows=GEMM_ROWS, l2_bytes: int = 64 << 20, reps
                   for _ in range(copies)]
             xh = cp.asarray(rng.standard_normal((rows, k), dtype=np.float32).astype(np.float16))
             yh = cp.empty((rows, n), cp.float16)
-            gemv = lambda i=0: cp.matmul(xh, ws[i % copies].T, out=yh)  # noqa: E731
-            try:
-                fp16_us[(n, k, rows)] = timed(gemv) * 1e6
-            except Exception as e:   # cuBLAS refused stream capture: events over back-to-back calls
-                print(f"fp16 baseline without a CUDA graph ({type(e).__name__}: {e})", flush=True)
-                with stream:
-                    for i in range(5):
-                        gemv(i)
-                    start.record(stream)
-                    for i in range(reps):
-                        gemv(i)
-                    stop.record(stream)
-                    stop.synchronize()
-                fp16_us[(n, k, rows)] = cp.cuda.get_elapsed_time(start, stop) / reps * 1e3
+            seconds, host_bound = timer.back_to_back(lambda i=0: cp.matmul(xh, ws[i % copies].T, out=yh))
+            fp16_us[(n, k, rows)] = (seconds * 1e6, host_bound)
             del ws
         return fp16_us[(n, k, rows)]
 
-    stream.use()            # uploads, zero fills, kernels and references all on one stream
     for entry in manifest["kernels"]:
         n, k, qtype = entry["n"], entry["k"], entry["qtype"]
         key = (qtype, n, k)
@@ -187,7 +300,9 @@ def run(out_dir: str | Path, gemm_rows=GEMM_ROWS, l2_bytes: int = 64 << 20, reps
         for rows in ((entry["batch"],) if entry["batch"] else gemm_rows):
             x = rng.standard_normal((rows, k), dtype=np.float32)
             dx = cp.asarray(x.astype(entry["dtype"]))
-            y = cp.zeros((rows, n), dtype=entry["dtype"])
+            # the output between NaN guard bands: unwritten outputs stay NaN, stray writes hit a guard
+            ybuf = cp.full(rows * n + 2 * GUARD, cp.nan, dtype=entry["dtype"])
+            y = ybuf[GUARD:GUARD + rows * n].reshape(rows, n)
             grid, block = _launch_dims(entry, rows)
 
             def launch(i=0, dx=dx, y=y, rows=rows, grid=grid, block=block):
@@ -199,44 +314,79 @@ def run(out_dir: str | Path, gemm_rows=GEMM_ROWS, l2_bytes: int = 64 << 20, reps
             with stream:
                 launch()
                 stream.synchronize()
-            ref = cp.asarray(x) @ wd.T                 # cuBLAS f32 reference on the dequantized weights
-            err = float(cp.abs(y.astype(cp.float32) - ref).max() / cp.abs(ref).max())
-            seconds = timed(launch)
+            # float64 reference on the activations the kernel saw (rounded to its dtype)
+            ref = dx.astype(cp.float64) @ wd.T.astype(cp.float64)
+            got = y.astype(cp.float64)
+            scale = float(cp.abs(ref).max())
+            row_err = cp.abs(got - ref).max(axis=0) / scale        # per output feature (weight row)
+            unwritten = int(cp.isnan(got).sum())
+            guards_ok = bool(cp.isnan(ybuf[:GUARD]).all() and cp.isnan(ybuf[GUARD + rows * n:]).all())
+            err = float(cp.nan_to_num(row_err, nan=np.inf).max())
+            tol = 1e-2 if entry["dtype"] == "float16" else 1e-4
+            seconds = timer.graph(launch)
             row = {"label": entry["label"], "qtype": qtype, "kind": "gemv" if entry["batch"] else "gemm",
-                   "rows": rows, "us": round(seconds * 1e6, 2), "weight_GBps": round(wbytes / seconds / 1e9, 1),
+                   "rows": rows, "dtype": entry["dtype"], "grid": list(grid), "block": list(block),
+                   "us": round(seconds * 1e6, 2), "weight_GBps": round(wbytes / seconds / 1e9, 1),
                    "of_hbm": round(wbytes / seconds / 1e9 / hbm_gbps, 3),
-                   "TFLOPs": round(2 * rows * n * k / seconds / 1e12, 2), "max_rel_err": err}
-            base = fp16_baseline(n, k, rows)
-            row["cublas_fp16_us"] = round(base, 2)
-            row["speedup_vs_fp16"] = round(base / (seconds * 1e6), 2)
+                   "TFLOPs": round(2 * rows * n * k / seconds / 1e12, 2), "max_rel_err": err,
+                   "wrong_weight_rows": int((cp.nan_to_num(row_err, nan=np.inf) > tol).sum()),
+                   "unwritten_outputs": unwritten, "guards_intact": guards_ok,
+                   "ok": bool(err <= tol and unwritten == 0 and guards_ok)}
+            base_us, host_bound = fp16_baseline(n, k, rows)
+            row["cublas_fp16_us"] = round(base_us, 2)
+            row["cublas_host_bound"] = host_bound
+            row["speedup_vs_fp16"] = round(base_us / (seconds * 1e6), 2)
             results["kernels"].append(row)
             print(json.dumps(row), flush=True)
+            del ref, got, row_err, ybuf
         del dev_w
+    results["failures"] = [f"{r['label']} {r['qtype']} {r['kind']} rows={r['rows']}"
+                           for r in results["kernels"] if not r["ok"]]
+    print("QUANT GPU", "FAILED: " + ", ".join(results["failures"]) if results["failures"] else "PASSED", flush=True)
     return results
+
+
+def _select(only: str | None) -> dict:
+    if not only:
+        return SHAPES
+    keys = [s.strip() for s in only.split(",") if s.strip()]
+    chosen = {label: shape for label, shape in SHAPES.items() if any(label.startswith(key) for key in keys)}
+    if not chosen:
+        raise SystemExit(f"--only {only!r} matches none of {', '.join(SHAPES)}")
+    return chosen
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     sub = ap.add_subparsers(dest="cmd", required=True)
-    b = sub.add_parser("build")
-    b.add_argument("--out", required=True)
-    b.add_argument("--arch", default="sm_90")
-    b.add_argument("--kinds", default="gemv,gemm", help="gemv, gemm or both")
+    for name in ("build", "all"):
+        b = sub.add_parser(name)
+        b.add_argument("--out", required=True)
+        b.add_argument("--arch", default="sm_90")
+        b.add_argument("--kinds", default="gemv,gemm", help="gemv, gemm or both")
+        b.add_argument("--dtype", default="float32", choices=["float32", "float16"])
+        b.add_argument("--only", help="comma list of shape-label prefixes, e.g. lm_head,dec.w2")
+        if name == "all":
+            b.add_argument("--json")
     r = sub.add_parser("run")
     r.add_argument("--dir", required=True)
     r.add_argument("--json")
-    a = sub.add_parser("all")
-    a.add_argument("--out", required=True)
-    a.add_argument("--arch", default="sm_90")
-    a.add_argument("--json")
+    lo = sub.add_parser("local", help="tiny shapes, build + manifest check, no GPU (CI)")
+    lo.add_argument("--out", help="keep the build here (default: a temporary directory)")
+    lo.add_argument("--arch", default="sm_90")
     args = ap.parse_args(argv)
+    if args.cmd == "local":
+        local(args.out, args.arch)
+        return 0
     if args.cmd in ("build", "all"):
-        build(args.out, args.arch, kinds=tuple(getattr(args, "kinds", "gemv,gemm").split(",")))
+        build(args.out, args.arch, shapes=_select(args.only), dtype=args.dtype, kinds=tuple(args.kinds.split(",")))
     if args.cmd in ("run", "all"):
         res = run(getattr(args, "dir", None) or args.out)
         if args.json:
             Path(args.json).write_text(json.dumps(res, indent=1))
+        return 1 if res["failures"] else 0
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

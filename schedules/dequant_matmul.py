@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import re
 
 import tvm
@@ -55,6 +56,10 @@ TARGET_KINDS = ("llvm", "cuda", "webgpu")
 
 F32 = "float32"
 ROW_INDEX_DTYPE = {"llvm": "int64", "cuda": "int32", "webgpu": "int32"}
+# Buffer offsets are computed in the index type: int32 for the static weight shapes on every target
+# and for the row count on GPUs.  Static sizes are checked when a kernel is made; a symbolic row count
+# is checked by the host before the kernel runs (see _guard_rows).
+INT32_ELEMENTS = 2**31 - 1
 
 
 def _u32(v: int):
@@ -445,7 +450,25 @@ def _validate(spec: KernelSpec) -> KernelSpec:
                         f"got {spec.in_features}")
     if spec.batch is not None and not 1 <= spec.batch <= MAX_GEMV_BATCH:
         raise VoxcError(f"GEMV batch must be 1..{MAX_GEMV_BATCH}, got {spec.batch}")
+    largest = max(math.prod(shape) for shape in kernel_layout_shapes(qtype, spec.out_features, spec.in_features).values())
+    if largest > INT32_ELEMENTS or MAX_GEMV_BATCH * max(spec.out_features, spec.in_features) > INT32_ELEMENTS:
+        raise VoxcError(f"a {spec.out_features}x{spec.in_features} {qtype.value} weight has {largest} packed words: "
+                        f"the kernels index buffers in 32 bits (at most {INT32_ELEMENTS} elements)")
     return dataclasses.replace(spec, qtype=qtype)
+
+
+def _guard_rows(func: tirx.PrimFunc, per_row: int, what: str) -> tirx.PrimFunc:
+    """``func`` with a host-side check that its symbolic row count times ``per_row`` (the widest row
+    of its inputs and output) fits the 32-bit indices of its buffers: a larger call fails with a
+    ValueError before any kernel runs instead of reading and writing wrapped-around addresses."""
+    rows = [v for v in _symbolic_vars(func) if v.ty.dtype == "int32"]
+    if not rows:
+        return func
+    limit = INT32_ELEMENTS // per_row
+    ok = tirx.Cast("int64", rows[0]) <= tirx.const(limit, "int64")
+    message = f"{what}: at most {limit} rows per call ({per_row} elements a row, 32-bit indices)"
+    check = tirx.AssertStmt(ok, tvm.ir.expr.StringImm("ValueError"), [tvm.ir.expr.StringImm(message)])
+    return func.with_body(tirx.SeqStmt([check, func.body]))
 
 
 @functools.lru_cache(maxsize=None)
@@ -471,7 +494,10 @@ def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
             # GPU GEMVs keep per-row accumulators in registers, so their batch is static: the
             # one-row step (decode) gets the batch-1 GEMV, any other row count the tiled GEMM
             one = _make_kernel(dataclasses.replace(spec, batch=1))
-            return _finish(row_dispatch([("m == 1", one)], sch.mod["main"], gpu=True), spec.name)
+            func = row_dispatch([("m == 1", one)], sch.mod["main"], gpu=True)
+            return _finish(_guard_rows(func, max(n, k), spec.name), spec.name)
+    if spec.kind == "gemm":
+        return _finish(_guard_rows(sch.mod["main"], max(n, k), spec.name), spec.name)
     return _finish(sch.mod["main"], spec.name)
 
 
@@ -568,7 +594,7 @@ def _make_embedding_kernel(qtype: QType, vocab: int, dim: int, dtype: str, targe
     func = embedding_compute(qtype, vocab, dim, dtype, target)
     sch = _schedule_embedding(func, qtype, dim, target)
     name = f"embed_{qtype.value}_{vocab}x{dim}_{dtype}_{target}"
-    return _finish(sch.mod["main"], name)
+    return _finish(_guard_rows(sch.mod["main"], dim, name), name)
 
 
 def make_embedding_kernel(qtype: QType | str, vocab: int, dim: int, dtype: str = F32,

@@ -107,16 +107,17 @@ def ring_append_func(n_kv_heads: int, head_dim: int, window: int, dtype: str = "
         v = T.match_buffer(var_v, (b, n, n_kv_heads, head_dim), dtype)
         slots = T.match_buffer(var_slots, (b,), "int32")
         starts = T.match_buffer(var_starts, (b,), "int32")
-        for bi, i, h, d in T.grid(b, T.min(n, window), n_kv_heads, head_dim):
+        # One store per element, keys and values on their own axis: dlight's GPU rules see a plain
+        # spatial block (with two stores, one to each half of the cache, its GEMV rule asserts on the
+        # block's two-row write region as soon as a unit loop is dropped, e.g. one kv head).
+        for bi, i, kv, h, d in T.grid(b, T.min(n, window), 2, n_kv_heads, head_dim):
             with T.sblock("append"):
-                vb, vi, vh, vd = T.axis.remap("SSSS", [bi, i, h, d])
+                vb, vi, vkv, vh, vd = T.axis.remap("SSSSS", [bi, i, kv, h, d])
                 # chunk token (n - min(n, W) + vi) goes to ring row (start + that index) mod W
-                cache[layer, 0, T.Cast("int64", slots[vb]),
+                cache[layer, vkv, T.Cast("int64", slots[vb]),
                       T.floormod(T.Cast("int64", starts[vb]) + n - T.min(n, window) + vi, window), vh, vd] = \
-                    k[vb, n - T.min(n, window) + vi, vh, vd]
-                cache[layer, 1, T.Cast("int64", slots[vb]),
-                      T.floormod(T.Cast("int64", starts[vb]) + n - T.min(n, window) + vi, window), vh, vd] = \
-                    v[vb, n - T.min(n, window) + vi, vh, vd]
+                    T.if_then_else(vkv == 0, k[vb, n - T.min(n, window) + vi, vh, vd],
+                                   v[vb, n - T.min(n, window) + vi, vh, vd])
 
     return ring_append
 
@@ -134,22 +135,69 @@ _LOG2E = 1.4426950408889634
 _EMPTY = -5.0e4   # running max of an empty softmax; exp2(_EMPTY - real max) == 0 in float32
 
 
+# CUDA's launch limits (every NVIDIA GPU since compute capability 2.0): threads per block, block z,
+# grid y/z, and the static shared memory of one block without the dynamic opt-in.
+MAX_THREADS_PER_BLOCK = 1024
+MAX_BLOCK_Z = 64
+MAX_GRID_YZ = 65535
+MAX_SHARED_BYTES = 48 * 1024
+
+
 def cuda_kernel_layout(n_heads: int, n_kv_heads: int, head_dim: int, window: int, dtype: str,
-                       threads: int = 128, max_splits: int = 32, keys_per_split: int = 256) -> dict:
+                       threads: int = 128, max_splits: int = 32, keys_per_split: int = 256, *,
+                       max_threads: int = MAX_THREADS_PER_BLOCK, max_z: int = MAX_BLOCK_Z,
+                       max_shared_bytes: int = MAX_SHARED_BYTES, max_grid_y: int = MAX_GRID_YZ) -> dict:
     """Thread-block shape of the CUDA ring attention: tx over head_dim vectors (one warp at most),
-    ty over the query heads of one kv head, tz over keys; ``n_splits`` blocks share a query's keys."""
+    ty over query heads of one kv head, tz over keys; ``n_splits`` blocks share a query's keys.
+
+    ``threads`` is the block size aimed at; the shape always stays within the launch limits
+    (``max_threads`` per block, ``max_z`` on z, ``max_shared_bytes`` of shared memory per block,
+    ``max_grid_y`` blocks on y) for any head count, GQA ratio, head size and window: a kv head's
+    ``group`` query heads share one block (each K/V row loaded once for all of them) unless that
+    block would be too large, and then spread over ``head_blocks`` blocks of ``bdy`` heads (the
+    last one masked when ``bdy`` does not divide ``group``)."""
+    from voxc.errors import VoxcError
+
+    if n_heads < 1 or n_kv_heads < 1 or n_heads % n_kv_heads or head_dim < 1 or window < 1:
+        raise VoxcError(f"ring attention needs n_heads a multiple of n_kv_heads and positive sizes, got "
+                        f"n_heads={n_heads} n_kv_heads={n_kv_heads} head_dim={head_dim} window={window}")
     group = n_heads // n_kv_heads
-    vec = 16 // (2 if dtype in ("float16", "bfloat16") else 4)
+    esize = 2 if dtype in ("float16", "bfloat16") else 4
+    vec = 16 // esize
     while vec > 1 and head_dim % vec:
         vec //= 2
     while head_dim // vec > 32:
         vec *= 2
     bdx = head_dim // vec
-    bdy = group
-    bdz = max(1, threads // (bdx * bdy))
+    load_lanes = min(vec, 16 // esize)   # one load/store moves at most 16 bytes (no 32-byte vector types)
+
+    def shared_bytes(bdy: int, bdz: int, tile: int) -> int:
+        rows = bdz * bdy * tile
+        total = 2 * rows * head_dim * esize                  # the K and V tiles
+        if bdz > 1:
+            total += bdz * bdy * (head_dim + 2) * 4          # the cross-z merge (o, max, sum)
+        return total + bdx * bdy * bdz * 4                   # TVM's cross-thread reduction buffer
+
+    bdy_max = 0
+    for b in range(1, group + 1):
+        if bdx * b <= max_threads and shared_bytes(b, 1, 1) <= max_shared_bytes:
+            bdy_max = b
+    if bdy_max == 0:
+        raise VoxcError(f"ring attention with head_dim {head_dim} ({dtype}) needs more than "
+                        f"{max_shared_bytes} bytes of shared memory per block")
+    head_blocks = -(-group // bdy_max)
+    bdy = -(-group // head_blocks)                           # balanced; head_blocks * bdy >= group
+    bdz = max(1, min(threads // (bdx * bdy), max_threads // (bdx * bdy), max_z))
+    while bdz > 1 and shared_bytes(bdy, bdz, 1) > max_shared_bytes:
+        bdz -= 1
     tile = max(1, 16 // (bdz * bdy))   # >= 16 keys (2 x 8 KB of K/V at D=128) in flight per block and step
-    n_splits = max(1, min(max_splits, -(-window // keys_per_split)))
-    return dict(group=group, vec=vec, bdx=bdx, bdy=bdy, bdz=bdz, tile=tile, n_splits=n_splits)
+    while tile > 1 and shared_bytes(bdy, bdz, tile) > max_shared_bytes:
+        tile -= 1
+    if n_kv_heads * head_blocks > max_grid_y or n_heads > max_grid_y:
+        raise VoxcError(f"ring attention with {n_heads} heads exceeds the grid limit of {max_grid_y} blocks")
+    n_splits = max(1, min(max_splits, -(-window // keys_per_split), max_grid_y // (n_kv_heads * head_blocks)))
+    return dict(group=group, vec=vec, load_lanes=load_lanes, bdx=bdx, bdy=bdy, bdz=bdz, tile=tile,
+                head_blocks=head_blocks, n_splits=n_splits, shared_bytes=shared_bytes(bdy, bdz, tile))
 
 
 def float32_lanes(T, vec: int):
@@ -167,8 +215,10 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
     from tvm.script import tirx as T
 
     lay = cuda_kernel_layout(n_heads, n_kv_heads, head_dim, window, dtype, **layout_args)
-    G, VEC, bdx, bdy, bdz, TILE, NS = (lay[k] for k in ("group", "vec", "bdx", "bdy", "bdz", "tile", "n_splits"))
+    G, VEC, LV, bdx, bdy, bdz, TILE, HB, NS = (lay[k] for k in (
+        "group", "vec", "load_lanes", "bdx", "bdy", "bdz", "tile", "head_blocks", "n_splits"))
     H, HKV, D, W = n_heads, n_kv_heads, head_dim, window
+    MASK_HEADS = HB * bdy > G           # the last head block has idle ty rows
     F32_LANES = float32_lanes(T, VEC)
     ROWS = bdz * bdy * TILE              # keys per iteration of a block
     scale = float(head_dim ** -0.5) * _LOG2E
@@ -189,7 +239,7 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
         lse = T.match_buffer(var_lse, (b, n, H, NS), "float32")
 
         for bx in T.thread_binding(b * n, thread="blockIdx.x"):
-            for by in T.thread_binding(HKV * NS, thread="blockIdx.y"):
+            for by in T.thread_binding(HKV * HB * NS, thread="blockIdx.y"):
                 for ty in T.thread_binding(bdy, thread="threadIdx.y"):
                     for tx in T.thread_binding(bdx, thread="threadIdx.x"):
                         for tz in T.thread_binding(bdz, thread="threadIdx.z"):
@@ -212,8 +262,11 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                 bi: T.let[T.int64] = bx // n
                                 i: T.let[T.int64] = bx % n
                                 kvh: T.let[T.int64] = T.Cast("int64", by % HKV)
-                                split: T.let[T.int64] = T.Cast("int64", by // HKV)
-                                h: T.let[T.int64] = kvh * G + T.Cast("int64", ty)
+                                split: T.let[T.int64] = T.Cast("int64", by // (HKV * HB))
+                                # query head g of the kv head's group (idle rows of a masked block
+                                # compute head G - 1 again and store nothing)
+                                g: T.let[T.int64] = T.Cast("int64", by // HKV % HB * bdy + ty)
+                                h: T.let[T.int64] = kvh * G + T.min(g, T.int64(G - 1))
                                 start: T.let[T.int64] = T.Cast("int64", starts[bi])
                                 slot: T.let[T.int64] = T.Cast("int64", slots[bi])
                                 hi: T.let[T.int64] = start + i
@@ -239,19 +292,24 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                             if row_g + j < s_len:
                                                 pos: T.let[T.int64] = s_lo + row_g + j
                                                 if pos < start:
-                                                    for vec in T.vectorized(VEC):
-                                                        k_smem[row_s + j, tx * VEC + vec] = cache[
-                                                            layer, 0, slot, T.floormod(pos, W), kvh, tx * VEC + vec]
-                                                        v_smem[row_s + j, tx * VEC + vec] = cache[
-                                                            layer, 1, slot, T.floormod(pos, W), kvh, tx * VEC + vec]
+                                                    for c in T.unroll(VEC // LV):
+                                                        for vec in T.vectorized(LV):
+                                                            k_smem[row_s + j, tx * VEC + c * LV + vec] = cache[
+                                                                layer, 0, slot, T.floormod(pos, W), kvh, tx * VEC + c * LV + vec]
+                                                            v_smem[row_s + j, tx * VEC + c * LV + vec] = cache[
+                                                                layer, 1, slot, T.floormod(pos, W), kvh, tx * VEC + c * LV + vec]
                                                 else:
-                                                    for vec in T.vectorized(VEC):
-                                                        k_smem[row_s + j, tx * VEC + vec] = k[bi, pos - start, kvh, tx * VEC + vec]
-                                                        v_smem[row_s + j, tx * VEC + vec] = v[bi, pos - start, kvh, tx * VEC + vec]
+                                                    for c in T.unroll(VEC // LV):
+                                                        for vec in T.vectorized(LV):
+                                                            k_smem[row_s + j, tx * VEC + c * LV + vec] = k[
+                                                                bi, pos - start, kvh, tx * VEC + c * LV + vec]
+                                                            v_smem[row_s + j, tx * VEC + c * LV + vec] = v[
+                                                                bi, pos - start, kvh, tx * VEC + c * LV + vec]
                                             else:
-                                                for vec in T.vectorized(VEC):
-                                                    k_smem[row_s + j, tx * VEC + vec] = T.Cast(dtype, 0)
-                                                    v_smem[row_s + j, tx * VEC + vec] = T.Cast(dtype, 0)
+                                                for c in T.unroll(VEC // LV):
+                                                    for vec in T.vectorized(LV):
+                                                        k_smem[row_s + j, tx * VEC + c * LV + vec] = T.Cast(dtype, 0)
+                                                        v_smem[row_s + j, tx * VEC + c * LV + vec] = T.Cast(dtype, 0)
                                     T.tvm_storage_sync("shared")
                                     m_prev[0] = st_m[0]
                                     for j in T.serial(bdy * TILE):
@@ -302,7 +360,7 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                         for vec in F32_LANES(VEC):
                                             o_local[vec] = o_local[vec] * T.exp2(m_prev[0] - st_m[0]) + \
                                                 o_merge[z, ty, tx * VEC + vec] * T.exp2(md_merge[z, ty, 0] - st_m[0])
-                                if tz == 0:
+                                if tz == 0 and (not MASK_HEADS or g < G):
                                     for vec in F32_LANES(VEC):
                                         o[bi, i, h, split, tx * VEC + vec] = o_local[vec] / st_d[0]
                                     if tx == 0:
