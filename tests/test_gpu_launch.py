@@ -199,7 +199,7 @@ _ANY_SIZES = {"b": 1, "n": 1, "n_layers": 1, "n_slots": 1, "rows": 1}
 
 # ---- configurations ------------------------------------------------------------------------------
 def _full_size():
-    from voxc.model.config import ModelConfig
+    from voxc.config import ModelConfig
 
     cfg = ModelConfig()
     e, d = cfg.encoder, cfg.decoder
