@@ -62,6 +62,8 @@ class CompiledModel:
         streaming = manifest["streaming"]
         self.left_pad_tokens = int(streaming["left_pad_tokens"])
         self.default_delay_ms = int(streaming["default_delay_ms"])
+        # weights that fix the delay (an ONNX export's) refuse any other one
+        self.fixed_delay_ms = artifact.fixed_delay_ms(manifest, self.config.audio)
         self.dtype = manifest["model_dtype"]
 
         order = {p["name"]: i for i, p in enumerate(manifest["params"])}
@@ -76,6 +78,10 @@ class CompiledModel:
         self._decode = self.vm["decode"]
         # Targets may add a static-shape copy of decode for one stream and one token (faster kernels).
         self.use_static_entries(True)
+        # one-token steps on a GPU replay a CUDA graph (VOXC_CUDA_GRAPHS=0: launch kernel by kernel)
+        self.cuda_graphs = runtime.kind == "cuda" and os.environ.get("VOXC_CUDA_GRAPHS", "1") != "0"
+        self._graph_inputs = None
+        self._decode_captured = None
         self._encode_single_mel = (1, self.config.encoder.num_mel_bins, ENCODE_B1T8.dim("t"))
         self._view = runtime.ffi.get_global_func("runtime.TVMTensorCreateView")
         self.slots = SlotPool(max_streams)
@@ -166,6 +172,8 @@ class CompiledModel:
     def decode(self, tokens: np.ndarray, delays, slots, starts):
         """Decode tokens [b, n] at positions ``starts``; returns (logits [b, vocab], greedy tokens [b])."""
         tokens = np.asarray(tokens, np.int32)
+        if tokens.shape == (1, 1) and self._decode_single is not None and self.cuda_graphs:
+            return self._decode_graph(tokens, delays, slots, starts)
         fn = self._decode_single if tokens.shape == (1, 1) and self._decode_single is not None else self._decode
         logits, next_tokens, self.dec_cache = fn(
             self.rt.tensor(tokens), self.audio_ring,
@@ -174,8 +182,32 @@ class CompiledModel:
             *self.params)
         return logits, next_tokens
 
+    def _decode_graph(self, tokens, delays, slots, starts):
+        """A one-stream, one-token step replayed from a CUDA graph of decode_b1n1 (voxc.runtime.cuda_graph)."""
+        from voxc.runtime.cuda_graph import CapturedStep
+
+        if self._graph_inputs is None:
+            self._graph_inputs = [self.rt.tensor(np.zeros(s, d)) for s, d in
+                                  (((1, 1), np.int32), ((1,), np.float32), ((1,), np.int32), ((1,), np.int32))]
+        tok, dly, slt, pos = self._graph_inputs
+        for tensor, value, dtype in ((tok, tokens, np.int32), (dly, delays, np.float32), (slt, slots, np.int32),
+                                     (pos, starts, np.int32)):
+            self.rt.copy_into(tensor, np.asarray(value, dtype).reshape(tuple(tensor.shape)))
+        args = [tok, self.audio_ring, dly, self.dec_cache, slt, pos]
+        if self._decode_captured is None or not self._decode_captured.matches(args):
+            if self._decode_captured is not None:
+                self._decode_captured.close()
+            try:
+                self._decode_captured = CapturedStep(self.rt, self._decode_single, args, self.params)
+            except VoxcError:   # a step that cannot be captured runs as before
+                self.cuda_graphs = False
+                self._decode_captured = None
+                return self.decode(tokens, delays, slots, starts)
+        logits, next_tokens, self.dec_cache = self._decode_captured.replay()
+        return logits, next_tokens
+
     def delay_tokens(self, delay_ms: int) -> int:
-        return artifact.delay_tokens(delay_ms, self.config.audio)
+        return artifact.stream_delay_tokens(delay_ms, self.config.audio, self.fixed_delay_ms)
 
 
 def verify_artifact(artifact_dir: Path, manifest: dict, mode: str = "auto") -> None:
