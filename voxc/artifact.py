@@ -118,6 +118,35 @@ def delay_tokens(delay_ms, audio: AudioConfig = AudioConfig()) -> int:
     return int(round(n))
 
 
+# Manifest field of an artifact whose weights work with one delay only (built from the transformers.js
+# ONNX export, which folds the 480 ms delay conditioning into constants): that delay in ms, which is
+# also streaming.default_delay_ms.  Absent from every other artifact.
+FIXED_DELAY_FIELD = "fixed_delay_ms"
+
+
+def fixed_delay_ms(manifest: dict, audio: AudioConfig = AudioConfig()) -> int | None:
+    """The manifest's fixed delay (None for an artifact that runs every trained delay), checked."""
+    value = manifest.get(FIXED_DELAY_FIELD)
+    if value is None:
+        return None
+    default = manifest.get("streaming", {}).get("default_delay_ms")
+    if isinstance(value, bool) or not isinstance(value, int) or value != default:
+        raise VoxcError(f"{MANIFEST} is corrupt ({FIXED_DELAY_FIELD} is {value!r}, the default delay {default!r}); "
+                        f"rebuild the artifact")
+    delay_tokens(value, audio)
+    return value
+
+
+def stream_delay_tokens(delay_ms, audio: AudioConfig = AudioConfig(), fixed_ms: int | None = None) -> int:
+    """:func:`delay_tokens` for an artifact whose weights may fix the delay at ``fixed_ms``."""
+    n = delay_tokens(delay_ms, audio)
+    if fixed_ms is not None and n != delay_tokens(fixed_ms, audio):
+        raise VoxcError(f"this model works only with a {fixed_ms} ms delay, not {delay_ms} ms: it was built from an "
+                        f"ONNX export that folds the delay into its weights. Build from the original checkpoint "
+                        f"(consolidated.safetensors) for other delays")
+    return n
+
+
 def default_left_pad_tokens(quantization: str | None) -> int:
     return LEFT_PAD_TOKENS_Q4_0 if quantization == "q4_0" else LEFT_PAD_TOKENS
 
