@@ -17,6 +17,9 @@
        python bench/quant_gpu.py run --dir bench_out [--json results.json]
 
 ``python bench/quant_gpu.py all --out DIR`` does both (a machine with TVM, nvcc and a GPU).
+``python bench/quant_gpu.py local --out DIR`` (nvcc, no GPU): ``build`` at one small shape per type,
+then what ``run`` does before it launches anything (launch dims, kernel parameters, the random
+packed weights and their dequantized reference), so a broken bench fails before the GPU run.
 From another program: ``build(out_dir, arch, shapes=...)`` and ``run(out_dir) -> dict``.
 """
 from __future__ import annotations
@@ -38,6 +41,7 @@ SHAPES = {
     "dec.wq 4096x3072": (4096, 3072), "dec.wk/wv 1024x3072": (1024, 3072),
     "enc.w1/w3 5120x1280": (5120, 1280), "enc.w2 1280x5120": (1280, 5120), "lm_head 131072x3072": (131072, 3072),
 }
+LOCAL_SHAPES = {"small 64x512": (64, 512)}
 GEMV_BATCHES = (1, 4, 16)
 GEMM_ROWS = (64, 512)
 QTYPES = ("q4_0", "q8_0", "q4_k")
@@ -104,6 +108,34 @@ def _random_packed(qtype: str, n: int, k: int, rng) -> dict[str, np.ndarray]:
         packed_scales = rng.integers(0, 2**32, (rows, words), dtype=np.uint32)
         scales = np.where((np.arange(words) % 4 == 0)[None, :], scales, packed_scales)
     return {"qweight": qweight, "scales": scales.astype(np.uint32)}
+
+
+KERNEL_ARGS = ("acc", "y_cast", "x", "qweight", "scales", "m")   # what run() passes, by parameter name
+
+
+def local_check(out_dir: str | Path, gemm_rows=GEMM_ROWS) -> dict:
+    """Everything of :func:`run` but the GPU: per kernel, the launch dims for each row count, its
+    parameters (all of them ones run() passes), and finite dequantized random weights."""
+    from voxc.quant.formats import dequantize_kernel_layout
+
+    manifest = json.loads((Path(out_dir) / "manifest.json").read_text())
+    rng = np.random.default_rng(0)
+    checked = []
+    for entry in manifest["kernels"]:
+        unknown = [p for p in entry["params"] if p.removesuffix("_ptr") not in KERNEL_ARGS]
+        if unknown:
+            raise SystemExit(f"{entry['kernel']}: parameters {unknown} that run() does not pass")
+        for rows in ((entry["batch"],) if entry["batch"] else gemm_rows):
+            grid, block = _launch_dims(entry, rows)
+            if min(grid + block) < 1:
+                raise SystemExit(f"{entry['kernel']}: launch dims {grid} x {block} for {rows} rows")
+        w = dequantize_kernel_layout(_random_packed(entry["qtype"], entry["n"], entry["k"], rng), entry["qtype"],
+                                     (entry["n"], entry["k"]))
+        if not np.isfinite(w).all():
+            raise SystemExit(f"{entry['kernel']}: random weights dequantize to inf/NaN")
+        checked.append(entry["kernel"])
+    print(f"checked {len(checked)} kernels: {', '.join(checked)}", flush=True)
+    return {"kernels": checked}
 
 
 def run(out_dir: str | Path, gemm_rows=GEMM_ROWS, l2_bytes: int = 64 << 20, reps: int = 50) -> dict:
@@ -229,7 +261,14 @@ def main(argv=None):
     a.add_argument("--out", required=True)
     a.add_argument("--arch", default="sm_90")
     a.add_argument("--json")
+    lo = sub.add_parser("local")
+    lo.add_argument("--out", required=True)
+    lo.add_argument("--arch", default="sm_90")
     args = ap.parse_args(argv)
+    if args.cmd == "local":
+        build(args.out, args.arch, shapes=LOCAL_SHAPES, batches=(1, 4))
+        local_check(args.out)
+        return
     if args.cmd in ("build", "all"):
         build(args.out, args.arch, kinds=tuple(getattr(args, "kinds", "gemv,gemm").split(",")))
     if args.cmd in ("run", "all"):
