@@ -22,7 +22,7 @@
 //                the stream's token ids against the CPU (llvm) build's for the same clip (the tiny model).
 // Dawn does not accept lavapipe; on a CPU-only machine point the Vulkan loader at Chromium's
 // SwiftShader (VK_ICD_FILENAMES=/usr/lib/chromium/vk_swiftshader_icd.json) to try it out.
-import { copyFileSync, createReadStream, mkdtempSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { copyFileSync, createReadStream, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { createServer } from "node:http";
 import { createRequire } from "node:module";
 import { tmpdir } from "node:os";
@@ -69,9 +69,11 @@ const base = `http://127.0.0.1:${server.address().port}/`;
 // tvmjs.js is UMD: in Node it is a CommonJS module.  voxc.js is an ES module with no imports; its
 // file ends in .js, which Node 20 would read as CommonJS, so it is imported as a copy named .mjs.
 globalThis.tvmjs = createRequire(import.meta.url)(join(bundleDir, "tvmjs.js"));
-const voxcModule = join(mkdtempSync(join(tmpdir(), "voxc-")), "voxc.mjs");
+const voxcDir = mkdtempSync(join(tmpdir(), "voxc-"));
+const voxcModule = join(voxcDir, "voxc.mjs");
 copyFileSync(join(bundleDir, "voxc.js"), voxcModule);
 const { Voxc } = await import(pathToFileURL(voxcModule).href);
+rmSync(voxcDir, { recursive: true, force: true });   // imported: the copy is no longer needed
 
 const stats = (xs) => {
   const s = [...xs].sort((a, b) => a - b);
