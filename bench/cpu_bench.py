@@ -26,7 +26,6 @@ BW_GIB (bandwidth buffer, 2 GiB), HF_STEPS (3,11), HF_BUDGET_S, HF_FAST_INIT (1)
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -152,19 +151,19 @@ def bench_target(mcpu: str | None):
 def cmd_build(args):
     sys.path.insert(0, str(ROOT))
     sys.path.insert(0, str(HERE))
-    from cuda_build import build_manifest_only
+    from cuda_build import build_weightless
+    from voxc import artifact
     from voxc.config import ModelConfig
 
     cfg = ModelConfig() if args.size == "full" else ModelConfig.tiny()
     quant = None if args.quant in ("f32", "float32", "none") else args.quant
     target = bench_target(args.mcpu or None)
     t0 = time.perf_counter()
-    out = build_manifest_only(cfg, target, Path(args.out), quantization=quant)
+    out = build_weightless(cfg, target, Path(args.out), quantization=quant, force=args.force, extra={"cpu_bench": {
+        "mcpu": args.mcpu, "size": args.size, "static_entries": [e.name for e in target.static_entries],
+        "host_built_on": cpu_info().get("Model name")}})
     seconds = time.perf_counter() - t0
-    manifest = json.loads((out / MANIFEST).read_text())
-    manifest["cpu_bench"] = {"mcpu": args.mcpu, "size": args.size, "static_entries": [e[0] for e in target.static_entries],
-                             "build_seconds": round(seconds, 1), "host_built_on": cpu_info().get("Model name")}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    manifest = artifact.read_manifest(out)
     lib = out / manifest["library"]
     print(f"built {out} ({args.size}, {quant or 'float32'}, -mcpu={args.mcpu}) in {seconds:.1f}s; "
           f"{lib.name} {lib.stat().st_size / 1e6:.1f} MB; weights to fill "
@@ -177,7 +176,7 @@ def cmd_build(args):
 # ---------------------------------------------------------------------------------------------
 def runtime_setup(hide_tvm: bool = True):
     """voxc's sources from the pack, TVM's runtime libraries from the pack, ``tvm`` unimportable."""
-    import importlib.abc
+    import common
 
     src = PACK / "src"
     if src.exists():
@@ -189,23 +188,13 @@ def runtime_setup(hide_tvm: bool = True):
     lib = PACK / "tvm_runtime" / "tvm" / "lib"
     if lib.exists():
         os.environ.setdefault("VOXC_TVM_LIB_DIR", str(lib))
-
-    class _Hide(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "tvm" or name.startswith("tvm."):
-                raise ModuleNotFoundError(f"No module named {name!r} (runtime-only: the TVM compiler is hidden)")
-            return None
-
     if hide_tvm:
-        sys.meta_path.insert(0, _Hide())
+        common.hide_tvm()
 
 
-def decode_steps(model, fn, start, steps, delay=6):
+def decode_steps(model, start, steps, delay=6):
     """ms per decode call (one stream, one token) at positions start.., the token read back each step."""
-    rt = model.rt
     tokens = np.ones((1, 1), np.int32)
-    delays = np.full(1, delay, np.float32)
-    slots = np.zeros(1, np.int32)
     out = []
     budget = float(os.environ.get("DECODE_BUDGET_S", 8))
     t0 = time.perf_counter()
@@ -213,14 +202,13 @@ def decode_steps(model, fn, start, steps, delay=6):
         if i >= 3 and time.perf_counter() - t0 > budget:   # slow variants: fewer steps, not a time-out
             break
         t = time.perf_counter()
-        _, nxt, model.dec_cache = fn(rt.tensor(tokens), model.audio_ring, rt.tensor(delays), model.dec_cache,
-                                     rt.tensor(slots), rt.tensor(np.full(1, start + i, np.int32)), *model.params)
-        tokens = rt.numpy(nxt).reshape(1, 1).astype(np.int32)
+        _, nxt = model.decode(tokens, [delay], [0], [start + i])
+        tokens = model.rt.numpy(nxt).reshape(1, 1).astype(np.int32)
         out.append((time.perf_counter() - t) * 1e3)
     return out
 
 
-def profile_step(model, fn, start, delay=6, top=14) -> dict:
+def profile_step(model, start, delay=6, top=14) -> dict:
     """One decode step with the VM's instrument hook (runtime API ``set_instrument``): wall ms per compiled
     function, summed over its calls, the ``top`` largest."""
     from collections import defaultdict
@@ -235,13 +223,10 @@ def profile_step(model, fn, start, delay=6, top=14) -> dict:
             total[name] += time.perf_counter() - began.pop(name, time.perf_counter())
             calls[name] += 1
 
-    rt = model.rt
     model.vm["set_instrument"](instrument)
     try:
         t = time.perf_counter()
-        _, _, model.dec_cache = fn(rt.tensor(np.ones((1, 1), np.int32)), model.audio_ring,
-                                   rt.tensor(np.full(1, delay, np.float32)), model.dec_cache,
-                                   rt.tensor(np.zeros(1, np.int32)), rt.tensor(np.full(1, start, np.int32)), *model.params)
+        model.decode(np.ones((1, 1), np.int32), [delay], [0], [start])
         wall = (time.perf_counter() - t) * 1e3
     finally:
         model.vm["set_instrument"](None)
@@ -252,8 +237,9 @@ def profile_step(model, fn, start, delay=6, top=14) -> dict:
 
 def cmd_voxc(args):
     runtime_setup()
+    import voxc
     from cuda_build import ensure_weights
-    from voxc.runtime.model import CompiledModel
+    from voxc.artifact import STATIC_ENTRIES
 
     art = Path(args.artifact)
     manifest = json.loads((art / MANIFEST).read_text())
@@ -264,10 +250,10 @@ def cmd_voxc(args):
     n_threads = threads()
     report["artifact"] = {"name": art.name, "quantization": quant, "model_dtype": manifest["model_dtype"],
                           "config_key": config_key(manifest),
-                          "build": manifest.get("cpu_bench"), "library_MB": round((art / manifest["library"]).stat().st_size / 1e6, 1)}
+                          "build": (manifest.get("bench") or {}).get("cpu_bench"), "library_MB": round((art / manifest["library"]).stat().st_size / 1e6, 1)}
     report["cpu"] = cpu_info()
     report["tvm_num_threads"] = os.environ.get("TVM_NUM_THREADS", "(unset: TVM's default)")
-    assert "tvm" not in sys.modules or getattr(sys.modules["tvm"], "__voxc_shim__", False), "TVM compiler imported"
+    assert "tvm" not in sys.modules, "TVM compiler imported"
     bw = stream_read_gbps(n_threads)
     report["stream_read_before"] = bw
 
@@ -275,7 +261,7 @@ def cmd_voxc(args):
     gb, written = ensure_weights(art, Path(os.environ.get("VOXC_WEIGHTS_DIR", "/tmp/voxc_cpu_random_weights")))
     report["weights"] = {"GB": round(gb, 3), "written_s": round(written, 1)}
     t = time.perf_counter()
-    model = CompiledModel.load(art, max_streams=1)
+    model = voxc.load(art, max_streams=1, verify="size")   # random weights: sizes recorded, not hashes
     model.tokenizer = BenchTokenizer()
     report["load_s"] = round(time.perf_counter() - t, 1)
     import tvm_ffi  # noqa: F401  (the runtime's FFI package, from the carried wheel)
@@ -289,19 +275,17 @@ def cmd_voxc(args):
 
     steps = int(os.environ.get("STEPS", 8 if quick else 20))
     positions = [int(p) for p in os.environ.get("POSITIONS", "100,4000").split(",")]
-    static = model.vm["decode_b1n1"] if model._decode_single is not None else None
-    entries = ([("static_b1n1", static)] if static is not None else []) + [("generic", model._decode)]
+    static = any(name in STATIC_ENTRIES for name in model.functions)
+    # (tag, one-stream steps through the static entries decode_b1n1 / encode_b1t8)
+    entries = ([("static_b1n1", True)] if static else []) + [("generic", False)]
     res = {}
-    if static is not None:   # same step through both entries (same inputs, same cache rows): same logits
-        rt = model.rt
-        args_ = lambda: (rt.tensor(np.ones((1, 1), np.int32)), model.audio_ring, rt.tensor(np.full(1, 6, np.float32)),
-                         model.dec_cache, rt.tensor(np.zeros(1, np.int32)), rt.tensor(np.full(1, 10, np.int32)))
-        a = static(*args_(), *model.params)
-        model.dec_cache = a[2]
-        a = rt.numpy(a[0])
-        b = model._decode(*args_(), *model.params)
-        model.dec_cache = b[2]
-        b = rt.numpy(b[0])
+    if static:   # same step through both entries (same inputs, same cache rows): same logits
+        outs = []
+        for on in (True, False):
+            model.use_static_entries(on)
+            outs.append(model.rt.numpy(model.decode(np.ones((1, 1), np.int32), [6], [0], [10])[0]))
+        model.use_static_entries(True)
+        a, b = outs
         report["check_static_vs_generic"] = {
             "logits_max_rel_err": float(np.abs(a - b).max() / max(1e-30, float(np.abs(b).max()))),
             "finite": bool(np.isfinite(a).all() and np.isfinite(b).all()), "argmax_equal": bool(a.argmax() == b.argmax())}
@@ -309,11 +293,12 @@ def cmd_voxc(args):
     deadline = T0 + float(os.environ.get("VOXC_STAGE_S", 1e9)) - 15
     warmed = set()
 
-    def decode_series(tag, fn, pos):
+    def decode_series(tag, static, pos):
+        model.use_static_entries(static)
         if tag not in warmed:
-            decode_steps(model, fn, 50, 2)    # warm-up (allocates the VM's pools)
+            decode_steps(model, 50, 2)    # warm-up (allocates the VM's pools)
             warmed.add(tag)
-        s = stats(decode_steps(model, fn, pos, steps)[1:])
+        s = stats(decode_steps(model, pos, steps)[1:])
         kv = kv_bytes(manifest, pos)
         s["x_floor_weights"] = round(s["median_ms"] / floor_ms, 2)
         s["floor_weights_plus_kv_ms"] = round((dbytes + kv) / (bw["GBps"] * 1e9) * 1e3, 3)
@@ -323,14 +308,16 @@ def cmd_voxc(args):
         report[f"decode_{tag}_pos{pos}"] = s
         report["decode"] = res
 
-    def profile(tag, fn, pos):
+    def profile(tag, static, pos):
+        model.use_static_entries(static)
         try:   # where one step's time goes (one instrumented step)
-            report[f"profile_{tag}_pos{pos}"] = profile_step(model, fn, pos)
+            report[f"profile_{tag}_pos{pos}"] = profile_step(model, pos)
         except Exception as exc:  # noqa: BLE001
             report[f"profile_{tag}_error"] = repr(exc)
 
     def streaming():
         # 80 ms chunks: mel + encoder over 8 mel frames + adapter + one decoder step each
+        model.use_static_entries(True)   # the runtime's default: static one-stream entries where present
         rng = np.random.default_rng(0)
         n_chunks = int(os.environ.get("STREAM_STEPS", 10 if quick else 25))
         warm = 3
@@ -351,20 +338,20 @@ def cmd_voxc(args):
             lat.append((time.perf_counter() - t) * 1e3)
         st = stats(lat[warm:])
         st["rtf"] = round(st["median_ms"] / 80.0, 3)
-        st["tokens_so_far"] = len(s.tokens)
+        st["tokens_so_far"] = s.token_count
         report["stream_80ms"] = st
 
     plan = []
-    for tag, fn in entries[:1]:
-        plan += [(f"decode {tag} {positions[0]}", decode_series, (tag, fn, positions[0])),
-                 (f"profile {tag} {positions[0]}", profile, (tag, fn, positions[0]))]
+    for tag, on in entries[:1]:
+        plan += [(f"decode {tag} {positions[0]}", decode_series, (tag, on, positions[0])),
+                 (f"profile {tag} {positions[0]}", profile, (tag, on, positions[0]))]
     plan.append(("streaming", streaming, ()))
-    for tag, fn in entries[:1]:
+    for tag, on in entries[:1]:
         for pos in positions[1:]:
-            plan += [(f"decode {tag} {pos}", decode_series, (tag, fn, pos)), (f"profile {tag} {pos}", profile, (tag, fn, pos))]
-    for tag, fn in entries[1:]:
-        plan += [(f"decode {tag} {pos}", decode_series, (tag, fn, pos)) for pos in positions]
-    skipped = []
+            plan += [(f"decode {tag} {pos}", decode_series, (tag, on, pos)), (f"profile {tag} {pos}", profile, (tag, on, pos))]
+    for tag, on in entries[1:]:
+        plan += [(f"decode {tag} {pos}", decode_series, (tag, on, pos)) for pos in positions]
+    skipped, errors = [], []
     for name, fn, fargs in plan:
         if time.perf_counter() > deadline:
             skipped.append(name)
@@ -375,11 +362,14 @@ def cmd_voxc(args):
             import traceback
             traceback.print_exc()
             report[f"error {name}"] = repr(exc)
+            errors.append(name)
     if skipped:
         report["skipped_for_time"] = skipped
     if time.perf_counter() < deadline:
         report["bandwidth_after"] = stream_read_gbps(n_threads)
     report["finished"] = time.strftime("%H:%M:%S")
+    if errors:
+        sys.exit(f"failed: {', '.join(errors)}")
 
 
 def cmd_hf(args):
@@ -530,7 +520,8 @@ def _bf16_supported(torch):
         return None
 
 
-def torch_read_gbps(torch, gib: float = 2.0, reps: int = 7) -> dict:
+def torch_read_gbps(torch, gib: float | None = None, reps: int = 7) -> dict:
+    gib = float(os.environ.get("BW_GIB", 2.0)) if gib is None else gib
     x = torch.ones(int(gib * (1 << 30)) // 4, dtype=torch.float32)
     x.sum()
     best = min(_timed(x.sum) for _ in range(reps))
@@ -578,6 +569,7 @@ def main(argv=None):
     b.add_argument("--size", choices=["full", "tiny"], default="full")
     b.add_argument("--quant", default="q4_k")
     b.add_argument("--mcpu", default="x86-64-v3")
+    b.add_argument("--force", action="store_true", help="replace an existing artifact")
     b.set_defaults(fn=cmd_build)
     v = sub.add_parser("voxc")
     v.add_argument("artifact")

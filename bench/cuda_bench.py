@@ -3,10 +3,15 @@ runtime-only CUDA path: decode latency vs the memory-bandwidth floor, offline RT
 batched decode, memory.  Runs on the GPU machine (bench/device/run_bench.sh); numbers -> $OUT.
 
     python bench/cuda_bench.py [ARTIFACT ...]      (default: .devpack/artifacts/full_cuda*)
-Env: SECS (60) clip length, MAX_STREAMS (auto), QUICK=1 fewer repetitions.
+    python bench/cuda_bench.py --local [ARTIFACT ...]
+        a rehearsal on the CPU (TVM's compiler hidden, as on the device): the same steps, few of them,
+        on the llvm artifacts `pack.sh --local` builds (default: .devpack/artifacts/full_llvm*)
+Env: SECS (60) clip length, MAX_STREAMS (auto), QUICK=1 fewer repetitions, ONLY=batched, REALTIME (1),
+STREAM_SECS (60).
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -19,84 +24,76 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "device"))
 import common  # noqa: E402
 from common import BenchTokenizer  # noqa: E402
 
-PACK = common.setup()
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-SECS = float(os.environ.get("SECS", 60))
-QUICK = os.environ.get("QUICK") == "1"
+# the local rehearsal: a few steps of everything, on the CPU
+LOCAL_ENV = {"SECS": "2", "QUICK": "1", "STREAM_SECS": "1", "MAX_STREAMS": "2", "STEPS": "4", "BATCH_STEPS": "4"}
 
 
-def copy_bandwidth():
-    """Device-to-device copy through torch, bytes read + written per second (METHOD.md)."""
-    import torch
+class Device:
+    """What the benchmark asks of the device: copy bandwidth, memory in use and free.  ``cuda``
+    through torch (on the GPU machine); ``cpu`` (the local rehearsal) through numpy and /proc."""
 
-    x = torch.empty(1 << 28, dtype=torch.float32, device="cuda").normal_()
-    y = torch.empty_like(x)
-    for _ in range(3):
-        y.copy_(x)
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(5):
-        a.record()
-        for _ in range(10):
+    def __init__(self, kind: str):
+        self.kind = kind
+
+    def name(self) -> str:
+        return common.gpu_name() if self.kind == "cuda" else f"cpu ({os.cpu_count()} cores, local rehearsal)"
+
+    def copy_bandwidth(self) -> float:
+        """Device-to-device copy, bytes read + written per second (GB/s)."""
+        if self.kind == "cpu":
+            x = np.ones(1 << 23, np.float32)
+            y = np.empty_like(x)
+            times = []
+            for _ in range(5):
+                t = time.perf_counter()
+                np.copyto(y, x)
+                times.append(time.perf_counter() - t)
+            return 2 * x.nbytes / float(np.median(times)) / 1e9
+        import torch
+
+        x = torch.empty(1 << 28, dtype=torch.float32, device="cuda").normal_()
+        y = torch.empty_like(x)
+        for _ in range(3):
             y.copy_(x)
-        b.record()
-        torch.cuda.synchronize()
-        times.append(a.elapsed_time(b) / 10 / 1e3)
-    gbps = 2 * x.numel() * 4 / float(np.median(times)) / 1e9
-    del x, y
-    torch.cuda.empty_cache()
-    return gbps
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(5):
+            a.record()
+            for _ in range(10):
+                y.copy_(x)
+            b.record()
+            torch.cuda.synchronize()
+            times.append(a.elapsed_time(b) / 10 / 1e3)
+        gbps = 2 * x.numel() * 4 / float(np.median(times)) / 1e9
+        del x, y
+        torch.cuda.empty_cache()
+        return gbps
 
+    def free_bytes(self) -> int:
+        if self.kind == "cpu":
+            for line in Path("/proc/meminfo").read_text().splitlines():
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+            return 8 << 30
+        import torch
 
-def gpu_used_gb():
-    import torch
+        return torch.cuda.mem_get_info()[0]
 
-    free, total = torch.cuda.mem_get_info()
-    return (total - free) / 1e9
+    def used_gb(self) -> float:
+        if self.kind == "cpu":
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6   # peak RSS of this process
+        import torch
+
+        free, total = torch.cuda.mem_get_info()
+        return (total - free) / 1e9
 
 
 def stats(ms):
     ms = np.asarray(ms)
     return {"median_ms": round(float(np.median(ms)), 3), "p10_ms": round(float(np.percentile(ms, 10)), 3),
             "p90_ms": round(float(np.percentile(ms, 90)), 3), "n": int(ms.size)}
-
-
-def use_static(model, on: bool):
-    if not hasattr(model, "_general_decode"):
-        model._general_decode = model._decode
-    if not hasattr(model, "_general_encode"):
-        model._general_encode = model._encode
-    model._encode = model._general_encode
-    if not on:
-        model._decode = model._general_decode
-        return False
-    try:
-        static = model.vm["decode_b1n1"]
-    except Exception:  # noqa: BLE001
-        model._decode = model._general_decode
-        return False
-    general = model._general_decode
-
-    def dispatch(tokens, *rest):
-        return static(tokens, *rest) if tuple(tokens.shape) == (1, 1) else general(tokens, *rest)
-
-    model._decode = dispatch
-    _use_static_encode(model)
-    return True
-
-
-def _use_static_encode(model):
-    """Route one-step encodes (one stream, 8 mel frames) to ``encode_b1t8`` when the artifact has it."""
-    try:
-        static = model.vm["encode_b1t8"]
-    except Exception:  # noqa: BLE001
-        return
-    general = model._encode
-
-    def dispatch(mel, *rest):
-        return static(mel, *rest) if tuple(mel.shape)[0] == 1 and tuple(mel.shape)[2] == 8 else general(mel, *rest)
-
-    model._encode = dispatch
 
 
 def decode_steps(model, slots, start, steps, delay=6):
@@ -146,92 +143,96 @@ def realtime_streams(model, n: int, seconds: float, chunk: int = 1280, seed: int
         s.finish()
     return {"streams": n, "seconds_of_audio": seconds, "wall_s": round(total, 1), "step_ms_by_stream_time": windows,
             "last_10s": stats(last), "realtime": bool(np.percentile(last, 90) < chunk / 16),
-            "tokens_per_stream": len(sessions[0].tokens)}
+            "tokens_per_stream": sessions[0].token_count}
 
 
-def bench_artifact(report, art: Path, copy_gbps: float):
+def env(name: str, default):
+    return type(default)(os.environ.get(name, default))
+
+
+def bench_artifact(report, art: Path, device: Device, copy_gbps: float):
+    import voxc
     from cuda_build import ensure_weights
-    from voxc.runtime.model import CompiledModel
+    from voxc import artifact
+    from voxc.config import ModelConfig
 
     name = art.name
-    manifest = json.loads((art / "voxc-artifact.json").read_text())
-    res: dict = {"cuda": manifest.get("cuda"), "kernel_calls": manifest.get("kernel_calls"),
-                 "model_dtype": manifest["model_dtype"], "quantization": manifest.get("quantization")}
-    t = time.perf_counter()
+    secs = env("SECS", 60.0)
+    quick = os.environ.get("QUICK") == "1"
+    manifest = artifact.read_manifest(art)
+    res: dict = {"bench": manifest.get("bench"), "model_dtype": manifest["model_dtype"],
+                 "quantization": manifest.get("quantization"), "target": manifest["target"]}
     res["weights_gb"], res["weights_written_s"] = ensure_weights(art)
     res["weights_written_s"] = round(res["weights_written_s"], 1)
-    cfg = manifest["config"]
-    e, d = cfg["encoder"], cfg["decoder"]
-    itemsize = 4 if manifest["model_dtype"] == "float32" else 2
-    per_stream = itemsize * (e["n_layers"] * 2 * e["sliding_window"] * e["n_heads"] * e["head_dim"]
-                             + d["n_layers"] * 2 * d["sliding_window"] * d["n_kv_heads"] * d["head_dim"]
-                             + 256 * d["dim"] + 2 * e["num_mel_bins"] + e["dim"])
+    cfg = ModelConfig.from_dict(manifest["config"])
+    per_stream = sum(artifact.state_bytes_per_stream(cfg, manifest["model_dtype"]).values())
     res["cache_bytes_per_stream_gb"] = round(per_stream / 1e9, 3)
-    import torch
-    free = torch.cuda.mem_get_info()[0]
-    max_streams = int(os.environ.get("MAX_STREAMS", 0)) or \
-        max(1, min(128, int((free - res["weights_gb"] * 1e9 - 6e9) // per_stream)))
+    max_streams = env("MAX_STREAMS", 0) or \
+        max(1, min(128, int((device.free_bytes() - res["weights_gb"] * 1e9 - 6e9) // per_stream)))
     res["max_streams"] = max_streams
     t = time.perf_counter()
-    model = CompiledModel.load(art, max_streams=max_streams)
+    # random weights written here: the manifest records their sizes, not hashes
+    model = voxc.load(art, max_streams=max_streams, verify="size")
     model.tokenizer = BenchTokenizer()
     res["load_s"] = round(time.perf_counter() - t, 1)
-    res["gpu_used_after_load_gb"] = round(gpu_used_gb(), 2)
-    dec_bytes = sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize for p in manifest["params"]
+    res["used_after_load_gb"] = round(device.used_gb(), 2)
+    dec_bytes = sum(int(np.prod(p["shape"])) * artifact.numpy_dtype(p["dtype"]).itemsize for p in manifest["params"]
                     if p["name"].startswith(("dec.", "tok_embeddings.")))   # quantized: qweight + scales
     res["decode_weight_gb"] = round(dec_bytes / 1e9, 3)
     res["decode_floor_ms"] = round(dec_bytes / (copy_gbps * 1e9) * 1e3, 3)
     report[name] = res
 
     rng = np.random.default_rng(0)
-    audio = (0.1 * rng.standard_normal(int(16000 * SECS))).astype(np.float32)
-    steps = 60 if QUICK else 200
+    audio = (0.1 * rng.standard_normal(int(16000 * secs))).astype(np.float32)
+    steps = env("STEPS", 60 if quick else 200)
+    has_static = any(e in model.functions for e in artifact.STATIC_ENTRIES)
     for static in (False, True):
-        if os.environ.get("ONLY") == "batched":
+        if os.environ.get("ONLY") == "batched" or (static and not has_static):
             break
-        if not use_static(model, static) and static:
-            continue
+        model.use_static_entries(static)   # one-stream steps through decode_b1n1 / encode_b1t8, or not
         tag = "static_b1n1" if static else "generic"
         # warm-up: a short stream (compiles nothing, but allocates pools and captures graphs)
         s = model.stream()
         s.feed(audio[:16000])
         s.finish()
-        for start in (100, 8100):
-            res[f"decode_b1_{tag}_pos{start}"] = stats(decode_steps(model, [0], start, steps)[5:])
+        for start in (100, min(8100, cfg.decoder.sliding_window - steps)):
+            res[f"decode_b1_{tag}_pos{start}"] = stats(decode_steps(model, [0], start, steps)[min(5, steps // 2):])
         t = time.perf_counter()
         s = model.stream()
         s.feed(audio)
         s.finish()
         offline = time.perf_counter() - t
-        res[f"offline_{tag}"] = {"seconds": round(offline, 3), "rtf": round(offline / SECS, 4),
-                                 "x_realtime": round(SECS / offline, 1), "tokens": len(s.tokens)}
+        res[f"offline_{tag}"] = {"seconds": round(offline, 3), "rtf": round(offline / secs, 4),
+                                 "x_realtime": round(secs / offline, 1), "tokens": s.token_count}
         s = model.stream()
         chunk = 1280
         lat = []
-        for i in range(0, min(len(audio), 16000 * (8 if QUICK else 20)), chunk):
+        for i in range(0, min(len(audio), 16000 * (8 if quick else 20)), chunk):
             t = time.perf_counter()
             s.feed(audio[i:i + chunk])
             lat.append((time.perf_counter() - t) * 1e3)
         s.finish()
-        res[f"stream_80ms_{tag}"] = stats(lat[10:])
+        res[f"stream_80ms_{tag}"] = stats(lat[min(10, len(lat) // 2):])
         report[name] = res
-    use_static(model, False)
+    model.use_static_entries(False)
     batch = {}
+    batch_steps = env("BATCH_STEPS", 15 if quick else 40)
     for b in sorted({1, 2, 4, 8, 16, 32, 64, max_streams}):
         if b > max_streams:
             continue
-        ms = stats(decode_steps(model, list(range(b)), 1000, 15 if QUICK else 40)[3:])
+        ms = stats(decode_steps(model, list(range(b)), 1000, batch_steps)[min(3, batch_steps // 2):])
         batch[b] = {**ms, "tokens_per_s": round(b * 1000 / ms["median_ms"], 1),
                     "streams_realtime": round(b * 80 / ms["median_ms"], 1)}
     res["batched_decode_pos1000"] = batch
+    model.use_static_entries(True)
     report[name] = res
     if os.environ.get("REALTIME", "1") == "1":
-        stream_secs = float(os.environ.get("STREAM_SECS", 60))
+        stream_secs = env("STREAM_SECS", 60.0)
         for n in sorted({1, max_streams}):
             res[f"realtime_{n}_streams"] = realtime_streams(model, n, stream_secs)
             print(name, f"realtime {n} streams:", json.dumps(res[f"realtime_{n}_streams"]["last_10s"]), flush=True)
             report[name] = res
-    res["gpu_used_peak_gb"] = round(gpu_used_gb(), 2)
+    res["used_peak_gb"] = round(device.used_gb(), 2)
     res["floor_ratio_b1"] = {k: round(v["median_ms"] / res["decode_floor_ms"], 2)
                              for k, v in res.items() if k.startswith("decode_b1_")}
     report[name] = res
@@ -239,25 +240,40 @@ def bench_artifact(report, art: Path, copy_gbps: float):
     return res
 
 
-def main():
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("artifacts", nargs="*", type=Path)
+    ap.add_argument("--local", action="store_true", help="a rehearsal on the CPU with llvm artifacts, few steps")
+    args = ap.parse_args(argv)
+    if args.local:
+        for key, value in LOCAL_ENV.items():
+            os.environ.setdefault(key, value)
+    pack = common.setup()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    device = Device("cpu" if args.local else "cuda")
     report = common.Report("cuda_bench")
-    report["gpu"] = common.gpu_name()
-    report["secs"] = SECS
-    copy_gbps = copy_bandwidth()
+    report["device"] = device.name()
+    report["secs"] = env("SECS", 60.0)
+    copy_gbps = device.copy_bandwidth()
     report["copy_GBps_read_plus_write"] = round(copy_gbps, 1)
-    arts = [Path(a) for a in sys.argv[1:]] or sorted((PACK / "artifacts").glob("full_cuda*"))
+    arts = args.artifacts or sorted((pack / "artifacts").glob("full_llvm*" if args.local else "full_cuda*"))
+    failed = not arts
+    if not arts:
+        report["error"] = f"no artifacts in {pack / 'artifacts'}"
     for art in arts:
         try:
-            bench_artifact(report, art, copy_gbps)
+            bench_artifact(report, art, device, copy_gbps)
         except Exception as exc:  # noqa: BLE001 - keep the other variants' numbers
             import traceback
             traceback.print_exc()
             report[f"{art.name}_error"] = repr(exc)
+            failed = True
         report.save()
         import gc
         gc.collect()
     report.save()
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

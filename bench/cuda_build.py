@@ -1,89 +1,144 @@
-"""Build CUDA artifacts for the device runs, including weight-less ("manifest only") artifacts.
+"""Build artifacts for the device runs through ``voxc.build.build``, including weight-less ones.
 
 A full-size artifact holds ~17 GB (float32) of weights, far over what can travel to the GPU machine
-(64 MiB a call), so the benchmark ships the compiled library and the manifest only, and
-:func:`fill_random_weights` writes random shards in the artifact layout on the device.
+(64 MiB a call), so the benchmark ships the compiled library and the manifest only
+(``build(..., weights=False)``), and :func:`ensure_weights` writes random weights in the artifact
+layout (voxc.artifact.WeightShardWriter) on the device.
 
-    python bench/cuda_build.py full   OUT_DIR [--cuda-graph]   # ModelConfig() defaults, no weights
-    python bench/cuda_build.py tiny   OUT_DIR                  # tiny checkpoint -> OUT_DIR/{tiny_cuda,tiny_llvm}
+    python bench/cuda_build.py full OUT_DIR [--cuda-graph] [--quantization q4_k]   # ModelConfig(), no weights
+    python bench/cuda_build.py tiny OUT_DIR [--no-cuda]     # tiny checkpoint -> OUT_DIR/{tiny_cuda,tiny_llvm}
+    python bench/cuda_build.py attn OUT.so [--tiny]         # ring attention alone (tiny_check.py)
+    (--target llvm: full and attn for the CPU; --tiny-config: full of ModelConfig.tiny(), a rehearsal)
+
+The weight-less artifacts and the tiny cuda build get a ``bench`` section in their manifest: build
+seconds, the CUDA settings and a census of kernel launches per entry point (from the VM bytecode
+and targets.base.CompileReport).
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
+import os
+import re
+import shutil
 import sys
+import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+if str(ROOT) not in sys.path:   # last: a voxc snapshot already on the path (the device's pack) stays first
+    sys.path.append(str(ROOT))
 
-MANIFEST = "voxc-artifact.json"
-SHARD_BYTES = 512 * 1024 * 1024
+from voxc import artifact  # noqa: E402  (numpy + stdlib only: importable on the runtime-only device)
+
+RANDOM_WEIGHTS_DIR = Path(os.environ.get("VOXC_RANDOM_WEIGHTS_DIR", "/tmp/voxc_random_weights"))
+_DONE = "random-weights.json"   # in a shared directory of random weights: its file list and seed
 
 
-def build_manifest_only(cfg, target, out_dir: Path, *, left_pad_tokens: int = 32, delay_ms: int = 480,
-                        quantization: str | None = None) -> Path:
-    """Compile ``cfg`` for ``target`` and write the artifact WITHOUT weight shards ("weights": [])."""
-    from voxc import build as vb
-    from voxc.model.layers import quantized
-    from voxc.quant.linear import kernel_target
+# ---- building -------------------------------------------------------------------------------------
+def config_checkpoint(cfg, directory: Path) -> Path:
+    """A checkpoint directory with ``params.json`` for ``cfg`` and the tiny tokenizer, no weights:
+    what ``build(..., weights=False)`` needs.  The bench never decodes text, so any tokenizer of at
+    most ``cfg``'s vocabulary does."""
     from voxc.tokenizer import write_tiny_tekken
 
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "params.json").write_text(json.dumps(cfg.to_params_json(), indent=1))
+    write_tiny_tekken(directory / "tekken.json")
+    return directory
+
+
+def build_weightless(cfg, target, out_dir: Path, *, quantization: str | None = None, dtype: str | None = None,
+                     force: bool = False, extra: dict | None = None) -> Path:
+    """Compile ``cfg`` for ``target`` (a name or a targets.base.TargetSpec) into ``out_dir`` without
+    weights (the manifest says ``weights_included: false``; :func:`ensure_weights` fills them)."""
+    from targets.base import CompileReport
+    from voxc.build import build
+
     out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    report = CompileReport()
     t0 = time.perf_counter()
-    export = getattr(target, "export_graph", None)
-    with quantized(quantization, None), kernel_target(target.name):
-        mod, params = export(cfg) if export else vb.export_graph(cfg, target)
-    executable = target.compile(mod)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    library = target.export(executable, out_dir)
-    write_tiny_tekken(out_dir / "tekken.json")   # placeholder tokenizer: the bench never decodes text
-    param_specs = [(name, [int(s) for s in p.shape], str(p.dtype)) for name, p in params]
-    manifest = {
-        "format": vb.ARTIFACT_FORMAT,
-        "voxc_version": vb._voxc_version(),
-        "tvm_version": vb._tvm_version(),
-        "target": target.name,
-        "device_kind": target.device_kind,
-        "library": library.name,
-        "model_dtype": target.model_dtype,
-        "config": cfg.to_dict(),
-        "params": [{"name": n, "shape": s, "dtype": d} for n, s, d in param_specs],
-        "weights": [],
-        "weights_omitted": True,
-        "tokenizer": "tekken.json",
-        "left_pad_tokens": left_pad_tokens,
-        "default_delay_ms": delay_ms,
-        "quantization": quantization,
-        "build_seconds": round(time.perf_counter() - t0, 1),
-        "kernel_calls": kernel_census(executable, getattr(sys.modules.get("targets.cuda"), "LAST_CUDA_SOURCE", None)),
-        "cuda": {"arch": getattr(target, "arch", None), "archs": list(getattr(target, "archs", ())),
-                 "cuda_graph": bool(getattr(target, "cuda_graph", False))},
-    }
-    (out_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    with tempfile.TemporaryDirectory(prefix="voxc-bench-config-") as tmp:
+        ckpt = config_checkpoint(cfg, Path(tmp) / "ckpt")
+        build(ckpt, target, out_dir, progress=False, weights=False, quantization=quantization, dtype=dtype,
+              force=force, report=report)
+    record_bench_info(out_dir, target, report, time.perf_counter() - t0, extra)
     return out_dir
 
 
-def kernel_census(executable, cuda_source: str | None, entries=("decode", "decode_b1n1", "encode", "mel")) -> dict:
-    """Per entry point: VM calls of compiled functions, CUDA kernel launches they make outside CUDA
-    graphs, graph replays, and kernels inside the captured graphs (read from the VM's bytecode text
-    and the generated CUDA source)."""
-    import re
-    from collections import Counter
+def build_tiny_pair(out_root: Path, target=None, *, quantization: str | None = None, dtype: str | None = None,
+                    cuda: bool = True, twin_cpu: str = "generic") -> tuple[Path | None, Path]:
+    """The tiny test checkpoint built twice from the same weights: for ``target`` (default: the cuda
+    target) into ``tiny_cuda`` and for llvm into ``tiny_llvm``, both with the same ``quantization``
+    and ``dtype``.  The llvm twin is compiled for ``twin_cpu`` (generic: any x86-64 CPU, so the GPU
+    machine's host runs it whatever this machine's CPU).  ``cuda=False``: the llvm twin only."""
+    from targets.base import CompileReport
+    from voxc.build import build
+    from voxc.loader.tiny import make_tiny
 
+    out_root = Path(out_root)
+    ckpt = make_tiny(out_root / "tiny_ckpt", force=True)
+    cuda_dir = None
+    if cuda:
+        from targets.cuda import TARGET
+
+        target = TARGET if target is None else target
+        cuda_dir = out_root / "tiny_cuda"
+        report = CompileReport()
+        t0 = time.perf_counter()
+        build(ckpt, target, cuda_dir, progress=False, quantization=quantization, dtype=dtype, force=True,
+              report=report)
+        record_bench_info(cuda_dir, target, report, time.perf_counter() - t0)
+    llvm_dir = out_root / "tiny_llvm"
+    build(ckpt, "llvm", llvm_dir, progress=False, quantization=quantization, dtype=dtype, cpu=twin_cpu, force=True)
+    return cuda_dir, llvm_dir
+
+
+def record_bench_info(out_dir: Path, target, report, seconds: float, extra: dict | None = None) -> dict:
+    """Add the ``bench`` section (build time, CUDA settings, kernel census) to the artifact's manifest."""
+    out_dir = Path(out_dir)
+    manifest = artifact.read_manifest(out_dir)
+    info = {"build_seconds": round(seconds, 1)}
+    if manifest["library"].endswith(".so"):   # a native library (a web bundle's wasm does not load here)
+        info["kernel_calls"] = kernel_census(vm_text(out_dir / manifest["library"]), report.device_source,
+                                             report.small_m_dispatched)
+    if hasattr(target, "archs"):
+        info["cuda"] = {"arch": target.arch, "archs": list(target.archs), "cuda_graph": bool(target.cuda_graph),
+                        "small_m_tiers": [list(t) for t in target.small_m_tiers],
+                        "static_entries": [e.name for e in target.static_entries]}
+    info.update(extra or {})
+    artifact.write_manifest(out_dir, {**manifest, "bench": info})
+    return info
+
+
+def vm_text(library: Path) -> str:
+    """The Relax VM bytecode of a compiled artifact library, as text (this machine needs TVM)."""
+    import tvm
+    from tvm import relax
+
+    return relax.VMExecutable(tvm.runtime.load_module(str(library))).as_text()
+
+
+def kernel_census(text: str, device_source: str | None, small_m_dispatched=(),
+                  entries=("decode", "decode_b1n1", "encode", "encode_b1t8", "mel")) -> dict:
+    """Per entry point: VM calls of compiled functions, kernel launches they make outside CUDA
+    graphs, graph replays, and kernels inside the captured graphs (read from the VM's bytecode
+    ``text`` and the generated CUDA source).  A function in ``small_m_dispatched`` (one kernel per
+    row-count tier, targets.gpu_pipeline) launches one kernel per call."""
     kernels = Counter()
-    for name in re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+?)_kernel(?:_\d+)?\(", cuda_source or ""):
+    for name in re.findall(r"__global__ void (?:__launch_bounds__\(\d+\) )?(\w+?)_kernel(?:_\d+)?\(", device_source or ""):
         kernels[name] += 1
     kernels = {k: v // 2 if v % 2 == 0 else v for k, v in kernels.items()}   # declaration + definition
-    dispatched = set(getattr(sys.modules.get("targets.cuda"), "SMALL_M_DISPATCHED", set()))
-    dispatched |= {k for k in kernels if re.match(r"gemm_q\w+_m_", k)}   # quantized: GEMV or GEMM per call
+    dispatched = set(small_m_dispatched) | {k for k in kernels if re.match(r"gemm_q\w+_m_", k)}
     kernels = {k: (1 if k in dispatched else v) for k, v in kernels.items()}   # one tier runs per call
-    text = executable.as_text()
     sections, current = {}, None
     for line in text.splitlines():
         m = re.match(r"^@(\w+):", line)
@@ -105,190 +160,147 @@ def kernel_census(executable, cuda_source: str | None, entries=("decode", "decod
     return out
 
 
-def fill_random_weights(artifact_dir: Path, *, seed: int = 0, std: float = 0.02, shard_dir: Path | None = None) -> float:
-    """Write random shards for a weight-less artifact and list them in its manifest; returns GB.
+# ---- random weights (on the device: numpy and voxc.artifact only) ---------------------------------
+def random_params(params: list[dict], *, seed: int = 0, std: float = 0.02):
+    """(name, array) for every parameter of a manifest's list: valid weights for timing.
 
     Values are windows of one N(0, std) pool (norm gains 1, mel filters positive): timing does not
-    depend on them, and drawing 4.4 G independent normals would cost the device a minute.
-    ``shard_dir``: write the shards there and symlink them into the artifact (shared by variants)."""
-    from safetensors.numpy import save_file
-
-    artifact_dir = Path(artifact_dir)
-    shard_dir = Path(shard_dir) if shard_dir else artifact_dir
-    shard_dir.mkdir(parents=True, exist_ok=True)
-    manifest = json.loads((artifact_dir / MANIFEST).read_text())
+    depend on them, and drawing 4.4 G independent normals would cost the device a minute.  Packed
+    quantized levels take any bits; block scales (``.scales``: f16 halves, or Q4_K's header of f16
+    d/dmin and scale bytes) are small positive float16 values, so no bit pattern decodes to inf/NaN."""
     rng = np.random.default_rng(seed)
-    pool = (std * rng.standard_normal(1 << 26, dtype=np.float32))
-    shards, current, size, total = [], {}, 0, 0
-
-    def flush():
-        nonlocal current, size
-        if current:
-            name = f"weights-{len(shards):05d}.safetensors"
-            save_file(current, str(shard_dir / name))
-            shards.append(name)
-            current, size = {}, 0
-
-    for p in manifest["params"]:
-        dtype = np.dtype(p["dtype"])
+    total = sum(int(np.prod(p["shape"])) for p in params)
+    pool = std * rng.standard_normal(min(1 << 26, max(1 << 16, total)), dtype=np.float32)
+    for p in params:
+        dtype = artifact.numpy_dtype(p["dtype"])
         shape = tuple(p["shape"])
         count = int(np.prod(shape))
         if p["name"].endswith("norm.weight"):
             array = np.ones(shape, dtype)
         elif p["name"].endswith(".scales"):
-            # packed f16 block scales (Q4_K: f16 d/dmin, then scale bytes): every half a small
-            # positive float16, so no random bit pattern decodes to inf/NaN
             halves = (np.abs(np.resize(pool, count * 2)) * 0.05 + 1e-4).astype(np.float16)
             array = halves.view(np.uint32).reshape(shape)
-        elif dtype == np.uint32:   # packed quantized levels: any bits are valid
+        elif dtype == np.uint32:   # packed quantized levels
             array = rng.integers(0, 1 << 32, size=shape, dtype=np.uint32)
         else:
             offset = int(rng.integers(0, pool.size))
-            flat = np.resize(np.roll(pool, -offset)[: min(count, pool.size)], count)
+            flat = np.resize(pool[offset:] if count <= pool.size - offset else pool, count)   # repeats cyclically
             array = flat.reshape(shape).astype(dtype, copy=False)
-            if p["name"] == "mel_frontend.filters":
+            if p["name"] == artifact.MEL_FILTERS:
                 array = np.abs(array)
-        if size + array.nbytes > SHARD_BYTES:
-            flush()
-        current[p["name"]] = np.ascontiguousarray(array)
-        size += array.nbytes
-        total += array.nbytes
-    flush()
-    _link_shards(artifact_dir, shard_dir, shards, manifest, seed)
-    return total / 1e9
+        yield p["name"], array
 
 
-def _link_shards(artifact_dir: Path, shard_dir: Path, shards, manifest, seed):
-    if shard_dir != artifact_dir:
-        for name in shards:
+def write_random_weights(directory: Path, params: list[dict], *, seed: int = 0, std: float = 0.02) -> list[str]:
+    """tensor-cache.json + params_shard_*.bin of :func:`random_params` in ``directory``; returns the
+    file names."""
+    writer = artifact.WeightShardWriter(Path(directory), artifact.NATIVE_SHARD_BYTES)
+    for name, array in random_params(params, seed=seed, std=std):
+        writer.add(name, array)
+    writer.finish()
+    return [artifact.WEIGHT_INDEX] + [s["dataPath"] for s in writer.shards]
+
+
+def link_weights(artifact_dir: Path, shard_dir: Path, manifest: dict, files: list[str], seed: int) -> None:
+    """Symlink ``files`` of ``shard_dir`` into the artifact (unless they are there) and rewrite its
+    manifest's file list with sizes only."""
+    if shard_dir.resolve() != artifact_dir.resolve():
+        for old in artifact_dir.glob(artifact.SHARD_NAME.format("*")):
+            old.unlink()
+        for name in files:
             link = artifact_dir / name
             if link.is_symlink() or link.exists():
                 link.unlink()
-            link.symlink_to(shard_dir / name)
-    manifest["weights"] = list(shards)
-    manifest["weights_random_seed"] = seed
-    (artifact_dir / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            link.symlink_to(shard_dir.resolve() / name)
+    artifact.write_manifest(artifact_dir, {**manifest, "weights_random_seed": seed}, hashes=False)
 
 
-def ensure_weights(artifact_dir: Path, cache_root: Path = Path("/tmp/voxc_random_weights")) -> tuple[float, float]:
-    """Random weights for a weight-less artifact, written once per parameter list and shared by every
-    artifact of that list (full_cuda, full_cuda_graph). Returns (GB, seconds spent writing)."""
-    import hashlib
-
+def ensure_weights(artifact_dir: Path, cache_root: Path = RANDOM_WEIGHTS_DIR) -> tuple[float, float]:
+    """Random weights for a weight-less artifact, written once per parameter list under ``cache_root``
+    (env VOXC_RANDOM_WEIGHTS_DIR) and shared by every artifact of that list (full_cuda,
+    full_cuda_graph).  An artifact that holds its weights is left alone.  Returns (GB, seconds spent
+    writing or linking)."""
     artifact_dir = Path(artifact_dir)
-    manifest = json.loads((artifact_dir / MANIFEST).read_text())
-    key = hashlib.sha1(json.dumps(manifest["params"]).encode()).hexdigest()[:12]
-    shard_dir = cache_root / key
-    gb = sum(int(np.prod(p["shape"])) * np.dtype(p["dtype"]).itemsize for p in manifest["params"]) / 1e9
+    manifest = artifact.read_manifest(artifact_dir)
+    gb = sum(int(np.prod(p["shape"])) * artifact.numpy_dtype(p["dtype"]).itemsize for p in manifest["params"]) / 1e9
     t0 = time.perf_counter()
-    done = shard_dir / "shards.json"
-    if done.exists():
-        _link_shards(artifact_dir, shard_dir, json.loads(done.read_text()), manifest, 0)
-    elif manifest["weights"] and all((artifact_dir / s).exists() for s in manifest["weights"]):
-        pass
-    else:
-        fill_random_weights(artifact_dir, shard_dir=shard_dir)
-        done.write_text(json.dumps(json.loads((artifact_dir / MANIFEST).read_text())["weights"]))
+    if manifest.get("weights_included", True):
+        return gb, 0.0
+    key = hashlib.sha1(json.dumps(manifest["params"]).encode()).hexdigest()[:12]
+    shard_dir = Path(cache_root) / key
+    done = shard_dir / _DONE
+    if not done.exists():   # written beside, then renamed into place: a shared directory is whole or absent
+        staging = shard_dir.with_name(f"{shard_dir.name}.tmp{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        files = write_random_weights(staging, manifest["params"])
+        (staging / _DONE).write_text(json.dumps({"files": files, "seed": 0}))
+        shutil.rmtree(shard_dir, ignore_errors=True)
+        os.replace(staging, shard_dir)
+    record = json.loads(done.read_text())
+    link_weights(artifact_dir, shard_dir, manifest, record["files"], record["seed"])
     return gb, time.perf_counter() - t0
 
 
-def build_tiny_pair(out_root: Path, target=None, *, quantization: str | None = None,
-                    dtype: str | None = None) -> tuple[Path, Path]:
-    """The tiny test checkpoint built twice from the same weights: cuda and llvm artifacts (both
-    with the same ``quantization`` and ``dtype``)."""
-    from targets import get_target
-    from voxc.build import build
-    from voxc.loader.tiny import make_tiny
-
-    out_root = Path(out_root)
-    ckpt = make_tiny(out_root / "tiny_ckpt")
-    cuda_dir = out_root / "tiny_cuda"
-    llvm_dir = out_root / "tiny_llvm"
-    import targets as t
-    from voxc import build as vb
-
-    # voxc.build.build with two changes: this target object, and the target's own graph export
-    # (targets/cuda.py adds static-shape entry points; voxc.build has no hook for it yet)
-    original_target, original_export = t.get_target, vb.export_graph
-    if target is not None:
-        t.get_target = lambda name: target if name == "cuda" else original_target(name)
-    vb.export_graph = lambda cfg, tgt: tgt.export_graph(cfg) if hasattr(tgt, "export_graph") \
-        else original_export(cfg, tgt)
-    try:
-        build(ckpt, "cuda", cuda_dir, progress=False, quantization=quantization, dtype=dtype)
-    finally:
-        t.get_target, vb.export_graph = original_target, original_export
-    build(ckpt, "llvm", llvm_dir, progress=False, quantization=quantization, dtype=dtype)
-    return cuda_dir, llvm_dir
-
-
-# Attention-only modules at the full model's shapes: (name, heads, kv heads, head dim, window, layers)
+# ---- ring attention alone ---------------------------------------------------------------------------
+# (name, heads, kv heads, head dim, window, layers): the full model's shapes, and small ones for a CPU
 ATTENTION_CASES = (("dec", 32, 8, 128, 8192, 3), ("enc", 32, 32, 64, 750, 2))
+TINY_ATTENTION_CASES = (("dec", 4, 2, 16, 64, 3), ("enc", 4, 4, 8, 24, 2))
 
 
-def build_attention_modules(target, out_path: Path) -> Path:
-    """One library with ``dec``/``enc`` functions: (q, k, v, cache, slots, starts) -> ring attention of
-    the last layer, through targets/cuda.py's kernel swap (bench/device/tiny_check.py checks it)."""
+def build_attention_modules(target, out_path: Path, cases=ATTENTION_CASES) -> Path:
+    """One library with a function per case (``dec``, ``enc``): (q, k, v, cache, slots, starts) ->
+    ring attention of the last layer, through the target's own attention kernels (targets/cuda.py's
+    split-K swap, targets/llvm.py's CPU kernel).  ``<out>.json`` lists the cases (tiny_check.py)."""
+    from tvm import tirx
     from tvm.relax.frontend import nn
     from tvm.relax.frontend.nn import op, spec
-    from tvm import tirx
 
     from schedules.ring_attention import ring_attention_func
 
-    class Attention(nn.Module):
-        def __init__(self, heads, kv_heads, head_dim, window, layers):
-            self.args = (heads, kv_heads, head_dim, window)
-            self.layers = layers
-
+    def method(name, heads, kv_heads, head_dim, window, layers):
         def forward(self, q, k, v, cache, slots, starts):
-            b, n, heads, head_dim = q.shape
+            b, n = q.shape[0], q.shape[1]
             return op.tensor_ir_op(
-                ring_attention_func(*self.args, "float32"), "ring_attention",
-                args=[q, k, v, cache, slots, starts, tirx.IntImm("int64", self.layers - 1)],
+                ring_attention_func(heads, kv_heads, head_dim, window, "float32"), f"ring_attention_{name}",
+                args=[q, k, v, cache, slots, starts, tirx.IntImm("int64", layers - 1)],
                 out=nn.Tensor.placeholder((b, n, heads, head_dim), "float32"))
+        forward.__name__ = name
+        return forward
 
-    import tvm
-
-    merged = None
-    for name, heads, kv_heads, head_dim, window, layers in ATTENTION_CASES:
-        module = Attention(heads, kv_heads, head_dim, window, layers)
-        mod, _ = module.export_tvm(spec={"forward": {
-            "q": spec.Tensor(["b", "n", heads, head_dim], "float32"),
-            "k": spec.Tensor(["b", "n", kv_heads, head_dim], "float32"),
-            "v": spec.Tensor(["b", "n", kv_heads, head_dim], "float32"),
-            "cache": spec.Tensor([layers, 2, "s", window, kv_heads, head_dim], "float32"),
-            "slots": spec.Tensor(["b"], "int32"), "starts": spec.Tensor(["b"], "int32")}})
-        merged = _merge(merged if merged is not None else tvm.IRModule(), mod, name)
-    ex = target.compile(merged)
+    Attention = type("Attention", (nn.Module,), {c[0]: method(*c) for c in cases})
+    specs = {name: {"q": spec.Tensor(["b", "n", heads, head_dim], "float32"),
+                    "k": spec.Tensor(["b", "n", kv_heads, head_dim], "float32"),
+                    "v": spec.Tensor(["b", "n", kv_heads, head_dim], "float32"),
+                    "cache": spec.Tensor([layers, 2, "s", window, kv_heads, head_dim], "float32"),
+                    "slots": spec.Tensor(["b"], "int32"), "starts": spec.Tensor(["b"], "int32")}
+             for name, heads, kv_heads, head_dim, window, layers in cases}
+    mod, _ = Attention().export_tvm(spec=specs)
+    executable = target.compile(mod)
+    out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    ex.export_library(str(out_path))
+    executable.export_library(str(out_path))
+    out_path.with_suffix(".json").write_text(json.dumps(
+        {"target": target.name, "cases": [dict(zip(("name", "heads", "kv_heads", "head_dim", "window", "layers"), c))
+                                          for c in cases]}))
     return out_path
 
 
-def _merge(a, b, name):
-    """``a`` plus ``b``'s functions, ``b``'s ``forward`` renamed ``name`` and its PrimFuncs suffixed."""
-    from tvm import relax
-    from tvm.relax.expr_functor import PyExprMutator, mutator
+# ---- command line -----------------------------------------------------------------------------------
+def cuda_target(args):
+    from targets.cuda import TARGET
 
-    @mutator
-    class _M(PyExprMutator):
-        def __init__(self, mod):
-            super().__init__(mod)
-            self.renamed = {}
-
-        def visit_global_var_(self, op):
-            return self.renamed.get(op, op)
-
-        def run(self):
-            for gv, func in b.functions_items():
-                if not isinstance(func, relax.Function):
-                    self.renamed[gv] = self.builder_.add_func(func, f"{gv.name_hint}_{name}")
-            for gv, func in b.functions_items():
-                if isinstance(func, relax.Function):
-                    self.builder_.add_func(self.visit_expr(func).with_attr("global_symbol", name), name)
-            return self.builder_.get()
-
-    return _M(a).run()
+    target = TARGET
+    if args.cuda_graph:
+        target = dataclasses.replace(target, cuda_graph=True)
+    if args.archs:
+        target = dataclasses.replace(target, archs=tuple(args.archs.split(",")))
+    if args.tiers:
+        tiers = tuple(tuple(int(x) for x in t.split(":")) for t in args.tiers.split(","))
+        target = dataclasses.replace(target, small_m_tiers=tiers)
+    if args.no_static:
+        target = dataclasses.replace(target, static_entries=())
+    return target
 
 
 def main(argv=None):
@@ -301,33 +313,31 @@ def main(argv=None):
     ap.add_argument("--no-static", action="store_true", help="no static-shape entry points")
     ap.add_argument("--dtype", default=None, help="float32 or float16 (default: the target's)")
     ap.add_argument("--quantization", default=None, help="q4_0, q4_k or q8_0 (default: dense)")
+    ap.add_argument("--no-cuda", action="store_true", help="tiny: the llvm twin only (no nvcc here)")
+    ap.add_argument("--target", default="cuda", choices=["cuda", "llvm"],
+                    help="full, attn: the target (default cuda; llvm for a rehearsal on the CPU)")
+    ap.add_argument("--tiny", action="store_true", help="attn: small shapes (a CPU run) instead of the model's")
+    ap.add_argument("--tiny-config", action="store_true", help="full: ModelConfig.tiny() (a rehearsal) instead of "
+                                                               "ModelConfig()")
+    ap.add_argument("--force", action="store_true", help="full: replace an existing artifact")
     args = ap.parse_args(argv)
-    from targets.cuda import TARGET
     from voxc.config import ModelConfig
 
-    target = TARGET
-    if args.cuda_graph:
-        target = dataclasses.replace(target, cuda_graph=True)
-    if args.archs:
-        target = dataclasses.replace(target, archs=tuple(args.archs.split(",")))
-    if args.tiers:
-        tiers = tuple(tuple(int(x) for x in t.split(":")) for t in args.tiers.split(","))
-        target = dataclasses.replace(target, small_m_tiers=tiers)
-    if args.no_static:
-        target = dataclasses.replace(target, static_entries=())
-    if args.dtype:
-        target = dataclasses.replace(target, model_dtype=args.dtype)
     t0 = time.perf_counter()
-    if args.what == "full":
-        from voxc.quant.formats import QType
-        quant = QType.parse(args.quantization).value if args.quantization else None
-        out = build_manifest_only(ModelConfig(), target, Path(args.out), quantization=quant)
-    elif args.what == "attn":
-        out = build_attention_modules(target, Path(args.out))
+    if args.target == "llvm":
+        from targets.llvm import TARGET as target
     else:
-        out = build_tiny_pair(Path(args.out), target if target is not TARGET else None,
-                              quantization=args.quantization, dtype=args.dtype)
-    print(f"built {out} in {time.perf_counter() - t0:.1f}s")
+        target = cuda_target(args)
+    if args.what == "full":
+        cfg = ModelConfig.tiny() if args.tiny_config else ModelConfig()
+        out = build_weightless(cfg, target, Path(args.out), quantization=args.quantization, dtype=args.dtype,
+                               force=args.force)
+    elif args.what == "attn":
+        out = build_attention_modules(target, Path(args.out), TINY_ATTENTION_CASES if args.tiny else ATTENTION_CASES)
+    else:
+        out = build_tiny_pair(Path(args.out), None if args.no_cuda else cuda_target(args),
+                              quantization=args.quantization, dtype=args.dtype, cuda=not args.no_cuda)
+    print(f"built {out} in {time.perf_counter() - t0:.1f}s", flush=True)
 
 
 if __name__ == "__main__":

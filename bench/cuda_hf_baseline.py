@@ -4,6 +4,8 @@ init). Offline generate of a SECS-second clip at batch 1 and BATCH; the recipe o
 ../shared/research/probes/hf_gpu_baseline.py. Writes $OUT/hf_baseline.json.
 
     python bench/cuda_hf_baseline.py [ARTIFACT_WITH_WEIGHTS]
+    python bench/cuda_hf_baseline.py --local ARTIFACT   # a rehearsal on the CPU: the artifact's (tiny) config
+                                                        # and weights, float32, a 2 s clip, batches 1 and 2
 """
 from __future__ import annotations
 
@@ -18,94 +20,126 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent / "device"))
 import common  # noqa: E402
 
-SECS = float(os.environ.get("SECS", 60))
-BATCHES = [int(b) for b in os.environ.get("BATCHES", "1,16").split(",")]
+LOCAL_ENV = {"SECS": "2", "BATCHES": "1,2"}
 
 
-def load_voxc_weights(model, artifact: Path, cfg_dict: dict) -> int:
+def load_voxc_weights(model, artifact_dir: Path, cfg_dict: dict) -> int:
     """Copy an artifact's (voxc-named, official RoPE order) tensors into the HF model, as tests/oracle.py."""
     import torch
-    from safetensors import safe_open
 
     common.setup(block_compiler=False)
+    from voxc import artifact
+    from voxc.config import ModelConfig
     from voxc.loader import hf
     from voxc.loader.names import rope_rows
-    from voxc.config import ModelConfig
 
     cfg = ModelConfig.from_dict(cfg_dict)
-    manifest = json.loads((artifact / "voxc-artifact.json").read_text())
+    manifest = artifact.read_manifest(artifact_dir)
     state = model.state_dict()
     done = 0
     with torch.no_grad():
-        for shard in manifest["weights"]:
-            with safe_open(str(artifact / shard), "numpy") as f:
-                for name in f.keys():
-                    if name == "mel_frontend.filters":
-                        continue
-                    array = f.get_tensor(name)
-                    heads = rope_rows(name, cfg)
-                    if heads is not None:
-                        array = hf.interleaved_to_split_half(array, heads)
-                    target = state[hf.voxc_to_hf(name, in_memory=True)]
-                    target.copy_(torch.from_numpy(np.ascontiguousarray(array)).to(target.device, target.dtype))
-                    done += 1
+        for name, array in artifact.read_weights(artifact_dir, manifest):
+            if name == artifact.MEL_FILTERS:
+                continue
+            heads = rope_rows(name, cfg)
+            if heads is not None:
+                array = hf.interleaved_to_split_half(array, heads)
+            target = state[hf.voxc_to_hf(name, in_memory=True)]
+            target.copy_(torch.from_numpy(np.array(array)).to(target.device, target.dtype))
+            done += 1
     return done
 
 
-def main():
+def has_weights(artifact_dir: Path) -> bool:
+    """The artifact holds weights: its own, or random ones bench/cuda_build.py:ensure_weights wrote."""
+    manifest = json.loads((artifact_dir / "voxc-artifact.json").read_text())
+    return bool(manifest.get("weights_included") or "weights_random_seed" in manifest)
+
+
+def main(argv=None):
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("artifact", nargs="?", type=Path)
+    ap.add_argument("--local", action="store_true", help="on the CPU, the artifact's config, float32")
+    args = ap.parse_args(argv)
+    if args.local:
+        if args.artifact is None:
+            ap.error("--local needs an artifact (its config and weights are used)")
+        for key, value in LOCAL_ENV.items():
+            os.environ.setdefault(key, value)
+    secs = float(os.environ.get("SECS", 60))
+    batches = [int(b) for b in os.environ.get("BATCHES", "1,16").split(",")]
+    device, dtype_name = ("cpu", "float32") if args.local else ("cuda", "bfloat16")
+
     import torch
     import transformers
     from transformers import (VoxtralRealtimeConfig, VoxtralRealtimeFeatureExtractor,
                               VoxtralRealtimeForConditionalGeneration)
 
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     report = common.Report("hf_baseline")
     report["versions"] = {"transformers": transformers.__version__, "torch": torch.__version__}
-    report["gpu"] = common.gpu_name()
-    cfg = VoxtralRealtimeConfig()
+    report["device"] = "cpu (local rehearsal)" if args.local else common.gpu_name()
+    if args.local:
+        common.setup(block_compiler=False)
+        from voxc import artifact
+        from voxc.config import ModelConfig
+        from voxc.loader.hf import hf_config_dict
+
+        voxc_cfg = ModelConfig.from_dict(artifact.read_manifest(args.artifact)["config"])
+        cfg = VoxtralRealtimeConfig(**hf_config_dict(voxc_cfg))
+    else:
+        cfg = VoxtralRealtimeConfig()
     torch.manual_seed(0)
     t = time.perf_counter()
-    with torch.device("cuda"):
-        model = VoxtralRealtimeForConditionalGeneration(cfg).to(torch.bfloat16).eval()
+    with torch.device(device):
+        model = VoxtralRealtimeForConditionalGeneration(cfg).to(getattr(torch, dtype_name)).eval()
     report["init_s"] = round(time.perf_counter() - t, 1)
     report["params_B"] = round(sum(p.numel() for p in model.parameters()) / 1e9, 3)
-    artifact = Path(sys.argv[1]) if len(sys.argv) > 1 else None
-    if artifact and json.loads((artifact / "voxc-artifact.json").read_text()).get("weights"):
+    if args.artifact and has_weights(args.artifact):
         t = time.perf_counter()
-        manifest = json.loads((artifact / "voxc-artifact.json").read_text())
-        report["weights"] = {"from": str(artifact), "tensors": load_voxc_weights(model, artifact, manifest["config"]),
+        manifest = json.loads((args.artifact / "voxc-artifact.json").read_text())
+        report["weights"] = {"from": str(args.artifact),
+                             "tensors": load_voxc_weights(model, args.artifact, manifest["config"]),
                              "seconds": round(time.perf_counter() - t, 1)}
     else:
         report["weights"] = "transformers' own seeded random init"
 
     fe = VoxtralRealtimeFeatureExtractor()
     rng = np.random.default_rng(0)
-    audio = (0.1 * rng.standard_normal(int(16000 * SECS))).astype(np.float32)
+    audio = (0.1 * rng.standard_normal(int(16000 * secs))).astype(np.float32)
     audio = np.concatenate([np.zeros(32 * 1280, np.float32), audio])
     audio = np.pad(audio, (0, (-len(audio)) % 1280 + 17 * 1280))
-    feats = fe(audio, sampling_rate=16000, return_tensors="pt").input_features.to("cuda", torch.bfloat16)
+    feats = fe(audio, sampling_rate=16000, return_tensors="pt").input_features.to(device, getattr(torch, dtype_name))
     n_tok = feats.shape[-1] // 8
-    prompt = torch.tensor([[1] + [32] * 38], device="cuda")
+    prompt = torch.tensor([[1] + [32] * 38], device=device)
     report["audio_tokens"] = n_tok
 
     def run(b, max_new=None):
         f = feats.expand(b, -1, -1).contiguous()
         p = prompt.expand(b, -1).contiguous()
         new = max_new or n_tok - 39
-        torch.cuda.synchronize()
+        sync()
         t0 = time.perf_counter()
         with torch.no_grad():
             g = model.generate(input_ids=p, input_features=f, do_sample=False, max_new_tokens=new, min_new_tokens=new)
-        torch.cuda.synchronize()
+        sync()
         return time.perf_counter() - t0, g.shape[1] - 39
 
     run(1, 20)  # warm-up
-    torch.cuda.reset_peak_memory_stats()
-    for b in BATCHES:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for b in batches:
         dt, steps = run(b)
         report[f"batch{b}"] = {"seconds": round(dt, 3), "steps": int(steps), "ms_per_step": round(1000 * dt / steps, 3),
-                               "rtf_per_stream": round(dt / SECS, 4), "streams_x_realtime": round(b * SECS / dt, 2)}
+                               "rtf_per_stream": round(dt / secs, 4), "streams_x_realtime": round(b * secs / dt, 2)}
         report.save()
-    report["peak_mem_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
+    if device == "cuda":
+        report["peak_mem_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     report.save()
 
 

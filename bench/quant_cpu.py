@@ -2,6 +2,7 @@
 streaming-read bandwidth floor measured with numpy in the same run.
 
     python bench/quant_cpu.py [--qtypes q4_0,q8_0,q4_k] [--batch 1] [--json out.json] [--no-dlight]
+    python bench/quant_cpu.py --local     # one small shape, few repetitions (a check that the bench runs)
 
 For each [out, in] shape and type: milliseconds per call (the best of several, weights rotated
 through copies that together exceed the L3 cache, so they stream from DRAM as in a real decode
@@ -24,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SHAPES = {"dec.w2 3072x9216": (3072, 9216), "dec.w1/w3 9216x3072": (9216, 3072),
           "dec.wo 3072x4096": (3072, 4096), "dec.wk/wv 1024x3072": (1024, 3072)}
+LOCAL_SHAPES = {"small 64x512": (64, 512)}
 ROTATE_BYTES = 192 << 20      # > L3 of any desktop/server part we run on
 
 
@@ -38,7 +40,7 @@ def stream_read_gbps(nbytes: int = 512 << 20, reps: int = 5) -> float:
     return nbytes / best / 1e9
 
 
-def _best_time(fn, copies: int, reps: int) -> float:
+def best_time(fn, copies: int, reps: int) -> float:
     fn(0)
     best = math.inf
     for r in range(reps):
@@ -49,29 +51,28 @@ def _best_time(fn, copies: int, reps: int) -> float:
     return best
 
 
-def _dlight_gemv(qtype, n, k, batch, target):
-    """The plain decode-then-GEMV PrimFunc scheduled by dlight's cpu.GEMV rule."""
+def dlight_gemv(qtype, n, k, batch, target):
+    """The plain decode-then-GEMV PrimFunc (schedules/dequant_matmul.py's unscheduled GEMM, dequantized
+    weights [n, k], its row count fixed to ``batch``) scheduled by dlight's cpu.GEMV rule."""
     import tvm
-    from tvm import te
+    from tvm import tirx
     from tvm.s_tir import dlight as dl
 
-    from schedules.dequant_matmul import _Decoder
-    from voxc.quant.formats import kernel_layout_shapes
-    shapes = kernel_layout_shapes(qtype, n, k)
-    x = te.placeholder((batch, k), "float32", name="x")
-    qweight = te.placeholder(shapes["qweight"], "uint32", name="qweight")
-    scales = te.placeholder(shapes["scales"], "uint32", name="scales")
-    dec = _Decoder(qtype, qweight, scales, "llvm")
-    w = te.compute((n, k), lambda i, j: dec.value(i, j), name="w")
-    r = te.reduce_axis((0, k), name="r")
-    y = te.compute((batch, n), lambda b, i: te.sum(x[b, r] * w[i, r], axis=r), name="y")
-    mod = tvm.IRModule({"main": te.create_prim_func([x, qweight, scales, y])})
+    from schedules.dequant_matmul import ROW_INDEX_DTYPE, gemm_compute
+    from voxc.quant.formats import QType
+
+    func = gemm_compute(QType.parse(qtype), n, k, "float32", "llvm", transposed_panel=False)
+    x = func.params[0]   # x [m, k]: m -> batch
+    rows = tirx.IntImm(ROW_INDEX_DTYPE["llvm"], batch)
+    func = func.specialize({x: tirx.decl_buffer((rows, x.shape[1]), "float32", "x", elem_offset=x.elem_offset)})
+    mod = tvm.IRModule({"main": func})
     with target:
         mod = dl.ApplyDefaultSchedule(dl.cpu.GEMV())(mod)
     return mod
 
 
-def run(qtypes=("q4_0", "q8_0", "q4_k"), batch: int = 1, dlight: bool = True, reps: int = 5) -> dict:
+def run(qtypes=("q4_0", "q8_0", "q4_k"), batch: int = 1, dlight: bool = True, reps: int = 5, shapes=None,
+        rotate_bytes: int = ROTATE_BYTES, stream_bytes: int = 512 << 20) -> dict:
     import tvm
     from tvm.target import codegen
 
@@ -80,15 +81,15 @@ def run(qtypes=("q4_0", "q8_0", "q4_k"), batch: int = 1, dlight: bool = True, re
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
     dev = tvm.cpu()
-    floor_gbps = stream_read_gbps()
+    floor_gbps = stream_read_gbps(stream_bytes)
     results = {"cpu": codegen.llvm_get_system_cpu(), "stream_read_GBps": round(floor_gbps, 1), "batch": batch, "rows": []}
     print(f"numpy streaming read: {floor_gbps:.1f} GB/s ({results['cpu']})", flush=True)
     rng = np.random.default_rng(0)
-    for label, (n, k) in SHAPES.items():
+    for label, (n, k) in (shapes or SHAPES).items():
         for qtype in qtypes:
             shapes = kernel_layout_shapes(qtype, n, k)
             wbytes = 4 * sum(math.prod(s) for s in shapes.values())
-            copies = max(2, math.ceil(ROTATE_BYTES / wbytes))
+            copies = max(2, math.ceil(rotate_bytes / wbytes))
             halves = rng.uniform(1e-3, 1e-2, (n, 2 * shapes["scales"][1])).astype(np.float16).view(np.uint16)
             scales = (halves[:, 0::2].astype(np.uint32) | (halves[:, 1::2].astype(np.uint32) << 16))
             weights = [(tvm.runtime.tensor(rng.integers(0, 2**32, shapes["qweight"], dtype=np.uint32), dev),
@@ -97,16 +98,21 @@ def run(qtypes=("q4_0", "q8_0", "q4_k"), batch: int = 1, dlight: bool = True, re
             y = tvm.runtime.tensor(np.zeros((batch, n), np.float32), dev)
             func = make_kernel(qtype, n, k, batch)
             ours = tvm.compile(tvm.IRModule({"main": func}), target=target)[func.attrs["global_symbol"]]
-            t_ours = _best_time(lambda c: ours(x, *weights[c], y), copies, reps)
+            t_ours = best_time(lambda c: ours(x, *weights[c], y), copies, reps)
             row = {"label": label, "qtype": qtype, "weight_MB": round(wbytes / 1e6, 2), "ms": round(t_ours * 1e3, 3),
                    "weight_GBps": round(wbytes / t_ours / 1e9, 1), "floor_ms": round(wbytes / floor_gbps / 1e6, 3),
                    "x_floor": round(t_ours / (wbytes / floor_gbps / 1e9), 2)}
             if dlight:
-                mod = _dlight_gemv(qtype, n, k, batch, target)
-                theirs = tvm.compile(mod, target=target)["main"]
-                t_dl = _best_time(lambda c: theirs(x, *weights[c], y), copies, max(2, reps // 2))
-                row["dlight_ms"] = round(t_dl * 1e3, 3)
-                row["speedup_vs_dlight"] = round(t_dl / t_ours, 2)
+                try:
+                    mod = dlight_gemv(qtype, n, k, batch, target)
+                except Exception as exc:  # noqa: BLE001 - dlight's GEMV rule does not take Q4_K's dequant
+                    row["dlight_ms"] = None
+                    row["dlight_error"] = f"{type(exc).__name__}: {exc}"[:200]
+                else:
+                    theirs = tvm.compile(mod, target=target)["main"]
+                    t_dl = best_time(lambda c: theirs(x, *weights[c], y), copies, max(2, reps // 2))
+                    row["dlight_ms"] = round(t_dl * 1e3, 3)
+                    row["speedup_vs_dlight"] = round(t_dl / t_ours, 2)
             results["rows"].append(row)
             print(json.dumps(row), flush=True)
     return results
@@ -118,8 +124,10 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--json")
     ap.add_argument("--no-dlight", action="store_true")
+    ap.add_argument("--local", action="store_true", help="one small shape, 2 repetitions, small buffers")
     args = ap.parse_args(argv)
-    res = run(tuple(args.qtypes.split(",")), args.batch, dlight=not args.no_dlight)
+    local = dict(reps=2, shapes=LOCAL_SHAPES, rotate_bytes=1 << 20, stream_bytes=16 << 20) if args.local else {}
+    res = run(tuple(args.qtypes.split(",")), args.batch, dlight=not args.no_dlight, **local)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
 

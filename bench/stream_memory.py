@@ -45,7 +45,7 @@ def run(artifact, minutes: float = 60.0, checkpoints=(1, 10, 60), chunk_ms: int 
         session.feed(piece)
         fed += len(piece)
         while marks and fed >= marks[0] * 60 * rate:
-            row = (marks.pop(0), current_rss_mb(), peak_rss_mb(), time.perf_counter() - started, len(session.tokens))
+            row = (marks.pop(0), current_rss_mb(), peak_rss_mb(), time.perf_counter() - started, session.token_count)
             rows.append(row)
             print(f"{row[0]:5.0f} min of audio: RSS {row[1]:8.1f} MB, peak {row[2]:8.1f} MB, "
                   f"wall {row[3]:7.1f} s, {row[4]} tokens", file=out, flush=True)

@@ -3,6 +3,7 @@
 //
 //   node bench/webgpu_dawn.mjs BUNDLE_DIR [--weights fetch|random] [--seconds 10] [--steps 200]
 //        [--offline-seconds 60] [--expect expect.json] [--json out.json]
+//        [--warm 5] [--encode-reps 10] [--encode-tokens 1,32]   (fewer: a quick rehearsal)
 //
 // Env: VOXC_WEBGPU_MODULE   path of the "webgpu" package (default: resolved from node_modules)
 //      DAWN_FLAGS           comma-separated flags for create() (e.g. "backend=vulkan")
@@ -14,14 +15,14 @@
 //                real-time factor, per-feed latency (median, p90, max) and decoder step times;
 //   decode_step  model.decode() of one token, readback of the token id included (the stream's loop);
 //   decode_nosync  the same steps queued without waiting for the token (GPU time per step);
-//   encode       one 80 ms window (mel + encoder + adapter) and one 32-token window;
+//   encode       one 80 ms window (mel + encoder + adapter) and one 32-token window (--encode-tokens);
 //   offline      with --offline-seconds N: a clip of N seconds given to one feed() + finish() (the
 //                session encodes it in 32-token windows and decodes token by token): the offline RTF;
 //   check        with --expect {clip: {file: "clip.f32"} or {seconds, freq, seed}, chunk, delay_ms, tokens}:
 //                the stream's token ids against the CPU (llvm) build's for the same clip (the tiny model).
 // Dawn does not accept lavapipe; on a CPU-only machine point the Vulkan loader at Chromium's
 // SwiftShader (VK_ICD_FILENAMES=/usr/lib/chromium/vk_swiftshader_icd.json) to try it out.
-import { copyFileSync, createReadStream, mkdtempSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { copyFileSync, createReadStream, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { createServer } from "node:http";
 import { createRequire } from "node:module";
 import { tmpdir } from "node:os";
@@ -40,6 +41,9 @@ const steps = Number(opt("steps", "200"));
 const offlineSeconds = Number(opt("offline-seconds", "0"));
 const expectPath = opt("expect", null);
 const jsonOut = opt("json", null);
+const warm = Number(opt("warm", "5"));
+const encodeReps = Number(opt("encode-reps", "10"));
+const encodeTokens = opt("encode-tokens", null);
 
 // ---- WebGPU in Node: Dawn's navigator.gpu ----------------------------------------------------
 const webgpuModule = process.env.VOXC_WEBGPU_MODULE
@@ -65,9 +69,11 @@ const base = `http://127.0.0.1:${server.address().port}/`;
 // tvmjs.js is UMD: in Node it is a CommonJS module.  voxc.js is an ES module with no imports; its
 // file ends in .js, which Node 20 would read as CommonJS, so it is imported as a copy named .mjs.
 globalThis.tvmjs = createRequire(import.meta.url)(join(bundleDir, "tvmjs.js"));
-const voxcModule = join(mkdtempSync(join(tmpdir(), "voxc-")), "voxc.mjs");
+const voxcDir = mkdtempSync(join(tmpdir(), "voxc-"));
+const voxcModule = join(voxcDir, "voxc.mjs");
 copyFileSync(join(bundleDir, "voxc.js"), voxcModule);
 const { Voxc } = await import(pathToFileURL(voxcModule).href);
+rmSync(voxcDir, { recursive: true, force: true });   // imported: the copy is no longer needed
 
 const stats = (xs) => {
   const s = [...xs].sort((a, b) => a - b);
@@ -144,7 +150,6 @@ try {
 
   // decoder steps on their own, past a prompt, in a fresh stream slot
   const delay = model.delayTokens(m.streaming.default_delay_ms);
-  const warm = 5;
   const d1 = [];
   for (let i = 0; i < steps + warm; i++) {
     const t = performance.now();
@@ -162,11 +167,12 @@ try {
   // encoder windows: one 80 ms step and 32 tokens (the session's largest)
   const st = m.streaming;
   const enc = {};
-  for (const tokens of [1, st.max_tokens_per_encode]) {
+  const windows = encodeTokens ? encodeTokens.split(",").map(Number) : [1, st.max_tokens_per_encode];
+  for (const tokens of windows) {
     const frames = tokens * st.mel_frames_per_token;
     const win = pcm.slice(0, (frames - 1) * st.hop_length + st.window_size);
     const times = [];
-    for (let i = 0; i < 12; i++) {
+    for (let i = 0; i < encodeReps + 2; i++) {
       const t = performance.now();
       model.encodeWindow([win], [0], [1000 + i * frames / st.conv_stride]);
       await model.dev.sync();

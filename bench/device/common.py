@@ -11,93 +11,57 @@ import json
 import os
 import sys
 import time
-import types
 from pathlib import Path
 
 PACK = Path(os.environ.get("VOXC_DEVPACK", Path(__file__).resolve().parents[2] / ".devpack"))
 
 
 def setup(block_compiler: bool = True) -> Path:
-    """sys.path -> the voxc snapshot; the runtime libraries; no TVM compiler importable."""
+    """sys.path -> the voxc snapshot; the runtime libraries; with ``block_compiler``, no ``tvm``
+    importable (on the GPU machine it is not installed; a local rehearsal on a machine that has the
+    compiler hides it, and the runtime libraries then come from the pack or the installed package).
+    voxc's runtime imports only tvm_ffi, so any ``import tvm`` on this path is a layering bug and fails."""
     src = PACK / "src"
     if src.exists() and str(src) not in sys.path:
         sys.path.insert(0, str(src))
     lib = PACK / "tvm_runtime" / "tvm" / "lib"
     if lib.exists():
         os.environ.setdefault("VOXC_TVM_LIB_DIR", str(lib))
-    if os.environ.get("VOXC_HIDE_TVM") == "1":   # local rehearsal: act as if only the runtime were installed
-        _hide_tvm()
     if block_compiler:
-        _shim_tvm()
+        hide_tvm()
     return PACK
 
 
-def _hide_tvm() -> None:
-    import importlib.abc
-
-    class _Hide(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "tvm" or name.startswith("tvm."):
-                raise ModuleNotFoundError(f"No module named {name!r} (hidden: runtime-only rehearsal)")
-            return None
-
-    sys.meta_path.insert(0, _Hide())
-
-
-def _shim_tvm() -> None:
-    """voxc's runtime modules import compiler-side modules (voxc.model.mel for the host-side mel framer,
-    voxc.model.graph for a constant), which import tvm's compiler API at module level. With the runtime
-    alone those imports fail, so any ``tvm.*`` import gets a stub module whose attributes are stub
-    classes (subclassable, callable); nothing of them is ever run. Reported to the lead: the runtime
-    should not import graph code."""
-    try:
-        import tvm  # noqa: F401
-        if not getattr(tvm, "__voxc_shim__", False):
-            raise RuntimeError("the tvm compiler package is importable here; the runtime-only check needs it absent")
+def hide_tvm() -> None:
+    """Make ``import tvm`` fail in this process, as on a machine with TVM's runtime only (idempotent).
+    Where the package is installed, its runtime libraries stay in use (VOXC_TVM_LIB_DIR)."""
+    if any(isinstance(f, _HideTvm) for f in sys.meta_path):
         return
-    except ImportError:
-        pass
-    import importlib.abc
-    import importlib.machinery
+    if "VOXC_TVM_LIB_DIR" not in os.environ:
+        import importlib.util
 
-    class _StubMeta(type):
-        def __getattr__(cls, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            return _StubMeta(name, (_Stub,), {})
+        spec = importlib.util.find_spec("tvm")   # locates the package without importing it
+        if spec is not None and spec.submodule_search_locations:
+            os.environ["VOXC_TVM_LIB_DIR"] = str(Path(list(spec.submodule_search_locations)[0]) / "lib")
+    if any(m == "tvm" or m.startswith("tvm.") for m in sys.modules):
+        raise RuntimeError("tvm was imported before the runtime-only set-up; nothing of the compiler may load")
+    sys.meta_path.insert(0, _HideTvm())
 
-        def __call__(cls, *args, **kwargs):
-            return cls
 
-        def __getitem__(cls, item):
-            return cls
+class _HideTvm:
+    def find_spec(self, name, path=None, target=None):
+        if name == "tvm" or name.startswith("tvm."):
+            raise ModuleNotFoundError(f"No module named {name!r} (runtime only: the TVM compiler is not available)")
+        return None
 
-    class _Stub(metaclass=_StubMeta):
-        pass
 
-    class _StubModule(types.ModuleType):
-        def __getattr__(self, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            full = f"{self.__name__}.{name}"
-            return sys.modules.get(full) or _StubMeta(name, (_Stub,), {})
+def tvm_compiler_importable() -> bool:
+    import importlib.util
 
-    class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-        def find_spec(self, name, path=None, target=None):
-            if name == "tvm" or name.startswith("tvm."):
-                return importlib.machinery.ModuleSpec(name, self, is_package=True)
-            return None
-
-        def create_module(self, spec):
-            module = _StubModule(spec.name)
-            module.__path__ = []
-            module.__voxc_shim__ = True
-            return module
-
-        def exec_module(self, module):
-            pass
-
-    sys.meta_path.insert(0, _Finder())
+    try:
+        return importlib.util.find_spec("tvm") is not None
+    except ModuleNotFoundError:
+        return False
 
 
 class Report:

@@ -4,7 +4,8 @@
 #
 #   bash bench/device/cpu_bench.sh pack     # here (needs TVM): build .cpupack/ (see below), ~20 MB
 #   run(command="bash bench/device/cpu_bench.sh run", carry=[".cpupack"])     # ONE device call, < 9 min
-#   bash bench/device/cpu_bench.sh local    # here: the same flow on the tiny model, TVM hidden
+#   bash bench/device/cpu_bench.sh local    # here (what CI runs): pack the tiny model only into a temporary
+#                                           # pack, then the same run on it with TVM hidden, few steps
 #
 # .cpupack/ (what the lent machine lacks: it has python3.12 + torch + transformers + numpy + safetensors):
 #   src/                voxc/ + bench/{cpu_bench,cuda_build}.py as built (working tree at pack time)
@@ -16,19 +17,34 @@
 #   pack.json           build times, sizes, git state
 # `run` writes to $OUT: cpu_voxc_<artifact>.json + .log per variant, cpu_hf.json + .log, cpu_bench.json
 # (summary: ms, x floor, speedup vs transformers), setup.log.  Env: MCPU (pack; default x86-64-v3),
-# VARIANTS (pack/run; default "q4_k q8_0 f32"), TOTAL_S (run; default 530), HF_DTYPES (float32,bfloat16).
+# VARIANTS (pack/run; default "q4_k q8_0 f32"), TOTAL_S (run; default 530), HF_DTYPES (float32,bfloat16),
+# VOXC_CPUPACK (the pack, default .cpupack), VOXC_CPUBENCH_DIR (run: where it unpacks, default /tmp/cpubench),
+# VOXC_WEIGHTS_DIR (run: random weights, default /tmp/voxc_cpu_random_weights).
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-PACK="${VOXC_CPUPACK:-$ROOT/.cpupack}"
-PY="${PYTHON:-$ROOT/.venv/bin/python}"
 WHAT=${1:-run}
+PY="${PYTHON:-$ROOT/.venv/bin/python}"
 MCPU=${MCPU:-x86-64-v3}
-VARIANTS=${VARIANTS-q4_k q8_0 f32}
+if [ "$WHAT" = local ]; then   # a temporary pack of the tiny model only, unpacked beside it
+  LOCAL_ROOT=$(mktemp -d "${TMPDIR:-/tmp}/voxc-cpubench-local.XXXXXX")
+  PACK="${VOXC_CPUPACK:-$LOCAL_ROOT/pack}"
+  DST="${VOXC_CPUBENCH_DIR:-$LOCAL_ROOT/run}"
+  export VOXC_WEIGHTS_DIR="${VOXC_WEIGHTS_DIR:-$LOCAL_ROOT/weights}"
+  VARIANTS=""
+  MCPU=${MCPU_LOCAL:-generic}
+else
+  PACK="${VOXC_CPUPACK:-$ROOT/.cpupack}"
+  DST="${VOXC_CPUBENCH_DIR:-/tmp/cpubench}"
+  export VOXC_WEIGHTS_DIR="${VOXC_WEIGHTS_DIR:-/tmp/voxc_cpu_random_weights}"
+  VARIANTS=${VARIANTS-q4_k q8_0 f32}
+fi
 WHEEL_CACHE="${VOXC_CACHE_DIR:-$HOME/.cache/voxc}/tvm-ffi-cp312"
 
 pack() {
   set -e
-  grep -qx '/.cpupack/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.cpupack/' >> "$ROOT/.git/info/exclude"
+  if [ "$PACK" = "$ROOT/.cpupack" ]; then
+    grep -qx '/.cpupack/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.cpupack/' >> "$ROOT/.git/info/exclude"
+  fi
   rm -rf "$PACK" && mkdir -p "$PACK/src/bench" "$PACK/artifacts" "$PACK/wheels" "$PACK/build"
   (cd "$ROOT" && tar --exclude=__pycache__ -cf - voxc) | tar -x -C "$PACK/src"
   cp "$ROOT/bench/cpu_bench.py" "$ROOT/bench/cuda_build.py" "$PACK/src/bench/"
@@ -50,13 +66,15 @@ pack() {
   local stage; stage=$(mktemp -d) && mkdir -p "$stage/tvm/lib"
   cp "$lib/libtvm_runtime.so" "$lib/libtvm_runtime_extra.so" "$stage/tvm/lib/"
   tar -C "$stage" -czf "$PACK/tvm_runtime.tar.gz" tvm && rm -rf "$stage"
-  mkdir -p "$WHEEL_CACHE"
-  if [ -z "$(ls "$WHEEL_CACHE"/apache_tvm_ffi-0.1.14.post1-cp312-*.whl 2>/dev/null)" ]; then
-    "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-      -d "$WHEEL_CACHE" apache-tvm-ffi==0.1.14.post1
+  if [ -z "${LOCAL:-}" ]; then   # the local run uses this Python's tvm_ffi
+    mkdir -p "$WHEEL_CACHE"
+    if [ -z "$(ls "$WHEEL_CACHE"/apache_tvm_ffi-0.1.14.post1-cp312-*.whl 2>/dev/null)" ]; then
+      "$PY" -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d "$WHEEL_CACHE" apache-tvm-ffi==0.1.14.post1
+    fi
+    cp "$WHEEL_CACHE"/apache_tvm_ffi-0.1.14.post1-cp312-*.whl "$PACK/wheels/"
   fi
-  cp "$WHEEL_CACHE"/apache_tvm_ffi-0.1.14.post1-cp312-*.whl "$PACK/wheels/"
   "$PY" - "$PACK" "$((SECONDS - t0))" "$MCPU" <<'EOF'
 import json, subprocess, sys
 from pathlib import Path
@@ -71,8 +89,8 @@ EOF
   echo "== .cpupack"; du -sh "$PACK"/artifacts/* | sed "s#$PACK/##"; du -sh "$PACK"/* | sed "s#$PACK/##"; du -sh "$PACK"
 }
 
-setup() {   # tvm-ffi into /tmp/site, TVM's runtime libraries and the artifacts into /tmp/cpubench
-  local py=$1 dst=/tmp/cpubench
+setup() {   # tvm-ffi into /tmp/site, TVM's runtime libraries and the artifacts into $DST
+  local py=$1 dst=$DST
   rm -rf "$dst" && mkdir -p "$dst/artifacts"
   if [ -n "${LOCAL:-}" ]; then :; else
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
@@ -96,18 +114,18 @@ stage() {   # stage NAME TIMEOUT_S CMD...: run with a time limit, log to $OUT/NA
   local rc=$?
   grep -v "Warning\|^\s*$" "$OUT/$name.log" | tail -n 40
   [ $rc -ne 0 ] && echo "== $name: exit $rc" | tee -a "$OUT/failed.log"
-  rm -rf /tmp/voxc_cpu_random_weights   # the device's disk (and page cache) back for the next variant
+  rm -rf "$VOXC_WEIGHTS_DIR"   # the device's disk (and page cache) back for the next variant
   return 0
 }
 
 run_all() {   # $1: python; $2: tiny|full
-  local py=$1 size=$2 arts=/tmp/cpubench/artifacts
-  export VOXC_CPUPACK=/tmp/cpubench/pack VOXC_TVM_LIB_DIR=/tmp/cpubench/tvm/lib
+  local py=$1 size=$2 arts=$DST/artifacts
+  export VOXC_CPUPACK=$DST/pack VOXC_TVM_LIB_DIR=$DST/tvm/lib
   export TVM_NUM_THREADS=${TVM_NUM_THREADS:-$(nproc)} OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
   export PYTHONUNBUFFERED=1
-  mkdir -p /tmp/cpubench/pack && ln -sfn "$PACK/src" /tmp/cpubench/pack/src
+  mkdir -p "$DST/pack" && ln -sfn "$PACK/src" "$DST/pack/src"
   local bench="$PACK/src/bench/cpu_bench.py"
-  BW_GIB=0.5 stage cpu_voxc_tiny_q4_k 60 "$py" "$bench" voxc "$arts/tiny_q4_k"
+  BW_GIB=${BW_GIB:-0.5} stage cpu_voxc_tiny_q4_k 60 "$py" "$bench" voxc "$arts/tiny_q4_k"
   if [ "$size" = tiny ]; then
     HF_REPORT=cpu_hf stage cpu_hf 120 "$py" "$bench" hf "$arts/tiny_q4_k" --dtypes "${HF_DTYPES:-float32,bfloat16}"
   else
@@ -133,10 +151,17 @@ case "$WHAT" in
     export PYTHONPATH=/tmp/site
     run_all python3 "${2:-full}" 2>&1 | tee "$OUT/run.log"
     ;;
-  local)   # here, the tiny model, runtime-only with TVM hidden, this venv's tvm_ffi
-    OUT=${OUT:-/tmp/cpubench-local}; mkdir -p "$OUT"; TOTAL=${TOTAL_S:-530}; SECONDS=0
-    LOCAL=1 setup "$PY" 2>&1 | tee "$OUT/setup.log"
-    run_all "$PY" "${2:-tiny}" 2>&1 | tee "$OUT/run.log"
+  local)   # here: pack the tiny model, then run it runtime-only with TVM hidden, this venv's tvm_ffi, few steps
+    OUT=${OUT:-/tmp/cpubench-local}; mkdir -p "$OUT"; TOTAL=${TOTAL_S:-170}; SECONDS=0
+    export LOCAL=1 STEPS=${STEPS:-3} POSITIONS=${POSITIONS:-100,300} STREAM_STEPS=${STREAM_STEPS:-3} \
+      BW_GIB=${BW_GIB:-0.05} HF_STEPS=${HF_STEPS:-2,4} HF_DTYPES=${HF_DTYPES:-float32}
+    ( pack ); rc=$?   # (not in an ||-list: pack's set -e must stay in force)
+    [ $rc = 0 ] || { echo "== local pack failed"; rm -rf "$LOCAL_ROOT"; exit 1; }
+    rm -f "$OUT/failed.log" "$OUT/skipped.log"
+    setup "$PY" 2>&1 | tee "$OUT/setup.log"
+    run_all "$PY" tiny 2>&1 | tee "$OUT/run.log"
+    rm -rf "$LOCAL_ROOT"
+    if [ -s "$OUT/failed.log" ] || [ -s "$OUT/skipped.log" ]; then cat "$OUT"/failed.log "$OUT"/skipped.log 2>/dev/null; exit 1; fi
     ;;
   *) echo "usage: $0 pack|run [full|tiny]|local [tiny|full]" >&2; exit 2 ;;
 esac

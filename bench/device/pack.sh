@@ -1,66 +1,102 @@
 #!/usr/bin/env bash
 # Assemble .devpack/, what travels to the GPU machine with `run(carry=[".devpack"])` (64 MiB a call):
-#   src/                voxc, targets, schedules as committed (git archive HEAD): the code the artifacts
-#                       were built from, so the device never runs newer runtime code against them
+#   src/                voxc, targets, schedules, bench as committed (git archive HEAD): the code the
+#                       artifacts were built from, so the device never runs newer runtime code against them
 #   artifacts/          tiny_cuda, tiny_cuda_graph, tiny_llvm (one tiny checkpoint), full_cuda and
-#                       full_cuda_graph (ModelConfig() defaults, manifest + model.so, NO weights),
-#                       attn_cuda.so (ring attention at the full model's shapes)
+#                       full_cuda_graph (ModelConfig() defaults, manifest + model.so, NO weights:
+#                       bench/cuda_build.py:ensure_weights writes random ones on the device),
+#                       attn_cuda.so (+ .json: ring attention at the full model's shapes)
 #   tvm_runtime.tar.gz  tvm/lib/libtvm_runtime{,_extra,_cuda}.so: TVM's runtime without its compiler
 #   wheels/             cp312 wheels the device lacks: apache-tvm-ffi 0.1.14.post1, mistral-common + deps
-# Usage: bash bench/device/pack.sh [--quick]   (--quick: sm_90 only, no full-size builds)
+# Usage: bash bench/device/pack.sh [--quick|--local]
+#   --quick: sm_90 only, no full-size builds
+#   --local: a rehearsal on this machine (what CI runs): the working tree's sources, the tiny model only
+#            (tiny_cuda for sm_90 when nvcc is here, tiny_llvm, a weight-less tiny full_llvm), the ring
+#            attention for llvm at small shapes (attn_llvm.so) and for cuda (build only), no wheels;
+#            then `bash bench/device/run_bench.sh --local` runs the device steps on the CPU.
 #   VARIANTS="tiny_q4k:--quantization=q4_k tiny_f16:--dtype=float16 full_f16:--dtype=float16 \
-#             full_q4k:--quantization=q4_k quantbench" bash bench/device/pack.sh   (this session's run)
+#             full_q4k:--quantization=q4_k quantbench" bash bench/device/pack.sh
+# Env: VOXC_DEVPACK (the pack directory, default .devpack), PYTHON, VARIANTS, TINY_ARCHS.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-PACK="$ROOT/.devpack"
+PACK="${VOXC_DEVPACK:-$ROOT/.devpack}"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
-QUICK=${1:-}
-grep -qx '/.devpack/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.devpack/' >> "$ROOT/.git/info/exclude"
+MODE=${1:-}
+case "$MODE" in ""|--quick|--local) ;; *) echo "usage: $0 [--quick|--local]" >&2; exit 2 ;; esac
+HAVE_NVCC=0
+{ command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] || [ -n "${CUDA_HOME:-}" ]; } && HAVE_NVCC=1
+if [ "$PACK" = "$ROOT/.devpack" ]; then
+  grep -qx '/.devpack/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.devpack/' >> "$ROOT/.git/info/exclude"
+fi
 
 rm -rf "$PACK" && mkdir -p "$PACK/src" "$PACK/artifacts" "$PACK/wheels"
-git -C "$ROOT" archive HEAD voxc targets schedules bench pyproject.toml | tar -x -C "$PACK/src"
+SOURCES="voxc targets schedules bench pyproject.toml"
+if [ "$MODE" = "--local" ]; then   # the working tree as it is (tracked and new files, not ignored ones)
+  (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard -- $SOURCES \
+     | tar --null -T - --ignore-failed-read -cf - 2>/dev/null) | tar -x -C "$PACK/src"
+else
+  git -C "$ROOT" archive HEAD $SOURCES | tar -x -C "$PACK/src"
+fi
 SRC="$PACK/src"
-ARCHS=""
-[ "$QUICK" = "--quick" ] && ARCHS="--archs sm_90"
-
 cd "$SRC"
 export PYTHONPATH="$SRC"
-"$PY" bench/cuda_build.py tiny "$PACK/artifacts" --archs ${TINY_ARCHS:-sm_80,sm_90}
-# VARIANTS: which other builds travel, as name:cuda_build-args pairs (tiny_* -> tiny_cuda_<x> and its
-# llvm twin tiny_llvm_<x>; full_* -> a weight-less full-size artifact; quantbench -> bench/quant_gpu.py's cubin)
-VARIANTS=${VARIANTS:-"tiny_graph:--cuda-graph full:--archs=sm_80,sm_90 full_graph:--cuda-graph+--archs=sm_90"}
+CB="bench/cuda_build.py"
+
+if [ "$MODE" = "--local" ]; then
+  if [ $HAVE_NVCC = 1 ]; then
+    "$PY" $CB tiny "$PACK/artifacts" --archs sm_90
+    "$PY" $CB attn "$PACK/artifacts/attn_cuda.so" --archs sm_90
+  else
+    echo "== no nvcc: the cuda builds are skipped"
+    "$PY" $CB tiny "$PACK/artifacts" --no-cuda
+  fi
+  "$PY" $CB full "$PACK/artifacts/full_llvm" --target llvm --tiny-config
+  "$PY" $CB attn "$PACK/artifacts/attn_llvm.so" --target llvm --tiny
+  VARIANTS=${VARIANTS:-}
+else
+  ARCHS=""
+  [ "$MODE" = "--quick" ] && ARCHS="--archs sm_90"
+  "$PY" $CB tiny "$PACK/artifacts" --archs ${TINY_ARCHS:-sm_80,sm_90}
+  # VARIANTS: which other builds travel, as name:cuda_build-args pairs (tiny_* -> tiny_cuda_<x> and its
+  # llvm twin tiny_llvm_<x>; full_* -> a weight-less full-size artifact; quantbench -> bench/quant_gpu.py's cubin)
+  VARIANTS=${VARIANTS-"tiny_graph:--cuda-graph full:--archs=sm_80,sm_90 full_graph:--cuda-graph+--archs=sm_90"}
+  "$PY" $CB attn "$PACK/artifacts/attn_cuda.so" --archs sm_90
+fi
 for spec in $VARIANTS; do
   name=${spec%%:*}; args=$(echo "${spec#*:}" | tr '+' ' ')   # args joined by '+', e.g. --dtype=float16+--cuda-graph
   case $name in
-    tiny_*)  mkdir -p "$PACK/tmp" && "$PY" bench/cuda_build.py tiny "$PACK/tmp" --archs sm_90 $args
+    tiny_*)  rm -rf "$PACK/tmp" && mkdir -p "$PACK/tmp" && "$PY" $CB tiny "$PACK/tmp" --archs sm_90 $args
              mv "$PACK/tmp/tiny_cuda" "$PACK/artifacts/tiny_cuda_${name#tiny_}"
              [ "$name" = tiny_graph ] || mv "$PACK/tmp/tiny_llvm" "$PACK/artifacts/tiny_llvm_${name#tiny_}"
              rm -rf "$PACK/tmp" ;;
-    full*)   [ "$QUICK" = "--quick" ] || "$PY" bench/cuda_build.py full "$PACK/artifacts/${name/full/full_cuda}" $args ;;
+    full*)   [ "$MODE" = "--quick" ] || "$PY" $CB full "$PACK/artifacts/${name/full/full_cuda}" $args ;;
     quantbench) "$PY" bench/quant_gpu.py build --out "$PACK/quantbench" --arch sm_90 ;;
+    *)       echo "unknown variant $name" >&2; exit 2 ;;
   esac
 done
 rm -rf "$PACK/artifacts/tiny_ckpt"
-"$PY" bench/cuda_build.py attn "$PACK/artifacts/attn_cuda.so" --archs sm_90
 
-# TVM runtime only: the three runtime libraries of the installed apache-tvm wheel
+# TVM runtime only: the runtime libraries of the installed apache-tvm wheel
 TVM_LIB=$("$PY" -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('tvm').origin).parent / 'lib')")
 STAGE=$(mktemp -d) && mkdir -p "$STAGE/tvm/lib"
-cp "$TVM_LIB"/libtvm_runtime.so "$TVM_LIB"/libtvm_runtime_extra.so "$TVM_LIB"/libtvm_runtime_cuda.so "$STAGE/tvm/lib/"
+cp "$TVM_LIB"/libtvm_runtime.so "$TVM_LIB"/libtvm_runtime_extra.so "$STAGE/tvm/lib/"
+[ "$MODE" = "--local" ] || cp "$TVM_LIB"/libtvm_runtime_cuda.so "$STAGE/tvm/lib/"
 tar -C "$STAGE" -czf "$PACK/tvm_runtime.tar.gz" tvm && rm -rf "$STAGE"
 
-WHEELS="${VOXC_WHEEL_CACHE:-$HOME/.cache/voxc/wheels-cp312}"
-mkdir -p "$WHEELS"
-if [ -z "$(ls "$WHEELS"/*.whl 2>/dev/null)" ]; then
-  python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
-    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$WHEELS" \
-    apache-tvm-ffi==0.1.14.post1 mistral_common==1.13.1 pydantic==2.14.4 pydantic_core==2.50.5 \
-    pydantic-extra-types==2.11.1 pycountry==26.2.16 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 \
-    referencing==0.37.0 rpds-py==2026.9.1 annotated-types==0.8.0 typing-inspection==0.4.5
+if [ "$MODE" != "--local" ]; then
+  WHEELS="${VOXC_WHEEL_CACHE:-$HOME/.cache/voxc/wheels-cp312}"
+  mkdir -p "$WHEELS"
+  if [ -z "$(ls "$WHEELS"/*.whl 2>/dev/null)" ]; then
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_24_x86_64 \
+      --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$WHEELS" \
+      apache-tvm-ffi==0.1.14.post1 mistral_common==1.13.1 pydantic==2.14.4 pydantic_core==2.50.5 \
+      pydantic-extra-types==2.11.1 pycountry==26.2.16 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 \
+      referencing==0.37.0 rpds-py==2026.9.1 annotated-types==0.8.0 typing-inspection==0.4.5
+  fi
+  cp "$WHEELS"/*.whl "$PACK/wheels/"
 fi
-cp "$WHEELS"/*.whl "$PACK/wheels/"
 
-echo "== .devpack sizes"
+echo "== $(basename "$PACK") sizes"
 du -sh "$PACK"/* "$PACK"/artifacts/* | sed "s#$PACK/##"
 du -sh "$PACK"

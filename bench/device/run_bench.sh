@@ -4,24 +4,47 @@
 #   quant  bench/quant_gpu.py run: fused dequant GEMV/GEMM kernels vs copy bandwidth and cuBLAS fp16
 #   voxc   bench/cuda_bench.py: full-size artifacts (ARTIFACTS="path ..." or every .devpack/artifacts/full_cuda*)
 #   hf     bench/cuda_hf_baseline.py: transformers' VoxtralRealtime in bf16 on the same GPU
-# Logs and JSON land in $OUT.
+# Logs and JSON land in $OUT.  Exit status: 1 if a step failed.
 #   run(command="bash bench/device/run_bench.sh check quant voxc", carry=[".devpack"])
+#   bash bench/device/run_bench.sh --local [check quant voxc hf]   # here, after `pack.sh --local`: the same
+#       steps on the CPU with the tiny model (TVM's compiler hidden for check and voxc; quant: the kernels
+#       built at a small shape and checked up to the launch, which needs a GPU and CuPy)
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$ROOT"
+LOCAL=""
+if [ "${1:-}" = "--local" ]; then LOCAL=--local; shift; fi
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-STEPS=${*:-check quant voxc hf}
-export PYTHONUNBUFFERED=1
-bash bench/device/setup.sh 2>&1 | tee "$OUT/setup.log"
-export PYTHONPATH=/tmp/site
+export OUT PYTHONUNBUFFERED=1
+if [ -n "$LOCAL" ]; then
+  PY="${PYTHON:-$ROOT/.venv/bin/python}"
+  STEPS=${*:-check quant voxc hf}
+else
+  PY=python3
+  STEPS=${*:-check quant voxc hf}
+fi
+bash bench/device/setup.sh $LOCAL 2>&1 | tee "$OUT/setup.log"
+[ "${PIPESTATUS[0]}" = 0 ] || { echo "setup failed"; exit 1; }
+[ -n "$LOCAL" ] || export PYTHONPATH=/tmp/site
+PACK="${VOXC_DEVPACK:-$ROOT/.devpack}"
+failed=""
 for step in $STEPS; do
   case $step in
-    check) python3 bench/device/tiny_check.py 2>&1 | tee "$OUT/tiny_check.log" ;;
-    quant) PYTHONPATH=/tmp/site:.devpack/src python3 .devpack/src/bench/quant_gpu.py run --dir .devpack/quantbench \
-             --json "$OUT/quant_gpu.json" 2>&1 | tee "$OUT/quant_gpu.log" ;;
-    voxc)  python3 bench/cuda_bench.py ${ARTIFACTS:-} 2>&1 | tee -a "$OUT/cuda_bench.log" ;;
-    hf)    python3 bench/cuda_hf_baseline.py 2>&1 | tee "$OUT/hf_baseline.log" ;;
+    check) "$PY" bench/device/tiny_check.py $LOCAL 2>&1 | tee "$OUT/tiny_check.log" ;;
+    quant) if [ -n "$LOCAL" ]; then   # build at a small shape and check all but the launches (needs nvcc)
+             if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
+               "$PY" bench/quant_gpu.py local --out "$OUT/quantbench" 2>&1 | tee "$OUT/quant_gpu.log"
+             else echo "quant: no nvcc, skipped locally"; true; fi
+           else
+             PYTHONPATH=/tmp/site:$PACK/src "$PY" "$PACK/src/bench/quant_gpu.py" run --dir "$PACK/quantbench" \
+               --json "$OUT/quant_gpu.json" 2>&1 | tee "$OUT/quant_gpu.log"; fi ;;
+    voxc)  "$PY" bench/cuda_bench.py $LOCAL ${ARTIFACTS:-} 2>&1 | tee -a "$OUT/cuda_bench.log" ;;
+    hf)    if [ -n "$LOCAL" ]; then "$PY" bench/cuda_hf_baseline.py --local "$PACK/artifacts/tiny_llvm" 2>&1 \
+             | tee "$OUT/hf_baseline.log"; else "$PY" bench/cuda_hf_baseline.py 2>&1 | tee "$OUT/hf_baseline.log"; fi ;;
     *)     echo "unknown step $step (check quant voxc hf)"; exit 2 ;;
   esac
+  rc=${PIPESTATUS[0]}
+  [ "$rc" = 0 ] || failed="$failed $step"
 done
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader || true
+[ -n "$LOCAL" ] || nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv,noheader || true
+if [ -n "$failed" ]; then echo "== failed:$failed"; exit 1; fi

@@ -1,11 +1,16 @@
 #!/usr/bin/env bash
 # On the GPU machine: install the carried cp312 wheels into /tmp/site and unpack TVM's runtime libraries.
 # Then: export PYTHONPATH=/tmp/site. Prints the runtime-only install size.
+#   bash bench/device/setup.sh [--local]   (--local: a rehearsal here, with this Python's packages: unpack only)
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-PACK="$ROOT/.devpack"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$PACK"/wheels/*.whl
+PACK="${VOXC_DEVPACK:-$ROOT/.devpack}"
 mkdir -p "$PACK/tvm_runtime" && tar -xzf "$PACK/tvm_runtime.tar.gz" -C "$PACK/tvm_runtime"
+if [ "${1:-}" = "--local" ]; then
+  echo "runtime-only rehearsal: tvm runtime libs $(du -sh "$PACK/tvm_runtime" | cut -f1), this Python's tvm_ffi"
+  exit 0
+fi
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$PACK"/wheels/*.whl
 echo "runtime-only install: tvm runtime libs $(du -sh "$PACK/tvm_runtime" | cut -f1), tvm_ffi $(du -sh /tmp/site/tvm_ffi | cut -f1), mistral-common + deps $(du -shc /tmp/site/* | tail -1 | cut -f1) total site"
 python3 -c "import sys; print('python', sys.version.split()[0])"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv,noheader || true

@@ -1,11 +1,19 @@
-"""On the GPU machine: the tiny model's cuda artifact against its llvm twin (same weights), through
+"""On the GPU machine: the tiny model's cuda artifacts against their llvm twins (same weights), through
 voxc's runtime-only loader, plus the CUDA ring-attention kernels at the full model's shapes against
 numpy.  Exit status 1 if any check fails.
 
-    python bench/device/tiny_check.py          (after bench/device/setup.sh; see run_check.sh)
+    python bench/device/tiny_check.py            (after bench/device/setup.sh; see run_bench.sh)
+    python bench/device/tiny_check.py --local    (no GPU: after `pack.sh --local`, see below)
+
+``--local`` runs the same comparisons on the CPU with TVM's compiler hidden: every ``tiny_llvm*``
+artifact through its static one-stream entries (decode_b1n1, encode_b1t8) against the same
+artifact through its generic entries, and the llvm ring-attention library of small shapes
+(``attn_llvm.so``) against numpy.  Results go to $OUT/tiny_check.json.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -15,11 +23,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
-PACK = common.setup()
-ART = PACK / "artifacts"
 LOGIT_RTOL = 2e-4        # float32 on both sides; different summation orders
 # float16 activations: each side rounds its own partial sums; Q4 weights are exact on both sides
 TOLERANCE = {"f16": 3e-2, "q4k": 1e-3}
+ATTENTION_RTOL = 1e-4
 failures: list[str] = []
 
 
@@ -36,9 +43,11 @@ def test_audio(seconds=3.2, seed=1):
     return (sweep + 0.02 * rng.standard_normal(t.shape)).astype(np.float32)
 
 
-def run_session(model, audio, chunk=None):
+def run_session(model, audio, chunk=None, static=True):
+    """Tokens and logits of one stream; ``static``: one-stream steps through the static entries."""
     from voxc.runtime.session import StreamingSession
 
+    model.use_static_entries(static)
     s = StreamingSession(model, delay_ms=model.default_delay_ms, left_pad_tokens=model.left_pad_tokens,
                          record_logits=True)
     if chunk is None:
@@ -47,31 +56,14 @@ def run_session(model, audio, chunk=None):
         for i in range(0, len(audio), chunk):
             s.feed(audio[i:i + chunk])
     s.finish()
+    model.use_static_entries(True)
     return s.tokens, np.stack(s.logits) if s.logits else np.zeros((0,))
 
 
-def use_static_decode(model):
-    """Route one-token, one-stream decode calls to the static ``decode_b1n1`` entry when present."""
-    try:
-        static = model.vm["decode_b1n1"]
-    except Exception:  # noqa: BLE001
-        return False
-    general = model._decode
+def has_static_entries(model) -> bool:
+    from voxc.artifact import STATIC_ENTRIES
 
-    def dispatch(tokens, *rest):
-        if tuple(tokens.shape) == (1, 1):
-            return static(tokens, *rest)
-        return general(tokens, *rest)
-
-    model._decode = dispatch
-    try:
-        static_encode = model.vm["encode_b1t8"]
-        general_encode = model._encode
-        model._encode = lambda mel, *rest: (static_encode if tuple(mel.shape)[0] == 1 and tuple(mel.shape)[2] == 8
-                                            else general_encode)(mel, *rest)
-    except Exception:  # noqa: BLE001
-        pass
-    return True
+    return any(name in STATIC_ENTRIES for name in model.functions)
 
 
 def compare(report, name, ref, got, rtol=LOGIT_RTOL):
@@ -83,28 +75,29 @@ def compare(report, name, ref, got, rtol=LOGIT_RTOL):
            "first_diff": next((i for i, (a, b) in enumerate(zip(ref_tokens, tokens)) if a != b), None)})
 
 
-def batched_check(report, art):
-    """Several streams per decode call (the generic entry, small-M kernels) against llvm."""
-    from voxc.runtime.model import CompiledModel
+def batched_check(report, name, ref_dir: Path, got_dir: Path, rtol=LOGIT_RTOL):
+    """Several streams per decode call (the generic entry, small-M kernels) against the reference."""
+    import voxc
 
     rng = np.random.default_rng(3)
-    models = [CompiledModel.load(art / "tiny_llvm", max_streams=6), CompiledModel.load(art / "tiny_cuda", max_streams=6)]
+    models = [voxc.load(ref_dir, max_streams=6), voxc.load(got_dir, max_streams=6)]
+    vocab = models[0].config.decoder.vocab_size
     outs = [[], []]
-    for step in range(6):
-        b = [1, 3, 5, 6, 2, 4][step]
-        tokens = rng.integers(0, 1268, (b, 1 if step % 3 else 9)).astype(np.int32)
+    batches = [1, 3, 5, 6, 2, 4]
+    for step, b in enumerate(batches):
+        tokens = rng.integers(0, vocab, (b, 1 if step % 3 else 9)).astype(np.int32)
         slots = rng.permutation(6)[:b].astype(np.int32)
         starts = rng.integers(0, 40, b).astype(np.int32)
         delays = np.full(b, 6, np.float32)
         for k, m in enumerate(models):
-            logits, nxt = m.decode(tokens, delays, slots, starts)
+            logits, _ = m.decode(tokens, delays, slots, starts)
             outs[k].append(m.rt.numpy(logits))
     ref, got = np.concatenate([o.ravel() for o in outs[0]]), np.concatenate([o.ravel() for o in outs[1]])
     err = float(np.abs(ref - got).max() / np.abs(ref).max())
-    check(report, "tiny_cuda_batched_decode", err < LOGIT_RTOL, {"logit_rel_err": err, "batches": [1, 3, 5, 6, 2, 4]})
+    check(report, name, err < rtol, {"logit_rel_err": err, "batches": batches})
 
 
-# ---- ring attention at full shapes ----------------------------------------------------------------
+# ---- ring attention --------------------------------------------------------------------------------
 def attention_reference(q, k, v, cache, slots, starts, layer, window):
     b, n, heads, d = q.shape
     group = heads // k.shape[2]
@@ -127,77 +120,110 @@ def attention_reference(q, k, v, cache, slots, starts, layer, window):
     return out
 
 
-def attention_checks(report, rt):
-    path = ART / "attn_cuda.so"
-    if not path.exists():
-        report["attention"] = "skipped (no attn_cuda.so)"
+def attention_cases(case: dict) -> list[tuple[int, list[int]]]:
+    """(chunk length n, starts) to test for one library function: one-token steps across the ring's
+    wrap, a short chunk, and a chunk longer than the decoder step (the encoder's)."""
+    w = case["window"]
+    if case["name"] == "dec":
+        return [(1, [0, 5, w // 11, w - 1, w, 2 * w + w // 2]), (7, [0, 3, w + w // 10])]
+    return [(min(128, max(4, w // 2)), [w - 50 if w > 50 else 1, 6 * w + 500 % w]), (4, [0, 1, w - 1, w + w // 2])]
+
+
+def attention_checks(report, library: Path, device: str):
+    from voxc.runtime.tvm_runtime import Runtime
+
+    if not library.exists():
+        report["attention"] = f"skipped (no {library.name})"
         return
-    vm = rt.load_vm(path)
+    cases = json.loads(library.with_suffix(".json").read_text())["cases"]
+    rt = Runtime(device)
+    vm = rt.load_vm(library)
     rng = np.random.default_rng(7)
-    cases = [  # name, heads, kv, d, window, layers, n, starts
-        ("dec", 32, 8, 128, 8192, 3, 1, [0, 5, 700, 8191, 8192, 20000]),
-        ("dec", 32, 8, 128, 8192, 3, 7, [0, 3, 9000]),
-        ("enc", 32, 32, 64, 750, 2, 128, [700, 5000]),
-        ("enc", 32, 32, 64, 750, 2, 4, [0, 1, 749, 1234]),
-    ]
-    for name, heads, kv, d, window, layers, n, starts in cases:
-        b = len(starts)
-        slots_n = b + 1
-        q = rng.standard_normal((b, n, heads, d), dtype=np.float32)
-        k = rng.standard_normal((b, n, kv, d), dtype=np.float32)
-        v = rng.standard_normal((b, n, kv, d), dtype=np.float32)
-        cache = rng.standard_normal((layers, 2, slots_n, window, kv, d), dtype=np.float32)
-        slots = rng.permutation(slots_n)[:b].astype(np.int32)
-        starts = np.array(starts, np.int32)
-        got = rt.numpy(vm[name](rt.tensor(q), rt.tensor(k), rt.tensor(v), rt.tensor(cache), rt.tensor(slots),
-                                rt.tensor(starts)))
-        ref = attention_reference(q, k, v, cache, slots, starts, layers - 1, window)
-        err = float(np.abs(got - ref).max() / np.abs(ref).max())
-        check(report, f"attention_{name}_n{n}", err < 1e-4 and np.isfinite(got).all(),
-              {"rel_err": err, "b": b, "starts": starts.tolist()})
+    for case in cases:
+        name, heads, kv, d, window, layers = (case[k] for k in ("name", "heads", "kv_heads", "head_dim", "window",
+                                                                 "layers"))
+        for n, starts in attention_cases(case):
+            b = len(starts)
+            slots_n = b + 1
+            q = rng.standard_normal((b, n, heads, d), dtype=np.float32)
+            k = rng.standard_normal((b, n, kv, d), dtype=np.float32)
+            v = rng.standard_normal((b, n, kv, d), dtype=np.float32)
+            cache = rng.standard_normal((layers, 2, slots_n, window, kv, d), dtype=np.float32)
+            slots = rng.permutation(slots_n)[:b].astype(np.int32)
+            starts = np.array(starts, np.int32)
+            got = rt.numpy(vm[name](rt.tensor(q), rt.tensor(k), rt.tensor(v), rt.tensor(cache), rt.tensor(slots),
+                                    rt.tensor(starts)))
+            ref = attention_reference(q, k, v, cache, slots, starts, layers - 1, window)
+            err = float(np.abs(got - ref).max() / np.abs(ref).max())
+            check(report, f"attention_{name}_n{n}", err < ATTENTION_RTOL and np.isfinite(got).all(),
+                  {"rel_err": err, "b": b, "starts": starts.tolist()})
 
 
-def main():
+# ---- the two modes ------------------------------------------------------------------------------------
+def device_pairs(art: Path):
+    """(variant, reference, tolerance): tiny_cuda[_graph] against tiny_llvm; tiny_cuda_<kind> against
+    tiny_llvm_<kind> (q4k, f16: the same quantized weights / dtype on both sides)."""
+    for variant in sorted(p.name for p in art.glob("tiny_cuda*")):
+        kind = variant.removeprefix("tiny_cuda").removeprefix("_graph")
+        if (art / f"tiny_llvm{kind}").exists():
+            yield variant, f"tiny_llvm{kind}", TOLERANCE.get(kind.lstrip("_"), LOGIT_RTOL)
+
+
+def local_pairs(art: Path):
+    """Every tiny llvm artifact against itself: static entries against the generic ones."""
+    for variant in sorted(p.name for p in art.glob("tiny_llvm*")):
+        kind = variant.removeprefix("tiny_llvm")
+        yield variant, variant, TOLERANCE.get(kind.lstrip("_"), LOGIT_RTOL)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--local", action="store_true", help="no GPU: llvm static vs generic entries, CPU attention")
+    args = ap.parse_args(argv)
+    pack = common.setup()
+    art = pack / "artifacts"
+
+    import voxc
     from voxc.errors import VoxcError
-    from voxc.runtime.model import CompiledModel
 
     report = common.Report("tiny_check")
-    report["gpu"] = common.gpu_name()
+    report["mode"] = "local (cpu)" if args.local else "device (cuda)"
+    report["gpu"] = "none (local)" if args.local else common.gpu_name()
     import tvm_ffi
     report["tvm_ffi"] = tvm_ffi.__version__
-    import tvm  # the shim, or the real compiler if it were installed
-    report["tvm_compiler_importable"] = "no (runtime only)" if getattr(tvm, "__voxc_shim__", False) else "yes"
+    report["tvm_compiler_importable"] = common.tvm_compiler_importable()
     audio = test_audio()
-    t = time.perf_counter()
-    llvm = CompiledModel.load(ART / "tiny_llvm")
-    ref = run_session(llvm, audio)
-    report["llvm"] = {"tokens": ref[0][:40], "n": len(ref[0]), "seconds": round(time.perf_counter() - t, 2)}
-    references = {"": ref}
-    for variant in sorted(p.name for p in ART.glob("tiny_cuda*")):
-        # tiny_cuda[_graph] against tiny_llvm; tiny_cuda_<kind> against tiny_llvm_<kind> (q4k, f16: the
-        # same quantized weights / dtype on both sides)
-        kind = variant.removeprefix("tiny_cuda").removeprefix("_graph")
-        if kind not in references:
-            if not (ART / f"tiny_llvm{kind}").exists():
-                continue
-            references[kind] = run_session(CompiledModel.load(ART / f"tiny_llvm{kind}"), audio)
-        ref = references[kind]
-        rtol = TOLERANCE.get(kind.lstrip("_"), LOGIT_RTOL)
+    references = {}
+    pairs = list(local_pairs(art) if args.local else device_pairs(art))
+    if not pairs:
+        check(report, "artifacts", False, {"error": f"no tiny artifacts to compare in {art}"})
+    for variant, reference, rtol in pairs:
+        if reference not in references:
+            t = time.perf_counter()
+            references[reference] = run_session(voxc.load(art / reference), audio, static=False)
+            report[f"{reference}_reference"] = {"tokens": references[reference][0][:40], "n": len(references[reference][0]),
+                                                "seconds": round(time.perf_counter() - t, 2)}
+        ref = references[reference]
         t = time.perf_counter()
         try:
-            model = CompiledModel.load(ART / variant, max_streams=2)
+            model = voxc.load(art / variant, max_streams=2)
         except VoxcError as exc:
             check(report, f"{variant}_load", False, {"error": str(exc)})
             continue
         report[f"{variant}_load_s"] = round(time.perf_counter() - t, 2)
-        compare(report, f"{variant}_offline", ref, run_session(model, audio), rtol)
-        compare(report, f"{variant}_streaming_0.3s", ref, run_session(model, audio, chunk=4800), rtol)
-        if use_static_decode(model):
-            compare(report, f"{variant}_static_decode_b1n1", ref, run_session(model, audio), rtol)
-            compare(report, f"{variant}_static_decode_b1n1_again", ref, run_session(model, audio, chunk=1280), rtol)
-    batched_check(report, ART)
+        compare(report, f"{variant}_offline", ref, run_session(model, audio, static=False), rtol)
+        compare(report, f"{variant}_streaming_0.3s", ref, run_session(model, audio, chunk=4800, static=False), rtol)
+        if has_static_entries(model):
+            compare(report, f"{variant}_static_entries", ref, run_session(model, audio), rtol)
+            compare(report, f"{variant}_static_entries_80ms", ref, run_session(model, audio, chunk=1280), rtol)
+        elif args.local:
+            check(report, f"{variant}_static_entries", False, {"error": f"no static entries in {model.functions}"})
+    if pairs:
+        variant, reference, _ = pairs[0]
+        batched_check(report, f"{variant}_batched_decode", art / reference, art / variant)
+    library, device = (art / "attn_llvm.so", "cpu") if args.local else (art / "attn_cuda.so", "cuda")
     try:
-        attention_checks(report, llvm.rt.__class__("cuda"))
+        attention_checks(report, library, device)
     except Exception as exc:  # noqa: BLE001
         check(report, "attention", False, {"error": repr(exc)[:500]})
     report["failures"] = failures

@@ -3,7 +3,8 @@
 #
 #   bash bench/device/webgpu_bench.sh pack    # here: build .webgpupack/ (see below; FULL=q4k for Q4_K only)
 #   run(command="bash bench/device/webgpu_bench.sh run", carry=[".webgpupack"], kind="nvidia-h100-x1")
-#   bash bench/device/webgpu_bench.sh local   # here: the same run on Chromium's SwiftShader (tiny only)
+#   bash bench/device/webgpu_bench.sh local   # here (what CI runs): a temporary pack of the tiny bundle only
+#                                             # (wasm linked without binaryen), run on Chromium's SwiftShader
 #
 # .webgpupack/ holds what the GPU machine lacks (it has no node, no Vulkan loader, no network):
 #   node.gz        this machine's node binary (v20), gzipped
@@ -13,10 +14,11 @@
 #                  expect.json + clip.f32: the token ids the CPU (llvm) build gives for that clip
 #   tiny_q4k.tgz   the same check for Q4_K weights: a small model whose widths are multiples of 256
 #                  (tests/test_webgpu_quant.py's), built --quantization q4_k, tokens of its llvm Q4_K build
-#   full.tgz       the 4B model's bundle (ModelConfig(), float32, split token table) WITHOUT weights:
-#                  voxc.js fills 16.5 GB of random weights on the GPU (--weights random)
+#   full.tgz       the 4B model's bundle (ModelConfig(), float32, split token table) WITHOUT weights
+#                  (build(..., weights=False)): voxc.js fills 16.5 GB of random weights on the GPU
 #   full_q4k.tgz   the 4B model with Q4_K projections and token table (split in blocks < 128 MiB),
 #                  WITHOUT weights: 2.6 GB of random packed levels and finite scales on the GPU
+# (bench/webgpu_pack.py builds the bundles.)
 # `run` writes $OUT/tiny.json, $OUT/tiny_q4k.json (check: tokens equal the CPU's), $OUT/full.json and
 # $OUT/full_q4k.json (load, stream RTF + per-feed latency, decode step with and without the token
 # readback, encode windows of 1 and 32 tokens, offline RTF of a 60 s clip, on the 4B model's shapes)
@@ -24,110 +26,91 @@
 # step (26 layers of Q4 GEMVs + attention + the LM head), decode_step adds the token readback.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-PACK="$ROOT/.webgpupack"
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
-FULL=${FULL:-q4k,f32}   # which full-size bundles `pack` builds: q4k, f32 or both
 WHAT=${1:-run}
 DAWN_CACHE="${VOXC_CACHE_DIR:-$HOME/.cache/voxc}/dawn-node-webgpu-0.6.2"
+if [ "$WHAT" = local ]; then
+  LOCAL_ROOT=$(mktemp -d "${TMPDIR:-/tmp}/voxc-webgpu-local.XXXXXX")
+  trap 'rm -rf "$LOCAL_ROOT"' EXIT
+  PACK="$LOCAL_ROOT/pack"
+  DST="$LOCAL_ROOT/run"
+  TINY=${TINY:-f32}; FULL=""
+else
+  PACK="${VOXC_WEBGPUPACK:-$ROOT/.webgpupack}"
+  DST="${VOXC_WEBGPU_DIR:-/tmp/webgpu}"
+  TINY=${TINY:-f32,q4k}
+  FULL=${FULL-q4k,f32}   # which full-size bundles `pack` builds: q4k, f32 or both
+fi
 
-pack() {
-  grep -qx '/.webgpupack/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.webgpupack/' >> "$ROOT/.git/info/exclude"
-  rm -rf "$PACK" && mkdir -p "$PACK/debs" "$PACK/stage"
-  # node + Dawn
-  gzip -9 -c "$(readlink -f "$(command -v node)")" > "$PACK/node.gz"
+dawn() {   # npm "webgpu" (Dawn as dawn.node), cached
   if [ ! -f "$DAWN_CACHE/node_modules/webgpu/dist/linux-x64/dawn.node" ]; then
     mkdir -p "$DAWN_CACHE" && (cd "$DAWN_CACHE" && npm init -y >/dev/null && \
       npm install --no-audit --no-fund --ignore-scripts webgpu@0.6.2 >/dev/null)
   fi
   tar -C "$DAWN_CACHE/node_modules" -czf "$PACK/webgpu.tgz" webgpu/package.json webgpu/index.js \
     webgpu/dist/linux-x64/dawn.node
-  # the Vulkan loader (the device tool's README: amd64 package lists in /tmp/amd64)
-  local o="-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64"
-  mkdir -p /tmp/amd64/partial
-  [ -n "$(ls /tmp/amd64/*Packages* 2>/dev/null)" ] || apt-get $o update >/dev/null
-  (cd "$PACK/debs" && apt-get $o download libvulkan1 >/dev/null)
-  # bundles
-  (cd "$ROOT" && PYTHONPATH="$ROOT" "$PY" - "$PACK/stage" "$FULL" <<'EOF'
-import json, sys
-from pathlib import Path
-import numpy as np
-from targets import webgpu
-from voxc.build import build
-from voxc.loader.tiny import make_tiny
-from voxc.runtime.session import StreamingSession
-import voxc
+}
 
-stage = Path(sys.argv[1])
-ckpt = make_tiny(stage / "tiny_ckpt")
-rng = np.random.default_rng(0)
-t = np.arange(int(16000 * 3.0)) / 16000
-pcm = (0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(t.shape)).astype(np.float32)
-
-
-def tiny_case(name, ckpt, quantization=None):
-    tiny = build(ckpt, "webgpu", stage / name, progress=False, quantization=quantization)
-    cpu = voxc.load(build(ckpt, "llvm", stage / (name + "_llvm"), progress=False, quantization=quantization))
-    (tiny / "clip.f32").write_bytes(pcm.astype("<f4").tobytes())
-    s = StreamingSession(cpu, delay_ms=480, left_pad_tokens=cpu.left_pad_tokens)
-    for i in range(0, len(pcm), 1280):
-        s.feed(pcm[i:i + 1280])
-    s.finish()
-    (tiny / "expect.json").write_text(json.dumps({"clip": {"file": "clip.f32"}, "chunk": 1280, "delay_ms": 480,
-                                                  "tokens": s.tokens}))
-    print(name + ": expect", len(s.tokens), "tokens", flush=True)
-
-
-sys.path.insert(0, "tests")
-from test_webgpu_quant import q4k_config
-
-tiny_case("tiny", make_tiny(stage / "tiny_ckpt"))
-tiny_case("tiny_q4k", make_tiny(stage / "tiny_q4k_ckpt", seed=5, config=q4k_config()), "q4_k")
-if "f32" in sys.argv[2].split(","):
-    webgpu.write_benchmark_bundle(stage / "full", progress=False)
-    print("full: written", flush=True)
-if "q4k" in sys.argv[2].split(","):
-    webgpu.write_benchmark_bundle(stage / "full_q4k", quantization="q4_k", progress=False)
-    print("full_q4k: written", flush=True)
-EOF
-  )
+pack() {   # $1: --local (no node binary, no Vulkan loader, no binaryen)
+  if [ "$PACK" = "$ROOT/.webgpupack" ]; then
+    grep -qx '/.webgpupack/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.webgpupack/' >> "$ROOT/.git/info/exclude"
+  fi
+  rm -rf "$PACK" && mkdir -p "$PACK/debs" "$PACK/stage"
+  dawn
+  local quick=""
+  if [ "${1:-}" = --local ]; then
+    quick="--fast-link --small-windows --clip-seconds 0.5 --delay-ms 80"
+  else
+    gzip -9 -c "$(readlink -f "$(command -v node)")" > "$PACK/node.gz"
+    # the Vulkan loader (the device tool's README: amd64 package lists in /tmp/amd64)
+    local o="-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64"
+    mkdir -p /tmp/amd64/partial
+    [ -n "$(ls /tmp/amd64/*Packages* 2>/dev/null)" ] || apt-get $o update >/dev/null
+    (cd "$PACK/debs" && apt-get $o download libvulkan1 >/dev/null)
+  fi
+  (cd "$ROOT" && PYTHONPATH="$ROOT" "$PY" bench/webgpu_pack.py "$PACK/stage" --tiny "$TINY" --full "$FULL" $quick)
   for b in tiny tiny_q4k full full_q4k; do
-    [ -d "$PACK/stage/$b" ] && tar -C "$PACK/stage" -czf "$PACK/$b.tgz" "$b"
+    if [ -d "$PACK/stage/$b" ]; then tar -C "$PACK/stage" -czf "$PACK/$b.tgz" "$b"; fi
   done
   rm -rf "$PACK/stage"
   du -sh "$PACK"/* "$PACK"
 }
 
-unpack() {   # into /tmp/webgpu: node, node_modules/webgpu, the bundles
-  local dst=/tmp/webgpu
-  rm -rf "$dst" && mkdir -p "$dst/bin" "$dst/node_modules"
-  gzip -dc "$PACK/node.gz" > "$dst/bin/node" && chmod +x "$dst/bin/node"
-  tar -C "$dst/node_modules" -xzf "$PACK/webgpu.tgz"
+unpack() {   # into $DST: node, node_modules/webgpu, the bundles
+  rm -rf "$DST" && mkdir -p "$DST/bin" "$DST/node_modules"
+  if [ -f "$PACK/node.gz" ]; then
+    gzip -dc "$PACK/node.gz" > "$DST/bin/node" && chmod +x "$DST/bin/node"
+  else
+    ln -s "$(readlink -f "$(command -v node)")" "$DST/bin/node"
+  fi
+  tar -C "$DST/node_modules" -xzf "$PACK/webgpu.tgz"
   for b in tiny tiny_q4k full full_q4k; do
-    [ -f "$PACK/$b.tgz" ] && tar -C "$dst" -xzf "$PACK/$b.tgz"
+    if [ -f "$PACK/$b.tgz" ]; then tar -C "$DST" -xzf "$PACK/$b.tgz"; fi
   done
   return 0
 }
 
-run_bench() {   # $1: what (tiny|full|all); env as set up by the caller
-  local dst=/tmp/webgpu node=/tmp/webgpu/bin/node b
-  export VOXC_WEBGPU_MODULE=$dst/node_modules/webgpu
+run_bench() {   # $1: what (tiny|full|all); env as set up by the caller.  Returns 1 if a run failed.
+  local node=$DST/bin/node b failed=0
+  export VOXC_WEBGPU_MODULE=$DST/node_modules/webgpu
   if [ "$1" = tiny ] || [ "$1" = all ]; then
     for b in tiny tiny_q4k; do
-      [ -d "$dst/$b" ] || continue
-      "$node" "$ROOT/bench/webgpu_dawn.mjs" "$dst/$b" --expect "$dst/$b/expect.json" --steps 100 \
-        --json "$OUT/$b.json" > "$OUT/$b.log" 2>&1 || echo "$b: FAILED (see $b.log)"
+      [ -d "$DST/$b" ] || continue
+      "$node" "$ROOT/bench/webgpu_dawn.mjs" "$DST/$b" --expect "$DST/$b/expect.json" --steps ${TINY_STEPS:-100} \
+        ${TINY_ARGS:-} --json "$OUT/$b.json" > "$OUT/$b.log" 2>&1 || { echo "$b: FAILED (see $b.log)"; failed=1; }
       tail -c 600 "$OUT/$b.log"; echo
     done
   fi
   if [ "$1" = full ] || [ "$1" = all ]; then
     for b in full_q4k full; do   # Q4_K first: the issue's question
-      [ -d "$dst/$b" ] || continue
-      "$node" "$ROOT/bench/webgpu_dawn.mjs" "$dst/$b" --weights random --seconds ${SECONDS_AUDIO:-10} \
+      [ -d "$DST/$b" ] || continue
+      "$node" "$ROOT/bench/webgpu_dawn.mjs" "$DST/$b" --weights random --seconds ${SECONDS_AUDIO:-10} \
         --steps ${STEPS:-200} --offline-seconds ${OFFLINE_SECONDS:-60} --json "$OUT/$b.json" > "$OUT/$b.log" 2>&1 \
-        || echo "$b: FAILED (see $b.log)"
+        || { echo "$b: FAILED (see $b.log)"; failed=1; }
       tail -c 2500 "$OUT/$b.log"; echo
     done
   fi
+  return $failed
 }
 
 case "$WHAT" in
@@ -141,14 +124,15 @@ case "$WHAT" in
     export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
     unpack
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-    run_bench "${2:-all}"
+    run_bench "${2:-all}" || true   # each bundle's result is in $OUT
     ;;
   local)   # no GPU here: Dawn on Chromium's SwiftShader Vulkan driver (lavapipe is refused by Dawn)
     OUT=${OUT:-/tmp/webgpu-local}; mkdir -p "$OUT"
     export VK_ICD_FILENAMES=${VK_ICD_FILENAMES:-/usr/lib/chromium/vk_swiftshader_icd.json}
     export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
+    pack --local
     unpack
-    run_bench tiny
+    TINY_STEPS=${TINY_STEPS:-1} TINY_ARGS=${TINY_ARGS:-"--warm 0 --encode-reps 1 --encode-tokens 1"} run_bench tiny
     ;;
   *) echo "usage: $0 pack|run [tiny|full|all]|local" >&2; exit 2 ;;
 esac
