@@ -1,7 +1,7 @@
 """The full-size model on the CPU (llvm, the embedded default): Q4_K (and Q8_0, float32) decode step
 against a memory-bandwidth floor measured in the same process, and against transformers' CPU step.
 
-Verbs (bench/device/cpu_bench.sh drives them; it packs .cpupack/ here and runs it on the lent machine):
+Verbs (bench/device/cpu_bench.sh drives them; it packs .cpupack/ here and runs it on the GPU machine's CPU cores):
 
     python bench/cpu_bench.py build OUT [--size full|tiny] [--quant q4_k|q8_0|f32] [--mcpu x86-64-v3]
         here, with TVM: compile the model for llvm WITHOUT weights (manifest + model.so), with a static
@@ -172,7 +172,7 @@ def cmd_build(args):
 
 
 # ---------------------------------------------------------------------------------------------
-# runtime side (the lent machine): no TVM compiler
+# runtime side (the benchmark machine): no TVM compiler
 # ---------------------------------------------------------------------------------------------
 def runtime_setup(hide_tvm: bool = True):
     """voxc's sources from the pack, TVM's runtime libraries from the pack, ``tvm`` unimportable."""

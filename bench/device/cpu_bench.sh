@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The full-size model on the lent machine's CPU cores (llvm, runtime-only): Q4_K / Q8_0 / float32 decode
+# The full-size model on the GPU machine's CPU cores (llvm, runtime-only): Q4_K / Q8_0 / float32 decode
 # step vs a streaming-read floor measured in the same process, and transformers' CPU decode step.
 #
 #   bash bench/device/cpu_bench.sh pack     # here (needs TVM): build .cpupack/ (see below), ~20 MB
@@ -7,7 +7,7 @@
 #   bash bench/device/cpu_bench.sh local    # here (what CI runs): pack the tiny model only into a temporary
 #                                           # pack, then the same run on it with TVM hidden, few steps
 #
-# .cpupack/ (what the lent machine lacks: it has python3.12 + torch + transformers + numpy + safetensors):
+# .cpupack/ (what the GPU machine lacks: it has python3.12 + torch + transformers + numpy + safetensors):
 #   src/                voxc/ + bench/{cpu_bench,cuda_build}.py as built (working tree at pack time)
 #   artifacts/*.tgz     full_q4_k, full_q8_0, full_f32 (ModelConfig(), llvm -mcpu=$MCPU, model.so + manifest,
 #                       NO weights: bench/cuda_build.py:ensure_weights writes random ones on the device),

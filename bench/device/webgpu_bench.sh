@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# voxc's web bundle in Node.js on Dawn (Chrome's WebGPU) on the lent GPU, through web/voxc.js.
+# voxc's web bundle in Node.js on Dawn (Chrome's WebGPU) on the GPU machine, through web/voxc.js.
 #
 #   bash bench/device/webgpu_bench.sh pack    # here: build .webgpupack/ (see below; FULL=q4k for Q4_K only)
 #   run(command="bash bench/device/webgpu_bench.sh run", carry=[".webgpupack"], kind="nvidia-h100-x1")
@@ -62,7 +62,7 @@ pack() {   # $1: --local (no node binary, no Vulkan loader, no binaryen)
     quick="--fast-link --small-windows --clip-seconds 0.5 --delay-ms 80"
   else
     gzip -9 -c "$(readlink -f "$(command -v node)")" > "$PACK/node.gz"
-    # the Vulkan loader (the device tool's README: amd64 package lists in /tmp/amd64)
+    # the Vulkan loader (amd64 package lists in /tmp/amd64)
     local o="-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64"
     mkdir -p /tmp/amd64/partial
     [ -n "$(ls /tmp/amd64/*Packages* 2>/dev/null)" ] || apt-get $o update >/dev/null
