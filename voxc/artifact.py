@@ -229,8 +229,178 @@ def write_manifest(directory: Path, manifest: dict, *, hashes: bool = True) -> d
     return manifest
 
 
+# ---- reading --------------------------------------------------------------------------------------
+# Each target's runtime device (a manifest pairing them otherwise is damaged: CPU code run as CUDA).
+TARGET_DEVICE_KINDS = {"llvm": "cpu", "cuda": "cuda", "webgpu": "webgpu"}
+MODEL_DTYPES = ("float32", "float16", "bfloat16")
+# Bounds that keep a damaged config from asking for absurd shapes (the 4B model is far below them).
+_CONFIG_INT_LIMIT = 1 << 31
+_CONFIG_LAYER_LIMIT = 4096
+
+
+def _config_value_problem(value, kind: str, name: str) -> str | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return f"{name} is {value!r}, not a number"
+    if kind == "int" and not isinstance(value, (int, np.integer)):
+        return f"{name} is {value!r}, not a whole number"
+    if not math.isfinite(value) or value <= 0:
+        return f"{name} is {value!r}, not a positive number"
+    if kind == "int" and value >= (_CONFIG_LAYER_LIMIT if name.endswith("n_layers") else _CONFIG_INT_LIMIT):
+        return f"{name} is {value!r}, far beyond any model"
+    return None
+
+
+def _config_sections():
+    from voxc.config import DecoderConfig, EncoderConfig
+    return (("encoder", EncoderConfig), ("decoder", DecoderConfig), ("audio", AudioConfig))
+
+
+def check_config(cfg: ModelConfig, source) -> ModelConfig:
+    """``cfg`` validated, with every field of its declared type (whole numbers where the config has
+    ints), finite, positive and within bounds; raises VoxcError naming ``source``.  Readers of
+    untrusted files call this after building a config from them."""
+    for section, cls in _config_sections():
+        part = getattr(cfg, section)
+        for field in dataclasses.fields(cls):
+            problem = _config_value_problem(getattr(part, field.name), _type_name(field.type),
+                                            f"{section}.{field.name}")
+            if problem:
+                raise VoxcError(f"{source}: invalid model config: {problem}")
+    try:
+        return cfg.validate()
+    except VoxcError as exc:
+        raise VoxcError(f"{source}: {exc}") from None
+
+
+def config_from_dict(data, source) -> ModelConfig:
+    """:meth:`ModelConfig.from_dict` for a config read from a file: every value type-checked first
+    (see :func:`check_config`), every problem a VoxcError naming ``source``."""
+    if not isinstance(data, dict) or any(not isinstance(data.get(k), dict) for k, _ in _config_sections()):
+        raise VoxcError(f"{source}: the model config is not an object with encoder, decoder and audio sections")
+    for section, cls in _config_sections():
+        known = {f.name: _type_name(f.type) for f in dataclasses.fields(cls)}
+        for key, value in data[section].items():
+            if key not in known:
+                raise VoxcError(f"{source}: unknown model config field {section}.{key}")
+            problem = _config_value_problem(value, known[key], f"{section}.{key}")
+            if problem:
+                raise VoxcError(f"{source}: invalid model config: {problem}")
+    try:
+        cfg = ModelConfig.from_dict(data)
+    except VoxcError as exc:
+        raise VoxcError(f"{source}: {exc}") from None
+    return check_config(cfg, source)
+
+
+def _safe_name(name) -> bool:
+    """A file name inside the artifact: relative, no '..', no backslashes or NULs."""
+    if not isinstance(name, str) or not name or "\\" in name or "\0" in name:
+        return False
+    parts = name.split("/")
+    return not name.startswith("/") and all(p not in ("", ".", "..") for p in parts)
+
+
+def _plain_dtype(name: str) -> bool:
+    """A numeric dtype a weight can have (not object, string, structured or void)."""
+    if name == "bfloat16":
+        return True
+    try:
+        dtype = np.dtype(name)
+    except (TypeError, ValueError):
+        return False
+    return dtype.kind in "biuf" and dtype.fields is None and dtype.subdtype is None and dtype.name == name
+
+
+def _type_name(annotation) -> str:
+    return annotation if isinstance(annotation, str) else annotation.__name__
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_manifest(path: Path, m: dict) -> None:
+    def bad(what: str):
+        raise VoxcError(f"{path} is corrupt ({what}); rebuild the artifact")
+
+    for key in ("target", "device_kind", "library", "model_dtype", "weights", "tokenizer"):
+        if not isinstance(m[key], str):
+            bad(f"{key} is {m[key]!r}, not a string")
+    if TARGET_DEVICE_KINDS.get(m["target"]) is None:
+        bad(f"unknown target {m['target']!r}")
+    if TARGET_DEVICE_KINDS[m["target"]] != m["device_kind"]:
+        bad(f"target {m['target']} runs on {TARGET_DEVICE_KINDS[m['target']]}, not on {m['device_kind']!r}")
+    if m["model_dtype"] not in MODEL_DTYPES:
+        bad(f"model_dtype {m['model_dtype']!r} is not one of {', '.join(MODEL_DTYPES)}")
+
+    files = m["files"]
+    if not isinstance(files, dict):
+        bad("the file list is not an object")
+    for name, record in files.items():
+        if not _safe_name(name) or name == MANIFEST:
+            bad(f"the file list names {name!r}")
+        if not isinstance(record, dict) or not _is_count(record.get("bytes")):
+            bad(f"the size of {name} is missing or not a whole number")
+        sha = record.get("sha256")
+        if sha is not None and not (isinstance(sha, str) and len(sha) == 64
+                                    and all(c in "0123456789abcdef" for c in sha)):
+            bad(f"the SHA-256 of {name} is {sha!r}")
+    for key in ("library", "weights", "tokenizer"):
+        if m[key] not in files:
+            bad(f"{key} {m[key]!r} is not one of its files")
+
+    cfg = config_from_dict(m["config"], path)
+
+    params = m["params"]
+    if not isinstance(params, list):
+        bad("params is not a list")
+    names = set()
+    for p in params:
+        if not (isinstance(p, dict) and isinstance(p.get("name"), str) and isinstance(p.get("shape"), list)
+                and all(_is_count(s) for s in p["shape"]) and isinstance(p.get("dtype"), str)):
+            bad(f"parameter entry {str(p)[:80]} is not {{name, shape, dtype}}")
+        if p["name"] in names:
+            bad(f"parameter {p['name']} is listed twice")
+        names.add(p["name"])
+        if not _plain_dtype(p["dtype"]):
+            bad(f"parameter {p['name']} has the unknown dtype {p['dtype']!r}")
+
+    functions = m["functions"]
+    if not isinstance(functions, list) or not all(isinstance(f, str) for f in functions) \
+            or not set(ENTRY_POINTS) <= set(functions):
+        bad(f"functions {str(functions)[:80]} lack the entry points {', '.join(ENTRY_POINTS)}")
+
+    streaming = m["streaming"]
+    if not isinstance(streaming, dict):
+        bad("streaming is not an object")
+    try:
+        left_pad = check_left_pad_tokens(streaming.get("left_pad_tokens"))
+        delay_ms = streaming.get("default_delay_ms")
+        if not isinstance(delay_ms, int):
+            raise VoxcError(f"default_delay_ms is {delay_ms!r}, not a whole number of milliseconds")
+        delay_tokens(delay_ms, cfg.audio)
+    except VoxcError as exc:
+        bad(f"streaming: {exc}")
+    want = json.loads(json.dumps(streaming_section(cfg, left_pad_tokens=left_pad, default_delay_ms=delay_ms)))
+    if streaming != want:
+        wrong = sorted(k for k in set(want) | set(streaming) if want.get(k, ...) != streaming.get(k, ...))
+        bad(f"streaming {', '.join(wrong)} disagree with the model config")
+    state = {k: {"shape": v, "dtype": m["model_dtype"], "bytes_per_stream": b} for (k, v), b in
+             zip(state_shapes(cfg).items(), state_bytes_per_stream(cfg, m["model_dtype"]).values())}
+    if m["state"] != json.loads(json.dumps(state)):
+        bad("the state section disagrees with the model config and dtype")
+
+    cpu = m.get("cpu")
+    if cpu is not None and not (isinstance(cpu, dict) and isinstance(cpu.get("isa", []), list)
+                                and all(isinstance(f, str) for f in cpu.get("isa", []))
+                                and isinstance(cpu.get("mcpu"), (str, type(None)))):
+        bad(f"cpu is {str(cpu)[:80]}, not {{mcpu, isa}}")
+
+
 def read_manifest(directory: Path) -> dict:
-    """The manifest of the artifact in ``directory``, checked for format and completeness."""
+    """The manifest of the artifact in ``directory``, checked for format, completeness and
+    consistency: every value the runtime uses has its type, the files it names are in the checksummed
+    file list, and the derived sections (state, streaming constants) agree with the model config."""
     directory = Path(directory)
     if not directory.is_dir():
         raise VoxcError(f"{directory} is not a directory: give the artifact directory `voxc build` wrote"
@@ -240,8 +410,10 @@ def read_manifest(directory: Path) -> dict:
         raise VoxcError(f"{directory} is not a voxc artifact (no {MANIFEST}); make one with `voxc build`")
     try:
         manifest = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise VoxcError(f"{path} is corrupt ({exc}); rebuild the artifact") from exc
+    except OSError as exc:
+        raise VoxcError(f"{path} is unreadable ({exc})") from exc
     if not isinstance(manifest, dict):
         raise VoxcError(f"{path} is corrupt (not a JSON object); rebuild the artifact")
     if manifest.get("format") != FORMAT_VERSION:
@@ -252,6 +424,7 @@ def read_manifest(directory: Path) -> dict:
     missing = [k for k in required if k not in manifest]
     if missing:
         raise VoxcError(f"{path} is corrupt (lacks {', '.join(missing)}); rebuild the artifact")
+    _check_manifest(path, manifest)
     return manifest
 
 
@@ -260,8 +433,8 @@ def verify_files(directory: Path, manifest: dict, *, hashes: bool) -> None:
     raises naming the first damaged file."""
     directory = Path(directory)
     files = manifest.get("files")
-    if not isinstance(files, dict):
-        raise VoxcError(f"{directory / MANIFEST} is corrupt (no file list); rebuild the artifact")
+    if not isinstance(files, dict) or not all(_safe_name(n) and isinstance(r, dict) for n, r in files.items()):
+        raise VoxcError(f"{directory / MANIFEST} is corrupt (no valid file list); rebuild the artifact")
     for name, record in files.items():
         path = directory / name
         if not path.is_file():
@@ -345,35 +518,60 @@ class WeightShardWriter:
 
 def read_weights(directory: Path, manifest: dict) -> Iterator[tuple[str, np.ndarray]]:
     """The artifact's weights as (name, read-only memory-mapped array), checked against the manifest's
-    parameter list: every parameter once, with its shape and dtype."""
+    parameter list: every parameter once, in the manifest's order (the order the compiled functions
+    take them in), with its shape and dtype, the records packed as the writer packs them."""
     directory = Path(directory)
     index_path = directory / manifest["weights"]
     try:
         index = json.loads(index_path.read_text())
         shards = index["records"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise VoxcError(f"artifact weight index {index_path} is unreadable ({exc}); rebuild the artifact") from exc
-    wanted = {p["name"]: p for p in manifest["params"]}
-    seen = set()
+
+    def damaged(what: str):
+        return VoxcError(f"artifact weight index {index_path} is damaged ({what}); rebuild the artifact")
+
+    if not isinstance(shards, list):
+        raise damaged("records is not a list")
+    params = manifest["params"]
+    files = manifest.get("files", {})
+    i = 0
     for shard in shards:
-        path = directory / shard["dataPath"]
+        if not isinstance(shard, dict) or not isinstance(shard.get("records"), list):
+            raise damaged("a shard without a record list")
+        data_path = shard.get("dataPath")
+        if not _safe_name(data_path) or data_path not in files:
+            raise damaged(f"shard file {str(data_path)[:80]!r} is not one of the artifact's files")
+        path = directory / data_path
         try:
             data = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
         except (OSError, ValueError) as exc:
             raise VoxcError(f"artifact weight file {path} is unreadable ({exc}); rebuild the artifact") from exc
+        if shard.get("nbytes") != data.shape[0]:
+            raise VoxcError(f"artifact weight file {path} is damaged: {data.shape[0]} bytes, its index says "
+                            f"{shard.get('nbytes')!r}; rebuild the artifact")
+        end = 0
         for rec in shard["records"]:
-            name = rec["name"]
-            spec = wanted.get(name)
-            if spec is None or list(rec["shape"]) != spec["shape"] or rec["dtype"] != spec["dtype"] or name in seen:
-                raise VoxcError(f"artifact {directory}: tensor {name} does not match the manifest; rebuild it")
+            if not isinstance(rec, dict):
+                raise damaged(f"a record of {data_path} is not an object")
+            name = rec.get("name")
+            spec = params[i] if i < len(params) else None
+            shape = rec.get("shape")
+            if spec is None or name != spec["name"] or not isinstance(shape, list) \
+                    or not all(_is_count(s) for s in shape) or shape != spec["shape"] or rec.get("dtype") != spec["dtype"]:
+                want = "no more tensors" if spec is None else f"{spec['name']} {spec['shape']} {spec['dtype']}"
+                raise VoxcError(f"artifact {directory}: weight record {str(name)[:80]} does not match the manifest "
+                                f"(parameter {i} is {want}); rebuild it")
             dtype = numpy_dtype(rec["dtype"])
-            start, nbytes = int(rec["byteOffset"]), int(rec["nbytes"])
-            if nbytes != math.prod(rec["shape"]) * dtype.itemsize or start + nbytes > data.shape[0]:
+            start, nbytes = rec.get("byteOffset"), rec.get("nbytes")
+            if not (_is_count(start) and _is_count(nbytes)) or start != end + (-end) % 4 \
+                    or nbytes != math.prod(rec["shape"]) * dtype.itemsize or start + nbytes > data.shape[0]:
                 raise VoxcError(f"artifact weight file {path} is truncated or damaged at {name}; rebuild the artifact")
-            seen.add(name)
-            yield name, data[start:start + nbytes].view(dtype).reshape(rec["shape"])
-    missing = [n for n in wanted if n not in seen]
-    if missing:
+            end = start + nbytes
+            i += 1
+            yield name, data[start:end].view(dtype).reshape(rec["shape"])
+    if i < len(params):
+        missing = [p["name"] for p in params[i:]]
         raise VoxcError(f"artifact {directory} lacks weights: {', '.join(missing[:5])}; rebuild it")
 
 

@@ -13,6 +13,10 @@ from voxc.errors import VoxcError
 
 SAMPLE_RATE = 16000
 _MAX_CHANNELS = 16
+# Sample rates of real audio (telephony's 8 kHz, the 768 kHz of some ultrasound recorders, with
+# margin); others come from a damaged header and would resample to nothing or to gigabytes.
+MIN_SAMPLE_RATE = 1000
+MAX_SAMPLE_RATE = 1_000_000
 
 
 def load_audio(source, sample_rate: int | None = None) -> np.ndarray:
@@ -36,8 +40,11 @@ def load_audio(source, sample_rate: int | None = None) -> np.ndarray:
             raise VoxcError("an audio array needs its sample rate: pass sample_rate=... "
                             f"({SAMPLE_RATE} if the samples are already {SAMPLE_RATE // 1000} kHz)")
         rate = sample_rate
-    if not isinstance(rate, (int, np.integer)) or rate <= 0:
+    if isinstance(rate, bool) or not isinstance(rate, (int, np.integer)) or rate <= 0:
         raise VoxcError(f"{what}: sample rate must be a positive integer, got {rate!r}")
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise VoxcError(f"{what}: a sample rate of {rate} Hz is not audio voxc can use "
+                        f"({MIN_SAMPLE_RATE}..{MAX_SAMPLE_RATE} Hz); is the file damaged?")
 
     samples = _to_mono(samples, what)
     if samples.size == 0:
@@ -46,20 +53,32 @@ def load_audio(source, sample_rate: int | None = None) -> np.ndarray:
         raise VoxcError(f"{what} contains NaN or infinite samples")
     if rate != SAMPLE_RATE:
         samples = _resample(samples, int(rate))
+        if samples.size == 0:
+            raise VoxcError(f"{what} is too short to resample to {SAMPLE_RATE} Hz")
     return np.ascontiguousarray(samples, dtype=np.float32)
 
 
 def _read_file(path: Path) -> tuple[np.ndarray, int]:
     import soundfile
 
+    if path.is_dir():
+        raise VoxcError(f"{path} is a directory, not an audio file")
     if not path.is_file():
         raise VoxcError(f"audio file {path} not found")
     try:
         samples, rate = soundfile.read(str(path), dtype="float32", always_2d=True)
-    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError) as exc:
-        raise VoxcError(f"cannot read audio file {path}: {exc} (voxc reads WAV, FLAC, OGG and other "
+    except (soundfile.LibsndfileError, RuntimeError, TypeError, ValueError, OSError) as exc:
+        raise VoxcError(f"cannot read audio file {path}: {_one_line(exc)} (voxc reads WAV, FLAC, OGG and other "
                         "formats of libsndfile; convert other formats first, e.g. with ffmpeg)") from exc
-    return samples, rate
+    except MemoryError:
+        raise VoxcError(f"cannot read audio file {path}: its header asks for more memory than there is "
+                        "(a damaged file?)") from None
+    # soundfile always gives [frames, channels], whatever the number of channels
+    return samples.mean(axis=1) if samples.shape[1] != 1 else samples[:, 0], rate
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
 
 
 def _as_float_array(source) -> np.ndarray:

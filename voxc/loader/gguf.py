@@ -32,8 +32,10 @@ metadata).
 from __future__ import annotations
 
 import base64
+import binascii
 import collections
 import json
+import math
 import os
 import re
 import shutil
@@ -46,7 +48,7 @@ import gguf
 import numpy as np
 from gguf import GGMLQuantizationType as GT
 
-from voxc.artifact import default_left_pad_tokens
+from voxc.artifact import check_config, check_left_pad_tokens, config_from_dict, default_left_pad_tokens
 from voxc.errors import VoxcError
 from voxc.loader import hf
 from voxc.loader.names import QUANTIZED_WEIGHT, expected_shapes, official_to_voxc, rope_rows
@@ -113,10 +115,12 @@ class _RawTensor:
             raise VoxcError(f"tensor {name}: GGML type {self.gtype.name} has no known block size")
         block, size = gguf.GGML_QUANT_SIZES[self.gtype]
         self.shape = tuple(reversed(dims))             # PyTorch order
+        if block > 1 and not self.shape:
+            raise VoxcError(f"tensor {name}: a {self.gtype.name} tensor needs at least one dimension")
         if self.shape and self.shape[-1] % block:
             raise VoxcError(f"tensor {name}: row length {self.shape[-1]} is not a multiple of the "
                             f"{self.gtype.name} block size {block}")
-        self.nbytes = int(np.prod(dims, dtype=np.int64)) // block * size
+        self.nbytes = math.prod(dims) // block * size   # Python ints: no overflow for absurd dims
         end = offset + self.nbytes
         if end > len(reader.data):
             raise VoxcError(f"tensor {name} is truncated: it needs bytes {offset}..{end} but the file "
@@ -128,6 +132,8 @@ class _RawTensor:
 
     def load(self) -> QuantTensor | np.ndarray:
         raw = self.raw()
+        if self.nbytes == 0:
+            return np.zeros(self.shape, np.float16 if self.gtype is GT.F16 else np.float32)
         if self.gtype in _NATIVE and len(self.shape) == 2:
             return QuantTensor(_NATIVE[self.gtype], self.shape, np.array(raw).reshape(self.shape[0], -1))
         if self.gtype is GT.F16:
@@ -145,6 +151,7 @@ class _RawTensor:
 def _kv(reader: _Index) -> dict[str, Any]:
     """Scalar, string and short-array metadata as Python values (long arrays are left out)."""
     out = {}
+    reader.unreadable_keys = []
     for key, field in reader.fields.items():
         if key.startswith("GGUF."):
             continue
@@ -152,14 +159,19 @@ def _kv(reader: _Index) -> dict[str, Any]:
             if field.types and field.types[0] == gguf.GGUFValueType.ARRAY and int(field.parts[1][0]) > 4096:
                 continue
             out[key] = field.contents()
-        except Exception:   # noqa: BLE001 - an odd field must not stop the load
-            continue
+        except Exception:   # noqa: BLE001 - an odd field must not stop the load (unless the layout needs it)
+            reader.unreadable_keys.append(key)
     return out
 
 
 def _array_field(reader: _Index, key: str):
     field = reader.fields.get(key)
-    return None if field is None else field.contents()
+    if field is None:
+        return None
+    try:
+        return field.contents()
+    except Exception as exc:   # noqa: BLE001 - gguf decodes the field's parts as they are
+        raise VoxcError(f"GGUF metadata {key} is unreadable ({exc})") from None
 
 
 # ---- name tables ------------------------------------------------------------------------------
@@ -277,21 +289,34 @@ def _detect_layout(arch: str | None, kv: Mapping[str, Any], names: list[str]) ->
 
 def _pick(kv, key, default, cast=int):
     value = kv.get(key)
-    return default if value is None else cast(value)
+    if value is None:
+        return default
+    try:
+        return cast(value)
+    except (TypeError, ValueError, OverflowError):
+        raise VoxcError(f"GGUF metadata {key} is {str(value)[:60]!r}, not a number") from None
 
 
 def _config_from_kv(layout: str, kv: Mapping[str, Any], reader: _Index) -> ModelConfig | None:
     e, d, a = EncoderConfig(), DecoderConfig(), AudioConfig()
     if layout == "voxc":
+        text = kv.get("voxc.config")
+        if text is None:
+            raise VoxcError("voxc GGUF has no voxc.config metadata")
         try:
-            return ModelConfig.from_dict(json.loads(kv["voxc.config"]))
-        except KeyError:
-            raise VoxcError("voxc GGUF has no voxc.config metadata") from None
+            data = json.loads(text)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise VoxcError(f"GGUF metadata voxc.config is not a JSON model config ({exc})") from None
+        return config_from_dict(data, "GGUF metadata voxc.config")
     if layout == "audio_cpp":
         files = _embedded_files(reader)
         if "config.json" not in files:
             raise VoxcError("audio.cpp GGUF has no embedded config.json")
-        return ModelConfig.from_hf_config(json.loads(files["config.json"]))
+        try:
+            cfg = ModelConfig.from_hf_config(json.loads(files["config.json"]))
+        except (TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError, RecursionError) as exc:
+            raise VoxcError(f"the embedded config.json is not a valid transformers config ({exc})") from None
+        return check_config(cfg, "the embedded config.json")
     if layout == "crispasr":
         p = "voxtral4b."
         enc = EncoderConfig(dim=_pick(kv, p + "audio.d_model", e.dim), n_layers=_pick(kv, p + "audio.n_layers", e.n_layers),
@@ -309,7 +334,7 @@ def _config_from_kv(layout: str, kv: Mapping[str, Any], reader: _Index) -> Model
                             vocab_size=_pick(kv, p + "llm.vocab_size", d.vocab_size),
                             ada_norm_dim=_pick(kv, p + "llm.ada_norm_dim", d.ada_norm_dim))
         audio = AudioConfig(downsample_factor=_pick(kv, p + "proj.frame_stack", a.downsample_factor))
-        return ModelConfig(enc, dec, audio).validate()
+        return check_config(ModelConfig(enc, dec, audio), "GGUF metadata")
     if layout == "transcribe_cpp":
         p = "stt.voxtral_realtime."
         enc = EncoderConfig(dim=_pick(kv, p + "encoder.d_model", e.dim), n_layers=_pick(kv, p + "encoder.n_layers", e.n_layers),
@@ -329,7 +354,7 @@ def _config_from_kv(layout: str, kv: Mapping[str, Any], reader: _Index) -> Model
                             vocab_size=_pick(kv, p + "decoder.vocab_size", d.vocab_size),
                             ada_norm_dim=_pick(kv, p + "time.ada_hidden", d.ada_norm_dim))
         audio = AudioConfig(downsample_factor=_pick(kv, p + "projector.downsample_factor", a.downsample_factor))
-        return ModelConfig(enc, dec, audio).validate()
+        return check_config(ModelConfig(enc, dec, audio), "GGUF metadata")
     if layout == "voxtral_cpp":
         p = "voxtral."
         enc = EncoderConfig(dim=_pick(kv, p + "encoder.dim", e.dim), n_layers=_pick(kv, p + "encoder.n_layers", e.n_layers),
@@ -353,7 +378,7 @@ def _config_from_kv(layout: str, kv: Mapping[str, Any], reader: _Index) -> Model
                             global_log_mel_max=_pick(kv, p + "audio.global_log_mel_max", a.global_log_mel_max, float),
                             frame_rate=_pick(kv, p + "audio.frame_rate", a.frame_rate, float),
                             downsample_factor=_pick(kv, p + "audio.downsample_factor", a.downsample_factor))
-        return ModelConfig(enc, dec, audio).validate()
+        return check_config(ModelConfig(enc, dec, audio), "GGUF metadata")
     return None          # trevors: no metadata at all
 
 
@@ -362,26 +387,33 @@ def _config_from_shapes(shapes: Mapping[str, tuple[int, ...]]) -> ModelConfig:
     size from the tensors, and only the head sizes (not visible in the shapes) from the defaults."""
     e0, d0 = EncoderConfig(), DecoderConfig()
 
-    def need(name):
+    def need(name, ndim):
         if name not in shapes:
             raise VoxcError(f"GGUF has no hyperparameters and no {name} to infer them from")
+        if len(shapes[name]) != ndim:
+            raise VoxcError(f"GGUF has no hyperparameters, and {name} has shape {shapes[name]}, not {ndim}-D")
         return shapes[name]
 
-    vocab, dim = need("tok_embeddings.weight")
-    n_dec = 1 + max(int(m.group(1)) for n in shapes if (m := re.match(r"dec\.layers\.(\d+)\.", n)))
-    n_enc = 1 + max(int(m.group(1)) for n in shapes if (m := re.match(r"enc\.layers\.(\d+)\.", n)))
-    enc_dim, mels, _ = need("enc.conv0.weight")
-    q_enc = need("enc.layers.0.attention.wq.weight")[0]
-    q_dec = need("dec.layers.0.attention.wq.weight")[0]
-    kv_dec = need("dec.layers.0.attention.wk.weight")[0]
+    def layers(tower):
+        found = [int(m.group(1)) for n in shapes if (m := re.match(rf"{tower}\.layers\.(\d+)\.", n))]
+        if not found:
+            raise VoxcError(f"GGUF has no hyperparameters and no {tower}.layers tensors to infer them from")
+        return 1 + max(found)
+
+    vocab, dim = need("tok_embeddings.weight", 2)
+    n_dec, n_enc = layers("dec"), layers("enc")
+    enc_dim, mels, _ = need("enc.conv0.weight", 3)
+    q_enc = need("enc.layers.0.attention.wq.weight", 2)[0]
+    q_dec = need("dec.layers.0.attention.wq.weight", 2)[0]
+    kv_dec = need("dec.layers.0.attention.wk.weight", 2)[0]
     enc = EncoderConfig(dim=enc_dim, n_layers=n_enc, n_heads=q_enc // e0.head_dim, head_dim=e0.head_dim,
-                        hidden_dim=need("enc.layers.0.feed_forward.w1.weight")[0], num_mel_bins=mels)
+                        hidden_dim=need("enc.layers.0.feed_forward.w1.weight", 2)[0], num_mel_bins=mels)
     dec = DecoderConfig(dim=dim, n_layers=n_dec, n_heads=q_dec // d0.head_dim, n_kv_heads=kv_dec // d0.head_dim,
-                        head_dim=d0.head_dim, hidden_dim=need("dec.layers.0.feed_forward.w1.weight")[0],
-                        vocab_size=vocab, ada_norm_dim=need("dec.layers.0.ada_norm.w_in.weight")[0])
-    audio = AudioConfig(downsample_factor=need("adapter.w_in.weight")[1] // enc_dim)
+                        head_dim=d0.head_dim, hidden_dim=need("dec.layers.0.feed_forward.w1.weight", 2)[0],
+                        vocab_size=vocab, ada_norm_dim=need("dec.layers.0.ada_norm.w_in.weight", 2)[0])
+    audio = AudioConfig(downsample_factor=need("adapter.w_in.weight", 2)[1] // enc_dim)
     try:
-        return ModelConfig(enc, dec, audio).validate()
+        return check_config(ModelConfig(enc, dec, audio), "GGUF tensor shapes")
     except VoxcError as exc:
         raise VoxcError(f"cannot infer a model config from the tensor shapes ({exc}); pass config=") from None
 
@@ -392,9 +424,12 @@ def _embedded_files(reader: _Index) -> dict[str, bytes]:
     names = _array_field(reader, "audiocpp.embedded_files.names")
     if not names:
         return {}
-    offsets = [int(x) for x in _array_field(reader, "audiocpp.embedded_files.offsets")]
-    field = reader.fields["audiocpp.embedded_files.data"]
-    blob = b"".join(np.asarray(field.parts[i]).astype(np.uint8).tobytes() for i in field.data)
+    try:
+        offsets = [int(x) for x in _array_field(reader, "audiocpp.embedded_files.offsets") or []]
+        field = reader.fields["audiocpp.embedded_files.data"]
+        blob = b"".join(np.asarray(field.parts[i]).astype(np.uint8).tobytes() for i in field.data)
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
+        raise VoxcError(f"audio.cpp GGUF: the embedded files are damaged ({exc})") from None
     if len(offsets) != len(names) + 1:
         raise VoxcError("audio.cpp GGUF: embedded file offsets do not match the names")
     return {name: blob[offsets[i]:offsets[i + 1]] for i, name in enumerate(names)}
@@ -430,9 +465,18 @@ def _gpt2_byte_decoder() -> dict[str, int]:
     return chars
 
 
+def _checked_tokenizer_json(layout: str, kv, reader: _Index, cfg: ModelConfig, left_pad: int) -> bytes | None:
+    try:
+        return _tokenizer_json(layout, kv, reader, cfg, left_pad)
+    except (TypeError, ValueError, KeyError, IndexError, AttributeError, binascii.Error) as exc:
+        raise VoxcError(f"the tokenizer in the GGUF metadata is damaged ({type(exc).__name__}: {exc})") from None
+
+
 def _tokenizer_json(layout: str, kv, reader: _Index, cfg: ModelConfig, left_pad: int) -> bytes | None:
     if layout == "voxc":
         text = kv.get("voxc.tokenizer.tekken_json")
+        if text is not None and not isinstance(text, str):
+            raise VoxcError("GGUF metadata voxc.tokenizer.tekken_json is not a string")
         return None if text is None else text.encode("utf-8")
     if layout == "audio_cpp":
         return _embedded_files(reader).get("tekken.json")
@@ -500,13 +544,36 @@ def read_gguf(path: str | os.PathLike | Iterable[str | os.PathLike], *, config: 
         if not shards:
             raise VoxcError("read_gguf: empty list of shards")
         file = shards[0] if len(shards) == 1 else _concatenate_shards(shards)
+    try:
+        cfg, tensors, metadata = _read(file, config)
+    except VoxcError as exc:
+        raise _naming(exc, file) from None
+    return cfg, _named(tensors, file), metadata
+
+
+def _naming(exc: VoxcError, file: Path) -> VoxcError:
+    """Every message names the file (most checks know only the tensor or the key at fault)."""
+    message = str(exc)
+    return exc if str(file) in message or file.name in message else VoxcError(f"{file}: {message}")
+
+
+def _named(tensors: Iterator, file: Path) -> Iterator:
+    try:
+        yield from tensors
+    except VoxcError as exc:
+        raise _naming(exc, file) from None
+
+
+def _read(file: Path, config: ModelConfig | None):
     reader = _open(file)
-    arch = reader.fields.get("general.architecture")
-    arch = arch.contents() if arch is not None else None
     kv = _kv(reader)
+    arch = kv.get("general.architecture")
     raw = [_RawTensor(reader, *entry) for entry in reader.index]
     layout = _detect_layout(arch, kv, [t.name for t in raw])
     to_voxc = _LAYOUT_NAMES[layout]
+    unreadable = [k for k in reader.unreadable_keys if k.startswith("voxc.")]
+    if layout == "voxc" and unreadable:
+        raise VoxcError(f"GGUF metadata {unreadable[0]} is unreadable (damaged bytes?)")
 
     mapped: dict[str, _RawTensor] = {}
     ignored = []
@@ -537,11 +604,15 @@ def read_gguf(path: str | os.PathLike | Iterable[str | os.PathLike], *, config: 
     quant_counts = {k: v for k, v in linear_types.items() if k not in ("F32", "F16", "BF16")}
     main_qtype = max(quant_counts, key=quant_counts.get) if quant_counts else None
     if layout == "voxc" and "voxc.qtype" in kv:   # the requested type, whatever small layers fell back to
-        main_qtype = str(kv["voxc.qtype"]).upper()
-    if layout == "voxc":
-        left_pad = int(kv.get("voxc.left_pad_tokens", default_left_pad_tokens(None)))
-    elif layout == "voxtral_cpp" and "voxtral.audio.n_left_pad_tokens" in kv:
-        left_pad = int(kv["voxtral.audio.n_left_pad_tokens"])
+        if kv["voxc.qtype"] not in [q.value for q in QType]:
+            raise VoxcError(f"GGUF metadata voxc.qtype is {str(kv['voxc.qtype'])[:40]!r}, not a quantization voxc knows")
+        main_qtype = kv["voxc.qtype"].upper()
+    pad_key = {"voxc": "voxc.left_pad_tokens", "voxtral_cpp": "voxtral.audio.n_left_pad_tokens"}.get(layout)
+    if pad_key in kv:
+        try:
+            left_pad = check_left_pad_tokens(kv[pad_key])
+        except VoxcError as exc:
+            raise VoxcError(f"GGUF metadata {pad_key}: {exc}") from None
     else:
         left_pad = default_left_pad_tokens(main_qtype and main_qtype.lower())
     transcoded = [n for n, t in mapped.items() if n in want and t.gtype not in _NATIVE
@@ -550,7 +621,7 @@ def read_gguf(path: str | os.PathLike | Iterable[str | os.PathLike], *, config: 
         "layout": layout, "architecture": arch, "qtype": main_qtype and main_qtype.lower(),
         "left_pad_tokens": left_pad, "tensor_types": types, "transcoded": transcoded,
         "ignored_tensors": ignored, "kv": kv, "path": str(file),
-        "tokenizer_json": _tokenizer_json(layout, kv, reader, cfg, left_pad),
+        "tokenizer_json": _checked_tokenizer_json(layout, kv, reader, cfg, left_pad),
     }
     split_half = layout in _SPLIT_HALF_LAYOUTS
 

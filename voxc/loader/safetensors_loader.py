@@ -27,6 +27,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
+from voxc.artifact import check_config
 from voxc.errors import VoxcError
 from voxc.loader import hf
 from voxc.loader.names import expected_shapes, official_to_voxc, rope_rows
@@ -136,10 +137,12 @@ def load_checkpoint(path: str | Path, *, progress: bool = True, layout: str | No
         raise VoxcError(f"unknown checkpoint layout {layout!r}; use one of {', '.join(LAYOUTS)}")
 
     if layout == "mistral":
-        config = ModelConfig.from_params_json(_require_file(root, PARAMS_FILE, "the model config of the official layout"))
+        config = _read_config(ModelConfig.from_params_json,
+                              _require_file(root, PARAMS_FILE, "the model config of the official layout"))
         files = _official_weight_files(root)
     else:
-        config = ModelConfig.from_hf_config(_require_file(root, hf.HF_CONFIG_FILE, "the transformers model config"))
+        config = _read_config(ModelConfig.from_hf_config,
+                              _require_file(root, hf.HF_CONFIG_FILE, "the transformers model config"))
         files = _hf_weight_files(root)
 
     tokenizer_path = root / TOKENIZER_FILE
@@ -172,6 +175,21 @@ def _detect_layout(root: Path) -> str:
                     f"(official Mistral layout) nor {hf.HF_CONFIG_FILE} + {hf.HF_SINGLE_FILE} (transformers layout)")
 
 
+def _read_config(parse, path: Path) -> ModelConfig:
+    """A config file parsed and type-checked: every problem is a VoxcError naming the file."""
+    try:
+        config = parse(path)
+    except VoxcError as exc:
+        message = str(exc)
+        if str(path) not in message:   # "params.json is missing ..." -> the full path, else a prefix
+            message = message.replace(path.name, str(path), 1) if path.name in message else f"{path}: {message}"
+        raise VoxcError(message) from None
+    except (TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError, RecursionError) as exc:
+        # ValueError includes JSON syntax errors and bytes that are not UTF-8
+        raise VoxcError(f"{path} is not a valid model config ({type(exc).__name__}: {exc})") from None
+    return check_config(config, path)
+
+
 def _require_file(root: Path, name: str, what: str) -> Path:
     path = root / name
     if not path.is_file():
@@ -193,9 +211,13 @@ def _hf_weight_files(root: Path) -> list[Path]:
     if index_path.is_file():
         try:
             weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            shard_names = set(weight_map.values())
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
             raise VoxcError(f"{index_path} is not a valid safetensors index: {exc}") from exc
-        files = sorted({root / f for f in weight_map.values()})
+        bad = [f for f in shard_names if not isinstance(f, str) or not f or "/" in f or "\\" in f or f in (".", "..")]
+        if bad:
+            raise VoxcError(f"{index_path} is not a valid safetensors index: shard name {bad[0]!r}")
+        files = sorted({root / f for f in shard_names})
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise VoxcError(f"{index_path} lists shards that are not in {root}: {', '.join(missing)}")
