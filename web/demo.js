@@ -251,6 +251,15 @@ async function report() {
 }
 
 async function main() {
+  if (location.protocol === "file:") {
+    // index.html's inline script has already said what to do (a browser that runs modules from
+    // file:// still cannot fetch the model or use WebGPU there); say it here if it did not.
+    if (ui.error.hidden) {
+      showError(new VoxcError("This page must be served over http(s): run `python3 -m http.server 8000` in its " +
+                              "folder and open http://localhost:8000/."));
+    }
+    return;
+  }
   ui.mic.addEventListener("click", toggleMic);
   setupDrop();
   try {
