@@ -40,6 +40,28 @@ TINY_MERGES = (b"he", b"ll", b"llo", b"hello", b" w", b"or", b" wor", b"ld", b" 
 TINY_VOCAB_SIZE = NUM_SPECIAL_TOKENS + 256 + len(TINY_MERGES)  # 1268, as ModelConfig.tiny()
 
 
+# Far above any real vocabulary; a damaged count above it would make mistral-common build huge tables.
+MAX_VOCAB = 1 << 22
+
+
+def _check_tekken_json(path: Path) -> None:
+    """The structure mistral-common expects, checked first so that damage is one clear line."""
+    try:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise VoxcError(f"{path} is not a valid Tekken tokenizer file: not JSON ({exc})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("config"), dict) or not isinstance(data.get("vocab"), list):
+        raise VoxcError(f"{path} is not a valid Tekken tokenizer file: it needs a 'config' object and a 'vocab' list")
+    config = data["config"]
+    for key in ("default_vocab_size", "default_num_special_tokens"):
+        value = config.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_VOCAB):
+            raise VoxcError(f"{path} is not a valid Tekken tokenizer file: config.{key} = {value!r}")
+    audio = data.get("audio")
+    if audio is not None and not isinstance(audio, dict):
+        raise VoxcError(f"{path} is not a valid Tekken tokenizer file: 'audio' is not an object")
+
+
 class Tokenizer:
     """A Voxtral ``tekken.json``: special ids, audio/streaming settings, and decoding."""
 
@@ -51,10 +73,23 @@ class Tokenizer:
             self.path = self.path / "tekken.json"
         if not self.path.is_file():
             raise VoxcError(f"tokenizer file {self.path} not found (Voxtral ships it as tekken.json next to the weights)")
+        _check_tekken_json(self.path)
         try:
             self._tekken = Tekkenizer.from_file(self.path)
-        except (ValueError, KeyError, TypeError, AssertionError, json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise VoxcError(f"{self.path} is not a valid Tekken tokenizer file: {exc}") from exc
+            # every id and setting voxc reads, read once here: a damaged file fails now, in one line
+            self.bos_id, self.eos_id, self.pad_id = (int(self._tekken.bos_id), int(self._tekken.eos_id),
+                                                     int(self._tekken.pad_id))
+            self.vocab_size, self.num_special_tokens = int(self._tekken.n_words), int(self._tekken.num_special_tokens)
+            audio = self._tekken.audio
+            pad = None if audio is None else audio.streaming_n_left_pad_tokens
+            self.n_left_pad_tokens = DEFAULT_N_LEFT_PAD_TOKENS if pad is None else int(pad)
+            delay = None if audio is None else audio.transcription_delay_ms
+            self.transcription_delay_ms = None if delay is None else float(delay)
+        except VoxcError:
+            raise
+        except Exception as exc:   # mistral-common raises many types for a malformed file
+            message = " ".join(str(exc).split())
+            raise VoxcError(f"{self.path} is not a valid Tekken tokenizer file: {message}") from exc
         self.streaming_pad_id = self._special_id(STREAMING_PAD)
         self.streaming_word_id = self._special_id(STREAMING_WORD)
 
@@ -73,44 +108,12 @@ class Tokenizer:
 
     def _special_id(self, token_str: str) -> int:
         try:
-            return self._tekken.get_special_token(token_str)
-        except ValueError:
+            return int(self._tekken.get_special_token(token_str))
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise VoxcError(f"{self.path} has no {token_str} special token: is it a Voxtral Realtime tokenizer?") from None
 
-    # ---- ids and settings -------------------------------------------------------------------
-    @property
-    def vocab_size(self) -> int:
-        return self._tekken.n_words
-
-    @property
-    def num_special_tokens(self) -> int:
-        return self._tekken.num_special_tokens
-
-    @property
-    def bos_id(self) -> int:
-        return self._tekken.bos_id
-
-    @property
-    def eos_id(self) -> int:
-        return self._tekken.eos_id
-
-    @property
-    def pad_id(self) -> int:
-        return self._tekken.pad_id
-
-    @property
-    def n_left_pad_tokens(self) -> int:
-        audio = self._tekken.audio
-        if audio is None or audio.streaming_n_left_pad_tokens is None:
-            return DEFAULT_N_LEFT_PAD_TOKENS
-        return int(audio.streaming_n_left_pad_tokens)
-
-    @property
-    def transcription_delay_ms(self) -> float | None:
-        """The delay the tokenizer file suggests, or None if it has no streaming audio section."""
-        audio = self._tekken.audio
-        return None if audio is None or audio.transcription_delay_ms is None else float(audio.transcription_delay_ms)
-
+    # ---- ids and settings: bos_id, eos_id, pad_id, vocab_size, num_special_tokens, n_left_pad_tokens,
+    # transcription_delay_ms (the delay the file suggests, or None) are plain attributes set above
     def is_special(self, token_id: int) -> bool:
         return 0 <= token_id < self.num_special_tokens
 
