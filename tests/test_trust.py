@@ -193,6 +193,17 @@ def test_damage_after_the_first_load_is_found(tmp_path, good):
     assert voxc.load(art, verify="size")   # the user can still opt out
 
 
+def test_a_changed_manifest_setting_is_found(tmp_path, good):
+    """A manifest edited (or damaged into another valid value) no longer matches its own checksum."""
+    art = tmp_path / "art"
+    shutil.copytree(good[0], art)
+    manifest = json.loads((art / "voxc-artifact.json").read_text())
+    manifest["streaming"]["left_pad_tokens"] += 1
+    (art / "voxc-artifact.json").write_text(json.dumps(manifest))
+    with pytest.raises(VoxcError, match="voxc-artifact.json is damaged"):
+        voxc.load(art)
+
+
 def test_verify_command(tmp_path, good):
     assert voxc_cli("verify", good[0], check=True).stdout.strip().endswith("match their checksums")
     art = damaged(tmp_path, good, "params_shard_0.bin", "overwrite")

@@ -217,6 +217,18 @@ def file_record(path: Path) -> dict:
     return {"bytes": path.stat().st_size, "sha256": h.hexdigest()}
 
 
+def manifest_checksum(manifest: dict) -> str:
+    """SHA-256 of the manifest's content without its own checksum (a flipped bit in a setting such as
+    left_pad_tokens would otherwise load as another valid value)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal(manifest: dict) -> dict:
+    """The manifest with its checksum (write_manifest seals what it writes)."""
+    return {**manifest, "manifest_sha256": manifest_checksum(manifest)}
+
+
 def write_manifest(directory: Path, manifest: dict, *, hashes: bool = True) -> dict:
     """Record size and SHA-256 of every other file in ``directory`` and write the manifest.
     ``hashes=False`` records sizes only (weights written on a benchmark machine: load those with
@@ -225,6 +237,7 @@ def write_manifest(directory: Path, manifest: dict, *, hashes: bool = True) -> d
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest = {**manifest, "files": {p.relative_to(directory).as_posix():
                                       file_record(p) if hashes else {"bytes": p.stat().st_size} for p in files}}
+    manifest = seal(manifest)
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
 
@@ -419,6 +432,8 @@ def read_manifest(directory: Path) -> dict:
     if manifest.get("format") != FORMAT_VERSION:
         raise VoxcError(f"{directory} was built by an incompatible voxc (artifact format {manifest.get('format')!r}, "
                         f"this voxc reads {FORMAT_VERSION}); rebuild it with `voxc build`")
+    if manifest.get("manifest_sha256") != manifest_checksum(manifest):
+        raise VoxcError(f"{path} is damaged: its content does not match its checksum; rebuild the artifact")
     required = ("target", "device_kind", "library", "model_dtype", "config", "params", "weights", "tokenizer",
                 "streaming", "state", "functions", "files")
     missing = [k for k in required if k not in manifest]
