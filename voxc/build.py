@@ -81,6 +81,10 @@ def build(checkpoint: str | Path, target, out_dir: str | Path, *, progress: bool
     left_pad_tokens = artifact.check_left_pad_tokens(left_pad_tokens)
     default_delay_ms = int(tok.transcription_delay_ms or artifact.DEFAULT_DELAY_MS)
     artifact.delay_tokens(default_delay_ms, source.config.audio)   # a tokenizer with an untrained delay fails here
+    # weights with the delay folded in (an ONNX export) make an artifact for that delay only
+    fixed_delay = {artifact.FIXED_DELAY_FIELD: source.fixed_delay_ms} if source.fixed_delay_ms is not None else {}
+    if fixed_delay:
+        default_delay_ms = source.fixed_delay_ms
     choices = storage_choices(source, quant, overrides)
     odd = [c for c in choices if c.reason]
     if strict_quantization and odd:
@@ -114,7 +118,7 @@ def build(checkpoint: str | Path, target, out_dir: str | Path, *, progress: bool
             default_delay_ms=default_delay_ms, tokenizer=artifact.TOKENIZER_FILE, voxc_version=_voxc_version(),
             tvm_version=_tvm_version(),
             entries=[*artifact.ENTRY_POINTS, *(e.name for e in getattr(target, "static_entries", ()))],
-            weights_included=weights, **target.manifest_extras(), **extras)
+            weights_included=weights, **fixed_delay, **target.manifest_extras(), **extras)
         for path in staging.rglob("*"):
             path.chmod(0o755 if path.is_dir() else 0o644)
         artifact.write_manifest(staging, manifest)

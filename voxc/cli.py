@@ -62,10 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_make_tiny)
 
     p = sub.add_parser("build", help="compile a checkpoint into an artifact for one target",
-                       description="Compile a checkpoint directory (official Mistral layout, transformers layout) "
-                                   "or a GGUF file into an artifact directory that `voxc transcribe` and "
+                       description="Compile a checkpoint directory (official Mistral layout, transformers layout), "
+                                   "a GGUF file or a transformers.js ONNX export (its directory, or one of its .onnx "
+                                   "files to pick a variant) into an artifact directory that `voxc transcribe` and "
                                    "voxc.load() run without the compiler.")
-    p.add_argument("checkpoint", type=Path, help="checkpoint directory or .gguf file")
+    p.add_argument("checkpoint", type=Path, help="checkpoint directory, .gguf file or ONNX export directory")
     p.add_argument("--target", default="llvm", help="llvm (CPU, default), cuda or webgpu")
     p.add_argument("-o", "--output", type=Path, help="artifact directory (default: <checkpoint>-<target>)")
     p.add_argument("--left-pad-tokens", type=int, default=None,

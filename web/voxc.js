@@ -775,6 +775,8 @@ export class Voxc {
     const { tvm, manifest } = this;
     this.config = manifest.config;
     this.streaming = manifest.streaming;
+    // weights built from an ONNX export fix the delay (voxc.artifact.FIXED_DELAY_FIELD)
+    this.fixedDelayMs = manifest.fixed_delay_ms ?? null;
     this.freeSlots = [...Array(this.maxStreams).keys()];
     this.state = {};
     tvm.beginScope();
@@ -815,6 +817,10 @@ export class Voxc {
     if (Math.abs(n - k) > 1e-9 || !this.streaming.allowed_delay_tokens.includes(k)) {
       throw new VoxcError(`delay ${delayMs} ms is not supported: use 80..1200 ms in steps of ` +
                           `${this.streaming.ms_per_token} ms, or 2400 ms`);
+    }
+    if (this.fixedDelayMs !== null && k !== Math.round(this.fixedDelayMs / this.streaming.ms_per_token)) {
+      throw new VoxcError(`this model works only with a ${this.fixedDelayMs} ms delay, not ${delayMs} ms: it was ` +
+                          "built from an ONNX export that folds the delay into its weights");
     }
     return k;
   }

@@ -1,7 +1,9 @@
 """Where a build's weights come from: a checkpoint directory (official Mistral or transformers
-layout) or a GGUF file, read one tensor at a time and converted to the graph's parameters."""
+layout), a GGUF file or a transformers.js ONNX export, read one tensor at a time and converted to
+the graph's parameters."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from voxc.config import ModelConfig
@@ -19,8 +21,10 @@ class WeightSource:
 
     ``quantization`` / ``overrides``: what the file itself stores (a GGUF's main type, and per
     layer the types voxc runs as they are; None and {} for float checkpoints); ``left_pad_tokens``:
-    what the file records, if anything.  ``read_weights=False`` reads only the config and the
-    tokenizer (a directory then needs params.json or config.json, and tekken.json).
+    what the file records, if anything; ``fixed_delay_ms``: the only delay the weights work with
+    (an ONNX export folds the delay conditioning into constants), else None.  ``read_weights=False``
+    reads only the config and the tokenizer (a directory then needs params.json or config.json, and
+    tekken.json).
     """
 
     def __init__(self, path: str | Path, progress: bool, tokenizer: str | Path | None = None,
@@ -32,14 +36,19 @@ class WeightSource:
         self.quantization: str | None = None
         self.left_pad_tokens: int | None = None
         self.overrides: dict = {}
+        self.fixed_delay_ms: int | None = None
         self.tensors = {}
         self._packed: dict[str, dict] = {}
         if tokenizer is not None and not Path(tokenizer).is_file():
             raise VoxcError(f"tokenizer file {tokenizer} not found")
+        from voxc.loader.onnx import is_onnx_export
+
         if path.suffix == ".gguf":
             self._open_gguf(path, tokenizer)
+        elif is_onnx_export(path):
+            self._open_onnx(path, tokenizer, progress, read_weights)
         elif path.is_file():
-            raise VoxcError(f"{path} is neither a checkpoint directory nor a .gguf file")
+            raise VoxcError(f"{path} is neither a checkpoint directory, a .gguf file nor an ONNX export")
         elif read_weights:
             ckpt = load_checkpoint(path, progress=progress, require_tokenizer=tokenizer is None)
             self.config = ckpt.config
@@ -81,6 +90,26 @@ class WeightSource:
                             "model's tekken.json with --tokenizer")
         self.quantization = meta.get("qtype")
         self.left_pad_tokens = meta.get("left_pad_tokens")
+
+    def _open_onnx(self, path: Path, tokenizer, progress: bool, read_weights: bool):
+        from voxc.loader.onnx import read_onnx_export
+
+        export = read_onnx_export(path, measure=read_weights)
+        self.config = export.config
+        self.tensors = export            # converts each tensor when the build asks for it
+        self.quantization = export.quantization
+        self.overrides = export.overrides
+        self.tensor_types = export.tensor_types
+        self.transcoded = {}
+        self.fixed_delay_ms = export.fixed_delay_ms
+        tok = Path(tokenizer) if tokenizer is not None else export.tokenizer_path
+        if not tok.is_file():
+            raise VoxcError(f"{tok} not found: voxc needs the tokenizer (tekken.json, at the root of the export "
+                            f"as the Hub repository has it), or pass one with --tokenizer")
+        self.tokenizer_bytes = tok.read_bytes()
+        self.onnx_summary = export.summary
+        if progress:
+            print(export.summary, file=sys.stderr, flush=True)
 
     def get(self, name: str):
         return self.tensors.get(name)
