@@ -199,7 +199,10 @@ _ANY_SIZES = {"b": 1, "n": 1, "n_layers": 1, "n_slots": 1, "rows": 1}
 
 # ---- configurations ------------------------------------------------------------------------------
 def _full_size():
-    from voxc.model.config import ModelConfig
+    try:
+        from voxc.config import ModelConfig          # where the package restructuring puts it
+    except ImportError:
+        from voxc.model.config import ModelConfig
 
     cfg = ModelConfig()
     e, d = cfg.encoder, cfg.decoder
