@@ -176,9 +176,10 @@ def _random_packed(qtype: str, n: int, k: int, rng) -> dict[str, np.ndarray]:
 
 
 _SPIN = r'''
-extern "C" __global__ void voxc_spin(long long cycles) {
-    long long start = clock64();
-    while (clock64() - start < cycles) { }
+extern "C" __global__ void voxc_spin(unsigned long long ns) {
+    unsigned long long start, now;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+    do { asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now)); } while (now - start < ns);
 }
 '''
 
@@ -191,30 +192,37 @@ class Timer:
         self.start, self.stop = cp.cuda.Event(), cp.cuda.Event()
         try:
             self.spin = cp.RawKernel(_SPIN, "voxc_spin")
-            self.cycles_per_us = cp.cuda.runtime.getDeviceProperties(0)["clockRate"] / 1e3   # kHz -> per us
+            self.spin.compile()
         except Exception as exc:  # noqa: BLE001 - no NVRTC: time without the spin (flagged per call)
             print(f"no spin kernel ({type(exc).__name__}: {exc}); cuBLAS times may include host gaps", flush=True)
             self.spin = None
+
+    def on_stream(self):
+        """Every CuPy operation must go to ``stream``: work on the legacy default stream is not
+        ordered with a non-blocking stream's kernels (uploads and fills would race them)."""
+        current = self.cp.cuda.get_current_stream()
+        if current.ptr != self.stream.ptr:
+            raise RuntimeError(f"CuPy's current stream is {current.ptr:#x}, not the bench stream {self.stream.ptr:#x}")
 
     def graph(self, fn, n: int | None = None) -> float:
         """Seconds per call of ``fn(i)``: n calls captured in a CUDA graph, replayed once untimed
         and once timed."""
         cp, stream, n = self.cp, self.stream, n or self.reps
-        with stream:
-            fn(0)
-            stream.synchronize()
-            stream.begin_capture()
-            try:
-                for i in range(n):
-                    fn(i)
-            finally:
-                graph = stream.end_capture()      # never leave the stream capturing, even on an error
-            graph.launch(stream)
-            stream.synchronize()
-            self.start.record(stream)
-            graph.launch(stream)
-            self.stop.record(stream)
-            self.stop.synchronize()
+        self.on_stream()
+        fn(0)
+        stream.synchronize()
+        stream.begin_capture()
+        try:
+            for i in range(n):
+                fn(i)
+        finally:
+            graph = stream.end_capture()      # never leave the stream capturing, even on an error
+        graph.launch(stream)
+        stream.synchronize()
+        self.start.record(stream)
+        graph.launch(stream)
+        self.stop.record(stream)
+        self.stop.synchronize()
         return cp.cuda.get_elapsed_time(self.start, self.stop) / n * 1e-3
 
     def back_to_back(self, fn, min_seconds: float = 2e-3, max_calls: int = 400) -> tuple[float, bool]:
@@ -222,26 +230,26 @@ class Timer:
         behind a spin kernel long enough for the host to queue them all, timed by events around them.
         ``host_bound``: queuing took longer than the spin, so the GPU may have waited for the host."""
         cp, stream = self.cp, self.stream
-        with stream:
-            for i in range(3):
-                fn(i)
-            stream.synchronize()
-            t = time.perf_counter()          # rough per-call time (host and GPU) for the call count
-            for i in range(5):
-                fn(i)
-            stream.synchronize()
-            rough = (time.perf_counter() - t) / 5
-            n = int(min(max_calls, max(20, math.ceil(min_seconds / max(rough, 1e-7)))))
-            spin_us = 40.0 * n + 2000.0
-            if self.spin is not None:
-                self.spin((1,), (1,), (np.int64(spin_us * self.cycles_per_us),))
-            self.start.record(stream)
-            t = time.perf_counter()
-            for i in range(n):
-                fn(i)
-            queued_us = (time.perf_counter() - t) * 1e6
-            self.stop.record(stream)
-            self.stop.synchronize()
+        self.on_stream()
+        for i in range(3):
+            fn(i)
+        stream.synchronize()
+        t = time.perf_counter()          # rough per-call time (host and GPU) for the call count
+        for i in range(5):
+            fn(i)
+        stream.synchronize()
+        rough = (time.perf_counter() - t) / 5
+        n = int(min(max_calls, max(20, math.ceil(min_seconds / max(rough, 1e-7)))))
+        spin_us = 40.0 * n + 2000.0
+        if self.spin is not None:
+            self.spin((1,), (1,), (np.uint64(spin_us * 1e3),))
+        self.start.record(stream)
+        t = time.perf_counter()
+        for i in range(n):
+            fn(i)
+        queued_us = (time.perf_counter() - t) * 1e6
+        self.stop.record(stream)
+        self.stop.synchronize()
         host_bound = self.spin is None or queued_us > spin_us
         return cp.cuda.get_elapsed_time(self.start, self.stop) / n * 1e-3, host_bound
 
@@ -249,16 +257,24 @@ class Timer:
 def run(out_dir: str | Path, gemm_rows=GEMM_ROWS, l2_bytes: int = 64 << 20, reps: int = 50) -> dict:
     import cupy as cp
 
-    from voxc.quant.formats import dequantize_kernel_layout
-
     out = Path(out_dir)
     problems = check_manifest(out, gemm_rows)
     if problems:
         raise SystemExit("bad build output: " + "; ".join(problems))
+    # Uploads, fills, kernels and references all on one stream, for the whole run: one `with` block.
+    # (stream.use() followed by `with stream:` blocks left CuPy on the legacy default stream after the
+    # first block, so weight uploads and output fills raced the kernels on the non-blocking stream:
+    # the LM head's 427 MB Q8_0 upload was still running while its GEMVs read it.)
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        return _run(cp, stream, out, gemm_rows, l2_bytes, reps)
+
+
+def _run(cp, stream, out: Path, gemm_rows, l2_bytes: int, reps: int) -> dict:
+    from voxc.quant.formats import dequantize_kernel_layout
+
     manifest = json.loads((out / "manifest.json").read_text())
     module = cp.RawModule(path=str(out / "kernels.cubin"))
-    stream = cp.cuda.Stream(non_blocking=True)
-    stream.use()            # uploads, fills, kernels and references all on one stream
     timer = Timer(cp, stream, reps)
 
     src = cp.empty(1 << 28, cp.uint8)
@@ -311,9 +327,9 @@ def run(out_dir: str | Path, gemm_rows=GEMM_ROWS, l2_bytes: int = 64 << 20, reps
                         "m": np.int32(rows)}
                 fn(grid, block, tuple(args[p.removesuffix("_ptr")] for p in entry["params"]), stream=stream)
 
-            with stream:
-                launch()
-                stream.synchronize()
+            timer.on_stream()
+            launch()
+            stream.synchronize()
             # float64 reference on the activations the kernel saw (rounded to its dtype)
             ref = dx.astype(cp.float64) @ wd.T.astype(cp.float64)
             got = y.astype(cp.float64)
