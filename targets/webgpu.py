@@ -40,6 +40,8 @@ from voxc.model.quantization import QuantPlan
 
 # The browser can always count on 256 invocations per workgroup (the WebGPU default limit).
 WEBGPU_DEFAULT_MAX_WORKGROUP = 256
+# WebGPU's default maxComputeWorkgroupStorageSize.
+WEBGPU_DEFAULT_WORKGROUP_STORAGE = 16 << 10
 # WebGPU's default maxStorageBufferBindingSize: every weight buffer of a bundle stays under it.
 EMBEDDING_PART_BYTES = 128 << 20
 # Matmuls with a run-time row count M: LowBatchGEMV (weights read once per `bucket` rows) while
@@ -198,8 +200,10 @@ def compile_model_for_webgpu(mod, *, max_workgroup_size: int = WEBGPU_DEFAULT_MA
     mod = replace_greedy_topk(mod, threads=min(256, max_workgroup_size))
     mod = schedule_constant_matmuls(mod)
     mod = fuse_transpose_matmul(mod)
+    # WebGPU's default limits: 256 invocations and 16 KiB of workgroup storage per workgroup, depth 64
     mod = swap_ring_attention(mod, threads=min(attention_threads, max_workgroup_size), keys_per_split=256,
-                              max_splits=32)
+                              max_splits=32, max_threads=max_workgroup_size, max_z=64,
+                              max_shared_bytes=WEBGPU_DEFAULT_WORKGROUP_STORAGE)
     target = webgpu_target(max_workgroup_size)
     register_wgsl_intrinsics()
     with target:

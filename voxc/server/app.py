@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 from aiohttp import WSCloseCode, WSMsgType, web
 
-from voxc.artifact import delay_tokens
 from voxc.errors import VoxcError
 from voxc.server import protocol as P
 from voxc.server.engine import Engine
@@ -297,7 +296,7 @@ class Connection:
         fmt = P.find_input_format(event) if self.protocol == P.OPENAI else None
         if delay is not None:
             try:
-                delay_tokens(delay, self.state.model.config.audio)
+                self.state.model.delay_tokens(delay)   # a fixed-delay artifact refuses others here
             except VoxcError as exc:
                 self.error(str(exc), "invalid_delay", event)
                 return
@@ -427,7 +426,7 @@ async def transcribe_upload(state: ServerState, upload: Path | None, fields: dic
     if "delay_ms" in fields:
         try:
             delay_ms = int(fields["delay_ms"])
-            delay_tokens(delay_ms, state.model.config.audio)
+            state.model.delay_tokens(delay_ms)
         except (ValueError, VoxcError) as exc:
             return Reply.error(400, str(exc), "invalid_delay", "delay_ms")
     from voxc.audio import load_audio
