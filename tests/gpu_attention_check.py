@@ -24,6 +24,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from references import ring_attention_reference  # noqa: E402
 
 LAYERS = 2
 # name, heads, kv_heads, head_dim, window, dtype, chunk length n, starts (one per sequence)
@@ -49,41 +51,35 @@ CASES = [
 def build(out_dir: str | Path, archs=("sm_90",), target_name: str = "cuda") -> Path:
     import dataclasses
 
-    import tvm
     from tvm import tirx
     from tvm.relax.frontend import nn
     from tvm.relax.frontend.nn import op, spec
 
     from schedules.ring_attention import ring_append_func, ring_attention_func
 
-    class Attention(nn.Module):
-        def __init__(self, heads, kv_heads, head_dim, window, dtype):
-            self.args = (heads, kv_heads, head_dim, window, dtype)
-
+    def method(name, heads, kv_heads, head_dim, window, dtype):
         def forward(self, q, k, v, cache, slots, starts):
-            heads, kv_heads, head_dim, window, dtype = self.args
             b, n = q.shape[0], q.shape[1]
             layer = tirx.IntImm("int64", LAYERS - 1)
-            out = op.tensor_ir_op(ring_attention_func(*self.args), "ring_attention",
-                                  args=[q, k, v, cache, slots, starts, layer],
+            out = op.tensor_ir_op(ring_attention_func(heads, kv_heads, head_dim, window, dtype),
+                                  f"ring_attention_{name}", args=[q, k, v, cache, slots, starts, layer],
                                   out=nn.Tensor.placeholder((b, n, heads, head_dim), dtype))
-            cache = op.tensor_ir_inplace_op(ring_append_func(kv_heads, head_dim, window, dtype), "ring_append",
+            cache = op.tensor_ir_inplace_op(ring_append_func(kv_heads, head_dim, window, dtype), f"ring_append_{name}",
                                             args=[cache, k, v, slots, starts, layer], inplace_indices=[0],
                                             out=nn.Tensor.placeholder(cache.shape, dtype))
             return out, cache
+        forward.__name__ = name
+        return forward
 
-    sys.path.insert(0, str(ROOT / "bench"))
-    from cuda_build import _merge      # one module: each case's forward renamed, its PrimFuncs suffixed
-
-    merged = tvm.IRModule()
-    for name, heads, kv_heads, head_dim, window, dtype, _, _ in CASES:
-        mod, _ = Attention(heads, kv_heads, head_dim, window, dtype).export_tvm(spec={"forward": {
-            "q": spec.Tensor(["b", "n", heads, head_dim], dtype),
-            "k": spec.Tensor(["b", "n", kv_heads, head_dim], dtype),
-            "v": spec.Tensor(["b", "n", kv_heads, head_dim], dtype),
-            "cache": spec.Tensor([LAYERS, 2, "s", window, kv_heads, head_dim], dtype),
-            "slots": spec.Tensor(["b"], "int32"), "starts": spec.Tensor(["b"], "int32")}})
-        merged = _merge(merged, mod, name)
+    # one module, a function per case
+    Attention = type("Attention", (nn.Module,), {c[0]: method(*c[:6]) for c in CASES})
+    merged, _ = Attention().export_tvm(spec={
+        name: {"q": spec.Tensor(["b", "n", heads, head_dim], dtype),
+               "k": spec.Tensor(["b", "n", kv_heads, head_dim], dtype),
+               "v": spec.Tensor(["b", "n", kv_heads, head_dim], dtype),
+               "cache": spec.Tensor([LAYERS, 2, "s", window, kv_heads, head_dim], dtype),
+               "slots": spec.Tensor(["b"], "int32"), "starts": spec.Tensor(["b"], "int32")}
+        for name, heads, kv_heads, head_dim, window, dtype, _, _ in CASES})
     if target_name == "cuda":
         from targets import cuda as tc
 
@@ -99,35 +95,6 @@ def build(out_dir: str | Path, archs=("sm_90",), target_name: str = "cuda") -> P
     (out / "cases.json").write_text(json.dumps({"layers": LAYERS, "cases": CASES}))
     print(f"built {len(CASES)} attention cases -> {out / 'attn_odd.so'}")
     return out
-
-
-def reference(q, k, v, cache, slots, starts, layer, window):
-    """float64 attention of each query over its visible ring rows and chunk keys, and the cache after
-    the append (the chunk's last min(n, window) keys/values at ring rows (start + i) mod window)."""
-    b, n, heads, d = q.shape
-    group = heads // k.shape[2]
-    q, k, v, c = (a.astype(np.float64) for a in (q, k, v, cache))
-    out = np.zeros(q.shape)
-    for bi in range(b):
-        s = int(starts[bi])
-        for i in range(n):
-            pos = np.arange(max(0, s + i - window + 1), s + i + 1)
-            ring = pos < s
-            for h in range(heads):
-                kh = h // group
-                keys = np.where(ring[:, None], c[layer, 0, slots[bi], pos % window, kh], k[bi, np.clip(pos - s, 0, n - 1), kh])
-                vals = np.where(ring[:, None], c[layer, 1, slots[bi], pos % window, kh], v[bi, np.clip(pos - s, 0, n - 1), kh])
-                scores = keys @ q[bi, i, h] * d ** -0.5
-                w = np.exp(scores - scores.max())
-                out[bi, i, h] = (w / w.sum()) @ vals
-    after = cache.copy()
-    m = min(n, window)
-    for bi in range(b):
-        for i in range(m):
-            row = (int(starts[bi]) + n - m + i) % window
-            after[layer, 0, slots[bi], row] = k[bi, n - m + i]
-            after[layer, 1, slots[bi], row] = v[bi, n - m + i]
-    return out, after
 
 
 def run(out_dir: str | Path, device: str = "cuda") -> int:
@@ -158,7 +125,7 @@ def run(out_dir: str | Path, device: str = "cuda") -> int:
             print(f"{name}: FAILED to run: {str(exc)[-300:]}", flush=True)
             failures.append(name)
             continue
-        ref, ref_cache = reference(q, k, v, cache, slots, starts, layers - 1, window)
+        ref, ref_cache = ring_attention_reference(q, k, v, cache, slots, starts, layers - 1, window)
         err = float(np.abs(got.astype(np.float64) - ref).max() / np.abs(ref).max())
         tol = 1e-4 if dtype == "float32" else 5e-3
         cache_ok = bool(np.array_equal(got_cache, ref_cache))

@@ -30,7 +30,7 @@ if [ "$PACK" = "$ROOT/.devpack" ]; then
 fi
 
 rm -rf "$PACK" && mkdir -p "$PACK/src" "$PACK/artifacts" "$PACK/wheels"
-SOURCES="voxc targets schedules bench pyproject.toml"
+SOURCES="voxc targets schedules bench tests/references.py pyproject.toml"
 if [ "$MODE" = "--local" ]; then   # the working tree as it is (tracked and new files, not ignored ones)
   (cd "$ROOT" && git ls-files -z --cached --others --exclude-standard -- $SOURCES \
      | tar --null -T - --ignore-failed-read -cf - 2>/dev/null) | tar -x -C "$PACK/src"

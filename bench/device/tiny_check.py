@@ -20,6 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
+# the float64 ring-attention reference lives once, with the tests (bench/device/pack.sh ships it)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+from references import ring_attention_reference  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
@@ -104,28 +108,6 @@ def batched_check(report, name, ref_dir: Path, got_dir: Path, rtol=LOGIT_RTOL):
 
 
 # ---- ring attention --------------------------------------------------------------------------------
-def attention_reference(q, k, v, cache, slots, starts, layer, window):
-    b, n, heads, d = q.shape
-    group = heads // k.shape[2]
-    out = np.zeros(q.shape, np.float64)
-    for bi in range(b):
-        s = int(starts[bi])
-        for i in range(n):
-            lo = max(0, s + i - window + 1)
-            pos = np.arange(lo, s + i + 1)
-            ring = pos < s
-            for h in range(heads):
-                kh = h // group
-                keys = np.where(ring[:, None], cache[layer, 0, slots[bi], pos % window, kh],
-                                k[bi, np.clip(pos - s, 0, n - 1), kh])
-                vals = np.where(ring[:, None], cache[layer, 1, slots[bi], pos % window, kh],
-                                v[bi, np.clip(pos - s, 0, n - 1), kh])
-                scores = keys.astype(np.float64) @ q[bi, i, h].astype(np.float64) * d ** -0.5
-                w = np.exp(scores - scores.max())
-                out[bi, i, h] = (w / w.sum()) @ vals
-    return out
-
-
 def attention_cases(case: dict) -> list[tuple[int, list[int]]]:
     """(chunk length n, starts) to test for one library function: one-token steps across the ring's
     wrap, a short chunk, and a chunk longer than the decoder step (the encoder's)."""
@@ -159,7 +141,7 @@ def attention_checks(report, library: Path, device: str):
             starts = np.array(starts, np.int32)
             got = rt.numpy(vm[name](rt.tensor(q), rt.tensor(k), rt.tensor(v), rt.tensor(cache), rt.tensor(slots),
                                     rt.tensor(starts)))
-            ref = attention_reference(q, k, v, cache, slots, starts, layers - 1, window)
+            ref = ring_attention_reference(q, k, v, cache, slots, starts, layers - 1, window)[0]
             err = float(np.abs(got - ref).max() / np.abs(ref).max())
             check(report, f"attention_{name}_n{n}", err < ATTENTION_RTOL and np.isfinite(got).all(),
                   {"rel_err": err, "b": b, "starts": starts.tolist()})

@@ -1,0 +1,34 @@
+"""Independent float64 numpy references shared by the tests, tests/gpu_attention_check.py and the
+device scripts (bench/device/tiny_check.py; bench/device/pack.sh ships this file with them)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def ring_attention_reference(q, k, v, cache, slots, starts, layer, window):
+    """float64 attention of each query over its visible ring rows and chunk keys, and the cache after
+    the append (the chunk's last min(n, window) keys/values at ring rows (start + i) mod window)."""
+    b, n, heads, d = q.shape
+    group = heads // k.shape[2]
+    q, k, v, c = (a.astype(np.float64) for a in (q, k, v, cache))
+    out = np.zeros(q.shape)
+    for bi in range(b):
+        s = int(starts[bi])
+        for i in range(n):
+            pos = np.arange(max(0, s + i - window + 1), s + i + 1)
+            ring = pos < s
+            for h in range(heads):
+                kh = h // group
+                keys = np.where(ring[:, None], c[layer, 0, slots[bi], pos % window, kh], k[bi, np.clip(pos - s, 0, n - 1), kh])
+                vals = np.where(ring[:, None], c[layer, 1, slots[bi], pos % window, kh], v[bi, np.clip(pos - s, 0, n - 1), kh])
+                scores = keys @ q[bi, i, h] * d ** -0.5
+                w = np.exp(scores - scores.max())
+                out[bi, i, h] = (w / w.sum()) @ vals
+    after = cache.copy()
+    m = min(n, window)
+    for bi in range(b):
+        for i in range(m):
+            row = (int(starts[bi]) + n - m + i) % window
+            after[layer, 0, slots[bi], row] = k[bi, n - m + i]
+            after[layer, 1, slots[bi], row] = v[bi, n - m + i]
+    return out, after
