@@ -1,5 +1,6 @@
-"""Independent float64 numpy references shared by the tests, tests/gpu_attention_check.py and the
-device scripts (bench/device/tiny_check.py; bench/device/pack.sh ships this file with them)."""
+"""What several tests share, written once: the float64 ring-attention reference (also used by
+tests/gpu_attention_check.py and bench/device/tiny_check.py; bench/device/pack.sh ships this file)
+and the session runner that records a stream's tokens and logits."""
 from __future__ import annotations
 
 import numpy as np
@@ -32,3 +33,23 @@ def ring_attention_reference(q, k, v, cache, slots, starts, layer, window):
             after[layer, 0, slots[bi], row] = k[bi, n - m + i]
             after[layer, 1, slots[bi], row] = v[bi, n - m + i]
     return out, after
+
+
+def run_stream(model, audio, *, delay_ms=None, chunk=None):
+    """``(text, tokens, logits)`` of one stream fed ``audio`` whole, in chunks of ``chunk`` samples,
+    or in the chunk sizes of a list (whose sum covers the audio)."""
+    session = model.stream(delay_ms)
+    session.record_logits = True
+    if chunk is None:
+        sizes = [len(audio)]
+    elif isinstance(chunk, int):
+        sizes = [chunk] * (-(-len(audio) // chunk))
+    else:
+        sizes = list(chunk)
+    text, begin = [], 0
+    for size in sizes:
+        text.append(session.feed(audio[begin:begin + size]))
+        begin += size
+    assert begin >= len(audio)
+    text.append(session.finish())
+    return "".join(text), np.array(session.tokens), np.array(session.logits)

@@ -14,6 +14,7 @@ from voxc.loader.tiny import make_tiny
 from voxc.runtime.framing import offline_padded
 
 from oracle import Oracle
+from references import run_stream
 
 REL_TOL = 1e-4
 # (encoder window, decoder window): the reference's, and windows shorter than the clips and than
@@ -36,15 +37,7 @@ def tiny(request, tmp_path_factory):
 
 
 def run_session(model, audio, delay_ms=480, chunk=None):
-    session = model.stream(delay_ms)
-    session.record_logits = True
-    if chunk is None:
-        session.feed(audio)
-    else:
-        for begin in range(0, len(audio), chunk):
-            session.feed(audio[begin:begin + chunk])
-    session.finish()
-    return np.array(session.tokens), np.array(session.logits)
+    return run_stream(model, audio, delay_ms=delay_ms, chunk=chunk)[1:]
 
 
 def test_stages_match_transformers(tiny, clips):

@@ -40,6 +40,7 @@ from voxc.loader.tiny import TinyScales, make_tiny, write_checkpoint  # noqa: E4
 from voxc.quant.formats import QuantTensor  # noqa: E402
 
 from clips import sine_with_noise  # noqa: E402
+from references import run_stream  # noqa: E402
 
 SUFFIX = {"fp32": "", "fp16": "_fp16", "q4": "_q4", "q4f16": "_q4f16"}
 DELAY_TOKENS = 6
@@ -417,11 +418,7 @@ def exports(tiny, tmp_path_factory):
 
 
 def run(artifact_dir: Path, audio: np.ndarray, delay_ms=None):
-    session = voxc.load(artifact_dir).stream(delay_ms)
-    session.record_logits = True
-    session.feed(audio)
-    session.finish()
-    return np.array(session.tokens), np.array(session.logits)
+    return run_stream(voxc.load(artifact_dir), audio, delay_ms=delay_ms)[1:]
 
 
 def rel_err(a, b) -> float:

@@ -12,6 +12,7 @@ import voxc
 from voxc.build import build
 
 from clips import sine_with_noise
+from references import run_stream
 
 
 def cli(*args):
@@ -21,10 +22,7 @@ def cli(*args):
 
 
 def run(artifact, audio):
-    session = voxc.load(artifact).stream()
-    session.record_logits = True
-    text = session.feed(audio) + session.finish()
-    return text, np.array(session.tokens), np.array(session.logits)
+    return run_stream(voxc.load(artifact), audio)
 
 
 @pytest.mark.parametrize("qtype", ["q4_k", "q4_0", "q8_0"])
