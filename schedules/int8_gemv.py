@@ -42,7 +42,6 @@ from voxc.quant.formats import QType, kernel_layout_shapes
 
 GROUP = 32
 ISAS = ("vnni", "avx2", "dotprod", "generic")
-ROWS_PER_TILE = 4
 
 
 def int8_isa(features) -> str:
@@ -62,6 +61,11 @@ def supports(qtype: QType, isa: str) -> bool:
     """Whether the int8 kernel exists for ``qtype`` on ``isa`` (Q8_0's 0..255 levels overflow
     ``vpmaddubsw``'s 16-bit pair sums)."""
     return not (qtype is QType.Q8_0 and isa == "avx2")
+
+
+def available(qtype: QType, k: int, isa: str) -> bool:
+    """Whether :func:`int8_gemv` covers ``qtype`` with ``k`` input features on ``isa``."""
+    return supports(qtype, isa) and vector_words(qtype, isa, k) is not None
 
 
 def _signed_weights(qtype: QType, isa: str) -> bool:
