@@ -8,7 +8,8 @@ For each [out, in] shape and type: milliseconds per call (the best of several, w
 through copies that together exceed the L3 cache, so they stream from DRAM as in a real decode
 step), the weight bytes per second, the floor (weight bytes / numpy's streaming read bandwidth)
 and the ratio kernel / floor; also dlight's default CPU schedule of the same dequant+GEMV for
-comparison.  Threads: TVM's default pool (TVM_NUM_THREADS to change).
+comparison, and (where the CPU has integer dot products, or with ``--int8 ISA``) the int8-activation
+GEMV of schedules/int8_gemv.py (``int8_ms``, ``int8_x_floor``, ``int8_speedup``) in the same run.  Threads: TVM's default pool (TVM_NUM_THREADS to change).
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SHAPES = {"dec.w2 3072x9216": (3072, 9216), "dec.w1/w3 9216x3072": (9216, 3072),
-          "dec.wo 3072x4096": (3072, 4096), "dec.wk/wv 1024x3072": (1024, 3072)}
+          "dec.wq 4096x3072": (4096, 3072), "dec.wo 3072x4096": (3072, 4096), "dec.wk/wv 1024x3072": (1024, 3072)}
+HEAD_SHAPE = {"lm head 131072x3072": (131072, 3072)}
 LOCAL_SHAPES = {"small 64x512": (64, 512)}
 ROTATE_BYTES = 192 << 20      # > L3 of any desktop/server part we run on
 
@@ -72,17 +74,20 @@ def dlight_gemv(qtype, n, k, batch, target):
 
 
 def run(qtypes=("q4_0", "q8_0", "q4_k"), batch: int = 1, dlight: bool = True, reps: int = 5, shapes=None,
-        rotate_bytes: int = ROTATE_BYTES, stream_bytes: int = 512 << 20) -> dict:
+        rotate_bytes: int = ROTATE_BYTES, stream_bytes: int = 512 << 20, int8: str | None = "auto") -> dict:
     import tvm
     from tvm.target import codegen
 
+    from schedules import int8_gemv
     from schedules.dequant_matmul import make_kernel
-    from voxc.quant.formats import kernel_layout_shapes
+    from voxc.quant.formats import QType, kernel_layout_shapes
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
+    if int8 == "auto":
+        int8 = int8_gemv.int8_isa(codegen.llvm_get_cpu_features(target))
     dev = tvm.cpu()
     floor_gbps = stream_read_gbps(stream_bytes)
-    results = {"cpu": codegen.llvm_get_system_cpu(), "stream_read_GBps": round(floor_gbps, 1), "batch": batch, "rows": []}
+    results = {"cpu": codegen.llvm_get_system_cpu(), "int8_isa": int8, "stream_read_GBps": round(floor_gbps, 1), "batch": batch, "rows": []}
     print(f"numpy streaming read: {floor_gbps:.1f} GB/s ({results['cpu']})", flush=True)
     rng = np.random.default_rng(0)
     for label, (n, k) in (shapes or SHAPES).items():
@@ -102,6 +107,12 @@ def run(qtypes=("q4_0", "q8_0", "q4_k"), batch: int = 1, dlight: bool = True, re
             row = {"label": label, "qtype": qtype, "weight_MB": round(wbytes / 1e6, 2), "ms": round(t_ours * 1e3, 3),
                    "weight_GBps": round(wbytes / t_ours / 1e9, 1), "floor_ms": round(wbytes / floor_gbps / 1e6, 3),
                    "x_floor": round(t_ours / (wbytes / floor_gbps / 1e9), 2)}
+            if int8 and int8_gemv.available(QType.parse(qtype), k, int8):
+                func8 = make_kernel(qtype, n, k, batch, int8=int8)
+                ours8 = tvm.compile(tvm.IRModule({"main": func8}), target=target)[func8.attrs["global_symbol"]]
+                t8 = best_time(lambda c: ours8(x, *weights[c], y), copies, reps)
+                row.update(int8_ms=round(t8 * 1e3, 3), int8_weight_GBps=round(wbytes / t8 / 1e9, 1),
+                           int8_x_floor=round(t8 / (wbytes / floor_gbps / 1e9), 2), int8_speedup=round(t_ours / t8, 2))
             if dlight:
                 try:
                     mod = dlight_gemv(qtype, n, k, batch, target)
@@ -124,10 +135,16 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--json")
     ap.add_argument("--no-dlight", action="store_true")
+    ap.add_argument("--int8", default="auto", help="int8-activation GEMV ISA (vnni, avx2, dotprod, generic), "
+                    "auto (this CPU's), or none")
+    ap.add_argument("--head", action="store_true", help="also the tied LM head (131072x3072)")
     ap.add_argument("--local", action="store_true", help="one small shape, 2 repetitions, small buffers")
     args = ap.parse_args(argv)
     local = dict(reps=2, shapes=LOCAL_SHAPES, rotate_bytes=1 << 20, stream_bytes=16 << 20) if args.local else {}
-    res = run(tuple(args.qtypes.split(",")), args.batch, dlight=not args.no_dlight, **local)
+    if args.head and not args.local:
+        local["shapes"] = {**SHAPES, **HEAD_SHAPE}
+    res = run(tuple(args.qtypes.split(",")), args.batch, dlight=not args.no_dlight,
+              int8=None if args.int8 == "none" else args.int8, **local)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))
 

@@ -47,6 +47,7 @@ import re
 import tvm
 from tvm import te, tirx
 
+from schedules import int8_gemv
 from voxc.errors import VoxcError
 from voxc.quant.formats import QType, kernel_layout_shapes
 
@@ -425,6 +426,7 @@ class KernelSpec:
     dtype: str = F32         # activation dtype (x and y); accumulation is always f32
     target: str = "llvm"     # "llvm" | "cuda" | "webgpu"
     dispatch_rows: bool = True  # GEMM: few rows run a GEMV (llvm: m <= 16, GPUs: m == 1; see row_dispatch)
+    int8: str | None = None  # llvm GEMV: int8 activations with this integer dot product (schedules/int8_gemv.py ISAS)
 
     @property
     def kind(self) -> str:
@@ -434,7 +436,7 @@ class KernelSpec:
     def name(self) -> str:
         rows = f"b{self.batch}" if self.batch else "m"
         return (f"{self.kind}_{self.qtype.value}_{self.out_features}x{self.in_features}_{rows}_"
-                f"{self.dtype}_{self.target}")
+                f"{self.dtype}_{self.target}" + (f"_i8{self.int8}" if self.int8 else ""))
 
 
 def _validate(spec: KernelSpec) -> KernelSpec:
@@ -448,6 +450,9 @@ def _validate(spec: KernelSpec) -> KernelSpec:
     if spec.in_features % qtype.block_size:
         raise VoxcError(f"{qtype.value} needs in_features to be a multiple of {qtype.block_size}, "
                         f"got {spec.in_features}")
+    if spec.int8 is not None and (spec.target != "llvm" or spec.int8 not in int8_gemv.ISAS):
+        raise VoxcError(f"int8 activations are an llvm GEMV option with an ISA of {', '.join(int8_gemv.ISAS)}, "
+                        f"got {spec.int8!r} on {spec.target}")
     if spec.batch is not None and not 1 <= spec.batch <= MAX_GEMV_BATCH:
         raise VoxcError(f"GEMV batch must be 1..{MAX_GEMV_BATCH}, got {spec.batch}")
     largest = max(math.prod(shape) for shape in kernel_layout_shapes(qtype, spec.out_features, spec.in_features).values())
@@ -474,6 +479,8 @@ def _guard_rows(func: tirx.PrimFunc, per_row: int, what: str) -> tirx.PrimFunc:
 @functools.lru_cache(maxsize=None)
 def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
     q, n, k = spec.qtype, spec.out_features, spec.in_features
+    if spec.kind == "gemv" and spec.int8 and int8_gemv.available(q, k, spec.int8):
+        return _finish(int8_gemv.int8_gemv(q, n, k, spec.batch, spec.dtype, spec.int8, name=spec.name), spec.name)
     if spec.kind == "gemv":
         if spec.target == "llvm":
             func = gemv_compute(q, n, k, spec.batch, spec.dtype, spec.target, lanes=8)
@@ -547,14 +554,17 @@ def row_dispatch(branches, default: tirx.PrimFunc, *, gpu: bool = False) -> tirx
 
 
 def make_kernel(qtype: QType | str, out_features: int, in_features: int, batch: int | None,
-                dtype: str = F32, target: str = "llvm", dispatch_rows: bool = True) -> tirx.PrimFunc:
+                dtype: str = F32, target: str = "llvm", dispatch_rows: bool = True,
+                int8: str | None = None) -> tirx.PrimFunc:
     """Scheduled PrimFunc ``(x [rows, in], qweight, scales, y [rows, out])``.
 
     ``batch`` = static row count 1..16 for the GEMV kernel, or None for the GEMM kernel whose row
     count ``m`` is symbolic.  ``target`` is a target kind name (``tvm.target.Target.kind.name``).
+    ``int8`` (llvm): the static-batch GEMV quantizes its activations to int8 and uses this integer
+    dot product (one of schedules.int8_gemv.ISAS; shapes it does not cover keep the float GEMV).
     """
     spec = _validate(KernelSpec(QType.parse(qtype), int(out_features), int(in_features),
-                                None if batch is None else int(batch), dtype, target, dispatch_rows))
+                                None if batch is None else int(batch), dtype, target, dispatch_rows, int8))
     return _make_kernel(spec)
 
 

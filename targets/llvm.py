@@ -39,6 +39,28 @@ class LlvmTarget(TargetSpec):
     # one-token decode steps and one stream's 80 ms encode run the quantized GEMV kernels (the
     # generic entries, whose row counts are symbolic, run the GEMM ones)
     static_entries: tuple = (DECODE_B1N1, ENCODE_B1T8)
+    # quantized GEMVs (decode) with int8 activations and the CPU's integer dot products
+    # (schedules/int8_gemv.py) where it has them (AVX-VNNI / AVX512-VNNI, AVX2, AArch64 dotprod);
+    # False keeps float activations (bit-for-bit the dequantize-then-FMA GEMV)
+    int8_activations: bool = True
+
+    def int8_isa(self) -> str | None:
+        """The integer dot product the quantized GEMVs use on this build's CPU, or None (float)."""
+        from tvm.target import codegen
+
+        from schedules.int8_gemv import int8_isa
+
+        if not self.int8_activations:
+            return None
+        isa = int8_isa(codegen.llvm_get_cpu_features(self.tvm_target()))
+        return None if isa == "generic" else isa     # a baseline build keeps the float GEMV
+
+    def graph_options(self, quant=None):
+        from voxc.model.quant_linear import int8_kernel_target
+
+        options = super().graph_options(quant) if quant is not None else super().graph_options()
+        plan = dataclasses.replace(options.quant, kernel_target=int8_kernel_target(self.name, self.int8_isa()))
+        return dataclasses.replace(options, quant=plan)
 
     def compile(self, mod, report: CompileReport | None = None):
         # nn.Linear is matmul(x, permute_dims(W)); unfused, every call copies W^T (8x slower decode

@@ -20,6 +20,10 @@ integer of at most 16 it calls the GEMV kernel specialised to that many rows (de
 (a larger static count or a symbolic one, e.g. a prefill or encoder length) the GEMM kernel with a
 symbolic row count.  Export a decode step with a static shape to get the GEMV kernel.
 
+**int8 activations.** A ``kernel_target`` of ``llvm/int8-<isa>`` (targets/llvm.py sets it from
+the build CPU's features) runs the static-batch GEMVs of schedules/int8_gemv.py: activations
+quantized to int8 per 32 elements, integer dot products.
+
 **Target.** The kernels are scheduled per target when the graph is traced: a layer's
 ``kernel_target`` (set by voxc.model.quantization.quantize_graph), else the enclosing
 ``tvm.target.Target``, else ``llvm``.  The functions are marked
@@ -39,9 +43,27 @@ from schedules.dequant_matmul import gemv_or_gemm, make_embedding_kernel, make_k
 from voxc.errors import VoxcError
 from voxc.quant.formats import QType, kernel_layout_shapes
 
+INT8_SUFFIX = "/int8-"
+
+
+def int8_kernel_target(kind: str, isa: str | None) -> str:
+    """A ``kernel_target`` whose GEMVs quantize activations to int8 (``llvm/int8-vnni``); plain
+    ``kind`` when ``isa`` is None."""
+    return f"{kind}{INT8_SUFFIX}{isa}" if isa else kind
+
+
+def resolve_int8(target) -> str | None:
+    """The integer dot product a ``kernel_target`` such as ``llvm/int8-vnni`` asks for (None: float)."""
+    if isinstance(target, str) and INT8_SUFFIX in target:
+        return target.split(INT8_SUFFIX, 1)[1]
+    return None
+
+
 def resolve_kernel_target(target) -> str:
     """The target kind whose schedules a quantized layer traces with: ``target`` (a kind name or a
     Target) if given, else the enclosing ``tvm.target.Target``, else ``llvm``."""
+    if isinstance(target, str) and INT8_SUFFIX in target:
+        target = target.split(INT8_SUFFIX, 1)[0]
     if target is not None:
         return target_kind(target)
     current = tvm.target.Target.current(allow_none=True)
@@ -67,7 +89,8 @@ def _quant_matmul(x: nn.Tensor, qweight: nn.Tensor, scales: nn.Tensor, qtype: QT
     if x2.dtype != dtype:
         x2 = x2.astype(dtype)
     batch = rows if gemv_or_gemm(rows) == "gemv" else None
-    kernel = make_kernel(qtype, out_features, in_features, batch, dtype, resolve_kernel_target(kernel_target))
+    kernel = make_kernel(qtype, out_features, in_features, batch, dtype, resolve_kernel_target(kernel_target),
+                         int8=resolve_int8(kernel_target) if batch is not None else None)
     y = op.tensor_ir_op(kernel, kernel.attrs["global_symbol"], args=[x2, qweight, scales],
                         out=nn.Tensor.placeholder([rows, out_features], dtype))
     return op.reshape(y, lead + [out_features])

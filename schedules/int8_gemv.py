@@ -1,0 +1,305 @@
+"""CPU GEMV over quantized weights with int8 activations and integer dot products (decode, batch 1..16).
+
+The float GEMV of :mod:`schedules.dequant_matmul` converts every 4-bit level to float before its
+FMA, and on the CPU that unpack, not the memory, bounds it (13% of the read bandwidth on 2 Xeon
+vCPUs).  This family does what llama.cpp does with Q8_0/Q8_K activations: the activation rows are
+quantized to int8 once per call, per 32-element group ``g`` (``xq = round(x / dx[g])``,
+``dx[g] = max|x_g| / 127``), and each group's dot product is an integer one::
+
+    y[b, n] = sum_g  wscale(n, g) * dx[b, g] * (sum_i u(n, 32g+i) * xq[b, 32g+i]  -  z * sum_i xq[b, 32g+i])
+                     -  offset(n, g) * sum_i x[b, 32g+i]                                  # Q4_K mins
+
+with ``u`` the weight level as an unsigned byte and ``z`` its zero point (Q4_0: nibble, z = 8;
+Q4_K: nibble, z = 0; Q8_0: int8 xor 0x80, z = 128; with a signed-by-signed dot, Q8_0 keeps its int8
+and z = 0).  One group of the kernel layout is one 128-bit vector: 4 words of nibbles (Q4) or two
+vectors of 4 words of bytes (Q8_0).  Low nibbles (``w & 0x0F0F0F0F``) hold the even elements of
+each word, high nibbles the odd ones, so the activations are stored permuted to match: word ``p``
+of group ``g`` in ``xq`` holds elements ``32g + 8l + 2j + h`` (``p = 4h + l``, byte ``j``) for Q4,
+``32g + 4p + j`` for Q8_0.  The four lanes of a group's dot product are converted to float and
+accumulated with one FMA by the group's combined scale; the zero-point and Q4_K-min corrections
+are scalar per group.
+
+The dot product instruction comes from the build target's CPU features (:func:`int8_isa`):
+
+* ``vnni``: ``vpdpbusd`` (AVX512-VNNI with AVX512-VL, or AVX-VNNI), u8 x s8 -> 4-way i32 sums;
+* ``avx2``: ``vpmaddubsw`` (u8 x s8 -> i16 pairs) + ``vpmaddwd`` by ones; its i16 pair sums would
+  saturate for Q8_0's 0..255 levels, so Q8_0 there keeps the float kernel;
+* ``dotprod``: AArch64 ``sdot`` (s8 x s8; Q8_0 signed, nibbles are small positive s8);
+* ``generic``: the same sums in plain 32-bit integer vector arithmetic (any CPU).
+
+Accuracy: the activation rounding adds about 0.4% relative error per dot product (measured in
+tests/test_quant.py); it is therefore an option of the build (``int8_activations``), on by default
+where the CPU has integer dot products.
+"""
+from __future__ import annotations
+
+from tvm import tirx
+from tvm.script.ir_builder import IRBuilder
+from tvm.script.ir_builder import tirx as T
+
+from voxc.errors import VoxcError
+from voxc.quant.formats import QType, kernel_layout_shapes
+
+GROUP = 32
+ISAS = ("vnni", "avx2", "dotprod", "generic")
+
+
+def int8_isa(features) -> str:
+    """The integer dot product a target with LLVM CPU ``features`` (e.g. ``{"avx512vnni", ...}``,
+    from ``tvm.target.codegen.llvm_get_cpu_features``) gets."""
+    f = {str(x).lstrip("+") for x in features}
+    if "avxvnni" in f or {"avx512vnni", "avx512vl"} <= f:
+        return "vnni"
+    if "avx2" in f:
+        return "avx2"
+    if "dotprod" in f:
+        return "dotprod"
+    return "generic"
+
+
+def supports(qtype: QType, isa: str) -> bool:
+    """Whether the int8 kernel exists for ``qtype`` on ``isa`` (Q8_0's 0..255 levels overflow
+    ``vpmaddubsw``'s 16-bit pair sums)."""
+    return not (qtype is QType.Q8_0 and isa == "avx2")
+
+
+def available(qtype: QType, k: int, isa: str) -> bool:
+    """Whether :func:`int8_gemv` covers ``qtype`` with ``k`` input features on ``isa``."""
+    return supports(qtype, isa) and vector_words(qtype, isa, k) is not None
+
+
+def _signed_weights(qtype: QType, isa: str) -> bool:
+    return isa == "dotprod"
+
+
+def _zero_point(qtype: QType, isa: str) -> int:
+    if qtype is QType.Q4_0:
+        return 8
+    if qtype is QType.Q8_0 and not _signed_weights(qtype, isa):
+        return 128
+    return 0
+
+
+def dot4(acc, a, b, isa: str):
+    """``acc + [sum_j a.byte(4i+j) * b.byte(4i+j)]_i`` for int32 vectors of 4, 8 or 16 lanes:
+    ``a``'s bytes unsigned (signed for ``dotprod``), ``b``'s signed."""
+    lanes = int(str(acc.ty.dtype).split("x")[1])
+    vec = lambda t: f"{t}x{lanes * 4 // (4 if t.endswith('32') else 2 if t.endswith('16') else 1)}"  # noqa: E731
+    bits = 32 * lanes
+    a8, b8 = tirx.reinterpret(vec("int8"), a), tirx.reinterpret(vec("int8"), b)
+    if isa == "vnni":
+        # LLVM >= 21 types the byte operands as <N x i8>
+        return tirx.call_llvm_pure_intrin(vec("int32"), f"llvm.x86.avx512.vpdpbusd.{bits}", acc, a8, b8)
+    if isa == "avx2":
+        madd_ub, madd_wd = {128: ("llvm.x86.ssse3.pmadd.ub.sw.128", "llvm.x86.sse2.pmadd.wd"),
+                            256: ("llvm.x86.avx2.pmadd.ub.sw", "llvm.x86.avx2.pmadd.wd")}[bits]
+        pairs = tirx.call_llvm_pure_intrin(vec("int16"), madd_ub, a8, b8)
+        ones = tirx.Broadcast(tirx.const(1, "int16"), 2 * lanes)
+        return acc + tirx.call_llvm_pure_intrin(vec("int32"), madd_wd, pairs, ones)
+    if isa == "dotprod":
+        return tirx.call_llvm_pure_intrin(vec("int32"), f"llvm.aarch64.neon.sdot.v{lanes}i32.v{4 * lanes}i8", acc, a8, b8)
+    if isa != "generic":
+        raise VoxcError(f"unknown int8 ISA {isa!r} (have {', '.join(ISAS)})")
+    total = acc
+    c = lambda v: tirx.Broadcast(tirx.const(v, "int32"), lanes)    # noqa: E731
+    for j in range(4):
+        ua = (a >> c(8 * j)) & c(255)
+        sb = (b << c(24 - 8 * j)) >> c(24)          # arithmetic shift: sign-extended byte j
+        total = total + ua * sb
+    return total
+
+
+def vector_words(qtype: QType, isa: str, k: int) -> int | None:
+    """Packed words per vector (lanes of int32): 16 (512-bit) with AVX-512, else 8 (AVX2/AVX-VNNI),
+    4 (NEON, generic); smaller when ``k`` does not fill a unit of that width; None if none fits."""
+    widest = {"vnni": 16, "avx2": 8, "dotprod": 4, "generic": 4}[isa]
+    for lanes in (16, 8, 4):
+        if lanes <= widest and k % (_unit_groups(qtype, lanes) * GROUP) == 0:
+            return lanes
+    return None
+
+
+def _unit_groups(qtype: QType, lanes: int) -> int:
+    """Groups per unrolled unit: whole scale words (Q4_0/Q8_0: 2 groups a word; Q4_K: the 8
+    sub-blocks of a super-block) and whole vectors, so every lane's scale position is a constant."""
+    wpg = 8 if qtype is QType.Q8_0 else 4
+    natural = 8 if qtype is QType.Q4_K else 2
+    return max(natural, lanes // wpg)
+
+
+class _LaneScales:
+    """Per-lane weight scale (and Q4_K min) vectors of one unit of one row: lane ``l`` of vector ``v``
+    belongs to group ``(v * lanes + l) // wpg`` of the unit, a Python constant, so every vector is a
+    broadcast scale word shifted by a constant per-lane vector (no gathers)."""
+
+    def __init__(self, qtype: QType, scales, row, unit, lanes: int, wpg: int):
+        self.qtype, self.scales, self.row, self.unit, self.lanes, self.wpg = qtype, scales, row, unit, lanes, wpg
+        self.ugroups = _unit_groups(qtype, lanes)
+        if qtype is QType.Q4_K:
+            head = scales[row, unit * 4]
+            self.d = _half(tirx.Broadcast(head & tirx.const(0xFFFF, "uint32"), lanes), lanes)
+            self.dmin = _half(tirx.Broadcast(head >> tirx.const(16, "uint32"), lanes), lanes)
+
+    def _groups(self, v):
+        return [(v * self.lanes + l) // self.wpg for l in range(self.lanes)]
+
+    def _select(self, words_of_lane):
+        """uint32 lanes vector from scale words ``scales[row, idx]``, ``idx`` per lane (Python ints
+        relative to the unit's first word)."""
+        distinct = sorted(set(words_of_lane))
+        base = self.unit * (4 if self.qtype is QType.Q4_K else self.ugroups // 2)
+        vec = tirx.Broadcast(self.scales[self.row, base + distinct[-1]], self.lanes)
+        lane = tirx.Ramp(tirx.const(0, "int32"), 1, self.lanes)
+        for w in reversed(distinct[:-1]):
+            last = max(l for l, x in enumerate(words_of_lane) if x == w)   # lanes are sorted by word
+            vec = tirx.Select(lane <= tirx.Broadcast(tirx.const(last, "int32"), self.lanes),
+                              tirx.Broadcast(self.scales[self.row, base + w], self.lanes), vec)
+        return vec
+
+    def _bytes(self, idx_of_lane):
+        """Byte ``idx`` (0..11) of the packed Q4_K scales, per lane."""
+        words = self._select([1 + b // 4 for b in idx_of_lane])
+        return (words >> _u32v([8 * (b % 4) for b in idx_of_lane])) & _u32v([255] * self.lanes)
+
+    def scale(self, v):
+        groups = self._groups(v)
+        if self.qtype is not QType.Q4_K:
+            words = self._select([g // 2 for g in groups])
+            return _half((words >> _u32v([16 * (g % 2) for g in groups])) & _u32v([0xFFFF] * self.lanes), self.lanes)
+        low = [j for j in groups if j < 4] == groups
+        if low:
+            sc = self._bytes(groups) & _u32v([63] * self.lanes)
+        else:
+            sc = (self._bytes([j + 4 for j in groups]) & _u32v([15] * self.lanes)) | \
+                 ((self._bytes([j - 4 for j in groups]) >> _u32v([6] * self.lanes)) << _u32v([4] * self.lanes))
+        return self.d * tirx.Cast(f"float32x{self.lanes}", sc)
+
+    def offset(self, v):
+        groups = self._groups(v)
+        if [j for j in groups if j < 4] == groups:
+            m = self._bytes([j + 4 for j in groups]) & _u32v([63] * self.lanes)
+        else:
+            m = (self._bytes([j + 4 for j in groups]) >> _u32v([4] * self.lanes)) | \
+                ((self._bytes(groups) >> _u32v([6] * self.lanes)) << _u32v([4] * self.lanes))
+        return self.dmin * tirx.Cast(f"float32x{self.lanes}", m)
+
+
+def _u32v(values):
+    lanes = len(values)
+    if len(set(values)) == 1:
+        return tirx.Broadcast(tirx.const(values[0], "uint32"), lanes)
+    return tirx.Shuffle([tirx.const(v, "uint32") for v in values], [tirx.const(i, "int32") for i in range(lanes)])
+
+
+def _half(bits, lanes: int):
+    """f32 lanes of the f16 in the low 16 bits of uint32 lanes ``bits``."""
+    return tirx.Cast(f"float32x{lanes}", tirx.reinterpret(f"float16x{lanes}", tirx.Cast(f"uint16x{lanes}", bits)))
+
+
+def int8_gemv(qtype: QType, n: int, k: int, batch: int, dtype: str, isa: str, name: str = "main") -> tirx.PrimFunc:
+    """PrimFunc ``(x [batch, k], qweight, scales, y [batch, n])`` (the signature of the float GEMV)."""
+    qtype = QType.parse(qtype)
+    lanes = vector_words(qtype, isa, k)
+    if lanes is None or not supports(qtype, isa):
+        raise VoxcError(f"no int8 GEMV for {qtype.value} {n}x{k} on {isa}")
+    groups = k // GROUP
+    wpg = 4 if qtype is not QType.Q8_0 else 8          # packed words per group
+    words = k // (8 if qtype is not QType.Q8_0 else 4)
+    halves = 2 if qtype is not QType.Q8_0 else 1       # activation words per weight word
+    zp = _zero_point(qtype, isa)
+    ugroups = _unit_groups(qtype, lanes)
+    vectors = ugroups * wpg // lanes                    # vectors per unit
+    shapes = kernel_layout_shapes(qtype, n, k)
+    rows_per_tile = next(r for r in ((4, 2, 1) if batch <= 4 else (1,)) if n % r == 0)
+    F = f"float32x{lanes}"
+    i32 = lambda v: tirx.const(v, "int32")            # noqa: E731
+    f32 = lambda v: tirx.const(v, "float32")          # noqa: E731
+    vlanes = lambda base: tirx.Ramp(base, 1, lanes)    # noqa: E731
+
+    with IRBuilder() as ib:
+        with T.prim_func():
+            T.func_name(name)
+            x = T.arg("x", T.buffer((batch, k), dtype))
+            qweight = T.arg("qweight", T.buffer(shapes["qweight"], "uint32"))
+            scales = T.arg("scales", T.buffer(shapes["scales"], "uint32"))
+            y = T.arg("y", T.buffer((batch, n), dtype))
+            T.func_attr({"tirx.noalias": True})
+            xq = T.alloc_buffer((batch, words * halves), "int32")   # packed int8, in the dot products' order
+            # per weight word (lane): the group's activation scale, its zero-point term
+            # dx * z * sum(xq) / wpg and (Q4_K) its sum(x) / wpg, so that the lanes of a group add up
+            dxe = T.alloc_buffer((batch, words), "float32")
+            corre = T.alloc_buffer((batch, words), "float32")
+            xsume = T.alloc_buffer((batch, words), "float32")
+
+            # -- quantize the activation rows, one group at a time
+            with T.parallel(0, batch * groups) as bg:
+                b, g = bg // groups, bg % groups
+                amax = T.alloc_local((1,), "float32")
+                total = T.alloc_local((1,), "float32")
+                qsum = T.alloc_local((1,), "int32")
+                word = T.alloc_local((1,), "int32")
+                T.buffer_store(amax, f32(0.0), [0])
+                T.buffer_store(total, f32(0.0), [0])
+                T.buffer_store(qsum, i32(0), [0])
+                with T.serial(0, GROUP) as i:
+                    v = x[b, g * GROUP + i].astype("float32")
+                    T.buffer_store(amax, tirx.max(amax[0], tirx.abs(v)), [0])
+                    T.buffer_store(total, total[0] + v, [0])
+                d = amax[0] / f32(127.0)
+                inv = tirx.Select(amax[0] > f32(0.0), f32(127.0) / amax[0], f32(0.0))
+                with T.serial(0, wpg * halves) as p:        # activation words of the group
+                    if qtype is QType.Q8_0:
+                        w, h = g * wpg + p, 0
+                        dest = w
+                    else:
+                        w, h = g * wpg + p % 4, p // 4
+                        dest = (w // lanes) * 2 * lanes + h * lanes + w % lanes
+                    T.buffer_store(word, i32(0), [0])
+                    with T.serial(0, 4) as j:
+                        elem = 4 * p + j if qtype is QType.Q8_0 else 8 * (p % 4) + 2 * j + h
+                        q = tirx.Cast("int32", tirx.round(x[b, g * GROUP + elem].astype("float32") * inv))
+                        T.buffer_store(qsum, qsum[0] + q, [0])
+                        T.buffer_store(word, word[0] | ((q & i32(255)) << (j * 8)), [0])
+                    T.buffer_store(xq, word[0], [b, dest])
+                with T.serial(0, wpg) as p:
+                    T.buffer_store(dxe, d, [b, g * wpg + p])
+                    T.buffer_store(corre, d * tirx.Cast("float32", qsum[0] * i32(zp)) / f32(wpg), [b, g * wpg + p])
+                    T.buffer_store(xsume, total[0] / f32(wpg), [b, g * wpg + p])
+
+            # -- the integer GEMV: row tiles in parallel; per unit of groups, vectors of ``lanes`` words
+            with T.parallel(0, n // rows_per_tile) as io:
+                acc = T.alloc_local((batch, rows_per_tile, lanes), "float32")
+                with T.serial(0, batch) as b:
+                    with T.serial(0, rows_per_tile) as r:
+                        T.buffer_store(acc, tirx.Broadcast(f32(0.0), lanes), [b, r, vlanes(i32(0))])
+                with T.serial(0, groups // ugroups) as unit:
+                    with T.unroll(0, rows_per_tile) as r:
+                        row = io * rows_per_tile + r
+                        lane_scales = _LaneScales(qtype, scales, row, unit, lanes, wpg)
+                        for v in range(vectors):
+                            w0 = unit * (ugroups * wpg) + v * lanes
+                            wv = qweight[row, vlanes(w0)]
+                            if qtype is QType.Q8_0:
+                                ops = [wv if _signed_weights(qtype, isa) else wv ^ _u32v([0x80808080] * lanes)]
+                            else:
+                                mask = _u32v([0x0F0F0F0F] * lanes)
+                                ops = [wv & mask, (wv >> _u32v([4] * lanes)) & mask]
+                            ops = [tirx.reinterpret(f"int32x{lanes}", o) for o in ops]
+                            wscale = lane_scales.scale(v)
+                            offset = lane_scales.offset(v) if qtype is QType.Q4_K else None
+                            with T.serial(0, batch) as b:
+                                dot = tirx.Broadcast(i32(0), lanes)
+                                for h, op in enumerate(ops):
+                                    dot = dot4(dot, op, xq[b, vlanes(w0 * halves + h * lanes)], isa)
+                                t = tirx.Cast(F, dot) * dxe[b, vlanes(w0)] - corre[b, vlanes(w0)]
+                                total = acc[b, r, vlanes(i32(0))] + t * wscale
+                                if offset is not None:
+                                    total = total - offset * xsume[b, vlanes(w0)]
+                                T.buffer_store(acc, total, [b, r, vlanes(i32(0))])
+                with T.serial(0, batch) as b:
+                    with T.serial(0, rows_per_tile) as r:
+                        total = acc[b, r, 0]
+                        for l in range(1, lanes):
+                            total = total + acc[b, r, l]
+                        T.buffer_store(y, total.astype(dtype), [b, io * rows_per_tile + r])
+    return ib.get()
