@@ -180,6 +180,24 @@ def test_a_damaged_file_is_named(tmp_path, good, name, how):
     one_line_error(result, name, "rebuild")
 
 
+def test_a_fresh_build_loads_without_hashing_and_a_copy_is_hashed(tmp_path, tiny_ckpt_dir, monkeypatch):
+    """The build records that its files match their hashes; a copy elsewhere is hashed once."""
+    from voxc import artifact
+
+    built = build(tiny_ckpt_dir, "llvm", tmp_path / "fresh", progress=False)
+    hashed = []
+    real = artifact.file_record
+    monkeypatch.setattr(artifact, "file_record", lambda path: hashed.append(Path(path).name) or real(path))
+    voxc.load(built)
+    assert hashed == []
+    shutil.copytree(built, tmp_path / "copy")
+    voxc.load(tmp_path / "copy")
+    assert "params_shard_0.bin" in hashed and "model.so" in hashed
+    hashed.clear()
+    voxc.load(tmp_path / "copy")
+    assert hashed == []
+
+
 def test_damage_after_the_first_load_is_found(tmp_path, good):
     art = tmp_path / "art"
     shutil.copytree(good[0], art)

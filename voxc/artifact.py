@@ -590,6 +590,33 @@ def read_weights(directory: Path, manifest: dict) -> Iterator[tuple[str, np.ndar
         raise VoxcError(f"artifact {directory} lacks weights: {', '.join(missing[:5])}; rebuild it")
 
 
+def _stamp_file(directory: Path) -> Path:
+    cache = Path(os.environ.get("VOXC_CACHE_DIR", Path.home() / ".cache" / "voxc")) / "verified"
+    return cache / hashlib.sha256(str(Path(directory).resolve()).encode()).hexdigest()[:32]
+
+
+def is_verified(directory: Path, manifest: dict) -> bool:
+    """Whether the files are as they were when last hashed against the manifest (sizes and
+    modification times unchanged since :func:`record_verified`)."""
+    try:
+        return _stamp_file(directory).read_text() == verified_stamp(directory, manifest)
+    except OSError:
+        return False
+
+
+def record_verified(directory: Path, manifest: dict) -> None:
+    """Note that the files now match the manifest's hashes (in the user's cache; a read-only home
+    just means every load hashes)."""
+    stamp_file = _stamp_file(directory)
+    try:
+        stamp_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = stamp_file.with_suffix(f".{os.getpid()}")
+        tmp.write_text(verified_stamp(directory, manifest))
+        os.replace(tmp, stamp_file)
+    except OSError:
+        pass
+
+
 def verified_stamp(directory: Path, manifest: dict) -> str:
     """A fingerprint of the files as they are now (names, sizes, modification times): a load that
     finds the same stamp as the one written after the last full check skips re-hashing."""
