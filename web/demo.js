@@ -28,7 +28,7 @@ function showError(err) {
   ui.error.innerHTML = "";
   const title = document.createElement("strong");
   title.textContent = err?.code === "no-webgpu" || err?.code === "no-adapter" ? "WebGPU is not available"
-    : err?.code === "limit" ? "This GPU cannot hold the model" : "Something went wrong";
+    : err?.code === "limit" || err?.code === "memory" ? "This GPU cannot hold the model" : "Something went wrong";
   ui.error.append(title, document.createTextNode(message));
   ui.error.hidden = false;
   ui.status.textContent = "Not ready";
