@@ -5,8 +5,9 @@ An adapter must grant at least the defaults (maxComputeInvocationsPerWorkgroup 2
 maxComputeWorkgroupStorageSize 16 KiB, maxStorageBuffersPerShaderStage 8), and voxc.js refuses a
 bundle whose manifest asks for more than the adapter offers; bundles within the defaults run on any
 WebGPU device, laptops' integrated GPUs included.  The graph is the 4B model's (ModelConfig()),
-compiled as ``voxc build --target webgpu`` compiles it, and targets.webgpu.kernel_report reads the
-limits off the generated WGSL, as the build does for the manifest.
+compiled as ``voxc build --target webgpu`` compiles it (float32 and each weight quantization), and
+targets.webgpu.kernel_report reads the limits off the generated WGSL, as the build does for the
+manifest.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ def _full_size_report(quantization):
     return webgpu.kernel_report(target.compile(mod))
 
 
-@pytest.mark.parametrize("quantization", [None, "q4_k", "q8_0"], ids=lambda q: q or "float32")
+@pytest.mark.parametrize("quantization", [None, "q4_k", "q8_0", "q4_0"], ids=lambda q: q or "float32")
 def test_full_size_kernels_fit_webgpu_default_limits(quantization):
     report = _full_size_report(quantization)
     assert report["required_features"] == []
