@@ -32,7 +32,8 @@ Schedules (all written here, not dlight):
 * ``webgpu``: the same structure with at most 256 invocations per workgroup, no subgroup
   operations (TVM reduces across threads through workgroup memory), f32 arithmetic only, and the
   f16 scales decoded from their u32 words with integer ops + ``bitcast<f32>`` (exact for normal and
-  subnormal halves), so no ``shader-f16`` is needed (Chrome on NVIDIA has none).
+  subnormal halves), so no ``shader-f16`` is needed (Chrome on NVIDIA has none).  The GEMM's
+  shared tiles are 64x64x16 so that they fit WebGPU's default 16 KiB of workgroup storage.
 
 Entry point: :func:`make_kernel` (cached) returns the scheduled ``PrimFunc`` with parameters
 ``(x, qweight, scales, y)``; :func:`gemv_or_gemm` is the batch rule.
@@ -356,8 +357,16 @@ def _schedule_gemm_llvm(func, qtype: QType, n: int, k: int, panel: int = 16, row
     return sch
 
 
+# K depth of the GEMM's shared tiles.  CUDA: one 32-element group, 2 x 64 x 32 floats (+ the W
+# tile's row padding) = 16.25 KiB of its 48 KiB.  WebGPU guarantees only 16 KiB of workgroup storage
+# (maxComputeWorkgroupStorageSize), which the padded 32-deep tiles exceed by 256 B: its tiles are 16
+# deep (8.25 KiB, the same bank spread), at the cost of twice the barriers per K step.
+GEMM_K_TILE = {"cuda": GROUP, "webgpu": GROUP // 2}
+
+
 def _schedule_gemm_gpu(func, qtype: QType, n: int, k: int, target: str):
     tile_m = tile_n = 64
+    tile_k = GEMM_K_TILE[target]
     micro = 4                                            # 4x4 outputs per thread, 16x16 threads
     threads = tile_m // micro
     sch = tvm.s_tir.Schedule(func)
@@ -377,7 +386,7 @@ def _schedule_gemm_gpu(func, qtype: QType, n: int, k: int, target: str):
     # bounding box of the thread's outputs and overwrites its neighbours'.)
     by, ty, mi = sch.split(m, [None, threads, micro])
     bx, tx, ni = sch.split(i, [None, threads, micro])
-    ko, ki = sch.split(r, [None, GROUP])
+    ko, ki = sch.split(r, [None, tile_k])
     sch.reorder(by, bx, ty, tx, ko, ki, mi, ni)
     sch.bind(by, "blockIdx.y")
     sch.bind(bx, "blockIdx.x")
@@ -393,10 +402,10 @@ def _schedule_gemm_gpu(func, qtype: QType, n: int, k: int, target: str):
         sch.set_scope(block, 0, "shared")
         sch.compute_at(block, ko)
         if pad_rows:
-            # W tile rows of 33 floats: threads 4 rows apart then hit banks 4 apart, so a
+            # W tile rows of 33 (webgpu: 17) floats: threads 4 rows apart then hit banks 4 apart, so a
             # half-warp's reads conflict 2-way instead of 16-way.  (The x tile is read by at
             # most two distinct rows per warp, and keeps 128-bit aligned rows for its stores.)
-            sch.storage_align(block, 0, axis=0, factor=GROUP, offset=1)
+            sch.storage_align(block, 0, axis=0, factor=tile_k, offset=1)
         fused = sch.fuse(*sch.get_loops(block)[-2:])
         _, t_y, t_x, v = sch.split(fused, [None, threads, threads, vec])
         sch.bind(t_y, "threadIdx.y")

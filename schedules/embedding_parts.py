@@ -1,5 +1,5 @@
 """Kernels of a token table stored as row blocks (voxc.model.embedding.SplitEmbedding): a lookup
-gathers the rows of each block in place, the LM head writes each block's logits into its columns."""
+gathers the rows of each block in place (a quantized block's rows are selected in place), the LM head writes each block's logits into its columns."""
 from __future__ import annotations
 
 from tvm.script import tirx as T
@@ -28,6 +28,30 @@ def gather_rows_func(start: int, rows: int, dim: int, dtype: str, threads: int =
                             acc[flat // dim, flat % dim] = part[row, flat % dim]
 
     return embedding_part_gather
+
+
+def select_rows_func(start: int, rows: int, dim: int, dtype: str, threads: int = 256):
+    """In place: ``acc[i, :] = src[i, :]`` for the ids inside ``[start, start + rows)`` (a quantized
+    block's gathered rows, voxc.model.embedding.SplitQuantEmbedding).  Three bindings whatever the
+    number of blocks: a where-chain over all blocks fuses into one kernel that binds every block's
+    rows and ids (9 storage buffers for the 4B model's Q8_0 table, above WebGPU's default 8)."""
+    @T.prim_func(private=True, s_tir=True)
+    def embedding_part_select(var_acc: T.handle, var_src: T.handle, var_ids: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
+        m = T.int64()
+        acc = T.match_buffer(var_acc, (m, dim), dtype)
+        src = T.match_buffer(var_src, (m, dim), dtype)
+        ids = T.match_buffer(var_ids, (m,), "int32")
+        for bx in T.thread_binding((m * dim + threads - 1) // threads, thread="blockIdx.x"):
+            for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                with T.sblock("select"):
+                    flat: T.let[T.int64] = bx * threads + T.Cast("int64", tx)
+                    if flat < m * dim:
+                        row: T.let[T.int64] = T.Cast("int64", ids[flat // dim]) - start
+                        if row >= 0 and row < rows:
+                            acc[flat // dim, flat % dim] = src[flat // dim, flat % dim]
+
+    return embedding_part_select
 
 
 def write_columns_func(start: int, cols: int, total: int, dtype: str, threads: int = 256):

@@ -76,11 +76,27 @@ def write_web_files(out: Path, *, target, executable, tokenizer_bytes: bytes, pa
         "tokenizer_table": {"file": WEB_TOKENIZER_TABLE, **{k: v for k, v in table.items() if k != "pieces"}},
         "embedding": {"split": bool(parts), "parts": parts},
         "gpu": {**report, "largest_param_bytes": max(sizes, default=0), "total_param_bytes": sum(sizes),
-                "largest_state_bytes_per_stream": max(state.values()), "state_bytes_per_stream": sum(state.values())},
+                "largest_state_bytes_per_stream": max(state.values()), "state_bytes_per_stream": sum(state.values()),
+                "footprint": gpu_footprint(params, state)},
         "largest_param_bytes": max(sizes, default=0),
         "required_features": report["required_features"],
         "max_workgroup_size": report["max_workgroup_size"],
     }
+
+
+def gpu_footprint(params, state: dict[str, int], streams=(1, 2, 4)) -> dict:
+    """The GPU memory a bundle allocates (voxc.js allocates exactly these buffers, the state with one
+    slot per stream of ``Voxc.load``'s maxStreams): the weights, each state buffer per stream, the
+    largest buffer, and the totals for a few stream counts.  Scratch memory of the kernels
+    (activations, attention partials) comes on top; it is small next to these for one stream."""
+    sizes = {name: int(np.prod(shape)) * np.dtype(dtype).itemsize for name, shape, dtype in params}
+    weights = sum(sizes.values())
+    per_stream = sum(state.values())
+    largest = max([*sizes.items(), *state.items()], key=lambda kv: kv[1], default=("", 0))
+    return {"weights_bytes": weights, "state_bytes_per_stream": dict(state),
+            "largest_buffer": {"name": largest[0], "bytes": int(largest[1]),
+                               "per_stream": largest[0] in state},
+            "total_bytes": {str(n): weights + n * per_stream for n in streams}}
 
 
 def write_bundle(out_dir: str | Path, *, wasm: str | Path, executable=None, params=None,

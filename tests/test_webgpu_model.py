@@ -2,8 +2,10 @@
 model, served on 127.0.0.1, streamed in headless Chromium (SwiftShader WebGPU, float32) through
 web/voxc.js, the API the demo page uses; texts, token ids and logits compared with the CPU (llvm)
 build's ``voxc.load(...).stream()``.  Plus the pieces of voxc.js on their own (mel framing, UTF-8 text,
-resampling), the demo page (DOM checks + a screenshot), the Cache API on a second visit, and the
-messages for a browser without WebGPU and for a GPU whose limits are too small.
+resampling), the demo page (DOM checks + a screenshot), the Cache API on a second visit, the
+messages for a browser without WebGPU and for a GPU whose limits are too small (naming the buffer),
+and voxc.js's check of the bundle's memory (tests/web/check_page.js: the buffers and totals per
+stream count, the adapter's buffer limits, navigator.deviceMemory) before anything is downloaded.
 
 The model is the tiny checkpoint with encoder window 8 and decoder window 16 (conftest's
 ``tiny_ckpt_small_windows_dir``): the rings wrap many times within a clip (the decoder's even inside
@@ -327,7 +329,7 @@ def test_demo_page_transcribes_a_file(demo_run, audio, cpu_model):
     assert dom["status"]["text"] == "Done: clip.wav"
     assert dom["rtf"]["text"].startswith("RTF ") and dom["rtf"]["text"] != "RTF –"
     assert dom["step"]["text"].endswith(" ms") and dom["step"]["text"] != "step – ms"
-    assert "swiftshader" in dom["model-info"]["text"]
+    assert "swiftshader" in dom["model-info"]["text"] and "of caches on the GPU" in dom["model-info"]["text"]
     event = demo_run["events"][-1]
     ref, deltas = cpu_stream(cpu_model, audio[demo_run["clip"]], 1280, 480)
     assert event["tokens"] == ref.tokens
@@ -384,3 +386,86 @@ def test_gpu_limits_too_small_message(built, tmp_path):
     assert result["events"][-1]["code"] == "limit"
     text = result["dom"]["error"]["text"]
     assert "maxBufferSize" in text and "1024.00 GB" in text and "key/value cache" in text, text
+
+
+def test_weight_tensor_too_large_message(built, tmp_path):
+    """A weight tensor above the adapter's buffer limits: the message names the tensor."""
+    def huge_table(m):
+        for p in m["params"]:
+            if p["name"] == "tok_embeddings.parts.1.weight":
+                p["shape"] = [1 << 34, 48]
+
+    result = _demo_error(built[0], tmp_path, manifest_patch=huge_table)
+    assert result["events"][-1]["code"] == "limit"
+    text = result["dom"]["error"]["text"]
+    assert "tok_embeddings.parts.1.weight" in text and "3072.00 GB" in text and "maxBufferSize" in text, text
+
+
+@pytest.fixture(scope="module")
+def check_run(built, tmp_path_factory):
+    """tests/web/check_page.js: bundleRequirements + checkWebGPU on patched copies of the manifest
+    (buffer sizes, stream counts, a reported device memory), nothing loaded."""
+    pages = tmp_path_factory.mktemp("check_pages")
+    for f in ("check_page.html", "check_page.js"):
+        shutil.copy2(PAGE_DIR / f, pages / f)
+    with browser_harness.PageServer({"/pages/": pages, "/bundle/": built[0]}) as server:
+        result = browser_harness.run_page(server, server.url("pages/check_page.html?bundle=/bundle/"), timeout=60)
+        gets = server.gets("/bundle/")
+    assert result["ok"], result.get("error")
+    assert not any(p.endswith((".bin", ".wasm")) for p in gets), gets
+    return {c["name"]: c for c in result["cases"]}, result
+
+
+def test_requirements_list_every_buffer(check_run, built):
+    cases, _ = check_run
+    manifest = json.loads((built[0] / artifact.MANIFEST).read_text())
+    req = cases["as built"]["requirements"]
+    assert cases["as built"]["ok"], cases["as built"]
+    state = {k: v["bytes_per_stream"] for k, v in manifest["state"].items()}
+    assert req["stateBytes"] == sum(state.values()) and req["weightsBytes"] == manifest["gpu"]["total_param_bytes"]
+    assert req["totalBytes"] == req["weightsBytes"] + req["stateBytes"]
+    footprint = manifest["gpu"]["footprint"]   # what the manifest reports: the same numbers
+    assert footprint["weights_bytes"] == req["weightsBytes"] and footprint["state_bytes_per_stream"] == state
+    assert footprint["total_bytes"]["1"] == req["totalBytes"]
+    assert footprint["total_bytes"]["2"] == req["weightsBytes"] + 2 * req["stateBytes"]
+    assert footprint["largest_buffer"]["bytes"] == req["buffers"][0]["bytes"]
+    assert {b["name"]: b["bytes"] for b in req["buffers"] if b["kind"] == "state"} == state
+    weight = [b for b in req["buffers"] if b["kind"] == "weight"]
+    assert len(weight) == 1 and weight[0]["bytes"] == manifest["largest_param_bytes"]
+    assert [b["bytes"] for b in req["buffers"]] == sorted((b["bytes"] for b in req["buffers"]), reverse=True)
+    # the state scales with the streams asked for; the weights do not
+    two = cases["cache, 2 streams"]["requirements"]
+    one = cases["cache, 1 stream"]["requirements"]
+    assert two["weightsBytes"] == one["weightsBytes"] and two["stateBytes"] == 2 * one["stateBytes"]
+
+
+def test_stream_count_that_does_not_fit_names_the_cache(check_run):
+    cases, result = check_run
+    assert cases["cache, 1 stream"]["ok"], cases["cache, 1 stream"]
+    two = cases["cache, 2 streams"]
+    assert not two["ok"] and two["code"] == "limit", two
+    assert "key/value cache" in two["message"] and "dec_cache, 2 streams" in two["message"], two["message"]
+    assert "maxStreams" in two["message"] and ("maxBufferSize" in two["message"]
+                                               or "maxStorageBufferBindingSize" in two["message"])
+
+
+def test_model_larger_than_device_memory(check_run):
+    """navigator.deviceMemory (GiB, rounded down to a power of two, at most 8): 2 means less than
+    4 GiB, so 4.25 GiB cannot fit; 8 is only a lower bound, so nothing is refused on it."""
+    cases, _ = check_run
+    assert cases["as built, 1 GiB reported"]["ok"]            # the tiny model fits in anything
+    memory = cases["memory"]
+    assert not memory["ok"] and memory["code"] == "memory", memory
+    text = memory["message"]
+    assert "4.25 GB" in text and "4.00 GB of weights" in text and "256 MB for the decoder's key/value cache" in text
+    assert "4.00 GB" in text and "navigator.deviceMemory" in text, text
+    assert cases["memory, 8 GiB reported (a lower bound)"]["ok"]
+
+
+def test_workgroup_storage_above_the_adapter(check_run):
+    cases, result = check_run
+    case = cases["workgroup storage"]
+    if result["limits"]["maxComputeWorkgroupStorageSize"] >= 16896:
+        assert case["ok"]
+    else:
+        assert not case["ok"] and case["code"] == "limit" and "maxComputeWorkgroupStorageSize" in case["message"]

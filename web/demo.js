@@ -28,7 +28,7 @@ function showError(err) {
   ui.error.innerHTML = "";
   const title = document.createElement("strong");
   title.textContent = err?.code === "no-webgpu" || err?.code === "no-adapter" ? "WebGPU is not available"
-    : err?.code === "limit" ? "This GPU cannot hold the model" : "Something went wrong";
+    : err?.code === "limit" || err?.code === "memory" ? "This GPU cannot hold the model" : "Something went wrong";
   ui.error.append(title, document.createTextNode(message));
   ui.error.hidden = false;
   ui.status.textContent = "Not ready";
@@ -229,11 +229,14 @@ function enableControls() {
   ui.drop.setAttribute("aria-disabled", "false");
   const m = model.manifest;
   const c = m.config;
-  const mb = m.gpu.total_param_bytes / 2 ** 20;
-  const size = mb >= 1024 ? `${(mb / 1024).toFixed(2)} GB` : `${mb.toFixed(mb < 10 ? 2 : 0)} MB`;
+  const size = (bytes) => {
+    const mb = bytes / 2 ** 20;
+    return mb >= 1024 ? `${(mb / 1024).toFixed(2)} GB` : `${mb.toFixed(mb < 10 ? 2 : 0)} MB`;
+  };
   ui.info.textContent = `Model ${m.id}: encoder ${c.encoder.n_layers}×${c.encoder.dim}, decoder ` +
     `${c.decoder.n_layers}×${c.decoder.dim}, ${m.model_dtype}${m.quantization ? " " + m.quantization : ""}, ` +
-    `${size} of weights · GPU: ${model.gpu.info.vendor || "?"} ${model.gpu.info.architecture || ""}`;
+    `${size(m.gpu.total_param_bytes)} of weights + ${size(model.footprint.stateBytes)} of caches on the GPU` +
+    ` · GPU: ${model.gpu.info.vendor || "?"} ${model.gpu.info.architecture || ""}`;
 }
 
 async function report() {

@@ -40,50 +40,95 @@ function bytesMB(n) {
 // ---- what the GPU must offer --------------------------------------------------------------------
 
 /**
- * The limits a bundle needs (from its manifest), for `maxStreams` concurrent streams.
- * Buffers: the largest weight tensor and the largest state tensor (the caches hold all streams).
+ * What a bundle needs from the GPU (from its manifest), for `maxStreams` concurrent streams:
+ * features and kernel limits, and its memory: every buffer voxc allocates that can approach a
+ * limit (the largest weight tensor, each state buffer with one slot per stream), the weights' and
+ * the state's totals.  `buffers` is sorted largest first; each is {name, what, bytes}.
  */
 export function bundleRequirements(manifest, { maxStreams = 1 } = {}) {
   const gpu = manifest.gpu ?? {};
-  const largestState = (gpu.largest_state_bytes_per_stream ?? 0) * maxStreams;
-  const largestBuffer = Math.max(manifest.largest_param_bytes ?? 0, largestState);
-  let largestName = "a weight tensor";
-  if (largestState >= (manifest.largest_param_bytes ?? 0)) {
-    const [name] = Object.entries(manifest.state ?? {})
-      .sort((a, b) => b[1].bytes_per_stream - a[1].bytes_per_stream)[0] ?? ["state"];
-    largestName = STATE_HELP[name] ?? name;
+  const streams = Math.max(1, maxStreams | 0);
+  const sizeOf = (p) => p.shape.reduce((a, b) => a * b, 1) * (DTYPE_BYTES[p.dtype] ?? 4);
+  const buffers = [];
+  let weightsBytes = gpu.total_param_bytes ?? 0;
+  if (manifest.params?.length) {
+    let largest = manifest.params[0];
+    for (const p of manifest.params) if (sizeOf(p) > sizeOf(largest)) largest = p;
+    buffers.push({ name: largest.name, kind: "weight", what: `the weight tensor ${largest.name}`,
+                   bytes: sizeOf(largest) });
+    weightsBytes ||= manifest.params.reduce((a, p) => a + sizeOf(p), 0);
+  } else if (manifest.largest_param_bytes) {
+    buffers.push({ name: "weights", kind: "weight", what: "a weight tensor", bytes: manifest.largest_param_bytes });
   }
+  let stateBytes = 0;
+  for (const [name, spec] of Object.entries(manifest.state ?? {})) {
+    const bytes = spec.bytes_per_stream * streams;
+    stateBytes += bytes;
+    const per = streams > 1 ? `, ${streams} streams of ${bytesMB(spec.bytes_per_stream)}` : "";
+    buffers.push({ name, kind: "state", what: `${STATE_HELP[name] ?? `the state buffer ${name}`} (${name}${per})`,
+                   bytes });
+  }
+  if (!manifest.state && gpu.largest_state_bytes_per_stream) {   // a manifest without its state section
+    const bytes = gpu.largest_state_bytes_per_stream * streams;
+    stateBytes = (gpu.state_bytes_per_stream ?? 0) * streams;
+    buffers.push({ name: "state", kind: "state", what: "the model's state", bytes });
+  }
+  buffers.sort((a, b) => b.bytes - a.bytes);
+  const largest = buffers[0] ?? { what: "a weight tensor", bytes: 0 };
   return {
-    largestName,
+    largestName: largest.what,
     requiredFeatures: manifest.required_features ?? [],
-    maxBufferSize: largestBuffer,
-    maxStorageBufferBindingSize: largestBuffer,
+    maxBufferSize: largest.bytes,
+    maxStorageBufferBindingSize: largest.bytes,
     maxComputeInvocationsPerWorkgroup: manifest.max_workgroup_size ?? 0,
     maxStorageBuffersPerShaderStage: gpu.max_storage_buffers_per_kernel ?? 0,
     maxComputeWorkgroupStorageSize: gpu.max_workgroup_storage_bytes ?? 0,
-    totalBytes: (gpu.total_param_bytes ?? 0) + (gpu.state_bytes_per_stream ?? 0) * maxStreams,
+    buffers,
+    maxStreams: streams,
+    weightsBytes,
+    stateBytes,
+    totalBytes: weightsBytes + stateBytes,
   };
 }
 
+const DTYPE_BYTES = { float32: 4, float16: 2, uint32: 4, int32: 4, uint8: 1, int8: 1, uint16: 2 };
+
 const STATE_HELP = {
-  dec_cache: "the decoder's key/value cache (decoder layers x window x kv heads, for all streams)",
-  enc_cache: "the encoder's key/value cache",
+  dec_cache: "the decoder's key/value cache (decoder layers x window x kv heads, one slot per stream)",
+  enc_cache: "the encoder's key/value cache (one slot per stream)",
+  audio_ring: "the audio embeddings between encoder and decoder",
 };
 
 const LIMIT_HELP = {
-  maxBufferSize: "the largest GPU buffer",
-  maxStorageBufferBindingSize: "the largest buffer one kernel binds",
   maxComputeInvocationsPerWorkgroup: "invocations per workgroup",
   maxStorageBuffersPerShaderStage: "storage buffers per kernel",
   maxComputeWorkgroupStorageSize: "workgroup memory per kernel",
 };
 
+const BUFFER_LIMITS = {
+  maxBufferSize: "the largest GPU buffer",
+  maxStorageBufferBindingSize: "the largest buffer one kernel binds",
+};
+
+/**
+ * The memory this computer is known to have, in bytes, or null: navigator.deviceMemory (Chrome,
+ * Edge: the RAM in GiB rounded down to a power of two, at most 8) bounds it from above by twice
+ * its value below 8.  WebGPU exposes no GPU memory size; an integrated GPU (most laptops) shares
+ * this memory, so a model larger than it cannot load.  `deviceMemory` (GiB) overrides the browser's.
+ */
+function memoryUpperBound(deviceMemory = globalThis.navigator?.deviceMemory) {
+  if (typeof deviceMemory !== "number" || !(deviceMemory > 0) || deviceMemory >= 8) return null;
+  return 2 * deviceMemory * 2 ** 30;
+}
+
 /**
  * Check that this browser can run a bundle, before anything large is downloaded.
- * Resolves to {adapter, info, features, limits}; throws a VoxcError whose message says what is
- * missing and what to do about it.
+ * Resolves to {adapter, info, features, limits, memory}; throws a VoxcError whose message says
+ * what is missing and what to do about it: code "limit" for a kernel limit or a buffer larger than
+ * the adapter allows (the message names the buffer), "memory" for a model larger than the memory
+ * the browser reports (navigator.deviceMemory; `deviceMemory` in GiB overrides it).
  */
-export async function checkWebGPU({ requirements = {}, powerPreference = "high-performance" } = {}) {
+export async function checkWebGPU({ requirements = {}, powerPreference = "high-performance", deviceMemory } = {}) {
   if (typeof globalThis.isSecureContext === "boolean" && !globalThis.isSecureContext) {
     throw new VoxcError(
       "WebGPU needs a secure context: serve this page over https:// or from localhost.",
@@ -118,18 +163,40 @@ export async function checkWebGPU({ requirements = {}, powerPreference = "high-p
     const need = requirements[name] ?? 0;
     if (need > limits[name]) {
       const amount = (n) => (name.endsWith("Size") ? bytesMB(n) : String(n));
-      const buffer = name === "maxBufferSize" || name === "maxStorageBufferBindingSize";
       throw new VoxcError(
-        `The model needs ${amount(need)} for ${what} (${name}${buffer ? `: ${requirements.largestName}` : ""}), ` +
-        `but this GPU/browser allows ${amount(limits[name])}. ` +
-        (buffer ? "Use a GPU/browser with higher limits (Chrome or Edge on a discrete GPU allow 2 GB or more), " +
-                  "or a smaller build of the model."
-          : name.endsWith("Size") ? "Use a GPU/browser with higher limits."
-          : "Rebuild the model for smaller workgroups or fewer bindings."),
+        `The model needs ${amount(need)} for ${what} (${name}), but this GPU/browser allows ${amount(limits[name])}. ` +
+        (name.endsWith("Size") ? "Use a GPU/browser with higher limits." : "Rebuild the model for smaller workgroups or fewer bindings."),
         { code: "limit" });
     }
   }
-  return { adapter, info, features: [...adapter.features], limits };
+  // every large buffer against both buffer limits, largest first: the message names the buffer
+  const buffers = requirements.buffers ??
+    [{ what: requirements.largestName ?? "a buffer", bytes: requirements.maxBufferSize ?? 0 }];
+  for (const buf of buffers) {
+    for (const [name, what] of Object.entries(BUFFER_LIMITS)) {
+      if (buf.bytes > limits[name]) {
+        const streams = (requirements.maxStreams ?? 1) > 1 && /stream/.test(buf.what)
+          ? ` Fewer streams at once (maxStreams, now ${requirements.maxStreams}) need less.` : "";
+        throw new VoxcError(
+          `The model needs a ${bytesMB(buf.bytes)} buffer for ${buf.what}, but this GPU/browser allows ` +
+          `${bytesMB(limits[name])} for ${what} (${name}).${streams} Use a GPU/browser with higher limits ` +
+          "(Chrome or Edge on a discrete GPU allow 2 GB or more), or a smaller build of the model.",
+          { code: "limit" });
+      }
+    }
+  }
+  const memory = memoryUpperBound(deviceMemory);
+  if (memory !== null && (requirements.totalBytes ?? 0) > memory) {
+    const parts = [`${bytesMB(requirements.weightsBytes ?? 0)} of weights`,
+                   ...buffers.filter((b) => b.kind === "state" && b.bytes >= 1 << 20)
+                     .map((b) => `${bytesMB(b.bytes)} for ${b.what}`)];
+    throw new VoxcError(
+      `The model needs ${bytesMB(requirements.totalBytes)} of GPU memory (${parts.join(", ")}), but this ` +
+      `computer reports less than ${bytesMB(memory)} of memory (navigator.deviceMemory). ` +
+      "Use a computer with more memory or a discrete GPU, or a smaller build of the model.",
+      { code: "memory" });
+  }
+  return { adapter, info, features: [...adapter.features], limits, memory };
 }
 
 // The device voxc asks for: the adapter's own maxima for the limits a model leans on (tvmjs's
@@ -357,6 +424,38 @@ async function loadWeights(tvm, dev, base, manifest, scope, report) {
   await Promise.all(pending);
   await dev.sync();
   return { bytes: total, seconds: (performance.now() - t0) / 1000, fromCache };
+}
+
+/**
+ * The model's state buffers, one slot per stream (`maxStreams` slots, the manifest's null axis),
+ * allocated inside an out-of-memory error scope: a GPU that cannot hold one fails with a
+ * VoxcError (code "memory") naming it.  WebGPU zero-fills new buffers; the caches need no clearing
+ * (positions before a stream's start are masked), the conv contexts are zeroed per stream in
+ * resetSlot.
+ */
+async function allocateState(tvm, dev, device, manifest, requirements) {
+  const state = {};
+  const scoped = typeof device.pushErrorScope === "function";
+  tvm.beginScope();
+  try {
+    for (const [name, spec] of Object.entries(manifest.state)) {
+      const shape = spec.shape.map((s) => (s === null ? requirements.maxStreams : s));
+      if (scoped) device.pushErrorScope("out-of-memory");
+      state[name] = tvm.detachFromCurrentScope(tvm.empty(shape, spec.dtype, dev));
+      const err = scoped ? await device.popErrorScope() : null;
+      if (err) {
+        for (const t of Object.values(state)) t.dispose();
+        const buf = requirements.buffers.find((b) => b.name === name);
+        throw new VoxcError(
+          `The GPU is out of memory for ${buf?.what ?? name} (${bytesMB(buf?.bytes ?? 0)}; the model needs ` +
+          `${bytesMB(requirements.totalBytes)} in all): ${err.message} Close other GPU-heavy tabs, ` +
+          "use fewer streams (maxStreams), or a GPU with more memory.", { code: "memory" });
+      }
+    }
+  } finally {
+    tvm.endScope();
+  }
+  return state;
 }
 
 // Old bundles' caches: a rebuilt model gets a new id, so its predecessor's weights can go.
@@ -629,7 +728,7 @@ export class Voxc {
    * (small pseudo-random values, for benchmarks of weight-less bundles).
    */
   static async load(baseUrl, { onProgress = () => {}, tvmjsUrl, powerPreference = "high-performance",
-                               logger = console.log, maxStreams = 1, weights = "fetch" } = {}) {
+                               logger = console.log, maxStreams = 1, weights = "fetch", deviceMemory } = {}) {
     const t0 = performance.now();
     const base = new URL(baseUrl, globalThis.location?.href);
     const report = (phase, progress, text) =>
@@ -642,7 +741,7 @@ export class Voxc {
     }
     const manifest = await manifestResp.json();
     const requirements = bundleRequirements(manifest, { maxStreams });
-    const gpuInfo = await checkWebGPU({ requirements, powerPreference });
+    const gpuInfo = await checkWebGPU({ requirements, powerPreference, deviceMemory });
 
     report("runtime", 0, "Loading the TVM runtime");
     const tvmjs = await importTvmjs(tvmjsUrl ?? new URL("tvmjs.js", base).href);
@@ -666,6 +765,10 @@ export class Voxc {
     });
     tvm.initWebGPU(device);
     const dev = tvm.webgpu();
+    // The state buffers (the caches: the largest allocations) before the download, so that a GPU
+    // without the memory for them fails now, naming the buffer, rather than after gigabytes.
+    const state = manifest.kind === "voxtral-realtime"
+      ? await allocateState(tvm, dev, device, manifest, requirements) : null;
 
     let phase = "weights";
     tvm.registerInitProgressCallback((r) => report(phase, r.progress, r.text));
@@ -701,8 +804,12 @@ export class Voxc {
     tvm.endScope();
     const tokens = tokenizerPromise ? await tokenizerPromise : null;
 
-    const model = new Voxc({ tvmjs, tvm, vm, dev, params, packedParams, manifest, tokens, maxStreams, weightStats,
-                             loadSeconds: 0, gpu: { ...gpuInfo, device }, deviceLost: () => lost });
+    const footprint = { weightsBytes: requirements.weightsBytes, stateBytes: requirements.stateBytes,
+                        totalBytes: requirements.totalBytes, maxStreams: requirements.maxStreams,
+                        buffers: requirements.buffers.map(({ name, kind, bytes }) => ({ name, kind, bytes })) };
+    const model = new Voxc({ tvmjs, tvm, vm, dev, params, packedParams, manifest, tokens,
+                             maxStreams: requirements.maxStreams, weightStats,
+                             loadSeconds: 0, gpu: { ...gpuInfo, device }, deviceLost: () => lost, state, footprint });
     if (manifest.kind === "voxtral-realtime") {
       model.#initState();
     }
@@ -778,14 +885,7 @@ export class Voxc {
     // weights built from an ONNX export fix the delay (voxc.artifact.FIXED_DELAY_FIELD)
     this.fixedDelayMs = manifest.fixed_delay_ms ?? null;
     this.freeSlots = [...Array(this.maxStreams).keys()];
-    this.state = {};
     tvm.beginScope();
-    for (const [name, spec] of Object.entries(manifest.state)) {
-      const shape = spec.shape.map((s) => (s === null ? this.maxStreams : s));
-      // WebGPU zero-fills new buffers; the caches need no clearing (positions before a stream's
-      // start are masked), the conv contexts are zeroed per stream in resetSlot.
-      this.state[name] = tvm.detachFromCurrentScope(tvm.empty(shape, spec.dtype, this.dev));
-    }
     this.fns = {};
     for (const name of ["mel", "encode", "decode"]) {   // kept for the model's life
       this.fns[name] = tvm.detachFromCurrentScope(this.vm.getFunction(name));

@@ -16,7 +16,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 from tvm.relax.frontend.nn.core import wrap_nested
 
-from schedules.embedding_parts import gather_rows_func, write_columns_func
+from schedules.embedding_parts import gather_rows_func, select_rows_func, write_columns_func
 from voxc.model.quant_linear import QuantEmbedding
 from voxc.quant.formats import kernel_layout_shapes
 
@@ -88,7 +88,8 @@ class SplitQuantEmbedding(nn.Module):
     """A quantized tied token table (voxc.model.quant_linear.QuantEmbedding) as row blocks
     ``parts.<k>.qweight`` / ``parts.<k>.scales``: the 4B model's Q4_K table (201 MB of packed levels)
     is above WebGPU's 128 MiB binding limit too.  A lookup gathers from every block (ids outside a
-    block read its row 0, masked out); the LM head runs the Q4 kernels per block into its columns."""
+    block read its row 0) and selects each block's rows in place (one kernel, three bindings, per
+    block); the LM head runs the Q4 kernels per block into its columns."""
 
     def __init__(self, vocab_size: int, dim: int, qtype, dtype: str, rows_per_part: int,
                  kernel_target: str | None = None):
@@ -102,11 +103,11 @@ class SplitQuantEmbedding(nn.Module):
         acc = op.zeros((b * n, self.dim), self.dtype)
         for (start, end), part in zip(self.bounds, self.parts):
             local = op.subtract(flat, nn.Tensor.from_const(np.array(start, "int32")))
-            rows = part.lookup(local)
-            col = op.reshape(local, (b * n, 1))
-            inside_lo = op.greater_equal(col, nn.Tensor.from_const(np.array(0, "int32")))
-            inside_hi = op.less(col, nn.Tensor.from_const(np.array(end - start, "int32")))
-            acc = op.where(inside_lo, op.where(inside_hi, rows, acc), acc)
+            rows = part.lookup(local)   # ids outside the block read its row 0: not selected below
+            acc = op.tensor_ir_inplace_op(
+                select_rows_func(start, end - start, self.dim, self.dtype), "embedding_part_select",
+                args=[acc, rows, flat], inplace_indices=[0],
+                out=nn.Tensor.placeholder((b * n, self.dim), self.dtype))
         return op.reshape(acc, (b, n, self.dim))
 
     def project(self, hidden: nn.Tensor) -> nn.Tensor:

@@ -1,0 +1,47 @@
+// ?bundle=<url of the bundle folder>.  Cases (each a patch of the bundle's manifest, maxStreams and
+// a navigator.deviceMemory value in GiB) run through bundleRequirements + checkWebGPU; posts
+// {ok, limits, deviceMemory, cases: [{name, ok, code, message, requirements}]} to /result.
+const params = new URLSearchParams(location.search);
+const post = (obj) => fetch("/result", { method: "POST", body: JSON.stringify(obj) });
+try {
+  const bundle = new URL(params.get("bundle"), location.href).href;
+  const { bundleRequirements, checkWebGPU } = await import(new URL("voxc.js", bundle).href);
+  const manifest = await (await fetch(new URL("voxc-artifact.json", bundle))).json();
+  const adapter = await navigator.gpu.requestAdapter();
+  const limit = Math.min(adapter.limits.maxBufferSize, adapter.limits.maxStorageBufferBindingSize);
+  const GiB = 2 ** 30;
+  const withDecCache = (bytes) => (m) => { m.state.dec_cache.bytes_per_stream = bytes; };
+  const cases = [
+    { name: "as built" },
+    { name: "as built, 1 GiB reported", deviceMemory: 1 },
+    // half the adapter's buffer limit plus a little per stream: one stream fits, two do not
+    { name: "cache, 1 stream", patch: withDecCache(Math.floor(limit / 2) + 4096) },
+    { name: "cache, 2 streams", patch: withDecCache(Math.floor(limit / 2) + 4096), maxStreams: 2 },
+    // 4 GiB of weights (many buffers) + 256 MiB of decoder cache on a computer reporting 2 GiB
+    // (less than 4 GiB); each buffer within SwiftShader's limits
+    { name: "memory", deviceMemory: 2,
+      patch: (m) => { m.gpu.total_param_bytes = 4 * GiB; m.state.dec_cache.bytes_per_stream = GiB / 4; } },
+    { name: "memory, 8 GiB reported (a lower bound)", deviceMemory: 8,
+      patch: (m) => { m.gpu.total_param_bytes = 4 * GiB; m.state.dec_cache.bytes_per_stream = GiB / 4; } },
+    { name: "workgroup storage", patch: (m) => { m.gpu.max_workgroup_storage_bytes = 16896; } },
+  ];
+  const out = [];
+  for (const c of cases) {
+    const m = structuredClone(manifest);
+    c.patch?.(m);
+    const requirements = bundleRequirements(m, { maxStreams: c.maxStreams ?? 1 });
+    try {
+      await checkWebGPU({ requirements, deviceMemory: c.deviceMemory });
+      out.push({ name: c.name, ok: true, requirements });
+    } catch (err) {
+      out.push({ name: c.name, ok: false, code: err.code, message: err.message, requirements });
+    }
+  }
+  document.getElementById("status").textContent = "done";
+  await post({ ok: true, limits: { maxBufferSize: adapter.limits.maxBufferSize,
+                                   maxStorageBufferBindingSize: adapter.limits.maxStorageBufferBindingSize,
+                                   maxComputeWorkgroupStorageSize: adapter.limits.maxComputeWorkgroupStorageSize },
+               deviceMemory: navigator.deviceMemory ?? null, cases: out });
+} catch (err) {
+  await post({ ok: false, error: String(err && err.stack ? `${err}\n${err.stack}` : err) });
+}
