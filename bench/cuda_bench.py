@@ -213,6 +213,7 @@ def bench_artifact(report, art: Path, device: Device, copy_gbps: float):
             lat.append((time.perf_counter() - t) * 1e3)
         s.finish()
         res[f"stream_80ms_{tag}"] = stats(lat[min(10, len(lat) // 2):])
+        res[f"cuda_graph_replays_{tag}"] = getattr(model, "cuda_graph_replays", 0)   # 0: the steps launched kernel by kernel
         report[name] = res
     model.use_static_entries(False)
     batch = {}

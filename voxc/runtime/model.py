@@ -81,6 +81,7 @@ class CompiledModel:
         self.cuda_graphs = runtime.kind == "cuda" and os.environ.get("VOXC_CUDA_GRAPHS", "1") != "0"
         self._graph_inputs = None
         self._decode_captured = None
+        self.cuda_graph_replays = 0     # one-token steps run from a captured graph (benchmarks report it)
         self._encode_single_mel = (1, self.config.encoder.num_mel_bins, ENCODE_B1T8.dim("t"))
         self._view = runtime.ffi.get_global_func("runtime.TVMTensorCreateView")
         self.slots = SlotPool(max_streams)
@@ -203,6 +204,7 @@ class CompiledModel:
                 self._decode_captured = None
                 return self.decode(tokens, delays, slots, starts)
         logits, next_tokens, self.dec_cache = self._decode_captured.replay()
+        self.cuda_graph_replays += 1
         return logits, next_tokens
 
     def delay_tokens(self, delay_ms: int) -> int:
