@@ -53,3 +53,16 @@ def run_stream(model, audio, *, delay_ms=None, chunk=None):
     assert begin >= len(audio)
     text.append(session.finish())
     return "".join(text), np.array(session.tokens), np.array(session.logits)
+
+
+def q4k_config():
+    """Every input width a multiple of 256 (Q4_K's super-block), the tiny tokenizer's vocabulary,
+    windows shorter than the clip (encoder 8, decoder 16: the rings wrap)."""
+    from voxc.config import AudioConfig, DecoderConfig, EncoderConfig, ModelConfig
+    from voxc.tokenizer import TINY_VOCAB_SIZE
+
+    return ModelConfig(
+        EncoderConfig(dim=256, n_layers=1, n_heads=4, head_dim=64, hidden_dim=512, sliding_window=8),
+        DecoderConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, hidden_dim=512,
+                      sliding_window=16, vocab_size=TINY_VOCAB_SIZE),
+        AudioConfig()).validate()

@@ -96,3 +96,24 @@ def test_community_gguf_builds_compute_the_dequantized_model(tmp_path, layout):
     # fused dequant kernels sum in another order than a dense matmul: float rounding only (a name
     # or row-order slip moves logits by their own size)
     assert np.abs(logits - ref_logits).max() < 1e-3 * np.abs(ref_logits).max()
+
+
+def test_int8_activations_keep_the_tokens(tmp_path):
+    """`--int8-activations` (llvm): the int8 GEMVs give the float-activation build's tokens (Q4_K),
+    logits within the activation rounding (a few percent of their range on a small model)."""
+    import dataclasses
+
+    from references import q4k_config
+    from targets.llvm import TARGET
+    from voxc.loader.tiny import make_tiny
+
+    ckpt = make_tiny(tmp_path / "ckpt", seed=5, config=q4k_config())   # widths that fit Q4_K's blocks
+    build(ckpt, "llvm", tmp_path / "float", progress=False, quantization="q4_k")
+    build(ckpt, "llvm", tmp_path / "int8", progress=False, quantization="q4_k", int8_activations=True)
+    if dataclasses.replace(TARGET, int8_activations=True).int8_isa() is None:
+        pytest.skip("this CPU has no integer dot products voxc uses")
+    audio = sine_with_noise(seconds=2.0)
+    _, tokens, logits = run(tmp_path / "int8", audio)
+    _, ref_tokens, ref_logits = run(tmp_path / "float", audio)
+    assert tokens.tolist() == ref_tokens.tolist()
+    assert 0 < np.abs(logits - ref_logits).max() < 5e-2 * np.abs(ref_logits).max()

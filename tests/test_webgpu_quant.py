@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent / "web"))
 import browser_harness  # noqa: E402
 
 from clips import sine_with_noise  # noqa: E402
+from references import q4k_config  # noqa: E402
 from targets import webgpu  # noqa: E402
 from voxc.artifact import MANIFEST  # noqa: E402
 
@@ -34,19 +35,6 @@ EMBEDDING_PART_BYTES = 64 << 10   # the Q4_K table (1268 rows x 256: 185 KB) -> 
 LOGITS_RTOL = 1e-3
 # (samples per feed (0: the whole clip at once), delay ms, record logits)
 STREAMS = [(1280, 480, True)]   # SwiftShader runs the Q4 GEMM tiles slowly: one stream (2.5 min on 2 cores)
-
-
-def q4k_config():
-    """Every input width a multiple of 256 (Q4_K's super-block), the tiny tokenizer's vocabulary,
-    windows shorter than the clip (encoder 8, decoder 16: the rings wrap)."""
-    from voxc.config import AudioConfig, DecoderConfig, EncoderConfig, ModelConfig
-    from voxc.tokenizer import TINY_VOCAB_SIZE
-
-    return ModelConfig(
-        EncoderConfig(dim=256, n_layers=1, n_heads=4, head_dim=64, hidden_dim=512, sliding_window=8),
-        DecoderConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, hidden_dim=512,
-                      sliding_window=16, vocab_size=TINY_VOCAB_SIZE),
-        AudioConfig()).validate()
 
 
 @pytest.fixture(scope="module")

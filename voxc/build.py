@@ -26,7 +26,7 @@ DTYPES = ("float32", "float16")
 def build(checkpoint: str | Path, target, out_dir: str | Path, *, progress: bool = True,
           left_pad_tokens: int | None = None, quantization: str | None = None, dtype: str | None = None,
           tokenizer: str | Path | None = None, cpu: str | None = None, weights: bool = True, force: bool = False,
-          strict_quantization: bool = False, report=None) -> Path:
+          strict_quantization: bool = False, int8_activations: bool = False, report=None) -> Path:
     """Compile ``checkpoint`` for ``target`` into the artifact directory ``out_dir``.
 
     ``target``: a target name (llvm, cuda, webgpu) or a targets.base.TargetSpec.
@@ -35,7 +35,8 @@ def build(checkpoint: str | Path, target, out_dir: str | Path, *, progress: bool
     whose rows do not fit the requested type's blocks is an error instead of stored in another type.
     ``dtype``: the activation, cache and float-weight dtype (float32 or float16; default: the
     target's, float16 for a quantized GPU build).  ``cpu`` (llvm only): the CPU to generate code for,
-    ``native`` (default), ``generic`` or an LLVM CPU name.  ``weights=False`` writes no weights (a
+    ``native`` (default), ``generic`` or an LLVM CPU name.  ``int8_activations`` (llvm only): quantized
+    GEMVs round activations to int8 and use the CPU's integer dot products (faster, less exact).  ``weights=False`` writes no weights (a
     benchmark artifact: the checkpoint needs only its config and tokenizer; runtimes fill random
     weights).  ``force``: replace an existing ``out_dir``.  ``report``: a targets.base.CompileReport
     the compile fills in.
@@ -59,6 +60,10 @@ def build(checkpoint: str | Path, target, out_dir: str | Path, *, progress: bool
             raise VoxcError(f"--cpu applies to the llvm (CPU) target, not {target.name}")
         target = dataclasses.replace(target, mcpu=cpu)
         target.tvm_target()   # an unknown CPU name fails here, before the compile
+    if int8_activations:
+        if not hasattr(target, "int8_activations"):
+            raise VoxcError(f"--int8-activations applies to the llvm (CPU) target, not {target.name}")
+        target = dataclasses.replace(target, int8_activations=True)
     if left_pad_tokens is not None:
         artifact.check_left_pad_tokens(left_pad_tokens)
     quant_request = QType.parse(quantization).value if quantization else None

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "instructions is refused with a clear message")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tekken.json to use (needed for GGUF files that carry no tokenizer, e.g. the Rust port's)")
+    p.add_argument("--int8-activations", action="store_true",
+                   help="llvm target, quantized weights: round decode activations to int8 and use the CPU's "
+                        "integer dot products (VNNI, AVX2, AArch64 dotprod): 1.5-2x faster GEMVs, logits less exact")
     p.add_argument("--strict-quantization", action="store_true",
                    help="fail when a weight cannot be stored in the requested type, instead of storing it in "
                         "another one (the build prints which weights those are, and why)")
@@ -148,7 +151,7 @@ def cmd_build(args) -> int:
         raise VoxcError(f"{args.checkpoint} does not exist")
     build(args.checkpoint, args.target, out, progress=not args.quiet, left_pad_tokens=args.left_pad_tokens,
           quantization=args.quantization, dtype=args.dtype, tokenizer=args.tokenizer, cpu=args.cpu,
-          force=args.force, strict_quantization=args.strict_quantization)
+          force=args.force, strict_quantization=args.strict_quantization, int8_activations=args.int8_activations)
     print(f"built {out}")
     return 0
 
