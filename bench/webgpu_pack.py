@@ -26,22 +26,11 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "tests"))
+from references import q4k_config  # noqa: E402   the small Q4_K-sized config the browser tests use
 
 CHUNK = 1280          # 80 ms feeds, as the demo page's microphone
 DELAY_MS = 480
-
-
-def q4k_config():
-    """Every input width a multiple of 256 (Q4_K's super-block), the tiny tokenizer's vocabulary,
-    windows shorter than the clip (encoder 8, decoder 16: the rings wrap)."""
-    from voxc.config import AudioConfig, DecoderConfig, EncoderConfig, ModelConfig
-    from voxc.tokenizer import TINY_VOCAB_SIZE
-
-    return ModelConfig(
-        EncoderConfig(dim=256, n_layers=1, n_heads=4, head_dim=64, hidden_dim=512, sliding_window=8),
-        DecoderConfig(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, hidden_dim=512,
-                      sliding_window=16, vocab_size=TINY_VOCAB_SIZE),
-        AudioConfig()).validate()
 
 
 def test_clip(seconds: float = 3.0, seed: int = 0) -> np.ndarray:
