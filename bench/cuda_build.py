@@ -75,17 +75,18 @@ def build_weightless(cfg, target, out_dir: Path, *, quantization: str | None = N
 
 
 def build_tiny_pair(out_root: Path, target=None, *, quantization: str | None = None, dtype: str | None = None,
-                    cuda: bool = True, twin_cpu: str = "generic") -> tuple[Path | None, Path]:
+                    cuda: bool = True, twin_cpu: str = "generic", config=None) -> tuple[Path | None, Path]:
     """The tiny test checkpoint built twice from the same weights: for ``target`` (default: the cuda
     target) into ``tiny_cuda`` and for llvm into ``tiny_llvm``, both with the same ``quantization``
     and ``dtype``.  The llvm twin is compiled for ``twin_cpu`` (generic: any x86-64 CPU, so the GPU
-    machine's host runs it whatever this machine's CPU).  ``cuda=False``: the llvm twin only."""
+    machine's host runs it whatever this machine's CPU).  ``cuda=False``: the llvm twin only.
+    ``config``: the checkpoint's ModelConfig (default ModelConfig.tiny())."""
     from targets.base import CompileReport
     from voxc.build import build
     from voxc.loader.tiny import make_tiny
 
     out_root = Path(out_root)
-    ckpt = make_tiny(out_root / "tiny_ckpt", force=True)
+    ckpt = make_tiny(out_root / "tiny_ckpt", config=config, force=True)
     cuda_dir = None
     if cuda:
         from targets.cuda import TARGET
@@ -320,6 +321,9 @@ def main(argv=None):
     ap.add_argument("--tiny-config", action="store_true", help="full: ModelConfig.tiny() (a rehearsal) instead of "
                                                                "ModelConfig()")
     ap.add_argument("--force", action="store_true", help="full: replace an existing artifact")
+    ap.add_argument("--q4k-config", action="store_true",
+                    help="tiny: every input width a multiple of 256 (tests/references.py q4k_config), so that "
+                         "Q4_K and Q8_0 quantize every layer instead of falling back to dense ones")
     args = ap.parse_args(argv)
     from voxc.config import ModelConfig
 
@@ -335,8 +339,14 @@ def main(argv=None):
     elif args.what == "attn":
         out = build_attention_modules(target, Path(args.out), TINY_ATTENTION_CASES if args.tiny else ATTENTION_CASES)
     else:
+        config = None
+        if args.q4k_config:
+            sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+            from references import q4k_config
+
+            config = q4k_config()
         out = build_tiny_pair(Path(args.out), None if args.no_cuda else cuda_target(args),
-                              quantization=args.quantization, dtype=args.dtype, cuda=not args.no_cuda)
+                              quantization=args.quantization, dtype=args.dtype, cuda=not args.no_cuda, config=config)
     print(f"built {out} in {time.perf_counter() - t0:.1f}s", flush=True)
 
 

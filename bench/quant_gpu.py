@@ -43,18 +43,29 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-# [out, in] weight shapes: the decoder's (w2, w1/w3, wo, wq, wk/wv), the encoder's, the LM head.
+# [out, in] weight shapes: the decoder's (w2, w1/w3, wo, wq, wk/wv), the encoder's, the adapter's, the LM head.
 SHAPES = {
     "dec.w2 3072x9216": (3072, 9216), "dec.w1/w3 9216x3072": (9216, 3072), "dec.wo 3072x4096": (3072, 4096),
     "dec.wq 4096x3072": (4096, 3072), "dec.wk/wv 1024x3072": (1024, 3072),
-    "enc.w1/w3 5120x1280": (5120, 1280), "enc.w2 1280x5120": (1280, 5120), "lm_head 131072x3072": (131072, 3072),
+    "enc.w1/w3 5120x1280": (5120, 1280), "enc.w2 1280x5120": (1280, 5120),
+    "enc.wq/wk/wv 2048x1280": (2048, 1280), "enc.wo 1280x2048": (1280, 2048),
+    "adapter.w_in 3072x5120": (3072, 5120), "adapter.w_out 3072x3072": (3072, 3072),
+    "lm_head 131072x3072": (131072, 3072),
 }
+# What fusing q/k/v and w1/w3 into one matrix each would give (rows stacked): measured for Q4_K only.
+FUSED_SHAPES = {
+    "fused dec.wqkv 6144x3072": (6144, 3072), "fused dec.w1+w3 18432x3072": (18432, 3072),
+    "fused enc.wqkv 6144x1280": (6144, 1280), "fused enc.w1+w3 10240x1280": (10240, 1280),
+}
+# Launch layouts of the CUDA GEMV (schedules/gpu_gemv.py) tried beside its default at batch 1:
+# (weight rows per thread, warps per block).
+GEMV_VARIANTS = ((1, 4), (4, 4), (2, 8), (2, 2))
 # `local`: a few tiny shapes (odd row counts, one Q4_K super-block per row) that build in seconds
 LOCAL_SHAPES = {"tiny 100x256": (100, 256), "tiny 36x512": (36, 512)}
-GEMV_BATCHES = (1, 4, 16)
+GEMV_BATCHES = (1, 2, 4, 8, 16)
 GEMM_ROWS = (64, 512)
 QTYPES = ("q4_0", "q8_0", "q4_k")
-PARAMS = ("acc", "y_cast", "x", "qweight", "scales", "m")       # what a kernel's parameters may be called
+PARAMS = ("acc", "y_cast", "y", "x", "qweight", "scales", "m")       # what a kernel's parameters may be called
 # CUDA launch limits (threads per block; block x, y, z; grid x, y, z)
 MAX_THREADS = 1024
 MAX_BLOCK = (1024, 1024, 64)
@@ -63,29 +74,48 @@ GUARD = 256                 # NaN elements on each side of an output
 
 
 def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None, qtypes=QTYPES,
-          batches=GEMV_BATCHES, dtype: str = "float32", kinds=("gemv", "gemm")) -> Path:
+          batches=GEMV_BATCHES, dtype: str = "float32", kinds=("gemv", "gemm"),
+          fused_shapes: dict | None = None, variants=GEMV_VARIANTS) -> Path:
+    """``shapes`` get every qtype, GEMV batch and (unless the LM head) the GEMM; ``fused_shapes`` the
+    Q4_K GEMV at batches 1 and 4; ``variants`` (rows per thread, warps) of the CUDA GEMV run at batch
+    1 on every Q4_K shape of ``shapes``, named ``..._r<R>w<W>``."""
     import tvm
     from tvm.support import nvcc
 
     from schedules.dequant_matmul import kernel_signature, make_kernel, thread_extents
+    from schedules.gpu_gemv import gpu_gemv
     from voxc.quant.formats import kernel_layout_shapes
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     funcs, manifest = {}, []
-    for label, (n, k) in (shapes or SHAPES).items():
-        for qtype in qtypes:
+
+    def add(func, label, qtype, n, k, batch, variant=None):
+        name = func.attrs["global_symbol"]
+        funcs[name] = func
+        manifest.append({"name": name, "label": label, "qtype": qtype, "n": n, "k": k, "batch": batch,
+                         "dtype": dtype, "variant": variant,
+                         "layout": {key: list(v) for key, v in kernel_layout_shapes(qtype, n, k).items()},
+                         "launch": thread_extents(func, 1) if batch is None else thread_extents(func)})
+
+    plan = [(label, shape, qtypes, (*(batches if "gemv" in kinds else ()), *((None,) if "gemm" in kinds else ())))
+            for label, shape in (SHAPES if shapes is None else shapes).items()]
+    plan += [(label, shape, ("q4_k",), (1, 4)) for label, shape in (fused_shapes or {}).items()]
+    for label, (n, k), label_qtypes, label_batches in plan:
+        for qtype in label_qtypes:
             if k % (256 if qtype == "q4_k" else 32):
                 continue
-            for batch in (*(batches if "gemv" in kinds else ()), *((None,) if "gemm" in kinds else ())):
+            for batch in label_batches:
                 if batch is None and label.startswith("lm_head"):
                     continue
-                func = make_kernel(qtype, n, k, batch, dtype=dtype, target="cuda", dispatch_rows=False)
-                name = func.attrs["global_symbol"]
-                funcs[name] = func
-                manifest.append({"name": name, "label": label, "qtype": qtype, "n": n, "k": k, "batch": batch,
-                                 "dtype": dtype, "layout": {key: list(v) for key, v in kernel_layout_shapes(qtype, n, k).items()},
-                                 "launch": thread_extents(func, 1) if batch is None else thread_extents(func)})
+                add(make_kernel(qtype, n, k, batch, dtype=dtype, target="cuda", dispatch_rows=False),
+                    label, qtype, n, k, batch)
+            if qtype == "q4_k" and 1 in label_batches and label in (SHAPES if shapes is None else shapes):
+                for rows_per_thread, warps in variants:
+                    name = f"gemv_{qtype}_{n}x{k}_b1_{dtype}_cuda_r{rows_per_thread}w{warps}"
+                    func = gpu_gemv(qtype, n, k, 1, dtype, rows_per_thread=rows_per_thread, warps=warps)
+                    add(func.with_attrs({"global_symbol": name, "tirx.is_scheduled": True}), label, qtype, n, k, 1,
+                        variant=f"r{rows_per_thread}w{warps}")
     target = tvm.target.Target({"kind": "cuda", "arch": arch})
     t0 = time.time()
     source = tvm.compile(tvm.IRModule(funcs), target=target).mod.imports[0].inspect_source("")
@@ -125,7 +155,7 @@ def check_manifest(out_dir: str | Path, gemm_rows=GEMM_ROWS) -> list[str]:
     """Problems of a ``build`` output that ``run`` would trip over (empty: none): files, kernels
     missing from the cubin, parameters ``run`` cannot bind, launches outside CUDA's limits."""
     out = Path(out_dir)
-    problems = [f"missing {name}" for name in ("manifest.json", "kernels.cubin", "kernels.cu") if not (out / name).exists()]
+    problems = [f"missing {name}" for name in ("manifest.json", "kernels.cubin") if not (out / name).exists()]
     if problems:
         return problems
     manifest = json.loads((out / "manifest.json").read_text())
@@ -151,7 +181,8 @@ def local(out_dir: str | Path | None = None, arch: str = "sm_90") -> Path:
     import tempfile
 
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="quant_gpu_local_"))
-    build(out, arch, shapes=LOCAL_SHAPES, batches=(1, 4))
+    build(out, arch, shapes=LOCAL_SHAPES, batches=(1, 4, 16), fused_shapes={"fused tiny 72x256": (72, 256)},
+          variants=GEMV_VARIANTS[:1])
     problems = check_manifest(out)
     if problems:
         raise SystemExit("quant_gpu local: " + "; ".join(problems))
@@ -341,6 +372,7 @@ def _run(cp, stream, out: Path, gemm_rows, l2_bytes: int, reps: int) -> dict:
             tol = 1e-2 if entry["dtype"] == "float16" else 1e-4
             seconds = timer.graph(launch)
             row = {"label": entry["label"], "qtype": qtype, "kind": "gemv" if entry["batch"] else "gemm",
+                   "variant": entry.get("variant"),
                    "rows": rows, "dtype": entry["dtype"], "grid": list(grid), "block": list(block),
                    "us": round(seconds * 1e6, 2), "weight_GBps": round(wbytes / seconds / 1e9, 1),
                    "of_hbm": round(wbytes / seconds / 1e9 / hbm_gbps, 3),
@@ -395,7 +427,8 @@ def main(argv=None):
         local(args.out, args.arch)
         return 0
     if args.cmd in ("build", "all"):
-        build(args.out, args.arch, shapes=_select(args.only), dtype=args.dtype, kinds=tuple(args.kinds.split(",")))
+        build(args.out, args.arch, shapes=_select(args.only), dtype=args.dtype, kinds=tuple(args.kinds.split(",")),
+              fused_shapes=None if args.only else FUSED_SHAPES)
     if args.cmd in ("run", "all"):
         res = run(getattr(args, "dir", None) or args.out)
         if args.json:

@@ -48,7 +48,7 @@ import re
 import tvm
 from tvm import te, tirx
 
-from schedules import int8_gemv
+from schedules import gpu_gemv, int8_gemv
 from voxc.errors import VoxcError
 from voxc.quant.formats import QType, kernel_layout_shapes
 
@@ -490,6 +490,8 @@ def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
     q, n, k = spec.qtype, spec.out_features, spec.in_features
     if spec.kind == "gemv" and spec.int8 and int8_gemv.available(q, k, spec.int8):
         return _finish(int8_gemv.int8_gemv(q, n, k, spec.batch, spec.dtype, spec.int8, name=spec.name), spec.name)
+    if spec.kind == "gemv" and spec.target == "cuda" and spec.batch <= gpu_gemv.MAX_ROWS:
+        return _finish(gpu_gemv.gpu_gemv(q, n, k, spec.batch, spec.dtype), spec.name)
     if spec.kind == "gemv":
         if spec.target == "llvm":
             func = gemv_compute(q, n, k, spec.batch, spec.dtype, spec.target, lanes=8)
@@ -506,8 +508,17 @@ def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
             gemv = gemv_compute(q, n, k, rows, spec.dtype, spec.target, lanes=8)
             small = _schedule_gemv_llvm(gemv, q, n, k, rows).mod["main"]
             return _finish(row_dispatch([(f"m <= {MAX_GEMV_BATCH}", small)], sch.mod["main"]), spec.name)
+        if spec.dispatch_rows and spec.target == "cuda":
+            # A few rows (a decode step of 1..8 streams, one stream's 4-frame encoder step) read
+            # every weight once through the GEMV, which holds its rows in registers: static
+            # kernels for 1 and 2 rows, and 4- and 8-row ones that mask the rows past m.
+            branches = [(f"m == {rows}", _make_kernel(dataclasses.replace(spec, batch=rows))) for rows in (1, 2)]
+            branches += [(f"m <= {rows}", gpu_gemv.gpu_gemv(q, n, k, rows, spec.dtype, symbolic_rows=True))
+                         for rows in (4, gpu_gemv.MAX_ROWS)]
+            func = row_dispatch(branches, sch.mod["main"], gpu=True)
+            return _finish(_guard_rows(func, max(n, k), spec.name), spec.name)
         if spec.dispatch_rows and spec.target != "llvm":
-            # GPU GEMVs keep per-row accumulators in registers, so their batch is static: the
+            # WebGPU GEMVs keep per-row accumulators in registers, so their batch is static: the
             # one-row step (decode) gets the batch-1 GEMV, any other row count the tiled GEMM
             one = _make_kernel(dataclasses.replace(spec, batch=1))
             func = row_dispatch([("m == 1", one)], sch.mod["main"], gpu=True)
@@ -523,8 +534,8 @@ def row_dispatch(branches, default: tirx.PrimFunc, *, gpu: bool = False) -> tirx
     ``default``'s otherwise.  The GEMM dequantizes whole weight tiles whatever ``m`` is, so a few rows
     (a decode step, one stream's encoder chunk) cost as much as hundreds (7 s for one row of the 4B
     decoder on 2 CPU cores); a GEMV reads each weight once per row tile instead.  A branch function
-    has the same parameter names as ``default`` (its shapes may fix ``m``, e.g. a batch-1 GEMV under
-    ``m == 1``).  Each body goes into its own block of one function, through TVMScript: TVM 0.27's
+    has the parameters of ``default`` in the same order (renamed to ``default``'s names if they
+    differ; its shapes may fix ``m``, e.g. a batch-1 GEMV under ``m == 1``).  Each body goes into its own block of one function, through TVMScript: TVM 0.27's
     Python API has no variable substitution to merge bodies directly.  On GPUs the condition is
     marked thread-invariant, so the host picks the kernel (as targets.cuda.small_m_dispatch)."""
     import typing
@@ -550,8 +561,12 @@ def row_dispatch(branches, default: tirx.PrimFunc, *, gpu: bool = False) -> tirx
     source = header + decls
     for index, (condition, func) in enumerate(branches):
         _, _, branch_params, body = parts(func)
-        if branch_params != params:
-            raise VoxcError(f"row_dispatch: parameters {branch_params} differ from {params}")
+        if len(branch_params) != len(params):
+            raise VoxcError(f"row_dispatch: parameters {branch_params} do not match {params}")
+        renames = {old: new for old, new in zip(branch_params, params) if old != new}
+        if renames:      # same order, other names: the branch's body speaks of the default's buffers
+            pattern = re.compile(r"(?<![\w.])(" + "|".join(map(re.escape, renames)) + r")\b")
+            body = [pattern.sub(lambda hit: renames[hit.group(1)], line) for line in body]
         test = f"T.tvm_thread_invariant({condition})" if gpu else condition
         source += [f"    {'if' if index == 0 else 'elif'} {test}:", f'        with T.sblock("rows_case_{index}"):']
         source += nested(body)

@@ -58,19 +58,22 @@ else
   [ "$MODE" = "--quick" ] && ARCHS="--archs sm_90"
   "$PY" $CB tiny "$PACK/artifacts" --archs ${TINY_ARCHS:-sm_80,sm_90}
   # VARIANTS: which other builds travel, as name:cuda_build-args pairs (tiny_* -> tiny_cuda_<x> and its
-  # llvm twin tiny_llvm_<x>; full_* -> a weight-less full-size artifact; quantbench -> bench/quant_gpu.py's cubin)
+  # llvm twin tiny_llvm_<x>; full_* -> a weight-less full-size artifact; quantbench[:quant_gpu-build-args]
+  # -> bench/quant_gpu.py's cubin)
   VARIANTS=${VARIANTS-"tiny_graph:--cuda-graph full:--archs=sm_80,sm_90 full_graph:--cuda-graph+--archs=sm_90"}
   "$PY" $CB attn "$PACK/artifacts/attn_cuda.so" --archs sm_90
 fi
 for spec in $VARIANTS; do
-  name=${spec%%:*}; args=$(echo "${spec#*:}" | tr '+' ' ')   # args joined by '+', e.g. --dtype=float16+--cuda-graph
+  name=${spec%%:*}; args=""                     # args joined by '+', e.g. --dtype=float16+--cuda-graph
+  case $spec in *:*) args=$(echo "${spec#*:}" | tr '+' ' ') ;; esac
   case $name in
     tiny_*)  rm -rf "$PACK/tmp" && mkdir -p "$PACK/tmp" && "$PY" $CB tiny "$PACK/tmp" --archs sm_90 $args
              mv "$PACK/tmp/tiny_cuda" "$PACK/artifacts/tiny_cuda_${name#tiny_}"
              [ "$name" = tiny_graph ] || mv "$PACK/tmp/tiny_llvm" "$PACK/artifacts/tiny_llvm_${name#tiny_}"
              rm -rf "$PACK/tmp" ;;
     full*)   [ "$MODE" = "--quick" ] || "$PY" $CB full "$PACK/artifacts/${name/full/full_cuda}" $args ;;
-    quantbench) "$PY" bench/quant_gpu.py build --out "$PACK/quantbench" --arch sm_90 ;;
+    quantbench) "$PY" bench/quant_gpu.py build --out "$PACK/quantbench" --arch sm_90 $args
+                gzip -9 "$PACK/quantbench/kernels.cu" ;;     # the source, for reading only: 19 MB plain
     *)       echo "unknown variant $name" >&2; exit 2 ;;
   esac
 done

@@ -1,0 +1,241 @@
+"""Hand-written CUDA GEMV over the quantized kernel layout: 1..8 activation rows, each weight read once.
+
+``y[b, n] = sum_k x[b, k] * W[n, k]`` for Q4_0 / Q4_K / Q8_0 ``W`` in the layout of
+:mod:`voxc.quant.formats`, with float32 accumulation whatever the activation dtype.
+
+Why a separate kernel (webgpu keeps the TE schedule of :mod:`schedules.dequant_matmul`): that
+schedule gave each 32-element group four threads, each loading one 32-bit word and each decoding
+the group's scale (Q4_K's 6-bit sub-scale select costs ~30 integer ops, paid once per 8 weights),
+and it measured 7-29% of the copy bandwidth at the decoder's shapes on an H100; its multi-row form
+ran about 11x slower than one row.  Here:
+
+* A *unit* is 64 weights of one row, loaded as 128-bit words: Q4_0 groups ``2u, 2u+1`` (contiguous,
+  one scale word); Q4_K sub-blocks ``j`` and ``j+4`` of one super-block, so which branch of ggml's
+  ``get_scale_min_k4`` applies is fixed per half at compile time and both halves decode their
+  6-bit scale and min from the super-block's 16-byte header, loaded once; Q8_0 one 32-element group
+  (also 2 x 128 bits).  An odd number of Q4_0 groups falls back to one group per unit.
+* Lane ``x`` of a warp takes units ``x, x+32, ...`` of ``R`` rows.  All ``R`` units' words are
+  loaded before any arithmetic (``R x 32`` bytes in flight per thread), and every activation the
+  thread loads serves its ``R`` rows; warps on ``threadIdx.y`` take further rows.  The 32 lanes'
+  partial sums of each (row, activation row) meet in a warp-shuffle reduction.
+* Per group ``g`` the math is factored as in dequant_matmul: ``sum_i x_i * level_i`` once per
+  element, then ``scale_g * part - offset_g * sum_i x_i`` (the offset only for Q4_K).  Levels become
+  floats by the exponent trick (``bits | 0x4B000000`` minus ``2^23``): integer-to-float conversion
+  runs at a quarter rate on NVIDIA.
+* ``max_rows`` activation rows are unrolled into registers.  With ``symbolic_rows`` the row count
+  is a variable ``m <= max_rows`` (rows past ``m`` read zeros and are not stored), so one kernel
+  serves, e.g., the 3- and 4-row calls that a symbolic-shape entry makes.
+
+Entry point :func:`gpu_gemv`; :func:`gemv_layout` gives the launch layout (checked by tests on the
+host, as launch limits are).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from tvm import tirx
+
+from schedules import pin_source
+from voxc.errors import VoxcError
+from voxc.quant.formats import QType, kernel_layout_shapes
+
+pin_source(__name__)
+
+GROUP = 32
+UNIT = 64                 # weights of one row a lane handles per step (Q8_0: 32)
+WARP = 32
+MAX_ROWS = 8              # activation rows held in registers (beyond: dequant_matmul's kernels)
+MAGIC = 0x4B000000        # float bits of 2^23: OR-ing a small integer into the mantissa gives 2^23 + v
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvLayout:
+    groups_per_unit: int      # 32-element groups per unit (1 or 2)
+    words_per_group: int      # uint32 words of one group (Q4: 4, Q8: 8)
+    units: int                # units per weight row
+    steps: int                # units a lane visits per row (ceil(units / 32))
+    rows_per_thread: int      # weight rows each thread accumulates (R)
+    warps: int                # warps per block (threadIdx.y), each on its own R rows
+    blocks: int
+
+    @property
+    def threads(self) -> tuple[int, int, int]:
+        return (WARP, self.warps, 1)
+
+
+def gemv_layout(qtype: QType | str, n: int, k: int, max_rows: int = 1,
+                rows_per_thread: int | None = None, warps: int | None = None) -> GemvLayout:
+    """The launch layout of :func:`gpu_gemv` for an ``[n, k]`` weight (any valid shape)."""
+    qtype = QType.parse(qtype)
+    if k % qtype.block_size or n < 1:
+        raise VoxcError(f"gpu_gemv: a {n}x{k} {qtype.value} weight needs k a multiple of {qtype.block_size}")
+    if not 1 <= max_rows <= MAX_ROWS:
+        raise VoxcError(f"gpu_gemv: 1..{MAX_ROWS} activation rows, got {max_rows}")
+    groups = k // GROUP
+    if qtype is QType.Q4_K:
+        per_unit = 2
+    elif qtype is QType.Q4_0:
+        per_unit = 2 if groups % 2 == 0 else 1
+    else:
+        per_unit = 1
+    units = groups // per_unit
+    if rows_per_thread is None:
+        # two rows halve the activation loads per weight; with 8 activation rows the registers
+        # (8 x 8 activations, 2 x 8 x 2 sums) would cut the number of resident warps instead
+        rows_per_thread = 2 if max_rows <= 4 else 1
+    r = rows_per_thread if n % rows_per_thread == 0 else 1
+    if warps is None:
+        warps = 4
+    w = next(c for c in (warps, 4, 2, 1) if c <= warps and n % (r * c) == 0)
+    return GemvLayout(per_unit, 8 if qtype is QType.Q8_0 else 4, units, -(-units // WARP), r, w, n // (r * w))
+
+
+def _level(word, e, qtype: QType):
+    """Element ``e`` of a packed word as float: Q4_0 q - 8, Q4_K q, Q8_0 the signed byte."""
+    u32 = lambda v: tirx.const(v, "uint32")   # noqa: E731
+    if qtype is QType.Q8_0:
+        byte = ((word >> tirx.Cast("uint32", e * 8)) & u32(255)) ^ u32(128)   # two's complement -> +128
+        return tirx.reinterpret("float32", byte | u32(MAGIC)) - tirx.const(2.0 ** 23 + 128, "float32")
+    nibble = (word >> tirx.Cast("uint32", e * 4)) & u32(15)
+    offset = 8 if qtype is QType.Q4_0 else 0
+    return tirx.reinterpret("float32", nibble | u32(MAGIC)) - tirx.const(2.0 ** 23 + offset, "float32")
+
+
+def _half(bits):
+    """f32 value of the f16 in the low 16 bits of a uint32 expression."""
+    return tirx.Cast("float32", tirx.reinterpret("float16", tirx.Cast("uint16", bits & tirx.const(0xFFFF, "uint32"))))
+
+
+def _small(v):
+    """float(v) for a uint32 v < 2^16 (exponent trick)."""
+    return tirx.reinterpret("float32", v | tirx.const(MAGIC, "uint32")) - tirx.const(2.0 ** 23, "float32")
+
+
+def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "float32", *,
+             symbolic_rows: bool = False, rows_per_thread: int | None = None,
+             warps: int | None = None) -> tirx.PrimFunc:
+    """PrimFunc ``(x [rows, k], qweight, scales, y [rows, n])``; ``rows`` is ``max_rows`` or, with
+    ``symbolic_rows``, an int32 variable ``m`` that the caller keeps at most ``max_rows``."""
+    from tvm.script import tirx as T
+
+    qtype = QType.parse(qtype)
+    lay = gemv_layout(qtype, n, k, max_rows, rows_per_thread, warps)
+    GU, WPG, U, STEPS, R, TY = (lay.groups_per_unit, lay.words_per_group, lay.units, lay.steps,
+                                lay.rows_per_thread, lay.warps)
+    B = max_rows
+    EPW = qtype.elements_per_word
+    LV = min(EPW, 16 // (2 if dtype == "float16" else 4))      # activations per 128-bit load
+    shapes = kernel_layout_shapes(qtype, n, k)
+    QK = qtype is QType.Q4_K
+    PAIRED = qtype is QType.Q4_0 and GU == 2                     # one scale word holds both halves
+    PARTIAL = U % WARP != 0
+    rows = tirx.Var("m", "int32") if symbolic_rows else B
+    MASK_ROWS = bool(symbolic_rows)
+
+    def group_of(u, h):
+        if QK:
+            return (u // 4) * 8 + u % 4 + 4 * h
+        return u * GU + h
+
+    def scale_of(hdr, sw, r, u, h):
+        """(scale, offset) of group (u, h) of row r from the loaded scale words."""
+        if QK:
+            shift = tirx.Cast("uint32", (u % 4) * 8)
+            b0 = (hdr[r * 4 + 1] >> shift) & tirx.const(255, "uint32")
+            b4 = (hdr[r * 4 + 2] >> shift) & tirx.const(255, "uint32")
+            b8 = (hdr[r * 4 + 3] >> shift) & tirx.const(255, "uint32")
+            c6, c15, c4 = (tirx.const(v, "uint32") for v in (63, 15, 4))
+            six = tirx.const(6, "uint32")
+            sc = tirx.Select(h == 0, b0 & c6, (b8 & c15) | ((b0 >> six) << c4))
+            mn = tirx.Select(h == 0, b4 & c6, (b8 >> c4) | ((b4 >> six) << c4))
+            d = _half(hdr[r * 4])
+            dmin = _half(hdr[r * 4] >> tirx.const(16, "uint32"))
+            return d * _small(sc), dmin * _small(mn)
+        if PAIRED:
+            half_index = h
+        else:
+            half_index = group_of(u, h) % 2
+        bits = sw[r] >> tirx.Cast("uint32", half_index * 16)
+        return _half(bits), tirx.const(0.0, "float32")
+
+    @T.prim_func(private=True, s_tir=True)
+    def gemv(var_x: T.handle, var_qweight: T.handle, var_scales: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        x = T.match_buffer(var_x, (rows, k), dtype)
+        qweight = T.match_buffer(var_qweight, shapes["qweight"], "uint32")
+        scales = T.match_buffer(var_scales, shapes["scales"], "uint32")
+        y = T.match_buffer(var_y, (rows, n), dtype)
+        for bx in T.thread_binding(lay.blocks, thread="blockIdx.x"):
+            for ty in T.thread_binding(TY, thread="threadIdx.y"):
+                for tx in T.thread_binding(WARP, thread="threadIdx.x"):
+                    with T.sblock("gemv"):
+                        sums = T.sblock_alloc_buffer((R * B,), "float32", scope="local")
+                        part = T.sblock_alloc_buffer((R * B,), "float32", scope="local")
+                        xsum = T.sblock_alloc_buffer((B,), "float32", scope="local")
+                        xh = T.sblock_alloc_buffer((B * EPW,), dtype, scope="local")
+                        words = T.sblock_alloc_buffer((R * GU * WPG,), "uint32", scope="local")
+                        hdr = T.sblock_alloc_buffer((R * 4,), "uint32", scope="local")
+                        sw = T.sblock_alloc_buffer((R,), "uint32", scope="local")
+                        sc = T.sblock_alloc_buffer((R,), "float32", scope="local")
+                        off = T.sblock_alloc_buffer((R,), "float32", scope="local")
+                        row0: T.let[T.int32] = (bx * TY + ty) * R
+                        for i in T.unroll(R * B):
+                            sums[i] = T.float32(0)
+                        for step in T.serial(STEPS):
+                            u: T.let[T.int32] = step * WARP + tx
+                            if not PARTIAL or u < U:
+                                # every load of the unit first: R x 32 B per thread in flight
+                                for r in T.unroll(R):
+                                    for h in T.unroll(GU):
+                                        for c in T.unroll(WPG // 4):
+                                            for v in T.vectorized(4):
+                                                words[(r * GU + h) * WPG + c * 4 + v] = qweight[
+                                                    row0 + r, group_of(u, h) * WPG + c * 4 + v]
+                                    if QK:
+                                        for v in T.vectorized(4):
+                                            hdr[r * 4 + v] = scales[row0 + r, (u // 4) * 4 + v]
+                                    else:
+                                        sw[r] = scales[row0 + r, group_of(u, 0) // 2]
+                                for h in T.unroll(GU):
+                                    for r in T.unroll(R):
+                                        sc[r] = scale_of(hdr, sw, r, u, h)[0]
+                                        off[r] = scale_of(hdr, sw, r, u, h)[1]
+                                    for i in T.unroll(R * B):
+                                        part[i] = T.float32(0)
+                                    for b in T.unroll(B):
+                                        xsum[b] = T.float32(0)
+                                    for w in T.unroll(WPG):
+                                        for b in T.unroll(B):
+                                            if not MASK_ROWS or b < rows:
+                                                for c in T.unroll(EPW // LV):
+                                                    for v in T.vectorized(LV):
+                                                        xh[b * EPW + c * LV + v] = x[
+                                                            b, group_of(u, h) * GROUP + w * EPW + c * LV + v]
+                                            else:
+                                                for e in T.unroll(EPW):
+                                                    xh[b * EPW + e] = T.Cast(dtype, 0)
+                                        if QK:
+                                            for b in T.unroll(B):
+                                                for e in T.unroll(EPW):
+                                                    xsum[b] = xsum[b] + T.Cast("float32", xh[b * EPW + e])
+                                        for r in T.unroll(R):
+                                            for e in T.unroll(EPW):
+                                                for b in T.unroll(B):
+                                                    part[r * B + b] = part[r * B + b] + _level(
+                                                        words[(r * GU + h) * WPG + w], e, qtype) * T.Cast(
+                                                        "float32", xh[b * EPW + e])
+                                    for r in T.unroll(R):
+                                        for b in T.unroll(B):
+                                            if QK:
+                                                sums[r * B + b] = sums[r * B + b] + sc[r] * part[r * B + b] - off[r] * xsum[b]
+                                            else:
+                                                sums[r * B + b] = sums[r * B + b] + sc[r] * part[r * B + b]
+                        for r in T.unroll(R):
+                            for b in T.unroll(B):
+                                for j in T.unroll(5):          # warp shuffle tree: 16, 8, 4, 2, 1
+                                    sums[r * B + b] = sums[r * B + b] + T.tvm_warp_shuffle_down(
+                                        T.uint32(0xFFFFFFFF), sums[r * B + b], 16 >> j, WARP, WARP)
+                                if tx == 0 and (not MASK_ROWS or b < rows):
+                                    y[b, row0 + r] = T.Cast(dtype, sums[r * B + b])
+
+    return gemv
