@@ -7,7 +7,7 @@ batched decode, memory.  Runs on the GPU machine (bench/device/run_bench.sh); nu
         a rehearsal on the CPU (TVM's compiler hidden, as on the device): the same steps, few of them,
         on the llvm artifacts `pack.sh --local` builds (default: .devpack/artifacts/full_llvm*)
 Env: SECS (60) clip length, MAX_STREAMS (auto), QUICK=1 fewer repetitions, ONLY=batched, REALTIME (1),
-STREAM_SECS (60).
+STREAM_SECS (60), REALTIME_COUNTS (stream counts of the realtime test; default "1 max"; "max" = MAX_STREAMS).
 """
 from __future__ import annotations
 
@@ -229,7 +229,8 @@ def bench_artifact(report, art: Path, device: Device, copy_gbps: float):
     report[name] = res
     if os.environ.get("REALTIME", "1") == "1":
         stream_secs = env("STREAM_SECS", 60.0)
-        for n in sorted({1, max_streams}):
+        counts = os.environ.get("REALTIME_COUNTS", "1 max").split()
+        for n in sorted({min(max_streams, max_streams if c == "max" else int(c)) for c in counts}):
             res[f"realtime_{n}_streams"] = realtime_streams(model, n, stream_secs)
             print(name, f"realtime {n} streams:", json.dumps(res[f"realtime_{n}_streams"]["last_10s"]), flush=True)
             report[name] = res

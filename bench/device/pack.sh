@@ -7,7 +7,8 @@
 #                       bench/cuda_build.py:ensure_weights writes random ones on the device),
 #                       attn_cuda.so (+ .json: ring attention at the full model's shapes)
 #   tvm_runtime.tar.gz  tvm/lib/libtvm_runtime{,_extra,_cuda}.so: TVM's runtime without its compiler
-#   wheels/             cp312 wheels the device lacks: apache-tvm-ffi 0.1.14.post1, mistral-common + deps
+#   wheels/             cp312 wheels the device lacks: apache-tvm-ffi 0.1.14.post1, mistral-common + deps,
+#                       aiohttp + deps (the server load step)
 # Usage: bash bench/device/pack.sh [--quick|--local]
 #   --quick: sm_90 only, no full-size builds
 #   --local: a rehearsal on this machine (what CI runs): the working tree's sources, the tiny model only
@@ -95,7 +96,9 @@ if [ "$MODE" != "--local" ]; then
       --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$WHEELS" \
       apache-tvm-ffi==0.1.14.post1 mistral_common==1.13.1 pydantic==2.14.4 pydantic_core==2.50.5 \
       pydantic-extra-types==2.11.1 pycountry==26.2.16 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 \
-      referencing==0.37.0 rpds-py==2026.9.1 annotated-types==0.8.0 typing-inspection==0.4.5
+      referencing==0.37.0 rpds-py==2026.9.1 annotated-types==0.8.0 typing-inspection==0.4.5 \
+      typing_extensions==4.16.0 aiohttp==3.14.5 aiohappyeyeballs==2.7.1 aiosignal==1.4.0 attrs==26.1.0 \
+      frozenlist==1.8.0 idna==3.21 multidict==7.2.1 propcache==0.5.4 yarl==1.25.1    # the last row: voxc serve
   fi
   cp "$WHEELS"/*.whl "$PACK/wheels/"
 fi

@@ -4,6 +4,8 @@
 #   quant  bench/quant_gpu.py run: fused dequant GEMV/GEMM kernels vs copy bandwidth and cuBLAS fp16
 #   voxc   bench/cuda_bench.py: full-size artifacts (ARTIFACTS="path ..." or every .devpack/artifacts/full_cuda*)
 #   hf     bench/cuda_hf_baseline.py: transformers' VoxtralRealtime in bf16 on the same GPU
+#   server bench/server_load.py: `voxc serve` on the first of ARTIFACTS (random weights written if absent),
+#          SERVER_CLIENTS realtime websocket clients (default "4 8 16 32"), SERVER_SECS of audio each (20)
 # Logs and JSON land in $OUT.  Exit status: 1 if a step failed.
 #   run(command="bash bench/device/run_bench.sh check quant voxc", carry=[".devpack"])
 #   bash bench/device/run_bench.sh --local [check quant voxc hf]   # here, after `pack.sh --local`: the same
@@ -41,7 +43,16 @@ for step in $STEPS; do
     voxc)  "$PY" bench/cuda_bench.py $LOCAL ${ARTIFACTS:-} 2>&1 | tee -a "$OUT/cuda_bench.log" ;;
     hf)    if [ -n "$LOCAL" ]; then "$PY" bench/cuda_hf_baseline.py --local "$PACK/artifacts/tiny_llvm" 2>&1 \
              | tee "$OUT/hf_baseline.log"; else "$PY" bench/cuda_hf_baseline.py 2>&1 | tee "$OUT/hf_baseline.log"; fi ;;
-    *)     echo "unknown step $step (check quant voxc hf)"; exit 2 ;;
+    server) if [ -n "$LOCAL" ]; then
+             "$PY" bench/server_load.py --local --clients 2 --seconds 2 --json 2>&1 | tee "$OUT/server_load.jsonl"
+           else
+             ART=$(echo ${ARTIFACTS:-$PACK/artifacts/full_cuda} | cut -d' ' -f1)
+             "$PY" -c "import sys; sys.path[:0] = ['bench']; from pathlib import Path; from cuda_build import ensure_weights; print('weights', ensure_weights(Path('$ART')))"
+             for n in ${SERVER_CLIENTS:-4 8 16 32}; do
+               "$PY" bench/server_load.py --local --artifact "$ART" --clients "$n" --seconds "${SERVER_SECS:-20}" --json \
+                 2>&1 | tee -a "$OUT/server_load.jsonl"
+             done; fi ;;
+    *)     echo "unknown step $step (check quant voxc hf server)"; exit 2 ;;
   esac
   rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || failed="$failed $step"
