@@ -7,7 +7,7 @@ batched decode, memory.  Runs on the GPU machine (bench/device/run_bench.sh); nu
         a rehearsal on the CPU (TVM's compiler hidden, as on the device): the same steps, few of them,
         on the llvm artifacts `pack.sh --local` builds (default: .devpack/artifacts/full_llvm*)
 Env: SECS (60) clip length, MAX_STREAMS (auto), QUICK=1 fewer repetitions, ONLY=batched, REALTIME (1),
-STREAM_SECS (60), REALTIME_COUNTS (stream counts of the realtime test; default "1 max"; "max" = MAX_STREAMS).
+STREAM_SECS (60), PROFILE (1: per-kernel times through torch.profiler where torch is there), REALTIME_COUNTS (stream counts of the realtime test; default "1 max"; "max" = MAX_STREAMS).
 """
 from __future__ import annotations
 
@@ -108,6 +108,50 @@ def decode_steps(model, slots, start, steps, delay=6):
         _, nxt = model.decode(tokens, delays, slots, np.full(b, start + i, np.int32))
         tokens = model.rt.numpy(nxt).reshape(b, 1).astype(np.int32)
         out.append((time.perf_counter() - t) * 1e3)
+    return out
+
+
+def kernel_profile(model, audio, steps: int = 20) -> dict:
+    """Per-kernel GPU time of one decode step (static one-stream entry, position 100) and of one
+    80 ms streaming step, from CUPTI through torch.profiler (which records every kernel of the
+    process, TVM's included, graph-launched ones too).  {} when torch is not importable."""
+    try:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
+        return {"skipped": "torch is not importable"}
+
+    def table(prof, per: int) -> dict:
+        rows = []
+        for ev in prof.key_averages():
+            us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+            if us > 0 and ev.count:
+                rows.append({"kernel": ev.key[:120], "launches_per_step": round(ev.count / per, 2),
+                             "us_per_step": round(us / per, 2)})
+        rows.sort(key=lambda r: -r["us_per_step"])
+        return {"kernel_us_per_step": round(sum(r["us_per_step"] for r in rows), 1),
+                "launches_per_step": round(sum(r["launches_per_step"] for r in rows), 1), "top": rows[:40]}
+
+    out = {}
+    model.use_static_entries(True)
+    decode_steps(model, [0], 100, 3)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        wall = decode_steps(model, [0], 100, steps)
+        torch.cuda.synchronize()
+    out["decode_b1_pos100"] = {**table(prof, steps), "wall_ms_per_step": round(float(np.median(wall)), 3)}
+    s = model.stream()
+    chunk = 1280
+    for i in range(0, 16000, chunk):          # warm: 1 s
+        s.feed(audio[i:i + chunk])
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
+        for i in range(16000, 16000 + steps * chunk, chunk):
+            s.feed(audio[i:i + chunk])
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t) * 1e3 / steps
+    s.finish()
+    out["stream_80ms"] = {**table(prof, steps), "wall_ms_per_step": round(wall, 3)}
     return out
 
 
@@ -214,6 +258,12 @@ def bench_artifact(report, art: Path, device: Device, copy_gbps: float):
         s.finish()
         res[f"stream_80ms_{tag}"] = stats(lat[min(10, len(lat) // 2):])
         res[f"cuda_graph_replays_{tag}"] = getattr(model, "cuda_graph_replays", 0)   # 0: the steps launched kernel by kernel
+        report[name] = res
+    if os.environ.get("PROFILE", "1") == "1" and device.kind == "cuda":
+        try:
+            res["profile"] = kernel_profile(model, audio)
+        except Exception as exc:  # noqa: BLE001 - a profiler failure must not cost the other figures
+            res["profile"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         report[name] = res
     model.use_static_entries(False)
     batch = {}

@@ -57,13 +57,15 @@ FUSED_SHAPES = {
     "fused dec.wqkv 6144x3072": (6144, 3072), "fused dec.w1+w3 18432x3072": (18432, 3072),
     "fused enc.wqkv 6144x1280": (6144, 1280), "fused enc.w1+w3 10240x1280": (10240, 1280),
 }
-# Launch layouts of the CUDA GEMV (schedules/gpu_gemv.py) tried beside its default at batch 1:
-# (weight rows per thread, warps per block).
-GEMV_VARIANTS = ((1, 4), (4, 4), (2, 8), (2, 2))
+# Launch layouts of the CUDA GEMV (schedules/gpu_gemv.py) tried beside its defaults:
+# (activation rows, weight rows per thread, warps per block).
+GEMV_VARIANTS = ((1, 1, 4), (1, 4, 4), (1, 2, 8), (1, 2, 2), (4, 1, 4), (8, 2, 4))
+# The CUDA GEMV over a symbolic row count in chunks of 4 rows (what GEMMs dispatch up to 32 rows to)
+CHUNKED_ROWS = (3, 8, 16, 32, 64)
 # `local`: a few tiny shapes (odd row counts, one Q4_K super-block per row) that build in seconds
 LOCAL_SHAPES = {"tiny 100x256": (100, 256), "tiny 36x512": (36, 512)}
 GEMV_BATCHES = (1, 2, 4, 8, 16)
-GEMM_ROWS = (64, 512)
+GEMM_ROWS = (16, 32, 64, 512)
 QTYPES = ("q4_0", "q8_0", "q4_k")
 PARAMS = ("acc", "y_cast", "y", "x", "qweight", "scales", "m")       # what a kernel's parameters may be called
 # CUDA launch limits (threads per block; block x, y, z; grid x, y, z)
@@ -90,11 +92,11 @@ def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None, 
     out.mkdir(parents=True, exist_ok=True)
     funcs, manifest = {}, []
 
-    def add(func, label, qtype, n, k, batch, variant=None):
+    def add(func, label, qtype, n, k, batch, variant=None, rows=None):
         name = func.attrs["global_symbol"]
         funcs[name] = func
         manifest.append({"name": name, "label": label, "qtype": qtype, "n": n, "k": k, "batch": batch,
-                         "dtype": dtype, "variant": variant,
+                         "dtype": dtype, "variant": variant, "rows": rows,
                          "layout": {key: list(v) for key, v in kernel_layout_shapes(qtype, n, k).items()},
                          "launch": thread_extents(func, 1) if batch is None else thread_extents(func)})
 
@@ -111,11 +113,16 @@ def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None, 
                 add(make_kernel(qtype, n, k, batch, dtype=dtype, target="cuda", dispatch_rows=False),
                     label, qtype, n, k, batch)
             if qtype == "q4_k" and 1 in label_batches and label in (SHAPES if shapes is None else shapes):
-                for rows_per_thread, warps in variants:
-                    name = f"gemv_{qtype}_{n}x{k}_b1_{dtype}_cuda_r{rows_per_thread}w{warps}"
-                    func = gpu_gemv(qtype, n, k, 1, dtype, rows_per_thread=rows_per_thread, warps=warps)
-                    add(func.with_attrs({"global_symbol": name, "tirx.is_scheduled": True}), label, qtype, n, k, 1,
+                for batch, rows_per_thread, warps in variants:
+                    name = f"gemv_{qtype}_{n}x{k}_b{batch}_{dtype}_cuda_r{rows_per_thread}w{warps}"
+                    func = gpu_gemv(qtype, n, k, batch, dtype, rows_per_thread=rows_per_thread, warps=warps)
+                    add(func.with_attrs({"global_symbol": name, "tirx.is_scheduled": True}), label, qtype, n, k, batch,
                         variant=f"r{rows_per_thread}w{warps}")
+                if "gemm" in kinds and not label.startswith("lm_head"):
+                    name = f"gemv_{qtype}_{n}x{k}_m_chunks4_{dtype}_cuda"
+                    func = gpu_gemv(qtype, n, k, 4, dtype, symbolic_rows=True)
+                    add(func.with_attrs({"global_symbol": name, "tirx.is_scheduled": True}), label, qtype, n, k, None,
+                        variant="chunks of 4", rows=list(CHUNKED_ROWS))
     target = tvm.target.Target({"kind": "cuda", "arch": arch})
     t0 = time.time()
     source = tvm.compile(tvm.IRModule(funcs), target=target).mod.imports[0].inspect_source("")
@@ -125,7 +132,7 @@ def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None, 
         entry["kernel"] = entry["name"] + "_kernel"
         entry["params"] = kernel_signature(source, entry["kernel"])
         if entry["batch"] is None:      # GEMM: grid.y scales with m; record the tile height
-            entry["rows_per_block_y"] = 64
+            entry["rows_per_block_y"] = 4 if entry.get("rows") else 64
     (out / "kernels.cu").write_text(source)
     (out / "kernels.cubin").write_bytes(bytes(cubin))
     (out / "manifest.json").write_text(json.dumps({"arch": arch, "kernels": manifest}, indent=1))
@@ -171,7 +178,7 @@ def check_manifest(out_dir: str | Path, gemm_rows=GEMM_ROWS) -> list[str]:
         unknown = [p for p in entry.get("params", []) if p.removesuffix("_ptr") not in PARAMS]
         if unknown or not entry.get("params"):
             problems.append(f"{name}: parameters {entry.get('params')} (run binds {PARAMS})")
-        for rows in ((entry["batch"],) if entry.get("batch") else gemm_rows):
+        for rows in entry.get("rows") or ((entry["batch"],) if entry.get("batch") else gemm_rows):
             problems += [f"{name} rows={rows}: {p}" for p in launch_problems(*_launch_dims(entry, rows))]
     return problems
 
@@ -182,7 +189,7 @@ def local(out_dir: str | Path | None = None, arch: str = "sm_90") -> Path:
 
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="quant_gpu_local_"))
     build(out, arch, shapes=LOCAL_SHAPES, batches=(1, 4, 16), fused_shapes={"fused tiny 72x256": (72, 256)},
-          variants=GEMV_VARIANTS[:1])
+          variants=GEMV_VARIANTS[-1:])
     problems = check_manifest(out)
     if problems:
         raise SystemExit("quant_gpu local: " + "; ".join(problems))
@@ -344,7 +351,7 @@ def _run(cp, stream, out: Path, gemm_rows, l2_bytes: int, reps: int) -> dict:
         copies = max(1, math.ceil(2 * l2_bytes / wbytes))
         dev_w = [{name: cp.asarray(a) for name, a in packed.items()} for _ in range(copies)]
         fn = module.get_function(entry["kernel"])
-        for rows in ((entry["batch"],) if entry["batch"] else gemm_rows):
+        for rows in entry.get("rows") or ((entry["batch"],) if entry["batch"] else gemm_rows):
             x = rng.standard_normal((rows, k), dtype=np.float32)
             dx = cp.asarray(x.astype(entry["dtype"]))
             # the output between NaN guard bands: unwritten outputs stay NaN, stray writes hit a guard
@@ -354,7 +361,7 @@ def _run(cp, stream, out: Path, gemm_rows, l2_bytes: int, reps: int) -> dict:
 
             def launch(i=0, dx=dx, y=y, rows=rows, grid=grid, block=block):
                 bufs = dev_w[i % copies]
-                args = {"acc": y, "y_cast": y, "x": dx, "qweight": bufs["qweight"], "scales": bufs["scales"],
+                args = {"acc": y, "y_cast": y, "y": y, "x": dx, "qweight": bufs["qweight"], "scales": bufs["scales"],
                         "m": np.int32(rows)}
                 fn(grid, block, tuple(args[p.removesuffix("_ptr")] for p in entry["params"]), stream=stream)
 
@@ -371,7 +378,7 @@ def _run(cp, stream, out: Path, gemm_rows, l2_bytes: int, reps: int) -> dict:
             err = float(cp.nan_to_num(row_err, nan=np.inf).max())
             tol = 1e-2 if entry["dtype"] == "float16" else 1e-4
             seconds = timer.graph(launch)
-            row = {"label": entry["label"], "qtype": qtype, "kind": "gemv" if entry["batch"] else "gemm",
+            row = {"label": entry["label"], "qtype": qtype, "kind": "gemv" if entry["batch"] or entry.get("rows") else "gemm",
                    "variant": entry.get("variant"),
                    "rows": rows, "dtype": entry["dtype"], "grid": list(grid), "block": list(block),
                    "us": round(seconds * 1e6, 2), "weight_GBps": round(wbytes / seconds / 1e9, 1),

@@ -53,6 +53,8 @@ from voxc.errors import VoxcError
 from voxc.quant.formats import QType, kernel_layout_shapes
 
 GROUP = 32                   # elements sharing one scale (Q4_K: one sub-block)
+GPU_GEMV_CHUNK_ROWS = 4      # CUDA: rows per GEMV pass above 2 rows (4 measured as fast per row as 8)
+GPU_GEMV_MAX_ROWS = 32       # CUDA: more rows than this run the tiled GEMM
 MAX_GEMV_BATCH = 16          # above this the weight reuse of GEMM tiles wins
 TARGET_KINDS = ("llvm", "cuda", "webgpu")
 
@@ -509,12 +511,13 @@ def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
             small = _schedule_gemv_llvm(gemv, q, n, k, rows).mod["main"]
             return _finish(row_dispatch([(f"m <= {MAX_GEMV_BATCH}", small)], sch.mod["main"]), spec.name)
         if spec.dispatch_rows and spec.target == "cuda":
-            # A few rows (a decode step of 1..8 streams, one stream's 4-frame encoder step) read
-            # every weight once through the GEMV, which holds its rows in registers: static
-            # kernels for 1 and 2 rows, and 4- and 8-row ones that mask the rows past m.
+            # A few rows (a decode step of a few streams, one stream's 4-frame encoder step) go
+            # through the GEMV, which holds its rows in registers: static kernels for 1 and 2 rows;
+            # up to GPU_GEMV_MAX_ROWS, chunks of 4 rows that mask the rows past m (each chunk reads
+            # the weights again, which still beats the GEMM's mostly empty 64-row tiles there).
             branches = [(f"m == {rows}", _make_kernel(dataclasses.replace(spec, batch=rows))) for rows in (1, 2)]
-            branches += [(f"m <= {rows}", gpu_gemv.gpu_gemv(q, n, k, rows, spec.dtype, symbolic_rows=True))
-                         for rows in (4, gpu_gemv.MAX_ROWS)]
+            branches.append((f"m <= {GPU_GEMV_MAX_ROWS}",
+                             gpu_gemv.gpu_gemv(q, n, k, GPU_GEMV_CHUNK_ROWS, spec.dtype, symbolic_rows=True)))
             func = row_dispatch(branches, sch.mod["main"], gpu=True)
             return _finish(_guard_rows(func, max(n, k), spec.name), spec.name)
         if spec.dispatch_rows and spec.target != "llvm":

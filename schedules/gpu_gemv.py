@@ -23,8 +23,10 @@ ran about 11x slower than one row.  Here:
   floats by the exponent trick (``bits | 0x4B000000`` minus ``2^23``): integer-to-float conversion
   runs at a quarter rate on NVIDIA.
 * ``max_rows`` activation rows are unrolled into registers.  With ``symbolic_rows`` the row count
-  is a variable ``m <= max_rows`` (rows past ``m`` read zeros and are not stored), so one kernel
-  serves, e.g., the 3- and 4-row calls that a symbolic-shape entry makes.
+  is a variable ``m`` (rows past ``m`` read zeros and are not stored), so one kernel serves, e.g.,
+  the 3- and 4-row calls that a symbolic-shape entry makes; ``blockIdx.y`` takes chunks of
+  ``max_rows`` rows, so ``m`` may exceed ``max_rows`` (each chunk reads the weights again: for a
+  few chunks that still beats a tiled GEMM whose 64-row tiles are mostly empty).
 
 Entry point :func:`gpu_gemv`; :func:`gemv_layout` gives the launch layout (checked by tests on the
 host, as launch limits are).
@@ -115,7 +117,7 @@ def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "fl
              symbolic_rows: bool = False, rows_per_thread: int | None = None,
              warps: int | None = None) -> tirx.PrimFunc:
     """PrimFunc ``(x [rows, k], qweight, scales, y [rows, n])``; ``rows`` is ``max_rows`` or, with
-    ``symbolic_rows``, an int32 variable ``m`` that the caller keeps at most ``max_rows``."""
+    ``symbolic_rows``, an int32 variable ``m`` (any count: ``ceil(m / max_rows)`` row chunks)."""
     from tvm.script import tirx as T
 
     qtype = QType.parse(qtype)
@@ -131,6 +133,7 @@ def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "fl
     PARTIAL = U % WARP != 0
     rows = tirx.Var("m", "int32") if symbolic_rows else B
     MASK_ROWS = bool(symbolic_rows)
+    CHUNKS = (rows + B - 1) // B if symbolic_rows else 1
 
     def group_of(u, h):
         if QK:
@@ -165,7 +168,8 @@ def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "fl
         qweight = T.match_buffer(var_qweight, shapes["qweight"], "uint32")
         scales = T.match_buffer(var_scales, shapes["scales"], "uint32")
         y = T.match_buffer(var_y, (rows, n), dtype)
-        for bx in T.thread_binding(lay.blocks, thread="blockIdx.x"):
+        for by in T.thread_binding(CHUNKS, thread="blockIdx.y"):
+          for bx in T.thread_binding(lay.blocks, thread="blockIdx.x"):
             for ty in T.thread_binding(TY, thread="threadIdx.y"):
                 for tx in T.thread_binding(WARP, thread="threadIdx.x"):
                     with T.sblock("gemv"):
@@ -206,11 +210,11 @@ def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "fl
                                         xsum[b] = T.float32(0)
                                     for w in T.unroll(WPG):
                                         for b in T.unroll(B):
-                                            if not MASK_ROWS or b < rows:
+                                            if not MASK_ROWS or by * B + b < rows:
                                                 for c in T.unroll(EPW // LV):
                                                     for v in T.vectorized(LV):
                                                         xh[b * EPW + c * LV + v] = x[
-                                                            b, group_of(u, h) * GROUP + w * EPW + c * LV + v]
+                                                            by * B + b, group_of(u, h) * GROUP + w * EPW + c * LV + v]
                                             else:
                                                 for e in T.unroll(EPW):
                                                     xh[b * EPW + e] = T.Cast(dtype, 0)
@@ -235,7 +239,7 @@ def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "fl
                                 for j in T.unroll(5):          # warp shuffle tree: 16, 8, 4, 2, 1
                                     sums[r * B + b] = sums[r * B + b] + T.tvm_warp_shuffle_down(
                                         T.uint32(0xFFFFFFFF), sums[r * B + b], 16 >> j, WARP, WARP)
-                                if tx == 0 and (not MASK_ROWS or b < rows):
-                                    y[b, row0 + r] = T.Cast(dtype, sums[r * B + b])
+                                if tx == 0 and (not MASK_ROWS or by * B + b < rows):
+                                    y[by * B + b, row0 + r] = T.Cast(dtype, sums[r * B + b])
 
     return gemv

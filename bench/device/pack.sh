@@ -79,6 +79,16 @@ for spec in $VARIANTS; do
   esac
 done
 rm -rf "$PACK/artifacts/tiny_ckpt"
+# Carry size (64 MiB a call): an llvm twin's weight shards are the same bytes as its cuda twin's, so
+# they travel once (setup.sh copies them back); compiled libraries travel gzipped (about a third).
+for twin in "$PACK"/artifacts/tiny_llvm*; do
+  cuda_twin="${twin/tiny_llvm/tiny_cuda}"
+  for shard in "$twin"/params_shard_*.bin; do
+    [ -f "$shard" ] && [ -f "$cuda_twin/$(basename "$shard")" ] && cmp -s "$shard" "$cuda_twin/$(basename "$shard")" || continue
+    rm "$shard" && basename "$shard" >> "$twin/.shards_from_cuda_twin"
+  done
+done
+find "$PACK/artifacts" -name '*.so' -exec gzip -9 {} +
 
 # TVM runtime only: the runtime libraries of the installed apache-tvm wheel
 TVM_LIB=$("$PY" -c "import importlib.util, pathlib; print(pathlib.Path(importlib.util.find_spec('tvm').origin).parent / 'lib')")

@@ -6,6 +6,14 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PACK="${VOXC_DEVPACK:-$ROOT/.devpack}"
 mkdir -p "$PACK/tvm_runtime" && tar -xzf "$PACK/tvm_runtime.tar.gz" -C "$PACK/tvm_runtime"
+# undo pack.sh's carry-size measures: gzipped libraries, llvm twins' shards shared with their cuda twin
+find "$PACK/artifacts" -name '*.so.gz' -exec gunzip -f {} +
+for list in "$PACK"/artifacts/tiny_llvm*/.shards_from_cuda_twin; do
+  [ -f "$list" ] || continue
+  twin=$(dirname "$list")
+  while read -r shard; do cp "${twin/tiny_llvm/tiny_cuda}/$shard" "$twin/"; done < "$list"
+  rm "$list"
+done
 if [ "${1:-}" = "--local" ]; then
   echo "runtime-only rehearsal: tvm runtime libs $(du -sh "$PACK/tvm_runtime" | cut -f1), this Python's tvm_ffi"
   exit 0
