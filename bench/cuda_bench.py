@@ -115,11 +115,16 @@ def kernel_profile(model, audio, steps: int = 20) -> dict:
     """Per-kernel GPU time of one decode step (static one-stream entry, position 100) and of one
     80 ms streaming step, from CUPTI through torch.profiler (which records every kernel of the
     process, TVM's included, graph-launched ones too).  {} when torch is not importable."""
-    try:
-        import torch
-        from torch.profiler import ProfilerActivity, profile
-    except ImportError:
-        return {"skipped": "torch is not importable"}
+    with common.tvm_lookups_allowed():
+        try:
+            import torch
+            from torch.profiler import ProfilerActivity, profile
+        except ImportError:
+            return {"skipped": "torch is not importable"}
+        return _kernel_profile(model, audio, steps, torch, ProfilerActivity, profile)
+
+
+def _kernel_profile(model, audio, steps, torch, ProfilerActivity, profile) -> dict:
 
     def table(prof, per: int) -> dict:
         rows = []

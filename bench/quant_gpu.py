@@ -95,10 +95,13 @@ def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None, 
     def add(func, label, qtype, n, k, batch, variant=None, rows=None):
         name = func.attrs["global_symbol"]
         funcs[name] = func
-        manifest.append({"name": name, "label": label, "qtype": qtype, "n": n, "k": k, "batch": batch,
-                         "dtype": dtype, "variant": variant, "rows": rows,
-                         "layout": {key: list(v) for key, v in kernel_layout_shapes(qtype, n, k).items()},
-                         "launch": thread_extents(func, 1) if batch is None else thread_extents(func)})
+        entry = {"name": name, "label": label, "qtype": qtype, "n": n, "k": k, "batch": batch,
+                 "dtype": dtype, "variant": variant, "rows": rows,
+                 "layout": {key: list(v) for key, v in kernel_layout_shapes(qtype, n, k).items()},
+                 "launch": thread_extents(func, 1) if batch is None else thread_extents(func)}
+        if batch is None:      # a symbolic row count: the launch at each count run() uses
+            entry["launch_by_rows"] = {str(r): thread_extents(func, r) for r in (rows or GEMM_ROWS)}
+        manifest.append(entry)
 
     plan = [(label, shape, qtypes, (*(batches if "gemv" in kinds else ()), *((None,) if "gemm" in kinds else ())))
             for label, shape in (SHAPES if shapes is None else shapes).items()]
@@ -131,6 +134,10 @@ def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None, 
     for entry in manifest:
         entry["kernel"] = entry["name"] + "_kernel"
         entry["params"] = kernel_signature(source, entry["kernel"])
+        # dynamic shared memory (dlight's tensor-core GEMM): TVM's host code passes the size; the
+        # bench passes the most a block may have without an opt-in, which the schedule stays within
+        uses_dyn = "extern __shared__" in source[source.find(entry["kernel"] + "(", source.find(entry["kernel"] + "(") + 1):][:4000]
+        entry["dyn_shared_bytes"] = 49152 if uses_dyn else 0
         if entry["batch"] is None:      # GEMM: grid.y scales with m; record the tile height
             entry["rows_per_block_y"] = 4 if entry.get("rows") else 64
     (out / "kernels.cu").write_text(source)
@@ -142,7 +149,9 @@ def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None, 
 
 def _launch_dims(entry, rows):
     launch = dict(entry["launch"])
-    if entry["batch"] is None:
+    if "launch_by_rows" in entry:
+        launch = dict(entry["launch_by_rows"][str(rows)])
+    elif entry["batch"] is None:
         launch["blockIdx.y"] = math.ceil(rows / entry["rows_per_block_y"])
     grid = tuple(launch.get(f"blockIdx.{a}", 1) for a in "xyz")
     block = tuple(launch.get(f"threadIdx.{a}", 1) for a in "xyz")
@@ -363,7 +372,8 @@ def _run(cp, stream, out: Path, gemm_rows, l2_bytes: int, reps: int) -> dict:
                 bufs = dev_w[i % copies]
                 args = {"acc": y, "y_cast": y, "y": y, "x": dx, "qweight": bufs["qweight"], "scales": bufs["scales"],
                         "m": np.int32(rows)}
-                fn(grid, block, tuple(args[p.removesuffix("_ptr")] for p in entry["params"]), stream=stream)
+                fn(grid, block, tuple(args[p.removesuffix("_ptr")] for p in entry["params"]), stream=stream,
+                   shared_mem=entry.get("dyn_shared_bytes", 0))
 
             timer.on_stream()
             launch()

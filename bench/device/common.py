@@ -7,6 +7,7 @@ and the runtime code that drives it always match even while the checkout moves o
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -46,6 +47,20 @@ def hide_tvm() -> None:
     if any(m == "tvm" or m.startswith("tvm.") for m in sys.modules):
         raise RuntimeError("tvm was imported before the runtime-only set-up; nothing of the compiler may load")
     sys.meta_path.insert(0, _HideTvm())
+
+
+@contextlib.contextmanager
+def tvm_lookups_allowed():
+    """Lift hide_tvm() for a while: for libraries that probe for optional packages with
+    ``importlib.util.find_spec`` (torch.profiler looks for ``tvm``) and do not expect it to raise.
+    On the GPU machine no ``tvm`` package is installed, so the probe finds nothing either way."""
+    hidden = [f for f in sys.meta_path if isinstance(f, _HideTvm)]
+    for finder in hidden:
+        sys.meta_path.remove(finder)
+    try:
+        yield
+    finally:
+        sys.meta_path[:0] = hidden
 
 
 class _HideTvm:
