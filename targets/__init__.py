@@ -5,7 +5,8 @@ import importlib
 
 from voxc.errors import VoxcError
 
-TARGET_MODULES = {"llvm": "targets.llvm", "cpu": "targets.llvm", "cuda": "targets.cuda", "webgpu": "targets.webgpu"}
+TARGET_MODULES = {"llvm": "targets.llvm", "cpu": "targets.llvm", "cuda": "targets.cuda", "webgpu": "targets.webgpu",
+                  "vulkan": "targets.vulkan"}
 
 
 def get_target(name: str):

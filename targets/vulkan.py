@@ -38,10 +38,81 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
+from pathlib import Path
 
 import numpy as np
 
+from targets.base import CompileReport, TargetSpec
+from targets.webgpu import EMBEDDING_PART_BYTES, SMALL_M_TIERS, WEBGPU_DEFAULT_MAX_WORKGROUP
+from voxc.artifact import WGPU_PLUGIN_FILE
 from voxc.errors import VoxcError
+from voxc.model.graph import GraphOptions
+from voxc.model.quantization import QuantPlan
+
+NATIVE_HOST = {"kind": "llvm"}   # the building machine's CPU architecture (x86_64, aarch64)
+
+
+@dataclasses.dataclass(frozen=True)
+class VulkanTarget(TargetSpec):
+    """WGSL kernels with native host code, run by TVM's runtime on the "webgpu" device that voxc's
+    wgpu plugin provides (Vulkan on Linux/Windows; the same artifact built on a Mac runs on Metal)."""
+
+    name: str = "vulkan"
+    device_kind: str = "webgpu"    # TVM's device type: the plugin's WebGPU device API
+    library_name: str = "model.so"
+    model_dtype: str = "float32"
+    # A quantized build runs float16 activations and caches (q4f16) where the adapter has shader-f16.
+    quantized_dtype: str = "float16"
+    mel_dtype: str = "float32"     # WGSL has no f64
+    # Workgroups every WebGPU adapter allows (256 invocations); a known GPU could take more.
+    max_workgroup_size: int = WEBGPU_DEFAULT_MAX_WORKGROUP
+    # WebGPU's default binding limit (128 MiB, lavapipe's too): the token table is split into blocks.
+    embedding_part_bytes: int = EMBEDDING_PART_BYTES
+    small_m_tiers: tuple = SMALL_M_TIERS
+
+    def tvm_target(self):
+        from targets.webgpu import webgpu_target
+
+        return webgpu_target(self.max_workgroup_size, host=NATIVE_HOST)
+
+    def graph_options(self, quant: QuantPlan = QuantPlan()) -> GraphOptions:
+        return dataclasses.replace(super().graph_options(quant), token_table_part_bytes=self.embedding_part_bytes)
+
+    def compile(self, mod, report: CompileReport | None = None):
+        from targets.webgpu import compile_model_for_webgpu
+        from targets.wgpu_toolchain import find_cxx
+
+        find_cxx()   # a missing compiler fails before the long compile, not at the link after it
+        return compile_model_for_webgpu(mod, max_workgroup_size=self.max_workgroup_size,
+                                        small_m_tiers=self.small_m_tiers, report=report, host=NATIVE_HOST)
+
+    def export(self, executable, out_dir: Path) -> Path:
+        from targets.wgpu_toolchain import find_cxx
+
+        path = Path(out_dir) / self.library_name
+        executable.export_library(str(path), cc=find_cxx())
+        return path
+
+    def package(self, out_dir: Path, *, executable, tokenizer_bytes: bytes, params, cfg,
+                weights_written: bool) -> dict:
+        """The device plugin beside the library; returns the manifest's ``wgpu`` section (what the
+        adapter must offer, checked at load by voxc.runtime.wgpu_device)."""
+        from targets.webgpu import kernel_report
+        from targets.wgpu_toolchain import ensure_wgpu_plugin
+
+        extras = super().package(out_dir, executable=executable, tokenizer_bytes=tokenizer_bytes, params=params,
+                                 cfg=cfg, weights_written=weights_written)
+        shutil.copy2(ensure_wgpu_plugin(), Path(out_dir) / WGPU_PLUGIN_FILE)
+        report = kernel_report(executable)
+        return {**extras, "wgpu": {"plugin": WGPU_PLUGIN_FILE, "required_features": report["required_features"],
+                                   "max_workgroup_size": report["max_workgroup_size"],
+                                   "max_storage_buffers_per_kernel": report["max_storage_buffers_per_kernel"],
+                                   "max_workgroup_storage_bytes": report["max_workgroup_storage_bytes"],
+                                   "num_kernels": report["num_kernels"]}}
+
+
+TARGET = VulkanTarget()
 
 WGPU_HINT = "pip install wgpu==0.32.0 (and a Vulkan driver: apt-get install mesa-vulkan-drivers for lavapipe)"
 _POD_DTYPES = {"int": np.int32, "uint": np.uint32, "float": np.float32}  # WGSL PODArgs are 32-bit
