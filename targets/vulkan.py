@@ -39,6 +39,7 @@ import dataclasses
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +50,7 @@ from voxc.artifact import WGPU_PLUGIN_FILE
 from voxc.errors import VoxcError
 from voxc.model.graph import GraphOptions
 from voxc.model.quantization import QuantPlan
+from voxc.runtime.wgpu_device import host_platform
 
 NATIVE_HOST = {"kind": "llvm"}   # the building machine's CPU architecture (x86_64, aarch64)
 
@@ -70,6 +72,7 @@ class VulkanTarget(TargetSpec):
     # WebGPU's default binding limit (128 MiB, lavapipe's too): the token table is split into blocks.
     embedding_part_bytes: int = EMBEDDING_PART_BYTES
     small_m_tiers: tuple = SMALL_M_TIERS
+    backend: str = "vulkan"        # the wgpu backend the plugin opens (voxc.runtime.wgpu_device)
 
     def tvm_target(self):
         from targets.webgpu import webgpu_target
@@ -77,13 +80,19 @@ class VulkanTarget(TargetSpec):
         return webgpu_target(self.max_workgroup_size, host=NATIVE_HOST)
 
     def graph_options(self, quant: QuantPlan = QuantPlan()) -> GraphOptions:
-        return dataclasses.replace(super().graph_options(quant), token_table_part_bytes=self.embedding_part_bytes)
+        """The browser's graph (WebGPU's dequant+matmul kernels, the split token table) with the
+        parameters as separate arguments, as the other native targets take them."""
+        options = super().graph_options(quant)
+        return dataclasses.replace(options, token_table_part_bytes=self.embedding_part_bytes,
+                                   quant=dataclasses.replace(options.quant, kernel_target="webgpu"))
 
     def compile(self, mod, report: CompileReport | None = None):
         from targets.webgpu import compile_model_for_webgpu
-        from targets.wgpu_toolchain import find_cxx
+        from targets.wgpu_toolchain import find_cxx, wgpu_resources
 
-        find_cxx()   # a missing compiler fails before the long compile, not at the link after it
+        self.check_host()
+        find_cxx()   # a missing compiler or wgpu fails before the long compile, not at the link after it
+        wgpu_resources()
         return compile_model_for_webgpu(mod, max_workgroup_size=self.max_workgroup_size,
                                         small_m_tiers=self.small_m_tiers, report=report, host=NATIVE_HOST)
 
@@ -105,14 +114,25 @@ class VulkanTarget(TargetSpec):
                                  cfg=cfg, weights_written=weights_written)
         shutil.copy2(ensure_wgpu_plugin(), Path(out_dir) / WGPU_PLUGIN_FILE)
         report = kernel_report(executable)
-        return {**extras, "wgpu": {"plugin": WGPU_PLUGIN_FILE, "required_features": report["required_features"],
+        return {**extras, "wgpu": {"plugin": WGPU_PLUGIN_FILE, "backend": self.backend,
+                                   "host_platform": host_platform(),
+                                   "required_features": report["required_features"],
                                    "max_workgroup_size": report["max_workgroup_size"],
                                    "max_storage_buffers_per_kernel": report["max_storage_buffers_per_kernel"],
                                    "max_workgroup_storage_bytes": report["max_workgroup_storage_bytes"],
                                    "num_kernels": report["num_kernels"]}}
 
 
+    def check_host(self) -> None:
+        """The host code and the plugin are native code for the building machine, so an artifact runs
+        where it was built; Metal exists on macOS only."""
+        if self.backend == "metal" and sys.platform != "darwin":
+            raise VoxcError("--target metal builds on the Mac that runs it (its host code and device plugin are "
+                            "native macOS code); on Linux or Windows use --target vulkan")
+
+
 TARGET = VulkanTarget()
+METAL_TARGET = VulkanTarget(name="metal", backend="metal")
 
 WGPU_HINT = "pip install wgpu==0.32.0 (and a Vulkan driver: apt-get install mesa-vulkan-drivers for lavapipe)"
 _POD_DTYPES = {"int": np.int32, "uint": np.uint32, "float": np.float32}  # WGSL PODArgs are 32-bit

@@ -205,7 +205,7 @@ def compile_model_for_webgpu(mod, *, max_workgroup_size: int = WEBGPU_DEFAULT_MA
     # WebGPU's default limits: 256 invocations and 16 KiB of workgroup storage per workgroup, depth 64
     mod = swap_ring_attention(mod, threads=min(attention_threads, max_workgroup_size), keys_per_split=256,
                               max_splits=32, max_threads=max_workgroup_size, max_z=64,
-                              max_shared_bytes=WEBGPU_DEFAULT_WORKGROUP_STORAGE)
+                              max_shared_bytes=WEBGPU_DEFAULT_WORKGROUP_STORAGE, max_vector_lanes=4)
     target = webgpu_target(max_workgroup_size, host=host)
     register_wgsl_intrinsics()
     with target:

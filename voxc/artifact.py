@@ -246,7 +246,8 @@ def write_manifest(directory: Path, manifest: dict, *, hashes: bool = True) -> d
 
 # ---- reading --------------------------------------------------------------------------------------
 # Each target's runtime device (a manifest pairing them otherwise is damaged: CPU code run as CUDA).
-TARGET_DEVICE_KINDS = {"llvm": "cpu", "cuda": "cuda", "webgpu": "webgpu", "vulkan": "webgpu"}
+TARGET_DEVICE_KINDS = {"llvm": "cpu", "cuda": "cuda", "webgpu": "webgpu", "vulkan": "webgpu",
+                       "metal": "webgpu"}
 MODEL_DTYPES = ("float32", "float16", "bfloat16")
 # Bounds that keep a damaged config from asking for absurd shapes (the 4B model is far below them).
 _CONFIG_INT_LIMIT = 1 << 31

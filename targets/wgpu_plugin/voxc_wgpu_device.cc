@@ -79,8 +79,22 @@ class Context {
     OpenLocked();
   }
 
-  std::string Describe() {
+  // Opens the device on ``backend`` ("vulkan", "metal" or "any") and describes it as JSON.
+  std::string Describe(const std::string& backend) {
     std::lock_guard<std::mutex> lock(mu_);
+    if (device_ == nullptr && open_error_.empty()) {
+      if (backend == "vulkan") {
+        backends_ = WGPUInstanceBackend_Vulkan;
+      } else if (backend == "metal") {
+        backends_ = WGPUInstanceBackend_Metal;
+      } else if (backend != "any") {
+        TVM_FFI_THROW(ValueError) << "voxc-wgpu: unknown backend " << backend << " (vulkan, metal or any)";
+      }
+      backend_wanted_ = backend;
+    } else if (backend != backend_wanted_ && backend != "any") {
+      TVM_FFI_THROW(RuntimeError) << "voxc-wgpu: this process opened the " << backend_wanted_
+                                  << " backend already; load a " << backend << " artifact in a new process";
+    }
     OpenLocked();
     namespace json = ffi::json;
     json::Object obj;
@@ -360,10 +374,9 @@ class Context {
   void OpenLocked() {
     if (device_ != nullptr) return;
     if (!open_error_.empty()) TVM_FFI_THROW(RuntimeError) << open_error_;
-    // Primary backends only (Vulkan, Metal, DX12): wgpu's GL fallback lacks what the kernels need.
     WGPUInstanceExtras extras = {};
     extras.chain.sType = static_cast<WGPUSType>(WGPUSType_InstanceExtras);
-    extras.backends = WGPUInstanceBackend_Primary;
+    extras.backends = backends_;
     WGPUInstanceDescriptor inst_desc = WGPU_INSTANCE_DESCRIPTOR_INIT;
     inst_desc.nextInChain = &extras.chain;
     instance_ = wgpuCreateInstance(&inst_desc);
@@ -389,9 +402,8 @@ class Context {
     wgpuInstanceRequestAdapter(instance_, &options, acb);
     for (int i = 0; !ar.done && i < 1000; ++i) wgpuInstanceProcessEvents(instance_);
     if (ar.adapter == nullptr) {
-      Fail("voxc-wgpu: no Vulkan/Metal/DX12 adapter found (no GPU driver? On Linux without a GPU, "
-           "apt-get install mesa-vulkan-drivers gives lavapipe)" +
-           (ar.message.empty() ? std::string() : ": " + ar.message));
+      Fail("voxc-wgpu: wgpu found no " + (backend_wanted_ == "any" ? std::string("GPU") : backend_wanted_) +
+           " adapter" + (ar.message.empty() ? std::string() : " (" + ar.message + ")"));
     }
     adapter_ = ar.adapter;
 
@@ -594,6 +606,10 @@ class Context {
   }
 
   std::mutex mu_;
+  // Primary backends (Vulkan, Metal, DX12) unless the artifact names one: wgpu's GL fallback lacks
+  // what the kernels need.
+  WGPUInstanceBackend backends_ = WGPUInstanceBackend_Primary;
+  std::string backend_wanted_ = "any";
   WGPUInstance instance_ = nullptr;
   WGPUAdapter adapter_ = nullptr;
   WGPUDevice device_ = nullptr;
@@ -724,7 +740,8 @@ TVM_FFI_STATIC_INIT_BLOCK() {
       .def("ffi.Module.load_from_bytes.webgpu", LoadFromBytes)
       .def_packed("device_api.webgpu",
                   [](ffi::PackedArgs, ffi::Any* rv) { *rv = static_cast<void*>(WgpuDeviceAPI::Global()); })
-      .def("voxc.wgpu.describe", []() { return ffi::String(Context::Global()->Describe()); })
+      .def("voxc.wgpu.describe",
+           [](const ffi::String& backend) { return ffi::String(Context::Global()->Describe(backend)); })
       .def("voxc.wgpu.stats", []() { return ffi::String(Context::Global()->Stats()); });
 }
 

@@ -16,6 +16,7 @@ import importlib.util
 import json
 import math
 import os
+import platform
 import sys
 from pathlib import Path
 
@@ -23,8 +24,11 @@ from voxc.errors import VoxcError
 from voxc.runtime.tvm_runtime import load_runtime
 
 WGPU_HINT = "pip install wgpu==0.32.0 (its wheel ships wgpu-native)"
-DRIVER_HINT = ("a Vulkan driver (NVIDIA/AMD/Intel; without a GPU, apt-get install mesa-vulkan-drivers gives "
-               "lavapipe) or Metal on macOS")
+DRIVER_HINTS = {
+    "vulkan": "a Vulkan driver (NVIDIA/AMD/Intel; without a GPU, apt-get install mesa-vulkan-drivers gives lavapipe)",
+    "metal": "Metal (a Mac)",
+    "any": "a Vulkan driver or Metal",
+}
 _loaded: dict[str, str] = {}   # what was dlopened: "wgpu" -> path, "plugin" -> path
 
 
@@ -68,13 +72,15 @@ def load_wgpu_device(plugin: Path):
     return ffi
 
 
-def describe_adapter(ffi) -> dict:
-    """Open the adapter (once) and return its name, backend, features and limits."""
+def describe_adapter(ffi, backend: str = "any") -> dict:
+    """Open the adapter on ``backend`` (vulkan, metal or any; once per process) and return its
+    name, backend, features and limits."""
     try:
-        return json.loads(ffi.get_global_func("voxc.wgpu.describe")())
+        return json.loads(ffi.get_global_func("voxc.wgpu.describe")(backend))
     except Exception as exc:  # tvm_ffi raises its own error types
         message = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
-        raise VoxcError(f"no usable GPU adapter for this artifact: it needs {DRIVER_HINT} "
+        need = DRIVER_HINTS.get(backend, DRIVER_HINTS["any"])
+        raise VoxcError(f"no usable GPU adapter for this artifact: it needs {need} "
                         f"({message.removeprefix('RuntimeError: ')})") from None
 
 
@@ -118,14 +124,24 @@ def check_adapter(adapter: dict, manifest: dict, max_streams: int) -> None:
                         f"over the {buffers} the GPU adapter {name} allows")
 
 
+def host_platform() -> str:
+    """The platform native code runs on, as the build records it: ``linux-x86_64``, ``darwin-arm64``."""
+    machine = platform.machine().lower()
+    return f"{sys.platform}-{ {'amd64': 'x86_64', 'aarch64': 'arm64'}.get(machine, machine) }"
+
+
 def open_wgpu_device(artifact_dir: Path, manifest: dict, max_streams: int) -> dict:
     """Load the artifact's plugin, open the adapter and check it can run the artifact; returns the
     adapter's description."""
-    plugin = manifest.get("wgpu", {}).get("plugin")
-    if not plugin:
+    wgpu = manifest.get("wgpu", {})
+    if not wgpu.get("plugin"):
         raise VoxcError(f"{artifact_dir} is a web bundle: serve it and open index.html in a browser")
-    ffi = load_wgpu_device(artifact_dir / plugin)
-    adapter = describe_adapter(ffi)
+    built_on = wgpu.get("host_platform")
+    if built_on and built_on != host_platform():
+        raise VoxcError(f"{artifact_dir} holds native code for {built_on}, and this machine is {host_platform()}; "
+                        f"build it here (`voxc build --target {manifest['target']}`)")
+    ffi = load_wgpu_device(artifact_dir / wgpu["plugin"])
+    adapter = describe_adapter(ffi, wgpu.get("backend", "any"))
     check_adapter(adapter, manifest, max_streams)
     return adapter
 
