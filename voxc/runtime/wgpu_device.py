@@ -77,11 +77,10 @@ def describe_adapter(ffi, backend: str = "any") -> dict:
     name, backend, features and limits."""
     try:
         return json.loads(ffi.get_global_func("voxc.wgpu.describe")(backend))
-    except Exception as exc:  # tvm_ffi raises its own error types
-        message = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+    except Exception as exc:  # tvm_ffi raises its own error types; wgpu's messages span lines
+        message = " ".join(str(exc).split()) or repr(exc)
         need = DRIVER_HINTS.get(backend, DRIVER_HINTS["any"])
-        raise VoxcError(f"no usable GPU adapter for this artifact: it needs {need} "
-                        f"({message.removeprefix('RuntimeError: ')})") from None
+        raise VoxcError(f"no usable GPU adapter for this artifact: it needs {need} ({message})") from None
 
 
 def device_stats(ffi) -> dict:
