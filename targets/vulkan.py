@@ -46,11 +46,10 @@ import numpy as np
 
 from targets.base import CompileReport, TargetSpec
 from targets.webgpu import EMBEDDING_PART_BYTES, SMALL_M_TIERS, WEBGPU_DEFAULT_MAX_WORKGROUP
-from voxc.artifact import WGPU_PLUGIN_FILE
+from voxc.artifact import WGPU_PLUGIN_FILE, host_platform
 from voxc.errors import VoxcError
 from voxc.model.graph import GraphOptions
 from voxc.model.quantization import QuantPlan
-from voxc.runtime.wgpu_device import host_platform
 
 NATIVE_HOST = {"kind": "llvm"}   # the building machine's CPU architecture (x86_64, aarch64)
 

@@ -22,6 +22,8 @@ import hashlib
 import json
 import math
 import os
+import platform
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -242,6 +244,13 @@ def write_manifest(directory: Path, manifest: dict, *, hashes: bool = True) -> d
     manifest = seal(manifest)
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return manifest
+
+
+def host_platform() -> str:
+    """The platform native code runs on, as a vulkan/metal build records it (its host code and device
+    plugin run only there): ``linux-x86_64``, ``darwin-arm64``."""
+    machine = platform.machine().lower()
+    return f"{sys.platform}-{ {'amd64': 'x86_64', 'aarch64': 'arm64'}.get(machine, machine) }"
 
 
 # ---- reading --------------------------------------------------------------------------------------

@@ -16,10 +16,10 @@ import importlib.util
 import json
 import math
 import os
-import platform
 import sys
 from pathlib import Path
 
+from voxc.artifact import host_platform
 from voxc.errors import VoxcError
 from voxc.runtime.tvm_runtime import load_runtime
 
@@ -121,12 +121,6 @@ def check_adapter(adapter: dict, manifest: dict, max_streams: int) -> None:
     if wgpu.get("max_storage_buffers_per_kernel", 0) > buffers:
         raise VoxcError(f"a kernel of the artifact binds {wgpu['max_storage_buffers_per_kernel']} storage buffers, "
                         f"over the {buffers} the GPU adapter {name} allows")
-
-
-def host_platform() -> str:
-    """The platform native code runs on, as the build records it: ``linux-x86_64``, ``darwin-arm64``."""
-    machine = platform.machine().lower()
-    return f"{sys.platform}-{ {'amd64': 'x86_64', 'aarch64': 'arm64'}.get(machine, machine) }"
 
 
 def open_wgpu_device(artifact_dir: Path, manifest: dict, max_streams: int) -> dict:
