@@ -12,24 +12,39 @@ through wgpu-py and 2.5-2.8 TB/s through Dawn, against 3.0 TB/s for a CUDA copy
 Native Vulkan, unlike a browser, offers ``shader-f16`` (lavapipe and NVIDIA both do), so the f16
 build of the model is usable here even where browsers are f32-only.
 
-Phase 1 (this file): a minimal dispatcher.  ``wgsl_kernels`` splits a compiled WebGPU executable
-into per-kernel WGSL + TVM's launch metadata (``func_info``), and ``WgpuDevice.run`` runs one kernel
-exactly as tvmjs's WebGPU runtime launches it (same bind group layout: one storage buffer per
-handle argument, read-only unless ``paramWriteAccess`` says written, then a uniform ``PODArgs``
-holding the scalar arguments followed by ``packGridDimX``; blockIdx.x beyond 65535 folded into z).
-The caller supplies the grid (TVM's host code computes it at run time).
+The whole model (``voxc build --target vulkan``): the WGSL kernels of the browser build with native
+host code, run by TVM's *native* runtime, so the Relax VM, voxc's Python runtime (CompiledModel,
+StreamingSession, batched decode, ``voxc serve``) work unchanged, as they do for CUDA:
+  * the graph is the browser's (targets/webgpu.py: its kernels, passes and split token table) with
+    the parameters as separate arguments, compiled with ``webgpu_target`` and an llvm host
+    (x86_64/aarch64) instead of wasm32, and exported as a native ``model.so``;
+  * a small C++ plugin (targets/wgpu_plugin/voxc_wgpu_device.cc, built at first use by
+    targets/wgpu_toolchain.py, cached, and copied into the artifact) registers ``device_api.webgpu``
+    (buffers, copies, sync on wgpu-native's C API: ``webgpu.h``/``wgpu.h`` and ``libwgpu_native``
+    ship inside the wgpu wheel) and ``ffi.Module.load_from_bytes.webgpu`` (the same fmap/smap bytes
+    the browser loads; kernels created and launched as tvmjs does, see below).  Launches are
+    recorded into one command encoder and submitted together at each read-back;
+  * voxc/runtime/wgpu_device.py loads wgpu-native and the plugin, opens the adapter and refuses,
+    with one line, an adapter that lacks a feature the kernels need (shader-f16) or a buffer over
+    its limits; then ``relax.VirtualMachine`` runs on ``tvm.device("webgpu")``.
+``--dtype float16`` and quantized builds (q4f16 by default: float16 activations and caches) need
+``shader-f16``, which native adapters offer (lavapipe and NVIDIA do), unlike most browsers.
+tests/test_vulkan_model.py runs all of it on lavapipe against the llvm build.
 
-Phase 2 (design, not built yet): to run whole models, give TVM's *native* runtime a "webgpu"
-device backed by wgpu-native, so the Relax VM, voxc's Python runtime and streaming sessions work
-unchanged, as they do for CUDA:
-  * compile with ``webgpu_target`` but host ``{"kind": "llvm"}`` (x86_64/aarch64) instead of wasm32;
-  * a small C++ plugin (built at first use, like the web runtime) registers ``device_api.webgpu``
-    (a ``tvm::runtime::DeviceAPI``: buffers, copies, stream sync via wgpu-native's C API,
-    ``webgpu.h``/``wgpu.h`` and ``libwgpu_native`` ship inside the wgpu wheel) and
-    ``ffi.Module.load_from_bytes.webgpu`` (the same fmap/smap bytes the browser loads; kernels
-    created and launched as above).  It compiles against the wheel's headers plus
-    ``targets/web_runtime_headers`` and links libtvm_runtime.so;
-  * ``relax.VirtualMachine(ex, tvm.device("webgpu"))`` then runs the model natively.
+Metal: ``--target metal`` is the same artifact built on a Mac (its host code and plugin are native
+macOS code), with the plugin opening wgpu's Metal backend.  It has not been run on Apple hardware;
+on Linux only its refusal to build is tested.
+
+Not done: replaying a step's recorded dispatches (each launch still creates its bind group), and
+measurements on a real GPU (issue 15: NVIDIA's Vulkan driver on the H100 against the CUDA build).
+
+Single kernels (the first step, kept for tests/test_vulkan_wgpu.py): ``wgsl_kernels`` splits a
+compiled WebGPU executable into per-kernel WGSL + TVM's launch metadata (``func_info``), and
+``WgpuDevice.run`` runs one kernel through wgpu-py exactly as tvmjs's WebGPU runtime launches it
+(same bind group layout: one storage buffer per handle argument, read-only unless
+``paramWriteAccess`` says written, then a uniform ``PODArgs`` holding the scalar arguments followed
+by ``packGridDimX``; blockIdx.x beyond 65535 folded into z), the grid supplied by the caller.
+
 The alternative, running the browser bundle itself under Node with Dawn (npm ``webgpu``), needs
 no C++ but a Node sidecar process, and Dawn rejects lavapipe (so CI could not test it here).
 """

@@ -271,3 +271,18 @@ def test_artifact_of_another_platform_is_refused(models, tmp_path):
     artifact.write_manifest(copy, manifest)
     line = _load_in_subprocess(copy, {})
     assert "holds native code for darwin-arm64" in line and "voxc build --target vulkan" in line
+
+
+def test_metal_artifact_needs_metal(models, tmp_path):
+    """What the loader does with a metal artifact where there is no Metal: the artifact (a vulkan one
+    relabelled, as --target metal builds only on a Mac) makes the plugin open wgpu's Metal backend,
+    which Linux lacks, and the load fails with one line naming it."""
+    copy = tmp_path / "metal"
+    shutil.copytree(models[0].artifact_dir, copy)
+    manifest = json.loads((copy / artifact.MANIFEST).read_text())
+    manifest.pop("files")
+    manifest["target"] = "metal"
+    manifest["wgpu"]["backend"] = "metal"
+    artifact.write_manifest(copy, manifest)
+    line = _load_in_subprocess(copy, {})
+    assert "no usable GPU adapter for this artifact: it needs Metal (a Mac)" in line and "metal adapter" in line
