@@ -24,6 +24,7 @@
 #include <tvm/runtime/device_api.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
 #include <memory>
 #include <mutex>
@@ -53,6 +54,17 @@ std::string FromView(WGPUStringView s) {
   return s.length == WGPU_STRLEN ? std::string(s.data) : std::string(s.data, s.length);
 }
 WGPUStringView ToView(const std::string& s) { return WGPUStringView{s.data(), s.size()}; }
+
+// Adds the seconds of its scope to a counter.
+class Timer {
+ public:
+  explicit Timer(double* total) : total_(total), start_(std::chrono::steady_clock::now()) {}
+  ~Timer() { *total_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count(); }
+
+ private:
+  double* total_;
+  std::chrono::steady_clock::time_point start_;
+};
 
 // A compiled kernel: pipeline + bind group layout and how the host's arguments map onto them.
 struct Kernel {
@@ -124,7 +136,8 @@ class Context {
     std::lock_guard<std::mutex> lock(mu_);
     std::ostringstream os;
     os << "{\"dispatches\": " << dispatches_ << ", \"submits\": " << submits_ << ", \"buffers\": " << live_buffers_
-       << ", \"buffer_bytes\": " << live_bytes_ << "}";
+       << ", \"buffer_bytes\": " << live_bytes_ << ", \"launch_seconds\": " << launch_seconds_
+       << ", \"wait_seconds\": " << wait_seconds_ << "}";
     return os.str();
   }
 
@@ -206,7 +219,10 @@ class Context {
     std::lock_guard<std::mutex> lock(mu_);
     if (device_ == nullptr) return;
     Submit();
-    wgpuDevicePoll(device_, true, nullptr);
+    {
+      Timer timer(&wait_seconds_);
+      wgpuDevicePoll(device_, true, nullptr);
+    }
     CheckErrors("running kernels");
   }
 
@@ -295,6 +311,7 @@ class Context {
 
   void Launch(const Kernel& k, ffi::PackedArgs args) {
     std::lock_guard<std::mutex> lock(mu_);
+    Timer timer(&launch_seconds_);
     size_t num_main = k.buffer_args.size() + k.pod_args.size();
     if (static_cast<size_t>(args.size()) != num_main + k.launch_dims.size()) {
       TVM_FFI_THROW(RuntimeError) << "voxc-wgpu: kernel " << k.name << " expects " << num_main + k.launch_dims.size()
@@ -595,7 +612,10 @@ class Context {
     };
     cb.userdata1 = &mr;
     wgpuBufferMapAsync(staging_, WGPUMapMode_Read, 0, span, cb);
-    while (!mr.done) wgpuDevicePoll(device_, true, nullptr);
+    {
+      Timer timer(&wait_seconds_);
+      while (!mr.done) wgpuDevicePoll(device_, true, nullptr);
+    }
     CheckErrors("reading a buffer");
     if (mr.status != WGPUMapAsyncStatus_Success) {
       TVM_FFI_THROW(RuntimeError) << "voxc-wgpu: reading a buffer back failed: " << mr.message;
@@ -629,6 +649,8 @@ class Context {
   WGPUBuffer staging_ = nullptr;
 
   int64_t dispatches_ = 0, submits_ = 0, live_buffers_ = 0, live_bytes_ = 0;
+  // host time spent recording launches, and waiting for the GPU (read-backs, syncs)
+  double launch_seconds_ = 0, wait_seconds_ = 0;
 };
 
 class WgpuDeviceAPI final : public tvm::runtime::DeviceAPI {
