@@ -206,6 +206,13 @@ def test_adapter_without_shader_f16_is_refused(models):
     check_adapter(adapter, manifest, 1)
     with pytest.raises(VoxcError, match="lacks shader-f16.*--dtype float32"):
         check_adapter({**adapter, "features": []}, manifest, 1)
+    # the kernels' other needs, against a smaller adapter
+    small = {"max_compute_invocations_per_workgroup": 128, "max_compute_workgroup_storage_size": 4096,
+             "max_storage_buffers_per_shader_stage": 4}
+    for limit, message in zip(small, ("workgroups of 256 invocations", "bytes of workgroup memory",
+                                      "storage buffers")):
+        with pytest.raises(VoxcError, match=message):
+            check_adapter({**adapter, "limits": {**adapter["limits"], limit: small[limit]}}, manifest, 1)
 
 
 def test_buffers_over_the_adapter_limits_are_refused(models):

@@ -117,6 +117,10 @@ def check_adapter(adapter: dict, manifest: dict, max_streams: int) -> None:
     if wgpu.get("max_workgroup_size", 0) > invocations:
         raise VoxcError(f"the artifact's kernels use workgroups of {wgpu['max_workgroup_size']} invocations, over the "
                         f"{invocations} the GPU adapter {name} allows; rebuild it with a smaller workgroup size")
+    storage = limits["max_compute_workgroup_storage_size"]
+    if wgpu.get("max_workgroup_storage_bytes", 0) > storage:
+        raise VoxcError(f"a kernel of the artifact uses {wgpu['max_workgroup_storage_bytes']} bytes of workgroup "
+                        f"memory, over the {storage} the GPU adapter {name} allows")
     buffers = limits["max_storage_buffers_per_shader_stage"]
     if wgpu.get("max_storage_buffers_per_kernel", 0) > buffers:
         raise VoxcError(f"a kernel of the artifact binds {wgpu['max_storage_buffers_per_kernel']} storage buffers, "
