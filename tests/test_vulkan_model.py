@@ -154,6 +154,28 @@ def test_kernels_are_submitted_in_batches(models, clip):
     assert dispatches > 10 * submits > 0
 
 
+def test_copies_of_any_size_and_offset(models):
+    """WebGPU copies move multiples of 4 bytes at offsets of 4; the device handles the rest (odd
+    float16 counts, views at 2-byte offsets) by reading the surrounding words back."""
+    rt = models[0].rt
+    ffi = rt.ffi
+    view = ffi.get_global_func("runtime.TVMTensorCreateView")
+    copy = ffi.get_global_func("runtime.TVMTensorCopyFromTo")
+    values = np.arange(7, dtype=np.float16) + 1
+    t = rt.tensor(values)                                   # 14 bytes
+    np.testing.assert_array_equal(rt.numpy(t), values)
+    part = view(t, ffi.Shape((3,)), t.dtype, 2)            # elements 1..3, at byte offset 2
+    np.testing.assert_array_equal(rt.numpy(part), values[1:4])
+    rt.copy_into(part, np.array([-1, -2, -3], np.float16))
+    np.testing.assert_array_equal(rt.numpy(t), [1, -1, -2, -3, 5, 6, 7])
+    other = rt.tensor(np.zeros(7, np.float16))
+    copy(t, other)                                          # device to device, 14 bytes
+    np.testing.assert_array_equal(rt.numpy(other), [1, -1, -2, -3, 5, 6, 7])
+    tail = view(other, ffi.Shape((3,)), other.dtype, 8)    # aligned start, 6 bytes
+    copy(part, tail)                                        # device to device at odd offsets
+    np.testing.assert_array_equal(rt.numpy(other), [1, -1, -2, -3, -1, -2, -3])
+
+
 # ---- float16 and q4f16 against the llvm build of the same dtype ---------------------------------
 @pytest.mark.parametrize("quantization", [None, "q4_k"], ids=["float16", "q4f16"])
 def test_float16_builds_match_llvm(tiny_ckpt_small_windows_dir, tmp_path_factory, models, clip, quantization):
