@@ -14,13 +14,14 @@ if [ "${1:-}" = "--test" ]; then
     apt-get update -q
     # espeak-ng + sox: deterministic speech clips; emscripten: the WebGPU wasm runtime; nodejs + npm:
     # the first webgpu build rolls up tvmjs (TVM's JS runtime) with npm; chromium: the browser test;
-    # mesa-vulkan-drivers: lavapipe, a Vulkan driver for the wgpu tests
+    # mesa-vulkan-drivers: lavapipe, a Vulkan driver for the wgpu and vulkan-target tests; g++: the
+    # vulkan target's device plugin
     # (a Node.js that already brings npm, as NodeSource's does, conflicts with Debian's npm package: keep it)
     node_pkgs=""
     command -v node >/dev/null || node_pkgs="nodejs"
     command -v npm >/dev/null || node_pkgs="$node_pkgs npm"
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q espeak-ng sox libsox-fmt-all emscripten $node_pkgs \
-      chromium mesa-vulkan-drivers >/dev/null
+      chromium mesa-vulkan-drivers g++ >/dev/null
   fi
   .venv/bin/pip install -q -e '.[test]'
   # Only its speech clips are used; its own dependencies (an HTTP client, WER tools) are not needed.

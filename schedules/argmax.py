@@ -9,16 +9,17 @@ from schedules import pin_source
 pin_source(__name__)   # the TVMScript kernel builders below parse this file when called
 
 
-def argmax_rows_func(threads: int = 256):
+def argmax_rows_func(threads: int = 256, dtype: str = "float32"):
     """``out[b, 0] = argmax(x[b, :])`` as int32, the lowest index among equal maxima (topk's k=1),
-    one workgroup per row: a strided scan, then a tree in workgroup memory."""
+    one workgroup per row: a strided scan, then a tree in workgroup memory.  ``dtype``: the logits'
+    (float32 or float16; compared in float32, which holds every float16 exactly)."""
     steps = threads.bit_length() - 1
 
     @T.prim_func(private=True, s_tir=True)
     def argmax_rows(var_x: T.handle, var_out: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
         b, n = T.int64(), T.int64()
-        x = T.match_buffer(var_x, (b, n), "float32")
+        x = T.match_buffer(var_x, (b, n), dtype)
         out = T.match_buffer(var_out, (b, 1), "int32")
         for bx in T.thread_binding(b, thread="blockIdx.x"):
             for tx in T.thread_binding(threads, thread="threadIdx.x"):
@@ -36,8 +37,8 @@ def argmax_rows_func(threads: int = 256):
                     for j in T.serial((n + threads - 1) // threads):
                         idx: T.let[T.int64] = j * threads + T.Cast("int64", tx)
                         if idx < n:
-                            if x[bx, idx] > best_v[0] or best_i[0] == T.int32(2147483647):
-                                best_v[0] = x[bx, idx]
+                            if T.Cast("float32", x[bx, idx]) > best_v[0] or best_i[0] == T.int32(2147483647):
+                                best_v[0] = T.Cast("float32", x[bx, idx])
                                 best_i[0] = T.Cast("int32", idx)
                     sv[tx] = best_v[0]
                     si[tx] = best_i[0]

@@ -146,7 +146,8 @@ MAX_SHARED_BYTES = 48 * 1024
 def cuda_kernel_layout(n_heads: int, n_kv_heads: int, head_dim: int, window: int, dtype: str,
                        threads: int = 128, max_splits: int = 32, keys_per_split: int = 256, *,
                        max_threads: int = MAX_THREADS_PER_BLOCK, max_z: int = MAX_BLOCK_Z,
-                       max_shared_bytes: int = MAX_SHARED_BYTES, max_grid_y: int = MAX_GRID_YZ) -> dict:
+                       max_shared_bytes: int = MAX_SHARED_BYTES, max_grid_y: int = MAX_GRID_YZ,
+                       max_vector_lanes: int = 16) -> dict:
     """Thread-block shape of the CUDA ring attention: tx over head_dim vectors (one warp at most),
     ty over query heads of one kv head, tz over keys; ``n_splits`` blocks share a query's keys.
 
@@ -163,13 +164,15 @@ def cuda_kernel_layout(n_heads: int, n_kv_heads: int, head_dim: int, window: int
                         f"n_heads={n_heads} n_kv_heads={n_kv_heads} head_dim={head_dim} window={window}")
     group = n_heads // n_kv_heads
     esize = 2 if dtype in ("float16", "bfloat16") else 4
-    vec = 16 // esize
+    vec = min(16 // esize, max_vector_lanes)
     while vec > 1 and head_dim % vec:
         vec //= 2
     while head_dim // vec > 32:
         vec *= 2
     bdx = head_dim // vec
-    load_lanes = min(vec, 16 // esize)   # one load/store moves at most 16 bytes (no 32-byte vector types)
+    # one load/store moves at most 16 bytes (no 32-byte vector types) and ``max_vector_lanes``
+    # elements (WGSL's vectors have at most 4: a thread then works on 4 half-precision elements)
+    load_lanes = min(vec, 16 // esize, max_vector_lanes)
 
     def shared_bytes(bdy: int, bdz: int, tile: int) -> int:
         rows = bdz * bdy * tile

@@ -5,7 +5,12 @@ import importlib
 
 from voxc.errors import VoxcError
 
-TARGET_MODULES = {"llvm": "targets.llvm", "cpu": "targets.llvm", "cuda": "targets.cuda", "webgpu": "targets.webgpu"}
+TARGET_MODULES = {"llvm": "targets.llvm", "cpu": "targets.llvm", "cuda": "targets.cuda", "webgpu": "targets.webgpu",
+                  "vulkan": "targets.vulkan", "metal": "targets.vulkan"}
+
+
+# Targets a module defines besides its TARGET: name -> the module's attribute.
+TARGET_ATTRIBUTES = {"metal": "METAL_TARGET"}
 
 
 def get_target(name: str):
@@ -16,4 +21,4 @@ def get_target(name: str):
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise VoxcError(f"target {name!r} is not available in this install: {exc}") from exc
-    return module.TARGET
+    return getattr(module, TARGET_ATTRIBUTES.get(name, "TARGET"))

@@ -119,7 +119,7 @@ def swap_ring_attention(mod, **layout):
 
 
 def replace_greedy_topk(mod, threads: int = 256):
-    """Every ``topk(x [b, n] f32, k=1, largest, indices, int32)`` -> schedules/argmax.py's kernel
+    """Every ``topk(x [b, n] f32/f16, k=1, largest, indices, int32)`` -> schedules/argmax.py's kernel
     (TVM's sort/argmax use int64 indices or blockIdx.z, neither of which WGSL has)."""
     import tvm
     from tvm import relax
@@ -128,19 +128,20 @@ def replace_greedy_topk(mod, threads: int = 256):
     from voxc.errors import VoxcError
 
     topk_op = tvm.ir.Op.get("relax.topk")
-    kernel = []
+    kernels = {}   # logits dtype -> the kernel
 
     def rewrite(builder, call):
         if call.op != topk_op:
             return call
         a = call.attrs
         x = call.args[0].ty
+        dtype = str(x.dtype)
         if (int(a.k) != 1 or a.ret_type != "indices" or not a.largest or str(a.dtype) != "int32"
-                or x.ndim != 2 or int(a.axis) not in (-1, 1) or str(x.dtype) != "float32"):
+                or x.ndim != 2 or int(a.axis) not in (-1, 1) or dtype not in ("float32", "float16")):
             raise VoxcError(f"unsupported topk ({a}); only greedy argmax is implemented")
-        if not kernel:
-            kernel.append(builder.builder_.add_func(argmax_rows_func(threads), "argmax_rows"))
-        return relax.call_tir(kernel[0], [call.args[0]], relax.TensorType((x.shape.values[0], 1), "int32"))
+        if dtype not in kernels:
+            kernels[dtype] = builder.builder_.add_func(argmax_rows_func(threads, dtype), "argmax_rows")
+        return relax.call_tir(kernels[dtype], [call.args[0]], relax.TensorType((x.shape.values[0], 1), "int32"))
 
     return _rewrite_calls(mod, rewrite)
 

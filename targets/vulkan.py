@@ -12,24 +12,39 @@ through wgpu-py and 2.5-2.8 TB/s through Dawn, against 3.0 TB/s for a CUDA copy
 Native Vulkan, unlike a browser, offers ``shader-f16`` (lavapipe and NVIDIA both do), so the f16
 build of the model is usable here even where browsers are f32-only.
 
-Phase 1 (this file): a minimal dispatcher.  ``wgsl_kernels`` splits a compiled WebGPU executable
-into per-kernel WGSL + TVM's launch metadata (``func_info``), and ``WgpuDevice.run`` runs one kernel
-exactly as tvmjs's WebGPU runtime launches it (same bind group layout: one storage buffer per
-handle argument, read-only unless ``paramWriteAccess`` says written, then a uniform ``PODArgs``
-holding the scalar arguments followed by ``packGridDimX``; blockIdx.x beyond 65535 folded into z).
-The caller supplies the grid (TVM's host code computes it at run time).
+The whole model (``voxc build --target vulkan``): the WGSL kernels of the browser build with native
+host code, run by TVM's *native* runtime, so the Relax VM, voxc's Python runtime (CompiledModel,
+StreamingSession, batched decode, ``voxc serve``) work unchanged, as they do for CUDA:
+  * the graph is the browser's (targets/webgpu.py: its kernels, passes and split token table) with
+    the parameters as separate arguments, compiled with ``webgpu_target`` and an llvm host
+    (x86_64/aarch64) instead of wasm32, and exported as a native ``model.so``;
+  * a small C++ plugin (targets/wgpu_plugin/voxc_wgpu_device.cc, built at first use by
+    targets/wgpu_toolchain.py, cached, and copied into the artifact) registers ``device_api.webgpu``
+    (buffers, copies, sync on wgpu-native's C API: ``webgpu.h``/``wgpu.h`` and ``libwgpu_native``
+    ship inside the wgpu wheel) and ``ffi.Module.load_from_bytes.webgpu`` (the same fmap/smap bytes
+    the browser loads; kernels created and launched as tvmjs does, see below).  Launches are
+    recorded into one command encoder and submitted together at each read-back;
+  * voxc/runtime/wgpu_device.py loads wgpu-native and the plugin, opens the adapter and refuses,
+    with one line, an adapter that lacks a feature the kernels need (shader-f16) or a buffer over
+    its limits; then ``relax.VirtualMachine`` runs on ``tvm.device("webgpu")``.
+``--dtype float16`` and quantized builds (q4f16 by default: float16 activations and caches) need
+``shader-f16``, which native adapters offer (lavapipe and NVIDIA do), unlike most browsers.
+tests/test_vulkan_model.py runs all of it on lavapipe against the llvm build.
 
-Phase 2 (design, not built yet): to run whole models, give TVM's *native* runtime a "webgpu"
-device backed by wgpu-native, so the Relax VM, voxc's Python runtime and streaming sessions work
-unchanged, as they do for CUDA:
-  * compile with ``webgpu_target`` but host ``{"kind": "llvm"}`` (x86_64/aarch64) instead of wasm32;
-  * a small C++ plugin (built at first use, like the web runtime) registers ``device_api.webgpu``
-    (a ``tvm::runtime::DeviceAPI``: buffers, copies, stream sync via wgpu-native's C API,
-    ``webgpu.h``/``wgpu.h`` and ``libwgpu_native`` ship inside the wgpu wheel) and
-    ``ffi.Module.load_from_bytes.webgpu`` (the same fmap/smap bytes the browser loads; kernels
-    created and launched as above).  It compiles against the wheel's headers plus
-    ``targets/web_runtime_headers`` and links libtvm_runtime.so;
-  * ``relax.VirtualMachine(ex, tvm.device("webgpu"))`` then runs the model natively.
+Metal: ``--target metal`` is the same artifact built on a Mac (its host code and plugin are native
+macOS code), with the plugin opening wgpu's Metal backend.  It has not been run on Apple hardware;
+on Linux only its refusal to build is tested.
+
+Not done: replaying a step's recorded dispatches (each launch still creates its bind group), and
+measurements on a real GPU (issue 15: NVIDIA's Vulkan driver on the H100 against the CUDA build).
+
+Single kernels (the first step, kept for tests/test_vulkan_wgpu.py): ``wgsl_kernels`` splits a
+compiled WebGPU executable into per-kernel WGSL + TVM's launch metadata (``func_info``), and
+``WgpuDevice.run`` runs one kernel through wgpu-py exactly as tvmjs's WebGPU runtime launches it
+(same bind group layout: one storage buffer per handle argument, read-only unless
+``paramWriteAccess`` says written, then a uniform ``PODArgs`` holding the scalar arguments followed
+by ``packGridDimX``; blockIdx.x beyond 65535 folded into z), the grid supplied by the caller.
+
 The alternative, running the browser bundle itself under Node with Dawn (npm ``webgpu``), needs
 no C++ but a Node sidecar process, and Dawn rejects lavapipe (so CI could not test it here).
 """
@@ -38,10 +53,100 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
+import sys
+from pathlib import Path
 
 import numpy as np
 
+from targets.base import CompileReport, TargetSpec
+from targets.webgpu import EMBEDDING_PART_BYTES, SMALL_M_TIERS, WEBGPU_DEFAULT_MAX_WORKGROUP
+from voxc.artifact import WGPU_PLUGIN_FILE, host_platform
 from voxc.errors import VoxcError
+from voxc.model.graph import GraphOptions
+from voxc.model.quantization import QuantPlan
+
+NATIVE_HOST = {"kind": "llvm"}   # the building machine's CPU architecture (x86_64, aarch64)
+
+
+@dataclasses.dataclass(frozen=True)
+class VulkanTarget(TargetSpec):
+    """WGSL kernels with native host code, run by TVM's runtime on the "webgpu" device that voxc's
+    wgpu plugin provides (Vulkan on Linux/Windows; the same artifact built on a Mac runs on Metal)."""
+
+    name: str = "vulkan"
+    device_kind: str = "webgpu"    # TVM's device type: the plugin's WebGPU device API
+    library_name: str = "model.so"
+    model_dtype: str = "float32"
+    # A quantized build runs float16 activations and caches (q4f16) where the adapter has shader-f16.
+    quantized_dtype: str = "float16"
+    mel_dtype: str = "float32"     # WGSL has no f64
+    # Workgroups every WebGPU adapter allows (256 invocations); a known GPU could take more.
+    max_workgroup_size: int = WEBGPU_DEFAULT_MAX_WORKGROUP
+    # WebGPU's default binding limit (128 MiB, lavapipe's too): the token table is split into blocks.
+    embedding_part_bytes: int = EMBEDDING_PART_BYTES
+    small_m_tiers: tuple = SMALL_M_TIERS
+    backend: str = "vulkan"        # the wgpu backend the plugin opens (voxc.runtime.wgpu_device)
+
+    def tvm_target(self):
+        from targets.webgpu import webgpu_target
+
+        return webgpu_target(self.max_workgroup_size, host=NATIVE_HOST)
+
+    def graph_options(self, quant: QuantPlan = QuantPlan()) -> GraphOptions:
+        """The browser's graph (WebGPU's dequant+matmul kernels, the split token table) with the
+        parameters as separate arguments, as the other native targets take them."""
+        options = super().graph_options(quant)
+        return dataclasses.replace(options, token_table_part_bytes=self.embedding_part_bytes,
+                                   quant=dataclasses.replace(options.quant, kernel_target="webgpu"))
+
+    def compile(self, mod, report: CompileReport | None = None):
+        from targets.webgpu import compile_model_for_webgpu
+        from targets.wgpu_toolchain import find_cxx, wgpu_resources
+
+        self.check_host()
+        find_cxx()   # a missing compiler or wgpu fails before the long compile, not at the link after it
+        wgpu_resources()
+        return compile_model_for_webgpu(mod, max_workgroup_size=self.max_workgroup_size,
+                                        small_m_tiers=self.small_m_tiers, report=report, host=NATIVE_HOST)
+
+    def export(self, executable, out_dir: Path) -> Path:
+        from targets.wgpu_toolchain import find_cxx
+
+        path = Path(out_dir) / self.library_name
+        executable.export_library(str(path), cc=find_cxx())
+        return path
+
+    def package(self, out_dir: Path, *, executable, tokenizer_bytes: bytes, params, cfg,
+                weights_written: bool) -> dict:
+        """The device plugin beside the library; returns the manifest's ``wgpu`` section (what the
+        adapter must offer, checked at load by voxc.runtime.wgpu_device)."""
+        from targets.webgpu import kernel_report
+        from targets.wgpu_toolchain import ensure_wgpu_plugin
+
+        extras = super().package(out_dir, executable=executable, tokenizer_bytes=tokenizer_bytes, params=params,
+                                 cfg=cfg, weights_written=weights_written)
+        shutil.copy2(ensure_wgpu_plugin(), Path(out_dir) / WGPU_PLUGIN_FILE)
+        report = kernel_report(executable)
+        return {**extras, "wgpu": {"plugin": WGPU_PLUGIN_FILE, "backend": self.backend,
+                                   "host_platform": host_platform(),
+                                   "required_features": report["required_features"],
+                                   "max_workgroup_size": report["max_workgroup_size"],
+                                   "max_storage_buffers_per_kernel": report["max_storage_buffers_per_kernel"],
+                                   "max_workgroup_storage_bytes": report["max_workgroup_storage_bytes"],
+                                   "num_kernels": report["num_kernels"]}}
+
+
+    def check_host(self) -> None:
+        """The host code and the plugin are native code for the building machine, so an artifact runs
+        where it was built; Metal exists on macOS only."""
+        if self.backend == "metal" and sys.platform != "darwin":
+            raise VoxcError("--target metal builds on the Mac that runs it (its host code and device plugin are "
+                            "native macOS code); on Linux or Windows use --target vulkan")
+
+
+TARGET = VulkanTarget()
+METAL_TARGET = VulkanTarget(name="metal", backend="metal")
 
 WGPU_HINT = "pip install wgpu==0.32.0 (and a Vulkan driver: apt-get install mesa-vulkan-drivers for lavapipe)"
 _POD_DTYPES = {"int": np.int32, "uint": np.uint32, "float": np.float32}  # WGSL PODArgs are 32-bit

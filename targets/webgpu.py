@@ -189,10 +189,12 @@ def register_wgsl_intrinsics() -> None:
 
 
 def compile_model_for_webgpu(mod, *, max_workgroup_size: int = WEBGPU_DEFAULT_MAX_WORKGROUP,
-                             attention_threads: int = 128, small_m_tiers=None, report: CompileReport | None = None):
+                             attention_threads: int = 128, small_m_tiers=None, report: CompileReport | None = None,
+                             host: dict | None = None):
     """The Voxtral graph (voxc.model.export.export_graph) -> VM executable with WGSL kernels.
     ``small_m_tiers``: see :func:`web_relax_pipeline` (None: SMALL_M_TIERS; ``()``: dlight's
-    Matmul for every row count)."""
+    Matmul for every row count).  ``host``: the host code's target (default wasm32; targets/vulkan.py
+    passes a native llvm host)."""
     import tvm
 
     small_m_tiers = SMALL_M_TIERS if small_m_tiers is None else small_m_tiers
@@ -203,8 +205,8 @@ def compile_model_for_webgpu(mod, *, max_workgroup_size: int = WEBGPU_DEFAULT_MA
     # WebGPU's default limits: 256 invocations and 16 KiB of workgroup storage per workgroup, depth 64
     mod = swap_ring_attention(mod, threads=min(attention_threads, max_workgroup_size), keys_per_split=256,
                               max_splits=32, max_threads=max_workgroup_size, max_z=64,
-                              max_shared_bytes=WEBGPU_DEFAULT_WORKGROUP_STORAGE)
-    target = webgpu_target(max_workgroup_size)
+                              max_shared_bytes=WEBGPU_DEFAULT_WORKGROUP_STORAGE, max_vector_lanes=4)
+    target = webgpu_target(max_workgroup_size, host=host)
     register_wgsl_intrinsics()
     with target:
         return tvm.compile(mod, target=target, relax_pipeline=web_relax_pipeline(target, small_m_tiers, report))

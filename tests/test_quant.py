@@ -195,10 +195,20 @@ def test_batch_rule_and_spec_errors():
     assert gemv_or_gemm(tvm.tirx.Var("s", "int64")) == "gemm"
     with pytest.raises(VoxcError, match="multiple of 256"):
         make_kernel("q4_k", 8, 96, 1)
-    with pytest.raises(VoxcError, match="shader-f16"):
-        make_kernel("q4_0", 8, 64, 1, dtype="float16", target="webgpu")
     with pytest.raises(VoxcError, match="no dequant"):
         make_kernel("q4_0", 8, 64, 1, target="metal")
+
+
+def test_webgpu_float16_activations_need_shader_f16():
+    """float16 activations (the vulkan target's q4f16) make WGSL that enables f16, which the
+    artifact records and the loader checks; float32 ones never need it (browsers)."""
+    from targets.webgpu import shader_info
+
+    for dtype, features in (("float16", ["shader-f16"]), ("float32", [])):
+        func = make_kernel("q4_0", 8, 64, 1, dtype=dtype, target="webgpu")
+        ex = tvm.compile(tvm.IRModule({func.attrs["global_symbol"]: func}),
+                         target=tvm.target.Target({"kind": "webgpu"}, host={"kind": "llvm"}))
+        assert shader_info(ex)["required_features"] == features
 
 
 # ---- Relax modules ----------------------------------------------------------------------------

@@ -22,6 +22,8 @@ import hashlib
 import json
 import math
 import os
+import platform
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,6 +38,8 @@ WEIGHT_INDEX = "tensor-cache.json"
 SHARD_NAME = "params_shard_{}.bin"
 TOKENIZER_FILE = "tekken.json"
 WEB_TOKENIZER_TABLE = "tokenizer.json"
+# vulkan/metal: voxc's WebGPU device for TVM's runtime, native code loaded before the model library
+WGPU_PLUGIN_FILE = "voxc_wgpu_device.so"
 MEL_FILTERS = "mel_frontend.filters"   # a graph parameter computed at build time, not read from a checkpoint
 NATIVE_SHARD_BYTES = 512 << 20
 WEB_SHARD_BYTES = 32 << 20             # each shard is fetched and cached by the browser on its own
@@ -242,9 +246,17 @@ def write_manifest(directory: Path, manifest: dict, *, hashes: bool = True) -> d
     return manifest
 
 
+def host_platform() -> str:
+    """The platform native code runs on, as a vulkan/metal build records it (its host code and device
+    plugin run only there): ``linux-x86_64``, ``darwin-arm64``."""
+    machine = platform.machine().lower()
+    return f"{sys.platform}-{ {'amd64': 'x86_64', 'aarch64': 'arm64'}.get(machine, machine) }"
+
+
 # ---- reading --------------------------------------------------------------------------------------
 # Each target's runtime device (a manifest pairing them otherwise is damaged: CPU code run as CUDA).
-TARGET_DEVICE_KINDS = {"llvm": "cpu", "cuda": "cuda", "webgpu": "webgpu"}
+TARGET_DEVICE_KINDS = {"llvm": "cpu", "cuda": "cuda", "webgpu": "webgpu", "vulkan": "webgpu",
+                       "metal": "webgpu"}
 MODEL_DTYPES = ("float32", "float16", "bfloat16")
 # Bounds that keep a damaged config from asking for absurd shapes (the 4B model is far below them).
 _CONFIG_INT_LIMIT = 1 << 31

@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "files to pick a variant) into an artifact directory that `voxc transcribe` and "
                                    "voxc.load() run without the compiler.")
     p.add_argument("checkpoint", type=Path, help="checkpoint directory, .gguf file or ONNX export directory")
-    p.add_argument("--target", default="llvm", help="llvm (CPU, default), cuda or webgpu")
+    p.add_argument("--target", default="llvm", help="llvm (CPU, default), cuda, webgpu, vulkan or metal")
     p.add_argument("-o", "--output", type=Path, help="artifact directory (default: <checkpoint>-<target>)")
     p.add_argument("--left-pad-tokens", type=int, default=None,
                    help="silence tokens before the audio (default: the tokenizer's, 32; Q4_0 needs 76)")

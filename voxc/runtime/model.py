@@ -101,13 +101,17 @@ class CompiledModel:
             raise VoxcError(f"max_streams must be a whole number >= 1, not {max_streams!r}")
         manifest = artifact.read_manifest(artifact_dir)
         kind = manifest["device_kind"]
-        if device is not None and device != kind and not (device == "cpu" and kind == "llvm"):
+        if device is not None and device not in (kind, manifest["target"]) and not (device == "cpu" and kind == "llvm"):
             raise VoxcError(f"{artifact_dir} was built for {manifest['target']} and runs on {kind}, not {device}")
-        if kind == "webgpu":
+        if kind == "webgpu" and not manifest.get("wgpu"):
             raise VoxcError(f"{artifact_dir} is a web bundle: serve it and open index.html in a browser")
         verify_artifact(artifact_dir, manifest, verify)
         if kind == "cpu":
             check_cpu_isa(artifact_dir, manifest.get("cpu"))
+        if kind == "webgpu":   # vulkan/metal: the artifact's plugin provides the device
+            from voxc.runtime.wgpu_device import open_wgpu_device
+
+            open_wgpu_device(artifact_dir, manifest, int(max_streams))
         return cls(artifact_dir, manifest, Runtime(kind), int(max_streams), progress)
 
     @property

@@ -119,7 +119,13 @@ class Runtime:
 
     # ---- tensors ----------------------------------------------------------------------------
     def empty(self, shape, dtype: str):
-        return self._alloc(self.ffi.Shape(tuple(int(s) for s in shape)), dtype, self.device, None)
+        shape = tuple(int(s) for s in shape)
+        try:
+            return self._alloc(self.ffi.Shape(shape), dtype, self.device, None)
+        except Exception as exc:  # tvm_ffi raises its own error types (out of memory, over a device limit)
+            message = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+            raise VoxcError(f"cannot allocate a {dtype} tensor of shape {list(shape)} on {self.kind}: "
+                            f"{message}") from None
 
     def tensor(self, array: np.ndarray):
         array = np.ascontiguousarray(array)
