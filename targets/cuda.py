@@ -22,7 +22,7 @@ from pathlib import Path
 
 from targets.base import CompileReport, TargetSpec
 from targets.gpu_pipeline import gpu_relax_pipeline
-from targets.passes import fuse_transpose_matmul, swap_ring_attention
+from targets.passes import fuse_transpose_matmul, replace_greedy_topk, swap_ring_attention
 from voxc.artifact import DECODE_B1N1
 from voxc.errors import VoxcError
 
@@ -82,6 +82,9 @@ class CudaTarget(TargetSpec):
         mod = fuse_transpose_matmul(mod)
         if self.hand_kernels:   # voxc's split-K attention instead of dlight's fallback for the TE definition
             mod = swap_ring_attention(mod)
+            # greedy topk(k=1) as one argmax kernel: TVM's topk lowering measured 80 us and 11 launches
+            # of a 2.75 ms decode step on an H100 (the argmax: one block per row)
+            mod = replace_greedy_topk(mod, threads=1024)
         config = {"relax.backend.use_cuda_graph": bool(self.cuda_graph)}
         pipeline = gpu_relax_pipeline(target, self.small_m_tiers, cuda_pipeline, "VoxcCudaPipeline", report)
         with target, tvm.transform.PassContext(opt_level=3, config=config), fatbin_compiler(self.archs, report):

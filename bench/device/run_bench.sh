@@ -47,9 +47,9 @@ for step in $STEPS; do
              "$PY" bench/server_load.py --local --clients 2 --seconds 2 --json 2>&1 | tee "$OUT/server_load.jsonl"
            else
              ART=$(echo ${ARTIFACTS:-$PACK/artifacts/full_cuda} | cut -d' ' -f1)
-             "$PY" -c "import sys; sys.path[:0] = ['bench']; from pathlib import Path; from cuda_build import ensure_weights; print('weights', ensure_weights(Path('$ART')))"
+             PYTHONPATH=/tmp/site:$PACK/src "$PY" -c "import sys; sys.path[:0] = ['bench']; from pathlib import Path; from cuda_build import ensure_weights; print('weights', ensure_weights(Path('$ART')))"
              for n in ${SERVER_CLIENTS:-4 8 16 32}; do
-               "$PY" bench/server_load.py --local --artifact "$ART" --clients "$n" --seconds "${SERVER_SECS:-20}" --json \
+               PYTHONPATH=/tmp/site:$PACK/src "$PY" bench/server_load.py --local --artifact "$ART" --clients "$n" --seconds "${SERVER_SECS:-20}" --json \
                  2>&1 | tee -a "$OUT/server_load.jsonl"
              done; fi ;;
     *)     echo "unknown step $step (check quant voxc hf server)"; exit 2 ;;
