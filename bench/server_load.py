@@ -162,6 +162,8 @@ def main(argv=None) -> dict:
     p.add_argument("--local", action="store_true", help="start a server on --artifact (or a tiny model) for the run")
     p.add_argument("--artifact", type=Path, default=None, help="CPU artifact for --local")
     p.add_argument("--max-sessions", type=int, default=None, help="--local server's sessions (default: --clients)")
+    p.add_argument("--verify", choices=["auto", "full", "size"], default="auto",
+                   help="--local: how the artifact's files are checked (size: random weights written beside it)")
     p.add_argument("--clients", type=int, default=4)
     p.add_argument("--seconds", type=float, default=10.0, help="audio each client streams")
     p.add_argument("--chunk-ms", type=int, default=100)
@@ -177,7 +179,7 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory(prefix="voxc-load-") as tmp:
             artifact = args.artifact or _local_artifact(Path(tmp))
             sessions = args.max_sessions or args.clients
-            model = voxc.load(artifact, max_streams=sessions)
+            model = voxc.load(artifact, max_streams=sessions, verify=args.verify)
             with ServerThread(model, ServerConfig(max_sessions=sessions)) as server:
                 report = asyncio.run(run_clients(server.url, args))
     else:

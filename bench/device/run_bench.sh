@@ -48,8 +48,9 @@ for step in $STEPS; do
            else
              ART=$(echo ${ARTIFACTS:-$PACK/artifacts/full_cuda} | cut -d' ' -f1)
              PYTHONPATH=/tmp/site:$PACK/src "$PY" -c "import sys; sys.path[:0] = ['bench']; from pathlib import Path; from cuda_build import ensure_weights; print('weights', ensure_weights(Path('$ART')))"
+             export VOXC_TVM_LIB_DIR=${VOXC_TVM_LIB_DIR:-$PACK/tvm_runtime/tvm/lib}   # the runtime-only libraries setup.sh unpacked
              for n in ${SERVER_CLIENTS:-4 8 16 32}; do
-               PYTHONPATH=/tmp/site:$PACK/src "$PY" bench/server_load.py --local --artifact "$ART" --clients "$n" --seconds "${SERVER_SECS:-20}" --json \
+               PYTHONPATH=/tmp/site:$PACK/src "$PY" bench/server_load.py --local --artifact "$ART" --clients "$n" --seconds "${SERVER_SECS:-20}" --json --verify size \
                  2>&1 | tee -a "$OUT/server_load.jsonl"
              done; fi ;;
     *)     echo "unknown step $step (check quant voxc hf server)"; exit 2 ;;
