@@ -189,7 +189,10 @@ class Engine:
         (measured on an H100 with 32-48 sessions joining at once).  The streams are discarded."""
         t0 = time.perf_counter()
         silence = np.zeros(self.spt, np.float32)
-        for batch in range(1, self.max_sessions + 1):
+        # largest batch first: the one-stream step, which captures its CUDA graph at its first
+        # call, then finds TVM's memory pool already filled by the batched steps (a capture may
+        # not allocate; a first-ever lone step crashed an H100 server in that capture)
+        for batch in range(self.max_sessions, 0, -1):
             streams = [self.model.stream() for _ in range(batch)]
             try:
                 for s in streams:
