@@ -50,17 +50,24 @@ class CapturedStep:
         self.stream = ctypes.c_void_p()
         _check(lib, lib.cudaStreamCreateWithFlags(ctypes.byref(self.stream), _STREAM_NON_BLOCKING), "stream")
         self.graph, self.exec = ctypes.c_void_p(), ctypes.c_void_p()
-        with tvm_ffi.use_raw_stream(runtime.device, self.stream.value or 0):
-            fn(*args, *params)          # warm-up: the pool holds every buffer the step needs
-            _check(lib, lib.cudaStreamSynchronize(self.stream), "warm-up")
-            _check(lib, lib.cudaStreamBeginCapture(self.stream, _CAPTURE_MODE_THREAD_LOCAL), "capture")
-            try:
-                self.outputs = fn(*args, *params)
-            finally:
-                code = lib.cudaStreamEndCapture(self.stream, ctypes.byref(self.graph))
-            _check(lib, code, "capture")
-            _check(lib, lib.cudaGraphInstantiate(ctypes.byref(self.exec), self.graph, ctypes.c_ulonglong(0)),
-                   "instantiation")
+        try:
+            with tvm_ffi.use_raw_stream(runtime.device, self.stream.value or 0):
+                fn(*args, *params)          # warm-up: the pool holds every buffer the step needs
+                _check(lib, lib.cudaStreamSynchronize(self.stream), "warm-up")
+                _check(lib, lib.cudaStreamBeginCapture(self.stream, _CAPTURE_MODE_THREAD_LOCAL), "capture")
+                try:
+                    self.outputs = fn(*args, *params)
+                finally:
+                    code = lib.cudaStreamEndCapture(self.stream, ctypes.byref(self.graph))
+                _check(lib, code, "capture")
+                _check(lib, lib.cudaGraphInstantiate(ctypes.byref(self.exec), self.graph, ctypes.c_ulonglong(0)),
+                       "instantiation")
+        except (RuntimeError, VoxcError) as exc:
+            # e.g. TVM's memory pool needing a fresh cudaMalloc inside the capture (seen on an H100
+            # when a server's very first step was a lone stream): the caller runs the step uncaptured
+            lib.cudaStreamDestroy(self.stream)
+            self.exec = ctypes.c_void_p()
+            raise VoxcError(f"CUDA graph capture failed: {str(exc).splitlines()[0][:300]}") from exc
 
     def matches(self, args: list) -> bool:
         """Whether ``args`` are the tensors the graph was captured with (same addresses)."""

@@ -7,6 +7,7 @@ point takes a batch of slots, so the server can decode many streams in one step;
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from voxc.artifact import DECODE_B1N1, ENCODE_B1T8, ISA_FLAGS
 from voxc.config import ModelConfig
 from voxc.errors import VoxcError
 from voxc.runtime.tvm_runtime import Runtime
+
+log = logging.getLogger("voxc")
 
 VERIFY_MODES = ("auto", "full", "size")
 
@@ -203,7 +206,8 @@ class CompiledModel:
                 self._decode_captured.close()
             try:
                 self._decode_captured = CapturedStep(self.rt, self._decode_single, args, self.params)
-            except VoxcError:   # a step that cannot be captured runs as before
+            except VoxcError as exc:   # a step that cannot be captured runs as before
+                log.warning("%s; one-stream steps run without CUDA graphs", exc)
                 self.cuda_graphs = False
                 self._decode_captured = None
                 return self.decode(tokens, delays, slots, starts)
