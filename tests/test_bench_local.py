@@ -154,8 +154,12 @@ def test_pack_local_builds_the_tiny_artifacts(devpack):
     from voxc import artifact
 
     arts = devpack / "artifacts"
-    expected = {"tiny_llvm", "full_llvm", "attn_llvm.so"} | ({"tiny_cuda", "attn_cuda.so"} if HAVE_NVCC else set())
+    # libraries travel gzipped (setup.sh unpacks them); an llvm twin's shards travel once, with its cuda twin
+    expected = {"tiny_llvm", "full_llvm", "attn_llvm.so.gz"} | ({"tiny_cuda", "attn_cuda.so.gz"} if HAVE_NVCC else set())
     assert expected <= {p.name for p in arts.iterdir()}
+    assert (arts / "tiny_llvm/model.so.gz").exists() and not (arts / "tiny_llvm/model.so").exists()
+    if HAVE_NVCC:
+        assert (arts / "tiny_llvm/.shards_from_cuda_twin").exists() and not list((arts / "tiny_llvm").glob("params_shard_*"))
     assert (devpack / "tvm_runtime.tar.gz").stat().st_size > 0 and (devpack / "src/voxc/artifact.py").exists()
     weightless = artifact.read_manifest(arts / "full_llvm")
     assert weightless["weights_included"] is False and weightless["bench"]["kernel_calls"]["decode_b1n1"]
