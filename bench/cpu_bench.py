@@ -3,7 +3,7 @@ against a memory-bandwidth floor measured in the same process, and against trans
 
 Verbs (bench/device/cpu_bench.sh drives them; it packs .cpupack/ here and runs it on the GPU machine's CPU cores):
 
-    python bench/cpu_bench.py build OUT [--size full|tiny] [--quant q4_k|q8_0|f32] [--mcpu x86-64-v3]
+    python bench/cpu_bench.py build OUT [--size full|tiny] [--quant q4_k|q8_0|f32] [--mcpu x86-64-v3] [--int8-activations]
         here, with TVM: compile the model for llvm WITHOUT weights (manifest + model.so), with a static
         one-stream one-token entry ``decode_b1n1`` (quantized projections then run the GEMV kernels)
     python bench/cpu_bench.py voxc ARTIFACT
@@ -141,11 +141,12 @@ def kv_bytes(manifest: dict, position: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # build (here, with the TVM compiler)
 # ---------------------------------------------------------------------------------------------
-def bench_target(mcpu: str | None):
-    """targets/llvm.py's target (with its static one-stream entries) for a fixed -mcpu."""
+def bench_target(mcpu: str | None, int8_activations: bool = False):
+    """targets/llvm.py's target (with its static one-stream entries) for a fixed -mcpu; with
+    ``int8_activations``, quantized decode GEMVs on int8 dot products (voxc build --int8-activations)."""
     from targets.llvm import LlvmTarget
 
-    return LlvmTarget(mcpu=mcpu)
+    return LlvmTarget(mcpu=mcpu, int8_activations=int8_activations)
 
 
 def cmd_build(args):
@@ -157,10 +158,11 @@ def cmd_build(args):
 
     cfg = ModelConfig() if args.size == "full" else ModelConfig.tiny()
     quant = None if args.quant in ("f32", "float32", "none") else args.quant
-    target = bench_target(args.mcpu or None)
+    target = bench_target(args.mcpu or None, args.int8_activations)
     t0 = time.perf_counter()
     out = build_weightless(cfg, target, Path(args.out), quantization=quant, force=args.force, extra={"cpu_bench": {
-        "mcpu": args.mcpu, "size": args.size, "static_entries": [e.name for e in target.static_entries],
+        "mcpu": args.mcpu, "size": args.size, "int8_activations": args.int8_activations,
+        "static_entries": [e.name for e in target.static_entries],
         "host_built_on": cpu_info().get("Model name")}})
     seconds = time.perf_counter() - t0
     manifest = artifact.read_manifest(out)
@@ -570,6 +572,8 @@ def main(argv=None):
     b.add_argument("--quant", default="q4_k")
     b.add_argument("--mcpu", default="x86-64-v3")
     b.add_argument("--force", action="store_true", help="replace an existing artifact")
+    b.add_argument("--int8-activations", action="store_true",
+                   help="int8 activations and integer dot products in the quantized decode GEMVs")
     b.set_defaults(fn=cmd_build)
     v = sub.add_parser("voxc")
     v.add_argument("artifact")
