@@ -56,3 +56,18 @@ def test_gemm_launch_rows_come_from_the_row_count():
                                                               "threadIdx.x": 16, "threadIdx.y": 16}}
     assert quant_gpu._launch_dims(entry, 512) == ((48, 8, 1), (16, 16, 1))
     assert quant_gpu._launch_dims(entry, 65) == ((48, 2, 1), (16, 16, 1))
+
+
+def test_launch_at_a_row_count_uses_the_recorded_launch():
+    entry = {"batch": None, "rows_per_block_y": 4, "launch": {"blockIdx.x": 9, "blockIdx.y": 1, "threadIdx.x": 32},
+             "launch_by_rows": {"3": {"blockIdx.x": 9, "blockIdx.y": 1, "threadIdx.x": 32},
+                                "16": {"blockIdx.x": 9, "blockIdx.y": 4, "threadIdx.x": 32, "vthread.x": 2}}}
+    assert quant_gpu._launch_dims(entry, 16) == ((9, 4, 1), (32, 1, 1))
+
+
+def test_kernel_definition_is_the_body_not_the_declaration():
+    source = ('extern "C" __global__ void a_kernel(int m);\nextern "C" __global__ void b_kernel(int m);\n'
+              'extern "C" __global__ void a_kernel(int m) {\n  int x = 0;\n}\n'
+              'extern "C" __global__ void b_kernel(int m) {\n  extern __shared__ uchar buf[];\n}\n')
+    assert "extern __shared__" not in quant_gpu._kernel_definition(source, "a_kernel")
+    assert "extern __shared__" in quant_gpu._kernel_definition(source, "b_kernel")
