@@ -14,7 +14,7 @@ fly from the kernel layout of :mod:`voxc.quant.formats` (``qweight`` and ``scale
 * **GEMM** (prefill / encoder; symbolic M): compute-bound, so a tile of ``W`` is dequantized once
   (into registers/L2 on CPU, shared memory on GPU) and reused across many rows of ``x``.
 
-Schedules (all written here, not dlight):
+Schedules (written here, except the CUDA GEMM):
 
 * ``llvm``: GEMV splits K into 8-lane chunks and ``rfactor``s the lane axis so the inner loop is a
   vector FMA; rows are tiled 4 at a time (x chunk reused from registers) and the row tiles run
@@ -26,15 +26,16 @@ Schedules (all written here, not dlight):
   flight, and the warp reduces with shuffles (TVM lowers the cross-thread reduction to
   ``__shfl_down_sync``); several rows per block on ``threadIdx.y``.  The nibble -> float
   conversion uses the exponent trick (``bits | 0x4B000000`` minus 2^23) instead of I2F,
-  which runs at a quarter rate on NVIDIA.  GEMM is a 64x64x32 shared-memory tiled kernel, 256
-  threads each owning 4x4 outputs, shared tiles padded against bank conflicts; the W tile is
-  dequantized straight into shared memory.
-* ``webgpu``: the same structure with at most 256 invocations per workgroup, no subgroup
+  which runs at a quarter rate on NVIDIA.  (This schedule serves CUDA batches of 9..16 rows;
+  1..8 rows run schedules/gpu_gemv.py.)  GEMM: the dequantization fused into the weight-tile load
+  of dlight's Matmul rule, which uses tensor cores (WMMA) for float16.
+* ``webgpu``: the CUDA GEMV's structure with at most 256 invocations per workgroup, no subgroup
   operations (TVM reduces across threads through workgroup memory), f32 arithmetic only, and the
   f16 scales decoded from their u32 words with integer ops + ``bitcast<f32>`` (exact for normal and
   subnormal halves), so no ``shader-f16`` is needed (Chrome on NVIDIA has none) unless the
-  activations are float16 (the vulkan/metal targets' q4f16, where native adapters offer it).  The GEMM's
-  shared tiles are 64x64x16 so that they fit WebGPU's default 16 KiB of workgroup storage.
+  activations are float16 (the vulkan/metal targets' q4f16, where native adapters offer it).  GEMM:
+  a 64x64x16 tiled kernel, 256 invocations each owning 4x4 outputs, the W tile dequantized straight
+  into padded workgroup memory; 16 deep so that it fits WebGPU's default 16 KiB of workgroup storage.
 
 Entry point: :func:`make_kernel` (cached) returns the scheduled ``PrimFunc`` with parameters
 ``(x, qweight, scales, y)``; :func:`gemv_or_gemm` is the batch rule.
@@ -360,16 +361,15 @@ def _schedule_gemm_llvm(func, qtype: QType, n: int, k: int, panel: int = 16, row
     return sch
 
 
-# K depth of the GEMM's shared tiles.  CUDA: one 32-element group, 2 x 64 x 32 floats (+ the W
-# tile's row padding) = 16.25 KiB of its 48 KiB.  WebGPU guarantees only 16 KiB of workgroup storage
-# (maxComputeWorkgroupStorageSize), which the padded 32-deep tiles exceed by 256 B: its tiles are 16
-# deep (8.25 KiB, the same bank spread), at the cost of twice the barriers per K step.
-GEMM_K_TILE = {"cuda": GROUP, "webgpu": GROUP // 2}
+# K depth of the WebGPU GEMM's shared tiles.  WebGPU guarantees only 16 KiB of workgroup storage
+# (maxComputeWorkgroupStorageSize), which padded 32-deep tiles (one group) exceed by 256 B: the tiles
+# are 16 deep (8.25 KiB, the same bank spread), at the cost of twice the barriers per K step.
+WEBGPU_GEMM_K_TILE = GROUP // 2
 
 
-def _schedule_gemm_gpu(func, qtype: QType, n: int, k: int, target: str):
+def _schedule_gemm_webgpu(func, qtype: QType, n: int, k: int):
     tile_m = tile_n = 64
-    tile_k = GEMM_K_TILE[target]
+    tile_k = WEBGPU_GEMM_K_TILE
     micro = 4                                            # 4x4 outputs per thread, 16x16 threads
     threads = tile_m // micro
     sch = tvm.s_tir.Schedule(func)
@@ -416,7 +416,7 @@ def _schedule_gemm_gpu(func, qtype: QType, n: int, k: int, target: str):
         if vec > 1:
             sch.vectorize(v)
 
-    cooperative(x_pad, 4 if target == "cuda" else 1, pad_rows=False)
+    cooperative(x_pad, 1, pad_rows=False)
     cooperative(w_tile, 1, pad_rows=True)
     sch.unroll(ki)
     sch.unroll(mi)
@@ -505,7 +505,7 @@ def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
     else:
         func = gemm_compute(q, n, k, spec.dtype, spec.target, transposed_panel=spec.target == "llvm")
         sch = (_schedule_gemm_llvm(func, q, n, k) if spec.target == "llvm"
-               else _schedule_gemm_gpu(func, q, n, k, spec.target))
+               else _schedule_gemm_webgpu(func, q, n, k))
         gemm = sch.mod["main"]
     if spec.kind == "gemm":
         if spec.dispatch_rows and spec.target == "llvm":
@@ -513,21 +513,18 @@ def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
             gemv = gemv_compute(q, n, k, rows, spec.dtype, spec.target, lanes=8)
             small = _schedule_gemv_llvm(gemv, q, n, k, rows).mod["main"]
             return _finish(row_dispatch([(f"m <= {MAX_GEMV_BATCH}", small)], gemm), spec.name)
-        if spec.dispatch_rows and spec.target == "cuda":
-            # A few rows (a decode step of a few streams, one stream's 4-frame encoder step) go
-            # through the GEMV, which holds its rows in registers: static kernels for 1 and 2 rows;
-            # up to GPU_GEMV_MAX_ROWS, chunks of 4 rows that mask the rows past m (each chunk reads
-            # the weights again); more rows, the tensor-core GEMM.
-            branches = [(f"m == {rows}", _make_kernel(dataclasses.replace(spec, batch=rows))) for rows in (1, 2)]
-            branches.append((f"m <= {GPU_GEMV_MAX_ROWS}",
-                             gpu_gemv.gpu_gemv(q, n, k, GPU_GEMV_CHUNK_ROWS, spec.dtype, symbolic_rows=True)))
+        if spec.dispatch_rows:
+            # GPU GEMVs keep per-row accumulators in registers, so their batch is static.  CUDA: a few
+            # rows (a decode step of a few streams, one stream's 4-frame encoder step) go through
+            # static kernels for 1 and 2 rows and, up to GPU_GEMV_MAX_ROWS, chunks of 4 rows that
+            # mask the rows past m (each chunk reads the weights again); more rows, the tensor-core
+            # GEMM.  WebGPU: the one-row step (decode) gets the batch-1 GEMV, more the tiled GEMM.
+            branches = [(f"m == {rows}", _make_kernel(dataclasses.replace(spec, batch=rows)))
+                        for rows in ((1, 2) if spec.target == "cuda" else (1,))]
+            if spec.target == "cuda":
+                branches.append((f"m <= {GPU_GEMV_MAX_ROWS}",
+                                 gpu_gemv.gpu_gemv(q, n, k, GPU_GEMV_CHUNK_ROWS, spec.dtype, symbolic_rows=True)))
             func = row_dispatch(branches, gemm, gpu=True)
-            return _finish(_guard_rows(func, max(n, k), spec.name), spec.name)
-        if spec.dispatch_rows and spec.target != "llvm":
-            # WebGPU GEMVs keep per-row accumulators in registers, so their batch is static: the
-            # one-row step (decode) gets the batch-1 GEMV, any other row count the tiled GEMM
-            one = _make_kernel(dataclasses.replace(spec, batch=1))
-            func = row_dispatch([("m == 1", one)], gemm, gpu=True)
             return _finish(_guard_rows(func, max(n, k), spec.name), spec.name)
         return _finish(_guard_rows(gemm, max(n, k), spec.name), spec.name)
     return _finish(sch.mod["main"], spec.name)
