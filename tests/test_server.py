@@ -157,6 +157,32 @@ def slots_free(srv, n):
 
 
 # ---- timestamps and the runtime's token bookkeeping ------------------------------------------------------
+def test_engine_warm_up_leaves_every_slot_free_and_the_text_unchanged(artifact, offline):
+    """The GPU start-up warm-up (one step at every batch size, largest first) drops its streams:
+    afterwards every slot is free and a stream transcribes exactly as offline."""
+    from voxc.server.engine import Engine
+
+    model = voxc.load(artifact, max_streams=3)
+    engine = Engine(model, 3)
+    engine.warm_up()
+    assert len(model.slots.free) == 3 and engine.warmup_seconds > 0
+    pcm = clip(1)
+    s = model.stream()
+    assert s.feed(pcm) + s.finish() == offline(pcm)
+    assert len(model.slots.free) == 3
+
+
+def test_dropped_stream_frees_its_slot_once(artifact):
+    model = voxc.load(artifact, max_streams=2)
+    s = model.stream()
+    s.feed(clip(0, 0.5))
+    s.drop()
+    s.drop()
+    assert len(model.slots.free) == 2 and s.finished
+    with pytest.raises(voxc.VoxcError, match="finished"):
+        s.feed(clip(0, 0.5))
+
+
 def test_token_span_rule():
     # left pad 32, delay 6: the prompt is 39 positions; the first chosen token is the output of
     # position 38 and covers the client's first 80 ms

@@ -130,9 +130,16 @@ class StreamingSession:
         """Samples of audio queued so far (without the silence padding)."""
         return self._samples_fed
 
+    def drop(self) -> None:
+        """End the stream without computing its tail (its client is gone): frees its cache slot.
+        A finished or dropped stream is left as it is."""
+        if not self.finished:
+            self.finished = True
+            self.model.slots.release(self.slot)
+
     def __del__(self):
         if not getattr(self, "finished", True) and hasattr(self, "slot"):
-            self.model.slots.release(self.slot)
+            self.drop()
 
     # ---- scheduling (used by advance) ---------------------------------------------------------
     def _next_window_tokens(self) -> int:

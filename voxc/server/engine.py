@@ -138,7 +138,7 @@ class Stream:
 
 
 class Engine:
-    def __init__(self, model, max_sessions: int, warmup: bool = True):
+    def __init__(self, model, max_sessions: int):
         if len(model.slots.free) < max_sessions:
             raise VoxcError(f"the model has {len(model.slots.free)} free stream slots, fewer than "
                             f"max_sessions={max_sessions}; load it with voxc.load(..., max_streams={max_sessions})")
@@ -164,12 +164,11 @@ class Engine:
         self.sessions_total = 0
         self.refused_total = 0
         self.stream_errors_total = 0
-        self.warmup = warmup
         self.warmup_seconds = 0.0
 
     # ---- lifecycle ---------------------------------------------------------------------------
     def start(self, loop) -> None:
-        if self.warmup:
+        if self.model.rt.kind not in ("cpu", "llvm"):   # a CPU's first calls cost little; a GPU's do
             self.warm_up()
         self._loop = loop
         self._thread = threading.Thread(target=self._run, name="voxc-engine", daemon=True)
@@ -184,9 +183,10 @@ class Engine:
 
     def warm_up(self) -> None:
         """One batched step at every batch size the server can run (1..max_sessions streams), before
-        the first client: the first call of a shape allocates its buffers (and on CUDA captures the
-        one-stream graphs), which cost a GPU server 0.3-0.9 s steps in its first seconds of load
-        (measured on an H100 with 32-48 sessions joining at once).  The streams are discarded."""
+        the first client (start() does this on GPUs): the first call of a shape allocates its buffers
+        (and on CUDA captures the one-stream graphs), which cost a GPU server 0.3-0.9 s steps in its
+        first seconds of load (measured on an H100 with 32-48 sessions joining at once).  The
+        streams are dropped afterwards."""
         t0 = time.perf_counter()
         silence = np.zeros(self.spt, np.float32)
         # largest batch first: the one-stream step, which captures its CUDA graph at its first
@@ -199,9 +199,8 @@ class Engine:
                     s.queue(silence)
                 advance(streams)
             finally:
-                for s in streams:            # dropped unfinished, as _release drops a client's
-                    s.finished = True
-                    self.model.slots.release(s.slot)
+                for s in streams:
+                    s.drop()
         self.warmup_seconds = time.perf_counter() - t0
         log.info("warm-up: 1..%d streams in %.1f s", self.max_sessions, self.warmup_seconds)
 
@@ -401,9 +400,8 @@ class Engine:
     def _release(self, s: Stream) -> None:
         """Free an unfinished stream's slot (client gone, buffer cleared, or a failure)."""
         session, s.session = s.session, None
-        if session is not None and not session.finished:
-            session.finished = True          # the session is dropped unfinished: no finish() compute
-            self.model.slots.release(session.slot)
+        if session is not None:
+            session.drop()                   # unfinished: no finish() compute
 
     def _post(self, s: Stream, out: Output) -> None:
         loop = self._loop
