@@ -65,8 +65,9 @@ class CapturedStep:
         except (RuntimeError, VoxcError) as exc:
             # e.g. TVM's memory pool needing a fresh cudaMalloc inside the capture (seen on an H100
             # when a server's very first step was a lone stream): the caller runs the step uncaptured
+            if self.graph:                  # captured, not instantiated
+                lib.cudaGraphDestroy(self.graph)
             lib.cudaStreamDestroy(self.stream)
-            self.exec = ctypes.c_void_p()
             raise VoxcError(f"CUDA graph capture failed: {str(exc).splitlines()[0][:300]}") from exc
 
     def matches(self, args: list) -> bool:
