@@ -35,6 +35,27 @@ def ring_attention_reference(q, k, v, cache, slots, starts, layer, window):
     return out, after
 
 
+def run_ticks(model, audios, tick: int = 1280):
+    """A server's path for one stream per clip of ``audios``: at each tick every stream's next
+    ``tick`` samples are queued and all streams advance in one batched step
+    (voxc.runtime.session.advance); then every stream is ended and advanced once more.  Returns the
+    sessions, logits recorded, not finished."""
+    from voxc.runtime.session import advance
+
+    sessions = [model.stream() for _ in audios]
+    for s in sessions:
+        s.record_logits = True
+    for begin in range(0, max(len(a) for a in audios), tick):
+        for s, a in zip(sessions, audios):
+            if begin < len(a):
+                s.queue(a[begin:begin + tick])
+        advance(sessions)
+    for s in sessions:
+        s.end()
+    advance(sessions)
+    return sessions
+
+
 def run_stream(model, audio, *, delay_ms=None, chunk=None):
     """``(text, tokens, logits)`` of one stream fed ``audio`` whole, in chunks of ``chunk`` samples,
     or in the chunk sizes of a list (whose sum covers the audio)."""

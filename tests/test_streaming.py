@@ -11,6 +11,7 @@ from voxc.loader.tiny import make_tiny
 
 from clips import sine_with_noise
 from oracle import Oracle
+from references import run_stream, run_ticks
 
 RATE = 16000
 
@@ -25,15 +26,8 @@ def small_windows(tmp_path_factory):
 
 
 def stream(model, audio, chunk_sizes, delay_ms=480):
-    session = model.stream(delay_ms)
-    session.record_logits = True
-    text, begin = [], 0
-    for size in chunk_sizes:
-        text.append(session.feed(audio[begin:begin + size]))
-        begin += size
-    assert begin >= len(audio)
-    text.append(session.finish())
-    return np.array(session.tokens), np.array(session.logits), "".join(text)
+    text, tokens, logits = run_stream(model, audio, delay_ms=delay_ms, chunk=list(chunk_sizes))
+    return tokens, logits, text
 
 
 def random_split(rng, n_samples):
@@ -93,23 +87,10 @@ def test_concurrent_sessions_are_independent(small_windows):
 
 def test_batched_advance_equals_separate_streams(small_windows):
     """A server's path: chunks of several streams queued, then one batched encode/decode per tick."""
-    from voxc.runtime.session import advance
-
     model, _ = small_windows
     audios = [sine_with_noise(seconds=s, freq=f, seed=i) for i, (s, f) in enumerate([(2.0, 300), (3.1, 700), (1.3, 450)])]
     references = [stream(model, a, [len(a)]) for a in audios]
-    sessions = [model.stream() for _ in audios]
-    for s in sessions:
-        s.record_logits = True
-    tick = 1280
-    for begin in range(0, max(len(a) for a in audios), tick):
-        for s, a in zip(sessions, audios):
-            if begin < len(a):
-                s.queue(a[begin:begin + tick])
-        advance(sessions)
-    for s in sessions:
-        s.end()
-    advance(sessions)
+    sessions = run_ticks(model, audios)
     for s, (ref_tokens, ref_logits, _) in zip(sessions, references):
         assert s.tokens == ref_tokens.tolist()
         assert np.abs(np.array(s.logits) - ref_logits).max() <= 1e-5 * np.abs(ref_logits).max()

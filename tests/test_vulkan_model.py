@@ -25,6 +25,7 @@ import pytest
 pytest.importorskip("wgpu", reason="wgpu-py not installed (pip install wgpu==0.32.0)")
 
 from clips import sine_with_noise  # noqa: E402
+from references import run_ticks  # noqa: E402
 from voxc import artifact  # noqa: E402
 from voxc.errors import VoxcError  # noqa: E402
 
@@ -116,24 +117,11 @@ def test_streaming_matches_llvm(models, clip, chunk, delay_ms):
 
 def test_batched_decode_matches_llvm(models):
     """A server's tick: every stream's chunk queued, then one batched encode and decode for all."""
-    from voxc.runtime.session import advance
-
     audios = [sine_with_noise(seconds=s, freq=f, seed=i) for i, (s, f) in enumerate([(2.0, 300), (3.1, 700),
                                                                                       (1.3, 450)])]
     results = []
     for model in models:
-        sessions = [model.stream() for _ in audios]
-        for s in sessions:
-            s.record_logits = True
-        tick = 1280
-        for begin in range(0, max(len(a) for a in audios), tick):
-            for s, a in zip(sessions, audios):
-                if begin < len(a):
-                    s.queue(a[begin:begin + tick])
-            advance(sessions)
-        for s in sessions:
-            s.end()
-        advance(sessions)
+        sessions = run_ticks(model, audios)
         results.append([(list(s.tokens), np.array(s.logits, np.float32)) for s in sessions])
         for s in sessions:
             s.finish()
