@@ -217,12 +217,13 @@ def _encode_ready(model, sessions) -> bool:
 
 def _decode_ready(model, sessions) -> bool:
     ready = [s for s in sessions if s._position < s._decode_limit()]
-    # Streams in their prompt decode a run of known tokens alone; the rest share one batched step.
-    batches = [[s] for s in ready if s._position < len(s.prompt)]
-    steady = [s for s in ready if s._position >= len(s.prompt)]
-    if steady:
-        batches.append(steady)
-    for batch in batches:
+    # Streams decode runs of equal length together: the one-token steps of every stream past its
+    # prompt, and the prompt runs of streams that start together (a server whose clients join at
+    # once decoded each prompt alone, one 39-token step per client in a single tick).
+    by_run = defaultdict(list)
+    for s in ready:
+        by_run[len(s._decode_input()[0])].append(s)
+    for batch in by_run.values():
         inputs = [s._decode_input() for s in batch]
         logits, next_tokens = model.decode(
             [tokens for tokens, _ in inputs], [s.delay for s in batch], [s.slot for s in batch],
