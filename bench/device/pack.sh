@@ -27,7 +27,8 @@ case "$MODE" in ""|--quick|--local) ;; *) echo "usage: $0 [--quick|--local]" >&2
 HAVE_NVCC=0
 { command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] || [ -n "${CUDA_HOME:-}" ]; } && HAVE_NVCC=1
 if [ "$PACK" = "$ROOT/.devpack" ]; then
-  grep -qx '/.devpack/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.devpack/' >> "$ROOT/.git/info/exclude"
+  exclude=$(git -C "$ROOT" rev-parse --path-format=absolute --git-path info/exclude)   # a worktree's too
+  grep -qx '/.devpack/' "$exclude" 2>/dev/null || echo '/.devpack/' >> "$exclude"
 fi
 
 rm -rf "$PACK" && mkdir -p "$PACK/src" "$PACK/artifacts" "$PACK/wheels"

@@ -53,7 +53,8 @@ dawn() {   # npm "webgpu" (Dawn as dawn.node), cached
 
 pack() {   # $1: --local (no node binary, no Vulkan loader, no binaryen)
   if [ "$PACK" = "$ROOT/.webgpupack" ]; then
-    grep -qx '/.webgpupack/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.webgpupack/' >> "$ROOT/.git/info/exclude"
+    local exclude; exclude=$(git -C "$ROOT" rev-parse --path-format=absolute --git-path info/exclude)   # a worktree's too
+    grep -qx '/.webgpupack/' "$exclude" 2>/dev/null || echo '/.webgpupack/' >> "$exclude"
   fi
   rm -rf "$PACK" && mkdir -p "$PACK/debs" "$PACK/stage"
   dawn
