@@ -27,6 +27,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
+source "$ROOT/bench/device/vulkan_loader.sh"
 WHAT=${1:-run}
 DAWN_CACHE="${VOXC_CACHE_DIR:-$HOME/.cache/voxc}/dawn-node-webgpu-0.6.2"
 if [ "$WHAT" = local ]; then
@@ -63,11 +64,7 @@ pack() {   # $1: --local (no node binary, no Vulkan loader, no binaryen)
     quick="--fast-link --small-windows --clip-seconds 0.5 --delay-ms 80"
   else
     gzip -9 -c "$(readlink -f "$(command -v node)")" > "$PACK/node.gz"
-    # the Vulkan loader (amd64 package lists in /tmp/amd64)
-    local o="-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64"
-    mkdir -p /tmp/amd64/partial
-    [ -n "$(ls /tmp/amd64/*Packages* 2>/dev/null)" ] || apt-get $o update >/dev/null
-    (cd "$PACK/debs" && apt-get $o download libvulkan1 >/dev/null)
+    vulkan_loader_fetch "$PACK/debs"
   fi
   (cd "$ROOT" && PYTHONPATH="$ROOT" "$PY" bench/webgpu_pack.py "$PACK/stage" --tiny "$TINY" --full "$FULL" $quick)
   for b in tiny tiny_q4k full full_q4k; do
@@ -118,11 +115,8 @@ case "$WHAT" in
   pack) pack ;;
   run)
     OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-    for f in "$PACK"/debs/*.deb; do dpkg -x "$f" /; done; ldconfig
-    if [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
-      export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
-    fi
-    export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
+    vulkan_loader_install "$PACK/debs"
+    vulkan_loader_env
     unpack
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     run_bench "${2:-all}" || true   # each bundle's result is in $OUT
