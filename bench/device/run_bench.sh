@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # ONE device call: runtime-only set-up, then the steps named (default: all), in this order:
-#   check  bench/device/tiny_check.py: tiny cuda builds (f32, graphs, q4k, f16) vs their llvm twins
+#   check  bench/device/tiny_check.py: tiny cuda builds (f32, graphs, q4k, f16) and vulkan builds vs their
+#          llvm twins
 #   quant  bench/quant_gpu.py run: fused dequant GEMV/GEMM kernels vs copy bandwidth and cuBLAS fp16
-#   voxc   bench/cuda_bench.py: full-size artifacts (ARTIFACTS="path ..." or every .devpack/artifacts/full_cuda*)
+#   voxc   bench/cuda_bench.py: full-size artifacts (ARTIFACTS="path ..." or every .devpack/artifacts/full_cuda*,
+#          then every full_vulkan*: Vulkan through NVIDIA's driver, with its ratios to the CUDA build)
 #   hf     bench/cuda_hf_baseline.py: transformers' VoxtralRealtime in bf16 on the same GPU
 #   server bench/server_load.py: `voxc serve` on the first of ARTIFACTS (random weights written if absent),
 #          SERVER_CLIENTS realtime websocket clients (default "4 8 16 32"), SERVER_SECS of audio each (20)
@@ -27,6 +29,7 @@ else
 fi
 bash bench/device/setup.sh $LOCAL 2>&1 | tee "$OUT/setup.log"
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "setup failed"; exit 1; }
+source bench/device/vulkan_loader.sh && vulkan_loader_env   # setup.sh installed the loader
 [ -n "$LOCAL" ] || export PYTHONPATH=/tmp/site
 PACK="${VOXC_DEVPACK:-$ROOT/.devpack}"
 failed=""
