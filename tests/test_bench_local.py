@@ -141,6 +141,48 @@ def test_tiny_check_pairs_each_cuda_build_with_its_llvm_twin(tmp_path):
                                                                  ("tiny_llvm_q4k", "tiny_llvm_q4k")]
 
 
+def test_tiny_check_pairs_each_vulkan_build_with_its_own_llvm_twin(tmp_path):
+    """pack.sh names a vulkan variant's twin tiny_llvm_vulkan_<kind>, so a cuda variant of the same kind
+    keeps its own twin; float16 anywhere in the kind sets the float16 tolerance."""
+    sys.path.insert(0, str(BENCH / "device"))
+    import tiny_check
+
+    for name in ("tiny_vulkan_f16", "tiny_vulkan_q4kf16", "tiny_vulkan_q4k", "tiny_llvm_vulkan_f16",
+                 "tiny_llvm_vulkan_q4kf16", "tiny_llvm_f16", "tiny_cuda_f16"):
+        (tmp_path / name).mkdir()
+    assert list(tiny_check.vulkan_pairs(tmp_path)) == [
+        ("tiny_vulkan_f16", "tiny_llvm_vulkan_f16", tiny_check.TOLERANCE["f16"]),
+        ("tiny_vulkan_q4kf16", "tiny_llvm_vulkan_q4kf16", tiny_check.TOLERANCE["f16"])]   # no twin for q4k
+    assert list(tiny_check.device_pairs(tmp_path)) == [("tiny_cuda_f16", "tiny_llvm_f16", tiny_check.TOLERANCE["f16"])]
+
+
+def test_vulkan_vs_cuda_ratios_pair_artifacts_by_name():
+    """full_vulkan<x> over full_cuda<x> (full_llvm<x> locally): each side's default entries (static ones
+    where it has them) and both generic; batched decode per stream count both have (a child process's
+    figures come through JSON, with string keys)."""
+    import cuda_bench
+
+    def figures(decode, stream, static=None, batched=None):
+        res = {"decode_b1_generic_pos100": {"median_ms": decode}, "stream_80ms_generic": {"median_ms": stream},
+               "batched_decode_pos1000": batched or {}}
+        if static is not None:
+            res["decode_b1_static_b1n1_pos100"] = {"median_ms": static}
+            res["stream_80ms_static_b1n1"] = {"median_ms": stream / 2}
+        return res
+
+    data = {"full_cuda_q4kf16": figures(5.0, 40.0, static=4.0, batched={1: {"median_ms": 5.0}, 8: {"median_ms": 8.0}}),
+            "full_vulkan_q4kf16": figures(8.0, 60.0, batched={"1": {"median_ms": 10.0}, "2": {"median_ms": 12.0}}),
+            "full_vulkan_f16": figures(1.0, 1.0), "full_vulkan_x_error": "no adapter"}
+    pairs = cuda_bench.vulkan_vs_cuda(data)
+    row = pairs["full_vulkan_q4kf16"]
+    assert row["versus"] == "full_cuda_q4kf16" and row["versus_entries"] == "static_b1n1"
+    assert row["decode_b1_pos100_default"] == {"vulkan_ms": 8.0, "versus_ms": 4.0, "ratio": 2.0}
+    assert row["decode_b1_pos100_generic"]["ratio"] == 1.6 and row["stream_80ms_default"]["ratio"] == 3.0
+    assert row["stream_80ms_generic"]["ratio"] == 1.5 and row["batched_decode_pos1000_ratio"] == {"1": 2.0}
+    assert "no full_cuda_f16" in pairs["full_vulkan_f16"]["error"] and set(pairs) == {"full_vulkan_q4kf16",
+                                                                                        "full_vulkan_f16"}
+
+
 # ---- the device pack and its steps, on the CPU -----------------------------------------------------------
 @pytest.fixture(scope="module")
 def devpack(tmp_path_factory):
