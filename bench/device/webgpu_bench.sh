@@ -9,7 +9,7 @@
 # .webgpupack/ holds what the GPU machine lacks (it has no node, no Vulkan loader, no network):
 #   node.gz        this machine's node binary (v20), gzipped
 #   webgpu.tgz     npm "webgpu" 0.6.2 (Dawn as dawn.node), linux-x64 only
-#   debs/          Debian's libvulkan1 (the loader; the NVIDIA ICD is on the machine)
+#   debs/          Debian's Vulkan loader packages (bench/device/vulkan_loader.sh; the NVIDIA ICD is on the machine)
 #   tiny.tgz       the tiny model's bundle WITH weights (windows 750/8192, the 4B model's structure),
 #                  expect.json + clip.f32: the token ids the CPU (llvm) build gives for that clip
 #   tiny_q4k.tgz   the same check for Q4_K weights: a small model whose widths are multiples of 256
