@@ -9,9 +9,10 @@ batched decode, memory.  Runs on the GPU machine (bench/device/run_bench.sh); nu
         full_vulkan* on lavapipe)
 
 Vulkan artifacts (WGSL kernels through wgpu-native on the GPU's Vulkan driver, targets/vulkan.py) are
-timed by the same functions as the CUDA ones, each in a process of its own (after the CUDA ones: a
-driver fault or a missing Vulkan loader costs only its own figures, and CUDA's pooled memory is not
-held against it).  Every step reads its result back to the host (the next token), which waits for
+timed by the same functions as the CUDA ones, each in a process of its own and before them: a driver
+fault, a hang (ISOLATED_TIMEOUT_S, 300) or a missing Vulkan loader costs only its own figures, and the
+GPU memory it held is free again when CUDA's runtime (whose pool keeps what it allocated) starts.
+Every step reads its result back to the host (the next token), which waits for
 the GPU's queue on both paths, so the times compare like with like.  ``vulkan_vs_cuda`` then gives,
 per full_vulkan<x>, its decode step (one stream, position 100), 80 ms stream step and batched decode
 over those of full_cuda<x> (full_llvm<x> locally); ``vulkan_decode_vs_cuda`` and
@@ -220,11 +221,16 @@ def wgpu_stream_limit(art: Path, manifest: dict) -> tuple[int, dict]:
     maxStorageBufferBindingSize (2 GiB on NVIDIA's Vulkan driver: 2 streams)."""
     from voxc.runtime.wgpu_device import describe_adapter, load_wgpu_device
 
+    from voxc.errors import VoxcError
+
     ffi = load_wgpu_device(art / manifest["wgpu"]["plugin"])
     adapter = describe_adapter(ffi, manifest["wgpu"].get("backend", "any"))
     limit = min(adapter["limits"]["max_storage_buffer_binding_size"], adapter["limits"]["max_buffer_size"])
-    largest = max(int(s["bytes_per_stream"]) for s in manifest["state"].values())
-    return max(1, limit // largest), adapter
+    state, largest = max(((k, int(s["bytes_per_stream"])) for k, s in manifest["state"].items()), key=lambda x: x[1])
+    if largest > limit:   # said before a minute goes into writing random weights
+        raise VoxcError(f"the GPU adapter {adapter.get('description')} binds at most {limit / 2**20:.0f} MiB per "
+                        f"buffer, and one stream's {state} needs {largest / 2**20:.0f} MiB")
+    return limit // largest, adapter
 
 
 def bench_artifact(report, art: Path, device: Device, copy_gbps: float):
@@ -342,13 +348,18 @@ def bench_in_own_process(report, art: Path, copy_gbps: float, local: bool) -> bo
     child.unlink(missing_ok=True)
     cmd = [sys.executable, str(Path(__file__).resolve()), "--isolated", "--copy-gbps", str(copy_gbps),
            *(["--local"] if local else []), str(art)]
-    rc = subprocess.run(cmd, env={**os.environ, "OUT": out}).returncode
+    timeout = env("ISOLATED_TIMEOUT_S", 300.0)
+    try:
+        rc = subprocess.run(cmd, env={**os.environ, "OUT": out}, timeout=timeout).returncode
+        stopped = f"its process exited with status {rc} (a fault in the GPU driver?)"
+    except subprocess.TimeoutExpired:
+        rc, stopped = -1, f"stopped after {timeout:.0f} s (ISOLATED_TIMEOUT_S); its figures so far are kept"
     data = json.loads(child.read_text()) if child.exists() else {}
     for key in (art.name, f"{art.name}_error"):
         if key in data:
             report[key] = data[key]
     if rc != 0 and f"{art.name}_error" not in data:
-        report[f"{art.name}_error"] = f"its process exited with status {rc} (a fault in the GPU driver?)"
+        report[f"{art.name}_error"] = stopped
     return rc == 0
 
 
@@ -406,23 +417,26 @@ def main(argv=None):
     report["secs"] = env("SECS", 60.0)
     copy_gbps = args.copy_gbps or device.copy_bandwidth()
     report["copy_GBps_read_plus_write"] = round(copy_gbps, 1)
-    arts = args.artifacts or [
-        *sorted((pack / "artifacts").glob("full_llvm*" if args.local else "full_cuda*")),
-        *sorted((pack / "artifacts").glob("full_vulkan*"))]   # after the CUDA ones, each in its own process
+    arts = args.artifacts or [*sorted((pack / "artifacts").glob("full_llvm*" if args.local else "full_cuda*")),
+                              *sorted((pack / "artifacts").glob("full_vulkan*"))]
     failed = not arts
     if not arts:
         report["error"] = f"no artifacts in {pack / 'artifacts'}"
     from voxc import artifact
 
-    for art in arts:
-        if not args.isolated and artifact.read_manifest(art)["device_kind"] == "webgpu":
-            failed |= not bench_in_own_process(report, art, copy_gbps, args.local)
-            continue
+    own_process = [] if args.isolated else [a for a in arts if artifact.read_manifest(a)["device_kind"] == "webgpu"]
+    for art in own_process:   # first: see the docstring
+        failed |= not bench_in_own_process(report, art, copy_gbps, args.local)
+    for art in (a for a in arts if a not in own_process):
         try:
             bench_artifact(report, art, device, copy_gbps)
         except Exception as exc:  # noqa: BLE001 - keep the other variants' numbers
             import traceback
-            traceback.print_exc()
+
+            from voxc.errors import VoxcError
+
+            if not isinstance(exc, VoxcError):   # voxc's own errors say it all in one line
+                traceback.print_exc()
             report[f"{art.name}_error"] = " ".join(str(exc).split())[:500] or repr(exc)
             failed = True
         report.save()
