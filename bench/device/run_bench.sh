@@ -10,6 +10,12 @@
 #          SERVER_CLIENTS realtime websocket clients (default "4 8 16 32"), SERVER_SECS of audio each (20)
 # Logs and JSON land in $OUT.  Exit status: 1 if a step failed.
 #   run(command="bash bench/device/run_bench.sh check quant voxc", carry=[".devpack"])
+# Vulkan beside CUDA on the same GPU (the Q4_K float16 builds; a few minutes of GPU time):
+#   TINY_ARCHS=sm_90 VARIANTS="full_q4kf16:--quantization=q4_k+--dtype=float16+--archs=sm_90 \
+#     full_q4kf16:--target=vulkan+--quantization=q4_k+--dtype=float16 tiny_f16:--target=vulkan+--dtype=float16 \
+#     tiny_q4kf16:--target=vulkan+--quantization=q4_k+--dtype=float16+--q4k-config" bash bench/device/pack.sh
+#   run(command="QUICK=1 SECS=20 REALTIME=0 PROFILE=0 bash bench/device/run_bench.sh check voxc", carry=[".devpack"])
+#   -> $OUT/tiny_check.json (tiny_vulkan_* tokens vs their llvm twins), $OUT/cuda_bench.json (vulkan_vs_cuda)
 #   bash bench/device/run_bench.sh --local [check quant voxc hf]   # here, after `pack.sh --local`: the same
 #       steps on the CPU with the tiny model (TVM's compiler hidden for check and voxc; quant: the kernels
 #       built at a small shape and checked up to the launch, which needs a GPU and CuPy)
