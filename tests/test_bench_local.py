@@ -185,14 +185,22 @@ def test_vulkan_vs_cuda_ratios_pair_artifacts_by_name():
 
 # ---- the device pack and its steps, on the CPU -----------------------------------------------------------
 @pytest.fixture(scope="module")
+def vulkan_here() -> bool:
+    """pack.sh --local's own test for the vulkan rehearsal: wgpu importable and an adapter (lavapipe)."""
+    probe = "import wgpu, sys; sys.exit(wgpu.gpu.request_adapter_sync() is None)"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
 def devpack(tmp_path_factory):
-    """bench/device/pack.sh --local: the tiny model's artifacts (cuda ones only where nvcc is)."""
+    """bench/device/pack.sh --local: the tiny model's artifacts (cuda ones only where nvcc is, vulkan ones
+    where lavapipe is)."""
     pack = tmp_path_factory.mktemp("devpack") / "pack"
     run(["bash", BENCH / "device/pack.sh", "--local"], env={"VOXC_DEVPACK": str(pack)}, timeout=600)
     return pack
 
 
-def test_pack_local_builds_the_tiny_artifacts(devpack):
+def test_pack_local_builds_the_tiny_artifacts(devpack, vulkan_here):
     from voxc import artifact
 
     arts = devpack / "artifacts"
@@ -208,15 +216,21 @@ def test_pack_local_builds_the_tiny_artifacts(devpack):
     if HAVE_NVCC:
         bench = artifact.read_manifest(arts / "tiny_cuda")["bench"]
         assert bench["cuda"]["archs"] == ["sm_90"] and bench["kernel_calls"]["decode"]["kernel_launches"] > 0
+    if vulkan_here:   # a vulkan pair, a weight-less vulkan build (its plugin gzipped) and wgpu-native travel
+        assert {"tiny_vulkan_f16", "tiny_llvm_vulkan_f16", "full_vulkan"} <= {p.name for p in arts.iterdir()}
+        vk = artifact.read_manifest(arts / "full_vulkan")
+        assert vk["weights_included"] is False and (arts / "full_vulkan" / f"{vk['wgpu']['plugin']}.gz").exists()
+        assert list((devpack / "vulkan").glob("*wgpu_native*.so.gz"))
 
 
-def test_run_bench_local(devpack, tmp_path):
+def test_run_bench_local(devpack, vulkan_here, tmp_path):
     """bench/device/run_bench.sh --local: tiny_check.py (llvm static vs generic entries, CPU attention vs
-    numpy), quant_gpu.py (build and checks short of the launch), cuda_bench.py on the weight-less
-    artifact (random weights written here), the transformers baseline on the tiny config; TVM's
-    compiler hidden from tiny_check and cuda_bench."""
+    numpy, the tiny vulkan build on lavapipe vs its llvm twin), quant_gpu.py (build and checks short of
+    the launch), cuda_bench.py on the weight-less artifacts (random weights written here; the vulkan one
+    in its own process, then its ratios to the llvm one), the transformers baseline on the tiny config;
+    TVM's compiler hidden from tiny_check and cuda_bench."""
     out = tmp_path / "out"
-    run(["bash", BENCH / "device/run_bench.sh", "--local"], timeout=300,
+    run(["bash", BENCH / "device/run_bench.sh", "--local"], timeout=420,
         env={"VOXC_DEVPACK": str(devpack), "OUT": str(out), "VOXC_RANDOM_WEIGHTS_DIR": str(tmp_path / "weights")})
     check = json.loads((out / "tiny_check.json").read_text())
     assert check["failures"] == [] and check["tvm_compiler_importable"] is False
@@ -225,6 +239,13 @@ def test_run_bench_local(devpack, tmp_path):
     assert bench["decode_b1_static_b1n1_pos100"]["median_ms"] > 0 and bench["offline_generic"]["tokens"] > 0
     assert bench["realtime_2_streams"]["tokens_per_stream"] > 0
     assert json.loads((out / "hf_baseline.json").read_text())["batch2"]["steps"] > 0
+    if vulkan_here:
+        assert all(check[f"tiny_vulkan_f16_{k}"]["ok"] for k in ("offline", "streaming_80ms", "batched_decode"))
+        report = json.loads((out / "cuda_bench.json").read_text())
+        vk = report["full_vulkan"]
+        assert vk["adapter"]["backend"] == "vulkan" and vk["max_streams"] <= vk["adapter_stream_limit"]
+        assert report["vulkan_vs_cuda"]["full_vulkan"]["versus"] == "full_llvm"
+        assert report["vulkan_decode_vs_cuda"] > 0 and report["vulkan_stream_step_vs_cuda"] > 0
     if HAVE_NVCC:   # quant_gpu.py local: the kernels built at a small shape, checked up to the launch
         assert "quant_gpu local: OK" in (out / "quant_gpu.log").read_text()
 
