@@ -10,8 +10,8 @@
 #   wheels/             cp312 wheels the device lacks: apache-tvm-ffi 0.1.14.post1, mistral-common + deps,
 #                       aiohttp + deps (the server load step)
 #   vulkan/             when a vulkan artifact travels: wgpu-native (libwgpu_native*.so.gz, from the installed
-#                       wgpu wheel; the artifacts carry voxc's device plugin) and Debian's libvulkan1 .deb
-#                       (the GPU machine has NVIDIA's Vulkan driver but no loader; setup.sh unpacks it)
+#                       wgpu wheel; the artifacts carry voxc's device plugin) and Debian's Vulkan loader .debs
+#                       (the GPU machine has NVIDIA's Vulkan driver but no loader: bench/device/vulkan_loader.sh)
 # Usage: bash bench/device/pack.sh [--quick|--local]
 #   --quick: sm_90 only, no full-size builds
 #   --local: a rehearsal on this machine (what CI runs): the working tree's sources, the tiny model only
