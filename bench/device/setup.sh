@@ -17,7 +17,7 @@ if [ -d "$PACK/vulkan" ]; then
     vulkan_loader_install "$PACK/vulkan"
   fi
   echo "vulkan: wgpu-native $(ls "$PACK"/vulkan/*.so | xargs -n1 basename), loader:" \
-    "$(ldconfig -p | grep -o 'libvulkan\.so\.1 .*' | head -1 || echo none)"
+    "$(ldconfig -p | grep -o 'libvulkan\.so\.1 .*' | sed -n 1p || echo none)"
 fi
 for list in "$PACK"/artifacts/tiny_llvm*/.shards_from_cuda_twin; do
   [ -f "$list" ] || continue

@@ -27,9 +27,10 @@ vulkan_loader_fetch() {   # $1: destination folder
 }
 
 vulkan_loader_install() {   # $1: folder of .debs
-  local entry deb unpacked=0
+  local entry deb unpacked=0 installed
+  installed=$(ldconfig -p 2>/dev/null || true)   # read whole: `ldconfig -p | grep -q` fails under pipefail
   for entry in $VULKAN_LOADER_PACKAGES; do
-    ldconfig -p 2>/dev/null | grep -q "${entry#*:} " && continue
+    grep -q "${entry#*:} " <<< "$installed" && continue
     for deb in "$1/${entry%%:*}"_*.deb; do
       [ -f "$deb" ] && dpkg -x "$deb" / && unpacked=1
     done
