@@ -2,10 +2,23 @@
 runtime-only CUDA path: decode latency vs the memory-bandwidth floor, offline RTF, streaming steps,
 batched decode, memory.  Runs on the GPU machine (bench/device/run_bench.sh); numbers -> $OUT.
 
-    python bench/cuda_bench.py [ARTIFACT ...]      (default: .devpack/artifacts/full_cuda*)
+    python bench/cuda_bench.py [ARTIFACT ...]      (default: .devpack/artifacts/full_cuda*, then full_vulkan*)
     python bench/cuda_bench.py --local [ARTIFACT ...]
         a rehearsal on the CPU (TVM's compiler hidden, as on the device): the same steps, few of them,
-        on the llvm artifacts `pack.sh --local` builds (default: .devpack/artifacts/full_llvm*)
+        on the llvm artifacts `pack.sh --local` builds (default: .devpack/artifacts/full_llvm*, then
+        full_vulkan* on lavapipe)
+
+Vulkan artifacts (WGSL kernels through wgpu-native on the GPU's Vulkan driver, targets/vulkan.py) are
+timed by the same functions as the CUDA ones, each in a process of its own and before them: a driver
+fault, a hang (ISOLATED_TIMEOUT_S, 300) or a missing Vulkan loader costs only its own figures, and the
+GPU memory it held is free again when CUDA's runtime (whose pool keeps what it allocated) starts.
+Every step reads its result back to the host (the next token), which waits for
+the GPU's queue on both paths, so the times compare like with like.  ``vulkan_vs_cuda`` then gives,
+per full_vulkan<x>, its decode step (one stream, position 100), 80 ms stream step and batched decode
+over those of full_cuda<x> (full_llvm<x> locally); ``vulkan_decode_vs_cuda`` and
+``vulkan_stream_step_vs_cuda`` are the first pair's headline ratios (each side through the entries
+voxc runs by default).  A vulkan artifact holds at most as many streams as its largest state tensor
+fits the adapter's buffer binding limit (see wgpu_stream_limit).
 Env: SECS (60) clip length, MAX_STREAMS (auto), QUICK=1 fewer repetitions, ONLY=batched, REALTIME (1),
 STREAM_SECS (60), PROFILE (1: per-kernel times through torch.profiler where torch is there), REALTIME_COUNTS (stream counts of the realtime test; default "1 max"; "max" = MAX_STREAMS).
 """
@@ -14,7 +27,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -199,6 +214,25 @@ def env(name: str, default):
     return type(default)(os.environ.get(name, default))
 
 
+def wgpu_stream_limit(art: Path, manifest: dict) -> tuple[int, dict]:
+    """(most streams, adapter description) of a vulkan/metal artifact on this machine's adapter.  The
+    kernels bind each state tensor whole, one buffer for all streams, so the largest (the decoder's
+    KV cache: 832 MiB a stream in float16 at the full model's shapes) times the streams must fit
+    maxStorageBufferBindingSize (2 GiB on NVIDIA's Vulkan driver: 2 streams)."""
+    from voxc.runtime.wgpu_device import describe_adapter, load_wgpu_device
+
+    from voxc.errors import VoxcError
+
+    ffi = load_wgpu_device(art / manifest["wgpu"]["plugin"])
+    adapter = describe_adapter(ffi, manifest["wgpu"].get("backend", "any"))
+    limit = min(adapter["limits"]["max_storage_buffer_binding_size"], adapter["limits"]["max_buffer_size"])
+    state, largest = max(((k, int(s["bytes_per_stream"])) for k, s in manifest["state"].items()), key=lambda x: x[1])
+    if largest > limit:   # said before a minute goes into writing random weights
+        raise VoxcError(f"the GPU adapter {adapter.get('description')} binds at most {limit / 2**20:.0f} MiB per "
+                        f"buffer, and one stream's {state} needs {largest / 2**20:.0f} MiB")
+    return limit // largest, adapter
+
+
 def bench_artifact(report, art: Path, device: Device, copy_gbps: float):
     import voxc
     from cuda_build import ensure_weights
@@ -211,6 +245,13 @@ def bench_artifact(report, art: Path, device: Device, copy_gbps: float):
     manifest = artifact.read_manifest(art)
     res: dict = {"bench": manifest.get("bench"), "model_dtype": manifest["model_dtype"],
                  "quantization": manifest.get("quantization"), "target": manifest["target"]}
+    stream_limit = None
+    if manifest["device_kind"] == "webgpu":   # before the weights: no adapter, no minute spent writing them
+        stream_limit, adapter = wgpu_stream_limit(art, manifest)
+        res["adapter"] = {k: adapter.get(k) for k in ("device", "vendor", "description", "backend", "adapter_type",
+                                                      "wgpu_native_version", "limits")}
+        res["adapter_stream_limit"] = stream_limit
+        report[name] = res
     res["weights_gb"], res["weights_written_s"] = ensure_weights(art)
     res["weights_written_s"] = round(res["weights_written_s"], 1)
     cfg = ModelConfig.from_dict(manifest["config"])
@@ -218,7 +259,8 @@ def bench_artifact(report, art: Path, device: Device, copy_gbps: float):
     res["cache_bytes_per_stream_gb"] = round(per_stream / 1e9, 3)
     max_streams = env("MAX_STREAMS", 0) or \
         max(1, min(128, int((device.free_bytes() - res["weights_gb"] * 1e9 - 6e9) // per_stream)))
-    res["max_streams"] = max_streams
+    res["max_streams"] = min(max_streams, stream_limit or max_streams)
+    max_streams = res["max_streams"]
     t = time.perf_counter()
     # random weights written here: the manifest records their sizes, not hashes
     model = voxc.load(art, max_streams=max_streams, verify="size")
@@ -264,7 +306,7 @@ def bench_artifact(report, art: Path, device: Device, copy_gbps: float):
         res[f"stream_80ms_{tag}"] = stats(lat[min(10, len(lat) // 2):])
         res[f"cuda_graph_replays_{tag}"] = getattr(model, "cuda_graph_replays", 0)   # 0: the steps launched kernel by kernel
         report[name] = res
-    if os.environ.get("PROFILE", "1") == "1" and device.kind == "cuda":
+    if os.environ.get("PROFILE", "1") == "1" and device.kind == "cuda" and manifest["device_kind"] == "cuda":
         try:
             res["profile"] = kernel_profile(model, audio)
         except Exception as exc:  # noqa: BLE001 - a profiler failure must not cost the other figures
@@ -297,10 +339,71 @@ def bench_artifact(report, art: Path, device: Device, copy_gbps: float):
     return res
 
 
+def bench_in_own_process(report, art: Path, copy_gbps: float, local: bool) -> bool:
+    """bench_artifact for ``art`` in a child process (``--isolated``), its figures merged into
+    ``report``; the child writes $OUT/cuda_bench_<name>.json as it goes, so a run stopped at its time
+    limit keeps them too."""
+    out = os.environ.get("OUT") or tempfile.mkdtemp(prefix="voxc-bench-")
+    child = Path(out) / f"cuda_bench_{art.name}.json"
+    child.unlink(missing_ok=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--isolated", "--copy-gbps", str(copy_gbps),
+           *(["--local"] if local else []), str(art)]
+    timeout = env("ISOLATED_TIMEOUT_S", 300.0)
+    try:
+        rc = subprocess.run(cmd, env={**os.environ, "OUT": out}, timeout=timeout).returncode
+        stopped = f"its process exited with status {rc} (a fault in the GPU driver?)"
+    except subprocess.TimeoutExpired:
+        rc, stopped = -1, f"stopped after {timeout:.0f} s (ISOLATED_TIMEOUT_S); its figures so far are kept"
+    data = json.loads(child.read_text()) if child.exists() else {}
+    for key in (art.name, f"{art.name}_error"):
+        if key in data:
+            report[key] = data[key]
+    if rc != 0 and f"{art.name}_error" not in data:
+        report[f"{art.name}_error"] = stopped
+    return rc == 0
+
+
+def default_tag(res: dict) -> str:
+    """The entries voxc runs one stream through by default: the static ones where the artifact has them."""
+    return "static_b1n1" if "decode_b1_static_b1n1_pos100" in res else "generic"
+
+
+def vulkan_vs_cuda(data: dict) -> dict:
+    """Per full_vulkan<x> in ``data``: its step times over those of full_cuda<x> (full_llvm<x> in the
+    local rehearsal), each median over median; ``default``: each side through its default entries,
+    ``generic``: both through the generic ones (a vulkan build has no static entries)."""
+    pairs = {}
+    for name, vk in sorted(data.items()):
+        if not (name.startswith("full_vulkan") and isinstance(vk, dict) and "stream_80ms_generic" in vk):
+            continue
+        suffix = name.removeprefix("full_vulkan")
+        partner = next((p for p in (f"full_cuda{suffix}", f"full_llvm{suffix}")
+                        if isinstance(data.get(p), dict) and "stream_80ms_generic" in data[p]), None)
+        if partner is None:
+            pairs[name] = {"error": f"no full_cuda{suffix} figures to compare with"}
+            continue
+        base = data[partner]
+        row: dict = {"versus": partner, "vulkan_entries": default_tag(vk), "versus_entries": default_tag(base)}
+        for what, key in (("decode_b1_pos100", "decode_b1_{}_pos100"), ("stream_80ms", "stream_80ms_{}")):
+            for mode, tags in (("default", (default_tag(vk), default_tag(base))), ("generic", ("generic", "generic"))):
+                mine, theirs = vk[key.format(tags[0])]["median_ms"], base[key.format(tags[1])]["median_ms"]
+                row[f"{what}_{mode}"] = {"vulkan_ms": mine, "versus_ms": theirs, "ratio": round(mine / theirs, 3)}
+        # stream counts as strings: a child's figures come through JSON
+        theirs = {str(b): v["median_ms"] for b, v in base.get("batched_decode_pos1000", {}).items()}
+        row["batched_decode_pos1000_ratio"] = {str(b): round(v["median_ms"] / theirs[str(b)], 3)
+                                               for b, v in vk.get("batched_decode_pos1000", {}).items()
+                                               if str(b) in theirs}
+        pairs[name] = row
+    return pairs
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifacts", nargs="*", type=Path)
     ap.add_argument("--local", action="store_true", help="a rehearsal on the CPU with llvm artifacts, few steps")
+    ap.add_argument("--isolated", action="store_true",
+                    help="(internal) time the artifacts in this process: a vulkan artifact's own process")
+    ap.add_argument("--copy-gbps", type=float, default=None, help="(with --isolated) the copy bandwidth measured")
     args = ap.parse_args(argv)
     if args.local:
         for key, value in LOCAL_ENV.items():
@@ -308,26 +411,43 @@ def main(argv=None):
     pack = common.setup()
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     device = Device("cpu" if args.local else "cuda")
-    report = common.Report("cuda_bench")
+    report = common.Report(f"cuda_bench_{args.artifacts[0].name}" if args.isolated and args.artifacts
+                           else "cuda_bench")
     report["device"] = device.name()
     report["secs"] = env("SECS", 60.0)
-    copy_gbps = device.copy_bandwidth()
+    copy_gbps = args.copy_gbps or device.copy_bandwidth()
     report["copy_GBps_read_plus_write"] = round(copy_gbps, 1)
-    arts = args.artifacts or sorted((pack / "artifacts").glob("full_llvm*" if args.local else "full_cuda*"))
+    arts = args.artifacts or [*sorted((pack / "artifacts").glob("full_llvm*" if args.local else "full_cuda*")),
+                              *sorted((pack / "artifacts").glob("full_vulkan*"))]
     failed = not arts
     if not arts:
         report["error"] = f"no artifacts in {pack / 'artifacts'}"
-    for art in arts:
+    from voxc import artifact
+
+    own_process = [] if args.isolated else [a for a in arts if artifact.read_manifest(a)["device_kind"] == "webgpu"]
+    for art in own_process:   # first: see the docstring
+        failed |= not bench_in_own_process(report, art, copy_gbps, args.local)
+    for art in (a for a in arts if a not in own_process):
         try:
             bench_artifact(report, art, device, copy_gbps)
         except Exception as exc:  # noqa: BLE001 - keep the other variants' numbers
             import traceback
-            traceback.print_exc()
-            report[f"{art.name}_error"] = repr(exc)
+
+            from voxc.errors import VoxcError
+
+            if not isinstance(exc, VoxcError):   # voxc's own errors say it all in one line
+                traceback.print_exc()
+            report[f"{art.name}_error"] = " ".join(str(exc).split())[:500] or repr(exc)
             failed = True
         report.save()
         import gc
         gc.collect()
+    if not args.isolated and any(a.name.startswith("full_vulkan") for a in arts):
+        pairs = report["vulkan_vs_cuda"] = vulkan_vs_cuda(report.data)
+        first = next((row for row in pairs.values() if "error" not in row), None)
+        if first is not None:
+            report["vulkan_decode_vs_cuda"] = first["decode_b1_pos100_default"]["ratio"]
+            report["vulkan_stream_step_vs_cuda"] = first["stream_80ms_default"]["ratio"]
     report.save()
     return 1 if failed else 0
 

@@ -8,7 +8,8 @@ layout (voxc.artifact.WeightShardWriter) on the device.
     python bench/cuda_build.py full OUT_DIR [--cuda-graph] [--quantization q4_k]   # ModelConfig(), no weights
     python bench/cuda_build.py tiny OUT_DIR [--no-cuda]     # tiny checkpoint -> OUT_DIR/{tiny_cuda,tiny_llvm}
     python bench/cuda_build.py attn OUT.so [--tiny]         # ring attention alone (tiny_check.py)
-    (--target llvm: full and attn for the CPU; --tiny-config: full of ModelConfig.tiny(), a rehearsal)
+    (--target llvm: full and attn for the CPU; --target vulkan: full, and tiny -> OUT_DIR/{tiny_vulkan,tiny_llvm}
+     (WGSL kernels with this machine's host code: targets/vulkan.py); --tiny-config: full of ModelConfig.tiny())
 
 The weight-less artifacts and the tiny cuda build get a ``bench`` section in their manifest: build
 seconds, the CUDA settings and a census of kernel launches per entry point (from the VM bytecode
@@ -77,10 +78,11 @@ def build_weightless(cfg, target, out_dir: Path, *, quantization: str | None = N
 def build_tiny_pair(out_root: Path, target=None, *, quantization: str | None = None, dtype: str | None = None,
                     cuda: bool = True, twin_cpu: str = "generic", config=None) -> tuple[Path | None, Path]:
     """The tiny test checkpoint built twice from the same weights: for ``target`` (default: the cuda
-    target) into ``tiny_cuda`` and for llvm into ``tiny_llvm``, both with the same ``quantization``
-    and ``dtype``.  The llvm twin is compiled for ``twin_cpu`` (generic: any x86-64 CPU, so the GPU
-    machine's host runs it whatever this machine's CPU).  ``cuda=False``: the llvm twin only.
-    ``config``: the checkpoint's ModelConfig (default ModelConfig.tiny())."""
+    target; any GPU target, e.g. vulkan) into ``tiny_<target name>`` and for llvm into ``tiny_llvm``,
+    both with the same ``quantization`` and ``dtype``.  The llvm twin is compiled for ``twin_cpu``
+    (generic: any x86-64 CPU, so the GPU machine's host runs it whatever this machine's CPU).
+    ``cuda=False``: the llvm twin only.  ``config``: the checkpoint's ModelConfig (default
+    ModelConfig.tiny())."""
     from targets.base import CompileReport
     from voxc.build import build
     from voxc.loader.tiny import make_tiny
@@ -92,7 +94,7 @@ def build_tiny_pair(out_root: Path, target=None, *, quantization: str | None = N
         from targets.cuda import TARGET
 
         target = TARGET if target is None else target
-        cuda_dir = out_root / "tiny_cuda"
+        cuda_dir = out_root / f"tiny_{target.name}"
         report = CompileReport()
         t0 = time.perf_counter()
         build(ckpt, target, cuda_dir, progress=False, quantization=quantization, dtype=dtype, force=True,
@@ -108,7 +110,9 @@ def record_bench_info(out_dir: Path, target, report, seconds: float, extra: dict
     out_dir = Path(out_dir)
     manifest = artifact.read_manifest(out_dir)
     info = {"build_seconds": round(seconds, 1)}
-    if manifest["library"].endswith(".so"):   # a native library (a web bundle's wasm does not load here)
+    # a native library of CUDA or CPU kernels: a web bundle's wasm does not load here, and a vulkan
+    # library's WGSL kernels load only through its device plugin (and the census reads CUDA source)
+    if manifest["library"].endswith(".so") and manifest["device_kind"] != "webgpu":
         info["kernel_calls"] = kernel_census(vm_text(out_dir / manifest["library"]), report.device_source,
                                              report.small_m_dispatched)
     if hasattr(target, "archs"):
@@ -315,8 +319,9 @@ def main(argv=None):
     ap.add_argument("--dtype", default=None, help="float32 or float16 (default: the target's)")
     ap.add_argument("--quantization", default=None, help="q4_0, q4_k or q8_0 (default: dense)")
     ap.add_argument("--no-cuda", action="store_true", help="tiny: the llvm twin only (no nvcc here)")
-    ap.add_argument("--target", default="cuda", choices=["cuda", "llvm"],
-                    help="full, attn: the target (default cuda; llvm for a rehearsal on the CPU)")
+    ap.add_argument("--target", default="cuda", choices=["cuda", "llvm", "vulkan"],
+                    help="the target (default cuda; llvm for a rehearsal on the CPU: full and attn; vulkan: "
+                         "full and tiny)")
     ap.add_argument("--tiny", action="store_true", help="attn: small shapes (a CPU run) instead of the model's")
     ap.add_argument("--tiny-config", action="store_true", help="full: ModelConfig.tiny() (a rehearsal) instead of "
                                                                "ModelConfig()")
@@ -325,11 +330,15 @@ def main(argv=None):
                     help="tiny: every input width a multiple of 256 (tests/references.py q4k_config), so that "
                          "Q4_K and Q8_0 quantize every layer instead of falling back to dense ones")
     args = ap.parse_args(argv)
+    if args.what == "attn" and args.target == "vulkan":
+        ap.error("attn: cuda or llvm (the ring attention alone has no vulkan build)")
     from voxc.config import ModelConfig
 
     t0 = time.perf_counter()
     if args.target == "llvm":
         from targets.llvm import TARGET as target
+    elif args.target == "vulkan":
+        from targets.vulkan import TARGET as target
     else:
         target = cuda_target(args)
     if args.what == "full":
@@ -345,7 +354,8 @@ def main(argv=None):
             from references import q4k_config
 
             config = q4k_config()
-        out = build_tiny_pair(Path(args.out), None if args.no_cuda else cuda_target(args),
+        gpu_target = target if args.target == "vulkan" else cuda_target(args)
+        out = build_tiny_pair(Path(args.out), None if args.no_cuda else gpu_target,
                               quantization=args.quantization, dtype=args.dtype, cuda=not args.no_cuda, config=config)
     print(f"built {out} in {time.perf_counter() - t0:.1f}s", flush=True)
 

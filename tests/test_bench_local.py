@@ -141,16 +141,66 @@ def test_tiny_check_pairs_each_cuda_build_with_its_llvm_twin(tmp_path):
                                                                  ("tiny_llvm_q4k", "tiny_llvm_q4k")]
 
 
+def test_tiny_check_pairs_each_vulkan_build_with_its_own_llvm_twin(tmp_path):
+    """pack.sh names a vulkan variant's twin tiny_llvm_vulkan_<kind>, so a cuda variant of the same kind
+    keeps its own twin; float16 anywhere in the kind sets the float16 tolerance."""
+    sys.path.insert(0, str(BENCH / "device"))
+    import tiny_check
+
+    for name in ("tiny_vulkan_f16", "tiny_vulkan_q4kf16", "tiny_vulkan_q4k", "tiny_llvm_vulkan_f16",
+                 "tiny_llvm_vulkan_q4kf16", "tiny_llvm_f16", "tiny_cuda_f16"):
+        (tmp_path / name).mkdir()
+    assert list(tiny_check.vulkan_pairs(tmp_path)) == [
+        ("tiny_vulkan_f16", "tiny_llvm_vulkan_f16", tiny_check.TOLERANCE["f16"]),
+        ("tiny_vulkan_q4kf16", "tiny_llvm_vulkan_q4kf16", tiny_check.TOLERANCE["f16"])]   # no twin for q4k
+    assert list(tiny_check.device_pairs(tmp_path)) == [("tiny_cuda_f16", "tiny_llvm_f16", tiny_check.TOLERANCE["f16"])]
+
+
+def test_vulkan_vs_cuda_ratios_pair_artifacts_by_name():
+    """full_vulkan<x> over full_cuda<x> (full_llvm<x> locally): each side's default entries (static ones
+    where it has them) and both generic; batched decode per stream count both have (a child process's
+    figures come through JSON, with string keys)."""
+    import cuda_bench
+
+    def figures(decode, stream, static=None, batched=None):
+        res = {"decode_b1_generic_pos100": {"median_ms": decode}, "stream_80ms_generic": {"median_ms": stream},
+               "batched_decode_pos1000": batched or {}}
+        if static is not None:
+            res["decode_b1_static_b1n1_pos100"] = {"median_ms": static}
+            res["stream_80ms_static_b1n1"] = {"median_ms": stream / 2}
+        return res
+
+    data = {"full_cuda_q4kf16": figures(5.0, 40.0, static=4.0, batched={1: {"median_ms": 5.0}, 8: {"median_ms": 8.0}}),
+            "full_vulkan_q4kf16": figures(8.0, 60.0, batched={"1": {"median_ms": 10.0}, "2": {"median_ms": 12.0}}),
+            "full_vulkan_f16": figures(1.0, 1.0), "full_vulkan_x_error": "no adapter"}
+    pairs = cuda_bench.vulkan_vs_cuda(data)
+    row = pairs["full_vulkan_q4kf16"]
+    assert row["versus"] == "full_cuda_q4kf16" and row["versus_entries"] == "static_b1n1"
+    assert row["decode_b1_pos100_default"] == {"vulkan_ms": 8.0, "versus_ms": 4.0, "ratio": 2.0}
+    assert row["decode_b1_pos100_generic"]["ratio"] == 1.6 and row["stream_80ms_default"]["ratio"] == 3.0
+    assert row["stream_80ms_generic"]["ratio"] == 1.5 and row["batched_decode_pos1000_ratio"] == {"1": 2.0}
+    assert "no full_cuda_f16" in pairs["full_vulkan_f16"]["error"] and set(pairs) == {"full_vulkan_q4kf16",
+                                                                                        "full_vulkan_f16"}
+
+
 # ---- the device pack and its steps, on the CPU -----------------------------------------------------------
 @pytest.fixture(scope="module")
+def vulkan_here() -> bool:
+    """pack.sh --local's own test for the vulkan rehearsal: wgpu importable and an adapter (lavapipe)."""
+    probe = "import wgpu, sys; sys.exit(wgpu.gpu.request_adapter_sync() is None)"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+
+
+@pytest.fixture(scope="module")
 def devpack(tmp_path_factory):
-    """bench/device/pack.sh --local: the tiny model's artifacts (cuda ones only where nvcc is)."""
+    """bench/device/pack.sh --local: the tiny model's artifacts (cuda ones only where nvcc is, vulkan ones
+    where lavapipe is)."""
     pack = tmp_path_factory.mktemp("devpack") / "pack"
     run(["bash", BENCH / "device/pack.sh", "--local"], env={"VOXC_DEVPACK": str(pack)}, timeout=600)
     return pack
 
 
-def test_pack_local_builds_the_tiny_artifacts(devpack):
+def test_pack_local_builds_the_tiny_artifacts(devpack, vulkan_here):
     from voxc import artifact
 
     arts = devpack / "artifacts"
@@ -166,15 +216,21 @@ def test_pack_local_builds_the_tiny_artifacts(devpack):
     if HAVE_NVCC:
         bench = artifact.read_manifest(arts / "tiny_cuda")["bench"]
         assert bench["cuda"]["archs"] == ["sm_90"] and bench["kernel_calls"]["decode"]["kernel_launches"] > 0
+    if vulkan_here:   # a vulkan pair, a weight-less vulkan build (its plugin gzipped) and wgpu-native travel
+        assert {"tiny_vulkan_f16", "tiny_llvm_vulkan_f16", "full_vulkan"} <= {p.name for p in arts.iterdir()}
+        vk = artifact.read_manifest(arts / "full_vulkan")
+        assert vk["weights_included"] is False and (arts / "full_vulkan" / f"{vk['wgpu']['plugin']}.gz").exists()
+        assert list((devpack / "vulkan").glob("*wgpu_native*.so.gz"))
 
 
-def test_run_bench_local(devpack, tmp_path):
+def test_run_bench_local(devpack, vulkan_here, tmp_path):
     """bench/device/run_bench.sh --local: tiny_check.py (llvm static vs generic entries, CPU attention vs
-    numpy), quant_gpu.py (build and checks short of the launch), cuda_bench.py on the weight-less
-    artifact (random weights written here), the transformers baseline on the tiny config; TVM's
-    compiler hidden from tiny_check and cuda_bench."""
+    numpy, the tiny vulkan build on lavapipe vs its llvm twin), quant_gpu.py (build and checks short of
+    the launch), cuda_bench.py on the weight-less artifacts (random weights written here; the vulkan one
+    in its own process, then its ratios to the llvm one), the transformers baseline on the tiny config;
+    TVM's compiler hidden from tiny_check and cuda_bench."""
     out = tmp_path / "out"
-    run(["bash", BENCH / "device/run_bench.sh", "--local"], timeout=300,
+    run(["bash", BENCH / "device/run_bench.sh", "--local"], timeout=420,
         env={"VOXC_DEVPACK": str(devpack), "OUT": str(out), "VOXC_RANDOM_WEIGHTS_DIR": str(tmp_path / "weights")})
     check = json.loads((out / "tiny_check.json").read_text())
     assert check["failures"] == [] and check["tvm_compiler_importable"] is False
@@ -183,6 +239,13 @@ def test_run_bench_local(devpack, tmp_path):
     assert bench["decode_b1_static_b1n1_pos100"]["median_ms"] > 0 and bench["offline_generic"]["tokens"] > 0
     assert bench["realtime_2_streams"]["tokens_per_stream"] > 0
     assert json.loads((out / "hf_baseline.json").read_text())["batch2"]["steps"] > 0
+    if vulkan_here:
+        assert all(check[f"tiny_vulkan_f16_{k}"]["ok"] for k in ("offline", "streaming_80ms", "batched_decode"))
+        report = json.loads((out / "cuda_bench.json").read_text())
+        vk = report["full_vulkan"]
+        assert vk["adapter"]["backend"] == "vulkan" and vk["max_streams"] <= vk["adapter_stream_limit"]
+        assert report["vulkan_vs_cuda"]["full_vulkan"]["versus"] == "full_llvm"
+        assert report["vulkan_decode_vs_cuda"] > 0 and report["vulkan_stream_step_vs_cuda"] > 0
     if HAVE_NVCC:   # quant_gpu.py local: the kernels built at a small shape, checked up to the launch
         assert "quant_gpu local: OK" in (out / "quant_gpu.log").read_text()
 

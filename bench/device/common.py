@@ -28,6 +28,10 @@ def setup(block_compiler: bool = True) -> Path:
     lib = PACK / "tvm_runtime" / "tvm" / "lib"
     if lib.exists():
         os.environ.setdefault("VOXC_TVM_LIB_DIR", str(lib))
+    # vulkan artifacts: the wgpu-native library that travelled (the GPU machine has no wgpu package)
+    wgpu_native = sorted((PACK / "vulkan").glob("*wgpu_native*.so"))
+    if wgpu_native:
+        os.environ.setdefault("VOXC_WGPU_NATIVE", str(wgpu_native[0]))
     if block_compiler:
         hide_tvm()
     return PACK

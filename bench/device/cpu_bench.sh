@@ -43,7 +43,8 @@ WHEEL_CACHE="${VOXC_CACHE_DIR:-$HOME/.cache/voxc}/tvm-ffi-cp312"
 pack() {
   set -e
   if [ "$PACK" = "$ROOT/.cpupack" ]; then
-    grep -qx '/.cpupack/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.cpupack/' >> "$ROOT/.git/info/exclude"
+    local exclude; exclude=$(git -C "$ROOT" rev-parse --path-format=absolute --git-path info/exclude)   # a worktree's too
+    grep -qx '/.cpupack/' "$exclude" 2>/dev/null || echo '/.cpupack/' >> "$exclude"
   fi
   rm -rf "$PACK" && mkdir -p "$PACK/src/bench" "$PACK/artifacts" "$PACK/wheels" "$PACK/build"
   (cd "$ROOT" && tar --exclude=__pycache__ -cf - voxc) | tar -x -C "$PACK/src"

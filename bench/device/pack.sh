@@ -9,14 +9,22 @@
 #   tvm_runtime.tar.gz  tvm/lib/libtvm_runtime{,_extra,_cuda}.so: TVM's runtime without its compiler
 #   wheels/             cp312 wheels the device lacks: apache-tvm-ffi 0.1.14.post1, mistral-common + deps,
 #                       aiohttp + deps (the server load step)
+#   vulkan/             when a vulkan artifact travels: wgpu-native (libwgpu_native*.so.gz, from the installed
+#                       wgpu wheel; the artifacts carry voxc's device plugin) and Debian's Vulkan loader .debs
+#                       (the GPU machine has NVIDIA's Vulkan driver but no loader: bench/device/vulkan_loader.sh)
 # Usage: bash bench/device/pack.sh [--quick|--local]
 #   --quick: sm_90 only, no full-size builds
 #   --local: a rehearsal on this machine (what CI runs): the working tree's sources, the tiny model only
 #            (tiny_cuda for sm_90 when nvcc is here, tiny_llvm, a weight-less tiny full_llvm), the ring
-#            attention for llvm at small shapes (attn_llvm.so) and for cuda (build only), no wheels;
-#            then `bash bench/device/run_bench.sh --local` runs the device steps on the CPU.
+#            attention for llvm at small shapes (attn_llvm.so) and for cuda (build only), no wheels; where
+#            wgpu and a Vulkan driver are here (lavapipe), also a float16 tiny_vulkan_f16 + its llvm twin and a
+#            weight-less tiny full_vulkan; then `bash bench/device/run_bench.sh --local` runs the device
+#            steps on the CPU.
 #   VARIANTS="tiny_q4k:--quantization=q4_k tiny_f16:--dtype=float16 full_f16:--dtype=float16 \
 #             full_q4k:--quantization=q4_k quantbench" bash bench/device/pack.sh
+#   A variant's --target (cuda by default, or vulkan) names its artifacts: full_q4kf16:--target=vulkan+... ->
+#   full_vulkan_q4kf16 (cuda_bench.py times it beside full_cuda_q4kf16); tiny_f16:--target=vulkan+... ->
+#   tiny_vulkan_f16 and its own llvm twin tiny_llvm_vulkan_f16.
 # Env: VOXC_DEVPACK (the pack directory, default .devpack), PYTHON, VARIANTS, TINY_ARCHS.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
@@ -27,7 +35,8 @@ case "$MODE" in ""|--quick|--local) ;; *) echo "usage: $0 [--quick|--local]" >&2
 HAVE_NVCC=0
 { command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ] || [ -n "${CUDA_HOME:-}" ]; } && HAVE_NVCC=1
 if [ "$PACK" = "$ROOT/.devpack" ]; then
-  grep -qx '/.devpack/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.devpack/' >> "$ROOT/.git/info/exclude"
+  exclude=$(git -C "$ROOT" rev-parse --path-format=absolute --git-path info/exclude)   # a worktree's too
+  grep -qx '/.devpack/' "$exclude" 2>/dev/null || echo '/.devpack/' >> "$exclude"
 fi
 
 rm -rf "$PACK" && mkdir -p "$PACK/src" "$PACK/artifacts" "$PACK/wheels"
@@ -53,7 +62,13 @@ if [ "$MODE" = "--local" ]; then
   fi
   "$PY" $CB full "$PACK/artifacts/full_llvm" --target llvm --tiny-config
   "$PY" $CB attn "$PACK/artifacts/attn_llvm.so" --target llvm --tiny
-  VARIANTS=${VARIANTS:-}
+  LOCAL_VULKAN=""   # the Vulkan rehearsal needs wgpu and a Vulkan driver here (lavapipe)
+  if "$PY" -c "import wgpu, sys; sys.exit(wgpu.gpu.request_adapter_sync() is None)" >/dev/null 2>&1; then
+    LOCAL_VULKAN="tiny_f16:--target=vulkan+--dtype=float16 full:--target=vulkan+--tiny-config"
+  else
+    echo "== no wgpu or no Vulkan driver here: the vulkan builds are skipped"
+  fi
+  VARIANTS=${VARIANTS-$LOCAL_VULKAN}
 else
   ARCHS=""
   [ "$MODE" = "--quick" ] && ARCHS="--archs sm_90"
@@ -67,12 +82,15 @@ fi
 for spec in $VARIANTS; do
   name=${spec%%:*}; args=""                     # args joined by '+', e.g. --dtype=float16+--cuda-graph
   case $spec in *:*) args=$(echo "${spec#*:}" | tr '+' ' ') ;; esac
+  target=$(echo " $args" | sed -n 's/.* --target[= ]\([a-z]*\).*/\1/p'); target=${target:-cuda}
   case $name in
     tiny_*)  rm -rf "$PACK/tmp" && mkdir -p "$PACK/tmp" && "$PY" $CB tiny "$PACK/tmp" --archs sm_90 $args
-             mv "$PACK/tmp/tiny_cuda" "$PACK/artifacts/tiny_cuda_${name#tiny_}"
-             [ "$name" = tiny_graph ] || mv "$PACK/tmp/tiny_llvm" "$PACK/artifacts/tiny_llvm_${name#tiny_}"
+             mv "$PACK/tmp/tiny_$target" "$PACK/artifacts/tiny_${target}_${name#tiny_}"
+             # a cuda variant's twin keeps its old name; another target's has its own (no clash with cuda's)
+             twin=tiny_llvm_${name#tiny_}; [ "$target" = cuda ] || twin=tiny_llvm_${target}_${name#tiny_}
+             [ "$name" = tiny_graph ] || mv "$PACK/tmp/tiny_llvm" "$PACK/artifacts/$twin"
              rm -rf "$PACK/tmp" ;;
-    full*)   [ "$MODE" = "--quick" ] || "$PY" $CB full "$PACK/artifacts/${name/full/full_cuda}" $args ;;
+    full*)   [ "$MODE" = "--quick" ] || "$PY" $CB full "$PACK/artifacts/${name/full/full_$target}" $args ;;
     quantbench) "$PY" bench/quant_gpu.py build --out "$PACK/quantbench" --arch sm_90 $args
                 gzip -9 "$PACK/quantbench/kernels.cu" ;;     # the source, for reading only: 19 MB plain
     *)       echo "unknown variant $name" >&2; exit 2 ;;
@@ -96,6 +114,18 @@ STAGE=$(mktemp -d) && mkdir -p "$STAGE/tvm/lib"
 cp "$TVM_LIB"/libtvm_runtime.so "$TVM_LIB"/libtvm_runtime_extra.so "$STAGE/tvm/lib/"
 [ "$MODE" = "--local" ] || cp "$TVM_LIB"/libtvm_runtime_cuda.so "$STAGE/tvm/lib/"
 tar -C "$STAGE" -czf "$PACK/tvm_runtime.tar.gz" tvm && rm -rf "$STAGE"
+
+# What a vulkan artifact needs beyond its own files (which hold voxc's device plugin): wgpu-native, from
+# this machine's wgpu package (the runtime loads the library, never the Python package), and the loader
+if [ -n "$(ls -d "$PACK"/artifacts/*_vulkan* 2>/dev/null)" ]; then
+  mkdir -p "$PACK/vulkan"
+  WGPU_NATIVE=$("$PY" -c "from voxc.runtime.wgpu_device import wgpu_native_library; print(wgpu_native_library())")
+  gzip -9 -c "$WGPU_NATIVE" > "$PACK/vulkan/$(basename "$WGPU_NATIVE").gz"
+  if [ "$MODE" != "--local" ]; then
+    source "$ROOT/bench/device/vulkan_loader.sh"
+    vulkan_loader_fetch "$PACK/vulkan"
+  fi
+fi
 
 if [ "$MODE" != "--local" ]; then
   WHEELS="${VOXC_WHEEL_CACHE:-$HOME/.cache/voxc/wheels-cp312}"

@@ -1,13 +1,21 @@
 #!/usr/bin/env bash
 # ONE device call: runtime-only set-up, then the steps named (default: all), in this order:
-#   check  bench/device/tiny_check.py: tiny cuda builds (f32, graphs, q4k, f16) vs their llvm twins
+#   check  bench/device/tiny_check.py: tiny cuda builds (f32, graphs, q4k, f16) and vulkan builds vs their
+#          llvm twins
 #   quant  bench/quant_gpu.py run: fused dequant GEMV/GEMM kernels vs copy bandwidth and cuBLAS fp16
-#   voxc   bench/cuda_bench.py: full-size artifacts (ARTIFACTS="path ..." or every .devpack/artifacts/full_cuda*)
+#   voxc   bench/cuda_bench.py: full-size artifacts (ARTIFACTS="path ..." or every .devpack/artifacts/full_cuda*,
+#          then every full_vulkan*: Vulkan through NVIDIA's driver, with its ratios to the CUDA build)
 #   hf     bench/cuda_hf_baseline.py: transformers' VoxtralRealtime in bf16 on the same GPU
 #   server bench/server_load.py: `voxc serve` on the first of ARTIFACTS (random weights written if absent),
 #          SERVER_CLIENTS realtime websocket clients (default "4 8 16 32"), SERVER_SECS of audio each (20)
 # Logs and JSON land in $OUT.  Exit status: 1 if a step failed.
 #   run(command="bash bench/device/run_bench.sh check quant voxc", carry=[".devpack"])
+# Vulkan beside CUDA on the same GPU (the Q4_K float16 builds; a few minutes of GPU time):
+#   TINY_ARCHS=sm_90 VARIANTS="full_q4kf16:--quantization=q4_k+--dtype=float16+--archs=sm_90 \
+#     full_q4kf16:--target=vulkan+--quantization=q4_k+--dtype=float16 tiny_f16:--target=vulkan+--dtype=float16 \
+#     tiny_q4kf16:--target=vulkan+--quantization=q4_k+--dtype=float16+--q4k-config" bash bench/device/pack.sh
+#   run(command="QUICK=1 SECS=20 REALTIME=0 PROFILE=0 bash bench/device/run_bench.sh check voxc", carry=[".devpack"])
+#   -> $OUT/tiny_check.json (tiny_vulkan_* tokens vs their llvm twins), $OUT/cuda_bench.json (vulkan_vs_cuda)
 #   bash bench/device/run_bench.sh --local [check quant voxc hf]   # here, after `pack.sh --local`: the same
 #       steps on the CPU with the tiny model (TVM's compiler hidden for check and voxc; quant: the kernels
 #       built at a small shape and checked up to the launch, which needs a GPU and CuPy)
@@ -27,6 +35,7 @@ else
 fi
 bash bench/device/setup.sh $LOCAL 2>&1 | tee "$OUT/setup.log"
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "setup failed"; exit 1; }
+source bench/device/vulkan_loader.sh && vulkan_loader_env   # setup.sh installed the loader
 [ -n "$LOCAL" ] || export PYTHONPATH=/tmp/site
 PACK="${VOXC_DEVPACK:-$ROOT/.devpack}"
 failed=""

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# On the GPU machine: install the carried cp312 wheels into /tmp/site and unpack TVM's runtime libraries.
+# On the GPU machine: install the carried cp312 wheels into /tmp/site and unpack TVM's runtime libraries;
+# with vulkan artifacts, unpack wgpu-native (bench/device/common.py points voxc at it) and install the
+# Vulkan loader the machine lacks (bench/device/vulkan_loader.sh).
 # Then: export PYTHONPATH=/tmp/site. Prints the runtime-only install size.
 #   bash bench/device/setup.sh [--local]   (--local: a rehearsal here, with this Python's packages: unpack only)
 set -euo pipefail
@@ -8,6 +10,15 @@ PACK="${VOXC_DEVPACK:-$ROOT/.devpack}"
 mkdir -p "$PACK/tvm_runtime" && tar -xzf "$PACK/tvm_runtime.tar.gz" -C "$PACK/tvm_runtime"
 # undo pack.sh's carry-size measures: gzipped libraries, llvm twins' shards shared with their cuda twin
 find "$PACK/artifacts" -name '*.so.gz' -exec gunzip -f {} +
+if [ -d "$PACK/vulkan" ]; then
+  find "$PACK/vulkan" -name '*.so.gz' -exec gunzip -f {} +
+  if [ "${1:-}" != "--local" ]; then   # here (--local) the system's loader and lavapipe serve
+    source "$ROOT/bench/device/vulkan_loader.sh"
+    vulkan_loader_install "$PACK/vulkan"
+  fi
+  echo "vulkan: wgpu-native $(ls "$PACK"/vulkan/*.so | xargs -n1 basename), loader:" \
+    "$(ldconfig -p | grep -o 'libvulkan\.so\.1 .*' | sed -n 1p || echo none)"
+fi
 for list in "$PACK"/artifacts/tiny_llvm*/.shards_from_cuda_twin; do
   [ -f "$list" ] || continue
   twin=$(dirname "$list")

@@ -1,6 +1,6 @@
-"""On the GPU machine: the tiny model's cuda artifacts against their llvm twins (same weights), through
-voxc's runtime-only loader, plus the CUDA ring-attention kernels at the full model's shapes against
-numpy.  Exit status 1 if any check fails.
+"""On the GPU machine: the tiny model's cuda and vulkan artifacts against their llvm twins (same
+weights), through voxc's runtime-only loader, plus the CUDA ring-attention kernels at the full model's
+shapes against numpy.  Exit status 1 if any check fails.
 
     python bench/device/tiny_check.py            (after bench/device/setup.sh; see run_bench.sh)
     python bench/device/tiny_check.py --local    (no GPU: after `pack.sh --local`, see below)
@@ -8,7 +8,11 @@ numpy.  Exit status 1 if any check fails.
 ``--local`` runs the same comparisons on the CPU with TVM's compiler hidden: every ``tiny_llvm*``
 artifact through its static one-stream entries (decode_b1n1, encode_b1t8) against the same
 artifact through its generic entries, and the llvm ring-attention library of small shapes
-(``attn_llvm.so``) against numpy.  Results go to $OUT/tiny_check.json.
+(``attn_llvm.so``) against numpy; a ``tiny_vulkan*`` artifact against its llvm twin as on the GPU
+machine (on lavapipe, Mesa's CPU Vulkan driver).  Results go to $OUT/tiny_check.json.
+
+The vulkan pairs run last: a fault in a Vulkan driver ends the process, and the cuda and attention
+results are saved by then.
 """
 from __future__ import annotations
 
@@ -157,11 +161,58 @@ def device_pairs(art: Path):
             yield variant, f"tiny_llvm{kind}", tolerance(kind)
 
 
+def vulkan_pairs(art: Path):
+    """(variant, reference, tolerance): tiny_vulkan<kind> against its own twin tiny_llvm_vulkan<kind>
+    (pack.sh names them so, beside the cuda variants' twins)."""
+    for variant in sorted(p.name for p in art.glob("tiny_vulkan*")):
+        kind = variant.removeprefix("tiny_vulkan")
+        if (art / f"tiny_llvm_vulkan{kind}").exists():
+            yield variant, f"tiny_llvm_vulkan{kind}", tolerance(kind)
+
+
 def local_pairs(art: Path):
     """Every tiny llvm artifact against itself: static entries against the generic ones."""
     for variant in sorted(p.name for p in art.glob("tiny_llvm*")):
         kind = variant.removeprefix("tiny_llvm")
         yield variant, variant, tolerance(kind)
+
+
+def check_pairs(report, art: Path, pairs, audio, references: dict, local: bool) -> None:
+    """Each (variant, reference, tolerance): offline, streamed, static entries and batched decode; an
+    error in one variant is its failure, not the end of the others."""
+    import voxc
+
+    for variant, reference, rtol in pairs:
+        try:
+            if reference not in references:
+                t = time.perf_counter()
+                references[reference] = run_session(voxc.load(art / reference), audio, static=False)
+                report[f"{reference}_reference"] = {"tokens": references[reference][0][:40],
+                                                    "n": len(references[reference][0]),
+                                                    "seconds": round(time.perf_counter() - t, 2)}
+            check_variant(report, art, variant, reference, rtol, audio, references[reference], local)
+        except Exception as exc:  # noqa: BLE001 - a missing Vulkan loader or adapter lands here, in one line
+            check(report, f"{variant}_error", False, {"error": " ".join(str(exc).split())[:500] or repr(exc)})
+
+
+def check_variant(report, art: Path, variant: str, reference: str, rtol: float, audio, ref, local: bool) -> None:
+    import voxc
+
+    t = time.perf_counter()
+    model = voxc.load(art / variant, max_streams=2)
+    report[f"{variant}_load_s"] = round(time.perf_counter() - t, 2)
+    compare(report, f"{variant}_offline", ref, run_session(model, audio, static=False), rtol)
+    compare(report, f"{variant}_streaming_0.3s", ref, run_session(model, audio, chunk=4800, static=False), rtol)
+    if has_static_entries(model):
+        compare(report, f"{variant}_static_entries", ref, run_session(model, audio), rtol)
+        compare(report, f"{variant}_static_entries_80ms", ref, run_session(model, audio, chunk=1280), rtol)
+    elif local and variant.startswith("tiny_llvm"):
+        check(report, f"{variant}_static_entries", False, {"error": f"no static entries in {model.functions}"})
+    else:   # (vulkan) the 80 ms steps of a live stream go through the generic entries
+        compare(report, f"{variant}_streaming_80ms", ref, run_session(model, audio, chunk=1280, static=False), rtol)
+    del model
+    # several streams per call: the generic entry's row dispatch (1, 2, <=4, <=32 rows: GEMVs; more: GEMM)
+    batched_check(report, f"{variant}_batched_decode", art / reference, art / variant, rtol)
 
 
 def main(argv=None):
@@ -170,9 +221,6 @@ def main(argv=None):
     args = ap.parse_args(argv)
     pack = common.setup()
     art = pack / "artifacts"
-
-    import voxc
-    from voxc.errors import VoxcError
 
     report = common.Report("tiny_check")
     report["mode"] = "local (cpu)" if args.local else "device (cuda)"
@@ -185,35 +233,13 @@ def main(argv=None):
     pairs = list(local_pairs(art) if args.local else device_pairs(art))
     if not pairs:
         check(report, "artifacts", False, {"error": f"no tiny artifacts to compare in {art}"})
-    for variant, reference, rtol in pairs:
-        if reference not in references:
-            t = time.perf_counter()
-            references[reference] = run_session(voxc.load(art / reference), audio, static=False)
-            report[f"{reference}_reference"] = {"tokens": references[reference][0][:40], "n": len(references[reference][0]),
-                                                "seconds": round(time.perf_counter() - t, 2)}
-        ref = references[reference]
-        t = time.perf_counter()
-        try:
-            model = voxc.load(art / variant, max_streams=2)
-        except VoxcError as exc:
-            check(report, f"{variant}_load", False, {"error": str(exc)})
-            continue
-        report[f"{variant}_load_s"] = round(time.perf_counter() - t, 2)
-        compare(report, f"{variant}_offline", ref, run_session(model, audio, static=False), rtol)
-        compare(report, f"{variant}_streaming_0.3s", ref, run_session(model, audio, chunk=4800, static=False), rtol)
-        if has_static_entries(model):
-            compare(report, f"{variant}_static_entries", ref, run_session(model, audio), rtol)
-            compare(report, f"{variant}_static_entries_80ms", ref, run_session(model, audio, chunk=1280), rtol)
-        elif args.local:
-            check(report, f"{variant}_static_entries", False, {"error": f"no static entries in {model.functions}"})
-        del model
-        # several streams per call: the generic entry's row dispatch (1, 2, <=4, <=32 rows: GEMVs; more: GEMM)
-        batched_check(report, f"{variant}_batched_decode", art / reference, art / variant, rtol)
+    check_pairs(report, art, pairs, audio, references, args.local)
     library, device = (art / "attn_llvm.so", "cpu") if args.local else (art / "attn_cuda.so", "cuda")
     try:
         attention_checks(report, library, device)
     except Exception as exc:  # noqa: BLE001
         check(report, "attention", False, {"error": repr(exc)[:500]})
+    check_pairs(report, art, list(vulkan_pairs(art)), audio, references, args.local)
     report["failures"] = failures
     report.save()
     print("TINY CHECK", "FAILED: " + ", ".join(failures) if failures else "PASSED", flush=True)

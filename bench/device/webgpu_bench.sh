@@ -9,7 +9,7 @@
 # .webgpupack/ holds what the GPU machine lacks (it has no node, no Vulkan loader, no network):
 #   node.gz        this machine's node binary (v20), gzipped
 #   webgpu.tgz     npm "webgpu" 0.6.2 (Dawn as dawn.node), linux-x64 only
-#   debs/          Debian's libvulkan1 (the loader; the NVIDIA ICD is on the machine)
+#   debs/          Debian's Vulkan loader packages (bench/device/vulkan_loader.sh; the NVIDIA ICD is on the machine)
 #   tiny.tgz       the tiny model's bundle WITH weights (windows 750/8192, the 4B model's structure),
 #                  expect.json + clip.f32: the token ids the CPU (llvm) build gives for that clip
 #   tiny_q4k.tgz   the same check for Q4_K weights: a small model whose widths are multiples of 256
@@ -27,6 +27,7 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
+source "$ROOT/bench/device/vulkan_loader.sh"
 WHAT=${1:-run}
 DAWN_CACHE="${VOXC_CACHE_DIR:-$HOME/.cache/voxc}/dawn-node-webgpu-0.6.2"
 if [ "$WHAT" = local ]; then
@@ -53,7 +54,8 @@ dawn() {   # npm "webgpu" (Dawn as dawn.node), cached
 
 pack() {   # $1: --local (no node binary, no Vulkan loader, no binaryen)
   if [ "$PACK" = "$ROOT/.webgpupack" ]; then
-    grep -qx '/.webgpupack/' "$ROOT/.git/info/exclude" 2>/dev/null || echo '/.webgpupack/' >> "$ROOT/.git/info/exclude"
+    local exclude; exclude=$(git -C "$ROOT" rev-parse --path-format=absolute --git-path info/exclude)   # a worktree's too
+    grep -qx '/.webgpupack/' "$exclude" 2>/dev/null || echo '/.webgpupack/' >> "$exclude"
   fi
   rm -rf "$PACK" && mkdir -p "$PACK/debs" "$PACK/stage"
   dawn
@@ -62,11 +64,7 @@ pack() {   # $1: --local (no node binary, no Vulkan loader, no binaryen)
     quick="--fast-link --small-windows --clip-seconds 0.5 --delay-ms 80"
   else
     gzip -9 -c "$(readlink -f "$(command -v node)")" > "$PACK/node.gz"
-    # the Vulkan loader (amd64 package lists in /tmp/amd64)
-    local o="-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64"
-    mkdir -p /tmp/amd64/partial
-    [ -n "$(ls /tmp/amd64/*Packages* 2>/dev/null)" ] || apt-get $o update >/dev/null
-    (cd "$PACK/debs" && apt-get $o download libvulkan1 >/dev/null)
+    vulkan_loader_fetch "$PACK/debs"
   fi
   (cd "$ROOT" && PYTHONPATH="$ROOT" "$PY" bench/webgpu_pack.py "$PACK/stage" --tiny "$TINY" --full "$FULL" $quick)
   for b in tiny tiny_q4k full full_q4k; do
@@ -117,11 +115,8 @@ case "$WHAT" in
   pack) pack ;;
   run)
     OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-    for f in "$PACK"/debs/*.deb; do dpkg -x "$f" /; done; ldconfig
-    if [ -f /usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json ]; then
-      export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json
-    fi
-    export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
+    vulkan_loader_install "$PACK/debs"
+    vulkan_loader_env
     unpack
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
     run_bench "${2:-all}" || true   # each bundle's result is in $OUT
