@@ -32,7 +32,9 @@ import numpy as np
 from voxc.config import AudioConfig, ModelConfig
 from voxc.errors import VoxcError
 
-FORMAT_VERSION = 2          # 2: tensor-cache weights, file checksums, entry/state/streaming sections
+# 2: tensor-cache weights, file checksums, entry/state/streaming sections;
+# 3: stacked q/k/v and w1/w3 weights (attention.wqkv, feed_forward.w13)
+FORMAT_VERSION = 3
 MANIFEST = "voxc-artifact.json"
 WEIGHT_INDEX = "tensor-cache.json"
 SHARD_NAME = "params_shard_{}.bin"
