@@ -125,6 +125,16 @@ def read_slot_rows(ring: nn.Tensor, slots: nn.Tensor, offsets: nn.Tensor, count)
     return op.tensor_expr_op(lambda r, s, o: slot_rows_read(r, s, o, count), "slot_rows_read", [ring, slots, offsets])
 
 
+def read_slot_row(ring: nn.Tensor, slots: nn.Tensor, row: int) -> nn.Tensor:
+    """[n_slots, rows, width] ring -> [b, 1, width]: row ``row`` of each stream's slot."""
+
+    def compute(r: te.Tensor, s: te.Tensor):
+        return te.compute((s.shape[0], 1, r.shape[2]), lambda bi, i, c: r[s[bi].astype("int64"), row, c],
+                          name="slot_row_read")
+
+    return op.tensor_expr_op(compute, "slot_row_read", [ring, slots])
+
+
 def write_slot_rows(ring: nn.Tensor, rows: nn.Tensor, slots: nn.Tensor, offsets: nn.Tensor) -> nn.Tensor:
     """Write rows [b, n, width] into each stream's slot of the ring, in place; returns the ring."""
     return op.tensor_ir_inplace_op(
