@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from voxc.loader.names import STACKED_PROJECTIONS, expected_shapes, graph_weight_storage, stacked_into, stacked_parts
+from voxc.loader.names import (STACKED_PROJECTIONS, expected_shapes, graph_weight_storage, stacked_into, stacked_parts,
+                               unstack)
 from voxc.loader.source import WeightSource
 from voxc.loader.tiny import tiny_weights
 from voxc.quant.formats import QType, QuantTensor, from_kernel_layout, quantize_tensor, to_kernel_layout
@@ -85,3 +86,14 @@ def test_requantized_parts_share_the_stack_storage(q4k_gguf):
     rows = sum(p.shape[0] for p in parts)
     np.testing.assert_array_equal(from_kernel_layout(stacked, QType.Q8_0, (rows, parts[0].shape[1])).dequantize(),
                                   np.concatenate([p.dequantize() for p in parts]))
+
+
+def test_unstack_gives_back_the_checkpoint_tensors(q4k_gguf):
+    """A stacked graph tensor read back as its parts (bench/cuda_hf_baseline.py loads artifacts so)."""
+    cfg = q4k_gguf.config
+    bias = q4k_gguf.graph_param("enc.layers.0.attention.wqkv.bias", None, {})
+    assert [(n, a.tolist()) for n, a in unstack("enc.layers.0.attention.wqkv.bias", bias, cfg)] == \
+        [(n, q4k_gguf.get(n).tolist()) for n in ("enc.layers.0.attention.wq.bias", "enc.layers.0.attention.wv.bias")]
+    weight = q4k_gguf.graph_param("dec.layers.0.feed_forward.w13.weight", None, {})
+    for name, rows in unstack("dec.layers.0.feed_forward.w13.weight", weight, cfg):
+        np.testing.assert_array_equal(rows, q4k_gguf.get(name).dequantize())

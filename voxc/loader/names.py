@@ -40,6 +40,25 @@ def stacked_parts(name: str) -> tuple[str, ...] | None:
     return tuple(f"{prefix}{part}.{field}" for part in STACKED_PROJECTIONS[projection])
 
 
+def unstack(name: str, array, cfg: ModelConfig) -> list[tuple[str, object]]:
+    """Graph tensor ``name`` (any field: its rows are per output row) as the checkpoint tensors it
+    holds: ``[(part name, its rows of array)]``, without the zero rows of a bias the model lacks (the
+    encoder's wk); ``[(name, array)]`` for a tensor that is not stacked."""
+    parts = stacked_parts(name)
+    if parts is None:
+        return [(name, array)]
+    shapes = expected_shapes(cfg)
+    out, start = [], 0
+    for part in parts:
+        rows = shapes[part.rpartition(".")[0] + ".weight"][0]
+        if part.endswith((".weight", ".bias")) and part not in shapes:
+            start += rows
+            continue
+        out.append((part, array[start:start + rows]))
+        start += rows
+    return out
+
+
 def graph_weight_storage(name: str, in_features: int, qtype, overrides=None):
     """How a build stores graph weight ``name``: voxc.quant.weight_storage for a checkpoint weight,
     voxc.quant.stacked_storage of its parts' storages for a stacked one."""
