@@ -197,6 +197,7 @@ def runtime_setup(hide_tvm: bool = True):
 def decode_steps(model, start, steps, delay=6):
     """ms per decode call (one stream, one token) at positions start.., the token read back each step."""
     tokens = np.ones((1, 1), np.int32)
+    model.set_delay([0], [delay])
     out = []
     budget = float(os.environ.get("DECODE_BUDGET_S", 8))
     t0 = time.perf_counter()
@@ -204,7 +205,7 @@ def decode_steps(model, start, steps, delay=6):
         if i >= 3 and time.perf_counter() - t0 > budget:   # slow variants: fewer steps, not a time-out
             break
         t = time.perf_counter()
-        _, nxt = model.decode(tokens, [delay], [0], [start + i])
+        _, nxt = model.decode(tokens, [0], [start + i])
         tokens = model.rt.numpy(nxt).reshape(1, 1).astype(np.int32)
         out.append((time.perf_counter() - t) * 1e3)
     return out
@@ -225,10 +226,11 @@ def profile_step(model, start, delay=6, top=14) -> dict:
             total[name] += time.perf_counter() - began.pop(name, time.perf_counter())
             calls[name] += 1
 
+    model.set_delay([0], [delay])
     model.vm["set_instrument"](instrument)
     try:
         t = time.perf_counter()
-        model.decode(np.ones((1, 1), np.int32), [delay], [0], [start])
+        model.decode(np.ones((1, 1), np.int32), [0], [start])
         wall = (time.perf_counter() - t) * 1e3
     finally:
         model.vm["set_instrument"](None)
@@ -285,7 +287,8 @@ def cmd_voxc(args):
         outs = []
         for on in (True, False):
             model.use_static_entries(on)
-            outs.append(model.rt.numpy(model.decode(np.ones((1, 1), np.int32), [6], [0], [10])[0]))
+            model.set_delay([0], [6])
+            outs.append(model.rt.numpy(model.decode(np.ones((1, 1), np.int32), [0], [10])[0]))
         model.use_static_entries(True)
         a, b = outs
         report["check_static_vs_generic"] = {

@@ -55,12 +55,13 @@ def offline_seconds(model, seconds: float = 10.0) -> float:
 
 def decode_ms(model, steps: int = 8) -> float:
     token = np.ones((1, 1), np.int32)
+    model.set_delay([0], [6])
     for i in range(3):
-        model.decode(token, [6], [0], [100 + i])
+        model.decode(token, [0], [100 + i])
     times = []
     for i in range(steps):
         t = time.perf_counter()
-        model.decode(token, [6], [0], [110 + i])
+        model.decode(token, [0], [110 + i])
         times.append(time.perf_counter() - t)
     return float(np.median(times)) * 1e3
 

@@ -115,12 +115,12 @@ def decode_steps(model, slots, start, steps, delay=6):
     """ms per decode call of len(slots) streams at positions start.. (token read back each step)."""
     b = len(slots)
     tokens = np.ones((b, 1), np.int32)
-    delays = np.full(b, delay, np.float32)
     slots = np.asarray(slots, np.int32)
+    model.set_delay(slots, np.full(b, delay))
     out = []
     for i in range(steps):
         t = time.perf_counter()
-        _, nxt = model.decode(tokens, delays, slots, np.full(b, start + i, np.int32))
+        _, nxt = model.decode(tokens, slots, np.full(b, start + i, np.int32))
         tokens = model.rt.numpy(nxt).reshape(b, 1).astype(np.int32)
         out.append((time.perf_counter() - t) * 1e3)
     return out

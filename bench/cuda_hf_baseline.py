@@ -33,7 +33,7 @@ def load_voxc_weights(model, artifact_dir: Path, cfg_dict: dict) -> int:
     from voxc import artifact
     from voxc.config import ModelConfig
     from voxc.loader import hf
-    from voxc.loader.names import rope_rows
+    from voxc.loader.names import rope_rows, unstack
 
     cfg = ModelConfig.from_dict(cfg_dict)
     manifest = artifact.read_manifest(artifact_dir)
@@ -43,12 +43,13 @@ def load_voxc_weights(model, artifact_dir: Path, cfg_dict: dict) -> int:
         for name, array in artifact.read_weights(artifact_dir, manifest):
             if name == artifact.MEL_FILTERS:
                 continue
-            heads = rope_rows(name, cfg)
-            if heads is not None:
-                array = hf.interleaved_to_split_half(array, heads)
-            target = state[hf.voxc_to_hf(name, in_memory=True)]
-            target.copy_(torch.from_numpy(np.array(array)).to(target.device, target.dtype))
-            done += 1
+            for part, rows in unstack(name, array, cfg):   # a stacked q/k/v or w1/w3 as its projections
+                heads = rope_rows(part, cfg)
+                if heads is not None:
+                    rows = hf.interleaved_to_split_half(rows, heads)
+                target = state[hf.voxc_to_hf(part, in_memory=True)]
+                target.copy_(torch.from_numpy(np.array(rows)).to(target.device, target.dtype))
+                done += 1
     return done
 
 

@@ -35,14 +35,14 @@ def ring_attention_reference(q, k, v, cache, slots, starts, layer, window):
     return out, after
 
 
-def run_ticks(model, audios, tick: int = 1280):
-    """A server's path for one stream per clip of ``audios``: at each tick every stream's next
-    ``tick`` samples are queued and all streams advance in one batched step
-    (voxc.runtime.session.advance); then every stream is ended and advanced once more.  Returns the
-    sessions, logits recorded, not finished."""
+def run_ticks(model, audios, tick: int = 1280, delays_ms=None):
+    """A server's path for one stream per clip of ``audios`` (with its delay of ``delays_ms``, default
+    the model's): at each tick every stream's next ``tick`` samples are queued and all streams advance
+    in one batched step (voxc.runtime.session.advance); then every stream is ended and advanced once
+    more.  Returns the sessions, logits recorded, not finished."""
     from voxc.runtime.session import advance
 
-    sessions = [model.stream() for _ in audios]
+    sessions = [model.stream(delay_ms) for delay_ms in (delays_ms or [None] * len(audios))]
     for s in sessions:
         s.record_logits = True
     for begin in range(0, max(len(a) for a in audios), tick):

@@ -41,7 +41,7 @@ def run(cmd, *, env=None, timeout=300, cwd=ROOT) -> subprocess.CompletedProcess:
 
 # ---- bench/ uses the public API only -------------------------------------------------------------------
 PROJECT = ("voxc", "targets", "schedules")
-PRIVATE_MODEL_ATTRS = {"_decode", "_encode", "_encode_stages", "_mel", "_decode_single", "_encode_single"}
+PRIVATE_MODEL_ATTRS = {"_decode", "_encode", "_encode_stages", "_mel", "_set_delay", "_decode_single", "_encode_single"}
 
 
 def _bench_sources():

@@ -56,7 +56,7 @@ def test_stages_match_transformers(tiny, clips):
         ref_mel = rt.tensor(ref["mel"][None].astype(np.float32))
         slot = model.slots.acquire()
         try:
-            model.reset_slot(slot)
+            model.reset_slot(slot, model.delay_tokens(model.default_delay_ms))
             out = model.encode(ref_mel, np.array([slot], np.int32), np.array([0], np.int32), stages=True)
         finally:
             model.slots.release(slot)

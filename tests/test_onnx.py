@@ -465,8 +465,8 @@ def test_q4f16_export_builds_its_4bit_weights_exactly(exports, tiny, oracle, tmp
     assert manifest["quantization"] == "q8_0" and manifest["fixed_delay_ms"] == 480
     # the encoder's rows of 32/64 and the adapter's 128 are Q8_0; the decoder's 48 are float
     params = {p["name"] for p in manifest["params"]}
-    assert "enc.layers.0.attention.wq.qweight" in params and "adapter.w_in.qweight" in params
-    assert "dec.layers.0.attention.wq.weight" in params and "dec.layers.0.feed_forward.w2.qweight" in params
+    assert "enc.layers.0.attention.wqkv.qweight" in params and "adapter.w_in.qweight" in params
+    assert "dec.layers.0.attention.wqkv.weight" in params and "dec.layers.0.feed_forward.w2.qweight" in params
 
     write_checkpoint(tmp_path / "reference", represented, cfg)
     build(tmp_path / "reference", "llvm", tmp_path / "ref", progress=False)

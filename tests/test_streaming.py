@@ -86,11 +86,13 @@ def test_concurrent_sessions_are_independent(small_windows):
 
 
 def test_batched_advance_equals_separate_streams(small_windows):
-    """A server's path: chunks of several streams queued, then one batched encode/decode per tick."""
+    """A server's path: chunks of several streams queued, then one batched encode/decode per tick; each
+    stream with its own delay (the decoder reads each row's own delay scales)."""
     model, _ = small_windows
     audios = [sine_with_noise(seconds=s, freq=f, seed=i) for i, (s, f) in enumerate([(2.0, 300), (3.1, 700), (1.3, 450)])]
-    references = [stream(model, a, [len(a)]) for a in audios]
-    sessions = run_ticks(model, audios)
+    delays = [480, 160, 1200]
+    references = [stream(model, a, [len(a)], delay_ms=d) for a, d in zip(audios, delays)]
+    sessions = run_ticks(model, audios, delays_ms=delays)
     for s, (ref_tokens, ref_logits, _) in zip(sessions, references):
         assert s.tokens == ref_tokens.tolist()
         assert np.abs(np.array(s.logits) - ref_logits).max() <= 1e-5 * np.abs(ref_logits).max()

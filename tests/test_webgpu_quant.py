@@ -75,7 +75,7 @@ def test_q4k_bundle_layout(built):
     assert manifest["required_features"] == [] and manifest["max_workgroup_size"] <= 256
     assert manifest["gpu"]["max_storage_buffers_per_kernel"] <= 8
     params = {p["name"]: p for p in manifest["params"]}
-    assert params["dec.layers.0.attention.wq.qweight"]["dtype"] == "uint32"
+    assert params["dec.layers.0.attention.wqkv.qweight"]["dtype"] == "uint32"
     parts = [n for n in params if n.startswith("tok_embeddings.")]
     assert manifest["embedding"]["split"] and len(parts) == 2 * manifest["embedding"]["parts"] == 6, parts
     assert all(params[n]["dtype"] == "uint32" for n in parts)

@@ -32,7 +32,10 @@ import numpy as np
 from voxc.config import AudioConfig, ModelConfig
 from voxc.errors import VoxcError
 
-FORMAT_VERSION = 2          # 2: tensor-cache weights, file checksums, entry/state/streaming sections
+# 2: tensor-cache weights, file checksums, entry/state/streaming sections;
+# 3: stacked q/k/v and w1/w3 weights (attention.wqkv, feed_forward.w13); the set_delay entry and the
+#    delay_scales state, which decode reads instead of delay_tokens
+FORMAT_VERSION = 3
 MANIFEST = "voxc-artifact.json"
 WEIGHT_INDEX = "tensor-cache.json"
 SHARD_NAME = "params_shard_{}.bin"
@@ -45,7 +48,7 @@ NATIVE_SHARD_BYTES = 512 << 20
 WEB_SHARD_BYTES = 32 << 20             # each shard is fetched and cached by the browser on its own
 
 # ---- entry points ----------------------------------------------------------------------------------
-ENTRY_POINTS = ("mel", "encode", "encode_stages", "decode")
+ENTRY_POINTS = ("mel", "encode", "encode_stages", "set_delay", "decode")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +88,8 @@ def state_shapes(cfg: ModelConfig) -> dict[str, list[int | None]]:
         "enc_cache": [e.n_layers, 2, None, e.sliding_window, e.n_heads, e.head_dim],
         "audio_ring": [None, AUDIO_RING_ROWS, d.dim],
         "dec_cache": [d.n_layers, 2, None, d.sliding_window, d.n_kv_heads, d.head_dim],
+        # each stream's ada-norm scale per decoder layer: set once per stream, for its delay (set_delay)
+        "delay_scales": [None, d.n_layers, d.dim],
     }
 
 

@@ -202,7 +202,7 @@ def _write_weights(source, specs, quant, overrides, out_dir: Path, shard_bytes: 
 
 def storage_choices(source, quant: str | None, overrides: dict) -> list[StorageChoice]:
     """The storage of every projection weight for a build quantized to ``quant`` (empty when dense)."""
-    from voxc.loader.names import QUANTIZED_WEIGHT, expected_shapes
+    from voxc.loader.names import QUANTIZED_WEIGHT, expected_shapes, graph_weight_storage, stacked_into
     from voxc.quant import QType, weight_storage
 
     if not quant:
@@ -212,10 +212,12 @@ def storage_choices(source, quant: str | None, overrides: dict) -> list[StorageC
     for name, shape in expected_shapes(source.config).items():
         if not QUANTIZED_WEIGHT.match(name) or len(shape) != 2:
             continue
-        stored = weight_storage(name, int(shape[1]), quant, overrides)
+        stored = graph_weight_storage(stacked_into(name) or name, int(shape[1]), quant, overrides)
         label = stored.name if stored is not None else "float"
         reason = ""
-        if name in overrides:
+        if stored is not weight_storage(name, int(shape[1]), quant, overrides):
+            reason = "stacked into one matmul with projections the file stores in another type"
+        elif name in overrides:
             file_type = getattr(source, "tensor_types", {}).get(name, label)
             reason = "" if stored is requested else f"the file stores it as {file_type}"
         elif name in getattr(source, "transcoded", {}):

@@ -887,7 +887,7 @@ export class Voxc {
     this.freeSlots = [...Array(this.maxStreams).keys()];
     tvm.beginScope();
     this.fns = {};
-    for (const name of ["mel", "encode", "decode"]) {   // kept for the model's life
+    for (const name of ["mel", "encode", "set_delay", "decode"]) {   // kept for the model's life
       this.fns[name] = tvm.detachFromCurrentScope(this.vm.getFunction(name));
     }
     this.fns.createView = tvm.detachFromCurrentScope(tvm.getGlobalFunc("runtime.TVMTensorCreateView"));
@@ -951,8 +951,10 @@ export class Voxc {
     }
   }
 
-  /** Zero the conv-stem context of a stream's slot (a new stream starts from silence). */
-  resetSlot(slot) {
+  /** A new stream starts from silence: zero the conv-stem context of its slot, and condition its
+   * decoder on its delay (in tokens). */
+  resetSlot(slot, delayTokens) {
+    this.setDelay([slot], [delayTokens]);
     for (const name of ["conv0_state", "conv1_state"]) {
       const t = this.state[name];
       const rowShape = t.shape.slice(1);
@@ -1000,9 +1002,24 @@ export class Voxc {
     }
   }
 
+  /** The per-layer delay scales of streams `slots` for their delays (in tokens), which every later
+   * decode call of theirs reads (voxc.model.graph: set_delay). */
+  setDelay(slots, delays) {
+    this.#checkDevice();
+    const { tvm, state } = this;
+    tvm.beginScope();
+    try {
+      const delayIn = this.#toDevice({ data: Float32Array.from(delays), shape: [delays.length], dtype: "float32" });
+      this.#replaceState("delay_scales", this.fns.set_delay(delayIn, state.delay_scales, this.#i32(slots),
+                                                            ...this.#paramArgs()));
+    } finally {
+      tvm.endScope();
+    }
+  }
+
   /** One decoder call; resolves to {tokens: Int32Array (greedy next token per stream), logits?}.
    * Only the token ids (4 bytes a stream) come back unless withLogits. */
-  async decode(tokens, delays, slots, starts, { readTokens = true, withLogits = false } = {}) {
+  async decode(tokens, slots, starts, { readTokens = true, withLogits = false } = {}) {
     this.#checkDevice();
     const { tvm, state } = this;
     const b = tokens.length;
@@ -1014,8 +1031,7 @@ export class Voxc {
     let hostLogits = null;
     try {
       const tokIn = this.#toDevice({ data: flat, shape: [b, n], dtype: "int32" });
-      const delayIn = this.#toDevice({ data: Float32Array.from(delays), shape: [b], dtype: "float32" });
-      const ret = this.fns.decode(tokIn, state.audio_ring, delayIn, state.dec_cache, this.#i32(slots),
+      const ret = this.fns.decode(tokIn, state.audio_ring, state.delay_scales, state.dec_cache, this.#i32(slots),
                                   this.#i32(starts), ...this.#paramArgs());
       this.#replaceState("dec_cache", ret.get(2));
       if (readTokens) {
@@ -1074,7 +1090,7 @@ export class VoxcStream {
     this.stats = { audioSeconds: 0, computeSeconds: 0, encodeCalls: 0, decodeCalls: 0, lastStepMs: 0 };
 
     this.slot = model.acquireSlot();
-    model.resetSlot(this.slot);
+    model.resetSlot(this.slot, this.delay);
     this.framer = new MelFramer(st, st.mel_frames_per_token);
     this.windows = [];            // framed PCM waiting for the encoder
     this.pendingText = [];
@@ -1220,7 +1236,7 @@ export class VoxcStream {
         const [tokens, run] = this.#decodeInput();
         const needed = this.position + run >= this.prompt.length;   // a token comes out of this call
         const t0 = performance.now();
-        const out = await model.decode([tokens], [this.delay], [this.slot], [this.position],
+        const out = await model.decode([tokens], [this.slot], [this.position],
                                         { readTokens: needed, withLogits: needed && this.recordLogits });
         this.stats.lastStepMs = performance.now() - t0;
         this.stats.decodeCalls++;

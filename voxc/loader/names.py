@@ -9,11 +9,77 @@ from __future__ import annotations
 import re
 
 from voxc.config import ModelConfig
+from voxc.quant import stacked_storage, weight_storage
 
 # voxc names of the projection weights (and the token table) a quantized model stores in blocks.
 QUANTIZED_WEIGHT = re.compile(r"^(tok_embeddings\.weight|adapter\.w_(in|out)\.weight|"
                               r"(enc|dec)\.layers\.\d+\.(attention\.w[qkvo]|feed_forward\.w[123])\.weight|"
                               r"dec\.layers\.\d+\.ada_norm\.w_(in|out)\.weight)$")
+
+# Projections of one input that the graph runs as one matmul (voxc.model.layers): graph projection
+# -> the checkpoint projections whose rows it stacks, in this order.  Checkpoints, GGUF files and
+# storage overrides keep the separate names; only the graph (and so the artifact) has the stacked
+# tensors, built by WeightSource.graph_param.  A part without a bias (the encoder's wk) contributes
+# zeros to a stacked bias.
+STACKED_PROJECTIONS = {
+    "attention.wqkv": ("attention.wq", "attention.wk", "attention.wv"),
+    "feed_forward.w13": ("feed_forward.w1", "feed_forward.w3"),
+}
+_STACKED_TENSOR = re.compile(r"^((?:enc|dec)\.layers\.\d+\.)(" + "|".join(map(re.escape, STACKED_PROJECTIONS))
+                             + r")\.(\w+)$")
+
+
+def stacked_parts(name: str) -> tuple[str, ...] | None:
+    """The checkpoint tensors whose rows make graph tensor ``name``, in order
+    (``dec.layers.0.attention.wqkv.weight`` -> its wq, wk, wv weights); None for a tensor that is
+    not stacked.  Any field name passes through (weight, bias, qweight, scales)."""
+    m = _STACKED_TENSOR.match(name)
+    if not m:
+        return None
+    prefix, projection, field = m.groups()
+    return tuple(f"{prefix}{part}.{field}" for part in STACKED_PROJECTIONS[projection])
+
+
+def unstack(name: str, array, cfg: ModelConfig) -> list[tuple[str, object]]:
+    """Graph tensor ``name`` (any field: its rows are per output row) as the checkpoint tensors it
+    holds: ``[(part name, its rows of array)]``, without the zero rows of a bias the model lacks (the
+    encoder's wk); ``[(name, array)]`` for a tensor that is not stacked."""
+    parts = stacked_parts(name)
+    if parts is None:
+        return [(name, array)]
+    shapes = expected_shapes(cfg)
+    out, start = [], 0
+    for part in parts:
+        rows = shapes[part.rpartition(".")[0] + ".weight"][0]
+        if part.endswith((".weight", ".bias")) and part not in shapes:
+            start += rows
+            continue
+        out.append((part, array[start:start + rows]))
+        start += rows
+    return out
+
+
+def graph_weight_storage(name: str, in_features: int, qtype, overrides=None):
+    """How a build stores graph weight ``name``: voxc.quant.weight_storage for a checkpoint weight,
+    voxc.quant.stacked_storage of its parts' storages for a stacked one."""
+    parts = stacked_parts(name) or (name,)
+    return stacked_storage([weight_storage(part, in_features, qtype, overrides) for part in parts])
+
+
+_STACK_OF_PART = {part: stack for stack, parts in STACKED_PROJECTIONS.items() for part in parts}
+_PART_TENSOR = re.compile(r"^((?:enc|dec)\.layers\.\d+\.)(" + "|".join(map(re.escape, _STACK_OF_PART))
+                          + r")\.(\w+)$")
+
+
+def stacked_into(name: str) -> str | None:
+    """The graph tensor whose rows include checkpoint tensor ``name``
+    (``dec.layers.0.attention.wk.weight`` -> ``dec.layers.0.attention.wqkv.weight``); None if none."""
+    m = _PART_TENSOR.match(name)
+    if not m:
+        return None
+    prefix, part, field = m.groups()
+    return f"{prefix}{_STACK_OF_PART[part]}.{field}"
+
 
 OFFICIAL_PREFIX = "mm_streams_embeddings.embedding_module."
 OFFICIAL_ENCODER = OFFICIAL_PREFIX + "whisper_encoder."

@@ -6,11 +6,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
+
 from voxc.config import ModelConfig
 from voxc.errors import VoxcError
 from voxc.loader import hf
+from voxc.loader.names import expected_shapes, graph_weight_storage, stacked_parts
 from voxc.loader.safetensors_loader import PARAMS_FILE, TOKENIZER_FILE, load_checkpoint
-from voxc.quant import weight_storage
 from voxc.quant.packing import pack_linear_weight
 
 QUANT_FIELDS = ("qweight", "scales")
@@ -116,18 +118,44 @@ class WeightSource:
 
     def graph_param(self, name: str, quantization: str | None, overrides: dict):
         """The value of graph parameter ``name`` for a build storing weights as ``quantization``
-        with ``overrides`` (voxc.quant.weight_storage): a checkpoint tensor, or packed from one."""
+        with ``overrides`` (voxc.loader.names.graph_weight_storage): a checkpoint tensor, or packed from one; a
+        stacked projection's (voxc.loader.names.stacked_parts) is its parts' rows, concatenated."""
         prefix, _, field = name.rpartition(".")
-        if field not in QUANT_FIELDS:
-            value = self.get(name)
-            if value is None:
-                raise VoxcError(f"the checkpoint has no tensor for graph parameter {name}")
-            return value.dequantize() if hasattr(value, "dequantize") else value
-        if prefix not in self._packed:
-            source = self.get(prefix + ".weight")
+        if field in QUANT_FIELDS:
+            if prefix not in self._packed:
+                self._packed.clear()   # the two fields of one layer are consecutive: keep one layer packed
+                self._packed[prefix] = self._packed_weight(prefix + ".weight", quantization, overrides)
+            return self._packed[prefix][field]
+        parts = stacked_parts(name)
+        if parts is None:
+            return self._float_tensor(name)
+        return np.concatenate([self._float_part(part) for part in parts])
+
+    def _float_tensor(self, name: str):
+        value = self.get(name)
+        if value is None:
+            raise VoxcError(f"the checkpoint has no tensor for graph parameter {name}")
+        return value.dequantize() if hasattr(value, "dequantize") else value
+
+    def _float_part(self, name: str) -> np.ndarray:
+        """One part of a stacked float tensor, as float32 (its parts may come in different dtypes);
+        a projection the model has no bias for (the encoder's wk) adds zeros to a stacked bias."""
+        if name not in expected_shapes(self.config):
+            return np.zeros(expected_shapes(self.config)[name.removesuffix(".bias") + ".weight"][0], np.float32)
+        return np.asarray(self._float_tensor(name), np.float32)
+
+    def _packed_weight(self, name: str, quantization: str | None, overrides: dict) -> dict[str, np.ndarray]:
+        """``{"qweight", "scales"}`` of weight ``name`` in the storage the build gives it; a stacked
+        weight's parts are packed in that one storage and their rows concatenated (the blocks of
+        every type run along a row, so row blocks stack exactly)."""
+        parts = stacked_parts(name) or (name,)
+        sources = []
+        for part in parts:
+            source = self.get(part)
             if source is None:
-                raise VoxcError(f"the checkpoint has no tensor {prefix}.weight")
-            storage = weight_storage(prefix + ".weight", int(source.shape[1]), quantization, overrides)
-            self._packed.clear()   # the two fields of one layer are consecutive: keep one layer packed
-            self._packed[prefix] = pack_linear_weight(source, storage)
-        return self._packed[prefix][field]
+                raise VoxcError(f"the checkpoint has no tensor {part}")
+            sources.append(source)
+        storage = graph_weight_storage(name, int(sources[0].shape[1]), quantization, overrides)
+        packed = [pack_linear_weight(source, storage) for source in sources]
+        return {field: np.concatenate([p[field] for p in packed]) if len(packed) > 1 else packed[0][field]
+                for field in QUANT_FIELDS}

@@ -1,11 +1,15 @@
-"""GQA decoder with ada-RMSNorm delay conditioning; token and audio embeddings are summed."""
+"""GQA decoder with ada-RMSNorm delay conditioning; token and audio embeddings are summed.
+
+The delay conditioning depends on a stream's delay only: :meth:`Decoder.delay_scales` computes every
+layer's scale once per stream (the graph's ``set_delay`` entry keeps them as per-stream state), and
+each decode step reads them instead of recomputing two small matmuls per layer."""
 from __future__ import annotations
 
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from voxc.config import DecoderConfig
-from voxc.model.layers import RingAttention, SwiGLU, linear, rms_norm
+from voxc.model.layers import RingAttention, SwiGLU, linear, read_slot_row, rms_norm
 
 
 class AdaNorm(nn.Module):
@@ -16,7 +20,7 @@ class AdaNorm(nn.Module):
         self.w_out = linear(bottleneck, dim, dtype=dtype)
 
     def forward(self, t_cond: nn.Tensor) -> nn.Tensor:
-        return self.w_out(op.gelu(self.w_in(t_cond)))
+        return self.w_out(op.gelu(self.w_in(t_cond))) + 1.0
 
 
 class DecoderLayer(nn.Module):
@@ -28,11 +32,11 @@ class DecoderLayer(nn.Module):
         self.ada_norm = AdaNorm(cfg.dim, cfg.ada_norm_dim, dtype)
         self.feed_forward = SwiGLU(cfg.dim, cfg.hidden_dim, down_bias=False, dtype=dtype)
 
-    def forward(self, x, t_cond, cache, slots, starts):
+    def forward(self, x, delay_scale, cache, slots, starts):
+        """``delay_scale [b, 1, dim]``: this layer's ada-norm scale of each stream (AdaNorm's output)."""
         attn, cache = self.attention(self.attention_norm(x), cache, slots, starts)
         x = x + attn
-        scale = op.unsqueeze(self.ada_norm(t_cond), 1)  # [b, 1, dim]
-        h = self.ffn_norm(x) * (scale + 1.0)
+        h = self.ffn_norm(x) * delay_scale
         return x + self.feed_forward(h), cache
 
 
@@ -42,7 +46,13 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(i, cfg, dtype) for i in range(cfg.n_layers)])
         self.norm = rms_norm(cfg.dim, cfg.norm_eps, dtype)
 
-    def forward(self, x, t_cond, cache, slots, starts):
-        for layer in self.layers:
-            x, cache = layer(x, t_cond, cache, slots, starts)
+    def delay_scales(self, t_cond: nn.Tensor) -> nn.Tensor:
+        """``t_cond [b, dim]`` -> every layer's ada-norm scale ``[b, n_layers, dim]``."""
+        return op.concat([op.unsqueeze(layer.ada_norm(t_cond), 1) for layer in self.layers], dim=1)
+
+    def forward(self, x, delay_scales, cache, slots, starts):
+        """``delay_scales [n_slots, n_layers, dim]``: the per-stream state :meth:`delay_scales` fills;
+        each layer reads its row of the streams' slots."""
+        for i, layer in enumerate(self.layers):
+            x, cache = layer(x, read_slot_row(delay_scales, slots, i), cache, slots, starts)
         return self.norm(x), cache

@@ -7,14 +7,18 @@ for ``decode``).  The state is updated in place and returned:
 * ``conv0_state [S, 2, n_mels]``, ``conv1_state [S, 1, enc_dim]``: the causal convs' left context;
 * ``enc_cache``, ``dec_cache``: ring KV caches (schedules/ring_attention.py);
 * ``audio_ring [S, AUDIO_RING_ROWS, dec_dim]``: audio embeddings between encoder and decoder,
-  token position ``p`` at row ``p mod AUDIO_RING_ROWS``.
+  token position ``p`` at row ``p mod AUDIO_RING_ROWS``;
+* ``delay_scales [S, n_dec_layers, dec_dim]``: each stream's ada-norm scales, for its delay.
 
 * ``mel(samples [b, n])``: PCM windows -> log-mel frames (voxc.model.mel has the framing contract).
 * ``encode(mel, conv0_state, conv1_state, enc_cache, audio_ring, slots, starts)``: a chunk of mel
   frames (8 per text token) -> one audio embedding per token, written to ``audio_ring``.
 * ``encode_stages``: the same computation, also returning the conv-stem output, the encoder output
   and the embeddings (the stage-by-stage oracle tests use it; there is no separate model).
-* ``decode(tokens [b, n], audio_ring, delay_tokens, dec_cache, slots, starts)``: embeds the tokens,
+* ``set_delay(delay_tokens [b], delay_scales, slots)``: conditions each stream on its delay (in text
+  tokens): writes the decoder's per-layer ada-norm scales, which depend on the delay only, to its
+  slot of ``delay_scales [S, n_layers, dec_dim]``.  A stream calls it once, when it starts.
+* ``decode(tokens [b, n], audio_ring, delay_scales, dec_cache, slots, starts)``: embeds the tokens,
   adds the audio embeddings of the same positions, runs the decoder; returns the last position's
   logits, its greedy token and the updated cache.
 """
@@ -93,11 +97,15 @@ class VoxtralGraph(nn.Module):
         return self.encode_stages(mel, conv0_state, conv1_state, enc_cache, audio_ring, slots, starts)[:4]
 
     # ---- text side --------------------------------------------------------------------------
-    def decode(self, tokens, audio_ring, delay_tokens, dec_cache, slots, starts):
+    def set_delay(self, delay_tokens, delay_scales, slots):
+        t_cond = sinusoidal_embedding(delay_tokens, self.cfg.decoder.dim).astype(self.dtype)
+        zeros = op.zeros((delay_tokens.shape[0],), "int32")
+        return write_slot_rows(delay_scales, self.dec.delay_scales(t_cond), slots, zeros)
+
+    def decode(self, tokens, audio_ring, delay_scales, dec_cache, slots, starts):
         n = tokens.shape[1]
         x = self.tok_embeddings.lookup(tokens) + read_slot_rows(audio_ring, slots, starts, n)
-        t_cond = sinusoidal_embedding(delay_tokens, self.cfg.decoder.dim).astype(self.dtype)
-        hidden, dec_cache = self.dec(x, t_cond, dec_cache, slots, starts)
+        hidden, dec_cache = self.dec(x, delay_scales, dec_cache, slots, starts)
         last = _last_row(hidden)
         logits = self.tok_embeddings.project(last)
         next_tokens = op.topk(logits, k=1, axis=-1, ret_type="indices", dtype="int32")
@@ -116,10 +124,15 @@ class VoxtralGraph(nn.Module):
             "mel": {"samples": spec.Tensor(["b", "n_samples"], "float32")},
             "encode": dict(encode_args),
             "encode_stages": dict(encode_args),
+            "set_delay": {
+                "delay_tokens": spec.Tensor(["b"], "float32"),
+                "delay_scales": state["delay_scales"],
+                "slots": spec.Tensor(["b"], "int32"),
+            },
             "decode": {
                 "tokens": spec.Tensor(["b", "n"], "int32"),
                 "audio_ring": state["audio_ring"],
-                "delay_tokens": spec.Tensor(["b"], "float32"),
+                "delay_scales": state["delay_scales"],
                 "dec_cache": state["dec_cache"],
                 "slots": spec.Tensor(["b"], "int32"),
                 "starts": spec.Tensor(["b"], "int32"),

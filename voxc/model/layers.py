@@ -20,16 +20,26 @@ def rms_norm(dim: int, eps: float, dtype: str = "float32") -> nn.Module:
     return nn.RMSNorm(dim, axes=-1, epsilon=eps, bias=False, dtype=dtype)
 
 
+def split_rows(y: nn.Tensor, sizes: list[int]) -> tuple[nn.Tensor, ...]:
+    """The outputs of a stacked projection, ``y [..., sum(sizes)]`` cut back into its parts."""
+    bounds = [sum(sizes[:i]) for i in range(1, len(sizes))]
+    return tuple(op.split(y, bounds, axis=-1))
+
+
 class SwiGLU(nn.Module):
-    """w2(silu(w1 x) * w3 x); Mistral's names (w1 gate, w3 up, w2 down)."""
+    """w2(silu(w1 x) * w3 x); Mistral's names (w1 gate, w3 up, w2 down).
+
+    w1 and w3 run as one matmul ``w13`` (rows of w1, then of w3; voxc.loader.names.STACKED_PROJECTIONS):
+    one GEMV launch reads both weights of a decode step."""
 
     def __init__(self, dim: int, hidden_dim: int, down_bias: bool, dtype: str):
-        self.w1 = linear(dim, hidden_dim, dtype=dtype)
+        self.hidden_dim = hidden_dim
+        self.w13 = linear(dim, 2 * hidden_dim, dtype=dtype)
         self.w2 = linear(hidden_dim, dim, bias=down_bias, dtype=dtype)
-        self.w3 = linear(dim, hidden_dim, dtype=dtype)
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
-        return self.w2(op.silu(self.w1(x)) * self.w3(x))
+        gate, up = split_rows(self.w13(x), [self.hidden_dim, self.hidden_dim])
+        return self.w2(op.silu(gate) * up)
 
 
 def apply_rope(x: nn.Tensor, starts: nn.Tensor, theta: float, name: str) -> nn.Tensor:
@@ -66,16 +76,18 @@ class RingAttention(nn.Module):
         self.layer_index = layer_index
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.window, self.rope_theta, self.dtype = window, rope_theta, dtype
-        self.wq = linear(dim, n_heads * head_dim, bias=biases, dtype=dtype)
-        self.wk = linear(dim, n_kv_heads * head_dim, dtype=dtype)
-        self.wv = linear(dim, n_kv_heads * head_dim, bias=biases, dtype=dtype)
+        # q, k and v as one matmul (rows of wq, wk, wv; voxc.loader.names.STACKED_PROJECTIONS): one
+        # GEMV launch per decode step.  With biases, k's part of the stacked bias is zero (wk has none).
+        self.qkv_rows = [n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim]
+        self.wqkv = linear(dim, sum(self.qkv_rows), bias=biases, dtype=dtype)
         self.wo = linear(n_heads * head_dim, dim, bias=biases, dtype=dtype)
 
     def forward(self, x: nn.Tensor, cache: nn.Tensor, slots: nn.Tensor, starts: nn.Tensor):
         b, n, _ = x.shape
-        q = op.reshape(self.wq(x), (b, n, self.n_heads, self.head_dim))
-        k = op.reshape(self.wk(x), (b, n, self.n_kv_heads, self.head_dim))
-        v = op.reshape(self.wv(x), (b, n, self.n_kv_heads, self.head_dim))
+        q, k, v = split_rows(self.wqkv(x), self.qkv_rows)
+        q = op.reshape(q, (b, n, self.n_heads, self.head_dim))
+        k = op.reshape(k, (b, n, self.n_kv_heads, self.head_dim))
+        v = op.reshape(v, (b, n, self.n_kv_heads, self.head_dim))
         q = apply_rope(q, starts, self.rope_theta, "rope_q")
         k = apply_rope(k, starts, self.rope_theta, "rope_k")
         layer = tirx.IntImm("int64", self.layer_index)
@@ -111,6 +123,16 @@ def sinusoidal_embedding(values: nn.Tensor, dim: int, theta: float = 10000.0) ->
 def read_slot_rows(ring: nn.Tensor, slots: nn.Tensor, offsets: nn.Tensor, count) -> nn.Tensor:
     """[n_slots, rows, width] ring -> [b, count, width]: each stream's rows offsets[b] .. + count."""
     return op.tensor_expr_op(lambda r, s, o: slot_rows_read(r, s, o, count), "slot_rows_read", [ring, slots, offsets])
+
+
+def read_slot_row(ring: nn.Tensor, slots: nn.Tensor, row: int) -> nn.Tensor:
+    """[n_slots, rows, width] ring -> [b, 1, width]: row ``row`` of each stream's slot."""
+
+    def compute(r: te.Tensor, s: te.Tensor):
+        return te.compute((s.shape[0], 1, r.shape[2]), lambda bi, i, c: r[s[bi].astype("int64"), row, c],
+                          name="slot_row_read")
+
+    return op.tensor_expr_op(compute, "slot_row_read", [ring, slots])
 
 
 def write_slot_rows(ring: nn.Tensor, rows: nn.Tensor, slots: nn.Tensor, offsets: nn.Tensor) -> nn.Tensor:

@@ -12,9 +12,9 @@ from collections.abc import Callable, Mapping
 
 from tvm.relax.frontend import nn
 
+from voxc.loader.names import graph_weight_storage
 from voxc.model.embedding import DenseEmbedding
 from voxc.model.quant_linear import QuantEmbedding, QuantLinear
-from voxc.quant import weight_storage
 from voxc.quant.formats import QType
 
 
@@ -27,6 +27,7 @@ class QuantPlan:
     ``overrides``: weight name -> the storage a source file really has (a QType, or None for a
     float matrix), so a GGUF whose layers mix types runs each layer on its own blocks.
     ``kernel_target``: the target kind whose kernel schedules the quantized layers trace with.
+    :meth:`storage` takes graph weight names (a stacked projection's type comes from its parts').
     """
 
     qtype: str | None = None
@@ -34,7 +35,7 @@ class QuantPlan:
     kernel_target: str | None = None
 
     def storage(self, weight_name: str, in_features: int) -> QType | None:
-        return weight_storage(weight_name, in_features, self.qtype, self.overrides)
+        return graph_weight_storage(weight_name, in_features, self.qtype, self.overrides)
 
     @property
     def active(self) -> bool:

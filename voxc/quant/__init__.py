@@ -30,10 +30,22 @@ def linear_storage(in_features: int, qtype: QType | str | None) -> QType | None:
 def weight_storage(name: str, in_features: int, qtype: QType | str | None, overrides=None) -> QType | None:
     """How a build stores projection weight ``name``: as a source file has it where ``overrides``
     (weight name -> QType or None) says, else :func:`linear_storage`.  The rule the graph
-    (voxc.model.quantization) and the weight writer (voxc.loader.source) share."""
+    (voxc.model.quantization) and the weight writer (voxc.loader.source) share, through
+    voxc.loader.names.graph_weight_storage, which adds the stacked projections."""
     if overrides and name in overrides:
         return overrides[name]
     return linear_storage(in_features, qtype)
+
+
+def stacked_storage(part_storages) -> QType | None:
+    """The one storage of projections stacked into one matmul: the parts' own where they agree.
+    Where a source file gives them different types, the most precise of them, so that no part is
+    rounded to a coarser type: float if one part is float, else Q8_0 (which also takes a
+    Q4_0 + Q4_K mix: both fit its 32-value blocks)."""
+    storages = set(part_storages)
+    if len(storages) == 1:
+        return storages.pop()
+    return None if None in storages else QType.Q8_0
 
 
 @dataclasses.dataclass(frozen=True)

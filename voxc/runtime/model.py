@@ -77,6 +77,7 @@ class CompiledModel:
         self._mel = self.vm["mel"]
         self._encode = self.vm["encode"]
         self._encode_stages = self.vm["encode_stages"]
+        self._set_delay = self.vm["set_delay"]
         self._decode = self.vm["decode"]
         # Targets may add a static-shape copy of decode for one stream and one token (faster kernels).
         self.use_static_entries(True)
@@ -146,16 +147,24 @@ class CompiledModel:
         return text + session.finish()
 
     # ---- entry points: host arrays in, device tensors out; state stays on the device ---------
-    def reset_slot(self, slot: int) -> None:
-        """A new stream starts from silence: zero its conv-stem context (the reference's zero padding).
+    def reset_slot(self, slot: int, delay_tokens: int) -> None:
+        """A new stream starts from silence: zero its conv-stem context (the reference's zero padding),
+        and condition its decoder on its delay (the per-layer scales every decode step of it reads).
 
         Its KV-cache and audio rows need no clearing: positions before the stream's start are masked.
         """
+        self.set_delay([slot], [delay_tokens])
         for state in (self.conv0_state, self.conv1_state):
             row_shape = tuple(state.shape[1:])
             row = self._view(state, self.rt.ffi.Shape(row_shape), state.dtype,
                              slot * int(np.prod(row_shape)) * np.dtype(self.dtype).itemsize)
             self.rt.copy_into(row, np.zeros(row_shape, self.dtype))
+
+    def set_delay(self, slots, delays) -> None:
+        """Condition streams ``slots`` on their delays (in tokens): their decoder's per-layer ada-norm
+        scales, which every later decode step of theirs reads."""
+        self.delay_scales = self._set_delay(self.rt.tensor(np.asarray(delays, np.float32)), self.delay_scales,
+                                            self.rt.tensor(np.asarray(slots, np.int32)), *self.params)
 
     def mel(self, windows: np.ndarray):
         """PCM windows [b, n] (or [n]) -> log-mel [b, n_mels, frames] on the device."""
@@ -176,31 +185,30 @@ class CompiledModel:
         self.conv0_state, self.conv1_state, self.enc_cache, self.audio_ring = out[0], out[1], out[2], out[3]
         return (out[4], out[5], out[6]) if stages else None
 
-    def decode(self, tokens: np.ndarray, delays, slots, starts):
-        """Decode tokens [b, n] at positions ``starts``; returns (logits [b, vocab], greedy tokens [b])."""
+    def decode(self, tokens: np.ndarray, slots, starts):
+        """Decode tokens [b, n] of streams ``slots`` (each conditioned on its delay by reset_slot) at
+        positions ``starts``; returns (logits [b, vocab], greedy tokens [b])."""
         tokens = np.asarray(tokens, np.int32)
         if tokens.shape == (1, 1) and self._decode_single is not None and self.cuda_graphs:
-            return self._decode_graph(tokens, delays, slots, starts)
+            return self._decode_graph(tokens, slots, starts)
         fn = self._decode_single if tokens.shape == (1, 1) and self._decode_single is not None else self._decode
         logits, next_tokens, self.dec_cache = fn(
-            self.rt.tensor(tokens), self.audio_ring,
-            self.rt.tensor(np.asarray(delays, np.float32)), self.dec_cache,
+            self.rt.tensor(tokens), self.audio_ring, self.delay_scales, self.dec_cache,
             self.rt.tensor(np.asarray(slots, np.int32)), self.rt.tensor(np.asarray(starts, np.int32)),
             *self.params)
         return logits, next_tokens
 
-    def _decode_graph(self, tokens, delays, slots, starts):
+    def _decode_graph(self, tokens, slots, starts):
         """A one-stream, one-token step replayed from a CUDA graph of decode_b1n1 (voxc.runtime.cuda_graph)."""
         from voxc.runtime.cuda_graph import CapturedStep
 
         if self._graph_inputs is None:
             self._graph_inputs = [self.rt.tensor(np.zeros(s, d)) for s, d in
-                                  (((1, 1), np.int32), ((1,), np.float32), ((1,), np.int32), ((1,), np.int32))]
-        tok, dly, slt, pos = self._graph_inputs
-        for tensor, value, dtype in ((tok, tokens, np.int32), (dly, delays, np.float32), (slt, slots, np.int32),
-                                     (pos, starts, np.int32)):
+                                  (((1, 1), np.int32), ((1,), np.int32), ((1,), np.int32))]
+        tok, slt, pos = self._graph_inputs
+        for tensor, value, dtype in ((tok, tokens, np.int32), (slt, slots, np.int32), (pos, starts, np.int32)):
             self.rt.copy_into(tensor, np.asarray(value, dtype).reshape(tuple(tensor.shape)))
-        args = [tok, self.audio_ring, dly, self.dec_cache, slt, pos]
+        args = [tok, self.audio_ring, self.delay_scales, self.dec_cache, slt, pos]
         if self._decode_captured is None or not self._decode_captured.matches(args):
             if self._decode_captured is not None:
                 self._decode_captured.close()
@@ -210,7 +218,7 @@ class CompiledModel:
                 log.warning("%s; one-stream steps run without CUDA graphs", exc)
                 self.cuda_graphs = False
                 self._decode_captured = None
-                return self.decode(tokens, delays, slots, starts)
+                return self.decode(tokens, slots, starts)
         logits, next_tokens, self.dec_cache = self._decode_captured.replay()
         self.cuda_graph_replays += 1
         return logits, next_tokens

@@ -58,7 +58,7 @@ class StreamingSession:
         self.token_count = 0             # all tokens emitted (EOS included)
 
         self.slot = model.slots.acquire()
-        model.reset_slot(self.slot)
+        model.reset_slot(self.slot, self.delay)
         self._framer = StreamingMelFramer(cfg.audio, frames_per_step=cfg.audio.mel_frames_per_token)
         self._windows: deque[np.ndarray] = deque()   # framed PCM waiting for the encoder
         self._pending_text: list[tuple[str, int]] = []   # (text, decoder position that emitted it)
@@ -226,8 +226,7 @@ def _decode_ready(model, sessions) -> bool:
     for batch in by_run.values():
         inputs = [s._decode_input() for s in batch]
         logits, next_tokens = model.decode(
-            [tokens for tokens, _ in inputs], [s.delay for s in batch], [s.slot for s in batch],
-            [s._position for s in batch])
+            [tokens for tokens, _ in inputs], [s.slot for s in batch], [s._position for s in batch])
         tokens = model.rt.numpy(next_tokens)
         all_logits = []
 
