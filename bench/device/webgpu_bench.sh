@@ -23,7 +23,10 @@
 # $OUT/full_q4k.json (load, stream RTF + per-feed latency, decode step with and without the token
 # readback, encode windows of 1 and 32 tokens, offline RTF of a 60 s clip, on the 4B model's shapes)
 # plus a .log each.  Kernel-level timing: decode_nosync.ms_per_step is the GPU time of one decoder
-# step (26 layers of Q4 GEMVs + attention + the LM head), decode_step adds the token readback.
+# step (26 layers of Q4 GEMVs + attention + the LM head), decode_step adds the token readback;
+# $OUT/<bundle>.profile.json times every kernel of one decoder step and one 80 ms stream step
+# (timestamp queries: per kernel total ms and count, largest first; the top 15 are in the .log).
+# `local` checks that profile (names are the bundle's kernels, times > 0, sum within the wall time).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
@@ -97,7 +100,8 @@ run_bench() {   # $1: what (tiny|full|all); env as set up by the caller.  Return
     for b in tiny tiny_q4k; do
       [ -d "$DST/$b" ] || continue
       "$node" "$ROOT/bench/webgpu_dawn.mjs" "$DST/$b" --expect "$DST/$b/expect.json" --steps ${TINY_STEPS:-100} \
-        ${TINY_ARGS:-} --json "$OUT/$b.json" > "$OUT/$b.log" 2>&1 || { echo "$b: FAILED (see $b.log)"; failed=1; }
+        ${TINY_ARGS:-} --profile "$OUT/$b.profile.json" --json "$OUT/$b.json" > "$OUT/$b.log" 2>&1 \
+        || { echo "$b: FAILED (see $b.log)"; failed=1; }
       tail -c 600 "$OUT/$b.log"; echo
     done
   fi
@@ -105,9 +109,11 @@ run_bench() {   # $1: what (tiny|full|all); env as set up by the caller.  Return
     for b in full_q4k full; do   # Q4_K first: the issue's question
       [ -d "$DST/$b" ] || continue
       "$node" "$ROOT/bench/webgpu_dawn.mjs" "$DST/$b" --weights random --seconds ${SECONDS_AUDIO:-10} \
-        --steps ${STEPS:-200} --offline-seconds ${OFFLINE_SECONDS:-60} --json "$OUT/$b.json" > "$OUT/$b.log" 2>&1 \
+        --steps ${STEPS:-200} --offline-seconds ${OFFLINE_SECONDS:-60} --profile "$OUT/$b.profile.json" \
+        --json "$OUT/$b.json" > "$OUT/$b.log" 2>&1 \
         || { echo "$b: FAILED (see $b.log)"; failed=1; }
       tail -c 2500 "$OUT/$b.log"; echo
+      grep -E '^(decode step|80 ms stream step|profile)|^ +[0-9.]+ ms ' "$OUT/$b.log" || true   # the profiles' top kernels
     done
   fi
   return $failed
@@ -132,7 +138,8 @@ case "$WHAT" in
     export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
     pack --local
     unpack
-    TINY_STEPS=${TINY_STEPS:-1} TINY_ARGS=${TINY_ARGS:-"--warm 0 --encode-reps 1 --encode-tokens 1"} run_bench tiny
+    TINY_STEPS=${TINY_STEPS:-1} TINY_ARGS=${TINY_ARGS:-"--warm 0 --encode-reps 1 --encode-tokens 1 --profile-check"} \
+      run_bench tiny
     ;;
   *) echo "usage: $0 pack|run [tiny|full|all]|local" >&2; exit 2 ;;
 esac
