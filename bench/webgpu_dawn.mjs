@@ -4,14 +4,15 @@
 //   node bench/webgpu_dawn.mjs BUNDLE_DIR [--weights fetch|random] [--seconds 10] [--steps 200]
 //        [--offline-seconds 60] [--expect expect.json] [--json out.json]
 //        [--warm 5] [--encode-reps 10] [--encode-tokens 1,32]   (fewer: a quick rehearsal)
-//        [--profile out.profile.json [--profile-check] [--profile-top 15]]
+//        [--profile out.profile.json [--profile-check] [--profile-top 15]] [--pipelines async|blocking]
 //
 // Env: VOXC_WEBGPU_MODULE   path of the "webgpu" package (default: resolved from node_modules)
 //      DAWN_FLAGS           comma-separated flags for create() (e.g. "backend=vulkan")
 //
 // What it measures (one JSON object on stdout, also written to --json):
 //   load         seconds for manifest + wasm + weights (fetched, or random for a weight-less bundle)
-//                + pipeline compilation, and the adapter's info and limits;
+//                + pipeline compilation (pipelines_s; --pipelines: Voxc.load's mode, default async),
+//                and the adapter's info and limits;
 //   stream       a synthetic clip (sine + noise) fed in 80 ms chunks through model.stream(): the
 //                real-time factor, per-feed latency (median, p90, max) and decoder step times;
 //   decode_step  model.decode() of one token, readback of the token id included (the stream's loop);
@@ -56,6 +57,7 @@ const encodeTokens = opt("encode-tokens", null);
 const profilePath = opt("profile", null);
 const profileCheck = args.includes("--profile-check");
 const profileTop = Number(opt("profile-top", "15"));
+const pipelines = opt("pipelines", "async");
 
 // ---- WebGPU in Node: Dawn's navigator.gpu ----------------------------------------------------
 const webgpuModule = process.env.VOXC_WEBGPU_MODULE
@@ -155,7 +157,7 @@ try {
   const phases = {};
   const t0 = performance.now();
   const model = await Voxc.load(base, {
-    weights, logger: () => {}, profileKernels: Boolean(profilePath),
+    weights, logger: () => {}, profileKernels: Boolean(profilePath), pipelines,
     onProgress: (r) => { phases[r.phase] ??= (performance.now() - t0) / 1000; },
   });
   const info = model.gpu.info;
@@ -170,7 +172,8 @@ try {
   out.model = { id: m.id, config: { encoder: m.config.encoder, decoder: m.config.decoder }, dtype: m.model_dtype,
                 quantization: m.quantization, param_bytes: m.gpu.total_param_bytes,
                 state_bytes: m.gpu.state_bytes_per_stream, embedding: m.embedding, kernels: m.gpu.num_kernels };
-  out.load = { seconds: model.loadSeconds, phase_start_s: phases, weights: model.weightStats };
+  out.load = { seconds: model.loadSeconds, phase_start_s: phases, weights: model.weightStats, pipelines,
+               pipelines_s: phases.ready - phases.pipelines };
 
   // the stream, as the demo feeds a microphone: 80 ms chunks
   const spec = expectPath ? JSON.parse(readFileSync(expectPath, "utf8")) : null;

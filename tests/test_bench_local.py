@@ -241,6 +241,7 @@ def test_webgpu_bench_local(tmp_path):
     result = json.loads((out / "tiny.json").read_text())
     assert result["ok"] and result["check"]["pass"], result.get("error") or result["check"]
     assert result["decode_step"]["n"] >= 1 and result["encode"]["tokens_1"]["median"] > 0
+    assert result["load"]["pipelines"] == "blocking" and result["load"]["pipelines_s"] > 0
     profile = json.loads((out / "tiny.profile.json").read_text())
     assert profile["problems"] == [], profile["problems"]   # the driver's --profile-check
     for step in ("decode_step", "stream_step"):

@@ -593,6 +593,38 @@ async function allocateState(tvm, dev, device, manifest, requirements) {
   return state;
 }
 
+const PIPELINE_MODES = ["async", "blocking"];
+
+/**
+ * Every kernel's compute pipeline, created before the first call (tvmjs would otherwise create each
+ * at its first dispatch, blocking).  "async": createComputePipelineAsync for all kernels at once
+ * (tvmjs's asyncLoadWebGPUPipelines), so the browser may compile them in parallel while the page
+ * stays responsive.  "blocking": createComputePipeline, one kernel after the other, on this thread;
+ * in Dawn for Node.js on SwiftShader (2 cores) it took half the async path's time (every kernel's
+ * WGSL differs, so there are no modules or pipelines to share either way).
+ */
+async function createPipelines(tvm, vm, mode, report) {
+  if (mode === "async") {
+    await tvm.asyncLoadWebGPUPipelines(vm.getInternalModule());
+    return;
+  }
+  const context = tvm.lib.webGPUContext;
+  tvm.beginScope();
+  try {
+    const mod = vm.getInternalModule();
+    const kernels = JSON.parse(mod.getFunction("webgpu.get_fmap", true)());
+    const shaderOf = mod.getFunction("webgpu.get_shader");
+    const usePipeline = mod.getFunction("webgpu.update_prebuild");
+    const names = Object.keys(kernels);
+    names.forEach((name, i) => {
+      usePipeline(name, context.createShader(kernels[name], shaderOf(name)));
+      report("pipelines", (i + 1) / names.length, `Compiling GPU kernels: ${i + 1} of ${names.length}`);
+    });
+  } finally {
+    tvm.endScope();
+  }
+}
+
 // Old bundles' caches: a rebuilt model gets a new id, so its predecessor's weights can go.
 async function dropStaleCaches(keep) {
   if (!globalThis.caches) return;
@@ -862,11 +894,16 @@ export class Voxc {
    * allocated up front).  weights: "fetch" (the bundle's shards, through the Cache API) or "random"
    * (small pseudo-random values, for benchmarks of weight-less bundles).  profileKernels: time every
    * kernel with timestamp queries (needs the "timestamp-query" feature; see profileKernels()).
+   * pipelines: "async" (default) or "blocking", how the kernels' pipelines are created (see
+   * createPipelines).
    */
   static async load(baseUrl, { onProgress = () => {}, tvmjsUrl, powerPreference = "high-performance",
                                logger = console.log, maxStreams = 1, weights = "fetch", deviceMemory,
-                               profileKernels = false } = {}) {
+                               profileKernels = false, pipelines = "async" } = {}) {
     const t0 = performance.now();
+    if (!PIPELINE_MODES.includes(pipelines)) {   // before anything is downloaded
+      throw new VoxcError(`pipelines must be one of ${PIPELINE_MODES.join(", ")}, not ${JSON.stringify(pipelines)}`);
+    }
     const base = new URL(baseUrl, globalThis.location?.href);
     const report = (phase, progress, text) =>
       onProgress({ phase, progress, timeElapsed: (performance.now() - t0) / 1000, text });
@@ -928,7 +965,7 @@ export class Voxc {
     report("pipelines", 0, "Compiling GPU kernels");
     tvm.beginScope();
     const vm = tvm.detachFromCurrentScope(tvm.createVirtualMachine(dev));
-    await tvm.asyncLoadWebGPUPipelines(vm.getInternalModule());
+    await createPipelines(tvm, vm, pipelines, report);
     let params = [];
     let packedParams = null;
     if (manifest.param_names?.length) {

@@ -27,6 +27,9 @@
 # $OUT/<bundle>.profile.json times every kernel of one decoder step and one 80 ms stream step
 # (timestamp queries: per kernel total ms and count, largest first; the top 15 are in the .log).
 # `local` checks that profile (names are the bundle's kernels, times > 0, sum within the wall time).
+# Load: load.pipelines_s is the time creating the kernels' pipelines (PIPELINES=async|blocking, see
+# below); $OUT/tiny_q4k_blocking.json repeats the tiny Q4_K check with blocking pipeline creation
+# (COMPARE_PIPELINES=blocking|async|"": which way, or none) so both ways are timed on one machine.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
@@ -43,7 +46,12 @@ else
   DST="${VOXC_WEBGPU_DIR:-/tmp/webgpu}"
   TINY=${TINY:-f32,q4k}
   FULL=${FULL-q4k,f32}   # which full-size bundles `pack` builds: q4k, f32 or both
+  COMPARE_PIPELINES=${COMPARE_PIPELINES-blocking}   # tiny_q4k once more, its pipelines made this way
 fi
+# How voxc.js creates the kernels' pipelines (Voxc.load's pipelines: async, the browser's way, or
+# blocking).  `local` makes them blocking: the Chromium tests cover async, and on SwiftShader
+# blocking takes about half the time.
+PIPELINES=${PIPELINES:-$([ "$WHAT" = local ] && echo blocking || echo async)}
 
 dawn() {   # npm "webgpu" (Dawn as dawn.node), cached
   if [ ! -f "$DAWN_CACHE/node_modules/webgpu/dist/linux-x64/dawn.node" ]; then
@@ -100,16 +108,23 @@ run_bench() {   # $1: what (tiny|full|all); env as set up by the caller.  Return
     for b in tiny tiny_q4k; do
       [ -d "$DST/$b" ] || continue
       "$node" "$ROOT/bench/webgpu_dawn.mjs" "$DST/$b" --expect "$DST/$b/expect.json" --steps ${TINY_STEPS:-100} \
-        ${TINY_ARGS:-} --profile "$OUT/$b.profile.json" --json "$OUT/$b.json" > "$OUT/$b.log" 2>&1 \
-        || { echo "$b: FAILED (see $b.log)"; failed=1; }
+        ${TINY_ARGS:-} --pipelines "$PIPELINES" --profile "$OUT/$b.profile.json" --json "$OUT/$b.json" \
+        > "$OUT/$b.log" 2>&1 || { echo "$b: FAILED (see $b.log)"; failed=1; }
       tail -c 600 "$OUT/$b.log"; echo
     done
+    if [ -n "${COMPARE_PIPELINES:-}" ] && [ -d "$DST/tiny_q4k" ]; then   # the same check, pipelines made the other way
+      b=tiny_q4k_$COMPARE_PIPELINES
+      "$node" "$ROOT/bench/webgpu_dawn.mjs" "$DST/tiny_q4k" --expect "$DST/tiny_q4k/expect.json" --steps 5 --warm 1 \
+        --encode-reps 1 --encode-tokens 1 --pipelines "$COMPARE_PIPELINES" --json "$OUT/$b.json" > "$OUT/$b.log" 2>&1 \
+        || { echo "$b: FAILED (see $b.log)"; failed=1; }
+      grep -h '"pipelines_s"' "$OUT/tiny_q4k.json" "$OUT/$b.json" || true
+    fi
   fi
   if [ "$1" = full ] || [ "$1" = all ]; then
     for b in full_q4k full; do   # Q4_K first: the issue's question
       [ -d "$DST/$b" ] || continue
       "$node" "$ROOT/bench/webgpu_dawn.mjs" "$DST/$b" --weights random --seconds ${SECONDS_AUDIO:-10} \
-        --steps ${STEPS:-200} --offline-seconds ${OFFLINE_SECONDS:-60} --profile "$OUT/$b.profile.json" \
+        --steps ${STEPS:-200} --offline-seconds ${OFFLINE_SECONDS:-60} --pipelines "$PIPELINES" --profile "$OUT/$b.profile.json" \
         --json "$OUT/$b.json" > "$OUT/$b.log" 2>&1 \
         || { echo "$b: FAILED (see $b.log)"; failed=1; }
       tail -c 2500 "$OUT/$b.log"; echo
