@@ -30,6 +30,8 @@
 # Load: load.pipelines_s is the time creating the kernels' pipelines (PIPELINES=async|blocking, see
 # below); $OUT/tiny_q4k_blocking.json repeats the tiny Q4_K check with blocking pipeline creation
 # (COMPARE_PIPELINES=blocking|async|"": which way, or none) so both ways are timed on one machine.
+# Whether a bundle's kernels fit WebGPU's default limits, by Dawn's own validation:
+#   VOXC_WEBGPU_MODULE=$DST/node_modules/webgpu $DST/bin/node bench/webgpu_default_limits.mjs $DST/full_q4k
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
