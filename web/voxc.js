@@ -169,21 +169,25 @@ export async function checkWebGPU({ requirements = {}, powerPreference = "high-p
         { code: "limit" });
     }
   }
-  // every large buffer against both buffer limits, largest first: the message names the buffer
+  // every large buffer against both buffer limits, largest first: one message names every buffer
+  // that does not fit (a user who fixes one should not meet the next on the following try)
   const buffers = requirements.buffers ??
     [{ what: requirements.largestName ?? "a buffer", bytes: requirements.maxBufferSize ?? 0 }];
-  for (const buf of buffers) {
-    for (const [name, what] of Object.entries(BUFFER_LIMITS)) {
-      if (buf.bytes > limits[name]) {
-        const streams = (requirements.maxStreams ?? 1) > 1 && /stream/.test(buf.what)
-          ? ` Fewer streams at once (maxStreams, now ${requirements.maxStreams}) need less.` : "";
-        throw new VoxcError(
-          `The model needs a ${bytesMB(buf.bytes)} buffer for ${buf.what}, but this GPU/browser allows ` +
-          `${bytesMB(limits[name])} for ${what} (${name}).${streams} Use a GPU/browser with higher limits ` +
-          "(Chrome or Edge on a discrete GPU allow 2 GB or more), or a smaller build of the model.",
-          { code: "limit" });
-      }
-    }
+  const tooLarge = buffers
+    .map((buf) => ({ buf, above: Object.keys(BUFFER_LIMITS).filter((name) => buf.bytes > limits[name]) }))
+    .filter(({ above }) => above.length);
+  if (tooLarge.length) {
+    const needs = tooLarge.map(({ buf, above }) =>
+      `a ${bytesMB(buf.bytes)} buffer for ${buf.what}, above ${above.join(" and ")}`);
+    const allows = Object.entries(BUFFER_LIMITS)
+      .filter(([name]) => tooLarge.some(({ above }) => above.includes(name)))
+      .map(([name, what]) => `${bytesMB(limits[name])} for ${what} (${name})`);
+    const streams = (requirements.maxStreams ?? 1) > 1 && tooLarge.some(({ buf }) => /stream/.test(buf.what))
+      ? ` Fewer streams at once (maxStreams, now ${requirements.maxStreams}) need less.` : "";
+    throw new VoxcError(
+      `The model needs ${needs.join("; ")}, but this GPU/browser allows ${allows.join(" and ")}.${streams} ` +
+      "Use a GPU/browser with higher limits (Chrome or Edge on a discrete GPU allow 2 GB or more), or a " +
+      "smaller build of the model.", { code: "limit" });
   }
   const memory = memoryUpperBound(deviceMemory);
   if (memory !== null && (requirements.totalBytes ?? 0) > memory) {
