@@ -9,7 +9,8 @@
 # .webgpupack/ holds what the GPU machine lacks (it has no node, no Vulkan loader, no network):
 #   node.gz        this machine's node binary (v20), gzipped
 #   webgpu.tgz     npm "webgpu" 0.6.2 (Dawn as dawn.node), linux-x64 only
-#   debs/          Debian's libvulkan1 (the loader; the NVIDIA ICD is on the machine)
+#   debs/          Debian's libvulkan1 (the loader; the NVIDIA ICD is on the machine) and the glvnd
+#                  libraries, without which Dawn found no adapter on the H100 machine (issue 13)
 #   tiny.tgz       the tiny model's bundle WITH weights (windows 750/8192, the 4B model's structure),
 #                  expect.json + clip.f32: the token ids the CPU (llvm) build gives for that clip
 #   tiny_q4k.tgz   the same check for Q4_K weights: a small model whose widths are multiples of 256
@@ -79,7 +80,7 @@ pack() {   # $1: --local (no node binary, no Vulkan loader, no binaryen)
     local o="-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64"
     mkdir -p /tmp/amd64/partial
     [ -n "$(ls /tmp/amd64/*Packages* 2>/dev/null)" ] || apt-get $o update >/dev/null
-    (cd "$PACK/debs" && apt-get $o download libvulkan1 >/dev/null)
+    (cd "$PACK/debs" && apt-get $o download libvulkan1 libglvnd0 libegl1 libopengl0 libgl1 libglx0 libgles2 >/dev/null)
   fi
   (cd "$ROOT" && PYTHONPATH="$ROOT" "$PY" bench/webgpu_pack.py "$PACK/stage" --tiny "$TINY" --full "$FULL" $quick)
   for b in tiny tiny_q4k full full_q4k; do
