@@ -4,13 +4,15 @@
 //   node bench/webgpu_dawn.mjs BUNDLE_DIR [--weights fetch|random] [--seconds 10] [--steps 200]
 //        [--offline-seconds 60] [--expect expect.json] [--json out.json]
 //        [--warm 5] [--encode-reps 10] [--encode-tokens 1,32]   (fewer: a quick rehearsal)
+//        [--profile out.profile.json [--profile-check] [--profile-top 15]] [--pipelines async|blocking]
 //
 // Env: VOXC_WEBGPU_MODULE   path of the "webgpu" package (default: resolved from node_modules)
 //      DAWN_FLAGS           comma-separated flags for create() (e.g. "backend=vulkan")
 //
 // What it measures (one JSON object on stdout, also written to --json):
 //   load         seconds for manifest + wasm + weights (fetched, or random for a weight-less bundle)
-//                + pipeline compilation, and the adapter's info and limits;
+//                + pipeline compilation (pipelines_s; --pipelines: Voxc.load's mode, default async),
+//                and the adapter's info and limits;
 //   stream       a synthetic clip (sine + noise) fed in 80 ms chunks through model.stream(): the
 //                real-time factor, per-feed latency (median, p90, max) and decoder step times;
 //   decode_step  model.decode() of one token, readback of the token id included (the stream's loop);
@@ -20,6 +22,14 @@
 //                session encodes it in 32-token windows and decodes token by token): the offline RTF;
 //   check        with --expect {clip: {file: "clip.f32"} or {seconds, freq, seed}, chunk, delay_ms, tokens}:
 //                the stream's token ids against the CPU (llvm) build's for the same clip (the tiny model).
+//   profile      with --profile PATH: every kernel of one decoder step (decode() with the token readback)
+//                and of one 80 ms stream step (a feed of the stream above, past its prompt, that runs one
+//                encoder window and one decoder step) timed with timestamp queries (Voxc.load's
+//                profileKernels): per kernel (WGSL entry point) total ms, count, mean and max, largest
+//                first, with the step's wall time, written to PATH; the top N go to stderr.  That feed's
+//                latency is left out of stream.feed_ms.  --profile-check: exit 1 unless the profile is
+//                sane (every name is one of the bundle's kernels, every time > 0, the kernels' sum
+//                within the step's wall time).  Profiling turns off Dawn's timestamp quantization.
 // Dawn does not accept lavapipe; on a CPU-only machine point the Vulkan loader at Chromium's
 // SwiftShader (VK_ICD_FILENAMES=/usr/lib/chromium/vk_swiftshader_icd.json) to try it out.
 import { copyFileSync, createReadStream, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
@@ -44,6 +54,10 @@ const jsonOut = opt("json", null);
 const warm = Number(opt("warm", "5"));
 const encodeReps = Number(opt("encode-reps", "10"));
 const encodeTokens = opt("encode-tokens", null);
+const profilePath = opt("profile", null);
+const profileCheck = args.includes("--profile-check");
+const profileTop = Number(opt("profile-top", "15"));
+const pipelines = opt("pipelines", "async");
 
 // ---- WebGPU in Node: Dawn's navigator.gpu ----------------------------------------------------
 const webgpuModule = process.env.VOXC_WEBGPU_MODULE
@@ -51,6 +65,11 @@ const webgpuModule = process.env.VOXC_WEBGPU_MODULE
 const { create, globals } = await import(webgpuModule);
 Object.assign(globalThis, globals);
 const dawnFlags = (process.env.DAWN_FLAGS ?? "").split(",").filter(Boolean);
+// Dawn rounds timestamps to 65.536 us unless told not to (a browser's guard against timing attacks),
+// which would zero most kernels of a step.
+if (profilePath && !dawnFlags.some((f) => f.includes("timestamp_quantization"))) {
+  dawnFlags.push("disable-dawn-features=timestamp_quantization");
+}
 Object.defineProperty(globalThis, "navigator", { value: { gpu: create(dawnFlags) }, configurable: true });
 
 // ---- the bundle over HTTP (voxc.js fetches URLs; Node's fetch has no file://) ------------------
@@ -83,6 +102,44 @@ const stats = (xs) => {
 const round = (x) => (typeof x === "number" ? Math.round(x * 1000) / 1000 : x);
 const roundAll = (o) => JSON.parse(JSON.stringify(o, (k, v) => round(v)));
 
+// A kernel profile (Voxc.profileKernels) in the result's snake_case, kernels largest first.
+function profileSummary(p, extra = {}) {
+  return {
+    wall_ms: p.wallMs, gpu_ms: p.gpuMs, span_ms: p.spanMs, passes: p.passes, invalid_passes: p.invalidPasses,
+    ...extra,
+    kernels: p.kernels.map((k) => ({ name: k.name, count: k.count, total_ms: k.totalMs, mean_ms: k.meanMs,
+                                     max_ms: k.maxMs, share: p.gpuMs ? k.totalMs / p.gpuMs : 0 })),
+  };
+}
+
+// What makes a step's profile implausible: names that are not the bundle's kernels, empty or
+// non-positive times, the kernels' sum (or their span) above the step's wall time.
+function profileProblems(step, what, bundleKernels) {
+  if (!step) return [`${what}: no profile`];
+  const problems = [];
+  const known = new Set(bundleKernels);
+  if (!(step.passes > 0)) problems.push(`${what}: no kernel was timed`);
+  if (step.invalid_passes) problems.push(`${what}: ${step.invalid_passes} passes ended before they began`);
+  for (const k of step.kernels) {
+    if (!known.has(k.name)) problems.push(`${what}: ${k.name} is not a kernel of the bundle`);
+    if (!(k.total_ms > 0)) problems.push(`${what}: ${k.name} took ${k.total_ms} ms`);
+  }
+  if (!(step.gpu_ms > 0)) problems.push(`${what}: the kernels' sum is ${step.gpu_ms} ms`);
+  if (step.gpu_ms > step.wall_ms) problems.push(`${what}: the kernels' sum ${step.gpu_ms} ms exceeds the wall time ${step.wall_ms} ms`);
+  if (step.span_ms > step.wall_ms) problems.push(`${what}: the kernels' span ${step.span_ms} ms exceeds the wall time ${step.wall_ms} ms`);
+  return problems;
+}
+
+function printTop(step, what) {
+  const lines = [`${what}: ${step.passes} kernels, ${step.gpu_ms.toFixed(3)} ms GPU (span ${step.span_ms.toFixed(3)}, ` +
+                 `wall ${step.wall_ms.toFixed(3)} ms); top ${profileTop}:`];
+  for (const k of step.kernels.slice(0, profileTop)) {
+    lines.push(`  ${k.total_ms.toFixed(3).padStart(9)} ms ${(100 * k.share).toFixed(1).padStart(5)}% ` +
+               `x${String(k.count).padEnd(4)} ${k.name}`);
+  }
+  console.error(lines.join("\n"));
+}
+
 function clip({ seconds: secs, freq = 440, seed = 0 }) {
   // 0.3 sin + 0.05 noise (a linear congruential generator: reproducible in Python, see expect files)
   const n = Math.round(16000 * secs);
@@ -100,7 +157,7 @@ try {
   const phases = {};
   const t0 = performance.now();
   const model = await Voxc.load(base, {
-    weights, logger: () => {},
+    weights, logger: () => {}, profileKernels: Boolean(profilePath), pipelines,
     onProgress: (r) => { phases[r.phase] ??= (performance.now() - t0) / 1000; },
   });
   const info = model.gpu.info;
@@ -115,7 +172,8 @@ try {
   out.model = { id: m.id, config: { encoder: m.config.encoder, decoder: m.config.decoder }, dtype: m.model_dtype,
                 quantization: m.quantization, param_bytes: m.gpu.total_param_bytes,
                 state_bytes: m.gpu.state_bytes_per_stream, embedding: m.embedding, kernels: m.gpu.num_kernels };
-  out.load = { seconds: model.loadSeconds, phase_start_s: phases, weights: model.weightStats };
+  out.load = { seconds: model.loadSeconds, phase_start_s: phases, weights: model.weightStats, pipelines,
+               pipelines_s: phases.ready - phases.pipelines };
 
   // the stream, as the demo feeds a microphone: 80 ms chunks
   const spec = expectPath ? JSON.parse(readFileSync(expectPath, "utf8")) : null;
@@ -127,10 +185,22 @@ try {
   const feedMs = [];
   const stepMs = [];
   let text = "";
+  let streamProfile = null;
   const ts = performance.now();
   for (let i = 0; i < pcm.length; i += chunk) {
+    const piece = pcm.subarray(i, i + chunk);
+    if (profilePath && !streamProfile && s.tokens.length > 0) {   // past the prompt: a steady-state step
+      const before = { encode: s.stats.encodeCalls, decode: s.stats.decodeCalls };
+      const p = await model.profileKernels(() => s.feed(piece));
+      text += p.result;
+      const calls = { encode_calls: s.stats.encodeCalls - before.encode, decode_calls: s.stats.decodeCalls - before.decode };
+      if (calls.encode_calls === 1 && calls.decode_calls === 1) {
+        streamProfile = profileSummary(p, { feed_index: i / chunk, ...calls });
+      }
+      continue;
+    }
     const tf = performance.now();
-    text += await s.feed(pcm.subarray(i, i + chunk));
+    text += await s.feed(piece);
     feedMs.push(performance.now() - tf);
     stepMs.push(s.stats.lastStepMs);
   }
@@ -163,6 +233,21 @@ try {
   }
   await model.dev.sync();
   out.decode_nosync = { ms_per_step: (performance.now() - tq) / steps, steps };
+
+  if (profilePath) {
+    const bundleKernels = model.kernelNames();
+    const p = await model.profileKernels(() => model.decode([[1000]], [delay], [0], [50 + 2 * steps + warm]));
+    const profile = { bundle: bundleDir, adapter: out.adapter.description, kernels_in_bundle: bundleKernels.length,
+                      decode_step: profileSummary(p), stream_step: streamProfile };
+    profile.problems = [...profileProblems(profile.decode_step, "decode step", bundleKernels),
+                        ...profileProblems(profile.stream_step, "stream step", bundleKernels)];
+    writeFileSync(profilePath, JSON.stringify(roundAll(profile), null, 1));
+    printTop(profile.decode_step, "decode step");
+    if (streamProfile) printTop(streamProfile, "80 ms stream step");
+    for (const problem of profile.problems) console.error(`profile: ${problem}`);
+    out.profile = { file: profilePath, decode_step_gpu_ms: profile.decode_step.gpu_ms,
+                    stream_step_gpu_ms: streamProfile?.gpu_ms ?? null, problems: profile.problems.length };
+  }
 
   // encoder windows: one 80 ms step and 32 tokens (the session's largest)
   const st = m.streaming;
@@ -203,4 +288,5 @@ const result = roundAll(out);
 const json = JSON.stringify(result, null, 1);
 if (jsonOut) writeFileSync(jsonOut, json);
 console.log(json);
-process.exit(result.ok && (result.check?.pass ?? true) ? 0 : 1);
+const profileSane = !profileCheck || result.profile?.problems === 0;
+process.exit(result.ok && (result.check?.pass ?? true) && profileSane ? 0 : 1);

@@ -292,7 +292,8 @@ def _dawn_available() -> bool:
 @needs_web
 def test_webgpu_bench_local(tmp_path):
     """bench/device/webgpu_bench.sh local: the tiny bundle (fast link, small windows) in Node.js on Dawn
-    over SwiftShader, through web/voxc.js: its tokens equal the llvm build's."""
+    over SwiftShader, through web/voxc.js: its tokens equal the llvm build's, and its kernel profile
+    (timestamp queries) of a decoder step and an 80 ms stream step is sane."""
     if not SWIFTSHADER.exists():
         pytest.skip(f"no SwiftShader Vulkan driver at {SWIFTSHADER} (apt-get install chromium)")
     if not _dawn_available():
@@ -303,6 +304,16 @@ def test_webgpu_bench_local(tmp_path):
     result = json.loads((out / "tiny.json").read_text())
     assert result["ok"] and result["check"]["pass"], result.get("error") or result["check"]
     assert result["decode_step"]["n"] >= 1 and result["encode"]["tokens_1"]["median"] > 0
+    assert result["load"]["pipelines"] == "blocking" and result["load"]["pipelines_s"] > 0
+    profile = json.loads((out / "tiny.profile.json").read_text())
+    assert profile["problems"] == [], profile["problems"]   # the driver's --profile-check
+    for step in ("decode_step", "stream_step"):
+        kernels = profile[step]["kernels"]
+        assert kernels and sum(k["count"] for k in kernels) == profile[step]["passes"]
+        assert 0 < profile[step]["gpu_ms"] <= profile[step]["wall_ms"]
+    assert profile["stream_step"]["encode_calls"] == profile["stream_step"]["decode_calls"] == 1
+    # a stream step runs the encoder's kernels besides the decoder's
+    assert len(profile["stream_step"]["kernels"]) > len(profile["decode_step"]["kernels"])
 
 
 @needs_web

@@ -449,6 +449,14 @@ def test_stream_count_that_does_not_fit_names_the_cache(check_run):
                                                or "maxStorageBufferBindingSize" in two["message"])
 
 
+def test_every_buffer_too_large_is_named_at_once(check_run, built):
+    cases, _ = check_run
+    case = cases["two buffers too large"]
+    first_param = json.loads((built[0] / artifact.MANIFEST).read_text())["params"][0]["name"]
+    assert not case["ok"] and case["code"] == "limit", case
+    assert "key/value cache" in case["message"] and first_param in case["message"], case["message"]
+
+
 def test_model_larger_than_device_memory(check_run):
     """navigator.deviceMemory (GiB, rounded down to a power of two, at most 8): 2 means less than
     4 GiB, so 4.25 GiB cannot fit; 8 is only a lower bound, so nothing is refused on it."""

@@ -169,21 +169,25 @@ export async function checkWebGPU({ requirements = {}, powerPreference = "high-p
         { code: "limit" });
     }
   }
-  // every large buffer against both buffer limits, largest first: the message names the buffer
+  // every large buffer against both buffer limits, largest first: one message names every buffer
+  // that does not fit (a user who fixes one should not meet the next on the following try)
   const buffers = requirements.buffers ??
     [{ what: requirements.largestName ?? "a buffer", bytes: requirements.maxBufferSize ?? 0 }];
-  for (const buf of buffers) {
-    for (const [name, what] of Object.entries(BUFFER_LIMITS)) {
-      if (buf.bytes > limits[name]) {
-        const streams = (requirements.maxStreams ?? 1) > 1 && /stream/.test(buf.what)
-          ? ` Fewer streams at once (maxStreams, now ${requirements.maxStreams}) need less.` : "";
-        throw new VoxcError(
-          `The model needs a ${bytesMB(buf.bytes)} buffer for ${buf.what}, but this GPU/browser allows ` +
-          `${bytesMB(limits[name])} for ${what} (${name}).${streams} Use a GPU/browser with higher limits ` +
-          "(Chrome or Edge on a discrete GPU allow 2 GB or more), or a smaller build of the model.",
-          { code: "limit" });
-      }
-    }
+  const tooLarge = buffers
+    .map((buf) => ({ buf, above: Object.keys(BUFFER_LIMITS).filter((name) => buf.bytes > limits[name]) }))
+    .filter(({ above }) => above.length);
+  if (tooLarge.length) {
+    const needs = tooLarge.map(({ buf, above }) =>
+      `a ${bytesMB(buf.bytes)} buffer for ${buf.what}, above ${above.join(" and ")}`);
+    const allows = Object.entries(BUFFER_LIMITS)
+      .filter(([name]) => tooLarge.some(({ above }) => above.includes(name)))
+      .map(([name, what]) => `${bytesMB(limits[name])} for ${what} (${name})`);
+    const streams = (requirements.maxStreams ?? 1) > 1 && tooLarge.some(({ buf }) => /stream/.test(buf.what))
+      ? ` Fewer streams at once (maxStreams, now ${requirements.maxStreams}) need less.` : "";
+    throw new VoxcError(
+      `The model needs ${needs.join("; ")}, but this GPU/browser allows ${allows.join(" and ")}.${streams} ` +
+      "Use a GPU/browser with higher limits (Chrome or Edge on a discrete GPU allow 2 GB or more), or a " +
+      "smaller build of the model.", { code: "limit" });
   }
   const memory = memoryUpperBound(deviceMemory);
   if (memory !== null && (requirements.totalBytes ?? 0) > memory) {
@@ -201,8 +205,8 @@ export async function checkWebGPU({ requirements = {}, powerPreference = "high-p
 
 // The device voxc asks for: the adapter's own maxima for the limits a model leans on (tvmjs's
 // detectGPUDevice caps buffers at 1 GB, below what the 4B model's decoder cache needs), and
-// shader-f16 only when the build uses it.
-async function requestDevice(adapter, requirements) {
+// shader-f16 only when the build uses it; timestamp-query only for kernel profiling.
+async function requestDevice(adapter, requirements, { profileKernels = false } = {}) {
   const l = adapter.limits;
   const requiredLimits = {
     maxBufferSize: l.maxBufferSize,
@@ -214,10 +218,145 @@ async function requestDevice(adapter, requirements) {
     maxComputeWorkgroupsPerDimension: l.maxComputeWorkgroupsPerDimension,
   };
   const requiredFeatures = (requirements.requiredFeatures ?? []).filter((f) => adapter.features.has(f));
+  if (profileKernels) {
+    if (!adapter.features.has("timestamp-query")) {
+      throw new VoxcError('kernel profiling needs the WebGPU feature "timestamp-query", which this GPU/browser ' +
+                          "does not offer (Chrome: chrome://flags/#enable-webgpu-developer-features)",
+                          { code: "missing-feature" });
+    }
+    requiredFeatures.push("timestamp-query");
+  }
   try {
     return await adapter.requestDevice({ requiredLimits, requiredFeatures });
   } catch (err) {
     throw new VoxcError(`WebGPU device creation failed: ${err.message ?? err}`, { cause: err, code: "no-device" });
+  }
+}
+
+// ---- kernel profiling (opt-in: Voxc.load(url, { profileKernels: true })) ------------------------
+
+// WebGPU's largest query set: 2048 passes of two timestamps each; more passes take more sets.
+const QUERIES_PER_SET = 4096;
+
+/**
+ * GPU time per kernel, from timestamp queries.  tvmjs encodes every kernel dispatch as a compute
+ * pass of its own, so the timestamps a pass writes at its beginning and end time one kernel, and
+ * the pass's pipeline names it (the entry point: the kernel's name in the bundle's WGSL).  The
+ * profiler wraps the device's pipeline and encoder creation, so it must be installed before tvmjs
+ * creates either; a model loaded without profiling never installs it and pays nothing.
+ * Between start() and stop() every pass is timed.  Time between passes (launch gaps, host work)
+ * belongs to no kernel: the kernels' sum is at most the wall time of what ran.
+ */
+export class KernelProfiler {
+  constructor(device) {
+    this.device = device;
+    this.kernelOf = new WeakMap();    // GPUComputePipeline -> kernel name
+    this.querySets = [];              // kept between profiles
+    this.passKernels = [];            // kernel name of each timed pass, in submission order
+    this.recording = false;
+    this.#wrapDevice();
+  }
+
+  #wrapDevice() {
+    const device = this.device;
+    const createPipeline = device.createComputePipeline.bind(device);
+    const createPipelineAsync = device.createComputePipelineAsync.bind(device);
+    const remember = (desc, pipeline) => {
+      this.kernelOf.set(pipeline, desc.compute?.entryPoint ?? desc.label ?? "(unnamed)");
+      return pipeline;
+    };
+    device.createComputePipeline = (desc) => remember(desc, createPipeline(desc));
+    device.createComputePipelineAsync = (desc) => createPipelineAsync(desc).then((p) => remember(desc, p));
+    this.createUntimedEncoder = device.createCommandEncoder.bind(device);
+    device.createCommandEncoder = (desc) => {
+      const encoder = this.createUntimedEncoder(desc);
+      const beginPass = encoder.beginComputePass.bind(encoder);
+      encoder.beginComputePass = (passDesc) => (this.recording ? this.#timedPass(beginPass, passDesc) : beginPass(passDesc));
+      return encoder;
+    };
+  }
+
+  #timedPass(beginPass, passDesc = {}) {
+    const index = this.passKernels.length;
+    const set = Math.floor((2 * index) / QUERIES_PER_SET);
+    if (set === this.querySets.length) {
+      this.querySets.push(this.device.createQuerySet({ type: "timestamp", count: QUERIES_PER_SET }));
+    }
+    const first = (2 * index) % QUERIES_PER_SET;
+    const pass = beginPass({ ...passDesc, timestampWrites: {
+      querySet: this.querySets[set], beginningOfPassWriteIndex: first, endOfPassWriteIndex: first + 1 } });
+    this.passKernels.push("(no pipeline)");
+    const setPipeline = pass.setPipeline.bind(pass);
+    pass.setPipeline = (pipeline) => {
+      this.passKernels[index] = this.kernelOf.get(pipeline) ?? pipeline.label ?? "(unnamed)";
+      setPipeline(pipeline);
+    };
+    return pass;
+  }
+
+  start() {
+    if (this.recording) throw new VoxcError("a kernel profile is already being recorded");
+    this.passKernels = [];
+    this.recording = true;
+  }
+
+  /**
+   * Stop timing and read the timestamps back.  The caller has submitted every timed pass first
+   * (tvmjs holds dispatches in a pending encoder until a sync).  Resolves to {passes, gpuMs (the
+   * kernels' sum), spanMs (first pass's beginning to last pass's end), invalidPasses (an end
+   * before its beginning: timestamps are not guaranteed monotonic), kernels: [{name, count,
+   * totalMs, meanMs, maxMs}] largest total first}.
+   */
+  async stop() {
+    this.recording = false;
+    const passes = this.passKernels.length;
+    const queries = 2 * passes;
+    const result = { passes, gpuMs: 0, spanMs: 0, invalidPasses: 0, kernels: [] };
+    if (!passes) return result;
+    const bytes = queries * 8;
+    const resolved = this.device.createBuffer({ size: bytes, usage: GPUBufferUsage.QUERY_RESOLVE | GPUBufferUsage.COPY_SRC });
+    const readable = this.device.createBuffer({ size: bytes, usage: GPUBufferUsage.MAP_READ | GPUBufferUsage.COPY_DST });
+    const encoder = this.createUntimedEncoder();
+    for (let set = 0; set * QUERIES_PER_SET < queries; set++) {
+      const count = Math.min(QUERIES_PER_SET, queries - set * QUERIES_PER_SET);
+      encoder.resolveQuerySet(this.querySets[set], 0, count, resolved, set * QUERIES_PER_SET * 8);
+    }
+    encoder.copyBufferToBuffer(resolved, 0, readable, 0, bytes);
+    this.device.queue.submit([encoder.finish()]);
+    await readable.mapAsync(GPUMapMode.READ);
+    const ticks = new BigUint64Array(readable.getMappedRange().slice(0));   // nanoseconds
+    readable.unmap();
+    readable.destroy();
+    resolved.destroy();
+    const byKernel = new Map();
+    let first = null;
+    let last = null;
+    for (let i = 0; i < passes; i++) {
+      const begin = ticks[2 * i];
+      const end = ticks[2 * i + 1];
+      if (end < begin) {
+        result.invalidPasses++;
+        continue;
+      }
+      if (first === null || begin < first) first = begin;
+      if (last === null || end > last) last = end;
+      const ms = Number(end - begin) / 1e6;
+      const k = byKernel.get(this.passKernels[i]) ?? { name: this.passKernels[i], count: 0, totalMs: 0, maxMs: 0 };
+      k.count++;
+      k.totalMs += ms;
+      k.maxMs = Math.max(k.maxMs, ms);
+      byKernel.set(k.name, k);
+      result.gpuMs += ms;
+    }
+    result.spanMs = first === null ? 0 : Number(last - first) / 1e6;
+    result.kernels = [...byKernel.values()].map((k) => ({ ...k, meanMs: k.totalMs / k.count }))
+      .sort((a, b) => b.totalMs - a.totalMs);
+    return result;
+  }
+
+  dispose() {
+    this.querySets.forEach((q) => q.destroy());
+    this.querySets = [];
   }
 }
 
@@ -456,6 +595,38 @@ async function allocateState(tvm, dev, device, manifest, requirements) {
     tvm.endScope();
   }
   return state;
+}
+
+const PIPELINE_MODES = ["async", "blocking"];
+
+/**
+ * Every kernel's compute pipeline, created before the first call (tvmjs would otherwise create each
+ * at its first dispatch, blocking).  "async": createComputePipelineAsync for all kernels at once
+ * (tvmjs's asyncLoadWebGPUPipelines), so the browser may compile them in parallel while the page
+ * stays responsive.  "blocking": createComputePipeline, one kernel after the other, on this thread;
+ * in Dawn for Node.js on SwiftShader (2 cores) it took half the async path's time (every kernel's
+ * WGSL differs, so there are no modules or pipelines to share either way).
+ */
+async function createPipelines(tvm, vm, mode, report) {
+  if (mode === "async") {
+    await tvm.asyncLoadWebGPUPipelines(vm.getInternalModule());
+    return;
+  }
+  const context = tvm.lib.webGPUContext;
+  tvm.beginScope();
+  try {
+    const mod = vm.getInternalModule();
+    const kernels = JSON.parse(mod.getFunction("webgpu.get_fmap", true)());
+    const shaderOf = mod.getFunction("webgpu.get_shader");
+    const usePipeline = mod.getFunction("webgpu.update_prebuild");
+    const names = Object.keys(kernels);
+    names.forEach((name, i) => {
+      usePipeline(name, context.createShader(kernels[name], shaderOf(name)));
+      report("pipelines", (i + 1) / names.length, `Compiling GPU kernels: ${i + 1} of ${names.length}`);
+    });
+  } finally {
+    tvm.endScope();
+  }
 }
 
 // Old bundles' caches: a rebuilt model gets a new id, so its predecessor's weights can go.
@@ -725,11 +896,18 @@ export class Voxc {
    * like WebLLM's InitProgressReport; phases: "check", "runtime", "wasm", "weights",
    * "pipelines", "ready".  maxStreams: how many streams may be open at once (their state is
    * allocated up front).  weights: "fetch" (the bundle's shards, through the Cache API) or "random"
-   * (small pseudo-random values, for benchmarks of weight-less bundles).
+   * (small pseudo-random values, for benchmarks of weight-less bundles).  profileKernels: time every
+   * kernel with timestamp queries (needs the "timestamp-query" feature; see profileKernels()).
+   * pipelines: "async" (default) or "blocking", how the kernels' pipelines are created (see
+   * createPipelines).
    */
   static async load(baseUrl, { onProgress = () => {}, tvmjsUrl, powerPreference = "high-performance",
-                               logger = console.log, maxStreams = 1, weights = "fetch", deviceMemory } = {}) {
+                               logger = console.log, maxStreams = 1, weights = "fetch", deviceMemory,
+                               profileKernels = false, pipelines = "async" } = {}) {
     const t0 = performance.now();
+    if (!PIPELINE_MODES.includes(pipelines)) {   // before anything is downloaded
+      throw new VoxcError(`pipelines must be one of ${PIPELINE_MODES.join(", ")}, not ${JSON.stringify(pipelines)}`);
+    }
     const base = new URL(baseUrl, globalThis.location?.href);
     const report = (phase, progress, text) =>
       onProgress({ phase, progress, timeElapsed: (performance.now() - t0) / 1000, text });
@@ -757,7 +935,8 @@ export class Voxc {
       : null;
     const tvm = await tvmjs.instantiate(wasm.buffer, tvmjs.createPolyfillWASI(), logger);
 
-    const device = await requestDevice(gpuInfo.adapter, requirements);
+    const device = await requestDevice(gpuInfo.adapter, requirements, { profileKernels });
+    const profiler = profileKernels ? new KernelProfiler(device) : null;   // before tvmjs sees the device
     let lost = null;
     device.lost.then((info) => {
       lost = info;
@@ -790,7 +969,7 @@ export class Voxc {
     report("pipelines", 0, "Compiling GPU kernels");
     tvm.beginScope();
     const vm = tvm.detachFromCurrentScope(tvm.createVirtualMachine(dev));
-    await tvm.asyncLoadWebGPUPipelines(vm.getInternalModule());
+    await createPipelines(tvm, vm, pipelines, report);
     let params = [];
     let packedParams = null;
     if (manifest.param_names?.length) {
@@ -809,13 +988,52 @@ export class Voxc {
                         buffers: requirements.buffers.map(({ name, kind, bytes }) => ({ name, kind, bytes })) };
     const model = new Voxc({ tvmjs, tvm, vm, dev, params, packedParams, manifest, tokens,
                              maxStreams: requirements.maxStreams, weightStats,
-                             loadSeconds: 0, gpu: { ...gpuInfo, device }, deviceLost: () => lost, state, footprint });
+                             loadSeconds: 0, gpu: { ...gpuInfo, device }, deviceLost: () => lost, state, footprint,
+                             profiler });
     if (manifest.kind === "voxtral-realtime") {
       model.#initState();
     }
     model.loadSeconds = (performance.now() - t0) / 1000;
     report("ready", 1, "Ready");
     return model;
+  }
+
+  // ---- kernel profiling ------------------------------------------------------------------------
+
+  /** The names of the bundle's GPU kernels (the WGSL entry points, as profiles name them). */
+  kernelNames() {
+    const { tvm } = this;
+    tvm.beginScope();
+    try {
+      return Object.keys(JSON.parse(this.vm.getInternalModule().getFunction("webgpu.get_fmap", true)()));
+    } finally {
+      tvm.endScope();
+    }
+  }
+
+  /**
+   * Runs `fn` (async: e.g. one decode() or one stream feed()) with every kernel it dispatches timed
+   * on the GPU.  Resolves to KernelProfiler.stop()'s report plus wallMs (from the first dispatch
+   * queued to the last one done, as the host saw it) and `result`, fn's own.  Needs a model loaded
+   * with { profileKernels: true }.  Work queued before the call is finished first, untimed.
+   */
+  async profileKernels(fn) {
+    if (!this.profiler) throw new VoxcError("load the model with { profileKernels: true } to profile its kernels");
+    await this.dev.sync();
+    this.profiler.start();
+    const t0 = performance.now();
+    let result;
+    let failure = null;
+    try {
+      result = await fn();
+      await this.dev.sync();
+    } catch (err) {
+      failure = err;
+    }
+    const wallMs = performance.now() - t0;
+    const report = await this.profiler.stop();   // also after a failure: recording must end
+    if (failure) throw failure;
+    return { ...report, wallMs, result };
   }
 
   // ---- generic calls (any bundle) -------------------------------------------------------------
@@ -1063,6 +1281,7 @@ export class Voxc {
     this.params.forEach((p) => p.dispose());
     this.vm.dispose();
     this.tvm.dispose();
+    this.profiler?.dispose();
     this.gpu.device.destroy();
   }
 }

@@ -9,7 +9,8 @@
 # .webgpupack/ holds what the GPU machine lacks (it has no node, no Vulkan loader, no network):
 #   node.gz        this machine's node binary (v20), gzipped
 #   webgpu.tgz     npm "webgpu" 0.6.2 (Dawn as dawn.node), linux-x64 only
-#   debs/          Debian's Vulkan loader packages (bench/device/vulkan_loader.sh; the NVIDIA ICD is on the machine)
+#   debs/          Debian's Vulkan loader packages (bench/device/vulkan_loader.sh; the NVIDIA ICD is on the
+#                  machine) and the glvnd libraries, without which Dawn found no adapter on the H100 machine
 #   tiny.tgz       the tiny model's bundle WITH weights (windows 750/8192, the 4B model's structure),
 #                  expect.json + clip.f32: the token ids the CPU (llvm) build gives for that clip
 #   tiny_q4k.tgz   the same check for Q4_K weights: a small model whose widths are multiples of 256
@@ -23,11 +24,22 @@
 # $OUT/full_q4k.json (load, stream RTF + per-feed latency, decode step with and without the token
 # readback, encode windows of 1 and 32 tokens, offline RTF of a 60 s clip, on the 4B model's shapes)
 # plus a .log each.  Kernel-level timing: decode_nosync.ms_per_step is the GPU time of one decoder
-# step (26 layers of Q4 GEMVs + attention + the LM head), decode_step adds the token readback.
+# step (26 layers of Q4 GEMVs + attention + the LM head), decode_step adds the token readback;
+# $OUT/<bundle>.profile.json times every kernel of one decoder step and one 80 ms stream step
+# (timestamp queries: per kernel total ms and count, largest first; the top 15 are in the .log).
+# `local` checks that profile (names are the bundle's kernels, times > 0, sum within the wall time).
+# Load: load.pipelines_s is the time creating the kernels' pipelines (PIPELINES=async|blocking, see
+# below); $OUT/tiny_q4k_blocking.json repeats the tiny Q4_K check with blocking pipeline creation
+# (COMPARE_PIPELINES=blocking|async|"": which way, or none) so both ways are timed on one machine.
+# Whether a bundle's kernels fit WebGPU's default limits, by Dawn's own validation:
+#   VOXC_WEBGPU_MODULE=$DST/node_modules/webgpu $DST/bin/node bench/webgpu_default_limits.mjs $DST/full_q4k
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 source "$ROOT/bench/device/vulkan_loader.sh"
+# Dawn also opens the glvnd libraries (EGL, OpenGL): without them it found no adapter on the H100 machine
+VULKAN_LOADER_PACKAGES="$VULKAN_LOADER_PACKAGES libegl1:libEGL.so.1 libopengl0:libOpenGL.so.0 libgl1:libGL.so.1 \
+libglx0:libGLX.so.0 libgles2:libGLESv2.so.2"
 WHAT=${1:-run}
 DAWN_CACHE="${VOXC_CACHE_DIR:-$HOME/.cache/voxc}/dawn-node-webgpu-0.6.2"
 if [ "$WHAT" = local ]; then
@@ -41,7 +53,12 @@ else
   DST="${VOXC_WEBGPU_DIR:-/tmp/webgpu}"
   TINY=${TINY:-f32,q4k}
   FULL=${FULL-q4k,f32}   # which full-size bundles `pack` builds: q4k, f32 or both
+  COMPARE_PIPELINES=${COMPARE_PIPELINES-blocking}   # tiny_q4k once more, its pipelines made this way
 fi
+# How voxc.js creates the kernels' pipelines (Voxc.load's pipelines: async, the browser's way, or
+# blocking).  `local` makes them blocking: the Chromium tests cover async, and on SwiftShader
+# blocking takes about half the time.
+PIPELINES=${PIPELINES:-$([ "$WHAT" = local ] && echo blocking || echo async)}
 
 dawn() {   # npm "webgpu" (Dawn as dawn.node), cached
   if [ ! -f "$DAWN_CACHE/node_modules/webgpu/dist/linux-x64/dawn.node" ]; then
@@ -95,17 +112,27 @@ run_bench() {   # $1: what (tiny|full|all); env as set up by the caller.  Return
     for b in tiny tiny_q4k; do
       [ -d "$DST/$b" ] || continue
       "$node" "$ROOT/bench/webgpu_dawn.mjs" "$DST/$b" --expect "$DST/$b/expect.json" --steps ${TINY_STEPS:-100} \
-        ${TINY_ARGS:-} --json "$OUT/$b.json" > "$OUT/$b.log" 2>&1 || { echo "$b: FAILED (see $b.log)"; failed=1; }
+        ${TINY_ARGS:-} --pipelines "$PIPELINES" --profile "$OUT/$b.profile.json" --json "$OUT/$b.json" \
+        > "$OUT/$b.log" 2>&1 || { echo "$b: FAILED (see $b.log)"; failed=1; }
       tail -c 600 "$OUT/$b.log"; echo
     done
+    if [ -n "${COMPARE_PIPELINES:-}" ] && [ -d "$DST/tiny_q4k" ]; then   # the same check, pipelines made the other way
+      b=tiny_q4k_$COMPARE_PIPELINES
+      "$node" "$ROOT/bench/webgpu_dawn.mjs" "$DST/tiny_q4k" --expect "$DST/tiny_q4k/expect.json" --steps 5 --warm 1 \
+        --encode-reps 1 --encode-tokens 1 --pipelines "$COMPARE_PIPELINES" --json "$OUT/$b.json" > "$OUT/$b.log" 2>&1 \
+        || { echo "$b: FAILED (see $b.log)"; failed=1; }
+      grep -h '"pipelines_s"' "$OUT/tiny_q4k.json" "$OUT/$b.json" || true
+    fi
   fi
   if [ "$1" = full ] || [ "$1" = all ]; then
     for b in full_q4k full; do   # Q4_K first: the issue's question
       [ -d "$DST/$b" ] || continue
       "$node" "$ROOT/bench/webgpu_dawn.mjs" "$DST/$b" --weights random --seconds ${SECONDS_AUDIO:-10} \
-        --steps ${STEPS:-200} --offline-seconds ${OFFLINE_SECONDS:-60} --json "$OUT/$b.json" > "$OUT/$b.log" 2>&1 \
+        --steps ${STEPS:-200} --offline-seconds ${OFFLINE_SECONDS:-60} --pipelines "$PIPELINES" --profile "$OUT/$b.profile.json" \
+        --json "$OUT/$b.json" > "$OUT/$b.log" 2>&1 \
         || { echo "$b: FAILED (see $b.log)"; failed=1; }
       tail -c 2500 "$OUT/$b.log"; echo
+      grep -E '^(decode step|80 ms stream step|profile)|^ +[0-9.]+ ms ' "$OUT/$b.log" || true   # the profiles' top kernels
     done
   fi
   return $failed
@@ -127,7 +154,8 @@ case "$WHAT" in
     export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
     pack --local
     unpack
-    TINY_STEPS=${TINY_STEPS:-1} TINY_ARGS=${TINY_ARGS:-"--warm 0 --encode-reps 1 --encode-tokens 1"} run_bench tiny
+    TINY_STEPS=${TINY_STEPS:-1} TINY_ARGS=${TINY_ARGS:-"--warm 0 --encode-reps 1 --encode-tokens 1 --profile-check"} \
+      run_bench tiny
     ;;
   *) echo "usage: $0 pack|run [tiny|full|all]|local" >&2; exit 2 ;;
 esac

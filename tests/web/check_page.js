@@ -24,6 +24,9 @@ try {
     { name: "memory, 8 GiB reported (a lower bound)", deviceMemory: 8,
       patch: (m) => { m.gpu.total_param_bytes = 4 * GiB; m.state.dec_cache.bytes_per_stream = GiB / 4; } },
     { name: "workgroup storage", patch: (m) => { m.gpu.max_workgroup_storage_bytes = 16896; } },
+    // a decoder cache and a weight tensor both above the limit: one message names both
+    { name: "two buffers too large",
+      patch: (m) => { m.state.dec_cache.bytes_per_stream = limit + 4096; m.params[0].shape = [limit / 4 + 1024]; } },
   ];
   const out = [];
   for (const c of cases) {
