@@ -216,9 +216,9 @@ def env(name: str, default):
 
 def wgpu_stream_limit(art: Path, manifest: dict) -> tuple[int, dict]:
     """(most streams, adapter description) of a vulkan/metal artifact on this machine's adapter.  The
-    kernels bind each state tensor whole, one buffer for all streams, so the largest (the decoder's
-    KV cache: 832 MiB a stream in float16 at the full model's shapes) times the streams must fit
-    maxStorageBufferBindingSize (2 GiB on NVIDIA's Vulkan driver: 2 streams)."""
+    kernels bind each state tensor whole, one buffer for all streams, so the largest (one layer of the
+    decoder's KV cache: 32 MiB a stream in float16 at the full model's shapes) times the streams must
+    fit maxStorageBufferBindingSize (2 GiB on NVIDIA's Vulkan driver: 63 streams)."""
     from voxc.runtime.wgpu_device import describe_adapter, load_wgpu_device
 
     from voxc.errors import VoxcError
@@ -226,10 +226,11 @@ def wgpu_stream_limit(art: Path, manifest: dict) -> tuple[int, dict]:
     ffi = load_wgpu_device(art / manifest["wgpu"]["plugin"])
     adapter = describe_adapter(ffi, manifest["wgpu"].get("backend", "any"))
     limit = min(adapter["limits"]["max_storage_buffer_binding_size"], adapter["limits"]["max_buffer_size"])
-    state, largest = max(((k, int(s["bytes_per_stream"])) for k, s in manifest["state"].items()), key=lambda x: x[1])
+    state, largest = max(((k, int(s["tensor_bytes_per_stream"])) for k, s in manifest["state"].items()),
+                         key=lambda x: x[1])
     if largest > limit:   # said before a minute goes into writing random weights
         raise VoxcError(f"the GPU adapter {adapter.get('description')} binds at most {limit / 2**20:.0f} MiB per "
-                        f"buffer, and one stream's {state} needs {largest / 2**20:.0f} MiB")
+                        f"buffer, and one stream's {state} needs {largest / 2**20:.0f} MiB in one buffer")
     return limit // largest, adapter
 
 

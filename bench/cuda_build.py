@@ -248,27 +248,26 @@ def ensure_weights(artifact_dir: Path, cache_root: Path = RANDOM_WEIGHTS_DIR) ->
 
 
 # ---- ring attention alone ---------------------------------------------------------------------------
-# (name, heads, kv heads, head dim, window, layers): the full model's shapes, and small ones for a CPU
-ATTENTION_CASES = (("dec", 32, 8, 128, 8192, 3), ("enc", 32, 32, 64, 750, 2))
-TINY_ATTENTION_CASES = (("dec", 4, 2, 16, 64, 3), ("enc", 4, 4, 8, 24, 2))
+# (name, heads, kv heads, head dim, window): the full model's shapes, and small ones for a CPU
+ATTENTION_CASES = (("dec", 32, 8, 128, 8192), ("enc", 32, 32, 64, 750))
+TINY_ATTENTION_CASES = (("dec", 4, 2, 16, 64), ("enc", 4, 4, 8, 24))
 
 
 def build_attention_modules(target, out_path: Path, cases=ATTENTION_CASES) -> Path:
     """One library with a function per case (``dec``, ``enc``): (q, k, v, cache, slots, starts) ->
-    ring attention of the last layer, through the target's own attention kernels (targets/cuda.py's
+    ring attention over one layer's cache, through the target's own attention kernels (targets/cuda.py's
     split-K swap, targets/llvm.py's CPU kernel).  ``<out>.json`` lists the cases (tiny_check.py)."""
-    from tvm import tirx
     from tvm.relax.frontend import nn
     from tvm.relax.frontend.nn import op, spec
 
     from schedules.ring_attention import ring_attention_func
 
-    def method(name, heads, kv_heads, head_dim, window, layers):
+    def method(name, heads, kv_heads, head_dim, window):
         def forward(self, q, k, v, cache, slots, starts):
             b, n = q.shape[0], q.shape[1]
             return op.tensor_ir_op(
                 ring_attention_func(heads, kv_heads, head_dim, window, "float32"), f"ring_attention_{name}",
-                args=[q, k, v, cache, slots, starts, tirx.IntImm("int64", layers - 1)],
+                args=[q, k, v, cache, slots, starts],
                 out=nn.Tensor.placeholder((b, n, heads, head_dim), "float32"))
         forward.__name__ = name
         return forward
@@ -277,16 +276,16 @@ def build_attention_modules(target, out_path: Path, cases=ATTENTION_CASES) -> Pa
     specs = {name: {"q": spec.Tensor(["b", "n", heads, head_dim], "float32"),
                     "k": spec.Tensor(["b", "n", kv_heads, head_dim], "float32"),
                     "v": spec.Tensor(["b", "n", kv_heads, head_dim], "float32"),
-                    "cache": spec.Tensor([layers, 2, "s", window, kv_heads, head_dim], "float32"),
+                    "cache": spec.Tensor([2, "s", window, kv_heads, head_dim], "float32"),
                     "slots": spec.Tensor(["b"], "int32"), "starts": spec.Tensor(["b"], "int32")}
-             for name, heads, kv_heads, head_dim, window, layers in cases}
+             for name, heads, kv_heads, head_dim, window in cases}
     mod, _ = Attention().export_tvm(spec=specs)
     executable = target.compile(mod)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     executable.export_library(str(out_path))
     out_path.with_suffix(".json").write_text(json.dumps(
-        {"target": target.name, "cases": [dict(zip(("name", "heads", "kv_heads", "head_dim", "window", "layers"), c))
+        {"target": target.name, "cases": [dict(zip(("name", "heads", "kv_heads", "head_dim", "window"), c))
                                           for c in cases]}))
     return out_path
 

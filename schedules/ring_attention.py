@@ -7,7 +7,8 @@ many frames and both towers must match the reference's exact ``q - W < k <= q`` 
 slots per layer and sequence gives an exact window for chunks of any length, fixed memory, and a
 batch of sequences at different positions (one cache slot per sequence).
 
-Cache layout, one tensor per tower: ``[n_layers, 2 (k, v), n_slots, window, n_kv_heads, head_dim]``.
+Cache layout, one tensor per layer: ``[2 (k, v), n_slots, window, n_kv_heads, head_dim]`` (a kernel
+binds only its layer's cache: WebGPU and Vulkan limit the size of one buffer binding).
 Position ``p`` of a sequence lives in ring row ``p mod window``.  Queries of a chunk attend to the
 ring as it was before the chunk (read first) plus the chunk's own keys; then the chunk's last
 ``min(n, window)`` keys are written into the ring.
@@ -33,18 +34,17 @@ def ring_attention_func(n_heads: int, n_kv_heads: int, head_dim: int, window: in
     """PrimFunc: out[b, i, h, :] = softmax-weighted sum over visible ring rows and chunk keys.
 
     Arguments: q [b, n, H, D], k/v [b, n, Hkv, D] (RoPE already applied to q and k),
-    cache [L, 2, S, W, Hkv, D], slots [b] int32, starts [b] int32 (position of the chunk's first
-    token), layer (scalar). Returns out [b, n, H, D].
+    cache [2, S, W, Hkv, D] (the layer's), slots [b] int32, starts [b] int32 (position of the chunk's
+    first token). Returns out [b, n, H, D].
     """
     b, n = te.var("b", "int64"), te.var("n", "int64")
-    n_layers, n_slots = te.var("n_layers", "int64"), te.var("n_slots", "int64")
-    layer = te.var("layer", "int64")
+    n_slots = te.var("n_slots", "int64")
     group = n_heads // n_kv_heads
     scale = tirx.const(head_dim ** -0.5, "float32")   # scores and softmax in float32 for any storage dtype
     q = te.placeholder((b, n, n_heads, head_dim), dtype, name="q")
     k = te.placeholder((b, n, n_kv_heads, head_dim), dtype, name="k")
     v = te.placeholder((b, n, n_kv_heads, head_dim), dtype, name="v")
-    cache = te.placeholder((n_layers, 2, n_slots, window, n_kv_heads, head_dim), dtype, name="cache")
+    cache = te.placeholder((2, n_slots, window, n_kv_heads, head_dim), dtype, name="cache")
     slots = te.placeholder((b,), "int32", name="slots")
     starts = te.placeholder((b,), "int32", name="starts")
     n_keys = window + n
@@ -62,7 +62,7 @@ def ring_attention_func(n_heads: int, n_kv_heads: int, head_dim: int, window: in
         slot = slots[bi].astype("int64")
         return tirx.if_then_else(
             j < window,
-            cache[layer, kv_index, slot, tirx.min(j, window - 1), kh, d],
+            cache[kv_index, slot, tirx.min(j, window - 1), kh, d],
             chunk[bi, tirx.max(j - window, 0), kh, d])
 
     rd = te.reduce_axis((0, head_dim), name="rd")
@@ -90,7 +90,7 @@ def ring_attention_func(n_heads: int, n_kv_heads: int, head_dim: int, window: in
         name="weighted")
     out = te.compute((b, n, n_heads, head_dim),
                      lambda bi, i, h, d: (weighted[bi, i, h, d] / row_sum[bi, h, i]).astype(dtype), name="attn_out")
-    return te.create_prim_func([q, k, v, cache, slots, starts, layer, out]).without_attr("global_symbol")
+    return te.create_prim_func([q, k, v, cache, slots, starts, out]).without_attr("global_symbol")
 
 
 def ring_append_func(n_kv_heads: int, head_dim: int, window: int, dtype: str = "float32"):
@@ -99,10 +99,10 @@ def ring_append_func(n_kv_heads: int, head_dim: int, window: int, dtype: str = "
 
     @T.prim_func(private=True, s_tir=True)
     def ring_append(var_cache: T.handle, var_k: T.handle, var_v: T.handle, var_slots: T.handle,
-                    var_starts: T.handle, layer: T.int64):
+                    var_starts: T.handle):
         T.func_attr({"tirx.noalias": True})
-        n_layers, n_slots, b, n = T.int64(), T.int64(), T.int64(), T.int64()
-        cache = T.match_buffer(var_cache, (n_layers, 2, n_slots, window, n_kv_heads, head_dim), dtype)
+        n_slots, b, n = T.int64(), T.int64(), T.int64()
+        cache = T.match_buffer(var_cache, (2, n_slots, window, n_kv_heads, head_dim), dtype)
         k = T.match_buffer(var_k, (b, n, n_kv_heads, head_dim), dtype)
         v = T.match_buffer(var_v, (b, n, n_kv_heads, head_dim), dtype)
         slots = T.match_buffer(var_slots, (b,), "int32")
@@ -114,7 +114,7 @@ def ring_append_func(n_kv_heads: int, head_dim: int, window: int, dtype: str = "
             with T.sblock("append"):
                 vb, vi, vkv, vh, vd = T.axis.remap("SSSSS", [bi, i, kv, h, d])
                 # chunk token (n - min(n, W) + vi) goes to ring row (start + that index) mod W
-                cache[layer, vkv, T.Cast("int64", slots[vb]),
+                cache[vkv, T.Cast("int64", slots[vb]),
                       T.floormod(T.Cast("int64", starts[vb]) + n - T.min(n, window) + vi, window), vh, vd] = \
                     T.if_then_else(vkv == 0, k[vb, n - T.min(n, window) + vi, vh, vd],
                                    v[vb, n - T.min(n, window) + vi, vh, vd])
@@ -214,7 +214,7 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                 dtype: str = "float32", **layout_args):
     """Split-K partial attention: o [b, n, H, splits, D] (normalised within the split) and
     lse [b, n, H, splits] (log2 of the split's softmax mass, plus its max). Same arguments as
-    :func:`ring_attention_func` up to ``layer``."""
+    :func:`ring_attention_func` up to ``starts``."""
     from tvm.script import tirx as T
 
     lay = cuda_kernel_layout(n_heads, n_kv_heads, head_dim, window, dtype, **layout_args)
@@ -228,14 +228,14 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
 
     @T.prim_func(private=True, s_tir=True)
     def ring_attention_partial(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_cache: T.handle,
-                               var_slots: T.handle, var_starts: T.handle, layer: T.int64,
+                               var_slots: T.handle, var_starts: T.handle,
                                var_o: T.handle, var_lse: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-        b, n, n_layers, n_slots = T.int64(), T.int64(), T.int64(), T.int64()
+        b, n, n_slots = T.int64(), T.int64(), T.int64()
         q = T.match_buffer(var_q, (b, n, H, D), dtype)
         k = T.match_buffer(var_k, (b, n, HKV, D), dtype)
         v = T.match_buffer(var_v, (b, n, HKV, D), dtype)
-        cache = T.match_buffer(var_cache, (n_layers, 2, n_slots, W, HKV, D), dtype)
+        cache = T.match_buffer(var_cache, (2, n_slots, W, HKV, D), dtype)
         slots = T.match_buffer(var_slots, (b,), "int32")
         starts = T.match_buffer(var_starts, (b,), "int32")
         o = T.match_buffer(var_o, (b, n, H, NS, D), "float32")
@@ -298,9 +298,9 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                                     for c in T.unroll(VEC // LV):
                                                         for vec in T.vectorized(LV):
                                                             k_smem[row_s + j, tx * VEC + c * LV + vec] = cache[
-                                                                layer, 0, slot, T.floormod(pos, W), kvh, tx * VEC + c * LV + vec]
+                                                                0, slot, T.floormod(pos, W), kvh, tx * VEC + c * LV + vec]
                                                             v_smem[row_s + j, tx * VEC + c * LV + vec] = cache[
-                                                                layer, 1, slot, T.floormod(pos, W), kvh, tx * VEC + c * LV + vec]
+                                                                1, slot, T.floormod(pos, W), kvh, tx * VEC + c * LV + vec]
                                                 else:
                                                     for c in T.unroll(VEC // LV):
                                                         for vec in T.vectorized(LV):
@@ -435,13 +435,13 @@ def ring_attention_cpu(n_heads: int, n_kv_heads: int, head_dim: int, window: int
 
     @T.prim_func(private=True, s_tir=True)
     def ring_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_cache: T.handle,
-                       var_slots: T.handle, var_starts: T.handle, layer: T.int64, var_out: T.handle):
+                       var_slots: T.handle, var_starts: T.handle, var_out: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        b, n, n_layers, n_slots = T.int64(), T.int64(), T.int64(), T.int64()
+        b, n, n_slots = T.int64(), T.int64(), T.int64()
         q = T.match_buffer(var_q, (b, n, H, D), dtype)
         k = T.match_buffer(var_k, (b, n, HKV, D), dtype)
         v = T.match_buffer(var_v, (b, n, HKV, D), dtype)
-        cache = T.match_buffer(var_cache, (n_layers, 2, n_slots, W, HKV, D), dtype)
+        cache = T.match_buffer(var_cache, (2, n_slots, W, HKV, D), dtype)
         slots = T.match_buffer(var_slots, (b,), "int32")
         starts = T.match_buffer(var_starts, (b,), "int32")
         out = T.match_buffer(var_out, (b, n, H, D), dtype)
@@ -484,7 +484,7 @@ def ring_attention_cpu(n_heads: int, n_kv_heads: int, head_dim: int, window: int
                                 for c in T.serial(chunks):
                                     for l in T.vectorized(lanes):
                                         part[l] = part[l] + q_scaled[g, c * lanes + l] * T.Cast(
-                                            "float32", cache[layer, 0, slot, T.floormod(first + j, W), kvh, c * lanes + l])
+                                            "float32", cache[0, slot, T.floormod(first + j, W), kvh, c * lanes + l])
                             else:
                                 for c in T.serial(chunks):
                                     for l in T.vectorized(lanes):
@@ -508,7 +508,7 @@ def ring_attention_cpu(n_heads: int, n_kv_heads: int, head_dim: int, window: int
                             for g in T.serial(G):
                                 for d in T.vectorized(D):
                                     acc[g, d] = acc[g, d] + scores[g, j] * T.Cast(
-                                        "float32", cache[layer, 1, slot, T.floormod(first + j, W), kvh, d])
+                                        "float32", cache[1, slot, T.floormod(first + j, W), kvh, d])
                         else:
                             for g in T.serial(G):
                                 for d in T.vectorized(D):

@@ -97,8 +97,8 @@ def apply_cpu_attention(mod):
 
     for gv, func in list(mod.functions_items()):
         if isinstance(func, tirx.PrimFunc) and gv.name_hint.startswith("ring_attention"):
-            q, k, _, cache = func.params[:4]   # buffer params carry their shapes
-            kernel = ring_attention_cpu(int(q.shape[2]), int(k.shape[2]), int(q.shape[3]), int(cache.shape[3]),
+            q, k, _, cache = func.params[:4]   # buffer params carry their shapes; cache [2, S, W, Hkv, D]
+            kernel = ring_attention_cpu(int(q.shape[2]), int(k.shape[2]), int(q.shape[3]), int(cache.shape[2]),
                                         str(q.dtype))
             mod[gv] = kernel
     return mod

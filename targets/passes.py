@@ -93,7 +93,7 @@ def swap_ring_attention(mod, **layout):
         if gv not in kernels:
             q, k, _, cache = mod[gv].params[:4]
             heads, head_dim = int(q.shape[2]), int(q.shape[3])
-            kv_heads, window, dtype = int(k.shape[2]), int(cache.shape[3]), str(q.dtype)
+            kv_heads, window, dtype = int(k.shape[2]), int(cache.shape[2]), str(q.dtype)   # cache [2, S, W, Hkv, D]
             shape = (heads, kv_heads, head_dim, window, dtype)
             splits = ra.cuda_kernel_layout(*shape, **layout)["n_splits"]
             partial = builder.builder_.add_func(ra.ring_attention_partial_cuda(*shape, **layout),

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from targets.web_toolchain import build_tvmjs
-from voxc.artifact import MANIFEST, WEB_TOKENIZER_TABLE, WEIGHT_INDEX, WeightShardWriter, state_bytes_per_stream
+from voxc.artifact import MANIFEST, WEB_TOKENIZER_TABLE, WEIGHT_INDEX, WeightShardWriter, state_section
 from voxc.model.embedding import split_embedding_parts
 
 WEB_DIR = Path(__file__).resolve().parent.parent / "web"  # voxc.js, the browser API, and the demo page
@@ -63,7 +63,7 @@ def write_web_files(out: Path, *, target, executable, tokenizer_bytes: bytes, pa
     for name in (target.library_name, WEIGHT_INDEX, WEB_TOKENIZER_TABLE):
         h.update(hashlib.sha256((out / name).read_bytes()).digest())
     sizes = [int(np.prod(shape)) * np.dtype(dtype).itemsize for _, shape, dtype in params]
-    state = state_bytes_per_stream(cfg, target.model_dtype)
+    state = state_section(cfg, target.model_dtype)
     parts = split_embedding_parts(params)
     return {
         "kind": "voxtral-realtime",
@@ -76,7 +76,8 @@ def write_web_files(out: Path, *, target, executable, tokenizer_bytes: bytes, pa
         "tokenizer_table": {"file": WEB_TOKENIZER_TABLE, **{k: v for k, v in table.items() if k != "pieces"}},
         "embedding": {"split": bool(parts), "parts": parts},
         "gpu": {**report, "largest_param_bytes": max(sizes, default=0), "total_param_bytes": sum(sizes),
-                "largest_state_bytes_per_stream": max(state.values()), "state_bytes_per_stream": sum(state.values()),
+                "largest_state_bytes_per_stream": max(s["tensor_bytes_per_stream"] for s in state.values()),
+                "state_bytes_per_stream": sum(s["bytes_per_stream"] for s in state.values()),
                 "footprint": gpu_footprint(params, state)},
         "largest_param_bytes": max(sizes, default=0),
         "required_features": report["required_features"],
@@ -84,16 +85,19 @@ def write_web_files(out: Path, *, target, executable, tokenizer_bytes: bytes, pa
     }
 
 
-def gpu_footprint(params, state: dict[str, int], streams=(1, 2, 4)) -> dict:
+def gpu_footprint(params, state: dict, streams=(1, 2, 4)) -> dict:
     """The GPU memory a bundle allocates (voxc.js allocates exactly these buffers, the state with one
-    slot per stream of ``Voxc.load``'s maxStreams): the weights, each state buffer per stream, the
-    largest buffer, and the totals for a few stream counts.  Scratch memory of the kernels
+    slot per stream of ``Voxc.load``'s maxStreams): the weights, each state entry per stream (all its
+    layers' buffers), the largest buffer (a per-layer state's buffer is one layer's), and the totals
+    for a few stream counts.  ``state``: the manifest's state section.  Scratch memory of the kernels
     (activations, attention partials) comes on top; it is small next to these for one stream."""
     sizes = {name: int(np.prod(shape)) * np.dtype(dtype).itemsize for name, shape, dtype in params}
     weights = sum(sizes.values())
-    per_stream = sum(state.values())
-    largest = max([*sizes.items(), *state.items()], key=lambda kv: kv[1], default=("", 0))
-    return {"weights_bytes": weights, "state_bytes_per_stream": dict(state),
+    state_bytes = {name: s["bytes_per_stream"] for name, s in state.items()}
+    per_stream = sum(state_bytes.values())
+    buffers = [*sizes.items(), *((name, s["tensor_bytes_per_stream"]) for name, s in state.items())]
+    largest = max(buffers, key=lambda kv: kv[1], default=("", 0))
+    return {"weights_bytes": weights, "state_bytes_per_stream": state_bytes,
             "largest_buffer": {"name": largest[0], "bytes": int(largest[1]),
                                "per_stream": largest[0] in state},
             "total_bytes": {str(n): weights + n * per_stream for n in streams}}

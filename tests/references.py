@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def ring_attention_reference(q, k, v, cache, slots, starts, layer, window):
-    """float64 attention of each query over its visible ring rows and chunk keys, and the cache after
+def ring_attention_reference(q, k, v, cache, slots, starts, window):
+    """float64 attention of each query over its visible ring rows and chunk keys (``cache``: one layer's
+    ring, [2, slots, window, kv_heads, head_dim]), and the cache after
     the append (the chunk's last min(n, window) keys/values at ring rows (start + i) mod window)."""
     b, n, heads, d = q.shape
     group = heads // k.shape[2]
@@ -20,8 +21,8 @@ def ring_attention_reference(q, k, v, cache, slots, starts, layer, window):
             ring = pos < s
             for h in range(heads):
                 kh = h // group
-                keys = np.where(ring[:, None], c[layer, 0, slots[bi], pos % window, kh], k[bi, np.clip(pos - s, 0, n - 1), kh])
-                vals = np.where(ring[:, None], c[layer, 1, slots[bi], pos % window, kh], v[bi, np.clip(pos - s, 0, n - 1), kh])
+                keys = np.where(ring[:, None], c[0, slots[bi], pos % window, kh], k[bi, np.clip(pos - s, 0, n - 1), kh])
+                vals = np.where(ring[:, None], c[1, slots[bi], pos % window, kh], v[bi, np.clip(pos - s, 0, n - 1), kh])
                 scores = keys @ q[bi, i, h] * d ** -0.5
                 w = np.exp(scores - scores.max())
                 out[bi, i, h] = (w / w.sum()) @ vals
@@ -30,8 +31,8 @@ def ring_attention_reference(q, k, v, cache, slots, starts, layer, window):
     for bi in range(b):
         for i in range(m):
             row = (int(starts[bi]) + n - m + i) % window
-            after[layer, 0, slots[bi], row] = k[bi, n - m + i]
-            after[layer, 1, slots[bi], row] = v[bi, n - m + i]
+            after[0, slots[bi], row] = k[bi, n - m + i]
+            after[1, slots[bi], row] = v[bi, n - m + i]
     return out, after
 
 

@@ -11,16 +11,16 @@ from references import ring_attention_reference  # noqa: E402
 from schedules.ring_attention import ring_attention_cpu, ring_attention_func  # noqa: E402
 
 
-def reference(q, k, v, cache, slots, starts, layer, window):
-    return ring_attention_reference(q, k, v, cache, slots, starts, layer, window)[0]
+def reference(q, k, v, cache, slots, starts, window):
+    return ring_attention_reference(q, k, v, cache, slots, starts, window)[0]
 
 
-def _run(func, arrays, layer, out_shape, dtype):
+def _run(func, arrays, out_shape, dtype):
     mod = tvm.IRModule({"main": func.with_attr("global_symbol", "main")})
     lib = tvm.compile(mod, target=tvm.target.Target("llvm"))
     dev = tvm.cpu()
     out = tvm.runtime.tensor(np.zeros(out_shape, dtype), dev)
-    lib["main"](*[tvm.runtime.tensor(a, dev) for a in arrays], layer, out)
+    lib["main"](*[tvm.runtime.tensor(a, dev) for a in arrays], out)
     return out.numpy()
 
 
@@ -36,20 +36,20 @@ CASES = [  # heads, kv heads, head dim, window, n, starts, dtype
 @pytest.mark.parametrize("heads,kv_heads,head_dim,window,n,starts,dtype", CASES)
 def test_cpu_ring_attention_equals_the_window_definition(heads, kv_heads, head_dim, window, n, starts, dtype):
     rng = np.random.default_rng(heads * 100 + window)
-    b, layers = len(starts), 2
+    b = len(starts)
     q = rng.standard_normal((b, n, heads, head_dim)).astype(dtype)
     k = rng.standard_normal((b, n, kv_heads, head_dim)).astype(dtype)
     v = rng.standard_normal((b, n, kv_heads, head_dim)).astype(dtype)
-    cache = rng.standard_normal((layers, 2, b + 2, window, kv_heads, head_dim)).astype(dtype)
+    cache = rng.standard_normal((2, b + 2, window, kv_heads, head_dim)).astype(dtype)
     slots = rng.permutation(b + 2)[:b].astype(np.int32)
     arrays = (q, k, v, cache, slots, np.array(starts, np.int32))
-    want = reference(*arrays, 1, window)
-    got = _run(ring_attention_cpu(heads, kv_heads, head_dim, window, dtype, keys_per_block=4), arrays, 1,
-               q.shape, dtype)
+    want = reference(*arrays, window)
+    got = _run(ring_attention_cpu(heads, kv_heads, head_dim, window, dtype, keys_per_block=4), arrays, q.shape,
+               dtype)
     tol = 2e-3 if dtype == "float16" else 1e-5
     assert np.abs(got - want).max() / np.abs(want).max() < tol
     if dtype == "float32":
-        te = _run(ring_attention_func(heads, kv_heads, head_dim, window, dtype), arrays, 1, q.shape, dtype)
+        te = _run(ring_attention_func(heads, kv_heads, head_dim, window, dtype), arrays, q.shape, dtype)
         assert np.abs(got - te).max() / np.abs(te).max() < 1e-5
 
 

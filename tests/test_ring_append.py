@@ -11,15 +11,15 @@ tvm = pytest.importorskip("tvm")
 from schedules.ring_attention import ring_append_func  # noqa: E402
 
 
-def _expected(cache, k, v, slots, starts, layer, window):
+def _expected(cache, k, v, slots, starts, window):
     out = cache.copy()
     n = k.shape[1]
     m = min(n, window)
     for b in range(k.shape[0]):
         for i in range(m):
             row = (int(starts[b]) + n - m + i) % window
-            out[layer, 0, slots[b], row] = k[b, n - m + i]
-            out[layer, 1, slots[b], row] = v[b, n - m + i]
+            out[0, slots[b], row] = k[b, n - m + i]
+            out[1, slots[b], row] = v[b, n - m + i]
     return out
 
 
@@ -28,8 +28,8 @@ def test_ring_append_writes_the_last_rows_of_each_chunk(kv_heads, head_dim, wind
     func = ring_append_func(kv_heads, head_dim, window, "float32").with_attr("global_symbol", "main")
     lib = tvm.compile(tvm.IRModule({"main": func}), target="llvm")
     rng = np.random.default_rng(0)
-    layers, slots_n, b, layer = 2, 4, 3, 1
-    cache = rng.standard_normal((layers, 2, slots_n, window, kv_heads, head_dim)).astype(np.float32)
+    slots_n, b = 4, 3
+    cache = rng.standard_normal((2, slots_n, window, kv_heads, head_dim)).astype(np.float32)
     k = rng.standard_normal((b, n, kv_heads, head_dim)).astype(np.float32)
     v = rng.standard_normal((b, n, kv_heads, head_dim)).astype(np.float32)
     slots = np.array([2, 0, 3], np.int32)
@@ -37,8 +37,8 @@ def test_ring_append_writes_the_last_rows_of_each_chunk(kv_heads, head_dim, wind
     dev = tvm.cpu()
     out = tvm.runtime.tensor(cache, dev)
     lib["main"](out, tvm.runtime.tensor(k, dev), tvm.runtime.tensor(v, dev), tvm.runtime.tensor(slots, dev),
-                tvm.runtime.tensor(starts, dev), layer)
-    np.testing.assert_array_equal(out.numpy(), _expected(cache, k, v, slots, starts, layer, window))
+                tvm.runtime.tensor(starts, dev))
+    np.testing.assert_array_equal(out.numpy(), _expected(cache, k, v, slots, starts, window))
 
 
 def test_odd_attention_configs_through_the_llvm_pipeline(tmp_path):

@@ -232,7 +232,8 @@ def test_buffers_over_the_adapter_limits_are_refused(models):
     gpu = models[0]
     binding = describe_adapter(gpu.rt.ffi, "vulkan")["limits"]["max_storage_buffer_binding_size"]
     assert binding == 128 << 20   # lavapipe's (and WebGPU's default)
-    name, per_stream = max(((k, v["bytes_per_stream"]) for k, v in gpu.manifest["state"].items()),
+    # the largest state buffer: one layer's of a per-layer state (a KV cache)
+    name, per_stream = max(((k, v["tensor_bytes_per_stream"]) for k, v in gpu.manifest["state"].items()),
                            key=lambda item: item[1])
     streams = binding // per_stream + 1
     with pytest.raises(VoxcError, match=rf"buffer {name} needs .* MiB, over the 128.0 MiB .*maxStorageBuffer"):

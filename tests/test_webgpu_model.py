@@ -379,8 +379,10 @@ def test_no_webgpu_message(built, tmp_path):
 
 
 def test_gpu_limits_too_small_message(built, tmp_path):
-    def huge_cache(m):   # a decoder cache no GPU's buffers can hold
-        m["gpu"]["largest_state_bytes_per_stream"] = m["state"]["dec_cache"]["bytes_per_stream"] = 1 << 40
+    def huge_cache(m):   # a decoder cache whose every layer's buffer is larger than any GPU's buffers
+        cache = m["state"]["dec_cache"]
+        m["gpu"]["largest_state_bytes_per_stream"] = cache["tensor_bytes_per_stream"] = 1 << 40
+        cache["bytes_per_stream"] = cache["layers"] << 40
 
     result = _demo_error(built[0], tmp_path, manifest_patch=huge_cache)
     assert result["events"][-1]["code"] == "limit"
@@ -429,7 +431,10 @@ def test_requirements_list_every_buffer(check_run, built):
     assert footprint["total_bytes"]["1"] == req["totalBytes"]
     assert footprint["total_bytes"]["2"] == req["weightsBytes"] + 2 * req["stateBytes"]
     assert footprint["largest_buffer"]["bytes"] == req["buffers"][0]["bytes"]
-    assert {b["name"]: b["bytes"] for b in req["buffers"] if b["kind"] == "state"} == state
+    # a per-layer state (a KV cache) is one buffer per layer: the limits apply to one layer's
+    assert {b["name"]: b["bytes"] for b in req["buffers"] if b["kind"] == "state"} == \
+        {k: v["tensor_bytes_per_stream"] for k, v in manifest["state"].items()}
+    assert {b["name"]: b["totalBytes"] for b in req["buffers"] if b["kind"] == "state"} == state
     weight = [b for b in req["buffers"] if b["kind"] == "weight"]
     assert len(weight) == 1 and weight[0]["bytes"] == manifest["largest_param_bytes"]
     assert [b["bytes"] for b in req["buffers"]] == sorted((b["bytes"] for b in req["buffers"]), reverse=True)

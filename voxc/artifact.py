@@ -34,8 +34,9 @@ from voxc.errors import VoxcError
 
 # 2: tensor-cache weights, file checksums, entry/state/streaming sections;
 # 3: stacked q/k/v and w1/w3 weights (attention.wqkv, feed_forward.w13); the set_delay entry and the
-#    delay_scales state, which decode reads instead of delay_tokens
-FORMAT_VERSION = 3
+#    delay_scales state, which decode reads instead of delay_tokens;
+# 4: per-layer KV caches: enc_cache and dec_cache are tuples of one tensor per layer (state "layers")
+FORMAT_VERSION = 4
 MANIFEST = "voxc-artifact.json"
 WEIGHT_INDEX = "tensor-cache.json"
 SHARD_NAME = "params_shard_{}.bin"
@@ -78,24 +79,56 @@ CONV1_CONTEXT = 1
 AUDIO_RING_ROWS = 256
 
 
-def state_shapes(cfg: ModelConfig) -> dict[str, list[int | None]]:
-    """Device state, name -> shape with ``None`` at the slot axis (one slot per stream).  Every
-    entry point takes and returns these, updated in place; the order is the runtime's."""
+@dataclasses.dataclass(frozen=True)
+class StateEntry:
+    """One entry of the per-stream device state: a tensor of ``shape`` (``None`` at the slot axis, one
+    slot per stream), or, with ``layers``, a tuple of ``layers`` such tensors, one per layer.
+
+    The KV caches are per layer because WebGPU and Vulkan bind a whole buffer per kernel argument and
+    limit one binding (NVIDIA's Vulkan driver: 2 GiB; many browsers: 128 MiB to 1 GiB): each attention
+    kernel binds only its own layer's cache, 32 MiB a stream for the decoder at full size in float16."""
+    shape: tuple[int | None, ...]
+    layers: int | None = None
+
+    @property
+    def tensors(self) -> int:
+        return 1 if self.layers is None else self.layers
+
+    def tensor_bytes(self, dtype: str, streams: int = 1) -> int:
+        """Bytes of one of its tensors (one layer's) with ``streams`` slots."""
+        return math.prod(self.concrete_shape(streams)) * numpy_dtype(dtype).itemsize
+
+    def concrete_shape(self, streams: int) -> tuple[int, ...]:
+        return tuple(streams if s is None else s for s in self.shape)
+
+
+def state_layout(cfg: ModelConfig) -> dict[str, StateEntry]:
+    """Device state, name -> entry.  Every entry point takes and returns the entries it uses, updated
+    in place (a per-layer entry as a tuple); the order is the runtime's."""
     e, d = cfg.encoder, cfg.decoder
     return {
-        "conv0_state": [None, CONV0_CONTEXT, e.num_mel_bins],
-        "conv1_state": [None, CONV1_CONTEXT, e.dim],
-        "enc_cache": [e.n_layers, 2, None, e.sliding_window, e.n_heads, e.head_dim],
-        "audio_ring": [None, AUDIO_RING_ROWS, d.dim],
-        "dec_cache": [d.n_layers, 2, None, d.sliding_window, d.n_kv_heads, d.head_dim],
+        "conv0_state": StateEntry((None, CONV0_CONTEXT, e.num_mel_bins)),
+        "conv1_state": StateEntry((None, CONV1_CONTEXT, e.dim)),
+        # ring KV caches (schedules/ring_attention.py): per layer [2 (k, v), slots, window, heads, head_dim]
+        "enc_cache": StateEntry((2, None, e.sliding_window, e.n_heads, e.head_dim), layers=e.n_layers),
+        "audio_ring": StateEntry((None, AUDIO_RING_ROWS, d.dim)),
+        "dec_cache": StateEntry((2, None, d.sliding_window, d.n_kv_heads, d.head_dim), layers=d.n_layers),
         # each stream's ada-norm scale per decoder layer: set once per stream, for its delay (set_delay)
-        "delay_scales": [None, d.n_layers, d.dim],
+        "delay_scales": StateEntry((None, d.n_layers, d.dim)),
     }
 
 
+def state_section(cfg: ModelConfig, dtype: str) -> dict:
+    """The manifest's ``state`` section: per entry the shape of one tensor (null at the slot axis),
+    ``layers`` (a per-layer tuple) or null, and the bytes per stream of one tensor and of the entry."""
+    return {k: {"shape": list(v.shape), "layers": v.layers, "dtype": dtype,
+                "tensor_bytes_per_stream": (one := v.tensor_bytes(dtype)), "bytes_per_stream": v.tensors * one}
+            for k, v in state_layout(cfg).items()}
+
+
 def state_bytes_per_stream(cfg: ModelConfig, dtype: str) -> dict[str, int]:
-    size = np.dtype(dtype).itemsize
-    return {k: math.prod(1 if s is None else s for s in v) * size for k, v in state_shapes(cfg).items()}
+    """Bytes of each state entry (all its tensors) per stream."""
+    return {k: s["bytes_per_stream"] for k, s in state_section(cfg, dtype).items()}
 
 
 # ---- streaming ---------------------------------------------------------------------------------------
@@ -212,8 +245,7 @@ def new_manifest(*, target: str, device_kind: str, library: str, model_dtype: st
         "weights": WEIGHT_INDEX,
         "tokenizer": tokenizer,
         "streaming": streaming_section(cfg, left_pad_tokens=left_pad_tokens, default_delay_ms=default_delay_ms),
-        "state": {k: {"shape": v, "dtype": model_dtype, "bytes_per_stream": b} for (k, v), b in
-                  zip(state_shapes(cfg).items(), state_bytes_per_stream(cfg, model_dtype).values())},
+        "state": state_section(cfg, model_dtype),
         **extras,
     }
 
@@ -415,9 +447,7 @@ def _check_manifest(path: Path, m: dict) -> None:
     if streaming != want:
         wrong = sorted(k for k in set(want) | set(streaming) if want.get(k, ...) != streaming.get(k, ...))
         bad(f"streaming {', '.join(wrong)} disagree with the model config")
-    state = {k: {"shape": v, "dtype": m["model_dtype"], "bytes_per_stream": b} for (k, v), b in
-             zip(state_shapes(cfg).items(), state_bytes_per_stream(cfg, m["model_dtype"]).values())}
-    if m["state"] != json.loads(json.dumps(state)):
+    if m["state"] != json.loads(json.dumps(state_section(cfg, m["model_dtype"]))):
         bad("the state section disagrees with the model config and dtype")
 
     cpu = m.get("cpu")

@@ -42,8 +42,9 @@ function bytesMB(n) {
 /**
  * What a bundle needs from the GPU (from its manifest), for `maxStreams` concurrent streams:
  * features and kernel limits, and its memory: every buffer voxc allocates that can approach a
- * limit (the largest weight tensor, each state buffer with one slot per stream), the weights' and
- * the state's totals.  `buffers` is sorted largest first; each is {name, what, bytes}.
+ * limit (the largest weight tensor, each state buffer with one slot per stream: a per-layer state,
+ * a key/value cache, is one buffer per layer), the weights' and the state's totals.  `buffers` is
+ * sorted largest first; each is {name, what, bytes (one buffer), totalBytes (all of its buffers)}.
  */
 export function bundleRequirements(manifest, { maxStreams = 1 } = {}) {
   const gpu = manifest.gpu ?? {};
@@ -62,11 +63,13 @@ export function bundleRequirements(manifest, { maxStreams = 1 } = {}) {
   }
   let stateBytes = 0;
   for (const [name, spec] of Object.entries(manifest.state ?? {})) {
-    const bytes = spec.bytes_per_stream * streams;
-    stateBytes += bytes;
-    const per = streams > 1 ? `, ${streams} streams of ${bytesMB(spec.bytes_per_stream)}` : "";
-    buffers.push({ name, kind: "state", what: `${STATE_HELP[name] ?? `the state buffer ${name}`} (${name}${per})`,
-                   bytes });
+    const tensorBytes = spec.tensor_bytes_per_stream ?? spec.bytes_per_stream;
+    const totalBytes = spec.bytes_per_stream * streams;
+    stateBytes += totalBytes;
+    const per = streams > 1 ? `, ${streams} streams of ${bytesMB(tensorBytes)}` : "";
+    const layer = spec.layers ? `one layer of ${spec.layers}: ` : "";
+    buffers.push({ name, kind: "state", bytes: tensorBytes * streams, totalBytes,
+                   what: `${STATE_HELP[name] ?? `the state buffer ${name}`} (${layer}${name}${per})` });
   }
   if (!manifest.state && gpu.largest_state_bytes_per_stream) {   // a manifest without its state section
     const bytes = gpu.largest_state_bytes_per_stream * streams;
@@ -192,8 +195,8 @@ export async function checkWebGPU({ requirements = {}, powerPreference = "high-p
   const memory = memoryUpperBound(deviceMemory);
   if (memory !== null && (requirements.totalBytes ?? 0) > memory) {
     const parts = [`${bytesMB(requirements.weightsBytes ?? 0)} of weights`,
-                   ...buffers.filter((b) => b.kind === "state" && b.bytes >= 1 << 20)
-                     .map((b) => `${bytesMB(b.bytes)} for ${b.what}`)];
+                   ...buffers.filter((b) => b.kind === "state" && (b.totalBytes ?? b.bytes) >= 1 << 20)
+                     .map((b) => `${bytesMB(b.totalBytes ?? b.bytes)} for ${STATE_HELP[b.name] ?? `the state ${b.name}`}`)];
     throw new VoxcError(
       `The model needs ${bytesMB(requirements.totalBytes)} of GPU memory (${parts.join(", ")}), but this ` +
       `computer reports less than ${bytesMB(memory)} of memory (navigator.deviceMemory). ` +
@@ -568,7 +571,9 @@ async function loadWeights(tvm, dev, base, manifest, scope, report) {
 /**
  * The model's state buffers, one slot per stream (`maxStreams` slots, the manifest's null axis),
  * allocated inside an out-of-memory error scope: a GPU that cannot hold one fails with a
- * VoxcError (code "memory") naming it.  WebGPU zero-fills new buffers; the caches need no clearing
+ * VoxcError (code "memory") naming it.  A per-layer state (the manifest's `layers`: the key/value
+ * caches) is an array of one separately allocated buffer per layer: each layer's kernels bind only
+ * their own, within the browser's limit on one binding.  WebGPU zero-fills new buffers; the caches need no clearing
  * (positions before a stream's start are masked), the conv contexts are zeroed per stream in
  * resetSlot.
  */
@@ -580,10 +585,12 @@ async function allocateState(tvm, dev, device, manifest, requirements) {
     for (const [name, spec] of Object.entries(manifest.state)) {
       const shape = spec.shape.map((s) => (s === null ? requirements.maxStreams : s));
       if (scoped) device.pushErrorScope("out-of-memory");
-      state[name] = tvm.detachFromCurrentScope(tvm.empty(shape, spec.dtype, dev));
+      const tensors = Array.from({ length: spec.layers ?? 1 },
+                                 () => tvm.detachFromCurrentScope(tvm.empty(shape, spec.dtype, dev)));
+      state[name] = spec.layers ? tensors : tensors[0];
       const err = scoped ? await device.popErrorScope() : null;
       if (err) {
-        for (const t of Object.values(state)) t.dispose();
+        for (const t of Object.values(state).flat()) t.dispose();
         const buf = requirements.buffers.find((b) => b.name === name);
         throw new VoxcError(
           `The GPU is out of memory for ${buf?.what ?? name} (${bytesMB(buf?.bytes ?? 0)}; the model needs ` +
@@ -1193,10 +1200,20 @@ export class Voxc {
     return this.#toDevice({ data: Int32Array.from(values), shape: [values.length], dtype: "int32" });
   }
 
-  #replaceState(name, tensor) {
-    const old = this.state[name];
-    this.state[name] = this.tvm.detachFromCurrentScope(tensor);
-    if (old !== tensor) old.dispose();
+  /** A state entry as an entry point takes it: a per-layer entry (an array) as a tuple. */
+  #stateArg(name) {
+    const value = this.state[name];
+    return Array.isArray(value) ? this.tvm.makeTVMArray(value) : value;
+  }
+
+  /** Keep an entry point's returned state entry (a per-layer entry comes back as a tuple). */
+  #replaceState(name, returned) {
+    const old = [this.state[name]].flat();
+    const fresh = Array.isArray(this.state[name])
+      ? Array.from({ length: returned.size() }, (_, i) => returned.get(i)) : [returned];
+    const kept = fresh.map((t) => this.tvm.detachFromCurrentScope(t));
+    this.state[name] = Array.isArray(this.state[name]) ? kept : kept[0];
+    old.forEach((t, i) => { if (t !== kept[i]) t.dispose(); });
   }
 
   /** mel + encode of one PCM window for the streams `slots` (one window each): the audio ring gains
@@ -1211,8 +1228,8 @@ export class Voxc {
     try {
       const samples = this.#toDevice({ data: flat, shape: [windows.length, n], dtype: "float32" });
       const mel = this.fns.mel(samples, ...this.#paramArgs());
-      const ret = this.fns.encode(mel, state.conv0_state, state.conv1_state, state.enc_cache, state.audio_ring,
-                                  this.#i32(slots), this.#i32(starts), ...this.#paramArgs());
+      const ret = this.fns.encode(mel, state.conv0_state, state.conv1_state, this.#stateArg("enc_cache"),
+                                  state.audio_ring, this.#i32(slots), this.#i32(starts), ...this.#paramArgs());
       ["conv0_state", "conv1_state", "enc_cache", "audio_ring"].forEach((k, i) => this.#replaceState(k, ret.get(i)));
       return mel.shape[2];
     } finally {
@@ -1249,8 +1266,8 @@ export class Voxc {
     let hostLogits = null;
     try {
       const tokIn = this.#toDevice({ data: flat, shape: [b, n], dtype: "int32" });
-      const ret = this.fns.decode(tokIn, state.audio_ring, state.delay_scales, state.dec_cache, this.#i32(slots),
-                                  this.#i32(starts), ...this.#paramArgs());
+      const ret = this.fns.decode(tokIn, state.audio_ring, state.delay_scales, this.#stateArg("dec_cache"),
+                                  this.#i32(slots), this.#i32(starts), ...this.#paramArgs());
       this.#replaceState("dec_cache", ret.get(2));
       if (readTokens) {
         hostTokens = tvm.empty([b], "int32", tvm.cpu());
@@ -1275,7 +1292,7 @@ export class Voxc {
   }
 
   dispose() {
-    for (const t of Object.values(this.state ?? {})) t.dispose();
+    for (const t of Object.values(this.state ?? {}).flat()) t.dispose();
     for (const f of Object.values(this.fns ?? {})) f.dispose();
     this.packedParams?.dispose();
     this.params.forEach((p) => p.dispose());

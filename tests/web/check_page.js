@@ -10,14 +10,19 @@ try {
   const adapter = await navigator.gpu.requestAdapter();
   const limit = Math.min(adapter.limits.maxBufferSize, adapter.limits.maxStorageBufferBindingSize);
   const GiB = 2 ** 30;
-  const withDecCache = (bytes) => (m) => { m.state.dec_cache.bytes_per_stream = bytes; };
+  // one layer's decoder cache buffer of `bytes` per stream (the cache is one buffer per layer)
+  const withDecCache = (bytes) => (m) => {
+    const spec = m.state.dec_cache;
+    spec.tensor_bytes_per_stream = bytes;
+    spec.bytes_per_stream = bytes * (spec.layers ?? 1);
+  };
   const cases = [
     { name: "as built" },
     { name: "as built, 1 GiB reported", deviceMemory: 1 },
     // half the adapter's buffer limit plus a little per stream: one stream fits, two do not
     { name: "cache, 1 stream", patch: withDecCache(Math.floor(limit / 2) + 4096) },
     { name: "cache, 2 streams", patch: withDecCache(Math.floor(limit / 2) + 4096), maxStreams: 2 },
-    // 4 GiB of weights (many buffers) + 256 MiB of decoder cache on a computer reporting 2 GiB
+    // 4 GiB of weights (many buffers) + 256 MiB of decoder cache (all layers) on a computer reporting 2 GiB
     // (less than 4 GiB); each buffer within SwiftShader's limits
     { name: "memory", deviceMemory: 2,
       patch: (m) => { m.gpu.total_param_bytes = 4 * GiB; m.state.dec_cache.bytes_per_stream = GiB / 4; } },

@@ -24,9 +24,9 @@ class AdaNorm(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, index: int, cfg: DecoderConfig, dtype: str):
+    def __init__(self, cfg: DecoderConfig, dtype: str):
         self.attention_norm = rms_norm(cfg.dim, cfg.norm_eps, dtype)
-        self.attention = RingAttention(index, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
+        self.attention = RingAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
                                        cfg.sliding_window, cfg.rope_theta, biases=False, dtype=dtype)
         self.ffn_norm = rms_norm(cfg.dim, cfg.norm_eps, dtype)
         self.ada_norm = AdaNorm(cfg.dim, cfg.ada_norm_dim, dtype)
@@ -43,16 +43,19 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     def __init__(self, cfg: DecoderConfig, dtype: str):
         self.cfg = cfg
-        self.layers = nn.ModuleList([DecoderLayer(i, cfg, dtype) for i in range(cfg.n_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(cfg, dtype) for _ in range(cfg.n_layers)])
         self.norm = rms_norm(cfg.dim, cfg.norm_eps, dtype)
 
     def delay_scales(self, t_cond: nn.Tensor) -> nn.Tensor:
         """``t_cond [b, dim]`` -> every layer's ada-norm scale ``[b, n_layers, dim]``."""
         return op.concat([op.unsqueeze(layer.ada_norm(t_cond), 1) for layer in self.layers], dim=1)
 
-    def forward(self, x, delay_scales, cache, slots, starts):
+    def forward(self, x, delay_scales, caches, slots, starts):
         """``delay_scales [n_slots, n_layers, dim]``: the per-stream state :meth:`delay_scales` fills;
-        each layer reads its row of the streams' slots."""
-        for i, layer in enumerate(self.layers):
+        each layer reads its row of the streams' slots.  ``caches``: each layer's ring KV cache;
+        returns the final hidden state and the updated caches."""
+        updated = []
+        for i, (layer, cache) in enumerate(zip(self.layers, caches, strict=True)):
             x, cache = layer(x, read_slot_row(delay_scales, slots, i), cache, slots, starts)
-        return self.norm(x), cache
+            updated.append(cache)
+        return self.norm(x), updated

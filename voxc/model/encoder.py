@@ -10,9 +10,9 @@ from voxc.model.layers import RingAttention, SwiGLU, last_frames, read_slot_rows
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, index: int, cfg: EncoderConfig, dtype: str):
+    def __init__(self, cfg: EncoderConfig, dtype: str):
         self.attention_norm = rms_norm(cfg.dim, cfg.norm_eps, dtype)
-        self.attention = RingAttention(index, cfg.dim, cfg.n_heads, cfg.n_heads, cfg.head_dim,
+        self.attention = RingAttention(cfg.dim, cfg.n_heads, cfg.n_heads, cfg.head_dim,
                                        cfg.sliding_window, cfg.rope_theta, biases=True, dtype=dtype)
         self.ffn_norm = rms_norm(cfg.dim, cfg.norm_eps, dtype)
         self.feed_forward = SwiGLU(cfg.dim, cfg.hidden_dim, down_bias=True, dtype=dtype)
@@ -39,7 +39,7 @@ class Encoder(nn.Module):
         self.cfg = cfg
         self.conv0 = nn.Conv1D(cfg.num_mel_bins, cfg.dim, 3, stride=1, bias=True, dtype=dtype)
         self.conv1 = nn.Conv1D(cfg.dim, cfg.dim, 3, stride=2, bias=True, dtype=dtype)
-        self.layers = nn.ModuleList([EncoderLayer(i, cfg, dtype) for i in range(cfg.n_layers)])
+        self.layers = nn.ModuleList([EncoderLayer(cfg, dtype) for _ in range(cfg.n_layers)])
         self.norm = rms_norm(cfg.dim, cfg.norm_eps, dtype)
 
     def stem(self, mel: nn.Tensor, conv0_state: nn.Tensor, conv1_state: nn.Tensor, slots: nn.Tensor):
@@ -59,7 +59,10 @@ class Encoder(nn.Module):
                                       slots, zeros)
         return op.permute_dims(frames, [0, 2, 1]), conv0_state, conv1_state
 
-    def transformer(self, frames, cache, slots, starts):
-        for layer in self.layers:
+    def transformer(self, frames, caches, slots, starts):
+        """``caches``: each layer's ring KV cache; returns the output and the updated caches."""
+        updated = []
+        for layer, cache in zip(self.layers, caches, strict=True):
             frames, cache = layer(frames, cache, slots, starts)
-        return self.norm(frames), cache
+            updated.append(cache)
+        return self.norm(frames), updated

@@ -21,8 +21,13 @@ def export_graph(cfg: ModelConfig, options: GraphOptions = GraphOptions()):
     for entry in options.static_entries:
         full = graph.export_spec()[entry.entry]
         values = dict(entry.dims)
-        static = {k: nnspec.Tensor([values.get(d, d) if isinstance(d, str) else d for d in v.shape], v.dtype)
-                  for k, v in full.items()}
+
+        def fixed(arg):   # a tensor spec with the entry's dims fixed; a tuple's elements each
+            if isinstance(arg, list):
+                return [fixed(a) for a in arg]
+            return nnspec.Tensor([values.get(d, d) if isinstance(d, str) else d for d in arg.shape], arg.dtype)
+
+        static = {k: fixed(v) for k, v in full.items()}
         part, _ = VoxtralGraph.build(cfg, options).export_tvm(spec=_with_param_mode({entry.entry: static}, options))
         mod = _merge_entry(mod, part, entry.entry, entry.name)
     return mod, params

@@ -5,7 +5,8 @@ device-resident state, ``starts`` its absolute position (encoder frames for ``en
 for ``decode``).  The state is updated in place and returned:
 
 * ``conv0_state [S, 2, n_mels]``, ``conv1_state [S, 1, enc_dim]``: the causal convs' left context;
-* ``enc_cache``, ``dec_cache``: ring KV caches (schedules/ring_attention.py);
+* ``enc_cache``, ``dec_cache``: ring KV caches (schedules/ring_attention.py), a tuple of one tensor
+  per layer ``[2, S, window, kv_heads, head_dim]`` (each kernel binds only its layer's buffer);
 * ``audio_ring [S, AUDIO_RING_ROWS, dec_dim]``: audio embeddings between encoder and decoder,
   token position ``p`` at row ``p mod AUDIO_RING_ROWS``;
 * ``delay_scales [S, n_dec_layers, dec_dim]``: each stream's ada-norm scales, for its delay.
@@ -30,7 +31,7 @@ from tvm import te
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op, spec
 
-from voxc.artifact import ENTRY_POINTS, StaticEntry, state_shapes
+from voxc.artifact import ENTRY_POINTS, StaticEntry, state_layout
 from voxc.config import ModelConfig
 from voxc.model.adapter import Adapter
 from voxc.model.decoder import Decoder
@@ -113,10 +114,15 @@ class VoxtralGraph(nn.Module):
 
     # ---- export -----------------------------------------------------------------------------
     def export_spec(self) -> dict:
-        """The entry points' argument specs; state shapes come from voxc.artifact.state_shapes."""
+        """The entry points' argument specs; the state comes from voxc.artifact.state_layout (a
+        per-layer entry is a list of specs: the entry point takes and returns it as a tuple)."""
         mel_bins = self.cfg.encoder.num_mel_bins
-        state = {name: spec.Tensor(["n_slots" if d is None else d for d in shape], self.dtype)
-                 for name, shape in state_shapes(self.cfg).items()}
+
+        def state_spec(entry):
+            tensor = spec.Tensor(["n_slots" if d is None else d for d in entry.shape], self.dtype)
+            return tensor if entry.layers is None else [tensor] * entry.layers
+
+        state = {name: state_spec(entry) for name, entry in state_layout(self.cfg).items()}
         encode_args = {"mel": spec.Tensor(["b", mel_bins, "t"], self.dtype),
                        **{k: state[k] for k in ("conv0_state", "conv1_state", "enc_cache", "audio_ring")},
                        "slots": spec.Tensor(["b"], "int32"), "starts": spec.Tensor(["b"], "int32")}

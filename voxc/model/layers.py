@@ -69,11 +69,11 @@ def apply_rope(x: nn.Tensor, starts: nn.Tensor, theta: float, name: str) -> nn.T
 
 
 class RingAttention(nn.Module):
-    """Self-attention with biases as configured, RoPE, exact sliding window over a ring KV cache."""
+    """Self-attention with biases as configured, RoPE, exact sliding window over a ring KV cache
+    (this layer's own cache tensor, ``[2, slots, window, n_kv_heads, head_dim]``)."""
 
-    def __init__(self, layer_index: int, dim: int, n_heads: int, n_kv_heads: int, head_dim: int,
+    def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int,
                  window: int, rope_theta: float, biases: bool, dtype: str):
-        self.layer_index = layer_index
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.window, self.rope_theta, self.dtype = window, rope_theta, dtype
         # q, k and v as one matmul (rows of wq, wk, wv; voxc.loader.names.STACKED_PROJECTIONS): one
@@ -90,14 +90,13 @@ class RingAttention(nn.Module):
         v = op.reshape(v, (b, n, self.n_kv_heads, self.head_dim))
         q = apply_rope(q, starts, self.rope_theta, "rope_q")
         k = apply_rope(k, starts, self.rope_theta, "rope_k")
-        layer = tirx.IntImm("int64", self.layer_index)
         attn = op.tensor_ir_op(
             ring_attention_func(self.n_heads, self.n_kv_heads, self.head_dim, self.window, self.dtype),
-            "ring_attention", args=[q, k, v, cache, slots, starts, layer],
+            "ring_attention", args=[q, k, v, cache, slots, starts],
             out=nn.Tensor.placeholder((b, n, self.n_heads, self.head_dim), self.dtype))
         cache = op.tensor_ir_inplace_op(
             ring_append_func(self.n_kv_heads, self.head_dim, self.window, self.dtype),
-            "ring_append", args=[cache, k, v, slots, starts, layer], inplace_indices=[0],
+            "ring_append", args=[cache, k, v, slots, starts], inplace_indices=[0],
             out=nn.Tensor.placeholder(cache.shape, self.dtype))
         out = self.wo(op.reshape(attn, (b, n, self.n_heads * self.head_dim)))
         return out, cache

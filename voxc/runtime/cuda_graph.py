@@ -6,7 +6,7 @@ CUDA graph, and replays the whole step with one launch from then on.
 A replay reuses every buffer address of the capture, so the step's inputs live in tensors owned by
 the capture (the caller copies new values into them before each replay) and its state arguments
 (caches, audio ring) must be the same tensors on every call: :meth:`CapturedStep.matches` checks
-that, and the caller captures again when they changed.  Only the CUDA runtime (libcudart, which
+that (every tensor of a per-layer cache list too), and the caller captures again when they changed.  Only the CUDA runtime (libcudart, which
 TVM's CUDA runtime already loaded) is used, through ctypes.
 """
 from __future__ import annotations
@@ -36,17 +36,23 @@ def _check(lib, code: int, what: str) -> None:
         raise VoxcError(f"CUDA graph {what} failed: {lib.cudaGetErrorString(code).decode()}")
 
 
+def _addresses(args: list) -> list[int]:
+    """The device address of every tensor of ``args``, those of a list (a per-layer cache) each."""
+    return [t.data_ptr() for arg in args for t in (arg if isinstance(arg, list) else [arg])]
+
+
 class CapturedStep:
     """``fn(*args, *params)`` captured once; :meth:`replay` re-runs it and returns the outputs of the
     capture (the same tensors, holding the new results).  ``args`` are device tensors: the step's
-    inputs (refilled by the caller before each replay) and its state."""
+    inputs (refilled by the caller before each replay) and its state; a list of tensors (a per-layer
+    cache) is passed as a tuple."""
 
     def __init__(self, runtime, fn, args: list, params: list):
         import tvm_ffi
 
         self.lib = lib = _cudart()
         self.args = args
-        self._ptrs = [t.data_ptr() for t in args]
+        self._ptrs = _addresses(args)
         self.stream = ctypes.c_void_p()
         _check(lib, lib.cudaStreamCreateWithFlags(ctypes.byref(self.stream), _STREAM_NON_BLOCKING), "stream")
         self.graph, self.exec = ctypes.c_void_p(), ctypes.c_void_p()
@@ -72,7 +78,7 @@ class CapturedStep:
 
     def matches(self, args: list) -> bool:
         """Whether ``args`` are the tensors the graph was captured with (same addresses)."""
-        return [t.data_ptr() for t in args] == self._ptrs
+        return _addresses(args) == self._ptrs
 
     def replay(self):
         # work queued on the default stream (an encode writing the audio ring) finishes first

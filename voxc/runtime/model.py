@@ -1,9 +1,9 @@
 """A loaded artifact: weights on the device, the VM's entry points, and the KV caches.
 
-Caches are allocated per model for ``max_streams`` sequences (one slot each): the encoder ring
-``[L, 2, slots, 750, H, D]`` and the decoder ring ``[L, 2, slots, 8192, Hkv, D]``.  Every entry
-point takes a batch of slots, so the server can decode many streams in one step; a
-:class:`~voxc.runtime.session.StreamingSession` is one slot.
+Caches are allocated per model for ``max_streams`` sequences (one slot each), one tensor per layer
+(voxc.artifact.state_layout): the encoder rings ``[2, slots, 750, H, D]`` and the decoder rings
+``[2, slots, 8192, Hkv, D]``.  Every entry point takes a batch of slots, so the server can decode
+many streams in one step; a :class:`~voxc.runtime.session.StreamingSession` is one slot.
 """
 from __future__ import annotations
 
@@ -90,8 +90,13 @@ class CompiledModel:
         self._view = runtime.ffi.get_global_func("runtime.TVMTensorCreateView")
         self.slots = SlotPool(max_streams)
         self.audio_ring_rows = artifact.AUDIO_RING_ROWS
-        for name, shape in artifact.state_shapes(self.config).items():   # one slot per stream
-            setattr(self, name, runtime.zeros(tuple(max_streams if s is None else s for s in shape), self.dtype))
+        self.state_layout = artifact.state_layout(self.config)
+        for name, entry in self.state_layout.items():   # one slot per stream
+            shape = entry.concrete_shape(max_streams)
+            # a per-layer entry (a KV cache): a list of separately allocated tensors, so each layer's
+            # kernels bind a buffer of their own (WebGPU/Vulkan limit one binding's size)
+            setattr(self, name, runtime.zeros(shape, self.dtype) if entry.layers is None else
+                    [runtime.zeros(shape, self.dtype) for _ in range(entry.layers)])
 
     @classmethod
     def load(cls, artifact_dir, device: str | None = None, *, max_streams: int = 1, progress: bool = False,
@@ -182,7 +187,8 @@ class CompiledModel:
         out = fn(mel, self.conv0_state, self.conv1_state, self.enc_cache, self.audio_ring,
                  self.rt.tensor(np.asarray(slots, np.int32)), self.rt.tensor(np.asarray(starts, np.int32)),
                  *self.params)
-        self.conv0_state, self.conv1_state, self.enc_cache, self.audio_ring = out[0], out[1], out[2], out[3]
+        self.conv0_state, self.conv1_state, self.audio_ring = out[0], out[1], out[3]
+        self.enc_cache = list(out[2])   # the per-layer caches come back as a tuple
         return (out[4], out[5], out[6]) if stages else None
 
     def decode(self, tokens: np.ndarray, slots, starts):
@@ -192,10 +198,11 @@ class CompiledModel:
         if tokens.shape == (1, 1) and self._decode_single is not None and self.cuda_graphs:
             return self._decode_graph(tokens, slots, starts)
         fn = self._decode_single if tokens.shape == (1, 1) and self._decode_single is not None else self._decode
-        logits, next_tokens, self.dec_cache = fn(
+        logits, next_tokens, dec_cache = fn(
             self.rt.tensor(tokens), self.audio_ring, self.delay_scales, self.dec_cache,
             self.rt.tensor(np.asarray(slots, np.int32)), self.rt.tensor(np.asarray(starts, np.int32)),
             *self.params)
+        self.dec_cache = list(dec_cache)   # the per-layer caches come back as a tuple
         return logits, next_tokens
 
     def _decode_graph(self, tokens, slots, starts):
@@ -219,7 +226,8 @@ class CompiledModel:
                 self.cuda_graphs = False
                 self._decode_captured = None
                 return self.decode(tokens, slots, starts)
-        logits, next_tokens, self.dec_cache = self._decode_captured.replay()
+        logits, next_tokens, dec_cache = self._decode_captured.replay()
+        self.dec_cache = list(dec_cache)
         self.cuda_graph_replays += 1
         return logits, next_tokens
 

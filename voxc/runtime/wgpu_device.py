@@ -89,9 +89,10 @@ def device_stats(ffi) -> dict:
 
 
 def largest_buffers(manifest: dict, max_streams: int) -> list[tuple[str, int]]:
-    """(name, bytes) of every weight and state buffer the model allocates, largest first."""
+    """(name, bytes) of every weight and state buffer the model allocates, largest first (a per-layer
+    state, a KV cache, is one buffer per layer: named once, with one layer's size)."""
     sizes = [(p["name"], math.prod(p["shape"]) * _itemsize(p["dtype"])) for p in manifest["params"]]
-    sizes += [(name, int(s["bytes_per_stream"]) * max_streams) for name, s in manifest["state"].items()]
+    sizes += [(name, int(s["tensor_bytes_per_stream"]) * max_streams) for name, s in manifest["state"].items()]
     return sorted(sizes, key=lambda item: -item[1])
 
 
