@@ -14,6 +14,8 @@ ring as it was before the chunk (read first) plus the chunk's own keys; then the
 """
 from __future__ import annotations
 
+import math
+
 from tvm import te, tirx
 
 from schedules import pin_source
@@ -416,22 +418,157 @@ def ring_attention_merge_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wind
 
 
 # ---- CPU kernel ------------------------------------------------------------------------------------------
+# TVM's default CPU lowering of the TE definition runs on one thread and scores all W + n ring rows of
+# every query (the decoder's W = 8192 rows at any position).  ``ring_attention_cpu`` visits only each
+# query's visible positions max(0, q - W + 1) .. q, split-K like the GPU kernels: a query row's visible
+# positions are cut into equal runs of at least ``min_keys_per_run`` keys, one parallel task each (one
+# decode row keeps every core busy), and a second parallel loop combines the runs by their softmax mass.
+# A task reads whole cache rows [n_kv_heads, head_dim] in position order, a sequential stream the
+# hardware prefetchers follow (one kv head's rows lie n_kv_heads * head_dim elements apart, 4 KB in the
+# decoder: a walk over one kv head crosses a page at every key and was latency-bound), and scores every
+# query head against each row: the G = H / Hkv query heads of a kv head use its key and value from L1.
+
+def cpu_kernel_layout(n_heads: int, n_kv_heads: int, head_dim: int, window: int, keys_per_block: int = 16,
+                      min_keys_per_run: int = 64, max_runs: int = 32, tile_vectors: int = 4) -> dict:
+    """Loop shape of :func:`ring_attention_cpu`.
+
+    ``lanes``: float32 vector width of the head_dim loops (the largest power of two up to 16 dividing
+    head_dim).  The inner loops keep ``tile_vectors`` such vectors of sums in registers (8 AVX2
+    registers at 16 lanes), enough independent FMA chains to hide their latency: ``head_tile`` query heads
+    of one kv head (the largest divisor of G up to ``tile_vectors``, so every GQA ratio tiles exactly),
+    times ``key_tile`` keys for the dot products and ``chunk_tile`` head_dim chunks for the weighted values
+    (an MHA head, G = 1, gets 4 keys or 4 chunks).  ``keys_per_block``: keys scored before the online
+    softmax rescales its running sums (a multiple of ``key_tile``); ``min_keys_per_run``: the shortest run
+    worth a task of its own (a task's fixed cost, scaling its queries and writing its partial output, is
+    about that many keys' work); ``max_runs``: runs of one query row at most (no more than a full window
+    needs)."""
+    from voxc.errors import VoxcError
+
+    if (n_heads < 1 or n_kv_heads < 1 or n_heads % n_kv_heads or head_dim < 1 or window < 1
+            or keys_per_block < 1 or min_keys_per_run < 1 or max_runs < 1 or tile_vectors < 1):
+        raise VoxcError(f"ring attention needs n_heads a multiple of n_kv_heads and positive sizes, got "
+                        f"n_heads={n_heads} n_kv_heads={n_kv_heads} head_dim={head_dim} window={window}")
+    group = n_heads // n_kv_heads
+    lanes = next(x for x in (16, 8, 4, 2, 1) if head_dim % x == 0)
+    head_tile = max(t for t in range(1, min(group, tile_vectors) + 1) if group % t == 0)
+    spare = tile_vectors // head_tile
+    key_tile = max(t for t in range(1, spare + 1) if keys_per_block % t == 0)
+    chunk_tile = max(t for t in range(1, spare + 1) if (head_dim // lanes) % t == 0)
+    return dict(group=group, lanes=lanes, head_tile=head_tile, key_tile=key_tile, chunk_tile=chunk_tile,
+                keys_per_block=keys_per_block, min_keys_per_run=min_keys_per_run,
+                max_runs=min(max_runs, -(-window // min_keys_per_run)))
+
+
+def visible_runs(starts, row, n, window: int, min_keys_per_run: int, max_runs: int):
+    """(first visible position, visible key count, run count) of query row ``row`` (batch row * n + chunk
+    index) as TIR expressions; the partial and the combine loops of :func:`ring_attention_cpu` agree on them."""
+    query = starts[row // n].astype("int64") + row % n
+    first = tirx.max(query - window + 1, tirx.const(0, "int64"))
+    count = query + 1 - first
+    return first, count, tirx.min(tirx.const(max_runs, "int64"), (count + min_keys_per_run - 1) // min_keys_per_run)
+
+
+# 2**f = e**(f ln 2) for |f| <= 1/2: Taylor terms (ln 2)**k / k!; the degree-6 remainder is below 2e-7
+_EXP2_TAYLOR = tuple(math.log(2) ** k / math.factorial(k) for k in range(7))
+
+
+def fast_exp2(x):
+    """float32 2**x as a vectorizable expression: LLVM turns a vector ``exp2`` into one libm call per
+    lane, which made the softmax a large share of the CPU attention.  2**round(x) is built in the exponent
+    bits, times a polynomial for the rest; x <= -127 (the running max before any key, a key past a
+    block's end) gives exactly 0."""
+    x = tirx.max(tirx.min(x, tirx.const(127.0, "float32")), tirx.const(-127.0, "float32"))
+    whole = tirx.nearbyint(x)
+    frac = x - whole
+    poly = tirx.const(_EXP2_TAYLOR[-1], "float32")
+    for coef in reversed(_EXP2_TAYLOR[:-1]):
+        poly = poly * frac + tirx.const(coef, "float32")
+    power = tirx.reinterpret("float32", tirx.shift_left(whole.astype("int32") + 127, 23))
+    return poly * power
+
+
 def ring_attention_cpu(n_heads: int, n_kv_heads: int, head_dim: int, window: int, dtype: str = "float32",
-                       keys_per_block: int = 64):
-    """The TE function's drop-in replacement on llvm (same signature).  TVM's default CPU lowering of
-    the TE definition runs on one thread and scores all W + n ring rows of every query (the decoder's
-    W = 8192 rows at any position: ~240 ms per layer at position 100).  This kernel runs one
-    (sequence, query, kv head) per task in parallel, the kv head's ``G`` query heads together so each
-    key and value row is read once (GQA), visits only the query's visible positions
-    max(0, q - W + 1) .. q, and keeps an online softmax over blocks of keys; dot products use
-    ``lanes`` vector partial sums (LLVM does not reorder a scalar float sum into vectors)."""
+                       **layout_args):
+    """The TE function's drop-in replacement on llvm (same signature): partial attention of each
+    (query row, run) task over its run of visible keys, in float32 with an online softmax, into a
+    scratch buffer; then each (query row, head) combines its runs.  ``layout_args``:
+    :func:`cpu_kernel_layout`'s keywords (the tests use small blocks and runs on tiny windows)."""
     from tvm.script import tirx as T
 
-    H, HKV, D, W, KB = n_heads, n_kv_heads, head_dim, window, keys_per_block
-    G = n_heads // n_kv_heads
-    lanes = next(x for x in (16, 8, 4, 2, 1) if D % x == 0)
-    chunks = D // lanes
-    scale = float(head_dim ** -0.5) * _LOG2E
+    lay = cpu_kernel_layout(n_heads, n_kv_heads, head_dim, window, **layout_args)
+    H, HKV, D, W = n_heads, n_kv_heads, head_dim, window
+    G, LANES, KB = lay["group"], lay["lanes"], lay["keys_per_block"]
+    GT, JT, CT = lay["head_tile"], lay["key_tile"], lay["chunk_tile"]
+    MIN_RUN, RUNS = lay["min_keys_per_run"], lay["max_runs"]
+    CHUNKS = D // LANES
+    scale = float(head_dim ** -0.5) * _LOG2E   # scores in log2 units: the softmax uses exp2
+
+    @T.macro
+    def fold_lanes(part, g, jj, width):
+        # one halving step of a vector's horizontal sum (none when the vector is narrower)
+        if width >= 1:
+            for lane in T.vectorized(width):
+                part[g, jj, lane] = part[g, jj, lane] + part[g, jj, lane + width]
+
+    @T.macro
+    def attend(keys, values, key_row, value_row, count, q_scaled, acc, probs, softmax, part, acc_tile):
+        # ``count`` consecutive rows of keys [*, HKV, D] from ``key_row`` and of values from ``value_row``
+        # into acc [H, D] and softmax [H, (running max, mass, rescale)], a block of KB keys at a time.
+        # Head h = kvh * G + tile * GT + g.
+        for blk in T.serial((count + KB - 1) // KB):
+            first: T.let[T.int64] = blk * KB
+            in_block: T.let[T.int64] = T.min(T.int64(KB), count - first)
+            # scores of GT heads x JT keys at a time (a last partial key tile repeats the last key)
+            for jt in T.serial((in_block + JT - 1) // JT):
+                for kvh in T.serial(HKV):
+                    for tile in T.serial(G // GT):
+                        for g, jj in T.grid(GT, JT):
+                            for lane in T.vectorized(LANES):
+                                part[g, jj, lane] = T.float32(0)
+                        for c in T.serial(CHUNKS):
+                            for g in T.unroll(GT):
+                                for jj in T.unroll(JT):
+                                    for lane in T.vectorized(LANES):
+                                        part[g, jj, lane] = part[g, jj, lane] + q_scaled[
+                                            kvh * G + tile * GT + g, c * LANES + lane] * T.Cast("float32", keys[
+                                                key_row + T.min(first + jt * JT + jj, count - 1), kvh, c * LANES + lane])
+                        for g in T.unroll(GT):
+                            for jj in T.unroll(JT):
+                                fold_lanes(part, g, jj, LANES // 2)
+                                fold_lanes(part, g, jj, LANES // 4)
+                                fold_lanes(part, g, jj, LANES // 8)
+                                fold_lanes(part, g, jj, LANES // 16)
+                                probs[kvh * G + tile * GT + g, jt * JT + jj] = part[g, jj, 0]
+            for h in T.serial(H):
+                for j in T.vectorized(KB):   # past the block's end: weight 0
+                    probs[h, j] = T.Select(T.Cast("int64", j) < in_block, probs[h, j], T.float32(_EMPTY))
+                softmax[h, 2] = softmax[h, 0]
+                for j in T.serial(KB):
+                    softmax[h, 0] = T.max(softmax[h, 0], probs[h, j])
+                softmax[h, 2] = fast_exp2(softmax[h, 2] - softmax[h, 0])
+                softmax[h, 1] = softmax[h, 1] * softmax[h, 2]
+                for j in T.vectorized(KB):
+                    probs[h, j] = fast_exp2(probs[h, j] - softmax[h, 0])
+                for j in T.serial(KB):
+                    softmax[h, 1] = softmax[h, 1] + probs[h, j]
+            # GT heads x CT chunks of the output stay in registers over the block's values
+            for kvh in T.serial(HKV):
+                for tile in T.serial(G // GT):
+                    for cg in T.serial(CHUNKS // CT):
+                        for g, ct in T.grid(GT, CT):
+                            for lane in T.vectorized(LANES):
+                                acc_tile[g, ct, lane] = acc[kvh * G + tile * GT + g, (cg * CT + ct) * LANES + lane] * \
+                                    softmax[kvh * G + tile * GT + g, 2]
+                        for j in T.serial(in_block):
+                            for g in T.unroll(GT):
+                                for ct in T.unroll(CT):
+                                    for lane in T.vectorized(LANES):
+                                        acc_tile[g, ct, lane] = acc_tile[g, ct, lane] + probs[
+                                            kvh * G + tile * GT + g, j] * T.Cast("float32", values[
+                                                value_row + first + j, kvh, (cg * CT + ct) * LANES + lane])
+                        for g, ct in T.grid(GT, CT):
+                            for lane in T.vectorized(LANES):
+                                acc[kvh * G + tile * GT + g, (cg * CT + ct) * LANES + lane] = acc_tile[g, ct, lane]
 
     @T.prim_func(private=True, s_tir=True)
     def ring_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_cache: T.handle,
@@ -445,77 +582,91 @@ def ring_attention_cpu(n_heads: int, n_kv_heads: int, head_dim: int, window: int
         slots = T.match_buffer(var_slots, (b,), "int32")
         starts = T.match_buffer(var_starts, (b,), "int32")
         out = T.match_buffer(var_out, (b, n, H, D), dtype)
+        # the same memory as rows of [HKV, D]: cache rows of every (layer, k/v, slot, ring row), chunk rows
+        cache_rows = T.decl_buffer((n_layers * 2 * n_slots * W, HKV, D), dtype, data=cache.data)
+        k_rows = T.decl_buffer((b * n, HKV, D), dtype, data=k.data)
+        v_rows = T.decl_buffer((b * n, HKV, D), dtype, data=v.data)
+        # per (query row, run): unnormalised output, and the run's running max and mass
+        run_out = T.alloc_buffer((b * n, RUNS, H, D), "float32")
+        run_softmax = T.alloc_buffer((b * n, RUNS, H, 2), "float32")
 
-        for task in T.parallel(b * n * HKV):
-            with T.sblock("attn"):
+        # RUNS task slots per query row; a row of r runs gives them to r slots spread evenly over its
+        # RUNS (TVM hands each thread a contiguous range of tasks: a short row still uses every thread)
+        for task in T.parallel(b * n * RUNS):
+            with T.sblock("partial"):
                 T.reads()
                 T.writes()
-                q_scaled = T.sblock_alloc_buffer((G, D), "float32", scope="local")
-                acc = T.sblock_alloc_buffer((G, D), "float32", scope="local")
-                part = T.sblock_alloc_buffer((lanes,), "float32", scope="local")
-                scores = T.sblock_alloc_buffer((G, KB), "float32", scope="local")
-                # per head: running max, mass, block max, rescale
-                state = T.sblock_alloc_buffer((G, 4), "float32", scope="local")
+                # Scratch of one task.  On llvm, TVM puts "global" buffers under 1 KB on the stack, where
+                # LLVM keeps the vector tiles (part, acc_tile) in registers; larger buffers and any
+                # "local" one come from TVM's workspace allocator (memory LLVM cannot promote).
+                q_scaled = T.sblock_alloc_buffer((H, D), "float32")
+                acc = T.sblock_alloc_buffer((H, D), "float32")
+                probs = T.sblock_alloc_buffer((H, KB), "float32")
+                softmax = T.sblock_alloc_buffer((H, 3), "float32")
+                part = T.sblock_alloc_buffer((GT, JT, LANES), "float32")
+                acc_tile = T.sblock_alloc_buffer((GT, CT, LANES), "float32")
 
-                bi: T.let[T.int64] = task // (n * HKV)
-                i: T.let[T.int64] = task // HKV % n
-                kvh: T.let[T.int64] = task % HKV
+                row: T.let[T.int64] = task // RUNS
+                slot_of_row: T.let[T.int64] = task % RUNS
+                bi: T.let[T.int64] = row // n
                 start: T.let[T.int64] = T.Cast("int64", starts[bi])
-                slot: T.let[T.int64] = T.Cast("int64", slots[bi])
-                hi: T.let[T.int64] = start + i
-                lo: T.let[T.int64] = T.max(hi - W + 1, T.int64(0))
-
-                for g in T.serial(G):
-                    for d in T.vectorized(D):
-                        q_scaled[g, d] = T.Cast("float32", q[bi, i, kvh * G + g, d]) * T.float32(scale)
-                        acc[g, d] = T.float32(0)
-                    state[g, 0] = T.float32(_EMPTY)
-                    state[g, 1] = T.float32(0)
-                for blk in T.serial((hi - lo + KB) // KB):
-                    first: T.let[T.int64] = lo + blk * KB
-                    count: T.let[T.int64] = T.min(T.int64(KB), hi + 1 - first)
-                    for g in T.serial(G):
-                        state[g, 2] = T.float32(_EMPTY)
-                    for j in T.serial(count):
-                        for g in T.serial(G):
-                            for l in T.vectorized(lanes):
-                                part[l] = T.float32(0)
-                            if first + j < start:
-                                for c in T.serial(chunks):
-                                    for l in T.vectorized(lanes):
-                                        part[l] = part[l] + q_scaled[g, c * lanes + l] * T.Cast(
-                                            "float32", cache[layer, 0, slot, T.floormod(first + j, W), kvh, c * lanes + l])
-                            else:
-                                for c in T.serial(chunks):
-                                    for l in T.vectorized(lanes):
-                                        part[l] = part[l] + q_scaled[g, c * lanes + l] * T.Cast(
-                                            "float32", k[bi, first + j - start, kvh, c * lanes + l])
-                            scores[g, j] = T.float32(0)
-                            for l in T.serial(lanes):
-                                scores[g, j] = scores[g, j] + part[l]
-                            state[g, 2] = T.max(state[g, 2], scores[g, j])
-                    for g in T.serial(G):
-                        state[g, 3] = T.exp2(state[g, 0] - T.max(state[g, 0], state[g, 2]))
-                        state[g, 0] = T.max(state[g, 0], state[g, 2])
-                        state[g, 1] = state[g, 1] * state[g, 3]
+                visible = T.meta_var(visible_runs(starts, row, n, W, MIN_RUN, RUNS))
+                first_visible: T.let[T.int64] = visible[0]
+                n_visible: T.let[T.int64] = visible[1]
+                runs: T.let[T.int64] = visible[2]
+                run: T.let[T.int64] = slot_of_row * runs // RUNS
+                if slot_of_row * runs % RUNS < runs:   # the first task slot of its run
+                    run_lo: T.let[T.int64] = first_visible + run * n_visible // runs
+                    run_hi: T.let[T.int64] = first_visible + (run + 1) * n_visible // runs
+                    k_base: T.let[T.int64] = ((layer * 2 + 0) * n_slots + T.Cast("int64", slots[bi])) * W
+                    v_base: T.let[T.int64] = ((layer * 2 + 1) * n_slots + T.Cast("int64", slots[bi])) * W
+                    for h in T.serial(H):
                         for d in T.vectorized(D):
-                            acc[g, d] = acc[g, d] * state[g, 3]
-                    for j in T.serial(count):
-                        for g in T.serial(G):
-                            scores[g, j] = T.exp2(scores[g, j] - state[g, 0])
-                            state[g, 1] = state[g, 1] + scores[g, j]
-                        if first + j < start:
-                            for g in T.serial(G):
-                                for d in T.vectorized(D):
-                                    acc[g, d] = acc[g, d] + scores[g, j] * T.Cast(
-                                        "float32", cache[layer, 1, slot, T.floormod(first + j, W), kvh, d])
-                        else:
-                            for g in T.serial(G):
-                                for d in T.vectorized(D):
-                                    acc[g, d] = acc[g, d] + scores[g, j] * T.Cast(
-                                        "float32", v[bi, first + j - start, kvh, d])
-                for g in T.serial(G):
+                            q_scaled[h, d] = T.Cast("float32", q[bi, row % n, h, d]) * T.float32(scale)
+                            acc[h, d] = T.float32(0)
+                        softmax[h, 0] = T.float32(_EMPTY)
+                        softmax[h, 1] = T.float32(0)
+                    # positions before the chunk are in the ring, at rows (position mod W): the run's part
+                    # there is contiguous up to the ring's end and from its start after a wrap
+                    ring_hi: T.let[T.int64] = T.min(run_hi, start)
+                    wrap: T.let[T.int64] = (run_lo // W + 1) * W
+                    for piece in T.serial(2):
+                        piece_lo: T.let[T.int64] = T.if_then_else(piece == 0, run_lo, wrap)
+                        piece_hi: T.let[T.int64] = T.if_then_else(piece == 0, T.min(ring_hi, wrap), ring_hi)
+                        attend(cache_rows, cache_rows, k_base + T.floormod(piece_lo, W),
+                               v_base + T.floormod(piece_lo, W), T.max(piece_hi - piece_lo, T.int64(0)),
+                               q_scaled, acc, probs, softmax, part, acc_tile)
+                    # the chunk's own keys (this query's and the earlier ones of its chunk)
+                    chunk_lo: T.let[T.int64] = T.max(run_lo, start)
+                    attend(k_rows, v_rows, bi * n + chunk_lo - start, bi * n + chunk_lo - start,
+                           T.max(run_hi - chunk_lo, T.int64(0)), q_scaled, acc, probs, softmax, part, acc_tile)
+                    for h in T.serial(H):
+                        for d in T.vectorized(D):
+                            run_out[row, run, h, d] = acc[h, d]
+                        run_softmax[row, run, h, 0] = softmax[h, 0]
+                        run_softmax[row, run, h, 1] = softmax[h, 1]
+
+        for task in T.parallel(b * n * H):
+            with T.sblock("combine"):
+                T.reads()
+                T.writes()
+                total = T.sblock_alloc_buffer((D,), "float32")
+                stat = T.sblock_alloc_buffer((3,), "float32")   # max, mass, the run's weight
+                row: T.let[T.int64] = task // H
+                h: T.let[T.int64] = task % H
+                runs: T.let[T.int64] = visible_runs(starts, row, n, W, MIN_RUN, RUNS)[2]
+                stat[0] = T.float32(_EMPTY)
+                for run in T.serial(runs):
+                    stat[0] = T.max(stat[0], run_softmax[row, run, h, 0])
+                stat[1] = T.float32(0)
+                for d in T.vectorized(D):
+                    total[d] = T.float32(0)
+                for run in T.serial(runs):
+                    stat[2] = fast_exp2(run_softmax[row, run, h, 0] - stat[0])
+                    stat[1] = stat[1] + stat[2] * run_softmax[row, run, h, 1]
                     for d in T.vectorized(D):
-                        out[bi, i, kvh * G + g, d] = T.Cast(dtype, acc[g, d] / state[g, 1])
+                        total[d] = total[d] + stat[2] * run_out[row, run, h, d]
+                for d in T.vectorized(D):
+                    out[row // n, row % n, h, d] = T.Cast(dtype, total[d] / stat[1])
 
     return ring_attention
