@@ -419,17 +419,23 @@ def ring_attention_merge_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wind
 
 # ---- CPU kernel ------------------------------------------------------------------------------------------
 # TVM's default CPU lowering of the TE definition runs on one thread and scores all W + n ring rows of
-# every query (the decoder's W = 8192 rows at any position).  ``ring_attention_cpu`` visits only each
-# query's visible positions max(0, q - W + 1) .. q, split-K like the GPU kernels: a query row's visible
-# positions are cut into equal runs of at least ``min_keys_per_run`` keys, one parallel task each (one
-# decode row keeps every core busy), and a second parallel loop combines the runs by their softmax mass.
-# A task reads whole cache rows [n_kv_heads, head_dim] in position order, a sequential stream the
-# hardware prefetchers follow (one kv head's rows lie n_kv_heads * head_dim elements apart, 4 KB in the
-# decoder: a walk over one kv head crosses a page at every key and was latency-bound), and scores every
-# query head against each row: the G = H / Hkv query heads of a kv head use its key and value from L1.
+# every query (the decoder's W = 8192 rows at any position).  ``ring_attention_cpu`` visits only the
+# visible positions, split-K like the GPU kernels: a tile of up to ``query_tile`` consecutive queries of a
+# sequence (one token when decoding, an encoder chunk's frames) shares the keys of the union of their
+# windows, cut into equal runs of at least ``min_keys_per_run`` keys, one parallel task each (one decode
+# row keeps every core busy); a second parallel loop combines the runs by their softmax mass.  A task
+# reads whole cache rows [n_kv_heads, head_dim] in position order, a sequential stream the hardware
+# prefetchers follow (one kv head's rows lie n_kv_heads * head_dim elements apart, 4 KB in the decoder:
+# a walk over one kv head crosses a page at every key and was latency-bound), and scores every query
+# head of every query of its tile against each row while it is in L1 or L2: the G = H / Hkv query heads
+# of a kv head (GQA) and the tile's queries (a chunk's queries read the ring once, not once each).
+
+_MASKED = 2 * _EMPTY   # score of a key outside a query's window: exp2(_MASKED - running max) == 0
+
 
 def cpu_kernel_layout(n_heads: int, n_kv_heads: int, head_dim: int, window: int, keys_per_block: int = 16,
-                      min_keys_per_run: int = 64, max_runs: int = 32, tile_vectors: int = 4) -> dict:
+                      min_keys_per_run: int = 64, max_runs: int = 32, query_tile: int = 8,
+                      tile_vectors: int = 4) -> dict:
     """Loop shape of :func:`ring_attention_cpu`.
 
     ``lanes``: float32 vector width of the head_dim loops (the largest power of two up to 16 dividing
@@ -438,14 +444,14 @@ def cpu_kernel_layout(n_heads: int, n_kv_heads: int, head_dim: int, window: int,
     of one kv head (the largest divisor of G up to ``tile_vectors``, so every GQA ratio tiles exactly),
     times ``key_tile`` keys for the dot products and ``chunk_tile`` head_dim chunks for the weighted values
     (an MHA head, G = 1, gets 4 keys or 4 chunks).  ``keys_per_block``: keys scored before the online
-    softmax rescales its running sums (a multiple of ``key_tile``); ``min_keys_per_run``: the shortest run
-    worth a task of its own (a task's fixed cost, scaling its queries and writing its partial output, is
-    about that many keys' work); ``max_runs``: runs of one query row at most (no more than a full window
-    needs)."""
+    softmax rescales its running sums (a multiple of ``key_tile``); ``query_tile``: queries of a chunk
+    that share their keys' reads; ``min_keys_per_run``: the shortest run worth a task of its own (a
+    task's fixed cost, scaling its queries and writing its partial output, is about that many keys'
+    work); ``max_runs``: runs of one query tile at most (no more than its keys need)."""
     from voxc.errors import VoxcError
 
-    if (n_heads < 1 or n_kv_heads < 1 or n_heads % n_kv_heads or head_dim < 1 or window < 1
-            or keys_per_block < 1 or min_keys_per_run < 1 or max_runs < 1 or tile_vectors < 1):
+    if (n_heads < 1 or n_kv_heads < 1 or n_heads % n_kv_heads or head_dim < 1 or window < 1 or keys_per_block < 1
+            or min_keys_per_run < 1 or max_runs < 1 or query_tile < 1 or tile_vectors < 1):
         raise VoxcError(f"ring attention needs n_heads a multiple of n_kv_heads and positive sizes, got "
                         f"n_heads={n_heads} n_kv_heads={n_kv_heads} head_dim={head_dim} window={window}")
     group = n_heads // n_kv_heads
@@ -455,16 +461,18 @@ def cpu_kernel_layout(n_heads: int, n_kv_heads: int, head_dim: int, window: int,
     key_tile = max(t for t in range(1, spare + 1) if keys_per_block % t == 0)
     chunk_tile = max(t for t in range(1, spare + 1) if (head_dim // lanes) % t == 0)
     return dict(group=group, lanes=lanes, head_tile=head_tile, key_tile=key_tile, chunk_tile=chunk_tile,
-                keys_per_block=keys_per_block, min_keys_per_run=min_keys_per_run,
-                max_runs=min(max_runs, -(-window // min_keys_per_run)))
+                keys_per_block=keys_per_block, query_tile=query_tile, min_keys_per_run=min_keys_per_run,
+                max_runs=min(max_runs, -(-(window + query_tile - 1) // min_keys_per_run)))
 
 
-def visible_runs(starts, row, n, window: int, min_keys_per_run: int, max_runs: int):
-    """(first visible position, visible key count, run count) of query row ``row`` (batch row * n + chunk
-    index) as TIR expressions; the partial and the combine loops of :func:`ring_attention_cpu` agree on them."""
-    query = starts[row // n].astype("int64") + row % n
+def tile_runs(starts, bi, first_query, n, window: int, query_tile: int, min_keys_per_run: int, max_runs: int):
+    """(first visible position, visible key count, run count) of the query tile starting at chunk index
+    ``first_query`` of batch row ``bi``: the union of its queries' windows, as TIR expressions (the
+    partial and the combine loops of :func:`ring_attention_cpu` agree on them)."""
+    query = starts[bi].astype("int64") + first_query
+    last = query + tirx.min(tirx.const(query_tile, "int64"), n - first_query) - 1
     first = tirx.max(query - window + 1, tirx.const(0, "int64"))
-    count = query + 1 - first
+    count = last + 1 - first
     return first, count, tirx.min(tirx.const(max_runs, "int64"), (count + min_keys_per_run - 1) // min_keys_per_run)
 
 
@@ -475,8 +483,8 @@ _EXP2_TAYLOR = tuple(math.log(2) ** k / math.factorial(k) for k in range(7))
 def fast_exp2(x):
     """float32 2**x as a vectorizable expression: LLVM turns a vector ``exp2`` into one libm call per
     lane, which made the softmax a large share of the CPU attention.  2**round(x) is built in the exponent
-    bits, times a polynomial for the rest; x <= -127 (the running max before any key, a key past a
-    block's end) gives exactly 0."""
+    bits, times a polynomial for the rest; x <= -127 (the running max before any key, a masked key)
+    gives exactly 0."""
     x = tirx.max(tirx.min(x, tirx.const(127.0, "float32")), tirx.const(-127.0, "float32"))
     whole = tirx.nearbyint(x)
     frac = x - whole
@@ -490,14 +498,14 @@ def fast_exp2(x):
 def ring_attention_cpu(n_heads: int, n_kv_heads: int, head_dim: int, window: int, dtype: str = "float32",
                        **layout_args):
     """The TE function's drop-in replacement on llvm (same signature): partial attention of each
-    (query row, run) task over its run of visible keys, in float32 with an online softmax, into a
-    scratch buffer; then each (query row, head) combines its runs.  ``layout_args``:
-    :func:`cpu_kernel_layout`'s keywords (the tests use small blocks and runs on tiny windows)."""
+    (query tile, run) task over its run of keys, in float32 with an online softmax, into a scratch
+    buffer; then each (query, head) combines its tile's runs.  ``layout_args``:
+    :func:`cpu_kernel_layout`'s keywords (the tests use small blocks, runs and tiles on tiny windows)."""
     from tvm.script import tirx as T
 
     lay = cpu_kernel_layout(n_heads, n_kv_heads, head_dim, window, **layout_args)
     H, HKV, D, W = n_heads, n_kv_heads, head_dim, window
-    G, LANES, KB = lay["group"], lay["lanes"], lay["keys_per_block"]
+    G, LANES, KB, QT = lay["group"], lay["lanes"], lay["keys_per_block"], lay["query_tile"]
     GT, JT, CT = lay["head_tile"], lay["key_tile"], lay["chunk_tile"]
     MIN_RUN, RUNS = lay["min_keys_per_run"], lay["max_runs"]
     CHUNKS = D // LANES
@@ -511,9 +519,11 @@ def ring_attention_cpu(n_heads: int, n_kv_heads: int, head_dim: int, window: int
                 part[g, jj, lane] = part[g, jj, lane] + part[g, jj, lane + width]
 
     @T.macro
-    def attend(keys, values, key_row, value_row, count, q_scaled, acc, probs, softmax, part, acc_tile):
-        # ``count`` consecutive rows of keys [*, HKV, D] from ``key_row`` and of values from ``value_row``
-        # into acc [H, D] and softmax [H, (running max, mass, rescale)], a block of KB keys at a time.
+    def attend(keys, values, key_row, value_row, position, count, query, n_queries,
+               q_scaled, acc, probs, softmax, part, acc_tile):
+        # ``count`` consecutive rows of keys [*, HKV, D] from ``key_row`` and of values from ``value_row``,
+        # positions ``position``.., for queries at positions ``query``.. (``n_queries`` of them) into
+        # acc [QT, H, D] and softmax [QT, H, (running max, mass, rescale)], KB keys at a time.
         # Head h = kvh * G + tile * GT + g.
         for blk in T.serial((count + KB - 1) // KB):
             first: T.let[T.int64] = blk * KB
@@ -522,53 +532,60 @@ def ring_attention_cpu(n_heads: int, n_kv_heads: int, head_dim: int, window: int
             for jt in T.serial((in_block + JT - 1) // JT):
                 for kvh in T.serial(HKV):
                     for tile in T.serial(G // GT):
-                        for g, jj in T.grid(GT, JT):
-                            for lane in T.vectorized(LANES):
-                                part[g, jj, lane] = T.float32(0)
-                        for c in T.serial(CHUNKS):
+                        for qi in T.serial(n_queries):
+                            for g, jj in T.grid(GT, JT):
+                                for lane in T.vectorized(LANES):
+                                    part[g, jj, lane] = T.float32(0)
+                            for c in T.serial(CHUNKS):
+                                for g in T.unroll(GT):
+                                    for jj in T.unroll(JT):
+                                        for lane in T.vectorized(LANES):
+                                            part[g, jj, lane] = part[g, jj, lane] + q_scaled[
+                                                qi, kvh * G + tile * GT + g, c * LANES + lane] * T.Cast("float32", keys[
+                                                    key_row + T.min(first + jt * JT + jj, count - 1), kvh, c * LANES + lane])
                             for g in T.unroll(GT):
                                 for jj in T.unroll(JT):
-                                    for lane in T.vectorized(LANES):
-                                        part[g, jj, lane] = part[g, jj, lane] + q_scaled[
-                                            kvh * G + tile * GT + g, c * LANES + lane] * T.Cast("float32", keys[
-                                                key_row + T.min(first + jt * JT + jj, count - 1), kvh, c * LANES + lane])
-                        for g in T.unroll(GT):
-                            for jj in T.unroll(JT):
-                                fold_lanes(part, g, jj, LANES // 2)
-                                fold_lanes(part, g, jj, LANES // 4)
-                                fold_lanes(part, g, jj, LANES // 8)
-                                fold_lanes(part, g, jj, LANES // 16)
-                                probs[kvh * G + tile * GT + g, jt * JT + jj] = part[g, jj, 0]
-            for h in T.serial(H):
-                for j in T.vectorized(KB):   # past the block's end: weight 0
-                    probs[h, j] = T.Select(T.Cast("int64", j) < in_block, probs[h, j], T.float32(_EMPTY))
-                softmax[h, 2] = softmax[h, 0]
-                for j in T.serial(KB):
-                    softmax[h, 0] = T.max(softmax[h, 0], probs[h, j])
-                softmax[h, 2] = fast_exp2(softmax[h, 2] - softmax[h, 0])
-                softmax[h, 1] = softmax[h, 1] * softmax[h, 2]
+                                    fold_lanes(part, g, jj, LANES // 2)
+                                    fold_lanes(part, g, jj, LANES // 4)
+                                    fold_lanes(part, g, jj, LANES // 8)
+                                    fold_lanes(part, g, jj, LANES // 16)
+                                    probs[qi, kvh * G + tile * GT + g, jt * JT + jj] = part[g, jj, 0]
+            for qi, h in T.grid(n_queries, H):
+                # the block's keys the query sees: [seen_lo, seen_hi); those past the block's end, after the
+                # query or before its window weigh 0
+                seen_lo: T.let[T.int32] = T.Cast("int32", T.max(query + qi - W + 1 - position - first, T.int64(0)))
+                seen_hi: T.let[T.int32] = T.Cast("int32", T.max(T.min(query + qi + 1 - position - first, in_block),
+                                                                T.int64(0)))
                 for j in T.vectorized(KB):
-                    probs[h, j] = fast_exp2(probs[h, j] - softmax[h, 0])
+                    probs[qi, h, j] = T.Select(j >= seen_lo and j < seen_hi, probs[qi, h, j], T.float32(_MASKED))
+                softmax[qi, h, 2] = softmax[qi, h, 0]
                 for j in T.serial(KB):
-                    softmax[h, 1] = softmax[h, 1] + probs[h, j]
-            # GT heads x CT chunks of the output stay in registers over the block's values
+                    softmax[qi, h, 0] = T.max(softmax[qi, h, 0], probs[qi, h, j])
+                softmax[qi, h, 2] = fast_exp2(softmax[qi, h, 2] - softmax[qi, h, 0])
+                softmax[qi, h, 1] = softmax[qi, h, 1] * softmax[qi, h, 2]
+                for j in T.vectorized(KB):
+                    probs[qi, h, j] = fast_exp2(probs[qi, h, j] - softmax[qi, h, 0])
+                for j in T.serial(KB):
+                    softmax[qi, h, 1] = softmax[qi, h, 1] + probs[qi, h, j]
+            # GT heads x CT chunks of a query's output stay in registers over the block's values
             for kvh in T.serial(HKV):
                 for tile in T.serial(G // GT):
                     for cg in T.serial(CHUNKS // CT):
-                        for g, ct in T.grid(GT, CT):
-                            for lane in T.vectorized(LANES):
-                                acc_tile[g, ct, lane] = acc[kvh * G + tile * GT + g, (cg * CT + ct) * LANES + lane] * \
-                                    softmax[kvh * G + tile * GT + g, 2]
-                        for j in T.serial(in_block):
-                            for g in T.unroll(GT):
-                                for ct in T.unroll(CT):
-                                    for lane in T.vectorized(LANES):
-                                        acc_tile[g, ct, lane] = acc_tile[g, ct, lane] + probs[
-                                            kvh * G + tile * GT + g, j] * T.Cast("float32", values[
-                                                value_row + first + j, kvh, (cg * CT + ct) * LANES + lane])
-                        for g, ct in T.grid(GT, CT):
-                            for lane in T.vectorized(LANES):
-                                acc[kvh * G + tile * GT + g, (cg * CT + ct) * LANES + lane] = acc_tile[g, ct, lane]
+                        for qi in T.serial(n_queries):
+                            for g, ct in T.grid(GT, CT):
+                                for lane in T.vectorized(LANES):
+                                    acc_tile[g, ct, lane] = acc[qi, kvh * G + tile * GT + g, (cg * CT + ct) * LANES + lane] * \
+                                        softmax[qi, kvh * G + tile * GT + g, 2]
+                            for j in T.serial(in_block):
+                                for g in T.unroll(GT):
+                                    for ct in T.unroll(CT):
+                                        for lane in T.vectorized(LANES):
+                                            acc_tile[g, ct, lane] = acc_tile[g, ct, lane] + probs[
+                                                qi, kvh * G + tile * GT + g, j] * T.Cast("float32", values[
+                                                    value_row + first + j, kvh, (cg * CT + ct) * LANES + lane])
+                            for g, ct in T.grid(GT, CT):
+                                for lane in T.vectorized(LANES):
+                                    acc[qi, kvh * G + tile * GT + g, (cg * CT + ct) * LANES + lane] = acc_tile[g, ct, lane]
 
     @T.prim_func(private=True, s_tir=True)
     def ring_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_cache: T.handle,
@@ -586,46 +603,49 @@ def ring_attention_cpu(n_heads: int, n_kv_heads: int, head_dim: int, window: int
         cache_rows = T.decl_buffer((n_layers * 2 * n_slots * W, HKV, D), dtype, data=cache.data)
         k_rows = T.decl_buffer((b * n, HKV, D), dtype, data=k.data)
         v_rows = T.decl_buffer((b * n, HKV, D), dtype, data=v.data)
-        # per (query row, run): unnormalised output, and the run's running max and mass
-        run_out = T.alloc_buffer((b * n, RUNS, H, D), "float32")
-        run_softmax = T.alloc_buffer((b * n, RUNS, H, 2), "float32")
+        # per (batch row, query tile, run) and query of the tile: unnormalised output, running max and mass
+        n_tiles = T.meta_var((n + QT - 1) // QT)
+        tile_len = T.meta_var(T.min(n, T.int64(QT)))
+        run_out = T.alloc_buffer((b * n_tiles * RUNS, tile_len, H, D), "float32")
+        run_softmax = T.alloc_buffer((b * n_tiles * RUNS, tile_len, H, 2), "float32")
 
-        # RUNS task slots per query row; a row of r runs gives them to r slots spread evenly over its
-        # RUNS (TVM hands each thread a contiguous range of tasks: a short row still uses every thread)
-        for task in T.parallel(b * n * RUNS):
+        # RUNS task slots per query tile; a tile of r runs gives them to r slots spread evenly over its
+        # RUNS (TVM hands each thread a contiguous range of tasks: a short tile still uses every thread)
+        for task in T.parallel(b * n_tiles * RUNS):
             with T.sblock("partial"):
                 T.reads()
                 T.writes()
                 # Scratch of one task.  On llvm, TVM puts "global" buffers under 1 KB on the stack, where
                 # LLVM keeps the vector tiles (part, acc_tile) in registers; larger buffers and any
                 # "local" one come from TVM's workspace allocator (memory LLVM cannot promote).
-                q_scaled = T.sblock_alloc_buffer((H, D), "float32")
-                acc = T.sblock_alloc_buffer((H, D), "float32")
-                probs = T.sblock_alloc_buffer((H, KB), "float32")
-                softmax = T.sblock_alloc_buffer((H, 3), "float32")
+                q_scaled = T.sblock_alloc_buffer((QT, H, D), "float32")
+                acc = T.sblock_alloc_buffer((QT, H, D), "float32")
+                probs = T.sblock_alloc_buffer((QT, H, KB), "float32")
+                softmax = T.sblock_alloc_buffer((QT, H, 3), "float32")
                 part = T.sblock_alloc_buffer((GT, JT, LANES), "float32")
                 acc_tile = T.sblock_alloc_buffer((GT, CT, LANES), "float32")
 
-                row: T.let[T.int64] = task // RUNS
-                slot_of_row: T.let[T.int64] = task % RUNS
-                bi: T.let[T.int64] = row // n
+                bi: T.let[T.int64] = task // RUNS // n_tiles
+                first_query: T.let[T.int64] = task // RUNS % n_tiles * QT
+                n_queries: T.let[T.int64] = T.min(T.int64(QT), n - first_query)
+                slot_of_tile: T.let[T.int64] = task % RUNS
                 start: T.let[T.int64] = T.Cast("int64", starts[bi])
-                visible = T.meta_var(visible_runs(starts, row, n, W, MIN_RUN, RUNS))
+                visible = T.meta_var(tile_runs(starts, bi, first_query, n, W, QT, MIN_RUN, RUNS))
                 first_visible: T.let[T.int64] = visible[0]
                 n_visible: T.let[T.int64] = visible[1]
                 runs: T.let[T.int64] = visible[2]
-                run: T.let[T.int64] = slot_of_row * runs // RUNS
-                if slot_of_row * runs % RUNS < runs:   # the first task slot of its run
+                run: T.let[T.int64] = slot_of_tile * runs // RUNS
+                if slot_of_tile * runs % RUNS < runs:   # the first task slot of its run
                     run_lo: T.let[T.int64] = first_visible + run * n_visible // runs
                     run_hi: T.let[T.int64] = first_visible + (run + 1) * n_visible // runs
                     k_base: T.let[T.int64] = ((layer * 2 + 0) * n_slots + T.Cast("int64", slots[bi])) * W
                     v_base: T.let[T.int64] = ((layer * 2 + 1) * n_slots + T.Cast("int64", slots[bi])) * W
-                    for h in T.serial(H):
+                    for qi, h in T.grid(n_queries, H):
                         for d in T.vectorized(D):
-                            q_scaled[h, d] = T.Cast("float32", q[bi, row % n, h, d]) * T.float32(scale)
-                            acc[h, d] = T.float32(0)
-                        softmax[h, 0] = T.float32(_EMPTY)
-                        softmax[h, 1] = T.float32(0)
+                            q_scaled[qi, h, d] = T.Cast("float32", q[bi, first_query + qi, h, d]) * T.float32(scale)
+                            acc[qi, h, d] = T.float32(0)
+                        softmax[qi, h, 0] = T.float32(_EMPTY)
+                        softmax[qi, h, 1] = T.float32(0)
                     # positions before the chunk are in the ring, at rows (position mod W): the run's part
                     # there is contiguous up to the ring's end and from its start after a wrap
                     ring_hi: T.let[T.int64] = T.min(run_hi, start)
@@ -634,17 +654,18 @@ def ring_attention_cpu(n_heads: int, n_kv_heads: int, head_dim: int, window: int
                         piece_lo: T.let[T.int64] = T.if_then_else(piece == 0, run_lo, wrap)
                         piece_hi: T.let[T.int64] = T.if_then_else(piece == 0, T.min(ring_hi, wrap), ring_hi)
                         attend(cache_rows, cache_rows, k_base + T.floormod(piece_lo, W),
-                               v_base + T.floormod(piece_lo, W), T.max(piece_hi - piece_lo, T.int64(0)),
-                               q_scaled, acc, probs, softmax, part, acc_tile)
-                    # the chunk's own keys (this query's and the earlier ones of its chunk)
+                               v_base + T.floormod(piece_lo, W), piece_lo, T.max(piece_hi - piece_lo, T.int64(0)),
+                               start + first_query, n_queries, q_scaled, acc, probs, softmax, part, acc_tile)
+                    # the chunk's own keys
                     chunk_lo: T.let[T.int64] = T.max(run_lo, start)
-                    attend(k_rows, v_rows, bi * n + chunk_lo - start, bi * n + chunk_lo - start,
-                           T.max(run_hi - chunk_lo, T.int64(0)), q_scaled, acc, probs, softmax, part, acc_tile)
-                    for h in T.serial(H):
+                    attend(k_rows, v_rows, bi * n + chunk_lo - start, bi * n + chunk_lo - start, chunk_lo,
+                           T.max(run_hi - chunk_lo, T.int64(0)), start + first_query, n_queries,
+                           q_scaled, acc, probs, softmax, part, acc_tile)
+                    for qi, h in T.grid(n_queries, H):
                         for d in T.vectorized(D):
-                            run_out[row, run, h, d] = acc[h, d]
-                        run_softmax[row, run, h, 0] = softmax[h, 0]
-                        run_softmax[row, run, h, 1] = softmax[h, 1]
+                            run_out[task // RUNS * RUNS + run, qi, h, d] = acc[qi, h, d]
+                        run_softmax[task // RUNS * RUNS + run, qi, h, 0] = softmax[qi, h, 0]
+                        run_softmax[task // RUNS * RUNS + run, qi, h, 1] = softmax[qi, h, 1]
 
         for task in T.parallel(b * n * H):
             with T.sblock("combine"):
@@ -652,21 +673,23 @@ def ring_attention_cpu(n_heads: int, n_kv_heads: int, head_dim: int, window: int
                 T.writes()
                 total = T.sblock_alloc_buffer((D,), "float32")
                 stat = T.sblock_alloc_buffer((3,), "float32")   # max, mass, the run's weight
-                row: T.let[T.int64] = task // H
+                bi: T.let[T.int64] = task // H // n
+                i: T.let[T.int64] = task // H % n
                 h: T.let[T.int64] = task % H
-                runs: T.let[T.int64] = visible_runs(starts, row, n, W, MIN_RUN, RUNS)[2]
+                tile_row: T.let[T.int64] = (bi * n_tiles + i // QT) * RUNS   # the tile's first run
+                runs: T.let[T.int64] = tile_runs(starts, bi, i // QT * QT, n, W, QT, MIN_RUN, RUNS)[2]
                 stat[0] = T.float32(_EMPTY)
                 for run in T.serial(runs):
-                    stat[0] = T.max(stat[0], run_softmax[row, run, h, 0])
+                    stat[0] = T.max(stat[0], run_softmax[tile_row + run, i % QT, h, 0])
                 stat[1] = T.float32(0)
                 for d in T.vectorized(D):
                     total[d] = T.float32(0)
                 for run in T.serial(runs):
-                    stat[2] = fast_exp2(run_softmax[row, run, h, 0] - stat[0])
-                    stat[1] = stat[1] + stat[2] * run_softmax[row, run, h, 1]
+                    stat[2] = fast_exp2(run_softmax[tile_row + run, i % QT, h, 0] - stat[0])
+                    stat[1] = stat[1] + stat[2] * run_softmax[tile_row + run, i % QT, h, 1]
                     for d in T.vectorized(D):
-                        total[d] = total[d] + stat[2] * run_out[row, run, h, d]
+                        total[d] = total[d] + stat[2] * run_out[tile_row + run, i % QT, h, d]
                 for d in T.vectorized(D):
-                    out[row // n, row % n, h, d] = T.Cast(dtype, total[d] / stat[1])
+                    out[bi, i, h, d] = T.Cast(dtype, total[d] / stat[1])
 
     return ring_attention

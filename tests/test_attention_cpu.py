@@ -47,10 +47,10 @@ def test_cpu_ring_attention_equals_the_window_definition(heads, kv_heads, head_d
     slots = rng.permutation(b + 2)[:b].astype(np.int32)
     arrays = (q, k, v, cache, slots, np.array(starts, np.int32))
     want = reference(*arrays, 1, window)
-    # small key blocks and runs: a few keys already take every path (several blocks and runs per row,
-    # runs that wrap around the ring or reach into the chunk)
-    got = _run(ring_attention_cpu(heads, kv_heads, head_dim, window, dtype, keys_per_block=4, min_keys_per_run=2),
-               arrays, 1, q.shape, dtype)
+    # small key blocks, runs and query tiles: a few keys already take every path (several blocks and
+    # runs per tile, runs that wrap around the ring or reach into the chunk, a partial last tile)
+    got = _run(ring_attention_cpu(heads, kv_heads, head_dim, window, dtype, keys_per_block=4, min_keys_per_run=2,
+                                  query_tile=3), arrays, 1, q.shape, dtype)
     tol = 2e-3 if dtype == "float16" else 1e-5
     assert np.abs(got - want).max() / np.abs(want).max() < tol
     if dtype == "float32":
