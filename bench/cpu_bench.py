@@ -3,12 +3,14 @@ against a memory-bandwidth floor measured in the same process, and against trans
 
 Verbs (bench/device/cpu_bench.sh drives them; it packs .cpupack/ here and runs it on the GPU machine's CPU cores):
 
-    python bench/cpu_bench.py build OUT [--size full|tiny] [--quant q4_k|q8_0|f32] [--mcpu x86-64-v3] [--int8-activations]
+    python bench/cpu_bench.py build OUT [--size full|tiny] [--quant VARIANT] [--mcpu x86-64-v3] [--int8-activations]
         here, with TVM: compile the model for llvm WITHOUT weights (manifest + model.so), with a static
-        one-stream one-token entry ``decode_b1n1`` (quantized projections then run the GEMV kernels)
+        one-stream one-token entry ``decode_b1n1`` (quantized projections then run the GEMV kernels);
+        VARIANT: q4_k, q8_0 or f32, ``_int8`` appended for int8 activations (q4_k_int8 = --int8-activations)
     python bench/cpu_bench.py voxc ARTIFACT
         runtime only (no TVM compiler): random weights, load, bandwidth floor, decode steps (static
-        ``decode_b1n1`` and generic ``decode``), 80 ms streaming steps -> $OUT/cpu_voxc_<name>.json
+        ``decode_b1n1`` and generic ``decode``), 80 ms streaming steps, the time per compiled function of
+        one decode step and of one 80 ms streaming step -> $OUT/cpu_voxc_<name>.json
     python bench/cpu_bench.py hf ARTIFACT [--dtypes float32,bfloat16]
         transformers' VoxtralRealtime of the artifact's config, its own random init, one decode step
         with a KV cache (generate() of N2 minus N1 new tokens) -> $OUT/cpu_hf.json
@@ -141,6 +143,19 @@ def kv_bytes(manifest: dict, position: int) -> int:
 # ---------------------------------------------------------------------------------------------
 # build (here, with the TVM compiler)
 # ---------------------------------------------------------------------------------------------
+INT8_SUFFIX = "_int8"
+
+
+def parse_variant(variant: str) -> tuple[str | None, bool]:
+    """A variant name of the pack (cpu_bench.sh VARIANTS) -> (quantization or None for float32, int8
+    activations): ``q4_k`` -> ("q4_k", False), ``q4_k_int8`` -> ("q4_k", True), ``f32`` -> (None, False)."""
+    int8 = variant.endswith(INT8_SUFFIX)
+    quant = variant.removesuffix(INT8_SUFFIX)
+    if int8 and quant in ("f32", "float32", "none"):
+        raise SystemExit(f"{variant}: int8 activations need a quantized variant (q4_k_int8, q8_0_int8)")
+    return (None if quant in ("f32", "float32", "none") else quant), int8
+
+
 def bench_target(mcpu: str | None, int8_activations: bool = False):
     """targets/llvm.py's target (with its static one-stream entries) for a fixed -mcpu; with
     ``int8_activations``, quantized decode GEMVs on int8 dot products (voxc build --int8-activations)."""
@@ -157,17 +172,19 @@ def cmd_build(args):
     from voxc.config import ModelConfig
 
     cfg = ModelConfig() if args.size == "full" else ModelConfig.tiny()
-    quant = None if args.quant in ("f32", "float32", "none") else args.quant
-    target = bench_target(args.mcpu or None, args.int8_activations)
+    quant, int8 = parse_variant(args.quant)
+    int8 = int8 or args.int8_activations
+    target = bench_target(args.mcpu or None, int8)
     t0 = time.perf_counter()
     out = build_weightless(cfg, target, Path(args.out), quantization=quant, force=args.force, extra={"cpu_bench": {
-        "mcpu": args.mcpu, "size": args.size, "int8_activations": args.int8_activations,
+        "mcpu": args.mcpu, "size": args.size, "int8_activations": int8,
         "static_entries": [e.name for e in target.static_entries],
         "host_built_on": cpu_info().get("Model name")}})
     seconds = time.perf_counter() - t0
     manifest = artifact.read_manifest(out)
     lib = out / manifest["library"]
-    print(f"built {out} ({args.size}, {quant or 'float32'}, -mcpu={args.mcpu}) in {seconds:.1f}s; "
+    print(f"built {out} ({args.size}, {quant or 'float32'}{', int8 activations' if int8 else ''}, "
+          f"-mcpu={args.mcpu}) in {seconds:.1f}s; "
           f"{lib.name} {lib.stat().st_size / 1e6:.1f} MB; weights to fill "
           f"{sum(math.prod(p['shape']) * np.dtype(p['dtype']).itemsize for p in manifest['params']) / 1e9:.3f} GB",
           flush=True)
@@ -211,9 +228,9 @@ def decode_steps(model, start, steps, delay=6):
     return out
 
 
-def profile_step(model, start, delay=6, top=14) -> dict:
-    """One decode step with the VM's instrument hook (runtime API ``set_instrument``): wall ms per compiled
-    function, summed over its calls, the ``top`` largest."""
+def profile_call(model, step, top=14) -> dict:
+    """``step()`` (one decode step, one streaming chunk) with the VM's instrument hook (runtime API
+    ``set_instrument``): wall ms per compiled function, summed over its calls, the ``top`` largest."""
     from collections import defaultdict
 
     total, calls, began = defaultdict(float), defaultdict(int), {}
@@ -226,17 +243,24 @@ def profile_step(model, start, delay=6, top=14) -> dict:
             total[name] += time.perf_counter() - began.pop(name, time.perf_counter())
             calls[name] += 1
 
-    model.set_delay([0], [delay])
     model.vm["set_instrument"](instrument)
     try:
         t = time.perf_counter()
-        model.decode(np.ones((1, 1), np.int32), [0], [start])
+        step()
         wall = (time.perf_counter() - t) * 1e3
     finally:
         model.vm["set_instrument"](None)
     rows = sorted(total.items(), key=lambda kv: -kv[1])[:top]
-    return {"position": start, "step_ms_instrumented": round(wall, 2),
+    return {"step_ms_instrumented": round(wall, 2),
+            "functions_ms_total": round(sum(total.values()) * 1e3, 2),
             "functions": {k: {"ms": round(v * 1e3, 2), "calls": calls[k]} for k, v in rows}}
+
+
+def profile_step(model, start, delay=6, top=14) -> dict:
+    """:func:`profile_call` of one decode step (one stream, one token) at position ``start``."""
+    model.set_delay([0], [delay])
+    return {"position": start, **profile_call(
+        model, lambda: model.decode(np.ones((1, 1), np.int32), [0], [start]), top)}
 
 
 def cmd_voxc(args):
@@ -345,6 +369,11 @@ def cmd_voxc(args):
         st["rtf"] = round(st["median_ms"] / 80.0, 3)
         st["tokens_so_far"] = s.token_count
         report["stream_80ms"] = st
+        after = i + 1280   # the next chunk (the audio runs 16 chunks past the loop's end)
+        try:   # where one 80 ms step's time goes: mel, encoder, adapter, decoder step
+            report["profile_stream_80ms"] = profile_call(model, lambda: s.feed(audio[after:after + 1280]), top=20)
+        except Exception as exc:  # noqa: BLE001
+            report["profile_stream_80ms_error"] = repr(exc)
 
     plan = []
     for tag, on in entries[:1]:
@@ -545,6 +574,7 @@ def cmd_summary(args):
         if not name.startswith("cpu_voxc_"):
             continue
         row = {"quantization": f.get("artifact", {}).get("quantization"),
+               "int8_activations": bool((f.get("artifact", {}).get("build") or {}).get("int8_activations")),
                "decode_weight_GB": f.get("decode_weight_GB"),
                "stream_read_GBps": f.get("stream_read_before", {}).get("GBps"),
                "floor_ms": f.get("floor_ms")}
@@ -572,7 +602,7 @@ def main(argv=None):
     b = sub.add_parser("build")
     b.add_argument("out")
     b.add_argument("--size", choices=["full", "tiny"], default="full")
-    b.add_argument("--quant", default="q4_k")
+    b.add_argument("--quant", default="q4_k", help="q4_k, q8_0 or f32; a _int8 suffix (q4_k_int8) for int8 activations")
     b.add_argument("--mcpu", default="x86-64-v3")
     b.add_argument("--force", action="store_true", help="replace an existing artifact")
     b.add_argument("--int8-activations", action="store_true",

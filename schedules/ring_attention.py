@@ -15,6 +15,8 @@ ring as it was before the chunk (read first) plus the chunk's own keys; then the
 """
 from __future__ import annotations
 
+import math
+
 from tvm import te, tirx
 
 from schedules import pin_source
@@ -416,22 +418,174 @@ def ring_attention_merge_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wind
 
 
 # ---- CPU kernel ------------------------------------------------------------------------------------------
+# TVM's default CPU lowering of the TE definition runs on one thread and scores all W + n ring rows of
+# every query (the decoder's W = 8192 rows at any position).  ``ring_attention_cpu`` visits only the
+# visible positions, split-K like the GPU kernels: a tile of up to ``query_tile`` consecutive queries of a
+# sequence (one token when decoding, an encoder chunk's frames) shares the keys of the union of their
+# windows, cut into equal runs of at least ``min_keys_per_run`` keys, one parallel task each (one decode
+# row keeps every core busy); a second parallel loop combines the runs by their softmax mass.  A task
+# reads whole cache rows [n_kv_heads, head_dim] in position order, a sequential stream the hardware
+# prefetchers follow (one kv head's rows lie n_kv_heads * head_dim elements apart, 4 KB in the decoder:
+# a walk over one kv head crosses a page at every key and was latency-bound), and scores every query
+# head of every query of its tile against each row while it is in L1 or L2: the G = H / Hkv query heads
+# of a kv head (GQA) and the tile's queries (a chunk's queries read the ring once, not once each).
+
+_MASKED = 2 * _EMPTY   # score of a key outside a query's window: exp2(_MASKED - running max) == 0
+
+
+def cpu_kernel_layout(n_heads: int, n_kv_heads: int, head_dim: int, window: int, keys_per_block: int = 16,
+                      min_keys_per_run: int = 64, max_runs: int = 32, query_tile: int = 8,
+                      tile_vectors: int = 4) -> dict:
+    """Loop shape of :func:`ring_attention_cpu`.
+
+    ``lanes``: float32 vector width of the head_dim loops (the largest power of two up to 16 dividing
+    head_dim).  The inner loops keep ``tile_vectors`` such vectors of sums in registers (8 AVX2
+    registers at 16 lanes), enough independent FMA chains to hide their latency: ``head_tile`` query heads
+    of one kv head (the largest divisor of G up to ``tile_vectors``, so every GQA ratio tiles exactly),
+    times ``key_tile`` keys for the dot products and ``chunk_tile`` head_dim chunks for the weighted values
+    (an MHA head, G = 1, gets 4 keys or 4 chunks).  ``keys_per_block``: keys scored before the online
+    softmax rescales its running sums (a multiple of ``key_tile``); ``query_tile``: queries of a chunk
+    that share their keys' reads; ``min_keys_per_run``: the shortest run worth a task of its own (a
+    task's fixed cost, scaling its queries and writing its partial output, is about that many keys'
+    work); ``max_runs``: runs of one query tile at most (no more than its keys need)."""
+    from voxc.errors import VoxcError
+
+    if (n_heads < 1 or n_kv_heads < 1 or n_heads % n_kv_heads or head_dim < 1 or window < 1 or keys_per_block < 1
+            or min_keys_per_run < 1 or max_runs < 1 or query_tile < 1 or tile_vectors < 1):
+        raise VoxcError(f"ring attention needs n_heads a multiple of n_kv_heads and positive sizes, got "
+                        f"n_heads={n_heads} n_kv_heads={n_kv_heads} head_dim={head_dim} window={window}")
+    group = n_heads // n_kv_heads
+    lanes = next(x for x in (16, 8, 4, 2, 1) if head_dim % x == 0)
+    head_tile = max(t for t in range(1, min(group, tile_vectors) + 1) if group % t == 0)
+    spare = tile_vectors // head_tile
+    key_tile = max(t for t in range(1, spare + 1) if keys_per_block % t == 0)
+    chunk_tile = max(t for t in range(1, spare + 1) if (head_dim // lanes) % t == 0)
+    return dict(group=group, lanes=lanes, head_tile=head_tile, key_tile=key_tile, chunk_tile=chunk_tile,
+                keys_per_block=keys_per_block, query_tile=query_tile, min_keys_per_run=min_keys_per_run,
+                max_runs=min(max_runs, -(-(window + query_tile - 1) // min_keys_per_run)))
+
+
+def tile_runs(starts, bi, first_query, n, window: int, query_tile: int, min_keys_per_run: int, max_runs: int):
+    """(first visible position, visible key count, run count) of the query tile starting at chunk index
+    ``first_query`` of batch row ``bi``: the union of its queries' windows, as TIR expressions (the
+    partial and the combine loops of :func:`ring_attention_cpu` agree on them)."""
+    query = starts[bi].astype("int64") + first_query
+    last = query + tirx.min(tirx.const(query_tile, "int64"), n - first_query) - 1
+    first = tirx.max(query - window + 1, tirx.const(0, "int64"))
+    count = last + 1 - first
+    return first, count, tirx.min(tirx.const(max_runs, "int64"), (count + min_keys_per_run - 1) // min_keys_per_run)
+
+
+# 2**f = e**(f ln 2) for |f| <= 1/2: Taylor terms (ln 2)**k / k!; the degree-6 remainder is below 2e-7
+_EXP2_TAYLOR = tuple(math.log(2) ** k / math.factorial(k) for k in range(7))
+
+
+def fast_exp2(x):
+    """float32 2**x as a vectorizable expression: LLVM turns a vector ``exp2`` into one libm call per
+    lane, which made the softmax a large share of the CPU attention.  2**round(x) is built in the exponent
+    bits, times a polynomial for the rest; x <= -127 (the running max before any key, a masked key)
+    gives exactly 0."""
+    x = tirx.max(tirx.min(x, tirx.const(127.0, "float32")), tirx.const(-127.0, "float32"))
+    whole = tirx.nearbyint(x)
+    frac = x - whole
+    poly = tirx.const(_EXP2_TAYLOR[-1], "float32")
+    for coef in reversed(_EXP2_TAYLOR[:-1]):
+        poly = poly * frac + tirx.const(coef, "float32")
+    power = tirx.reinterpret("float32", tirx.shift_left(whole.astype("int32") + 127, 23))
+    return poly * power
+
+
 def ring_attention_cpu(n_heads: int, n_kv_heads: int, head_dim: int, window: int, dtype: str = "float32",
-                       keys_per_block: int = 64):
-    """The TE function's drop-in replacement on llvm (same signature).  TVM's default CPU lowering of
-    the TE definition runs on one thread and scores all W + n ring rows of every query (the decoder's
-    W = 8192 rows at any position: ~240 ms per layer at position 100).  This kernel runs one
-    (sequence, query, kv head) per task in parallel, the kv head's ``G`` query heads together so each
-    key and value row is read once (GQA), visits only the query's visible positions
-    max(0, q - W + 1) .. q, and keeps an online softmax over blocks of keys; dot products use
-    ``lanes`` vector partial sums (LLVM does not reorder a scalar float sum into vectors)."""
+                       **layout_args):
+    """The TE function's drop-in replacement on llvm (same signature): partial attention of each
+    (query tile, run) task over its run of keys, in float32 with an online softmax, into a scratch
+    buffer; then each (query, head) combines its tile's runs.  ``layout_args``:
+    :func:`cpu_kernel_layout`'s keywords (the tests use small blocks, runs and tiles on tiny windows)."""
     from tvm.script import tirx as T
 
-    H, HKV, D, W, KB = n_heads, n_kv_heads, head_dim, window, keys_per_block
-    G = n_heads // n_kv_heads
-    lanes = next(x for x in (16, 8, 4, 2, 1) if D % x == 0)
-    chunks = D // lanes
-    scale = float(head_dim ** -0.5) * _LOG2E
+    lay = cpu_kernel_layout(n_heads, n_kv_heads, head_dim, window, **layout_args)
+    H, HKV, D, W = n_heads, n_kv_heads, head_dim, window
+    G, LANES, KB, QT = lay["group"], lay["lanes"], lay["keys_per_block"], lay["query_tile"]
+    GT, JT, CT = lay["head_tile"], lay["key_tile"], lay["chunk_tile"]
+    MIN_RUN, RUNS = lay["min_keys_per_run"], lay["max_runs"]
+    CHUNKS = D // LANES
+    scale = float(head_dim ** -0.5) * _LOG2E   # scores in log2 units: the softmax uses exp2
+
+    @T.macro
+    def fold_lanes(part, g, jj, width):
+        # one halving step of a vector's horizontal sum (none when the vector is narrower)
+        if width >= 1:
+            for lane in T.vectorized(width):
+                part[g, jj, lane] = part[g, jj, lane] + part[g, jj, lane + width]
+
+    @T.macro
+    def attend(keys, values, key_row, value_row, position, count, query, n_queries,
+               q_scaled, acc, probs, softmax, part, acc_tile):
+        # ``count`` consecutive rows of keys [*, HKV, D] from ``key_row`` and of values from ``value_row``,
+        # positions ``position``.., for queries at positions ``query``.. (``n_queries`` of them) into
+        # acc [QT, H, D] and softmax [QT, H, (running max, mass, rescale)], KB keys at a time.
+        # Head h = kvh * G + tile * GT + g.
+        for blk in T.serial((count + KB - 1) // KB):
+            first: T.let[T.int64] = blk * KB
+            in_block: T.let[T.int64] = T.min(T.int64(KB), count - first)
+            # scores of GT heads x JT keys at a time (a last partial key tile repeats the last key)
+            for jt in T.serial((in_block + JT - 1) // JT):
+                for kvh in T.serial(HKV):
+                    for tile in T.serial(G // GT):
+                        for qi in T.serial(n_queries):
+                            for g, jj in T.grid(GT, JT):
+                                for lane in T.vectorized(LANES):
+                                    part[g, jj, lane] = T.float32(0)
+                            for c in T.serial(CHUNKS):
+                                for g in T.unroll(GT):
+                                    for jj in T.unroll(JT):
+                                        for lane in T.vectorized(LANES):
+                                            part[g, jj, lane] = part[g, jj, lane] + q_scaled[
+                                                qi, kvh * G + tile * GT + g, c * LANES + lane] * T.Cast("float32", keys[
+                                                    key_row + T.min(first + jt * JT + jj, count - 1), kvh, c * LANES + lane])
+                            for g in T.unroll(GT):
+                                for jj in T.unroll(JT):
+                                    fold_lanes(part, g, jj, LANES // 2)
+                                    fold_lanes(part, g, jj, LANES // 4)
+                                    fold_lanes(part, g, jj, LANES // 8)
+                                    fold_lanes(part, g, jj, LANES // 16)
+                                    probs[qi, kvh * G + tile * GT + g, jt * JT + jj] = part[g, jj, 0]
+            for qi, h in T.grid(n_queries, H):
+                # the block's keys the query sees: [seen_lo, seen_hi); those past the block's end, after the
+                # query or before its window weigh 0
+                seen_lo: T.let[T.int32] = T.Cast("int32", T.max(query + qi - W + 1 - position - first, T.int64(0)))
+                seen_hi: T.let[T.int32] = T.Cast("int32", T.max(T.min(query + qi + 1 - position - first, in_block),
+                                                                T.int64(0)))
+                for j in T.vectorized(KB):
+                    probs[qi, h, j] = T.Select(j >= seen_lo and j < seen_hi, probs[qi, h, j], T.float32(_MASKED))
+                softmax[qi, h, 2] = softmax[qi, h, 0]
+                for j in T.serial(KB):
+                    softmax[qi, h, 0] = T.max(softmax[qi, h, 0], probs[qi, h, j])
+                softmax[qi, h, 2] = fast_exp2(softmax[qi, h, 2] - softmax[qi, h, 0])
+                softmax[qi, h, 1] = softmax[qi, h, 1] * softmax[qi, h, 2]
+                for j in T.vectorized(KB):
+                    probs[qi, h, j] = fast_exp2(probs[qi, h, j] - softmax[qi, h, 0])
+                for j in T.serial(KB):
+                    softmax[qi, h, 1] = softmax[qi, h, 1] + probs[qi, h, j]
+            # GT heads x CT chunks of a query's output stay in registers over the block's values
+            for kvh in T.serial(HKV):
+                for tile in T.serial(G // GT):
+                    for cg in T.serial(CHUNKS // CT):
+                        for qi in T.serial(n_queries):
+                            for g, ct in T.grid(GT, CT):
+                                for lane in T.vectorized(LANES):
+                                    acc_tile[g, ct, lane] = acc[qi, kvh * G + tile * GT + g, (cg * CT + ct) * LANES + lane] * \
+                                        softmax[qi, kvh * G + tile * GT + g, 2]
+                            for j in T.serial(in_block):
+                                for g in T.unroll(GT):
+                                    for ct in T.unroll(CT):
+                                        for lane in T.vectorized(LANES):
+                                            acc_tile[g, ct, lane] = acc_tile[g, ct, lane] + probs[
+                                                qi, kvh * G + tile * GT + g, j] * T.Cast("float32", values[
+                                                    value_row + first + j, kvh, (cg * CT + ct) * LANES + lane])
+                            for g, ct in T.grid(GT, CT):
+                                for lane in T.vectorized(LANES):
+                                    acc[qi, kvh * G + tile * GT + g, (cg * CT + ct) * LANES + lane] = acc_tile[g, ct, lane]
 
     @T.prim_func(private=True, s_tir=True)
     def ring_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_cache: T.handle,
@@ -445,77 +599,97 @@ def ring_attention_cpu(n_heads: int, n_kv_heads: int, head_dim: int, window: int
         slots = T.match_buffer(var_slots, (b,), "int32")
         starts = T.match_buffer(var_starts, (b,), "int32")
         out = T.match_buffer(var_out, (b, n, H, D), dtype)
+        # the same memory as rows of [HKV, D]: cache rows of every (k/v, slot, ring row), chunk rows
+        cache_rows = T.decl_buffer((2 * n_slots * W, HKV, D), dtype, data=cache.data)
+        k_rows = T.decl_buffer((b * n, HKV, D), dtype, data=k.data)
+        v_rows = T.decl_buffer((b * n, HKV, D), dtype, data=v.data)
+        # per (batch row, query tile, run) and query of the tile: unnormalised output, running max and mass
+        n_tiles = T.meta_var((n + QT - 1) // QT)
+        tile_len = T.meta_var(T.min(n, T.int64(QT)))
+        run_out = T.alloc_buffer((b * n_tiles * RUNS, tile_len, H, D), "float32")
+        run_softmax = T.alloc_buffer((b * n_tiles * RUNS, tile_len, H, 2), "float32")
 
-        for task in T.parallel(b * n * HKV):
-            with T.sblock("attn"):
+        # RUNS task slots per query tile; a tile of r runs gives them to r slots spread evenly over its
+        # RUNS (TVM hands each thread a contiguous range of tasks: a short tile still uses every thread)
+        for task in T.parallel(b * n_tiles * RUNS):
+            with T.sblock("partial"):
                 T.reads()
                 T.writes()
-                q_scaled = T.sblock_alloc_buffer((G, D), "float32", scope="local")
-                acc = T.sblock_alloc_buffer((G, D), "float32", scope="local")
-                part = T.sblock_alloc_buffer((lanes,), "float32", scope="local")
-                scores = T.sblock_alloc_buffer((G, KB), "float32", scope="local")
-                # per head: running max, mass, block max, rescale
-                state = T.sblock_alloc_buffer((G, 4), "float32", scope="local")
+                # Scratch of one task.  On llvm, TVM puts "global" buffers under 1 KB on the stack, where
+                # LLVM keeps the vector tiles (part, acc_tile) in registers; larger buffers and any
+                # "local" one come from TVM's workspace allocator (memory LLVM cannot promote).
+                q_scaled = T.sblock_alloc_buffer((QT, H, D), "float32")
+                acc = T.sblock_alloc_buffer((QT, H, D), "float32")
+                probs = T.sblock_alloc_buffer((QT, H, KB), "float32")
+                softmax = T.sblock_alloc_buffer((QT, H, 3), "float32")
+                part = T.sblock_alloc_buffer((GT, JT, LANES), "float32")
+                acc_tile = T.sblock_alloc_buffer((GT, CT, LANES), "float32")
 
-                bi: T.let[T.int64] = task // (n * HKV)
-                i: T.let[T.int64] = task // HKV % n
-                kvh: T.let[T.int64] = task % HKV
+                bi: T.let[T.int64] = task // RUNS // n_tiles
+                first_query: T.let[T.int64] = task // RUNS % n_tiles * QT
+                n_queries: T.let[T.int64] = T.min(T.int64(QT), n - first_query)
+                slot_of_tile: T.let[T.int64] = task % RUNS
                 start: T.let[T.int64] = T.Cast("int64", starts[bi])
-                slot: T.let[T.int64] = T.Cast("int64", slots[bi])
-                hi: T.let[T.int64] = start + i
-                lo: T.let[T.int64] = T.max(hi - W + 1, T.int64(0))
-
-                for g in T.serial(G):
-                    for d in T.vectorized(D):
-                        q_scaled[g, d] = T.Cast("float32", q[bi, i, kvh * G + g, d]) * T.float32(scale)
-                        acc[g, d] = T.float32(0)
-                    state[g, 0] = T.float32(_EMPTY)
-                    state[g, 1] = T.float32(0)
-                for blk in T.serial((hi - lo + KB) // KB):
-                    first: T.let[T.int64] = lo + blk * KB
-                    count: T.let[T.int64] = T.min(T.int64(KB), hi + 1 - first)
-                    for g in T.serial(G):
-                        state[g, 2] = T.float32(_EMPTY)
-                    for j in T.serial(count):
-                        for g in T.serial(G):
-                            for l in T.vectorized(lanes):
-                                part[l] = T.float32(0)
-                            if first + j < start:
-                                for c in T.serial(chunks):
-                                    for l in T.vectorized(lanes):
-                                        part[l] = part[l] + q_scaled[g, c * lanes + l] * T.Cast(
-                                            "float32", cache[0, slot, T.floormod(first + j, W), kvh, c * lanes + l])
-                            else:
-                                for c in T.serial(chunks):
-                                    for l in T.vectorized(lanes):
-                                        part[l] = part[l] + q_scaled[g, c * lanes + l] * T.Cast(
-                                            "float32", k[bi, first + j - start, kvh, c * lanes + l])
-                            scores[g, j] = T.float32(0)
-                            for l in T.serial(lanes):
-                                scores[g, j] = scores[g, j] + part[l]
-                            state[g, 2] = T.max(state[g, 2], scores[g, j])
-                    for g in T.serial(G):
-                        state[g, 3] = T.exp2(state[g, 0] - T.max(state[g, 0], state[g, 2]))
-                        state[g, 0] = T.max(state[g, 0], state[g, 2])
-                        state[g, 1] = state[g, 1] * state[g, 3]
+                visible = T.meta_var(tile_runs(starts, bi, first_query, n, W, QT, MIN_RUN, RUNS))
+                first_visible: T.let[T.int64] = visible[0]
+                n_visible: T.let[T.int64] = visible[1]
+                runs: T.let[T.int64] = visible[2]
+                run: T.let[T.int64] = slot_of_tile * runs // RUNS
+                if slot_of_tile * runs % RUNS < runs:   # the first task slot of its run
+                    run_lo: T.let[T.int64] = first_visible + run * n_visible // runs
+                    run_hi: T.let[T.int64] = first_visible + (run + 1) * n_visible // runs
+                    k_base: T.let[T.int64] = T.Cast("int64", slots[bi]) * W
+                    v_base: T.let[T.int64] = (n_slots + T.Cast("int64", slots[bi])) * W
+                    for qi, h in T.grid(n_queries, H):
                         for d in T.vectorized(D):
-                            acc[g, d] = acc[g, d] * state[g, 3]
-                    for j in T.serial(count):
-                        for g in T.serial(G):
-                            scores[g, j] = T.exp2(scores[g, j] - state[g, 0])
-                            state[g, 1] = state[g, 1] + scores[g, j]
-                        if first + j < start:
-                            for g in T.serial(G):
-                                for d in T.vectorized(D):
-                                    acc[g, d] = acc[g, d] + scores[g, j] * T.Cast(
-                                        "float32", cache[1, slot, T.floormod(first + j, W), kvh, d])
-                        else:
-                            for g in T.serial(G):
-                                for d in T.vectorized(D):
-                                    acc[g, d] = acc[g, d] + scores[g, j] * T.Cast(
-                                        "float32", v[bi, first + j - start, kvh, d])
-                for g in T.serial(G):
+                            q_scaled[qi, h, d] = T.Cast("float32", q[bi, first_query + qi, h, d]) * T.float32(scale)
+                            acc[qi, h, d] = T.float32(0)
+                        softmax[qi, h, 0] = T.float32(_EMPTY)
+                        softmax[qi, h, 1] = T.float32(0)
+                    # positions before the chunk are in the ring, at rows (position mod W): the run's part
+                    # there is contiguous up to the ring's end and from its start after a wrap
+                    ring_hi: T.let[T.int64] = T.min(run_hi, start)
+                    wrap: T.let[T.int64] = (run_lo // W + 1) * W
+                    for piece in T.serial(2):
+                        piece_lo: T.let[T.int64] = T.if_then_else(piece == 0, run_lo, wrap)
+                        piece_hi: T.let[T.int64] = T.if_then_else(piece == 0, T.min(ring_hi, wrap), ring_hi)
+                        attend(cache_rows, cache_rows, k_base + T.floormod(piece_lo, W),
+                               v_base + T.floormod(piece_lo, W), piece_lo, T.max(piece_hi - piece_lo, T.int64(0)),
+                               start + first_query, n_queries, q_scaled, acc, probs, softmax, part, acc_tile)
+                    # the chunk's own keys
+                    chunk_lo: T.let[T.int64] = T.max(run_lo, start)
+                    attend(k_rows, v_rows, bi * n + chunk_lo - start, bi * n + chunk_lo - start, chunk_lo,
+                           T.max(run_hi - chunk_lo, T.int64(0)), start + first_query, n_queries,
+                           q_scaled, acc, probs, softmax, part, acc_tile)
+                    for qi, h in T.grid(n_queries, H):
+                        for d in T.vectorized(D):
+                            run_out[task // RUNS * RUNS + run, qi, h, d] = acc[qi, h, d]
+                        run_softmax[task // RUNS * RUNS + run, qi, h, 0] = softmax[qi, h, 0]
+                        run_softmax[task // RUNS * RUNS + run, qi, h, 1] = softmax[qi, h, 1]
+
+        for task in T.parallel(b * n * H):
+            with T.sblock("combine"):
+                T.reads()
+                T.writes()
+                total = T.sblock_alloc_buffer((D,), "float32")
+                stat = T.sblock_alloc_buffer((3,), "float32")   # max, mass, the run's weight
+                bi: T.let[T.int64] = task // H // n
+                i: T.let[T.int64] = task // H % n
+                h: T.let[T.int64] = task % H
+                tile_row: T.let[T.int64] = (bi * n_tiles + i // QT) * RUNS   # the tile's first run
+                runs: T.let[T.int64] = tile_runs(starts, bi, i // QT * QT, n, W, QT, MIN_RUN, RUNS)[2]
+                stat[0] = T.float32(_EMPTY)
+                for run in T.serial(runs):
+                    stat[0] = T.max(stat[0], run_softmax[tile_row + run, i % QT, h, 0])
+                stat[1] = T.float32(0)
+                for d in T.vectorized(D):
+                    total[d] = T.float32(0)
+                for run in T.serial(runs):
+                    stat[2] = fast_exp2(run_softmax[tile_row + run, i % QT, h, 0] - stat[0])
+                    stat[1] = stat[1] + stat[2] * run_softmax[tile_row + run, i % QT, h, 1]
                     for d in T.vectorized(D):
-                        out[bi, i, kvh * G + g, d] = T.Cast(dtype, acc[g, d] / state[g, 1])
+                        total[d] = total[d] + stat[2] * run_out[tile_row + run, i % QT, h, d]
+                for d in T.vectorized(D):
+                    out[bi, i, h, d] = T.Cast(dtype, total[d] / stat[1])
 
     return ring_attention

@@ -30,6 +30,9 @@ CASES = [  # heads, kv heads, head dim, window, n, starts, dtype
     (6, 2, 48, 5, 12, [2, 9], "float32"),                   # chunk longer than the window, odd sizes
     (8, 1, 64, 64, 3, [100, 1], "float32"),                 # one kv head for all queries
     (8, 2, 64, 16, 3, [0, 21], "float16"),                  # half storage, float32 math
+    (12, 4, 40, 6, 1, [0, 3, 6, 13], "float32"),            # 3 heads per kv head, 8-lane head_dim
+    (7, 1, 16, 3, 2, [0, 7], "float32"),                    # MQA with an odd head count
+    (5, 5, 8, 1, 3, [0, 4], "float16"),                     # a one-position window
 ]
 
 
@@ -44,8 +47,10 @@ def test_cpu_ring_attention_equals_the_window_definition(heads, kv_heads, head_d
     slots = rng.permutation(b + 2)[:b].astype(np.int32)
     arrays = (q, k, v, cache, slots, np.array(starts, np.int32))
     want = reference(*arrays, window)
-    got = _run(ring_attention_cpu(heads, kv_heads, head_dim, window, dtype, keys_per_block=4), arrays, q.shape,
-               dtype)
+    # small key blocks, runs and query tiles: a few keys already take every path (several blocks and
+    # runs per tile, runs that wrap around the ring or reach into the chunk, a partial last tile)
+    got = _run(ring_attention_cpu(heads, kv_heads, head_dim, window, dtype, keys_per_block=4, min_keys_per_run=2,
+                                  query_tile=3), arrays, q.shape, dtype)
     tol = 2e-3 if dtype == "float16" else 1e-5
     assert np.abs(got - want).max() / np.abs(want).max() < tol
     if dtype == "float32":
@@ -62,3 +67,19 @@ def test_llvm_target_swaps_in_the_cpu_kernel():
     swapped = llvm.apply_cpu_attention(mod)
     funcs = {gv.name_hint: f for gv, f in swapped.functions_items() if gv.name_hint.startswith("ring_attention")}
     assert funcs and all(f.attrs and f.attrs.get("tirx.is_scheduled") for f in funcs.values())
+
+
+def test_cpu_ring_attention_default_layout_at_decoder_like_sizes():
+    """The default blocks and runs (what the model compiles) over a longer window: full runs, a partial
+    last block, rows of one batch at different positions, one of them past a wrap of the ring."""
+    heads, kv_heads, head_dim, window = 8, 2, 128, 300
+    rng = np.random.default_rng(3)
+    starts = np.array([0, 130, 299, 700], np.int32)
+    b = len(starts)
+    q = rng.standard_normal((b, 1, heads, head_dim)).astype(np.float32)
+    k, v = (rng.standard_normal((b, 1, kv_heads, head_dim)).astype(np.float32) for _ in range(2))
+    cache = rng.standard_normal((2, b, window, kv_heads, head_dim)).astype(np.float32)
+    arrays = (q, k, v, cache, np.arange(b, dtype=np.int32)[::-1].copy(), starts)
+    want = reference(*arrays, window)
+    got = _run(ring_attention_cpu(heads, kv_heads, head_dim, window), arrays, q.shape, "float32")
+    assert np.abs(got - want).max() / np.abs(want).max() < 1e-5

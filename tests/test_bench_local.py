@@ -259,7 +259,20 @@ def test_cpu_bench_local(tmp_path):
     summary = json.loads((out / "cpu_bench.json").read_text())
     row = summary["variants"]["tiny_q4_k"]
     assert row["decode_static_b1n1_pos100_ms"] > 0 and row["stream_80ms_ms"] > 0 and summary["hf"]["float32"] > 0
-    assert json.loads((out / "cpu_voxc_tiny_q4_k.json").read_text())["check_static_vs_generic"]["finite"]
+    voxc_run = json.loads((out / "cpu_voxc_tiny_q4_k.json").read_text())
+    assert voxc_run["check_static_vs_generic"]["finite"]
+    for profile in ("profile_static_b1n1_pos100", "profile_stream_80ms"):   # per-function time of one step
+        assert voxc_run[profile]["functions"], profile
+
+
+def test_cpu_bench_variant_names():
+    """cpu_bench.sh VARIANTS: the quantization, and int8 activations for an ``_int8`` suffix."""
+    from cpu_bench import parse_variant
+
+    assert parse_variant("q4_k") == ("q4_k", False) and parse_variant("f32") == (None, False)
+    assert parse_variant("q4_k_int8") == ("q4_k", True) and parse_variant("q8_0_int8") == ("q8_0", True)
+    with pytest.raises(SystemExit):
+        parse_variant("f32_int8")
 
 
 def test_cpu_dense_local(tmp_path):

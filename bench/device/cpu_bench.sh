@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The full-size model on the GPU machine's CPU cores (llvm, runtime-only): Q4_K / Q8_0 / float32 decode
-# step vs a streaming-read floor measured in the same process, and transformers' CPU decode step.
+# The full-size model on the GPU machine's CPU cores (llvm, runtime-only): Q4_K (float and int8
+# activations) / Q8_0 / float32 decode step vs a streaming-read floor measured in the same process, where
+# one decode step and one 80 ms streaming step spend their time (per compiled function), and
+# transformers' CPU decode step.
 #
 #   bash bench/device/cpu_bench.sh pack     # here (needs TVM): build .cpupack/ (see below), ~20 MB
 #   run(command="bash bench/device/cpu_bench.sh run", carry=[".cpupack"])     # ONE device call, < 9 min
@@ -9,15 +11,16 @@
 #
 # .cpupack/ (what the GPU machine lacks: it has python3.12 + torch + transformers + numpy + safetensors):
 #   src/                voxc/ + bench/{cpu_bench,cuda_build}.py as built (working tree at pack time)
-#   artifacts/*.tgz     full_q4_k, full_q8_0, full_f32 (ModelConfig(), llvm -mcpu=$MCPU, model.so + manifest,
-#                       NO weights: bench/cuda_build.py:ensure_weights writes random ones on the device),
+#   artifacts/*.tgz     full_<variant> per VARIANTS (ModelConfig(), llvm -mcpu=$MCPU, model.so + manifest,
+#                       NO weights: bench/cuda_build.py:ensure_weights writes random ones on the device;
+#                       a variant is q4_k, q8_0 or f32, ``_int8`` appended for int8 activations: q4_k_int8),
 #                       tiny_q4_k (ModelConfig.tiny(), same flow in seconds: checks the set-up first)
 #   tvm_runtime.tar.gz  libtvm_runtime.so + libtvm_runtime_extra.so (TVM's runtime, no compiler)
 #   wheels/             apache-tvm-ffi 0.1.14.post1 cp312 (installed into /tmp/site)
 #   pack.json           build times, sizes, git state
 # `run` writes to $OUT: cpu_voxc_<artifact>.json + .log per variant, cpu_hf.json + .log, cpu_bench.json
 # (summary: ms, x floor, speedup vs transformers), setup.log.  Env: MCPU (pack; default x86-64-v3),
-# VARIANTS (pack/run; default "q4_k q8_0 f32"), TOTAL_S (run; default 530), HF_DTYPES (float32,bfloat16),
+# VARIANTS (pack/run; default "q4_k q4_k_int8 q8_0 f32"; the last ones are skipped when the time is spent), TOTAL_S (run; default 530), HF_DTYPES (float32,bfloat16),
 # VOXC_CPUPACK (the pack, default .cpupack), VOXC_CPUBENCH_DIR (run: where it unpacks, default /tmp/cpubench),
 # VOXC_WEIGHTS_DIR (run: random weights, default /tmp/voxc_cpu_random_weights).
 set -uo pipefail
@@ -36,7 +39,7 @@ else
   PACK="${VOXC_CPUPACK:-$ROOT/.cpupack}"
   DST="${VOXC_CPUBENCH_DIR:-/tmp/cpubench}"
   export VOXC_WEIGHTS_DIR="${VOXC_WEIGHTS_DIR:-/tmp/voxc_cpu_random_weights}"
-  VARIANTS=${VARIANTS-q4_k q8_0 f32}
+  VARIANTS=${VARIANTS-q4_k q4_k_int8 q8_0 f32}
 fi
 WHEEL_CACHE="${VOXC_CACHE_DIR:-$HOME/.cache/voxc}/tvm-ffi-cp312"
 
@@ -133,7 +136,7 @@ run_all() {   # $1: python; $2: tiny|full
     local first=1
     for v in $VARIANTS; do
       [ -d "$arts/full_$v" ] || continue
-      stage "cpu_voxc_full_$v" "$(case $v in q4_k) echo 180;; q8_0) echo 120;; *) echo 240;; esac)" "$py" "$bench" voxc "$arts/full_$v"
+      stage "cpu_voxc_full_$v" "$(case $v in q4_k*) echo 180;; q8_0*) echo 120;; *) echo 240;; esac)" "$py" "$bench" voxc "$arts/full_$v"
       if [ $first = 1 ]; then   # transformers right after the main variant, before the larger ones
         first=0
         stage cpu_hf 200 "$py" "$bench" hf "$arts/full_$v" --dtypes "${HF_DTYPES:-float32,bfloat16}"
