@@ -46,9 +46,9 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList([DecoderLayer(cfg, dtype) for _ in range(cfg.n_layers)])
         self.norm = rms_norm(cfg.dim, cfg.norm_eps, dtype)
 
-    def delay_scales(self, t_cond: nn.Tensor) -> nn.Tensor:
-        """``t_cond [b, dim]`` -> every layer's ada-norm scale ``[b, n_layers, dim]``."""
-        return op.concat([op.unsqueeze(layer.ada_norm(t_cond), 1) for layer in self.layers], dim=1)
+    def delay_scales(self, t_cond: nn.Tensor) -> list[nn.Tensor]:
+        """``t_cond [b, dim]`` -> each layer's ada-norm scale ``[b, 1, dim]``, in layer order."""
+        return [op.unsqueeze(layer.ada_norm(t_cond), 1) for layer in self.layers]
 
     def forward(self, x, delay_scales, caches, slots, starts):
         """``delay_scales [n_slots, n_layers, dim]``: the per-stream state :meth:`delay_scales` fills;

@@ -101,7 +101,11 @@ class VoxtralGraph(nn.Module):
     def set_delay(self, delay_tokens, delay_scales, slots):
         t_cond = sinusoidal_embedding(delay_tokens, self.cfg.decoder.dim).astype(self.dtype)
         zeros = op.zeros((delay_tokens.shape[0],), "int32")
-        return write_slot_rows(delay_scales, self.dec.delay_scales(t_cond), slots, zeros)
+        # one write per layer (row = layer index): a single concat of every layer's scale fused into
+        # one kernel binding n_layers + 1 buffers, over WebGPU's default of 8 per kernel
+        for index, scale in enumerate(self.dec.delay_scales(t_cond)):
+            delay_scales = write_slot_rows(delay_scales, scale, slots, zeros + index)
+        return delay_scales
 
     def decode(self, tokens, audio_ring, delay_scales, dec_cache, slots, starts):
         n = tokens.shape[1]
