@@ -31,7 +31,7 @@ try {
     { name: "workgroup storage", patch: (m) => { m.gpu.max_workgroup_storage_bytes = 16896; } },
     // a decoder cache and a weight tensor both above the limit: one message names both
     { name: "two buffers too large",
-      patch: (m) => { m.state.dec_cache.bytes_per_stream = limit + 4096; m.params[0].shape = [limit / 4 + 1024]; } },
+      patch: (m) => { withDecCache(limit + 4096)(m); m.params[0].shape = [limit / 4 + 1024]; } },
   ];
   const out = [];
   for (const c of cases) {
