@@ -140,8 +140,9 @@ class WeightSource:
     def _float_part(self, name: str) -> np.ndarray:
         """One part of a stacked float tensor, as float32 (its parts may come in different dtypes);
         a projection the model has no bias for (the encoder's wk) adds zeros to a stacked bias."""
-        if name not in expected_shapes(self.config):
-            return np.zeros(expected_shapes(self.config)[name.removesuffix(".bias") + ".weight"][0], np.float32)
+        shapes = expected_shapes(self.config)
+        if name not in shapes:
+            return np.zeros(shapes[name.removesuffix(".bias") + ".weight"][0], np.float32)
         return np.asarray(self._float_tensor(name), np.float32)
 
     def _packed_weight(self, name: str, quantization: str | None, overrides: dict) -> dict[str, np.ndarray]:

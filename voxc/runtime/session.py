@@ -222,9 +222,10 @@ def _decode_ready(model, sessions) -> bool:
     # once decoded each prompt alone, one 39-token step per client in a single tick).
     by_run = defaultdict(list)
     for s in ready:
-        by_run[len(s._decode_input()[0])].append(s)
-    for batch in by_run.values():
-        inputs = [s._decode_input() for s in batch]
+        tokens, run = s._decode_input()
+        by_run[len(tokens)].append((s, (tokens, run)))
+    for group in by_run.values():
+        batch, inputs = zip(*group)
         logits, next_tokens = model.decode(
             [tokens for tokens, _ in inputs], [s.slot for s in batch], [s._position for s in batch])
         tokens = model.rt.numpy(next_tokens)
