@@ -16,7 +16,13 @@ import ctypes
 from voxc.errors import VoxcError
 
 _STREAM_NON_BLOCKING = 0x1
-_CAPTURE_MODE_THREAD_LOCAL = 1   # other threads' CUDA calls are not part of (or broken by) the capture
+# Relaxed: a cudaMalloc inside the capture is allowed (the thread-local and global modes refuse it).
+# TVM's memory pool may still need a fresh block for the captured run although the warm-up run just
+# returned its buffers (a server that has run many batch shapes fragments the pool: seen on an H100,
+# where every one-stream capture failed after the server's warm-up).  The block stays in the pool,
+# so the graph's addresses stay valid, as for the blocks the warm-up allocated.  Other threads' CUDA
+# calls are not part of the capture in any mode (a non-blocking stream of our own).
+_CAPTURE_MODE_RELAXED = 2
 
 
 def _cudart():
@@ -60,7 +66,7 @@ class CapturedStep:
             with tvm_ffi.use_raw_stream(runtime.device, self.stream.value or 0):
                 fn(*args, *params)          # warm-up: the pool holds every buffer the step needs
                 _check(lib, lib.cudaStreamSynchronize(self.stream), "warm-up")
-                _check(lib, lib.cudaStreamBeginCapture(self.stream, _CAPTURE_MODE_THREAD_LOCAL), "capture")
+                _check(lib, lib.cudaStreamBeginCapture(self.stream, _CAPTURE_MODE_RELAXED), "capture")
                 try:
                     self.outputs = fn(*args, *params)
                 finally:
