@@ -15,6 +15,8 @@ if [ -d "$PACK/vulkan" ]; then
   if [ "${1:-}" != "--local" ]; then   # here (--local) the system's loader and lavapipe serve
     source "$ROOT/bench/device/vulkan_loader.sh"
     vulkan_loader_install "$PACK/vulkan"
+    vulkan_loader_env
+    vulkan_loader_report
   fi
   echo "vulkan: wgpu-native $(ls "$PACK"/vulkan/*.so | xargs -n1 basename), loader:" \
     "$(ldconfig -p | grep -o 'libvulkan\.so\.1 .*' | sed -n 1p || echo none)"

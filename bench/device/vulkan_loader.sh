@@ -6,9 +6,11 @@
 #   vulkan_loader_install DIR   there: unpack each of DIR's .debs into / unless its library is installed
 #   vulkan_loader_env           there: point the loader at NVIDIA's ICD where it is not on the default path
 
-# package:library it provides.  libglvnd0's libGLdispatch.so.0 is what NVIDIA's ICD library
-# (libGLX_nvidia.so.0) loads besides the driver's own files; a machine without a loader may lack it too.
-VULKAN_LOADER_PACKAGES="libvulkan1:libvulkan.so.1 libglvnd0:libGLdispatch.so.0"
+# package:library it provides.  NVIDIA's ICD library (libGLX_nvidia.so.0) loads the glvnd libraries
+# besides the driver's own files: with the loader and libglvnd0 alone, wgpu found no Vulkan adapter on
+# the H100 machine ("vulkan drivers/libraries could not be loaded"), and Dawn none without the EGL/GL ones.
+VULKAN_LOADER_PACKAGES="libvulkan1:libvulkan.so.1 libglvnd0:libGLdispatch.so.0 libegl1:libEGL.so.1 \
+libopengl0:libOpenGL.so.0 libgl1:libGL.so.1 libglx0:libGLX.so.0 libgles2:libGLESv2.so.2"
 
 vulkan_loader_fetch() {   # $1: destination folder
   local cache="${VOXC_CACHE_DIR:-$HOME/.cache/voxc}/debs-amd64" entry package
@@ -36,6 +38,18 @@ vulkan_loader_install() {   # $1: folder of .debs
     done
   done
   [ "$unpacked" = 0 ] || ldconfig
+}
+
+vulkan_loader_report() {   # what the loader will find: the ICDs and any library their driver lacks
+  local icd lib path
+  for icd in ${VK_DRIVER_FILES:-} /usr/share/vulkan/icd.d/*.json /usr/local/nvidia/share/vulkan/icd.d/*.json \
+             /etc/vulkan/icd.d/*.json; do
+    [ -f "$icd" ] || continue
+    lib=$(grep -o '"library_path"[^,]*' "$icd" | sed 's/.*: *"\(.*\)"/\1/')
+    path=$lib
+    [ "${lib#/}" != "$lib" ] || path=$(ldconfig -p | grep -o "^[[:space:]]*$lib .*=> .*" | sed -n 1p | sed 's/.*=> //')
+    echo "vulkan ICD $icd -> ${path:-$lib (not found)}$( [ -z "$path" ] || ldd "$path" 2>&1 | grep 'not found' | tr -s ' \t\n' ' ')"
+  done
 }
 
 vulkan_loader_env() {

@@ -37,9 +37,6 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 source "$ROOT/bench/device/vulkan_loader.sh"
-# Dawn also opens the glvnd libraries (EGL, OpenGL): without them it found no adapter on the H100 machine
-VULKAN_LOADER_PACKAGES="$VULKAN_LOADER_PACKAGES libegl1:libEGL.so.1 libopengl0:libOpenGL.so.0 libgl1:libGL.so.1 \
-libglx0:libGLX.so.0 libgles2:libGLESv2.so.2"
 WHAT=${1:-run}
 DAWN_CACHE="${VOXC_CACHE_DIR:-$HOME/.cache/voxc}/dawn-node-webgpu-0.6.2"
 if [ "$WHAT" = local ]; then
