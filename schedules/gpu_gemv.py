@@ -14,9 +14,14 @@ ran about 11x slower than one row.  Here:
   ``get_scale_min_k4`` applies is fixed per half at compile time and both halves decode their
   6-bit scale and min from the super-block's 16-byte header, loaded once; Q8_0 one 32-element group
   (also 2 x 128 bits).  An odd number of Q4_0 groups falls back to one group per unit.
-* Lane ``x`` of a warp takes units ``x, x+32, ...`` of ``R`` rows.  All ``R`` units' words are
+* A warp splits into ``32 / L`` lane groups of ``L`` lanes (``L`` = ``lanes_per_row``, 32 by default,
+  down to 4), each on ``R`` rows of its own; lane ``x`` of a group takes units ``x, x+L, ...`` of them.
+  With 32 lanes a 3072-wide Q4_K row (48 units) leaves a quarter of the lanes idle in its second
+  step and a 1280-wide one (the encoder's: 20 units) 12 of 32 lanes idle throughout; fewer lanes per
+  row fill them but also put fewer bytes in flight at once on a narrow matrix, so which wins is for
+  bench/quant_gpu.py's variants to measure (``lanes_for`` gives the count that idles fewest).  All ``R`` units' words are
   loaded before any arithmetic (``R x 32`` bytes in flight per thread), and every activation the
-  thread loads serves its ``R`` rows; warps on ``threadIdx.y`` take further rows.  The 32 lanes'
+  thread loads serves its ``R`` rows; warps on ``threadIdx.y`` take further rows.  A group's ``L``
   partial sums of each (row, activation row) meet in a warp-shuffle reduction.
 * Per group ``g`` the math is factored as in dequant_matmul: ``sum_i x_i * level_i`` once per
   element, then ``scale_g * part - offset_g * sum_i x_i`` (the offset only for Q4_K).  Levels become
@@ -50,23 +55,37 @@ MAX_ROWS = 8              # activation rows held in registers (beyond: dequant_m
 MAGIC = 0x4B000000        # float bits of 2^23: OR-ing a small integer into the mantissa gives 2^23 + v
 
 
+LANE_GROUPS = (32, 16, 8, 4)   # lanes per weight row a warp may use (powers of two: the shuffle tree)
+
+
 @dataclasses.dataclass(frozen=True)
 class GemvLayout:
     groups_per_unit: int      # 32-element groups per unit (1 or 2)
     words_per_group: int      # uint32 words of one group (Q4: 4, Q8: 8)
     units: int                # units per weight row
-    steps: int                # units a lane visits per row (ceil(units / 32))
+    steps: int                # units a lane visits per row (ceil(units / lanes_per_row))
     rows_per_thread: int      # weight rows each thread accumulates (R)
-    warps: int                # warps per block (threadIdx.y), each on its own R rows
+    warps: int                # warps per block (threadIdx.y)
     blocks: int
+    lanes_per_row: int = WARP  # lanes sharing one row's units (L); a warp holds 32 / L lane groups
+
+    @property
+    def rows_per_warp(self) -> int:
+        return self.rows_per_thread * (WARP // self.lanes_per_row)
 
     @property
     def threads(self) -> tuple[int, int, int]:
         return (WARP, self.warps, 1)
 
 
+def lanes_for(units: int) -> int:
+    """Lanes per row that leave the fewest lane-steps idle (the most lanes among equals)."""
+    return min(LANE_GROUPS, key=lambda lanes: (-(-units // lanes) * lanes, -lanes))
+
+
 def gemv_layout(qtype: QType | str, n: int, k: int, max_rows: int = 1,
-                rows_per_thread: int | None = None, warps: int | None = None) -> GemvLayout:
+                rows_per_thread: int | None = None, warps: int | None = None,
+                lanes_per_row: int | None = None) -> GemvLayout:
     """The launch layout of :func:`gpu_gemv` for an ``[n, k]`` weight (any valid shape)."""
     qtype = QType.parse(qtype)
     if k % qtype.block_size or n < 1:
@@ -85,11 +104,18 @@ def gemv_layout(qtype: QType | str, n: int, k: int, max_rows: int = 1,
         # two rows halve the activation loads per weight; with 8 activation rows the registers
         # (8 x 8 activations, 2 x 8 x 2 sums) would cut the number of resident warps instead
         rows_per_thread = 2 if max_rows <= 4 else 1
-    r = rows_per_thread if n % rows_per_thread == 0 else 1
-    if warps is None:
-        warps = 4
-    w = next(c for c in (warps, 4, 2, 1) if c <= warps and n % (r * c) == 0)
-    return GemvLayout(per_unit, 8 if qtype is QType.Q8_0 else 4, units, -(-units // WARP), r, w, n // (r * w))
+    if lanes_per_row is None:
+        lanes_per_row = WARP
+    if lanes_per_row not in LANE_GROUPS:
+        raise VoxcError(f"gpu_gemv: lanes_per_row must be one of {LANE_GROUPS}, got {lanes_per_row}")
+    # every lane group of every warp of every block owns whole rows: fall back to fewer rows per
+    # thread, more lanes per row, fewer warps until the row count divides (any n: 32 lanes, 1 row)
+    r, lanes, w = next((r, lanes, w) for r in dict.fromkeys((rows_per_thread, 1))
+                       for lanes in sorted(LANE_GROUPS) if lanes >= lanes_per_row
+                       for w in (warps or 4, 4, 2, 1) if w <= (warps or 4)
+                       and n % (r * (WARP // lanes) * w) == 0)
+    return GemvLayout(per_unit, 8 if qtype is QType.Q8_0 else 4, units, -(-units // lanes), r, w,
+                      n // (r * (WARP // lanes) * w), lanes)
 
 
 def _level(word, e, qtype: QType):
@@ -115,22 +141,23 @@ def _small(v):
 
 def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "float32", *,
              symbolic_rows: bool = False, rows_per_thread: int | None = None,
-             warps: int | None = None) -> tirx.PrimFunc:
+             warps: int | None = None, lanes_per_row: int | None = None) -> tirx.PrimFunc:
     """PrimFunc ``(x [rows, k], qweight, scales, y [rows, n])``; ``rows`` is ``max_rows`` or, with
     ``symbolic_rows``, an int32 variable ``m`` (any count: ``ceil(m / max_rows)`` row chunks)."""
     from tvm.script import tirx as T
 
     qtype = QType.parse(qtype)
-    lay = gemv_layout(qtype, n, k, max_rows, rows_per_thread, warps)
-    GU, WPG, U, STEPS, R, TY = (lay.groups_per_unit, lay.words_per_group, lay.units, lay.steps,
-                                lay.rows_per_thread, lay.warps)
+    lay = gemv_layout(qtype, n, k, max_rows, rows_per_thread, warps, lanes_per_row)
+    GU, WPG, U, STEPS, R, TY, L = (lay.groups_per_unit, lay.words_per_group, lay.units, lay.steps,
+                                   lay.rows_per_thread, lay.warps, lay.lanes_per_row)
+    GROUPS_PER_WARP = WARP // L
     B = max_rows
     EPW = qtype.elements_per_word
     LV = min(EPW, 16 // (2 if dtype == "float16" else 4))      # activations per 128-bit load
     shapes = kernel_layout_shapes(qtype, n, k)
     QK = qtype is QType.Q4_K
     PAIRED = qtype is QType.Q4_0 and GU == 2                     # one scale word holds both halves
-    PARTIAL = U % WARP != 0
+    PARTIAL = U % L != 0
     rows = tirx.Var("m", "int32") if symbolic_rows else B
     MASK_ROWS = bool(symbolic_rows)
     CHUNKS = (rows + B - 1) // B if symbolic_rows else 1
@@ -182,11 +209,11 @@ def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "fl
                         sw = T.sblock_alloc_buffer((R,), "uint32", scope="local")
                         sc = T.sblock_alloc_buffer((R,), "float32", scope="local")
                         off = T.sblock_alloc_buffer((R,), "float32", scope="local")
-                        row0: T.let[T.int32] = (bx * TY + ty) * R
+                        row0: T.let[T.int32] = ((bx * TY + ty) * GROUPS_PER_WARP + tx // L) * R
                         for i in T.unroll(R * B):
                             sums[i] = T.float32(0)
                         for step in T.serial(STEPS):
-                            u: T.let[T.int32] = step * WARP + tx
+                            u: T.let[T.int32] = step * L + tx % L
                             if not PARTIAL or u < U:
                                 # every load of the unit first: R x 32 B per thread in flight
                                 for r in T.unroll(R):
@@ -236,10 +263,12 @@ def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "fl
                                                 sums[r * B + b] = sums[r * B + b] + sc[r] * part[r * B + b]
                         for r in T.unroll(R):
                             for b in T.unroll(B):
-                                for j in T.unroll(5):          # warp shuffle tree: 16, 8, 4, 2, 1
+                                # shuffle tree L/2, ..., 1: a group's first lane ends with the sums of
+                                # its L lanes (what other lanes pick up across groups is never stored)
+                                for j in T.unroll(L.bit_length() - 1):
                                     sums[r * B + b] = sums[r * B + b] + T.tvm_warp_shuffle_down(
-                                        T.uint32(0xFFFFFFFF), sums[r * B + b], 16 >> j, WARP, WARP)
-                                if tx == 0 and (not MASK_ROWS or by * B + b < rows):
+                                        T.uint32(0xFFFFFFFF), sums[r * B + b], (L // 2) >> j, WARP, WARP)
+                                if tx % L == 0 and (not MASK_ROWS or by * B + b < rows):
                                     y[by * B + b, row0 + r] = T.Cast(dtype, sums[r * B + b])
 
     return gemv

@@ -394,3 +394,26 @@ def test_symbolic_row_counts_are_checked_on_the_host():
         else:
             with pytest.raises(ValueError, match="at most 7 rows"):
                 lib["main"](*args)
+
+
+def test_gemv_lane_groups_cover_every_row_once_and_launch_legally():
+    """Every lanes-per-row choice of the CUDA GEMV (bench/quant_gpu.py's variants) tiles any row
+    count exactly (blocks x warps x lane groups x rows per thread = n) with a legal launch."""
+    from schedules.gpu_gemv import LANE_GROUPS, WARP, gemv_layout, gpu_gemv, lanes_for
+
+    full, odd = _quant_shapes()
+    problems = []
+    for n, k in full + odd:
+        if k % 256:
+            continue
+        for lanes in LANE_GROUPS:
+            lay = gemv_layout("q4_k", n, k, 1, lanes_per_row=lanes)
+            assert lay.blocks * lay.warps * (WARP // lay.lanes_per_row) * lay.rows_per_thread == n, (n, k, lanes, lay)
+            assert lay.lanes_per_row >= lanes and lay.steps * lay.lanes_per_row >= lay.units
+            if (n, k) in odd:
+                func = gpu_gemv("q4_k", n, k, 4, "float16", lanes_per_row=lanes)
+                for kernel in launch_dims(func.with_attr("global_symbol", f"gemv_{n}x{k}_l{lanes}"), {}):
+                    problems += launch_problems(f"gemv {n}x{k} lanes {lanes}", kernel)
+    assert not problems, "\n".join(problems)
+    # 48 units (a 3072-wide Q4_K row) fill 16 lanes in 3 steps; 20 units (1280 wide) fill 4 lanes
+    assert (lanes_for(48), lanes_for(20), lanes_for(64), lanes_for(1)) == (16, 4, 32, 4)
