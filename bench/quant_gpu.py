@@ -62,9 +62,11 @@ FUSED_SHAPES = {
     "fused enc.wqkv 6144x1280": (6144, 1280), "fused enc.w1+w3 10240x1280": (10240, 1280),
 }
 # Launch layouts of the CUDA GEMV (schedules/gpu_gemv.py) tried beside its defaults:
-# (activation rows, weight rows per thread, warps per block, lanes per weight row).
-GEMV_VARIANTS = ((1, 1, 4, 32), (1, 4, 4, 32), (1, 2, 8, 32), (1, 2, 2, 32), (4, 1, 4, 32), (8, 2, 4, 32),
-                 (1, 2, 4, 16), (1, 1, 4, 16), (1, 1, 8, 16), (1, 2, 4, 8), (1, 1, 4, 4), (4, 2, 4, 16), (4, 1, 4, 4))
+# (activation rows, weight rows per thread, warps per block, lanes per weight row, steps in flight).
+GEMV_VARIANTS = ((1, 1, 4, 32, 1), (1, 4, 4, 32, 1), (1, 2, 8, 32, 1), (1, 2, 2, 32, 1), (4, 1, 4, 32, 1),
+                 (8, 2, 4, 32, 1), (1, 2, 4, 16, 1), (1, 1, 4, 16, 1), (1, 1, 8, 16, 1), (1, 2, 4, 8, 1),
+                 (1, 1, 4, 4, 1), (4, 2, 4, 16, 1), (4, 1, 4, 4, 1), (1, 2, 4, 32, 2), (1, 1, 4, 32, 3),
+                 (1, 2, 4, 16, 3), (1, 1, 4, 16, 4), (1, 1, 4, 4, 5), (4, 1, 4, 16, 3))
 # The CUDA GEMV over a symbolic row count in chunks of 4 rows (what GEMMs dispatch up to 32 rows to)
 CHUNKED_ROWS = (3, 8, 16, 32, 64)
 # `local`: a few tiny shapes (odd row counts, one Q4_K super-block per row) that build in seconds
@@ -84,7 +86,7 @@ def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None, 
           batches=GEMV_BATCHES, dtype: str = "float32", kinds=("gemv", "gemm"),
           fused_shapes: dict | None = None, variants=GEMV_VARIANTS) -> Path:
     """``shapes`` get every qtype, GEMV batch and (unless the LM head) the GEMM; ``fused_shapes`` the
-    Q4_K GEMV at batches 1 and 4; ``variants`` (rows, rows per thread, warps, lanes per row) of the CUDA GEMV run at batch
+    Q4_K GEMV at batches 1 and 4; ``variants`` (rows, rows per thread, warps, lanes per row, steps in flight) of the CUDA GEMV run at batch
     1 on every Q4_K shape of ``shapes``, named ``..._r<R>w<W>``."""
     import tvm
     from tvm.support import nvcc
@@ -121,11 +123,12 @@ def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None, 
                 add(make_kernel(qtype, n, k, batch, dtype=dtype, target="cuda", dispatch_rows=False),
                     label, qtype, n, k, batch)
             if qtype == "q4_k" and 1 in label_batches and label in (SHAPES if shapes is None else shapes):
-                for batch, rows_per_thread, warps, lanes in variants:
-                    variant = f"r{rows_per_thread}w{warps}" + ("" if lanes == 32 else f"l{lanes}")
+                for batch, rows_per_thread, warps, lanes, in_flight in variants:
+                    variant = (f"r{rows_per_thread}w{warps}" + ("" if lanes == 32 else f"l{lanes}")
+                               + ("" if in_flight == 1 else f"p{in_flight}"))
                     name = f"gemv_{qtype}_{n}x{k}_b{batch}_{dtype}_cuda_{variant}"
                     func = gpu_gemv(qtype, n, k, batch, dtype, rows_per_thread=rows_per_thread, warps=warps,
-                                    lanes_per_row=lanes)
+                                    lanes_per_row=lanes, steps_in_flight=in_flight)
                     add(func.with_attrs({"global_symbol": name, "tirx.is_scheduled": True}), label, qtype, n, k, batch,
                         variant=variant)
                 if "gemm" in kinds and not label.startswith("lm_head"):

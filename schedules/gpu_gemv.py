@@ -141,9 +141,12 @@ def _small(v):
 
 def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "float32", *,
              symbolic_rows: bool = False, rows_per_thread: int | None = None,
-             warps: int | None = None, lanes_per_row: int | None = None) -> tirx.PrimFunc:
+             warps: int | None = None, lanes_per_row: int | None = None,
+             steps_in_flight: int = 1) -> tirx.PrimFunc:
     """PrimFunc ``(x [rows, k], qweight, scales, y [rows, n])``; ``rows`` is ``max_rows`` or, with
-    ``symbolic_rows``, an int32 variable ``m`` (any count: ``ceil(m / max_rows)`` row chunks)."""
+    ``symbolic_rows``, an int32 variable ``m`` (any count: ``ceil(m / max_rows)`` row chunks).
+    ``steps_in_flight``: a thread issues the loads of that many of its steps before the arithmetic
+    of the first (more bytes in flight per thread on a narrow matrix, more registers)."""
     from tvm.script import tirx as T
 
     qtype = QType.parse(qtype)
@@ -151,13 +154,15 @@ def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "fl
     GU, WPG, U, STEPS, R, TY, L = (lay.groups_per_unit, lay.words_per_group, lay.units, lay.steps,
                                    lay.rows_per_thread, lay.warps, lay.lanes_per_row)
     GROUPS_PER_WARP = WARP // L
+    P = max(1, min(int(steps_in_flight), STEPS))
+    CHUNKS_OF_STEPS = -(-STEPS // P)
     B = max_rows
     EPW = qtype.elements_per_word
     LV = min(EPW, 16 // (2 if dtype == "float16" else 4))      # activations per 128-bit load
     shapes = kernel_layout_shapes(qtype, n, k)
     QK = qtype is QType.Q4_K
     PAIRED = qtype is QType.Q4_0 and GU == 2                     # one scale word holds both halves
-    PARTIAL = U % L != 0
+    PARTIAL = U % L != 0 or STEPS % P != 0      # some (lane, step) pairs have no unit
     rows = tirx.Var("m", "int32") if symbolic_rows else B
     MASK_ROWS = bool(symbolic_rows)
     CHUNKS = (rows + B - 1) // B if symbolic_rows else 1
@@ -204,63 +209,67 @@ def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "fl
                         part = T.sblock_alloc_buffer((R * B,), "float32", scope="local")
                         xsum = T.sblock_alloc_buffer((B,), "float32", scope="local")
                         xh = T.sblock_alloc_buffer((B * EPW,), dtype, scope="local")
-                        words = T.sblock_alloc_buffer((R * GU * WPG,), "uint32", scope="local")
-                        hdr = T.sblock_alloc_buffer((R * 4,), "uint32", scope="local")
-                        sw = T.sblock_alloc_buffer((R,), "uint32", scope="local")
+                        words = T.sblock_alloc_buffer((P * R * GU * WPG,), "uint32", scope="local")
+                        hdr = T.sblock_alloc_buffer((P * R * 4,), "uint32", scope="local")
+                        sw = T.sblock_alloc_buffer((P * R,), "uint32", scope="local")
                         sc = T.sblock_alloc_buffer((R,), "float32", scope="local")
                         off = T.sblock_alloc_buffer((R,), "float32", scope="local")
                         row0: T.let[T.int32] = ((bx * TY + ty) * GROUPS_PER_WARP + tx // L) * R
                         for i in T.unroll(R * B):
                             sums[i] = T.float32(0)
-                        for step in T.serial(STEPS):
-                            u: T.let[T.int32] = step * L + tx % L
-                            if not PARTIAL or u < U:
-                                # every load of the unit first: R x 32 B per thread in flight
-                                for r in T.unroll(R):
-                                    for h in T.unroll(GU):
-                                        for c in T.unroll(WPG // 4):
-                                            for v in T.vectorized(4):
-                                                words[(r * GU + h) * WPG + c * 4 + v] = qweight[
-                                                    row0 + r, group_of(u, h) * WPG + c * 4 + v]
-                                    if QK:
-                                        for v in T.vectorized(4):
-                                            hdr[r * 4 + v] = scales[row0 + r, (u // 4) * 4 + v]
-                                    else:
-                                        sw[r] = scales[row0 + r, group_of(u, 0) // 2]
-                                for h in T.unroll(GU):
+                        for chunk in T.serial(CHUNKS_OF_STEPS):
+                            # every load of the chunk's P steps first: P x R x 32 B per thread in flight
+                            for s in T.unroll(P):
+                                u: T.let[T.int32] = (chunk * P + s) * L + tx % L
+                                if not PARTIAL or u < U:
                                     for r in T.unroll(R):
-                                        sc[r] = scale_of(hdr, sw, r, u, h)[0]
-                                        off[r] = scale_of(hdr, sw, r, u, h)[1]
-                                    for i in T.unroll(R * B):
-                                        part[i] = T.float32(0)
-                                    for b in T.unroll(B):
-                                        xsum[b] = T.float32(0)
-                                    for w in T.unroll(WPG):
-                                        for b in T.unroll(B):
-                                            if not MASK_ROWS or by * B + b < rows:
-                                                for c in T.unroll(EPW // LV):
-                                                    for v in T.vectorized(LV):
-                                                        xh[b * EPW + c * LV + v] = x[
-                                                            by * B + b, group_of(u, h) * GROUP + w * EPW + c * LV + v]
-                                            else:
-                                                for e in T.unroll(EPW):
-                                                    xh[b * EPW + e] = T.Cast(dtype, 0)
+                                        for h in T.unroll(GU):
+                                            for c in T.unroll(WPG // 4):
+                                                for v in T.vectorized(4):
+                                                    words[((s * R + r) * GU + h) * WPG + c * 4 + v] = qweight[
+                                                        row0 + r, group_of(u, h) * WPG + c * 4 + v]
                                         if QK:
-                                            for b in T.unroll(B):
-                                                for e in T.unroll(EPW):
-                                                    xsum[b] = xsum[b] + T.Cast("float32", xh[b * EPW + e])
+                                            for v in T.vectorized(4):
+                                                hdr[(s * R + r) * 4 + v] = scales[row0 + r, (u // 4) * 4 + v]
+                                        else:
+                                            sw[s * R + r] = scales[row0 + r, group_of(u, 0) // 2]
+                            for s in T.unroll(P):
+                                u: T.let[T.int32] = (chunk * P + s) * L + tx % L
+                                if not PARTIAL or u < U:
+                                    for h in T.unroll(GU):
                                         for r in T.unroll(R):
-                                            for e in T.unroll(EPW):
-                                                for b in T.unroll(B):
-                                                    part[r * B + b] = part[r * B + b] + _level(
-                                                        words[(r * GU + h) * WPG + w], e, qtype) * T.Cast(
-                                                        "float32", xh[b * EPW + e])
-                                    for r in T.unroll(R):
+                                            sc[r] = scale_of(hdr, sw, s * R + r, u, h)[0]
+                                            off[r] = scale_of(hdr, sw, s * R + r, u, h)[1]
+                                        for i in T.unroll(R * B):
+                                            part[i] = T.float32(0)
                                         for b in T.unroll(B):
+                                            xsum[b] = T.float32(0)
+                                        for w in T.unroll(WPG):
+                                            for b in T.unroll(B):
+                                                if not MASK_ROWS or by * B + b < rows:
+                                                    for c in T.unroll(EPW // LV):
+                                                        for v in T.vectorized(LV):
+                                                            xh[b * EPW + c * LV + v] = x[
+                                                                by * B + b, group_of(u, h) * GROUP + w * EPW + c * LV + v]
+                                                else:
+                                                    for e in T.unroll(EPW):
+                                                        xh[b * EPW + e] = T.Cast(dtype, 0)
                                             if QK:
-                                                sums[r * B + b] = sums[r * B + b] + sc[r] * part[r * B + b] - off[r] * xsum[b]
-                                            else:
-                                                sums[r * B + b] = sums[r * B + b] + sc[r] * part[r * B + b]
+                                                for b in T.unroll(B):
+                                                    for e in T.unroll(EPW):
+                                                        xsum[b] = xsum[b] + T.Cast("float32", xh[b * EPW + e])
+                                            for r in T.unroll(R):
+                                                for e in T.unroll(EPW):
+                                                    for b in T.unroll(B):
+                                                        part[r * B + b] = part[r * B + b] + _level(
+                                                            words[((s * R + r) * GU + h) * WPG + w], e, qtype) * T.Cast(
+                                                            "float32", xh[b * EPW + e])
+                                        for r in T.unroll(R):
+                                            for b in T.unroll(B):
+                                                if QK:
+                                                    sums[r * B + b] = sums[r * B + b] + sc[r] * part[r * B + b] - off[r] * xsum[b]
+                                                else:
+                                                    sums[r * B + b] = sums[r * B + b] + sc[r] * part[r * B + b]
                         for r in T.unroll(R):
                             for b in T.unroll(B):
                                 # shuffle tree L/2, ..., 1: a group's first lane ends with the sums of

@@ -411,7 +411,7 @@ def test_gemv_lane_groups_cover_every_row_once_and_launch_legally():
             assert lay.blocks * lay.warps * (WARP // lay.lanes_per_row) * lay.rows_per_thread == n, (n, k, lanes, lay)
             assert lay.lanes_per_row >= lanes and lay.steps * lay.lanes_per_row >= lay.units
             if (n, k) in odd:
-                func = gpu_gemv("q4_k", n, k, 4, "float16", lanes_per_row=lanes)
+                func = gpu_gemv("q4_k", n, k, 4, "float16", lanes_per_row=lanes, steps_in_flight=lanes // 4)
                 for kernel in launch_dims(func.with_attr("global_symbol", f"gemv_{n}x{k}_l{lanes}"), {}):
                     problems += launch_problems(f"gemv {n}x{k} lanes {lanes}", kernel)
     assert not problems, "\n".join(problems)
