@@ -105,7 +105,10 @@ def gemv_layout(qtype: QType | str, n: int, k: int, max_rows: int = 1,
         # (8 x 8 activations, 2 x 8 x 2 sums) would cut the number of resident warps instead
         rows_per_thread = 2 if max_rows <= 4 else 1
     if lanes_per_row is None:
-        lanes_per_row = WARP
+        # Measured on an H100 (bench/RESULTS.md, fifth run): 16 lanes on a 3072-wide row (48 units)
+        # took the LM head (131072 rows) from 58% to 75% of copy bandwidth and a 9216-row w1/w3 from
+        # 43% to 47%, but cost a third on 3072-row matrices, whose fewer threads then hide less latency
+        lanes_per_row = 16 if units % WARP == 16 and n >= 8192 else WARP
     if lanes_per_row not in LANE_GROUPS:
         raise VoxcError(f"gpu_gemv: lanes_per_row must be one of {LANE_GROUPS}, got {lanes_per_row}")
     # every lane group of every warp of every block owns whole rows: fall back to fewer rows per
@@ -142,11 +145,13 @@ def _small(v):
 def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "float32", *,
              symbolic_rows: bool = False, rows_per_thread: int | None = None,
              warps: int | None = None, lanes_per_row: int | None = None,
-             steps_in_flight: int = 1) -> tirx.PrimFunc:
+             steps_in_flight: int | None = None) -> tirx.PrimFunc:
     """PrimFunc ``(x [rows, k], qweight, scales, y [rows, n])``; ``rows`` is ``max_rows`` or, with
     ``symbolic_rows``, an int32 variable ``m`` (any count: ``ceil(m / max_rows)`` row chunks).
     ``steps_in_flight``: a thread issues the loads of that many of its steps before the arithmetic
-    of the first (more bytes in flight per thread on a narrow matrix, more registers)."""
+    of the first (more bytes in flight per thread, more registers).  By default 2 for one activation
+    row (on an H100 within 1% or faster at every unstacked decoder, encoder and adapter shape: 14% on
+    1280x5120, 27% on 1024x3072) and 1 for more rows, whose activations already fill the registers."""
     from tvm.script import tirx as T
 
     qtype = QType.parse(qtype)
@@ -154,6 +159,8 @@ def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "fl
     GU, WPG, U, STEPS, R, TY, L = (lay.groups_per_unit, lay.words_per_group, lay.units, lay.steps,
                                    lay.rows_per_thread, lay.warps, lay.lanes_per_row)
     GROUPS_PER_WARP = WARP // L
+    if steps_in_flight is None:
+        steps_in_flight = 2 if max_rows == 1 else 1
     P = max(1, min(int(steps_in_flight), STEPS))
     CHUNKS_OF_STEPS = -(-STEPS // P)
     B = max_rows

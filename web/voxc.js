@@ -1200,6 +1200,17 @@ export class Voxc {
     return this.#toDevice({ data: Int32Array.from(values), shape: [values.length], dtype: "int32" });
   }
 
+  /** Stream slots as a device array; a slot outside 0..maxStreams-1 would read and write another
+   * stream's state (WebGPU clamps, it does not fail), so it is refused here. */
+  #slotArg(slots) {
+    for (const s of slots) {
+      if (!Number.isInteger(s) || s < 0 || s >= this.maxStreams) {
+        throw new VoxcError(`stream slot ${s} is not one of this model's slots 0..${this.maxStreams - 1}`);
+      }
+    }
+    return this.#i32(slots);
+  }
+
   /** A state entry as an entry point takes it: a per-layer entry (an array) as a tuple. */
   #stateArg(name) {
     const value = this.state[name];
@@ -1229,7 +1240,7 @@ export class Voxc {
       const samples = this.#toDevice({ data: flat, shape: [windows.length, n], dtype: "float32" });
       const mel = this.fns.mel(samples, ...this.#paramArgs());
       const ret = this.fns.encode(mel, state.conv0_state, state.conv1_state, this.#stateArg("enc_cache"),
-                                  state.audio_ring, this.#i32(slots), this.#i32(starts), ...this.#paramArgs());
+                                  state.audio_ring, this.#slotArg(slots), this.#i32(starts), ...this.#paramArgs());
       ["conv0_state", "conv1_state", "enc_cache", "audio_ring"].forEach((k, i) => this.#replaceState(k, ret.get(i)));
       return mel.shape[2];
     } finally {
@@ -1245,7 +1256,7 @@ export class Voxc {
     tvm.beginScope();
     try {
       const delayIn = this.#toDevice({ data: Float32Array.from(delays), shape: [delays.length], dtype: "float32" });
-      this.#replaceState("delay_scales", this.fns.set_delay(delayIn, state.delay_scales, this.#i32(slots),
+      this.#replaceState("delay_scales", this.fns.set_delay(delayIn, state.delay_scales, this.#slotArg(slots),
                                                             ...this.#paramArgs()));
     } finally {
       tvm.endScope();
@@ -1253,8 +1264,17 @@ export class Voxc {
   }
 
   /** One decoder call; resolves to {tokens: Int32Array (greedy next token per stream), logits?}.
-   * Only the token ids (4 bytes a stream) come back unless withLogits. */
-  async decode(tokens, slots, starts, { readTokens = true, withLogits = false } = {}) {
+   * Only the token ids (4 bytes a stream) come back unless withLogits.  Calls run one after another
+   * in call order, also when they are not awaited (each holds a TVM scope across its readback). */
+  decode(tokens, slots, starts, options = {}) {
+    const run = this.#decodeQueue.then(() => this.#decode(tokens, slots, starts, options));
+    this.#decodeQueue = run.catch(() => {});
+    return run;
+  }
+
+  #decodeQueue = Promise.resolve();
+
+  async #decode(tokens, slots, starts, { readTokens = true, withLogits = false } = {}) {
     this.#checkDevice();
     const { tvm, state } = this;
     const b = tokens.length;
@@ -1267,7 +1287,7 @@ export class Voxc {
     try {
       const tokIn = this.#toDevice({ data: flat, shape: [b, n], dtype: "int32" });
       const ret = this.fns.decode(tokIn, state.audio_ring, state.delay_scales, this.#stateArg("dec_cache"),
-                                  this.#i32(slots), this.#i32(starts), ...this.#paramArgs());
+                                  this.#slotArg(slots), this.#i32(starts), ...this.#paramArgs());
       this.#replaceState("dec_cache", ret.get(2));
       if (readTokens) {
         hostTokens = tvm.empty([b], "int32", tvm.cpu());
