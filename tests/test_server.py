@@ -609,3 +609,20 @@ def test_ray_serve_replicas_share_the_load(artifact, offline):
         check_transcript(events, offline(as_received(pcm)), len(pcm) / 16000)
     assert status == 200 and text == offline(as_received(pcms[0]))
     assert health["status"] == "ok" and health["max_sessions"] == 1
+
+
+def test_ray_serve_autoscales_on_live_sessions(artifact):
+    """`serve run voxc.server.ray_app:build ... min_replicas= max_replicas=` autoscales on sessions:
+    a websocket is one ongoing request, so the target is a share of each replica's slots."""
+    _optional("ray", "starlette", "python_multipart")
+    from voxc.server import ray_app
+
+    app = ray_app.build({"artifact": str(artifact), "max_sessions": "16", "min_replicas": "1", "max_replicas": "4"})
+    options = app._bound_deployment._deployment_config
+    assert options.autoscaling_config.min_replicas == 1 and options.autoscaling_config.max_replicas == 4
+    assert options.autoscaling_config.target_ongoing_requests == 12.0 and options.max_ongoing_requests == 16
+    for bad, why in (({"num_replicas": "2", "max_replicas": "4"}, "not both"),
+                     ({"min_replicas": "3", "max_replicas": "2"}, "min_replicas <= max_replicas"),
+                     ({"target_fill": "0"}, "target_fill"), ({"replicas": "2"}, "unknown arguments")):
+        with pytest.raises(ValueError, match=why):
+            ray_app.build({"artifact": str(artifact), **bad})

@@ -79,16 +79,35 @@ def deployment(artifact, *, max_sessions: int = 8, idle_timeout: float = 120.0, 
     return VoxcReplica.options(**options).bind(str(Path(artifact).resolve()), config)
 
 
+def autoscaling(max_sessions: int, min_replicas: int = 1, max_replicas: int = 1, target_fill: float = 0.75) -> dict:
+    """Ray's autoscaling_config for live sessions: a websocket is one ongoing request for its whole
+    life, so Ray adds a replica when the replicas' sessions average more than ``target_fill`` of their
+    slots, and removes one when they fall well below it."""
+    if not 1 <= min_replicas <= max_replicas:
+        raise ValueError(f"need 1 <= min_replicas <= max_replicas, got {min_replicas} and {max_replicas}")
+    if not 0 < target_fill <= 1:
+        raise ValueError(f"target_fill must be in (0, 1], got {target_fill}")
+    return {"min_replicas": min_replicas, "max_replicas": max_replicas,
+            "target_ongoing_requests": max(1.0, target_fill * max_sessions)}
+
+
 def build(args: dict):
-    """``serve run voxc.server.ray_app:build artifact=DIR [max_sessions=8 num_replicas=2 num_gpus=1 ...]``."""
+    """``serve run voxc.server.ray_app:build artifact=DIR [max_sessions=8 num_replicas=2 num_gpus=1 ...]``;
+    ``min_replicas=1 max_replicas=8 [target_fill=0.75]`` autoscale on live sessions instead."""
     args = dict(args)
     artifact = args.pop("artifact")
     kinds = {"max_sessions": int, "idle_timeout": float, "max_message_bytes": int, "max_upload_bytes": int,
              "num_gpus": float, "num_cpus": float, "model_name": str, "max_queued_requests": int}
+    scaling = {"min_replicas": int, "max_replicas": int, "target_fill": float}
+    unknown = set(args) - set(kinds) - set(scaling) - {"num_replicas"}
+    if unknown:
+        raise ValueError(f"unknown arguments {sorted(unknown)}")
     kwargs = {k: kinds[k](v) for k, v in args.items() if k in kinds}
     if "num_replicas" in args:
         kwargs["num_replicas"] = args["num_replicas"] if args["num_replicas"] == "auto" else int(args["num_replicas"])
-    unknown = set(args) - set(kinds) - {"num_replicas"}
-    if unknown:
-        raise ValueError(f"unknown arguments {sorted(unknown)}")
+    if set(args) & set(scaling):
+        if "num_replicas" in args:
+            raise ValueError("give num_replicas or min_replicas/max_replicas (autoscaling), not both")
+        kwargs["autoscaling_config"] = autoscaling(kwargs.get("max_sessions", 8),
+                                                   **{k: scaling[k](v) for k, v in args.items() if k in scaling})
     return deployment(artifact, **kwargs)
