@@ -51,6 +51,7 @@ import tvm
 from tvm import te, tirx
 
 from schedules import gpu_gemv, int8_gemv
+from schedules.float_bits import half_to_f32
 from voxc.errors import VoxcError
 from voxc.quant.formats import QType, kernel_layout_shapes
 
@@ -86,20 +87,6 @@ def gemv_or_gemm(rows) -> str:
 
 # ---- dequantization expressions ---------------------------------------------------------------
 
-def _half_to_f32(h, target: str):
-    """f32 value of the f16 whose bits are the low 16 bits of the uint32 expression ``h``."""
-    if target != "webgpu":
-        return tirx.Cast(F32, tirx.reinterpret("float16", tirx.Cast("uint16", h)))
-    # WGSL without shader-f16: build the f32 bits.  Normal halves: re-bias the exponent (15 -> 127)
-    # by adding 112 << 23 to the shifted magnitude; subnormals (exponent 0) are mant * 2^-24, done
-    # in float so that no f32 denormal (which GPUs may flush) ever appears.
-    magnitude = (h & _u32(0x7FFF)) << _u32(13)
-    normal = tirx.reinterpret(F32, ((h & _u32(0x8000)) << _u32(16)) | (magnitude + _u32(112 << 23)))
-    sign = tirx.Select((h & _u32(0x8000)) != _u32(0), _f32(-1.0), _f32(1.0))
-    subnormal = tirx.Cast(F32, h & _u32(0x3FF)) * _f32(2.0 ** -24) * sign
-    return tirx.Select((h & _u32(0x7C00)) == _u32(0), subnormal, normal)
-
-
 def _small_uint_to_f32(v, offset: int, target: str):
     """float(v) - offset for a uint32 ``v`` < 2^16.
 
@@ -134,9 +121,9 @@ class _Decoder:
     def scale(self, n, g):
         if self.qtype is not QType.Q4_K:
             half = (self.scales[n, g // 2] >> tirx.Cast("uint32", (g % 2) * 16)) & _u32(0xFFFF)
-            return _half_to_f32(half, self.target)
+            return half_to_f32(half, self.target)
         sb, j = g // 8, g % 8
-        d = _half_to_f32(self.scales[n, sb * 4] & _u32(0xFFFF), self.target)
+        d = half_to_f32(self.scales[n, sb * 4] & _u32(0xFFFF), self.target)
         # ggml get_scale_min_k4; every byte index stays in 0..11 for both branches of the select.
         sc = tirx.Select(j < 4, self._q4k_byte(n, sb, j) & _u32(63),
                          (self._q4k_byte(n, sb, j + 4) & _u32(15)) | ((self._q4k_byte(n, sb, j % 4) >> _u32(6)) << _u32(4)))
@@ -145,7 +132,7 @@ class _Decoder:
     def offset(self, n, g):
         """Q4_K only: dmin * m, subtracted from every element of the sub-block."""
         sb, j = g // 8, g % 8
-        dmin = _half_to_f32(self.scales[n, sb * 4] >> _u32(16), self.target)
+        dmin = half_to_f32(self.scales[n, sb * 4] >> _u32(16), self.target)
         m = tirx.Select(j < 4, self._q4k_byte(n, sb, j + 4) & _u32(63),
                         (self._q4k_byte(n, sb, j + 4) >> _u32(4)) | ((self._q4k_byte(n, sb, j) >> _u32(6)) << _u32(4)))
         return dmin * tirx.Cast(F32, m)
@@ -491,8 +478,9 @@ def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
     q, n, k = spec.qtype, spec.out_features, spec.in_features
     if spec.kind == "gemv" and spec.int8 and int8_gemv.available(q, k, spec.int8):
         return _finish(int8_gemv.int8_gemv(q, n, k, spec.batch, spec.dtype, spec.int8, name=spec.name), spec.name)
-    if spec.kind == "gemv" and spec.target == "cuda" and spec.batch <= gpu_gemv.MAX_ROWS:
-        return _finish(gpu_gemv.gpu_gemv(q, n, k, spec.batch, spec.dtype), spec.name)
+    if (spec.kind == "gemv" and spec.target in gpu_gemv.TARGETS and spec.batch <= gpu_gemv.MAX_ROWS
+            and gpu_gemv.supports(q, n, k, spec.batch, spec.target)):
+        return _finish(gpu_gemv.gpu_gemv(q, n, k, spec.batch, spec.dtype, target=spec.target), spec.name)
     if spec.kind == "gemv":
         if spec.target == "llvm":
             func = gemv_compute(q, n, k, spec.batch, spec.dtype, spec.target, lanes=8)
