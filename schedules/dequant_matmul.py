@@ -14,7 +14,7 @@ fly from the kernel layout of :mod:`voxc.quant.formats` (``qweight`` and ``scale
 * **GEMM** (prefill / encoder; symbolic M): compute-bound, so a tile of ``W`` is dequantized once
   (into registers/L2 on CPU, shared memory on GPU) and reused across many rows of ``x``.
 
-Schedules (written here, except the CUDA GEMM):
+Schedules (written here, except the CUDA GEMM and the 1..8-row GPU GEMVs):
 
 * ``llvm``: GEMV splits K into 8-lane chunks and ``rfactor``s the lane axis so the inner loop is a
   vector FMA; rows are tiled 4 at a time (x chunk reused from registers) and the row tiles run
@@ -29,11 +29,16 @@ Schedules (written here, except the CUDA GEMM):
   which runs at a quarter rate on NVIDIA.  (This schedule serves CUDA batches of 9..16 rows;
   1..8 rows run schedules/gpu_gemv.py.)  GEMM: the dequantization fused into the weight-tile load
   of dlight's Matmul rule, which uses tensor cores (WMMA) for float16.
-* ``webgpu``: the CUDA GEMV's structure with at most 256 invocations per workgroup, no subgroup
-  operations (TVM reduces across threads through workgroup memory), f32 arithmetic only, and the
-  f16 scales decoded from their u32 words with integer ops + ``bitcast<f32>`` (exact for normal and
-  subnormal halves), so no ``shader-f16`` is needed (Chrome on NVIDIA has none) unless the
-  activations are float16 (the vulkan/metal targets' q4f16, where native adapters offer it).  GEMM:
+* ``webgpu``: GEMVs of 1..8 rows (the decode step's one row, which the symbolic-row kernel
+  dispatches to, and static batches) run schedules/gpu_gemv.py too, in its WebGPU form: the same
+  layout, the lane groups' partial sums meeting in workgroup memory after one barrier instead of
+  warp shuffles, at most 256 invocations per workgroup and 65535 workgroups a dimension (an odd
+  row count past 65535, which has no such layout, keeps the TE schedule).  9..16 rows keep the CUDA TE schedule's structure above with at most 256 invocations per workgroup, no
+  subgroup operations (TVM reduces across threads through workgroup memory).  Both use f32
+  arithmetic only, and the f16 scales decoded from their u32 words with integer ops +
+  ``bitcast<f32>`` (schedules/float_bits.py; exact for normal and subnormal halves), so no
+  ``shader-f16`` is needed (Chrome on NVIDIA has none) unless the activations are float16 (the
+  vulkan/metal targets' q4f16, where native adapters offer it).  GEMM:
   a 64x64x16 tiled kernel, 256 invocations each owning 4x4 outputs, the W tile dequantized straight
   into padded workgroup memory; 16 deep so that it fits WebGPU's default 16 KiB of workgroup storage.
 
@@ -506,7 +511,8 @@ def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
             # rows (a decode step of a few streams, one stream's 4-frame encoder step) go through
             # static kernels for 1 and 2 rows and, up to GPU_GEMV_MAX_ROWS, chunks of 4 rows that
             # mask the rows past m (each chunk reads the weights again); more rows, the tensor-core
-            # GEMM.  WebGPU: the one-row step (decode) gets the batch-1 GEMV, more the tiled GEMM.
+            # GEMM.  WebGPU: the one-row step (decode) gets the batch-1 GEMV (schedules/gpu_gemv.py's
+            # WebGPU form), more the tiled GEMM.
             branches = [(f"m == {rows}", _make_kernel(dataclasses.replace(spec, batch=rows)))
                         for rows in ((1, 2) if spec.target == "cuda" else (1,))]
             if spec.target == "cuda":

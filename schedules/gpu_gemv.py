@@ -1,9 +1,12 @@
-"""Hand-written CUDA GEMV over the quantized kernel layout: 1..8 activation rows, each weight read once.
+"""Hand-written GPU GEMV (CUDA and WebGPU) over the quantized kernel layout: 1..8 activation rows,
+each weight read once.
 
 ``y[b, n] = sum_k x[b, k] * W[n, k]`` for Q4_0 / Q4_K / Q8_0 ``W`` in the layout of
-:mod:`voxc.quant.formats`, with float32 accumulation whatever the activation dtype.
+:mod:`voxc.quant.formats`, with float32 accumulation whatever the activation dtype.  One kernel
+family for both targets (``target="cuda"`` or ``"webgpu"``): the same units, lane groups, rows per
+thread and steps in flight, differing only where WGSL must (last bullet).
 
-Why a separate kernel (webgpu keeps the TE schedule of :mod:`schedules.dequant_matmul`): that
+Why not the TE schedule of :mod:`schedules.dequant_matmul` (which still serves 9..16 rows): that
 schedule gave each 32-element group four threads, each loading one 32-bit word and each decoding
 the group's scale (Q4_K's 6-bit sub-scale select costs ~30 integer ops, paid once per 8 weights),
 and it measured 7-29% of the copy bandwidth at the decoder's shapes on an H100; its multi-row form
@@ -32,6 +35,19 @@ ran about 11x slower than one row.  Here:
   the 3- and 4-row calls that a symbolic-shape entry makes; ``blockIdx.y`` takes chunks of
   ``max_rows`` rows, so ``m`` may exceed ``max_rows`` (each chunk reads the weights again: for a
   few chunks that still beats a tiled GEMM whose 64-row tiles are mostly empty).
+* WebGPU (``target="webgpu"``, the browser bundle and the vulkan/metal targets' WGSL): no warp
+  shuffles (TVM's WGSL has no subgroup operations we can rely on, and Chrome on Linux offers
+  subgroups only sometimes), so each lane writes its ``R x B`` partial sums to workgroup memory and,
+  after one barrier, lane ``x`` of a group adds the group's ``L`` values of outputs ``x, x+L, ...``
+  and stores them (one barrier where a tree would take ``log2 L``; at most 4 KiB of the 16 KiB every
+  adapter grants, 128 invocations of the 256).  The f16 scales are decoded with integer ops and
+  ``bitcast<f32>`` (:func:`schedules.float_bits.half_to_f32`), so float32 activations need no
+  ``shader-f16``; float16 activations (q4f16 on native adapters that have it) load as f16.  WGSL
+  vectors stop at 4 lanes, so a 128-bit word is a ``vec4<u32>`` that TVM assembles from four u32
+  reads of the ``array<u32>`` binding, and f16 activations load 4 at a time.  Layouts keep the grid
+  within 65535 workgroups: tvmjs folds a larger ``blockIdx.x`` into z, but the guard TVM's WGSL puts
+  on the padding (``> packGridDimX``, not ``>=``) lets one extra workgroup run when the fold is
+  uneven; a row count with no such layout (odd, past 65535) keeps the TE schedule (:func:`supports`).
 
 Entry point :func:`gpu_gemv`; :func:`gemv_layout` gives the launch layout (checked by tests on the
 host, as launch limits are).
@@ -120,6 +136,7 @@ def gemv_layout(qtype: QType | str, n: int, k: int, max_rows: int = 1,
         # Measured on an H100 (bench/RESULTS.md, fifth run): 16 lanes on a 3072-wide row (48 units)
         # took the LM head (131072 rows) from 58% to 75% of copy bandwidth and a 9216-row w1/w3 from
         # 43% to 47%, but cost a third on 3072-row matrices, whose fewer threads then hide less latency
+        # (WebGPU takes the same defaults: not measured in a browser or through wgpu yet)
         lanes_per_row = 16 if units % WARP == 16 and n >= 8192 else WARP
     if lanes_per_row not in LANE_GROUPS:
         raise VoxcError(f"gpu_gemv: lanes_per_row must be one of {LANE_GROUPS}, got {lanes_per_row}")
