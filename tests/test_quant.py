@@ -392,6 +392,22 @@ def test_webgpu_gemv_on_lavapipe(qtype):
             _check(y, x, wd)
 
 
+def test_webgpu_gemv_symbolic_rows_on_lavapipe():
+    """The symbolic-row form (chunks of 4 rows on blockIdx.y, rows past m masked), which CUDA's
+    row dispatch uses for 3..32 rows; WebGPU's dispatch does not route to it yet."""
+    from schedules.gpu_gemv import gpu_gemv
+
+    adapter, why = _wgpu_adapter()
+    if adapter is None:
+        pytest.skip(why)
+    for qtype, n, k in ((QType.Q4_K, 36, 512), (QType.Q4_0, 7, 96)):
+        func = gpu_gemv(qtype, n, k, 4, symbolic_rows=True, target="webgpu").with_attr("global_symbol", "gemv_m")
+        for m in (1, 5):
+            params, x, wd = _case(qtype, n, k, m)
+            _check(run_wgsl(func, {"x": x, "qweight": params["qweight"], "scales": params["scales"],
+                                   "y": np.zeros((m, n), np.float32)}, m=m), x, wd)
+
+
 def test_webgpu_gemv_float16_on_lavapipe():
     """float16 activations (the vulkan target's q4f16 builds, on adapters with shader-f16): the f16
     loads, f32 accumulation, an f16 result."""
