@@ -72,7 +72,7 @@ MAX_ROWS = 8              # activation rows held in registers (beyond: dequant_m
 MAGIC = 0x4B000000        # float bits of 2^23: OR-ing a small integer into the mantissa gives 2^23 + v
 
 
-LANE_GROUPS = (32, 16, 8, 4)   # lanes per weight row a warp may use (powers of two: the reduction tree)
+LANE_GROUPS = (32, 16, 8, 4)   # lanes per weight row a warp may use (powers of two: the shuffle tree)
 TARGETS = ("cuda", "webgpu")
 # WebGPU's default limits (what every adapter grants): invocations and workgroup storage per
 # workgroup, workgroups per grid dimension (tvmjs folds a larger blockIdx.x into z, but TVM's WGSL
@@ -337,7 +337,8 @@ def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "fl
                             # uniform control flow), then lane x of a group adds up the group's L values
                             # of outputs x, x + L, ... and stores them.  One barrier instead of a tree's
                             # log2(L); the L reads per output are independent loads.  Slots are
-                            # thread-major, so the lanes reading one level read adjacent words.
+                            # thread-major, so at each of the L reads the lanes finishing different
+                            # outputs read adjacent words.
                             red = T.sblock_alloc_buffer((RED,), "float32", scope="shared")
                             total = T.sblock_alloc_buffer((1,), "float32", scope="local")
                             for i in T.unroll(R * B):
