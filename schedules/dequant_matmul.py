@@ -14,7 +14,7 @@ fly from the kernel layout of :mod:`voxc.quant.formats` (``qweight`` and ``scale
 * **GEMM** (prefill / encoder; symbolic M): compute-bound, so a tile of ``W`` is dequantized once
   (into registers/L2 on CPU, shared memory on GPU) and reused across many rows of ``x``.
 
-Schedules (written here, except the CUDA GEMM):
+Schedules (written here, except the CUDA GEMM and the 1..8-row GPU GEMVs):
 
 * ``llvm``: GEMV splits K into 8-lane chunks and ``rfactor``s the lane axis so the inner loop is a
   vector FMA; rows are tiled 4 at a time (x chunk reused from registers) and the row tiles run
@@ -29,11 +29,16 @@ Schedules (written here, except the CUDA GEMM):
   which runs at a quarter rate on NVIDIA.  (This schedule serves CUDA batches of 9..16 rows;
   1..8 rows run schedules/gpu_gemv.py.)  GEMM: the dequantization fused into the weight-tile load
   of dlight's Matmul rule, which uses tensor cores (WMMA) for float16.
-* ``webgpu``: the CUDA GEMV's structure with at most 256 invocations per workgroup, no subgroup
-  operations (TVM reduces across threads through workgroup memory), f32 arithmetic only, and the
-  f16 scales decoded from their u32 words with integer ops + ``bitcast<f32>`` (exact for normal and
-  subnormal halves), so no ``shader-f16`` is needed (Chrome on NVIDIA has none) unless the
-  activations are float16 (the vulkan/metal targets' q4f16, where native adapters offer it).  GEMM:
+* ``webgpu``: GEMVs of 1..8 rows (the decode step's one row, which the symbolic-row kernel
+  dispatches to, and static batches) run schedules/gpu_gemv.py too, in its WebGPU form: the same
+  layout, the lane groups' partial sums meeting in workgroup memory after one barrier instead of
+  warp shuffles, at most 256 invocations per workgroup and 65535 workgroups a dimension (an odd
+  row count past 65535, which has no such layout, keeps the TE schedule).  9..16 rows keep the CUDA TE schedule's structure above with at most 256 invocations per workgroup, no
+  subgroup operations (TVM reduces across threads through workgroup memory).  Both use f32
+  arithmetic only, and the f16 scales decoded from their u32 words with integer ops +
+  ``bitcast<f32>`` (schedules/float_bits.py; exact for normal and subnormal halves), so no
+  ``shader-f16`` is needed (Chrome on NVIDIA has none) unless the activations are float16 (the
+  vulkan/metal targets' q4f16, where native adapters offer it).  GEMM:
   a 64x64x16 tiled kernel, 256 invocations each owning 4x4 outputs, the W tile dequantized straight
   into padded workgroup memory; 16 deep so that it fits WebGPU's default 16 KiB of workgroup storage.
 
@@ -51,6 +56,7 @@ import tvm
 from tvm import te, tirx
 
 from schedules import gpu_gemv, int8_gemv
+from schedules.float_bits import half_to_f32
 from voxc.errors import VoxcError
 from voxc.quant.formats import QType, kernel_layout_shapes
 
@@ -86,20 +92,6 @@ def gemv_or_gemm(rows) -> str:
 
 # ---- dequantization expressions ---------------------------------------------------------------
 
-def _half_to_f32(h, target: str):
-    """f32 value of the f16 whose bits are the low 16 bits of the uint32 expression ``h``."""
-    if target != "webgpu":
-        return tirx.Cast(F32, tirx.reinterpret("float16", tirx.Cast("uint16", h)))
-    # WGSL without shader-f16: build the f32 bits.  Normal halves: re-bias the exponent (15 -> 127)
-    # by adding 112 << 23 to the shifted magnitude; subnormals (exponent 0) are mant * 2^-24, done
-    # in float so that no f32 denormal (which GPUs may flush) ever appears.
-    magnitude = (h & _u32(0x7FFF)) << _u32(13)
-    normal = tirx.reinterpret(F32, ((h & _u32(0x8000)) << _u32(16)) | (magnitude + _u32(112 << 23)))
-    sign = tirx.Select((h & _u32(0x8000)) != _u32(0), _f32(-1.0), _f32(1.0))
-    subnormal = tirx.Cast(F32, h & _u32(0x3FF)) * _f32(2.0 ** -24) * sign
-    return tirx.Select((h & _u32(0x7C00)) == _u32(0), subnormal, normal)
-
-
 def _small_uint_to_f32(v, offset: int, target: str):
     """float(v) - offset for a uint32 ``v`` < 2^16.
 
@@ -134,9 +126,9 @@ class _Decoder:
     def scale(self, n, g):
         if self.qtype is not QType.Q4_K:
             half = (self.scales[n, g // 2] >> tirx.Cast("uint32", (g % 2) * 16)) & _u32(0xFFFF)
-            return _half_to_f32(half, self.target)
+            return half_to_f32(half, self.target)
         sb, j = g // 8, g % 8
-        d = _half_to_f32(self.scales[n, sb * 4] & _u32(0xFFFF), self.target)
+        d = half_to_f32(self.scales[n, sb * 4] & _u32(0xFFFF), self.target)
         # ggml get_scale_min_k4; every byte index stays in 0..11 for both branches of the select.
         sc = tirx.Select(j < 4, self._q4k_byte(n, sb, j) & _u32(63),
                          (self._q4k_byte(n, sb, j + 4) & _u32(15)) | ((self._q4k_byte(n, sb, j % 4) >> _u32(6)) << _u32(4)))
@@ -145,7 +137,7 @@ class _Decoder:
     def offset(self, n, g):
         """Q4_K only: dmin * m, subtracted from every element of the sub-block."""
         sb, j = g // 8, g % 8
-        dmin = _half_to_f32(self.scales[n, sb * 4] >> _u32(16), self.target)
+        dmin = half_to_f32(self.scales[n, sb * 4] >> _u32(16), self.target)
         m = tirx.Select(j < 4, self._q4k_byte(n, sb, j + 4) & _u32(63),
                         (self._q4k_byte(n, sb, j + 4) >> _u32(4)) | ((self._q4k_byte(n, sb, j) >> _u32(6)) << _u32(4)))
         return dmin * tirx.Cast(F32, m)
@@ -491,8 +483,9 @@ def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
     q, n, k = spec.qtype, spec.out_features, spec.in_features
     if spec.kind == "gemv" and spec.int8 and int8_gemv.available(q, k, spec.int8):
         return _finish(int8_gemv.int8_gemv(q, n, k, spec.batch, spec.dtype, spec.int8, name=spec.name), spec.name)
-    if spec.kind == "gemv" and spec.target == "cuda" and spec.batch <= gpu_gemv.MAX_ROWS:
-        return _finish(gpu_gemv.gpu_gemv(q, n, k, spec.batch, spec.dtype), spec.name)
+    if (spec.kind == "gemv" and spec.target in gpu_gemv.TARGETS and spec.batch <= gpu_gemv.MAX_ROWS
+            and gpu_gemv.supports(q, n, k, spec.batch, spec.target)):
+        return _finish(gpu_gemv.gpu_gemv(q, n, k, spec.batch, spec.dtype, target=spec.target), spec.name)
     if spec.kind == "gemv":
         if spec.target == "llvm":
             func = gemv_compute(q, n, k, spec.batch, spec.dtype, spec.target, lanes=8)
@@ -518,7 +511,8 @@ def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
             # rows (a decode step of a few streams, one stream's 4-frame encoder step) go through
             # static kernels for 1 and 2 rows and, up to GPU_GEMV_MAX_ROWS, chunks of 4 rows that
             # mask the rows past m (each chunk reads the weights again); more rows, the tensor-core
-            # GEMM.  WebGPU: the one-row step (decode) gets the batch-1 GEMV, more the tiled GEMM.
+            # GEMM.  WebGPU: the one-row step (decode) gets the batch-1 GEMV (schedules/gpu_gemv.py's
+            # WebGPU form), more the tiled GEMM.
             branches = [(f"m == {rows}", _make_kernel(dataclasses.replace(spec, batch=rows)))
                         for rows in ((1, 2) if spec.target == "cuda" else (1,))]
             if spec.target == "cuda":

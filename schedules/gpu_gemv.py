@@ -1,9 +1,12 @@
-"""Hand-written CUDA GEMV over the quantized kernel layout: 1..8 activation rows, each weight read once.
+"""Hand-written GPU GEMV (CUDA and WebGPU) over the quantized kernel layout: 1..8 activation rows,
+each weight read once.
 
 ``y[b, n] = sum_k x[b, k] * W[n, k]`` for Q4_0 / Q4_K / Q8_0 ``W`` in the layout of
-:mod:`voxc.quant.formats`, with float32 accumulation whatever the activation dtype.
+:mod:`voxc.quant.formats`, with float32 accumulation whatever the activation dtype.  One kernel
+family for both targets (``target="cuda"`` or ``"webgpu"``): the same units, lane groups, rows per
+thread and steps in flight, differing only where WGSL must (last bullet).
 
-Why a separate kernel (webgpu keeps the TE schedule of :mod:`schedules.dequant_matmul`): that
+Why not the TE schedule of :mod:`schedules.dequant_matmul` (which still serves 9..16 rows): that
 schedule gave each 32-element group four threads, each loading one 32-bit word and each decoding
 the group's scale (Q4_K's 6-bit sub-scale select costs ~30 integer ops, paid once per 8 weights),
 and it measured 7-29% of the copy bandwidth at the decoder's shapes on an H100; its multi-row form
@@ -32,6 +35,19 @@ ran about 11x slower than one row.  Here:
   the 3- and 4-row calls that a symbolic-shape entry makes; ``blockIdx.y`` takes chunks of
   ``max_rows`` rows, so ``m`` may exceed ``max_rows`` (each chunk reads the weights again: for a
   few chunks that still beats a tiled GEMM whose 64-row tiles are mostly empty).
+* WebGPU (``target="webgpu"``, the browser bundle and the vulkan/metal targets' WGSL): no warp
+  shuffles (TVM's WGSL has no subgroup operations we can rely on, and Chrome on Linux offers
+  subgroups only sometimes), so each lane writes its ``R x B`` partial sums to workgroup memory and,
+  after one barrier, lane ``x`` of a group adds the group's ``L`` values of outputs ``x, x+L, ...``
+  and stores them (one barrier where a tree would take ``log2 L``; at most 4 KiB of the 16 KiB every
+  adapter grants, 128 invocations of the 256).  The f16 scales are decoded with integer ops and
+  ``bitcast<f32>`` (:func:`schedules.float_bits.half_to_f32`), so float32 activations need no
+  ``shader-f16``; float16 activations (q4f16 on native adapters that have it) load as f16.  WGSL
+  vectors stop at 4 lanes, so a 128-bit word is a ``vec4<u32>`` that TVM assembles from four u32
+  reads of the ``array<u32>`` binding, and f16 activations load 4 at a time.  Layouts keep the grid
+  within 65535 workgroups: tvmjs folds a larger ``blockIdx.x`` into z, but the guard TVM's WGSL puts
+  on the padding (``> packGridDimX``, not ``>=``) lets one extra workgroup run when the fold is
+  uneven; a row count with no such layout (odd, past 65535) keeps the TE schedule (:func:`supports`).
 
 Entry point :func:`gpu_gemv`; :func:`gemv_layout` gives the launch layout (checked by tests on the
 host, as launch limits are).
@@ -43,6 +59,7 @@ import dataclasses
 from tvm import tirx
 
 from schedules import pin_source
+from schedules.float_bits import half_to_f32
 from voxc.errors import VoxcError
 from voxc.quant.formats import QType, kernel_layout_shapes
 
@@ -56,6 +73,13 @@ MAGIC = 0x4B000000        # float bits of 2^23: OR-ing a small integer into the 
 
 
 LANE_GROUPS = (32, 16, 8, 4)   # lanes per weight row a warp may use (powers of two: the shuffle tree)
+TARGETS = ("cuda", "webgpu")
+# WebGPU's default limits (what every adapter grants): invocations and workgroup storage per
+# workgroup, workgroups per grid dimension (tvmjs folds a larger blockIdx.x into z, but TVM's WGSL
+# lets the first padding workgroup of an uneven fold run, so the layouts stay within it)
+WEBGPU_MAX_INVOCATIONS = 256
+WEBGPU_MAX_WORKGROUP_STORAGE = 16 << 10
+WEBGPU_MAX_WORKGROUPS = 65535
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,9 +109,13 @@ def lanes_for(units: int) -> int:
 
 def gemv_layout(qtype: QType | str, n: int, k: int, max_rows: int = 1,
                 rows_per_thread: int | None = None, warps: int | None = None,
-                lanes_per_row: int | None = None) -> GemvLayout:
-    """The launch layout of :func:`gpu_gemv` for an ``[n, k]`` weight (any valid shape)."""
+                lanes_per_row: int | None = None, target: str = "cuda") -> GemvLayout:
+    """The launch layout of :func:`gpu_gemv` for an ``[n, k]`` weight (any valid shape on CUDA; on
+    WebGPU a VoxcError where even the largest row blocks leave over 65535 workgroups, see
+    :func:`supports`)."""
     qtype = QType.parse(qtype)
+    if target not in TARGETS:
+        raise VoxcError(f"gpu_gemv: no kernel for target {target!r} (have {', '.join(TARGETS)})")
     if k % qtype.block_size or n < 1:
         raise VoxcError(f"gpu_gemv: a {n}x{k} {qtype.value} weight needs k a multiple of {qtype.block_size}")
     if not 1 <= max_rows <= MAX_ROWS:
@@ -108,15 +136,21 @@ def gemv_layout(qtype: QType | str, n: int, k: int, max_rows: int = 1,
         # Measured on an H100 (bench/RESULTS.md, fifth run): 16 lanes on a 3072-wide row (48 units)
         # took the LM head (131072 rows) from 58% to 75% of copy bandwidth and a 9216-row w1/w3 from
         # 43% to 47%, but cost a third on 3072-row matrices, whose fewer threads then hide less latency
+        # (WebGPU takes the same defaults: not measured in a browser or through wgpu yet)
         lanes_per_row = 16 if units % WARP == 16 and n >= 8192 else WARP
     if lanes_per_row not in LANE_GROUPS:
         raise VoxcError(f"gpu_gemv: lanes_per_row must be one of {LANE_GROUPS}, got {lanes_per_row}")
     # every lane group of every warp of every block owns whole rows: fall back to fewer rows per
-    # thread, more lanes per row, fewer warps until the row count divides (any n: 32 lanes, 1 row)
-    r, lanes, w = next((r, lanes, w) for r in dict.fromkeys((rows_per_thread, 1))
-                       for lanes in sorted(LANE_GROUPS) if lanes >= lanes_per_row
-                       for w in (warps or 4, 4, 2, 1) if w <= (warps or 4)
-                       and n % (r * (WARP // lanes) * w) == 0)
+    # thread, more lanes per row, fewer warps until the row count divides (any n: 32 lanes, 1 row);
+    # WebGPU also keeps the grid within 65535 workgroups
+    max_blocks = WEBGPU_MAX_WORKGROUPS if target == "webgpu" else n
+    found = next(((r, lanes, w) for r in dict.fromkeys((rows_per_thread, 1))
+                  for lanes in sorted(LANE_GROUPS) if lanes >= lanes_per_row
+                  for w in (warps or 4, 4, 2, 1) if w <= (warps or 4)
+                  and n % (r * (WARP // lanes) * w) == 0 and n // (r * (WARP // lanes) * w) <= max_blocks), None)
+    if found is None:
+        raise VoxcError(f"gpu_gemv: no {target} layout of {n} rows within {max_blocks} workgroups")
+    r, lanes, w = found
     return GemvLayout(per_unit, 8 if qtype is QType.Q8_0 else 4, units, -(-units // lanes), r, w,
                       n // (r * (WARP // lanes) * w), lanes)
 
@@ -132,9 +166,19 @@ def _level(word, e, qtype: QType):
     return tirx.reinterpret("float32", nibble | u32(MAGIC)) - tirx.const(2.0 ** 23 + offset, "float32")
 
 
-def _half(bits):
-    """f32 value of the f16 in the low 16 bits of a uint32 expression."""
-    return tirx.Cast("float32", tirx.reinterpret("float16", tirx.Cast("uint16", bits & tirx.const(0xFFFF, "uint32"))))
+def supports(qtype: QType | str, n: int, k: int, max_rows: int, target: str) -> bool:
+    """Whether :func:`gpu_gemv` has a layout for this call (always on CUDA; on WebGPU unless an odd
+    row count past 65535 leaves too many workgroups)."""
+    try:
+        gemv_layout(qtype, n, k, max_rows, target=target)
+    except VoxcError:
+        return False
+    return True
+
+
+def _half(bits, target: str):
+    """f32 value of the f16 in the low 16 bits of a uint32 expression (WGSL: integer ops, no f16)."""
+    return half_to_f32(bits & tirx.const(0xFFFF, "uint32"), target)
 
 
 def _small(v):
@@ -145,9 +189,11 @@ def _small(v):
 def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "float32", *,
              symbolic_rows: bool = False, rows_per_thread: int | None = None,
              warps: int | None = None, lanes_per_row: int | None = None,
-             steps_in_flight: int | None = None) -> tirx.PrimFunc:
+             steps_in_flight: int | None = None, target: str = "cuda") -> tirx.PrimFunc:
     """PrimFunc ``(x [rows, k], qweight, scales, y [rows, n])``; ``rows`` is ``max_rows`` or, with
     ``symbolic_rows``, an int32 variable ``m`` (any count: ``ceil(m / max_rows)`` row chunks).
+    ``target``: "cuda" (warp-shuffle reduction) or "webgpu" (WGSL: workgroup-memory reduction, f16
+    scales decoded with integer ops, at most 4-wide vectors).
     ``steps_in_flight``: a thread issues the loads of that many of its steps before the arithmetic
     of the first (more bytes in flight per thread, more registers).  By default 2 for one activation
     row (on an H100 within 1% or faster at every unstacked decoder, encoder and adapter shape: 14% on
@@ -155,7 +201,7 @@ def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "fl
     from tvm.script import tirx as T
 
     qtype = QType.parse(qtype)
-    lay = gemv_layout(qtype, n, k, max_rows, rows_per_thread, warps, lanes_per_row)
+    lay = gemv_layout(qtype, n, k, max_rows, rows_per_thread, warps, lanes_per_row, target)
     GU, WPG, U, STEPS, R, TY, L = (lay.groups_per_unit, lay.words_per_group, lay.units, lay.steps,
                                    lay.rows_per_thread, lay.warps, lay.lanes_per_row)
     GROUPS_PER_WARP = WARP // L
@@ -165,7 +211,15 @@ def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "fl
     CHUNKS_OF_STEPS = -(-STEPS // P)
     B = max_rows
     EPW = qtype.elements_per_word
-    LV = min(EPW, 16 // (2 if dtype == "float16" else 4))      # activations per 128-bit load
+    WEBGPU = target == "webgpu"
+    # activations per vector load: 128 bits on CUDA; WGSL's widest vector is vec4 (64 bits of f16)
+    LV = min(EPW, 4 if WEBGPU else 16 // (2 if dtype == "float16" else 4))
+    # WebGPU: one float per (row, activation row) of every invocation in workgroup memory
+    RED = R * B * TY * WARP
+    OUTPUT_STEPS = -(-(R * B) // L)          # outputs each lane of a group finishes (WebGPU)
+    if WEBGPU and (WARP * TY > WEBGPU_MAX_INVOCATIONS or RED * 4 > WEBGPU_MAX_WORKGROUP_STORAGE):
+        raise VoxcError(f"gpu_gemv: {WARP * TY} invocations and {RED * 4} B of workgroup memory exceed "
+                        f"WebGPU's defaults ({WEBGPU_MAX_INVOCATIONS}, {WEBGPU_MAX_WORKGROUP_STORAGE} B)")
     shapes = kernel_layout_shapes(qtype, n, k)
     QK = qtype is QType.Q4_K
     PAIRED = qtype is QType.Q4_0 and GU == 2                     # one scale word holds both halves
@@ -190,15 +244,15 @@ def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "fl
             six = tirx.const(6, "uint32")
             sc = tirx.Select(h == 0, b0 & c6, (b8 & c15) | ((b0 >> six) << c4))
             mn = tirx.Select(h == 0, b4 & c6, (b8 >> c4) | ((b4 >> six) << c4))
-            d = _half(hdr[r * 4])
-            dmin = _half(hdr[r * 4] >> tirx.const(16, "uint32"))
+            d = _half(hdr[r * 4], target)
+            dmin = _half(hdr[r * 4] >> tirx.const(16, "uint32"), target)
             return d * _small(sc), dmin * _small(mn)
         if PAIRED:
             half_index = h
         else:
             half_index = group_of(u, h) % 2
         bits = sw[r] >> tirx.Cast("uint32", half_index * 16)
-        return _half(bits), tirx.const(0.0, "float32")
+        return _half(bits, target), tirx.const(0.0, "float32")
 
     @T.prim_func(private=True, s_tir=True)
     def gemv(var_x: T.handle, var_qweight: T.handle, var_scales: T.handle, var_y: T.handle):
@@ -277,14 +331,35 @@ def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "fl
                                                     sums[r * B + b] = sums[r * B + b] + sc[r] * part[r * B + b] - off[r] * xsum[b]
                                                 else:
                                                     sums[r * B + b] = sums[r * B + b] + sc[r] * part[r * B + b]
-                        for r in T.unroll(R):
-                            for b in T.unroll(B):
-                                # shuffle tree L/2, ..., 1: a group's first lane ends with the sums of
-                                # its L lanes (what other lanes pick up across groups is never stored)
-                                for j in T.unroll(L.bit_length() - 1):
-                                    sums[r * B + b] = sums[r * B + b] + T.tvm_warp_shuffle_down(
-                                        T.uint32(0xFFFFFFFF), sums[r * B + b], (L // 2) >> j, WARP, WARP)
-                                if tx % L == 0 and (not MASK_ROWS or by * B + b < rows):
-                                    y[by * B + b, row0 + r] = T.Cast(dtype, sums[r * B + b])
+                        if WEBGPU:
+                            # WGSL has no subgroup operations we can count on: every lane puts its R x B
+                            # partial sums in workgroup memory, one barrier (reached by every invocation:
+                            # uniform control flow), then lane x of a group adds up the group's L values
+                            # of outputs x, x + L, ... and stores them.  One barrier instead of a tree's
+                            # log2(L); the L reads per output are independent loads.  Slots are
+                            # thread-major, so at each of the L reads the lanes finishing different
+                            # outputs read adjacent words.
+                            red = T.sblock_alloc_buffer((RED,), "float32", scope="shared")
+                            total = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                            for i in T.unroll(R * B):
+                                red[(ty * WARP + tx) * (R * B) + i] = sums[i]
+                            T.tvm_storage_sync("shared")
+                            for q in T.unroll(OUTPUT_STEPS):
+                                o: T.let[T.int32] = q * L + tx % L          # (row, activation row) o // B, o % B
+                                if o < R * B and (not MASK_ROWS or by * B + o % B < rows):
+                                    total[0] = T.float32(0)
+                                    for lane in T.unroll(L):
+                                        total[0] = total[0] + red[(ty * WARP + tx - tx % L + lane) * (R * B) + o]
+                                    y[by * B + o % B, row0 + o // B] = T.Cast(dtype, total[0])
+                        else:
+                            for r in T.unroll(R):
+                                for b in T.unroll(B):
+                                    # shuffle tree L/2, ..., 1: a group's first lane ends with the sums of
+                                    # its L lanes (what other lanes pick up across groups is never stored)
+                                    for j in T.unroll(L.bit_length() - 1):
+                                        sums[r * B + b] = sums[r * B + b] + T.tvm_warp_shuffle_down(
+                                            T.uint32(0xFFFFFFFF), sums[r * B + b], (L // 2) >> j, WARP, WARP)
+                                    if tx % L == 0 and (not MASK_ROWS or by * B + b < rows):
+                                        y[by * B + b, row0 + r] = T.Cast(dtype, sums[r * B + b])
 
     return gemv

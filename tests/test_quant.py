@@ -290,19 +290,24 @@ def _wgpu_adapter():
     return adapter, ""
 
 
-def run_wgsl(func, arrays: dict[str, np.ndarray], m: int | None = None) -> np.ndarray:
-    """Compile one scheduled PrimFunc for webgpu, run its WGSL with wgpu, return the output."""
+def run_wgsl(func, arrays: dict[str, np.ndarray], m: int | None = None, f16: bool = False) -> np.ndarray:
+    """Compile one scheduled PrimFunc for webgpu, run its WGSL with wgpu, return the output.
+    ``arrays`` by buffer name (extra names are ignored).  Without ``f16`` the WGSL must not need
+    shader-f16 (browsers); with it, the device is asked for the feature (the vulkan target's q4f16)."""
     import wgpu
     ex = tvm.compile(tvm.IRModule({func.attrs["global_symbol"]: func}),
                      target=tvm.target.Target({"kind": "webgpu"}, host={"kind": "llvm"}))
     source = ex.mod.imports[0].inspect_source("wgsl")
-    assert not re.search(r"\bf16\b", source), "WGSL must not need shader-f16"
+    assert f16 or not re.search(r"\bf16\b", source), "WGSL must not need shader-f16"
     (entry,) = json.loads(ex.mod.imports[0].inspect_source("func_info"))
     ext = thread_extents(func, m)
     grid = (ext.get("blockIdx.x", 1), ext.get("blockIdx.y", 1), ext.get("blockIdx.z", 1))
     assert ext.get("threadIdx.x", 1) * ext.get("threadIdx.y", 1) <= 256
+    assert max(grid) <= 65535
     adapter, _ = _wgpu_adapter()
-    device = adapter.request_device_sync()
+    if f16 and "shader-f16" not in adapter.features:
+        pytest.skip("the adapter lacks shader-f16")
+    device = adapter.request_device_sync(required_features=["shader-f16"] if f16 else [])
     pipeline = device.create_compute_pipeline(
         layout="auto", compute={"module": device.create_shader_module(code=source), "entry_point": entry})
     entries, output = [], None
@@ -329,7 +334,8 @@ def run_wgsl(func, arrays: dict[str, np.ndarray], m: int | None = None) -> np.nd
     compute.end()
     device.queue.submit([encoder.finish()])
     buf, like = output
-    return np.frombuffer(device.queue.read_buffer(buf), like.dtype).reshape(like.shape)
+    # (buffers are padded to whole 4-byte words: an odd number of f16 reads back one more)
+    return np.frombuffer(device.queue.read_buffer(buf), like.dtype, count=like.size).reshape(like.shape)
 
 
 @pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.value)
@@ -344,7 +350,7 @@ def test_wgsl_kernels_on_lavapipe(qtype):
         # runs in the browser tests, tests/test_webgpu_quant.py)
         y = run_wgsl(make_kernel(qtype, n, k, batch, target="webgpu", dispatch_rows=False),
                      {"x": x, "qweight": params["qweight"], "scales": params["scales"],
-                      "acc": np.zeros((rows, n), np.float32)}, m=rows)
+                      "acc": np.zeros((rows, n), np.float32), "y": np.zeros((rows, n), np.float32)}, m=rows)
         _check(y, x, wd)
     qt = quantize_tensor(np.random.default_rng(7).standard_normal((20, k)).astype(np.float32), qtype)
     p = formats.to_kernel_layout(qt)
@@ -352,6 +358,71 @@ def test_wgsl_kernels_on_lavapipe(qtype):
     rows = run_wgsl(make_embedding_kernel(qtype, 20, k, target="webgpu"),
                     {"ids": ids, "qweight": p["qweight"], "scales": p["scales"], "rows": np.zeros((3, k), np.float32)}, m=3)
     assert np.array_equal(_bits(rows), _bits(qt.dequantize()[ids]))
+
+
+# Small odd shapes: Q4_0 with an odd group count (one group per unit), odd row counts (one row per
+# thread, fewer warps), and 2560 wide: 40-80 units, so lanes take several steps, the last one partial
+WEBGPU_GEMV_SHAPES = {QType.Q4_0: [(7, 96), (100, 256), (36, 512), (20, 2560)],
+                      QType.Q8_0: [(7, 256), (100, 256), (36, 512), (20, 2560)],
+                      QType.Q4_K: [(7, 256), (100, 256), (36, 512), (9, 768), (20, 2560)]}
+
+
+@pytest.mark.parametrize("qtype", QTYPES, ids=lambda q: q.value)
+def test_webgpu_gemv_on_lavapipe(qtype):
+    """schedules/gpu_gemv.py's WebGPU form (workgroup-memory reduction, f16 scales from integer ops)
+    against the float64 reference: what make_kernel routes batches 1..8 to on webgpu, and the
+    other lane layouts (several lane groups per warp, lanes finishing several outputs)."""
+    from schedules.gpu_gemv import gpu_gemv
+
+    adapter, why = _wgpu_adapter()
+    if adapter is None:
+        pytest.skip(why)
+    for n, k in WEBGPU_GEMV_SHAPES[qtype]:
+        for batch in (1, 2, 8):
+            params, x, wd = _case(qtype, n, k, batch, seed=n + batch)
+            arrays = {"x": x, "qweight": params["qweight"], "scales": params["scales"], "y": np.zeros((batch, n), np.float32)}
+            func = make_kernel(qtype, n, k, batch, target="webgpu")
+            assert func.script().count("T.tvm_storage_sync") == 1     # gpu_gemv's one barrier, not the TE schedule
+            _check(run_wgsl(func, arrays), x, wd)
+        for lanes in (4, 16):
+            params, x, wd = _case(qtype, n, k, 4, seed=lanes)
+            func = gpu_gemv(qtype, n, k, 4, lanes_per_row=lanes, steps_in_flight=2, target="webgpu")
+            y = run_wgsl(func.with_attr("global_symbol", f"gemv_l{lanes}"),
+                         {"x": x, "qweight": params["qweight"], "scales": params["scales"], "y": np.zeros((4, n), np.float32)})
+            _check(y, x, wd)
+
+
+def test_webgpu_gemv_symbolic_rows_on_lavapipe():
+    """The symbolic-row form (chunks of 4 rows on blockIdx.y, rows past m masked), which CUDA's
+    row dispatch uses for 3..32 rows; WebGPU's dispatch does not route to it yet."""
+    from schedules.gpu_gemv import gpu_gemv
+
+    adapter, why = _wgpu_adapter()
+    if adapter is None:
+        pytest.skip(why)
+    for qtype, n, k in ((QType.Q4_K, 36, 512), (QType.Q4_0, 7, 96)):
+        func = gpu_gemv(qtype, n, k, 4, symbolic_rows=True, target="webgpu").with_attr("global_symbol", "gemv_m")
+        for m in (1, 5):
+            params, x, wd = _case(qtype, n, k, m)
+            _check(run_wgsl(func, {"x": x, "qweight": params["qweight"], "scales": params["scales"],
+                                   "y": np.zeros((m, n), np.float32)}, m=m), x, wd)
+
+
+def test_webgpu_gemv_float16_on_lavapipe():
+    """float16 activations (the vulkan target's q4f16 builds, on adapters with shader-f16): the f16
+    loads, f32 accumulation, an f16 result."""
+    adapter, why = _wgpu_adapter()
+    if adapter is None:
+        pytest.skip(why)
+    for qtype, (n, k) in ((QType.Q4_K, (36, 512)), (QType.Q4_0, (7, 96)), (QType.Q8_0, (100, 256))):
+        for batch in (1, 2):
+            params, x, wd = _case(qtype, n, k, batch)
+            x16 = x.astype(np.float16)
+            y = run_wgsl(make_kernel(qtype, n, k, batch, dtype="float16", target="webgpu"),
+                         {"x": x16, "qweight": params["qweight"], "scales": params["scales"],
+                          "y": np.zeros((batch, n), np.float16)}, f16=True)
+            ref = x16.astype(np.float64) @ wd.T
+            assert np.abs(y.astype(np.float64) - ref).max() <= 2e-3 * np.abs(ref).max()
 
 
 # ---- CUDA: compile to cubin -------------------------------------------------------------------
