@@ -220,23 +220,24 @@ try {
 
   // decoder steps on their own, past a prompt, in a fresh stream slot
   const delay = model.delayTokens(m.streaming.default_delay_ms);
+  model.resetSlot(0, delay);
   const d1 = [];
   for (let i = 0; i < steps + warm; i++) {
     const t = performance.now();
-    await model.decode([[1000 + (i % 200)]], [delay], [0], [50 + i]);
+    await model.decode([[1000 + (i % 200)]], [0], [50 + i]);
     if (i >= warm) d1.push(performance.now() - t);
   }
   out.decode_step = stats(d1);
   const tq = performance.now();
   for (let i = 0; i < steps; i++) {
-    model.decode([[1000 + (i % 200)]], [delay], [0], [50 + steps + warm + i], { readTokens: false });
+    await model.decode([[1000 + (i % 200)]], [0], [50 + steps + warm + i], { readTokens: false });
   }
   await model.dev.sync();
   out.decode_nosync = { ms_per_step: (performance.now() - tq) / steps, steps };
 
   if (profilePath) {
     const bundleKernels = model.kernelNames();
-    const p = await model.profileKernels(() => model.decode([[1000]], [delay], [0], [50 + 2 * steps + warm]));
+    const p = await model.profileKernels(() => model.decode([[1000]], [0], [50 + 2 * steps + warm]));
     const profile = { bundle: bundleDir, adapter: out.adapter.description, kernels_in_bundle: bundleKernels.length,
                       decode_step: profileSummary(p), stream_step: streamProfile };
     profile.problems = [...profileProblems(profile.decode_step, "decode step", bundleKernels),
@@ -259,7 +260,7 @@ try {
     const times = [];
     for (let i = 0; i < encodeReps + 2; i++) {
       const t = performance.now();
-      model.encodeWindow([win], [0], [1000 + i * frames / st.conv_stride]);
+      await model.encodeWindow([win], [0], [1000 + i * frames / st.conv_stride]);
       await model.dev.sync();
       if (i >= 2) times.push(performance.now() - t);
     }
