@@ -215,6 +215,7 @@ def decode_steps(model, start, steps, delay=6):
     """ms per decode call (one stream, one token) at positions start.., the token read back each step."""
     tokens = np.ones((1, 1), np.int32)
     model.set_delay([0], [delay])
+    model.take_kv_pages([0], start)   # the keys before ``start`` in pages of their own, as a stream's
     out = []
     budget = float(os.environ.get("DECODE_BUDGET_S", 8))
     t0 = time.perf_counter()
@@ -259,6 +260,7 @@ def profile_call(model, step, top=14) -> dict:
 def profile_step(model, start, delay=6, top=14) -> dict:
     """:func:`profile_call` of one decode step (one stream, one token) at position ``start``."""
     model.set_delay([0], [delay])
+    model.take_kv_pages([0], start)
     return {"position": start, **profile_call(
         model, lambda: model.decode(np.ones((1, 1), np.int32), [0], [start]), top)}
 

@@ -118,6 +118,7 @@ def decode_steps(model, slots, start, steps, delay=6):
     tokens = np.ones((b, 1), np.int32)
     slots = np.asarray(slots, np.int32)
     model.set_delay(slots, np.full(b, delay))
+    model.take_kv_pages(slots, start)   # the keys before ``start`` in pages of their own, as a stream's
     out = []
     for i in range(steps):
         t = time.perf_counter()

@@ -254,20 +254,23 @@ TINY_ATTENTION_CASES = (("dec", 4, 2, 16, 64), ("enc", 4, 4, 8, 24))
 
 
 def build_attention_modules(target, out_path: Path, cases=ATTENTION_CASES) -> Path:
-    """One library with a function per case (``dec``, ``enc``): (q, k, v, cache, slots, starts) ->
-    ring attention over one layer's cache, through the target's own attention kernels (targets/cuda.py's
-    split-K swap, targets/llvm.py's CPU kernel).  ``<out>.json`` lists the cases (tiny_check.py)."""
+    """One library with a function per case (``dec``, ``enc``): (q, k, v, cache, pages, starts) ->
+    ring attention over one layer's pool of pages (the model's page size, voxc.artifact.kv_page_rows;
+    ``pages``: each sequence's page-table row), through the target's own attention kernels
+    (targets/cuda.py's split-K swap, targets/llvm.py's CPU kernel).  ``<out>.json`` lists the cases
+    (tiny_check.py)."""
     from tvm.relax.frontend import nn
     from tvm.relax.frontend.nn import op, spec
 
     from schedules.ring_attention import ring_attention_func
+    from voxc.artifact import kv_page_rows, kv_pages_per_stream
 
     def method(name, heads, kv_heads, head_dim, window):
-        def forward(self, q, k, v, cache, slots, starts):
+        def forward(self, q, k, v, cache, pages, starts):
             b, n = q.shape[0], q.shape[1]
             return op.tensor_ir_op(
                 ring_attention_func(heads, kv_heads, head_dim, window, "float32"), f"ring_attention_{name}",
-                args=[q, k, v, cache, slots, starts],
+                args=[q, k, v, cache, pages, starts],
                 out=nn.Tensor.placeholder((b, n, heads, head_dim), "float32"))
         forward.__name__ = name
         return forward
@@ -276,8 +279,9 @@ def build_attention_modules(target, out_path: Path, cases=ATTENTION_CASES) -> Pa
     specs = {name: {"q": spec.Tensor(["b", "n", heads, head_dim], "float32"),
                     "k": spec.Tensor(["b", "n", kv_heads, head_dim], "float32"),
                     "v": spec.Tensor(["b", "n", kv_heads, head_dim], "float32"),
-                    "cache": spec.Tensor([2, "s", window, kv_heads, head_dim], "float32"),
-                    "slots": spec.Tensor(["b"], "int32"), "starts": spec.Tensor(["b"], "int32")}
+                    "cache": spec.Tensor(["n_pages", 2, kv_page_rows(window), kv_heads, head_dim], "float32"),
+                    "pages": spec.Tensor(["b", kv_pages_per_stream(window)], "int32"),
+                    "starts": spec.Tensor(["b"], "int32")}
              for name, heads, kv_heads, head_dim, window in cases}
     mod, _ = Attention().export_tvm(spec=specs)
     executable = target.compile(mod)
@@ -285,8 +289,8 @@ def build_attention_modules(target, out_path: Path, cases=ATTENTION_CASES) -> Pa
     out_path.parent.mkdir(parents=True, exist_ok=True)
     executable.export_library(str(out_path))
     out_path.with_suffix(".json").write_text(json.dumps(
-        {"target": target.name, "cases": [dict(zip(("name", "heads", "kv_heads", "head_dim", "window"), c))
-                                          for c in cases]}))
+        {"target": target.name, "cases": [{**dict(zip(("name", "heads", "kv_heads", "head_dim", "window"), c)),
+                                           "page_rows": kv_page_rows(c[4])} for c in cases]}))
     return out_path
 
 

@@ -2,8 +2,9 @@
 
     python bench/stream_memory.py ARTIFACT [--minutes 60]
 
-The caches are fixed-size rings and consumed audio embeddings are dropped, so resident memory
-must stay flat once the decoder window is full; this measures it.
+The caches are rings in pages (a stream takes pages as it reaches new positions, up to its whole
+window) and consumed audio embeddings are dropped, so resident memory must stay flat once the
+decoder window is full; this measures it, and the KV-cache bytes the stream holds at each mark.
 """
 from __future__ import annotations
 
@@ -45,10 +46,11 @@ def run(artifact, minutes: float = 60.0, checkpoints=(1, 10, 60), chunk_ms: int 
         session.feed(piece)
         fed += len(piece)
         while marks and fed >= marks[0] * 60 * rate:
-            row = (marks.pop(0), current_rss_mb(), peak_rss_mb(), time.perf_counter() - started, session.token_count)
+            row = (marks.pop(0), current_rss_mb(), peak_rss_mb(), time.perf_counter() - started, session.token_count,
+                   model.kv_bytes_in_use / 2**20)
             rows.append(row)
             print(f"{row[0]:5.0f} min of audio: RSS {row[1]:8.1f} MB, peak {row[2]:8.1f} MB, "
-                  f"wall {row[3]:7.1f} s, {row[4]} tokens", file=out, flush=True)
+                  f"wall {row[3]:7.1f} s, {row[4]} tokens, KV pages held {row[5]:.1f} MiB", file=out, flush=True)
     session.finish()
     return rows
 

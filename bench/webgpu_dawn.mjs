@@ -261,7 +261,7 @@ try {
     const times = [];
     for (let i = 0; i < encodeReps + 2; i++) {
       const t = performance.now();
-      model.encodeWindow([win], [0], [1000 + i * frames / st.conv_stride]);
+      await model.encodeWindow([win], [0], [1000 + i * frames / st.conv_stride]);
       await model.dev.sync();
       if (i >= 2) times.push(performance.now() - t);
     }

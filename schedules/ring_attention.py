@@ -4,14 +4,22 @@ Why ring buffers and not TVM's PagedKVCache (see ../shared/research/kv_cache.md)
 cache's per-sequence window is StreamingLLM-style (exact only for one-token steps with W-1) and
 its exact per-layer mode crashes on llvm in TVM 0.27, while Voxtral's encoder is fed in chunks of
 many frames and both towers must match the reference's exact ``q - W < k <= q`` mask.  A ring of W
-slots per layer and sequence gives an exact window for chunks of any length, fixed memory, and a
-batch of sequences at different positions (one cache slot per sequence).
+rows per layer and sequence gives an exact window for chunks of any length, bounded memory, and a
+batch of sequences at different positions; voxc's own pages (below) make a ring's memory follow the
+positions a sequence has reached, without touching the window's arithmetic.
 
-Cache layout, one tensor per layer: ``[2 (k, v), n_slots, window, n_kv_heads, head_dim]`` (a kernel
-binds only its layer's cache: WebGPU and Vulkan limit the size of one buffer binding).
-Position ``p`` of a sequence lives in ring row ``p mod window``.  Queries of a chunk attend to the
+Cache layout, one tensor per layer: a pool of pages ``[n_pages, 2 (k, v), page_rows, n_kv_heads,
+head_dim]`` (a kernel binds only its layer's pool: WebGPU and Vulkan limit the size of one buffer
+binding), shared by all sequences through a page table.  Position ``p`` of a sequence lives in ring row
+``r = p mod window``, and ring row ``r`` in row ``r % page_rows`` of page ``pages[r // page_rows]`` of
+the sequence's row of the table (voxc.artifact: KV_PAGE_ROWS, kv_page_rows).  So a sequence holds pages
+only for the ring rows it has reached (voxc.runtime.kv_pages hands them out), while the window stays
+exact.  The kernels take the table rows of the batch's sequences, ``pages [b, pages_per_ring]`` int32
+(the graph gathers them from the per-slot table once per call): with the slots folded into the table a
+GPU attention kernel binds 8 storage buffers, WebGPU's default limit.  Queries of a chunk attend to the
 ring as it was before the chunk (read first) plus the chunk's own keys; then the chunk's last
-``min(n, window)`` keys are written into the ring.
+``min(n, window)`` keys are written into the ring.  Table entries of rows a sequence has not reached
+may point at any page (the runtime uses page 0): no kernel lets such a row weigh in.
 """
 from __future__ import annotations
 
@@ -26,28 +34,59 @@ pin_source(__name__)   # the TVMScript kernel builders below parse this file whe
 NEG_INF = -3.0e38
 
 
+def ring_page_rows(window: int, page_rows: int | None) -> int:
+    """The page size a kernel uses: ``page_rows`` (a test's), or the artifact's for the window."""
+    from voxc.artifact import kv_page_rows
+    from voxc.errors import VoxcError
+
+    rows = kv_page_rows(window) if page_rows is None else int(page_rows)
+    if not 1 <= rows <= window:
+        raise VoxcError(f"ring pages of {rows} rows do not fit a window of {window} rows")
+    return rows
+
+
+def ring_pages(window: int, page_rows: int) -> int:
+    """Pages of one sequence's whole ring."""
+    return -(-window // page_rows)
+
+
+def ring_attrs(func, window: int, page_rows: int):
+    """``func`` with the window and page size it was made for (targets swap in their own kernels by them)."""
+    return func.with_attr("voxc_ring_window", window).with_attr("voxc_ring_page_rows", page_rows)
+
+
+def ring_shape(func) -> tuple[int, int]:
+    """(window, page_rows) of a ring kernel made by this module."""
+    return int(func.attrs["voxc_ring_window"]), int(func.attrs["voxc_ring_page_rows"])
+
+
 def _ring_position(start, row, window):
     """Absolute position held by ring row ``row`` just before a chunk that starts at ``start`` (may be < 0)."""
     last = start - 1
     return last - tirx.floormod(last - row, window)
 
 
-def ring_attention_func(n_heads: int, n_kv_heads: int, head_dim: int, window: int, dtype: str = "float32"):
+def ring_attention_func(n_heads: int, n_kv_heads: int, head_dim: int, window: int, dtype: str = "float32",
+                        page_rows: int | None = None):
     """PrimFunc: out[b, i, h, :] = softmax-weighted sum over visible ring rows and chunk keys.
 
     Arguments: q [b, n, H, D], k/v [b, n, Hkv, D] (RoPE already applied to q and k),
-    cache [2, S, W, Hkv, D] (the layer's), slots [b] int32, starts [b] int32 (position of the chunk's
-    first token). Returns out [b, n, H, D].
+    cache [n_pages, 2, P, Hkv, D] (the layer's pool), pages [b, ceil(W / P)] int32 (each sequence's
+    page table row), starts [b] int32 (position of the chunk's first token). Returns out [b, n, H, D].
+    ``page_rows`` P: voxc.artifact.kv_page_rows(window) unless given.  A ring row that is not visible
+    is read (this definition scores all W rows) but weighs exactly 0: its score and its value are both
+    replaced, so a row of a page never written (whatever its bits) cannot turn the sum into NaN.
     """
+    P = ring_page_rows(window, page_rows)
     b, n = te.var("b", "int64"), te.var("n", "int64")
-    n_slots = te.var("n_slots", "int64")
+    n_pages = te.var("n_pages", "int64")
     group = n_heads // n_kv_heads
     scale = tirx.const(head_dim ** -0.5, "float32")   # scores and softmax in float32 for any storage dtype
     q = te.placeholder((b, n, n_heads, head_dim), dtype, name="q")
     k = te.placeholder((b, n, n_kv_heads, head_dim), dtype, name="k")
     v = te.placeholder((b, n, n_kv_heads, head_dim), dtype, name="v")
-    cache = te.placeholder((2, n_slots, window, n_kv_heads, head_dim), dtype, name="cache")
-    slots = te.placeholder((b,), "int32", name="slots")
+    cache = te.placeholder((n_pages, 2, P, n_kv_heads, head_dim), dtype, name="cache")
+    pages = te.placeholder((b, ring_pages(window, P)), "int32", name="pages")
     starts = te.placeholder((b,), "int32", name="starts")
     n_keys = window + n
 
@@ -61,10 +100,11 @@ def ring_attention_func(n_heads: int, n_kv_heads: int, head_dim: int, window: in
         return tirx.if_then_else(j < window, from_ring, from_chunk)
 
     def key_or_value(kv_index, chunk, bi, j, kh, d):
-        slot = slots[bi].astype("int64")
+        row = tirx.min(j, window - 1)
+        page = pages[bi, tirx.floordiv(row, P)].astype("int64")
         return tirx.if_then_else(
             j < window,
-            cache[kv_index, slot, tirx.min(j, window - 1), kh, d],
+            cache[page, kv_index, tirx.floormod(row, P), kh, d],
             chunk[bi, tirx.max(j - window, 0), kh, d])
 
     rd = te.reduce_axis((0, head_dim), name="rd")
@@ -87,27 +127,34 @@ def ring_attention_func(n_heads: int, n_kv_heads: int, head_dim: int, window: in
     ro = te.reduce_axis((0, n_keys), name="ro")
     weighted = te.compute(
         (b, n, n_heads, head_dim),
-        lambda bi, i, h, d: te.sum(weights[bi, h, i, ro]
-                                   * key_or_value(1, v, bi, ro, h // group, d).astype("float32"), axis=ro),
+        lambda bi, i, h, d: te.sum(weights[bi, h, i, ro] * tirx.if_then_else(
+            visible(bi, i, ro), key_or_value(1, v, bi, ro, h // group, d).astype("float32"),
+            tirx.const(0.0, "float32")), axis=ro),
         name="weighted")
     out = te.compute((b, n, n_heads, head_dim),
                      lambda bi, i, h, d: (weighted[bi, i, h, d] / row_sum[bi, h, i]).astype(dtype), name="attn_out")
-    return te.create_prim_func([q, k, v, cache, slots, starts, out]).without_attr("global_symbol")
+    func = te.create_prim_func([q, k, v, cache, pages, starts, out]).without_attr("global_symbol")
+    return ring_attrs(func, window, P)
 
 
-def ring_append_func(n_kv_heads: int, head_dim: int, window: int, dtype: str = "float32"):
-    """In-place PrimFunc writing a chunk's last ``min(n, window)`` keys and values into the ring."""
+def ring_append_func(n_kv_heads: int, head_dim: int, window: int, dtype: str = "float32",
+                     page_rows: int | None = None):
+    """In-place PrimFunc writing a chunk's last ``min(n, window)`` keys and values into the ring, through
+    the page table: (cache [n_pages, 2, P, Hkv, D], k, v, pages [b, ceil(W / P)], starts)."""
     from tvm.script import tirx as T
 
+    P = ring_page_rows(window, page_rows)
+    NPT = ring_pages(window, P)
+
     @T.prim_func(private=True, s_tir=True)
-    def ring_append(var_cache: T.handle, var_k: T.handle, var_v: T.handle, var_slots: T.handle,
+    def ring_append(var_cache: T.handle, var_k: T.handle, var_v: T.handle, var_pages: T.handle,
                     var_starts: T.handle):
         T.func_attr({"tirx.noalias": True})
-        n_slots, b, n = T.int64(), T.int64(), T.int64()
-        cache = T.match_buffer(var_cache, (2, n_slots, window, n_kv_heads, head_dim), dtype)
+        n_pages, b, n = T.int64(), T.int64(), T.int64()
+        cache = T.match_buffer(var_cache, (n_pages, 2, P, n_kv_heads, head_dim), dtype)
         k = T.match_buffer(var_k, (b, n, n_kv_heads, head_dim), dtype)
         v = T.match_buffer(var_v, (b, n, n_kv_heads, head_dim), dtype)
-        slots = T.match_buffer(var_slots, (b,), "int32")
+        pages = T.match_buffer(var_pages, (b, NPT), "int32")
         starts = T.match_buffer(var_starts, (b,), "int32")
         # One store per element, keys and values on their own axis: dlight's GPU rules see a plain
         # spatial block (with two stores, one to each half of the cache, its GEMV rule asserts on the
@@ -116,12 +163,14 @@ def ring_append_func(n_kv_heads: int, head_dim: int, window: int, dtype: str = "
             with T.sblock("append"):
                 vb, vi, vkv, vh, vd = T.axis.remap("SSSSS", [bi, i, kv, h, d])
                 # chunk token (n - min(n, W) + vi) goes to ring row (start + that index) mod W
-                cache[vkv, T.Cast("int64", slots[vb]),
-                      T.floormod(T.Cast("int64", starts[vb]) + n - T.min(n, window) + vi, window), vh, vd] = \
+                cache[T.Cast("int64", pages[vb, T.floordiv(T.floormod(
+                          T.Cast("int64", starts[vb]) + n - T.min(n, window) + vi, window), P)]), vkv,
+                      T.floormod(T.floormod(T.Cast("int64", starts[vb]) + n - T.min(n, window) + vi, window), P),
+                      vh, vd] = \
                     T.if_then_else(vkv == 0, k[vb, n - T.min(n, window) + vi, vh, vd],
                                    v[vb, n - T.min(n, window) + vi, vh, vd])
 
-    return ring_append
+    return ring_attrs(ring_append, window, P)
 
 
 # ---- CUDA kernels ----------------------------------------------------------------------------------------
@@ -213,12 +262,18 @@ def float32_lanes(T, vec: int):
 
 
 def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, window: int,
-                                dtype: str = "float32", **layout_args):
+                                dtype: str = "float32", page_rows: int | None = None, **layout_args):
     """Split-K partial attention: o [b, n, H, splits, D] (normalised within the split) and
     lse [b, n, H, splits] (log2 of the split's softmax mass, plus its max). Same arguments as
-    :func:`ring_attention_func` up to ``starts``."""
+    :func:`ring_attention_func` up to ``starts``.
+
+    Each thread row loads its key and value row through the page table on its own (one 4-byte table
+    read, L1-resident, per row of 2 x D elements), so a tile of keys may cross a page boundary at no
+    cost: its rows are separate loads whether or not they share a page.  Only visible rows are read."""
     from tvm.script import tirx as T
 
+    P = ring_page_rows(window, page_rows)
+    NPT = ring_pages(window, P)
     lay = cuda_kernel_layout(n_heads, n_kv_heads, head_dim, window, dtype, **layout_args)
     G, VEC, LV, bdx, bdy, bdz, TILE, HB, NS = (lay[k] for k in (
         "group", "vec", "load_lanes", "bdx", "bdy", "bdz", "tile", "head_blocks", "n_splits"))
@@ -230,15 +285,15 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
 
     @T.prim_func(private=True, s_tir=True)
     def ring_attention_partial(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_cache: T.handle,
-                               var_slots: T.handle, var_starts: T.handle,
+                               var_pages: T.handle, var_starts: T.handle,
                                var_o: T.handle, var_lse: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True, "op_pattern": 8})
-        b, n, n_slots = T.int64(), T.int64(), T.int64()
+        b, n, n_pages = T.int64(), T.int64(), T.int64()
         q = T.match_buffer(var_q, (b, n, H, D), dtype)
         k = T.match_buffer(var_k, (b, n, HKV, D), dtype)
         v = T.match_buffer(var_v, (b, n, HKV, D), dtype)
-        cache = T.match_buffer(var_cache, (2, n_slots, W, HKV, D), dtype)
-        slots = T.match_buffer(var_slots, (b,), "int32")
+        cache = T.match_buffer(var_cache, (n_pages, 2, P, HKV, D), dtype)
+        pages = T.match_buffer(var_pages, (b, NPT), "int32")
         starts = T.match_buffer(var_starts, (b,), "int32")
         o = T.match_buffer(var_o, (b, n, H, NS, D), "float32")
         lse = T.match_buffer(var_lse, (b, n, H, NS), "float32")
@@ -273,7 +328,6 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                 g: T.let[T.int64] = T.Cast("int64", by // HKV % HB * bdy + ty)
                                 h: T.let[T.int64] = kvh * G + T.min(g, T.int64(G - 1))
                                 start: T.let[T.int64] = T.Cast("int64", starts[bi])
-                                slot: T.let[T.int64] = T.Cast("int64", slots[bi])
                                 hi: T.let[T.int64] = start + i
                                 lo: T.let[T.int64] = T.max(hi - W + 1, T.int64(0))
                                 per: T.let[T.int64] = (hi - lo + NS) // NS
@@ -297,12 +351,14 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                             if row_g + j < s_len:
                                                 pos: T.let[T.int64] = s_lo + row_g + j
                                                 if pos < start:
+                                                    ring_row: T.let[T.int64] = T.floormod(pos, W)
+                                                    page: T.let[T.int64] = T.Cast("int64", pages[bi, ring_row // P])
                                                     for c in T.unroll(VEC // LV):
                                                         for vec in T.vectorized(LV):
                                                             k_smem[row_s + j, tx * VEC + c * LV + vec] = cache[
-                                                                0, slot, T.floormod(pos, W), kvh, tx * VEC + c * LV + vec]
+                                                                page, 0, ring_row % P, kvh, tx * VEC + c * LV + vec]
                                                             v_smem[row_s + j, tx * VEC + c * LV + vec] = cache[
-                                                                1, slot, T.floormod(pos, W), kvh, tx * VEC + c * LV + vec]
+                                                                page, 1, ring_row % P, kvh, tx * VEC + c * LV + vec]
                                                 else:
                                                     for c in T.unroll(VEC // LV):
                                                         for vec in T.vectorized(LV):
@@ -371,7 +427,7 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                     if tx == 0:
                                         lse[bi, i, h, split] = st_m[0] + T.log2(st_d[0])
 
-    return ring_attention_partial
+    return ring_attrs(ring_attention_partial, window, P)
 
 
 def ring_attention_merge_cuda(n_heads: int, n_kv_heads: int, head_dim: int, window: int,
@@ -496,13 +552,21 @@ def fast_exp2(x):
 
 
 def ring_attention_cpu(n_heads: int, n_kv_heads: int, head_dim: int, window: int, dtype: str = "float32",
-                       **layout_args):
+                       page_rows: int | None = None, **layout_args):
     """The TE function's drop-in replacement on llvm (same signature): partial attention of each
     (query tile, run) task over its run of keys, in float32 with an online softmax, into a scratch
     buffer; then each (query, head) combines its tile's runs.  ``layout_args``:
-    :func:`cpu_kernel_layout`'s keywords (the tests use small blocks, runs and tiles on tiny windows)."""
+    :func:`cpu_kernel_layout`'s keywords (the tests use small blocks, runs and tiles on tiny windows).
+
+    A run's ring part is read page by page: its positions split into pieces of consecutive rows of one
+    page (at page boundaries and at the ring's wrap), each a contiguous stream of whole cache rows,
+    scored in key blocks that start at the piece's first row, so no block of ``keys_per_block`` keys
+    straddles two pages.  With the default 64-row pages and 16-key blocks a run of the decoder's
+    (at least 64 keys) crosses one or two page boundaries."""
     from tvm.script import tirx as T
 
+    P = ring_page_rows(window, page_rows)
+    NPT = ring_pages(window, P)
     lay = cpu_kernel_layout(n_heads, n_kv_heads, head_dim, window, **layout_args)
     H, HKV, D, W = n_heads, n_kv_heads, head_dim, window
     G, LANES, KB, QT = lay["group"], lay["lanes"], lay["keys_per_block"], lay["query_tile"]
@@ -589,18 +653,18 @@ def ring_attention_cpu(n_heads: int, n_kv_heads: int, head_dim: int, window: int
 
     @T.prim_func(private=True, s_tir=True)
     def ring_attention(var_q: T.handle, var_k: T.handle, var_v: T.handle, var_cache: T.handle,
-                       var_slots: T.handle, var_starts: T.handle, var_out: T.handle):
+                       var_pages: T.handle, var_starts: T.handle, var_out: T.handle):
         T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
-        b, n, n_slots = T.int64(), T.int64(), T.int64()
+        b, n, n_pages = T.int64(), T.int64(), T.int64()
         q = T.match_buffer(var_q, (b, n, H, D), dtype)
         k = T.match_buffer(var_k, (b, n, HKV, D), dtype)
         v = T.match_buffer(var_v, (b, n, HKV, D), dtype)
-        cache = T.match_buffer(var_cache, (2, n_slots, W, HKV, D), dtype)
-        slots = T.match_buffer(var_slots, (b,), "int32")
+        cache = T.match_buffer(var_cache, (n_pages, 2, P, HKV, D), dtype)
+        pages = T.match_buffer(var_pages, (b, NPT), "int32")
         starts = T.match_buffer(var_starts, (b,), "int32")
         out = T.match_buffer(var_out, (b, n, H, D), dtype)
-        # the same memory as rows of [HKV, D]: cache rows of every (k/v, slot, ring row), chunk rows
-        cache_rows = T.decl_buffer((2 * n_slots * W, HKV, D), dtype, data=cache.data)
+        # the same memory as rows of [HKV, D]: cache rows of every (page, k/v, page row), chunk rows
+        cache_rows = T.decl_buffer((n_pages * 2 * P, HKV, D), dtype, data=cache.data)
         k_rows = T.decl_buffer((b * n, HKV, D), dtype, data=k.data)
         v_rows = T.decl_buffer((b * n, HKV, D), dtype, data=v.data)
         # per (batch row, query tile, run) and query of the tile: unnormalised output, running max and mass
@@ -638,23 +702,29 @@ def ring_attention_cpu(n_heads: int, n_kv_heads: int, head_dim: int, window: int
                 if slot_of_tile * runs % RUNS < runs:   # the first task slot of its run
                     run_lo: T.let[T.int64] = first_visible + run * n_visible // runs
                     run_hi: T.let[T.int64] = first_visible + (run + 1) * n_visible // runs
-                    k_base: T.let[T.int64] = T.Cast("int64", slots[bi]) * W
-                    v_base: T.let[T.int64] = (n_slots + T.Cast("int64", slots[bi])) * W
                     for qi, h in T.grid(n_queries, H):
                         for d in T.vectorized(D):
                             q_scaled[qi, h, d] = T.Cast("float32", q[bi, first_query + qi, h, d]) * T.float32(scale)
                             acc[qi, h, d] = T.float32(0)
                         softmax[qi, h, 0] = T.float32(_EMPTY)
                         softmax[qi, h, 1] = T.float32(0)
-                    # positions before the chunk are in the ring, at rows (position mod W): the run's part
-                    # there is contiguous up to the ring's end and from its start after a wrap
+                    # positions before the chunk are in the ring, at rows (position mod W), in pages of P
+                    # rows: the run's part there is contiguous within a page.  Piece g covers page
+                    # g % NPT of the ring's pass g // NPT (positions (g // NPT) W + (g % NPT) P ..); the
+                    # run's pieces are those from its first position's to its last ring position's.
                     ring_hi: T.let[T.int64] = T.min(run_hi, start)
-                    wrap: T.let[T.int64] = (run_lo // W + 1) * W
-                    for piece in T.serial(2):
-                        piece_lo: T.let[T.int64] = T.if_then_else(piece == 0, run_lo, wrap)
-                        piece_hi: T.let[T.int64] = T.if_then_else(piece == 0, T.min(ring_hi, wrap), ring_hi)
-                        attend(cache_rows, cache_rows, k_base + T.floormod(piece_lo, W),
-                               v_base + T.floormod(piece_lo, W), piece_lo, T.max(piece_hi - piece_lo, T.int64(0)),
+                    piece_first: T.let[T.int64] = run_lo // W * NPT + T.floormod(run_lo, W) // P
+                    piece_last: T.let[T.int64] = T.floordiv(ring_hi - 1, W) * NPT + T.floormod(ring_hi - 1, W) // P
+                    for piece in T.serial(T.max(piece_last + 1 - piece_first, T.int64(0))):
+                        page_start: T.let[T.int64] = (piece_first + piece) // NPT * W + \
+                            T.floormod(piece_first + piece, NPT) * P
+                        piece_lo: T.let[T.int64] = T.max(run_lo, page_start)
+                        piece_hi: T.let[T.int64] = T.min(ring_hi, page_start + T.min(
+                            T.int64(P), W - T.floormod(piece_first + piece, NPT) * P))
+                        page_row: T.let[T.int64] = T.Cast("int64", pages[bi, T.floormod(piece_first + piece, NPT)]) * 2 * P \
+                            + piece_lo - page_start
+                        attend(cache_rows, cache_rows, page_row, page_row + P, piece_lo,
+                               T.max(piece_hi - piece_lo, T.int64(0)),
                                start + first_query, n_queries, q_scaled, acc, probs, softmax, part, acc_tile)
                     # the chunk's own keys
                     chunk_lo: T.let[T.int64] = T.max(run_lo, start)
@@ -692,4 +762,4 @@ def ring_attention_cpu(n_heads: int, n_kv_heads: int, head_dim: int, window: int
                 for d in T.vectorized(D):
                     out[bi, i, h, d] = T.Cast(dtype, total[d] / stat[1])
 
-    return ring_attention
+    return ring_attrs(ring_attention, window, P)

@@ -93,14 +93,14 @@ def apply_cpu_attention(mod):
     CPU kernel with the same signature that visits only each query's visible keys."""
     from tvm import tirx
 
-    from schedules.ring_attention import ring_attention_cpu
+    from schedules.ring_attention import ring_attention_cpu, ring_shape
 
     for gv, func in list(mod.functions_items()):
         if isinstance(func, tirx.PrimFunc) and gv.name_hint.startswith("ring_attention"):
-            q, k, _, cache = func.params[:4]   # buffer params carry their shapes; cache [2, S, W, Hkv, D]
-            kernel = ring_attention_cpu(int(q.shape[2]), int(k.shape[2]), int(q.shape[3]), int(cache.shape[2]),
-                                        str(q.dtype))
-            mod[gv] = kernel
+            q, k = func.params[:2]   # buffer params carry their shapes
+            window, page_rows = ring_shape(func)
+            mod[gv] = ring_attention_cpu(int(q.shape[2]), int(k.shape[2]), int(q.shape[3]), window, str(q.dtype),
+                                         page_rows=page_rows)
     return mod
 
 

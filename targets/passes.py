@@ -91,12 +91,14 @@ def swap_ring_attention(mod, **layout):
 
     def kernels_for(builder, gv):
         if gv not in kernels:
-            q, k, _, cache = mod[gv].params[:4]
+            func = mod[gv]
+            q, k = func.params[:2]   # buffer params carry their shapes
             heads, head_dim = int(q.shape[2]), int(q.shape[3])
-            kv_heads, window, dtype = int(k.shape[2]), int(cache.shape[2]), str(q.dtype)   # cache [2, S, W, Hkv, D]
+            kv_heads, dtype = int(k.shape[2]), str(q.dtype)
+            window, page_rows = ra.ring_shape(func)
             shape = (heads, kv_heads, head_dim, window, dtype)
             splits = ra.cuda_kernel_layout(*shape, **layout)["n_splits"]
-            partial = builder.builder_.add_func(ra.ring_attention_partial_cuda(*shape, **layout),
+            partial = builder.builder_.add_func(ra.ring_attention_partial_cuda(*shape, page_rows=page_rows, **layout),
                                                 gv.name_hint + "_partial")
             merge = builder.builder_.add_func(ra.ring_attention_merge_cuda(*shape, **layout), gv.name_hint + "_merge")
             kernels[gv] = (partial, merge, heads, head_dim, splits)

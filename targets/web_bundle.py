@@ -87,20 +87,28 @@ def write_web_files(out: Path, *, target, executable, tokenizer_bytes: bytes, pa
 
 def gpu_footprint(params, state: dict, streams=(1, 2, 4)) -> dict:
     """The GPU memory a bundle allocates (voxc.js allocates exactly these buffers, the state with one
-    slot per stream of ``Voxc.load``'s maxStreams): the weights, each state entry per stream (all its
-    layers' buffers), the largest buffer (a per-layer state's buffer is one layer's), and the totals
-    for a few stream counts.  ``state``: the manifest's state section.  Scratch memory of the kernels
-    (activations, attention partials) comes on top; it is small next to these for one stream."""
+    slot per stream of ``Voxc.load``'s maxStreams; a key/value cache's pool starts with
+    ``initial_pages_per_stream`` pages per stream and grows up to every stream's whole window): the
+    weights, each state entry per stream at load (``initial_state_bytes_per_stream``) and at most
+    (``state_bytes_per_stream``, all its layers' buffers), the largest buffer (a per-layer state's
+    buffer is one layer's, at its largest), and the totals at load (``total_bytes``) and at most
+    (``max_total_bytes``) for a few stream counts.  ``state``: the manifest's state section.  Scratch
+    memory of the kernels (activations, attention partials) comes on top; it is small next to these
+    for one stream."""
     sizes = {name: int(np.prod(shape)) * np.dtype(dtype).itemsize for name, shape, dtype in params}
     weights = sum(sizes.values())
     state_bytes = {name: s["bytes_per_stream"] for name, s in state.items()}
-    per_stream = sum(state_bytes.values())
+    initial = {name: s["initial_pages_per_stream"] * s["bytes_per_page"] if s.get("axis") == "pages"
+               else s["bytes_per_stream"] for name, s in state.items()}
+    per_stream, initial_per_stream = sum(state_bytes.values()), sum(initial.values())
     buffers = [*sizes.items(), *((name, s["tensor_bytes_per_stream"]) for name, s in state.items())]
     largest = max(buffers, key=lambda kv: kv[1], default=("", 0))
     return {"weights_bytes": weights, "state_bytes_per_stream": state_bytes,
+            "initial_state_bytes_per_stream": initial,
             "largest_buffer": {"name": largest[0], "bytes": int(largest[1]),
                                "per_stream": largest[0] in state},
-            "total_bytes": {str(n): weights + n * per_stream for n in streams}}
+            "total_bytes": {str(n): weights + n * initial_per_stream for n in streams},
+            "max_total_bytes": {str(n): weights + n * per_stream for n in streams}}
 
 
 def write_bundle(out_dir: str | Path, *, wasm: str | Path, executable=None, params=None,

@@ -9,9 +9,11 @@ machine needs only TVM's runtime (bench/device/setup.sh):
 ``build OUT_DIR llvm`` / ``run OUT_DIR cpu`` do the same on the CPU (the llvm target's own kernels):
 a check of this script, and of the CPU path, on any machine.
 
-Each case is one function ``(q, k, v, cache, slots, starts) -> (attention, cache after the append)``
-over one layer's cache, compiled through targets/cuda.py (its kernel swap puts the split-K kernels of
-schedules/ring_attention.py in; dlight schedules the append), like the model's attention layers.
+Each case is one function ``(q, k, v, cache, pages, starts) -> (attention, cache after the append)``
+over one layer's pool of pages (``pages``: each sequence's page-table row), compiled through
+targets/cuda.py (its kernel swap puts the split-K kernels of schedules/ring_attention.py in; dlight
+schedules the append), like the model's attention layers.  The pages of ring rows a sequence never
+reaches point at page 0, full of NaN: a kernel that lets an invisible row weigh in fails the case.
 """
 from __future__ import annotations
 
@@ -25,9 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from references import ring_attention_reference  # noqa: E402
+from references import paged_ring, ring_attention_reference  # noqa: E402
 
-# name, heads, kv_heads, head_dim, window, dtype, chunk length n, starts (one per sequence)
+# name, heads, kv_heads, head_dim, window, dtype, chunk length n, starts (one per sequence), page rows
+# (None: the model's, voxc.artifact.kv_page_rows)
 CASES = [
     ("tiny_enc_f16", 4, 4, 8, 750, "float16", 5, [0, 749, 1000]),
     ("tiny_dec_f16", 4, 2, 12, 8192, "float16", 3, [0, 8190]),
@@ -44,7 +47,18 @@ CASES = [
     ("d80_w1_f16", 12, 4, 80, 1, "float16", 3, [0, 9]),
     ("d96_f32", 6, 2, 96, 64, "float32", 9, [0, 70]),
     ("gqa_long_f16", 2, 1, 64, 8192, "float16", 1, [8191, 20000]),
+    ("pages3_f32", 4, 2, 16, 20, "float32", 6, [0, 5, 17, 43], 3),
+    ("pages5_f16", 8, 2, 32, 37, "float16", 1, [0, 36, 40], 5),
+    ("pages1_f32", 3, 3, 8, 7, "float32", 9, [2, 11], 1),
 ]
+
+
+def _case(case):
+    """(name, heads, kv_heads, head_dim, window, dtype, n, starts, page rows) of a case."""
+    from voxc.artifact import kv_page_rows
+
+    name, heads, kv, d, window, dtype, n, starts, *rest = case
+    return name, heads, kv, d, window, dtype, n, starts, (rest[0] if rest and rest[0] else kv_page_rows(window))
 
 
 def build(out_dir: str | Path, archs=("sm_90",), target_name: str = "cuda") -> Path:
@@ -55,28 +69,29 @@ def build(out_dir: str | Path, archs=("sm_90",), target_name: str = "cuda") -> P
 
     from schedules.ring_attention import ring_append_func, ring_attention_func
 
-    def method(name, heads, kv_heads, head_dim, window, dtype):
-        def forward(self, q, k, v, cache, slots, starts):
+    def method(name, heads, kv_heads, head_dim, window, dtype, page_rows):
+        def forward(self, q, k, v, cache, pages, starts):
             b, n = q.shape[0], q.shape[1]
-            out = op.tensor_ir_op(ring_attention_func(heads, kv_heads, head_dim, window, dtype),
-                                  f"ring_attention_{name}", args=[q, k, v, cache, slots, starts],
+            out = op.tensor_ir_op(ring_attention_func(heads, kv_heads, head_dim, window, dtype, page_rows),
+                                  f"ring_attention_{name}", args=[q, k, v, cache, pages, starts],
                                   out=nn.Tensor.placeholder((b, n, heads, head_dim), dtype))
-            cache = op.tensor_ir_inplace_op(ring_append_func(kv_heads, head_dim, window, dtype), f"ring_append_{name}",
-                                            args=[cache, k, v, slots, starts], inplace_indices=[0],
-                                            out=nn.Tensor.placeholder(cache.shape, dtype))
+            cache = op.tensor_ir_inplace_op(ring_append_func(kv_heads, head_dim, window, dtype, page_rows),
+                                            f"ring_append_{name}", args=[cache, k, v, pages, starts],
+                                            inplace_indices=[0], out=nn.Tensor.placeholder(cache.shape, dtype))
             return out, cache
         forward.__name__ = name
         return forward
 
     # one module, a function per case
-    Attention = type("Attention", (nn.Module,), {c[0]: method(*c[:6]) for c in CASES})
+    cases = [_case(c) for c in CASES]
+    Attention = type("Attention", (nn.Module,), {c[0]: method(*c[:6], c[8]) for c in cases})
     merged, _ = Attention().export_tvm(spec={
         name: {"q": spec.Tensor(["b", "n", heads, head_dim], dtype),
                "k": spec.Tensor(["b", "n", kv_heads, head_dim], dtype),
                "v": spec.Tensor(["b", "n", kv_heads, head_dim], dtype),
-               "cache": spec.Tensor([2, "s", window, kv_heads, head_dim], dtype),
-               "slots": spec.Tensor(["b"], "int32"), "starts": spec.Tensor(["b"], "int32")}
-        for name, heads, kv_heads, head_dim, window, dtype, _, _ in CASES})
+               "cache": spec.Tensor(["n_pages", 2, page_rows, kv_heads, head_dim], dtype),
+               "pages": spec.Tensor(["b", -(-window // page_rows)], "int32"), "starts": spec.Tensor(["b"], "int32")}
+        for name, heads, kv_heads, head_dim, window, dtype, _, _, page_rows in cases})
     if target_name == "cuda":
         from targets import cuda as tc
 
@@ -107,27 +122,28 @@ def run(out_dir: str | Path, device: str = "cuda") -> int:
     vm = rt.load_vm(out / "attn_odd.so")
     rng = np.random.default_rng(11)
     failures = []
-    for name, heads, kv, d, window, dtype, n, starts in CASES:
-        b, n_slots = len(starts), len(starts) + 1
+    for name, heads, kv, d, window, dtype, n, starts, page_rows in (_case(c) for c in CASES):
+        b = len(starts)
         q, k, v = (rng.standard_normal(shape).astype(dtype)
                    for shape in ((b, n, heads, d), (b, n, kv, d), (b, n, kv, d)))
-        cache = rng.standard_normal((2, n_slots, window, kv, d)).astype(dtype)
-        slots = rng.permutation(n_slots)[:b].astype(np.int32)
+        cache, pages = paged_ring(rng, starts, n, window, page_rows, kv, d, dtype)
         starts = np.array(starts, np.int32)
         try:
-            res = vm[name](rt.tensor(q), rt.tensor(k), rt.tensor(v), rt.tensor(cache), rt.tensor(slots), rt.tensor(starts))
+            res = vm[name](rt.tensor(q), rt.tensor(k), rt.tensor(v), rt.tensor(cache), rt.tensor(pages), rt.tensor(starts))
             got, got_cache = rt.numpy(res[0]), rt.numpy(res[1])
         except Exception as exc:  # noqa: BLE001 - a launch error is this check's failure
             print(f"{name}: FAILED to run: {str(exc)[-300:]}", flush=True)
             failures.append(name)
             continue
-        ref, ref_cache = ring_attention_reference(q, k, v, cache, slots, starts, window)
+        ref, ref_cache = ring_attention_reference(q, k, v, cache, pages, starts, window)
         err = float(np.abs(got.astype(np.float64) - ref).max() / np.abs(ref).max())
         tol = 1e-4 if dtype == "float32" else 5e-3
-        cache_ok = bool(np.array_equal(got_cache, ref_cache))
+        # the NaN page 0 compares equal to itself
+        cache_ok = bool(np.array_equal(got_cache, ref_cache, equal_nan=True))
         ok = err < tol and bool(np.isfinite(got).all()) and cache_ok
         print(json.dumps({"case": name, "ok": ok, "rel_err": err, "cache_append_exact": cache_ok,
-                          "heads": heads, "kv_heads": kv, "head_dim": d, "window": window, "dtype": dtype,
+                          "heads": heads, "kv_heads": kv, "head_dim": d, "window": window, "page_rows": page_rows,
+                          "dtype": dtype,
                           "n": n, "starts": starts.tolist()}), flush=True)
         if not ok:
             failures.append(name)

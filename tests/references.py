@@ -6,23 +6,32 @@ from __future__ import annotations
 import numpy as np
 
 
-def ring_attention_reference(q, k, v, cache, slots, starts, window):
+def ring_attention_reference(q, k, v, cache, pages, starts, window):
     """float64 attention of each query over its visible ring rows and chunk keys (``cache``: one layer's
-    ring, [2, slots, window, kv_heads, head_dim]), and the cache after
-    the append (the chunk's last min(n, window) keys/values at ring rows (start + i) mod window)."""
+    pool of pages [n_pages, 2, page_rows, kv_heads, head_dim]; ``pages`` [b, pages_per_ring]: each
+    sequence's page table row, ring row r in row r % page_rows of page pages[bi, r // page_rows]), and
+    the pool after the append (the chunk's last min(n, window) keys/values at ring rows
+    (start + i) mod window).  Only visible rows are read: rows of pages a sequence has not reached may
+    hold anything."""
     b, n, heads, d = q.shape
+    page_rows = cache.shape[2]
     group = heads // k.shape[2]
     q, k, v, c = (a.astype(np.float64) for a in (q, k, v, cache))
     out = np.zeros(q.shape)
+
+    def ring(bi, kv, pos):
+        rows = pos % window
+        return c[pages[bi, rows // page_rows], kv, rows % page_rows]
+
     for bi in range(b):
         s = int(starts[bi])
         for i in range(n):
             pos = np.arange(max(0, s + i - window + 1), s + i + 1)
-            ring = pos < s
+            ring_pos, chunk_pos = pos[pos < s], pos[pos >= s]
             for h in range(heads):
                 kh = h // group
-                keys = np.where(ring[:, None], c[0, slots[bi], pos % window, kh], k[bi, np.clip(pos - s, 0, n - 1), kh])
-                vals = np.where(ring[:, None], c[1, slots[bi], pos % window, kh], v[bi, np.clip(pos - s, 0, n - 1), kh])
+                keys = np.concatenate([ring(bi, 0, ring_pos)[:, kh], k[bi, chunk_pos - s, kh]])
+                vals = np.concatenate([ring(bi, 1, ring_pos)[:, kh], v[bi, chunk_pos - s, kh]])
                 scores = keys @ q[bi, i, h] * d ** -0.5
                 w = np.exp(scores - scores.max())
                 out[bi, i, h] = (w / w.sum()) @ vals
@@ -31,9 +40,28 @@ def ring_attention_reference(q, k, v, cache, slots, starts, window):
     for bi in range(b):
         for i in range(m):
             row = (int(starts[bi]) + n - m + i) % window
-            after[0, slots[bi], row] = k[bi, n - m + i]
-            after[1, slots[bi], row] = v[bi, n - m + i]
+            page = pages[bi, row // page_rows]
+            after[page, 0, row % page_rows] = k[bi, n - m + i]
+            after[page, 1, row % page_rows] = v[bi, n - m + i]
     return out, after
+
+
+def paged_ring(rng, starts, n, window, page_rows, kv_heads, head_dim, dtype, garbage=np.nan):
+    """A random pool and page-table rows for sequences at ``starts`` about to take a chunk of ``n``:
+    each sequence's pages for the ring rows it will have reached after the chunk, distinct and shuffled
+    over the pool; the table entries of rows it never reaches point at page 0, filled with ``garbage``
+    (NaN: a kernel that lets such a row weigh in gives NaN), as the runtime leaves them.  Returns
+    (cache [n_pages, 2, page_rows, kv_heads, head_dim], pages [b, pages_per_ring] int32)."""
+    per_ring = -(-window // page_rows)
+    b = len(starts)
+    n_pages = b * per_ring + 2            # page 0 and a spare one no sequence uses
+    pages = (rng.permutation(n_pages - 1)[:b * per_ring] + 1).reshape(b, per_ring).astype(np.int32)
+    for bi, s in enumerate(starts):
+        reached = -(-min(int(s) + n, window) // page_rows)
+        pages[bi, reached:] = 0
+    cache = rng.standard_normal((n_pages, 2, page_rows, kv_heads, head_dim)).astype(dtype)
+    cache[0] = garbage
+    return cache, pages
 
 
 def run_ticks(model, audios, tick: int = 1280, delays_ms=None):

@@ -195,7 +195,7 @@ def dlight_scheduled(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return mod["main"]
 
 
-_ANY_SIZES = {"b": 1, "n": 1, "n_layers": 1, "n_slots": 1, "rows": 1}
+_ANY_SIZES = {"b": 1, "n": 1, "n_layers": 1, "n_slots": 1, "rows": 1, "n_pages": 1}
 
 
 # ---- configurations ------------------------------------------------------------------------------
@@ -207,28 +207,32 @@ def _full_size():
     return e, d
 
 
-# (n_heads, n_kv_heads, head_dim, window): the tiny model's towers and its small-window variant,
-# odd head counts and sizes, GQA/MQA ratios (a 64- and a 37-head group: split and masked head blocks),
-# head sizes 2..256, windows down to 1
+# (n_heads, n_kv_heads, head_dim, window[, page rows]): the tiny model's towers and its small-window
+# variant, odd head counts and sizes, GQA/MQA ratios (a 64- and a 37-head group: split and masked head
+# blocks), head sizes 2..256, windows down to 1, pages of one row up to the default 64 (a window that is
+# not a multiple of its pages, 750 = 11 x 64 + 46, 100 = 64 + 36)
 ODD_ATTENTION = [
     (4, 4, 8, 750), (4, 2, 12, 8192), (4, 4, 8, 8), (4, 2, 12, 16),
     (3, 1, 40, 5), (7, 7, 72, 33), (12, 4, 80, 1), (6, 2, 96, 64), (5, 5, 2, 3), (10, 5, 6, 7),
     (64, 1, 128, 100), (37, 1, 128, 300), (16, 2, 256, 512), (8, 8, 256, 4), (2, 1, 64, 8192),
+    (4, 2, 16, 37, 5), (3, 3, 8, 7, 1), (8, 2, 64, 150, 64),
 ]
 
 
 def _attention_sizes(window: int) -> list[dict[str, int]]:
-    # b x n query rows on grid x: a decode step, a chunk, and a long chunk past the window
-    return [{"b": b, "n": n, "n_layers": 2, "n_slots": 4} for b, n in ((1, 1), (4, 9), (2, window + 37))]
+    # b x n query rows on grid x: a decode step, a chunk, and a long chunk past the window; pools of one
+    # page to many
+    return [{"b": b, "n": n, "n_layers": 2, "n_slots": 4, "n_pages": pages}
+            for b, n, pages in ((1, 1, 1), (4, 9, 40), (2, window + 37, 1000))]
 
 
-def _attention_funcs(heads, kv_heads, head_dim, window, dtype, problems: list[str]):
+def _attention_funcs(heads, kv_heads, head_dim, window, dtype, problems: list[str], page_rows=None):
     """The CUDA kernels of one attention config; a kernel that cannot be built is a problem too."""
-    tag = f"{heads}_{kv_heads}_{head_dim}_{window}_{dtype}"
+    tag = f"{heads}_{kv_heads}_{head_dim}_{window}_{page_rows}_{dtype}"
     builders = {
-        f"partial_{tag}": lambda: ra.ring_attention_partial_cuda(heads, kv_heads, head_dim, window, dtype),
+        f"partial_{tag}": lambda: ra.ring_attention_partial_cuda(heads, kv_heads, head_dim, window, dtype, page_rows),
         f"merge_{tag}": lambda: ra.ring_attention_merge_cuda(heads, kv_heads, head_dim, window, dtype),
-        f"append_{tag}": lambda: dlight_scheduled(ra.ring_append_func(kv_heads, head_dim, window, dtype)),
+        f"append_{tag}": lambda: dlight_scheduled(ra.ring_append_func(kv_heads, head_dim, window, dtype, page_rows)),
     }
     funcs = {}
     for name, build in builders.items():
@@ -242,8 +246,8 @@ def _attention_funcs(heads, kv_heads, head_dim, window, dtype, problems: list[st
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_ring_attention_launches_are_legal_for_odd_configs(dtype):
     problems = []
-    for heads, kv_heads, head_dim, window in ODD_ATTENTION:
-        funcs = _attention_funcs(heads, kv_heads, head_dim, window, dtype, problems)
+    for heads, kv_heads, head_dim, window, *page_rows in ODD_ATTENTION:
+        funcs = _attention_funcs(heads, kv_heads, head_dim, window, dtype, problems, *page_rows)
         problems += check_kernels(funcs, _attention_sizes(window))
     assert not problems, "\n".join(problems)
 
@@ -255,7 +259,9 @@ def test_ring_attention_launches_are_legal_at_full_size(dtype):
     for heads, kv_heads, head_dim, window in ((enc.n_heads, enc.n_heads, enc.head_dim, enc.sliding_window),
                                               (dec.n_heads, dec.n_kv_heads, dec.head_dim, dec.sliding_window)):
         funcs = _attention_funcs(heads, kv_heads, head_dim, window, dtype, problems)
-        problems += check_kernels(funcs, _attention_sizes(window) + [{"b": 64, "n": 1, "n_layers": 32, "n_slots": 64}])
+        problems += check_kernels(funcs, _attention_sizes(window) + [
+            {"b": 64, "n": 1, "n_layers": 32, "n_slots": 64, "n_pages": 64 * 128},
+            {"b": 256, "n": 1, "n_layers": 32, "n_slots": 256, "n_pages": 256 * 128}])
     assert not problems, "\n".join(problems)
 
 
@@ -348,13 +354,16 @@ def test_launch_checker_catches_an_illegal_block():
 # ---- the generated CUDA compiles -------------------------------------------------------------------
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="no CUDA toolkit (nvcc) on this machine")
 @pytest.mark.parametrize("config", [(4, 4, 8, 750, "float16"), (37, 1, 128, 300, "float32"),
-                                    (16, 2, 256, 512, "float32"), (16, 2, 256, 512, "float16"), (5, 5, 2, 3, "float32")],
+                                    (16, 2, 256, 512, "float32"), (16, 2, 256, 512, "float16"), (5, 5, 2, 3, "float32"),
+                                    (32, 8, 128, 8192, "float16"), (4, 2, 16, 37, "float32", 5)],
                          ids=lambda c: "_".join(map(str, c)))
 def test_ring_attention_odd_configs_compile(config, tmp_path):
     """The paths the odd configs take (a 1-thread x axis, masked head blocks, K/V loads split into
-    16-byte pieces) compile with nvcc: TVM's 32-byte float32x8 moves did not (make_ulonglong4)."""
-    heads, kv_heads, head_dim, window, dtype = config
-    source = cuda_source({"partial": ra.ring_attention_partial_cuda(heads, kv_heads, head_dim, window, dtype),
+    16-byte pieces, page-table reads) compile with nvcc: TVM's 32-byte float32x8 moves did not
+    (make_ulonglong4)."""
+    heads, kv_heads, head_dim, window, dtype, *page_rows = config
+    source = cuda_source({"partial": ra.ring_attention_partial_cuda(heads, kv_heads, head_dim, window, dtype,
+                                                                    *page_rows),
                           "merge": ra.ring_attention_merge_cuda(heads, kv_heads, head_dim, window, dtype)})
     (tmp_path / "k.cu").write_text(source)
     proc = subprocess.run(["nvcc", "-arch=sm_90", "-cubin", "-w", "-o", str(tmp_path / "k.cubin"), str(tmp_path / "k.cu")],

@@ -172,6 +172,30 @@ def test_engine_warm_up_leaves_every_slot_free_and_the_text_unchanged(artifact, 
     assert len(model.slots.free) == 3
 
 
+def test_a_stream_without_kv_memory_ends_alone(artifact, offline):
+    """Three streams at once on a decoder KV pool capped at 5 pages (each 2 s stream needs 2 of 64
+    rows: its prompt's, then one more at position 64, so 6 in all): the stream that finds no page
+    (whichever asks last, or one of three asking in the same step) ends with a one-line error naming
+    the cache, the two others finish with their offline text, and every page comes back."""
+    model = voxc.load(artifact, max_streams=3, kv_pages=1)
+    model.kv["dec_cache"].max_pages = 5
+    pcms = [clip(i) for i in range(3)]
+    with ServerThread(model, ServerConfig(max_sessions=3)) as srv:
+        async def main():
+            return await asyncio.gather(*(vllm_client(srv.url, p) for p in pcms))
+
+        results = run(main())
+        assert slots_free(srv, 3)
+    errors = [i for i, events in enumerate(results) if events[-1]["type"] == "error"]
+    assert len(errors) == 1, [events[-1] for events in results]
+    message = results[errors[0]][-1]["error"]
+    assert "\n" not in message and "the decoder's KV cache is full" in message, message
+    for i, events in enumerate(results):
+        if i not in errors:
+            check_transcript(events, offline(pcms[i]), len(pcms[i]) / 16000)
+    assert model.kv_bytes_in_use == 0 and model.kv["dec_cache"].size == 5
+
+
 def test_dropped_stream_frees_its_slot_once(artifact):
     model = voxc.load(artifact, max_streams=2)
     s = model.stream()
@@ -512,6 +536,10 @@ def test_health_models_and_metrics(server):
     assert 'voxc_step_seconds{quantile="0.99"}' in prom and "\nvoxc_tokens_total " in prom
     values = dict(line.split(" ", 1) for line in prom.splitlines() if line and not line.startswith("#"))
     assert float(values["voxc_tokens_total"]) > 0 and float(values['voxc_step_seconds{quantile="0.5"}']) > 0
+    # the KV pages: a pool is allocated, and the bytes in use are those the live streams hold
+    model = server.state.model
+    assert float(values["voxc_kv_bytes_allocated"]) >= float(values["voxc_kv_bytes_in_use"]) >= 0
+    assert float(values["voxc_kv_bytes_allocated"]) <= sum(p.max_bytes for p in model.kv.values())
 
 
 # ---- load test -----------------------------------------------------------------------------------------

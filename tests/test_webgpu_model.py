@@ -50,6 +50,9 @@ STREAMS = [
     ("speech", 1280, 480, True),
     ("speech", 2900, 480, False),
 ]
+# (clip, samples per feed, delay ms, feed round it joins): streams at different positions sharing the
+# key/value pools, fed in turn
+CONCURRENT = [("sine", 1280, 480, 0), ("speech", 2000, 160, 6), ("sine", 4000, 960, 9)]
 
 
 def _f32_b64(b64: str) -> np.ndarray:
@@ -153,8 +156,14 @@ def model_run(site, audio, profile, decode_cases):
     streams = [s for s in STREAMS if s[0] in audio]
     framer_chunks = [[100, 150, 3000, 1, 7000, 2560, 1281], [200, 201], [36800]]
     cases = {
+        # pools of one page at load (the tiny bundle's windows are one page: 8 and 16 rows): the
+        # streams one after the other reuse the pages a finished stream gave back; CONCURRENT's three
+        # streams make both pools grow (1 -> 2 -> 3 pages) while streams run
+        "load": {"maxStreams": 3, "kvPages": 1},
         "streams": [{"clip": f"/pages/{c}.f32", "chunk": n, "delayMs": d, "recordLogits": lg}
                     for c, n, d, lg in streams],
+        "concurrent": [[{"clip": f"/pages/{c}.f32", "chunk": n, "delayMs": d, "start": start}
+                        for c, n, d, start in CONCURRENT if c in audio]],
         "decode": decode_cases,
         "framer": [{"clip": "/pages/sine.f32", "chunks": ch} for ch in framer_chunks],
         "resample": [{"inRate": 48000, "outRate": 16000, "freq": 1000.0, "seconds": 0.5, "chunk": 1920},
@@ -250,6 +259,29 @@ def test_browser_streams_match_cpu(model_run, audio, cpu_model):
             for step, (g, want) in enumerate(zip(got["logits"], ref.logits)):
                 err = float(np.max(np.abs(_f32_b64(g) - want)) / np.max(np.abs(want)))
                 assert err <= LOGITS_RTOL, f"{what} step {step}: logits rel err {err:.2e}"
+
+
+def test_browser_streams_share_growing_kv_pools(model_run, audio, cpu_model):
+    """Three streams at different positions, fed in turn: each one's tokens and text equal the llvm
+    build's for the same clip, chunking and delay; the one-page pools grew to a page per stream while
+    they ran (the tiny bundle's windows are one page), and every page came back at the end."""
+    group = model_run["concurrent"][0]
+    specs = [c for c in CONCURRENT if c[0] in audio]
+    assert len(group) == len(specs) >= 2
+    for (clip, chunk, delay, _), got in zip(specs, group):
+        ref, deltas = cpu_stream(cpu_model, audio[clip], chunk, delay)
+        what = f"concurrent {clip} chunk={chunk} delay={delay}"
+        assert got["tokens"] == ref.tokens, what
+        assert got["text"] == "".join(deltas), what
+    assert len({got["slot"] for got in group}) == len(group)
+    for name, pool in model_run["kv"].items():
+        assert pool["perStream"] == 1 and pool["maxPages"] == 3, (name, pool)
+        assert pool["growths"] >= 1 and pool["size"] == pool["mostInUse"] == len(group), (name, pool)
+        assert pool["buffers"] == [pool["size"]] * len(pool["buffers"]), (name, pool)   # every layer's pool grew
+        assert pool["pagesInUse"] == 0, (name, pool)
+    assert model_run["kvBytesInUse"] == 0
+    # sequential streams ran on the first page alone: the pool grew only for the concurrent ones
+    assert model_run["footprint"]["stateBytes"] < model_run["footprint"]["maxStateBytes"]
 
 
 def test_browser_text_deltas_arrive_while_streaming(model_run):
@@ -423,18 +455,25 @@ def test_requirements_list_every_buffer(check_run, built):
     manifest = json.loads((built[0] / artifact.MANIFEST).read_text())
     req = cases["as built"]["requirements"]
     assert cases["as built"]["ok"], cases["as built"]
-    state = {k: v["bytes_per_stream"] for k, v in manifest["state"].items()}
-    assert req["stateBytes"] == sum(state.values()) and req["weightsBytes"] == manifest["gpu"]["total_param_bytes"]
-    assert req["totalBytes"] == req["weightsBytes"] + req["stateBytes"]
     footprint = manifest["gpu"]["footprint"]   # what the manifest reports: the same numbers
+    state = {k: v["bytes_per_stream"] for k, v in manifest["state"].items()}       # at most
+    initial = footprint["initial_state_bytes_per_stream"]                         # at load
+    for name, spec in manifest["state"].items():   # a KV cache's pool starts with its first pages
+        assert initial[name] == (spec["initial_pages_per_stream"] * spec["bytes_per_page"] if spec["axis"] == "pages"
+                                 else spec["bytes_per_stream"]), name
+    assert req["stateBytes"] == sum(initial.values()) and req["maxStateBytes"] == sum(state.values())
+    assert req["weightsBytes"] == manifest["gpu"]["total_param_bytes"]
+    assert req["totalBytes"] == req["weightsBytes"] + req["stateBytes"]
+    assert req["maxTotalBytes"] == req["weightsBytes"] + req["maxStateBytes"]
     assert footprint["weights_bytes"] == req["weightsBytes"] and footprint["state_bytes_per_stream"] == state
-    assert footprint["total_bytes"]["1"] == req["totalBytes"]
+    assert footprint["total_bytes"]["1"] == req["totalBytes"] and footprint["max_total_bytes"]["1"] == req["maxTotalBytes"]
     assert footprint["total_bytes"]["2"] == req["weightsBytes"] + 2 * req["stateBytes"]
     assert footprint["largest_buffer"]["bytes"] == req["buffers"][0]["bytes"]
-    # a per-layer state (a KV cache) is one buffer per layer: the limits apply to one layer's
+    # a per-layer state (a KV cache) is one buffer per layer: the limits apply to one layer's, at its largest
     assert {b["name"]: b["bytes"] for b in req["buffers"] if b["kind"] == "state"} == \
         {k: v["tensor_bytes_per_stream"] for k, v in manifest["state"].items()}
-    assert {b["name"]: b["totalBytes"] for b in req["buffers"] if b["kind"] == "state"} == state
+    assert {b["name"]: b["totalBytes"] for b in req["buffers"] if b["kind"] == "state"} == initial
+    assert {b["name"]: b["maxTotalBytes"] for b in req["buffers"] if b["kind"] == "state"} == state
     weight = [b for b in req["buffers"] if b["kind"] == "weight"]
     assert len(weight) == 1 and weight[0]["bytes"] == manifest["largest_param_bytes"]
     assert [b["bytes"] for b in req["buffers"]] == sorted((b["bytes"] for b in req["buffers"]), reverse=True)
@@ -472,7 +511,12 @@ def test_model_larger_than_device_memory(check_run):
     text = memory["message"]
     assert "4.25 GB" in text and "4.00 GB of weights" in text and "256 MB for the decoder's key/value cache" in text
     assert "4.00 GB" in text and "navigator.deviceMemory" in text, text
+    assert "to 4.50 GB in all at most" in text, text      # the most its caches grow to is named too
     assert cases["memory, 8 GiB reported (a lower bound)"]["ok"]
+    # the check counts what a load allocates: a cache pool that starts at 2 MiB (1 GiB at most) fits
+    small = cases["memory, caches start small"]
+    assert small["ok"], small
+    assert small["requirements"]["maxTotalBytes"] > 4 * 2**30 > small["requirements"]["totalBytes"]
 
 
 def test_workgroup_storage_above_the_adapter(check_run):

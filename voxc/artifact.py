@@ -36,7 +36,10 @@ from voxc.errors import VoxcError
 # 3: stacked q/k/v and w1/w3 weights (attention.wqkv, feed_forward.w13); the set_delay entry and the
 #    delay_scales state, which decode reads instead of delay_tokens;
 # 4: per-layer KV caches: enc_cache and dec_cache are tuples of one tensor per layer (state "layers")
-FORMAT_VERSION = 4
+# 5: paged KV caches: each layer's cache is a pool of pages [n_pages, 2, page_rows, heads, head_dim]
+#    (state "axis": "pages"), one page table per tower (enc_pages, dec_pages [slots, pages_per_stream]
+#    int32) that encode and decode take; state entries carry their dtype
+FORMAT_VERSION = 5
 MANIFEST = "voxc-artifact.json"
 WEIGHT_INDEX = "tensor-cache.json"
 SHARD_NAME = "params_shard_{}.bin"
@@ -79,55 +82,142 @@ CONV1_CONTEXT = 1
 AUDIO_RING_ROWS = 256
 
 
+# Rows of one KV-cache page (schedules/ring_attention.py): a tower's page holds min(KV_PAGE_ROWS, window)
+# consecutive ring rows.  64 rows: a 60 s stream's ~800 decoder positions take 13 pages (832 rows, 4 %
+# unused) where 128-row pages would take 7 (896 rows); a multiple of the CUDA kernel's key tile (16 rows
+# per block and step at full size) and of the CPU kernel's 16-key blocks, and 768 encoder rows for its
+# 750-row window either way.  The float16 decoder page is 256 KiB per layer, the encoder's 512 KiB.
+KV_PAGE_ROWS = 64
+# A new model's page pools hold this much audio per stream (max_streams of them), and grow by doubling
+# up to every stream's whole window: 4 s is the 39-token prompt plus 0.9 s of speech in the decoder,
+# 200 encoder frames.
+KV_INITIAL_SECONDS = 4.0
+
+
+def kv_page_rows(window: int) -> int:
+    """Rows of one page of a ring of ``window`` rows."""
+    return min(KV_PAGE_ROWS, int(window))
+
+
+def kv_pages_per_stream(window: int) -> int:
+    """Pages of one stream's whole ring (the last one partly used when page_rows does not divide the window)."""
+    return -(-int(window) // kv_page_rows(window))
+
+
 @dataclasses.dataclass(frozen=True)
 class StateEntry:
-    """One entry of the per-stream device state: a tensor of ``shape`` (``None`` at the slot axis, one
-    slot per stream), or, with ``layers``, a tuple of ``layers`` such tensors, one per layer.
+    """One entry of the per-stream device state: a tensor of ``shape`` (``None`` at the variable axis),
+    or, with ``layers``, a tuple of ``layers`` such tensors, one per layer.  ``dtype`` None: the model's.
+
+    ``axis`` says what the variable axis counts: ``"slots"``, one row per stream; ``"pages"`` (the KV
+    caches), pages of ``page_rows`` ring rows of a pool that all streams share through the page table
+    ``page_table`` (another entry, ``[slots, pages_per_stream]`` int32): ring row ``r`` of a stream is
+    row ``r % page_rows`` of page ``table[slot, r // page_rows]``.  A pool starts small and grows (the
+    runtime's kv_pages), so a stream's memory follows the positions it has reached; the most it holds
+    is ``pages_per_stream`` pages (its whole window).
 
     The KV caches are per layer because WebGPU and Vulkan bind a whole buffer per kernel argument and
     limit one binding (NVIDIA's Vulkan driver: 2 GiB; many browsers: 128 MiB to 1 GiB): each attention
-    kernel binds only its own layer's cache, 32 MiB a stream for the decoder at full size in float16."""
+    kernel binds only its own layer's pool, at most 32 MiB a stream for the decoder in float16."""
     shape: tuple[int | None, ...]
     layers: int | None = None
+    dtype: str | None = None
+    axis: str = "slots"
+    page_rows: int | None = None
+    pages_per_stream: int | None = None
+    window: int | None = None
+    page_table: str | None = None
+    initial_pages_per_stream: int | None = None
 
     @property
     def tensors(self) -> int:
         return 1 if self.layers is None else self.layers
 
-    def tensor_bytes(self, dtype: str, streams: int = 1) -> int:
-        """Bytes of one of its tensors (one layer's) with ``streams`` slots."""
-        return math.prod(self.concrete_shape(streams)) * numpy_dtype(dtype).itemsize
+    @property
+    def paged(self) -> bool:
+        return self.axis == "pages"
 
-    def concrete_shape(self, streams: int) -> tuple[int, ...]:
-        return tuple(streams if s is None else s for s in self.shape)
+    def dtype_for(self, model_dtype: str) -> str:
+        return self.dtype or model_dtype
+
+    def tensor_bytes(self, dtype: str, streams: int = 1) -> int:
+        """Bytes of one of its tensors (one layer's) holding ``streams`` streams (a paged entry: their
+        whole windows, the most its pool grows to)."""
+        return math.prod(self.concrete_shape(self.rows_for(streams))) * numpy_dtype(self.dtype_for(dtype)).itemsize
+
+    def page_bytes(self, dtype: str) -> int:
+        """Bytes of one page of one layer's pool (a paged entry)."""
+        return math.prod(self.concrete_shape(1)) * numpy_dtype(self.dtype_for(dtype)).itemsize
+
+    def rows_for(self, streams: int) -> int:
+        """Length of the variable axis for ``streams`` streams at most."""
+        return streams * self.pages_per_stream if self.paged else streams
+
+    def concrete_shape(self, rows: int) -> tuple[int, ...]:
+        """The shape with ``rows`` at the variable axis (slots, or pages of a paged entry)."""
+        return tuple(rows if s is None else s for s in self.shape)
+
+
+def _initial_pages(window: int, positions_per_second: float) -> int:
+    rows = min(int(window), math.ceil(KV_INITIAL_SECONDS * positions_per_second))
+    return -(-rows // kv_page_rows(window))
 
 
 def state_layout(cfg: ModelConfig) -> dict[str, StateEntry]:
     """Device state, name -> entry.  Every entry point takes and returns the entries it uses, updated
-    in place (a per-layer entry as a tuple); the order is the runtime's."""
-    e, d = cfg.encoder, cfg.decoder
+    in place (a per-layer entry as a tuple; the page tables are only read); the order is the runtime's."""
+    e, d, a = cfg.encoder, cfg.decoder, cfg.audio
+
+    def cache(window, heads, head_dim, layers, table, positions_per_second):
+        # paged ring KV caches (schedules/ring_attention.py): per layer [pages, 2 (k, v), page_rows, heads, head_dim]
+        rows = kv_page_rows(window)
+        return StateEntry((None, 2, rows, heads, head_dim), layers=layers, axis="pages", page_rows=rows,
+                          pages_per_stream=kv_pages_per_stream(window), window=window, page_table=table,
+                          initial_pages_per_stream=_initial_pages(window, positions_per_second))
+
     return {
         "conv0_state": StateEntry((None, CONV0_CONTEXT, e.num_mel_bins)),
         "conv1_state": StateEntry((None, CONV1_CONTEXT, e.dim)),
-        # ring KV caches (schedules/ring_attention.py): per layer [2 (k, v), slots, window, heads, head_dim]
-        "enc_cache": StateEntry((2, None, e.sliding_window, e.n_heads, e.head_dim), layers=e.n_layers),
+        "enc_cache": cache(e.sliding_window, e.n_heads, e.head_dim, e.n_layers, "enc_pages",
+                           a.frame_rate * a.downsample_factor),
+        "enc_pages": StateEntry((None, kv_pages_per_stream(e.sliding_window)), dtype="int32"),
         "audio_ring": StateEntry((None, AUDIO_RING_ROWS, d.dim)),
-        "dec_cache": StateEntry((2, None, d.sliding_window, d.n_kv_heads, d.head_dim), layers=d.n_layers),
+        "dec_cache": cache(d.sliding_window, d.n_kv_heads, d.head_dim, d.n_layers, "dec_pages", a.frame_rate),
+        "dec_pages": StateEntry((None, kv_pages_per_stream(d.sliding_window)), dtype="int32"),
         # each stream's ada-norm scale per decoder layer: set once per stream, for its delay (set_delay)
         "delay_scales": StateEntry((None, d.n_layers, d.dim)),
     }
 
 
+def paged_entries(layout: dict[str, StateEntry]) -> dict[str, StateEntry]:
+    """The paged entries (the KV caches) of a state layout."""
+    return {name: entry for name, entry in layout.items() if entry.paged}
+
+
 def state_section(cfg: ModelConfig, dtype: str) -> dict:
-    """The manifest's ``state`` section: per entry the shape of one tensor (null at the slot axis),
-    ``layers`` (a per-layer tuple) or null, and the bytes per stream of one tensor and of the entry."""
-    return {k: {"shape": list(v.shape), "layers": v.layers, "dtype": dtype,
-                "tensor_bytes_per_stream": (one := v.tensor_bytes(dtype)), "bytes_per_stream": v.tensors * one}
-            for k, v in state_layout(cfg).items()}
+    """The manifest's ``state`` section: per entry the shape of one tensor (null at the variable axis),
+    ``layers`` (a per-layer tuple) or null, its dtype, ``axis`` (what the null axis counts: slots, or
+    pages), and the bytes per stream of one tensor and of the entry (a paged entry: a whole window's
+    pages, the most one stream holds).  A paged entry also gives its page layout: ``page_rows``,
+    ``pages_per_stream``, ``window``, ``page_table`` (the entry holding the page table),
+    ``initial_pages_per_stream`` (a new pool's pages per stream), and the bytes of one page in one
+    layer's tensor and in all layers."""
+    out = {}
+    for name, v in state_layout(cfg).items():
+        one = v.tensor_bytes(dtype)
+        spec = {"shape": list(v.shape), "layers": v.layers, "dtype": v.dtype_for(dtype), "axis": v.axis,
+                "tensor_bytes_per_stream": one, "bytes_per_stream": v.tensors * one}
+        if v.paged:
+            page = v.page_bytes(dtype)
+            spec.update({"page_rows": v.page_rows, "pages_per_stream": v.pages_per_stream, "window": v.window,
+                         "page_table": v.page_table, "initial_pages_per_stream": v.initial_pages_per_stream,
+                         "tensor_bytes_per_page": page, "bytes_per_page": v.tensors * page})
+        out[name] = spec
+    return out
 
 
 def state_bytes_per_stream(cfg: ModelConfig, dtype: str) -> dict[str, int]:
-    """Bytes of each state entry (all its tensors) per stream."""
+    """Bytes of each state entry (all its tensors) per stream (the KV caches: a whole window's pages)."""
     return {k: s["bytes_per_stream"] for k, s in state_section(cfg, dtype).items()}
 
 

@@ -127,8 +127,10 @@ def build(checkpoint: str | Path, target, out_dir: str | Path, *, progress: bool
         footprint = extras.get("gpu", {}).get("footprint")
         if footprint:   # a web bundle: what the browser must hold on its GPU
             state = sum(footprint["state_bytes_per_stream"].values())
-            log.step(f"GPU memory: {footprint['weights_bytes'] / 2**30:.2f} GiB of weights + {state / 2**30:.2f} GiB "
-                     f"of state per stream (largest buffer: {footprint['largest_buffer']['name']}, "
+            initial = sum(footprint["initial_state_bytes_per_stream"].values())
+            log.step(f"GPU memory: {footprint['weights_bytes'] / 2**30:.2f} GiB of weights + {initial / 2**30:.2f} GiB "
+                     f"of state per stream at load, up to {state / 2**30:.2f} GiB as its key/value caches fill "
+                     f"(largest buffer: {footprint['largest_buffer']['name']}, "
                      f"{footprint['largest_buffer']['bytes'] / 2**30:.2f} GiB)")
         for path in staging.rglob("*"):
             path.chmod(0o755 if path.is_dir() else 0o644)

@@ -13,7 +13,9 @@
 // step per 80 ms of audio, the right padding at finish(), the end one position before the audio
 // ends (or at EOS), incremental UTF-8 decoding of token bytes and no special tokens in the text.
 // The state (conv contexts, encoder/decoder ring caches, audio embeddings) stays in GPU buffers
-// between calls; each step reads back only the next token id (4 bytes), asynchronously.
+// between calls; each step reads back only the next token id (4 bytes), asynchronously.  The ring
+// caches are paged (KvPages = voxc.runtime.kv_pages.KvPages): pools of pages that grow with the audio
+// the streams have heard, not a whole window per stream up front.
 //
 // A bundle (`voxc build --target webgpu`) is a folder with voxc-artifact.json (the manifest, whose
 // contract voxc/artifact.py defines: every shape, constant and default below comes from it),
@@ -40,13 +42,36 @@ function bytesMB(n) {
 // ---- what the GPU must offer --------------------------------------------------------------------
 
 /**
+ * Pages of a paged state entry (a key/value cache: the manifest's axis "pages") for `streams` streams:
+ * {initial, max} (the pool a model starts with, and the most it grows to: every stream's whole window).
+ * `initial`: a first size asked for (Voxc.load's kvPages), else every stream's first seconds.
+ */
+export function kvPoolPages(spec, streams, initial = null) {
+  const max = spec.pages_per_stream * streams;
+  return { initial: Math.max(1, Math.min(max, initial ?? spec.initial_pages_per_stream * streams)), max };
+}
+
+/** Voxc.load's kvPages option for the cache `name`: a number (every pool), {name: pages}, or null. */
+function kvPagesOption(kvPages, name) {
+  if (kvPages == null) return null;
+  const n = typeof kvPages === "number" ? kvPages : kvPages[name];
+  if (n == null) return null;
+  if (!Number.isInteger(n) || n < 1) throw new VoxcError(`kvPages must be whole numbers >= 1, not ${JSON.stringify(kvPages)}`);
+  return n;
+}
+
+/**
  * What a bundle needs from the GPU (from its manifest), for `maxStreams` concurrent streams:
  * features and kernel limits, and its memory: every buffer voxc allocates that can approach a
  * limit (the largest weight tensor, each state buffer with one slot per stream: a per-layer state,
  * a key/value cache, is one buffer per layer), the weights' and the state's totals.  `buffers` is
- * sorted largest first; each is {name, what, bytes (one buffer), totalBytes (all of its buffers)}.
+ * sorted largest first; each is {name, what, bytes (one buffer at its largest), totalBytes (all of its
+ * buffers as allocated at load), maxTotalBytes (all of its buffers at their largest)}.  The key/value
+ * caches are pools of pages that start small and grow as streams go (up to every stream's whole
+ * window): `stateBytes`/`totalBytes` are what a load allocates, `maxStateBytes`/`maxTotalBytes` the
+ * most the caches grow to; a buffer's limit applies to its largest size (it must be able to grow).
  */
-export function bundleRequirements(manifest, { maxStreams = 1 } = {}) {
+export function bundleRequirements(manifest, { maxStreams = 1, kvPages = null } = {}) {
   const gpu = manifest.gpu ?? {};
   const streams = Math.max(1, maxStreams | 0);
   const sizeOf = (p) => p.shape.reduce((a, b) => a * b, 1) * (DTYPE_BYTES[p.dtype] ?? 4);
@@ -62,18 +87,23 @@ export function bundleRequirements(manifest, { maxStreams = 1 } = {}) {
     buffers.push({ name: "weights", kind: "weight", what: "a weight tensor", bytes: manifest.largest_param_bytes });
   }
   let stateBytes = 0;
+  let maxStateBytes = 0;
+  const poolPages = {};   // a key/value cache's pages at load
   for (const [name, spec] of Object.entries(manifest.state ?? {})) {
     const tensorBytes = spec.tensor_bytes_per_stream ?? spec.bytes_per_stream;
-    const totalBytes = spec.bytes_per_stream * streams;
+    const maxTotalBytes = spec.bytes_per_stream * streams;
+    if (spec.axis === "pages") poolPages[name] = kvPoolPages(spec, streams, kvPagesOption(kvPages, name)).initial;
+    const totalBytes = spec.axis === "pages" ? poolPages[name] * spec.bytes_per_page : maxTotalBytes;
     stateBytes += totalBytes;
+    maxStateBytes += maxTotalBytes;
     const per = streams > 1 ? `, ${streams} streams of ${bytesMB(tensorBytes)}` : "";
     const layer = spec.layers ? `one layer of ${spec.layers}: ` : "";
-    buffers.push({ name, kind: "state", bytes: tensorBytes * streams, totalBytes,
+    buffers.push({ name, kind: "state", bytes: tensorBytes * streams, totalBytes, maxTotalBytes,
                    what: `${STATE_HELP[name] ?? `the state buffer ${name}`} (${layer}${name}${per})` });
   }
   if (!manifest.state && gpu.largest_state_bytes_per_stream) {   // a manifest without its state section
     const bytes = gpu.largest_state_bytes_per_stream * streams;
-    stateBytes = (gpu.state_bytes_per_stream ?? 0) * streams;
+    stateBytes = maxStateBytes = (gpu.state_bytes_per_stream ?? 0) * streams;
     buffers.push({ name: "state", kind: "state", what: "the model's state", bytes });
   }
   buffers.sort((a, b) => b.bytes - a.bytes);
@@ -91,14 +121,20 @@ export function bundleRequirements(manifest, { maxStreams = 1 } = {}) {
     weightsBytes,
     stateBytes,
     totalBytes: weightsBytes + stateBytes,
+    maxStateBytes,
+    maxTotalBytes: weightsBytes + maxStateBytes,
+    poolPages,
   };
 }
 
 const DTYPE_BYTES = { float32: 4, float16: 2, uint32: 4, int32: 4, uint8: 1, int8: 1, uint16: 2 };
 
+// How messages name each paged cache (voxc/runtime/model.py's KV_CACHE_NAMES).
+const KV_CACHE_NAMES = { enc_cache: "the encoder's key/value cache", dec_cache: "the decoder's key/value cache" };
+
 const STATE_HELP = {
-  dec_cache: "the decoder's key/value cache (decoder layers x window x kv heads, one slot per stream)",
-  enc_cache: "the encoder's key/value cache (one slot per stream)",
+  dec_cache: "the decoder's key/value cache (decoder layers x window x kv heads, pages shared by the streams)",
+  enc_cache: "the encoder's key/value cache (pages shared by the streams)",
   audio_ring: "the audio embeddings between encoder and decoder",
 };
 
@@ -197,9 +233,11 @@ export async function checkWebGPU({ requirements = {}, powerPreference = "high-p
     const parts = [`${bytesMB(requirements.weightsBytes ?? 0)} of weights`,
                    ...buffers.filter((b) => b.kind === "state" && (b.totalBytes ?? b.bytes) >= 1 << 20)
                      .map((b) => `${bytesMB(b.totalBytes ?? b.bytes)} for ${STATE_HELP[b.name] ?? `the state ${b.name}`}`)];
+    const most = (requirements.maxTotalBytes ?? 0) > requirements.totalBytes
+      ? ` (its key/value caches grow with the audio heard, to ${bytesMB(requirements.maxTotalBytes)} in all at most)` : "";
     throw new VoxcError(
-      `The model needs ${bytesMB(requirements.totalBytes)} of GPU memory (${parts.join(", ")}), but this ` +
-      `computer reports less than ${bytesMB(memory)} of memory (navigator.deviceMemory). ` +
+      `The model needs ${bytesMB(requirements.totalBytes)} of GPU memory to start (${parts.join(", ")})${most}, but ` +
+      `this computer reports less than ${bytesMB(memory)} of memory (navigator.deviceMemory). ` +
       "Use a computer with more memory or a discrete GPU, or a smaller build of the model.",
       { code: "memory" });
   }
@@ -569,13 +607,14 @@ async function loadWeights(tvm, dev, base, manifest, scope, report) {
 }
 
 /**
- * The model's state buffers, one slot per stream (`maxStreams` slots, the manifest's null axis),
+ * The model's state buffers, one slot per stream (`maxStreams` slots, the manifest's null axis; a
+ * key/value cache's null axis counts pages: its pool starts with kvPoolPages().initial of them),
  * allocated inside an out-of-memory error scope: a GPU that cannot hold one fails with a
  * VoxcError (code "memory") naming it.  A per-layer state (the manifest's `layers`: the key/value
  * caches) is an array of one separately allocated buffer per layer: each layer's kernels bind only
  * their own, within the browser's limit on one binding.  WebGPU zero-fills new buffers; the caches need no clearing
- * (positions before a stream's start are masked), the conv contexts are zeroed per stream in
- * resetSlot.
+ * (positions before a stream's start are masked; the page tables start all 0: unreached rows point at
+ * page 0), the conv contexts are zeroed per stream in resetSlot.
  */
 async function allocateState(tvm, dev, device, manifest, requirements) {
   const state = {};
@@ -583,7 +622,8 @@ async function allocateState(tvm, dev, device, manifest, requirements) {
   tvm.beginScope();
   try {
     for (const [name, spec] of Object.entries(manifest.state)) {
-      const shape = spec.shape.map((s) => (s === null ? requirements.maxStreams : s));
+      const rows = spec.axis === "pages" ? requirements.poolPages[name] : requirements.maxStreams;
+      const shape = spec.shape.map((s) => (s === null ? rows : s));
       if (scoped) device.pushErrorScope("out-of-memory");
       const tensors = Array.from({ length: spec.layers ?? 1 },
                                  () => tvm.detachFromCurrentScope(tvm.empty(shape, spec.dtype, dev)));
@@ -593,8 +633,8 @@ async function allocateState(tvm, dev, device, manifest, requirements) {
         for (const t of Object.values(state).flat()) t.dispose();
         const buf = requirements.buffers.find((b) => b.name === name);
         throw new VoxcError(
-          `The GPU is out of memory for ${buf?.what ?? name} (${bytesMB(buf?.bytes ?? 0)}; the model needs ` +
-          `${bytesMB(requirements.totalBytes)} in all): ${err.message} Close other GPU-heavy tabs, ` +
+          `The GPU is out of memory for ${buf?.what ?? name} (${bytesMB(buf?.totalBytes ?? 0)}; the model needs ` +
+          `${bytesMB(requirements.totalBytes)} in all to start): ${err.message} Close other GPU-heavy tabs, ` +
           "use fewer streams (maxStreams), or a GPU with more memory.", { code: "memory" });
       }
     }
@@ -602,6 +642,170 @@ async function allocateState(tvm, dev, device, manifest, requirements) {
     tvm.endScope();
   }
   return state;
+}
+
+/**
+ * One tower's paged key/value cache: voxc/runtime/kv_pages.py's KvPages, on the model's state (its
+ * pool `state[name]`, one buffer per layer of [pages, 2, page_rows, heads, head_dim], and its page
+ * table `state[spec.page_table]`, [maxStreams, pages_per_stream] int32; both from the manifest).  Ring
+ * row r of the stream in slot s is row r % page_rows of page table[s][floor(r / page_rows)].  Before a
+ * step, ensure() gives pages to the ring rows the step writes (growing the pool when none is free) and
+ * writes the table to the GPU when it changed; release() gives a stream's pages back.  The pool
+ * grows by doubling up to every stream's whole window: per layer a larger buffer, the old pages
+ * copied into its start (copyBufferToBuffer), the old buffer freed; the new pages are WebGPU's zeros.
+ */
+class KvPages {
+  constructor({ tvm, dev, device, state, name, spec, maxStreams, initialPages, what, createView, Scalar }) {
+    Object.assign(this, { tvm, dev, device, state, name, spec, what, createView, Scalar });
+    this.pageRows = spec.page_rows;
+    this.window = spec.window;
+    this.perStream = spec.pages_per_stream;
+    this.pageBytes = spec.tensor_bytes_per_page;   // one page of one layer
+    this.layers = spec.layers ?? 1;
+    const { initial, max } = kvPoolPages(spec, maxStreams, initialPages);
+    this.maxPages = max;
+    this.size = initial;
+    this.hostTable = new Int32Array(maxStreams * this.perStream);
+    this.held = new Uint8Array(maxStreams * this.perStream);
+    this.count = new Int32Array(maxStreams);
+    this.free = Array.from({ length: initial }, (_, i) => initial - 1 - i);   // popped from the end: lowest first
+    this.dirty = false;
+    this.growths = 0;
+  }
+
+  get tensors() {
+    return this.state[this.name];
+  }
+
+  get table() {
+    return this.state[this.spec.page_table];
+  }
+
+  get pagesInUse() {
+    return this.count.reduce((a, b) => a + b, 0);
+  }
+
+  get bytesInUse() {
+    return this.pagesInUse * this.pageBytes * this.layers;
+  }
+
+  get bytesAllocated() {
+    return this.size * this.pageBytes * this.layers;
+  }
+
+  pagesOf(slot) {
+    const out = [];
+    for (let j = 0; j < this.perStream; j++) {
+      if (this.held[slot * this.perStream + j]) out.push(this.hostTable[slot * this.perStream + j]);
+    }
+    return out;
+  }
+
+  /** Table indices of the ring rows a step of n positions from start writes. */
+  #pagesWritten(start, n) {
+    const m = Math.min(n, this.window);
+    if (m <= 0) return [];
+    const range = (a, b) => Array.from({ length: Math.max(0, b - a) }, (_, i) => a + i);
+    if (m === this.window) return range(0, this.perStream);
+    const first = (start + n - m) % this.window;
+    const last = first + m - 1;
+    if (last < this.window) return range(Math.floor(first / this.pageRows), Math.floor(last / this.pageRows) + 1);
+    return [...range(Math.floor(first / this.pageRows), this.perStream),
+            ...range(0, Math.floor((last - this.window) / this.pageRows) + 1)];
+  }
+
+  async ensure(slots, starts, n) {
+    const wanted = [];
+    slots.forEach((slot, i) => {
+      if (this.count[slot] === this.perStream) return;   // wrapped: holds its whole ring
+      for (const j of this.#pagesWritten(starts[i], n)) {
+        if (!this.held[slot * this.perStream + j]) wanted.push([slot, j]);
+      }
+    });
+    if (wanted.length > this.free.length) await this.#grow(wanted.length);
+    for (const [slot, j] of wanted) {
+      const k = slot * this.perStream + j;
+      this.hostTable[k] = this.free.pop();
+      this.held[k] = 1;
+      this.count[slot]++;
+      this.dirty = true;
+    }
+    this.upload();
+  }
+
+  release(slot) {
+    if (!this.count[slot]) return;
+    for (let j = 0; j < this.perStream; j++) {
+      const k = slot * this.perStream + j;
+      if (this.held[k]) this.free.push(this.hostTable[k]);
+      this.hostTable[k] = 0;
+      this.held[k] = 0;
+    }
+    this.count[slot] = 0;
+    this.free.sort((a, b) => b - a);
+    this.dirty = true;
+  }
+
+  /** The page table to the GPU (queue.writeBuffer) if it changed since the last upload. */
+  upload() {
+    if (!this.dirty) return;
+    this.dirty = false;
+    this.table.copyFromRawBytes(new Uint8Array(this.hostTable.buffer));
+  }
+
+  /** Room for `wanted` free pages: double the pool (as often as needed) up to its maximum; if the GPU has no
+   * memory for that, grow by an eighth (or what is missing) only.  Throws (code "memory") if it cannot. */
+  async #grow(wanted) {
+    const more = wanted - this.free.length;
+    let target = this.size;
+    while (target - this.size < more && target < this.maxPages) target = Math.min(2 * target, this.maxPages);
+    try {
+      await this.#growTo(target);
+    } catch (err) {
+      const modest = Math.min(this.maxPages, this.size + Math.max(more, Math.floor(this.size / 8)));
+      if (modest >= target) throw err;
+      await this.#growTo(modest);
+    }
+    if (this.free.length < wanted) {
+      throw new VoxcError(`${this.what} is full: all ${this.maxPages} of its pages (${this.pageRows} rows each) are ` +
+                          `held by streams, ${wanted - this.free.length} more needed`, { code: "memory" });
+    }
+  }
+
+  async #growTo(target) {
+    if (target <= this.size) return;
+    const { tvm, device } = this;
+    const scoped = typeof device.pushErrorScope === "function";
+    const pageShape = this.spec.shape.slice(1);
+    const layers = this.tensors;
+    for (let i = 0; i < layers.length; i++) {
+      const old = layers[i];
+      if (old.shape[0] >= target) continue;   // grown by an earlier, failed growth (each layer's size is its own)
+      tvm.beginScope();
+      try {
+        if (scoped) device.pushErrorScope("out-of-memory");
+        const bigger = tvm.detachFromCurrentScope(tvm.empty([target, ...pageShape], this.spec.dtype, this.dev));
+        const err = scoped ? await device.popErrorScope() : null;
+        if (err) {
+          bigger.dispose();
+          throw new VoxcError(
+            `The GPU is out of memory for ${this.what}: its pages could not grow from ${this.size} to ${target} ` +
+            `(${bytesMB((target - this.size) * this.pageBytes)} more for each of its ${this.layers} layers): ` +
+            `${err.message} Fewer streams at once need less.`, { code: "memory" });
+        }
+        const prefix = this.createView(bigger, tvm.makeShapeTuple(old.shape), old.dtype, new this.Scalar(0, "int"));
+        prefix.copyFrom(old);   // copyBufferToBuffer into the larger buffer's start
+        old.dispose();          // (tvmjs submits the pending copy before it destroys the buffer)
+        layers[i] = bigger;
+      } finally {
+        tvm.endScope();
+      }
+    }
+    for (let page = this.size; page < target; page++) this.free.push(page);
+    this.free.sort((a, b) => b - a);
+    this.size = target;
+    this.growths++;
+  }
 }
 
 const PIPELINE_MODES = ["async", "blocking"];
@@ -906,11 +1110,12 @@ export class Voxc {
    * (small pseudo-random values, for benchmarks of weight-less bundles).  profileKernels: time every
    * kernel with timestamp queries (needs the "timestamp-query" feature; see profileKernels()).
    * pipelines: "async" (default) or "blocking", how the kernels' pipelines are created (see
-   * createPipelines).
+   * createPipelines).  kvPages: the key/value caches' first size in pages (a number for every pool,
+   * or {enc_cache, dec_cache}; default: every stream's first seconds); they grow as streams need.
    */
   static async load(baseUrl, { onProgress = () => {}, tvmjsUrl, powerPreference = "high-performance",
                                logger = console.log, maxStreams = 1, weights = "fetch", deviceMemory,
-                               profileKernels = false, pipelines = "async" } = {}) {
+                               profileKernels = false, pipelines = "async", kvPages = null } = {}) {
     const t0 = performance.now();
     if (!PIPELINE_MODES.includes(pipelines)) {   // before anything is downloaded
       throw new VoxcError(`pipelines must be one of ${PIPELINE_MODES.join(", ")}, not ${JSON.stringify(pipelines)}`);
@@ -925,7 +1130,7 @@ export class Voxc {
       throw new VoxcError(`no voxc bundle at ${base}: ${BUNDLE_MANIFEST}: ${manifestResp.status}`);
     }
     const manifest = await manifestResp.json();
-    const requirements = bundleRequirements(manifest, { maxStreams });
+    const requirements = bundleRequirements(manifest, { maxStreams, kvPages });
     const gpuInfo = await checkWebGPU({ requirements, powerPreference, deviceMemory });
 
     report("runtime", 0, "Loading the TVM runtime");
@@ -991,9 +1196,10 @@ export class Voxc {
     const tokens = tokenizerPromise ? await tokenizerPromise : null;
 
     const footprint = { weightsBytes: requirements.weightsBytes, stateBytes: requirements.stateBytes,
-                        totalBytes: requirements.totalBytes, maxStreams: requirements.maxStreams,
+                        totalBytes: requirements.totalBytes, maxStateBytes: requirements.maxStateBytes,
+                        maxTotalBytes: requirements.maxTotalBytes, maxStreams: requirements.maxStreams,
                         buffers: requirements.buffers.map(({ name, kind, bytes }) => ({ name, kind, bytes })) };
-    const model = new Voxc({ tvmjs, tvm, vm, dev, params, packedParams, manifest, tokens,
+    const model = new Voxc({ tvmjs, tvm, vm, dev, params, packedParams, manifest, tokens, requirements,
                              maxStreams: requirements.maxStreams, weightStats,
                              loadSeconds: 0, gpu: { ...gpuInfo, device }, deviceLost: () => lost, state, footprint,
                              profiler });
@@ -1118,6 +1324,24 @@ export class Voxc {
     this.fns.createView = tvm.detachFromCurrentScope(tvm.getGlobalFunc("runtime.TVMTensorCreateView"));
     tvm.endScope();
     this.lock = Promise.resolve();
+    // the paged key/value caches (the manifest's state entries with axis "pages")
+    this.kv = {};
+    for (const [name, spec] of Object.entries(manifest.state)) {
+      if (spec.axis !== "pages") continue;
+      this.kv[name] = new KvPages({ tvm, dev: this.dev, device: this.gpu.device, state: this.state, name, spec,
+                                    maxStreams: this.maxStreams, initialPages: this.requirements.poolPages[name],
+                                    what: KV_CACHE_NAMES[name] ?? name,
+                                    createView: this.fns.createView, Scalar: this.tvmjs.Scalar });
+    }
+  }
+
+  /** Bytes of key/value-cache pages the streams hold now, and of the pools on the GPU (all layers). */
+  get kvBytesInUse() {
+    return Object.values(this.kv ?? {}).reduce((a, pool) => a + pool.bytesInUse, 0);
+  }
+
+  get kvBytesAllocated() {
+    return Object.values(this.kv ?? {}).reduce((a, pool) => a + pool.bytesAllocated, 0);
   }
 
   /** A new transcription stream (StreamingSession); delayMs defaults to the model's (480). */
@@ -1165,6 +1389,7 @@ export class Voxc {
   }
 
   releaseSlot(slot) {
+    for (const pool of Object.values(this.kv)) pool.release(slot);
     this.freeSlots.push(slot);
   }
 
@@ -1179,6 +1404,7 @@ export class Voxc {
   /** A new stream starts from silence: zero the conv-stem context of its slot, and condition its
    * decoder on its delay (in tokens). */
   resetSlot(slot, delayTokens) {
+    for (const pool of Object.values(this.kv)) pool.release(slot);   // a previous stream's pages
     this.setDelay([slot], [delayTokens]);
     for (const name of ["conv0_state", "conv1_state"]) {
       const t = this.state[name];
@@ -1203,13 +1429,28 @@ export class Voxc {
   /** Stream slots as a device array; a slot outside 0..maxStreams-1 would read and write another
    * stream's state (WebGPU clamps, it does not fail), so it is refused here. */
   #slotArg(slots) {
+    this.#checkSlots(slots);
+    return this.#i32(slots);
+  }
+
+  #checkSlots(slots) {
     for (const s of slots) {
       if (!Number.isInteger(s) || s < 0 || s >= this.maxStreams) {
         throw new VoxcError(`stream slot ${s} is not one of this model's slots 0..${this.maxStreams - 1}`);
       }
     }
-    return this.#i32(slots);
   }
+
+  /** Entry calls that wait (for KV pages, for a readback) run one after another in call order, also
+   * when they are not awaited: a TVM scope held across an await would otherwise interleave with
+   * another call's, and a step's kernels must be queued after the pages it was given. */
+  #exclusive(fn) {
+    const run = this.#queue.then(fn);
+    this.#queue = run.catch(() => {});
+    return run;
+  }
+
+  #queue = Promise.resolve();
 
   /** A state entry as an entry point takes it: a per-layer entry (an array) as a tuple. */
   #stateArg(name) {
@@ -1228,19 +1469,31 @@ export class Voxc {
   }
 
   /** mel + encode of one PCM window for the streams `slots` (one window each): the audio ring gains
-   * the window's audio embeddings.  Returns the number of mel frames. */
+   * the window's audio embeddings.  Resolves to the number of mel frames. */
   encodeWindow(windows, slots, starts) {
+    this.#checkSlots(slots);
+    return this.#exclusive(() => this.#encodeWindow(windows, slots, starts));
+  }
+
+  async #encodeWindow(windows, slots, starts) {
     this.#checkDevice();
     const { tvm, state } = this;
     const n = windows[0].length;
+    const st = this.streaming;
+    const melFrames = Math.floor((n - st.window_size) / st.hop_length) + 1;
+    await this.kv.enc_cache.ensure(slots, starts, Math.floor(melFrames / st.conv_stride));
     const flat = new Float32Array(windows.length * n);
     windows.forEach((w, i) => flat.set(w, i * n));
     tvm.beginScope();
     try {
       const samples = this.#toDevice({ data: flat, shape: [windows.length, n], dtype: "float32" });
       const mel = this.fns.mel(samples, ...this.#paramArgs());
+      if (mel.shape[2] !== melFrames) {   // the pages above were given for melFrames
+        throw new VoxcError(`a window of ${n} samples gave ${mel.shape[2]} mel frames, not ${melFrames}`);
+      }
       const ret = this.fns.encode(mel, state.conv0_state, state.conv1_state, this.#stateArg("enc_cache"),
-                                  state.audio_ring, this.#slotArg(slots), this.#i32(starts), ...this.#paramArgs());
+                                  state.enc_pages, state.audio_ring, this.#slotArg(slots), this.#i32(starts),
+                                  ...this.#paramArgs());
       ["conv0_state", "conv1_state", "enc_cache", "audio_ring"].forEach((k, i) => this.#replaceState(k, ret.get(i)));
       return mel.shape[2];
     } finally {
@@ -1265,20 +1518,18 @@ export class Voxc {
 
   /** One decoder call; resolves to {tokens: Int32Array (greedy next token per stream), logits?}.
    * Only the token ids (4 bytes a stream) come back unless withLogits.  Calls run one after another
-   * in call order, also when they are not awaited (each holds a TVM scope across its readback). */
+   * in call order (#exclusive), also when they are not awaited. */
   decode(tokens, slots, starts, options = {}) {
-    const run = this.#decodeQueue.then(() => this.#decode(tokens, slots, starts, options));
-    this.#decodeQueue = run.catch(() => {});
-    return run;
+    this.#checkSlots(slots);
+    return this.#exclusive(() => this.#decode(tokens, slots, starts, options));
   }
-
-  #decodeQueue = Promise.resolve();
 
   async #decode(tokens, slots, starts, { readTokens = true, withLogits = false } = {}) {
     this.#checkDevice();
     const { tvm, state } = this;
     const b = tokens.length;
     const n = tokens[0].length;
+    await this.kv.dec_cache.ensure(slots, starts, n);
     const flat = new Int32Array(b * n);
     tokens.forEach((t, i) => flat.set(t, i * n));
     tvm.beginScope();
@@ -1287,7 +1538,7 @@ export class Voxc {
     try {
       const tokIn = this.#toDevice({ data: flat, shape: [b, n], dtype: "int32" });
       const ret = this.fns.decode(tokIn, state.audio_ring, state.delay_scales, this.#stateArg("dec_cache"),
-                                  this.#slotArg(slots), this.#i32(starts), ...this.#paramArgs());
+                                  state.dec_pages, this.#slotArg(slots), this.#i32(starts), ...this.#paramArgs());
       this.#replaceState("dec_cache", ret.get(2));
       if (readTokens) {
         hostTokens = tvm.empty([b], "int32", tvm.cpu());
@@ -1481,7 +1732,7 @@ export class VoxcStream {
       let progressed = false;
       if (this.#nextWindowTokens()) {
         const window = this.windows.shift();
-        const melFrames = model.encodeWindow([window], [this.slot], [this.encoderFrames]);
+        const melFrames = await model.encodeWindow([window], [this.slot], [this.encoderFrames]);
         const frames = Math.floor(melFrames / st.conv_stride);
         this.encoderFrames += frames;
         this.audioTokens += Math.floor(frames / st.downsample_factor);

@@ -26,7 +26,7 @@ import numpy as np
 
 # the float64 ring-attention reference lives once, with the tests (bench/device/pack.sh ships it)
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-from references import ring_attention_reference  # noqa: E402
+from references import paged_ring, ring_attention_reference  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
@@ -133,19 +133,18 @@ def attention_checks(report, library: Path, device: str):
     vm = rt.load_vm(library)
     rng = np.random.default_rng(7)
     for case in cases:
-        name, heads, kv, d, window = (case[k] for k in ("name", "heads", "kv_heads", "head_dim", "window"))
+        name, heads, kv, d, window, page_rows = (case[k] for k in ("name", "heads", "kv_heads", "head_dim", "window",
+                                                                   "page_rows"))
         for n, starts in attention_cases(case):
             b = len(starts)
-            slots_n = b + 1
             q = rng.standard_normal((b, n, heads, d), dtype=np.float32)
             k = rng.standard_normal((b, n, kv, d), dtype=np.float32)
             v = rng.standard_normal((b, n, kv, d), dtype=np.float32)
-            cache = rng.standard_normal((2, slots_n, window, kv, d), dtype=np.float32)
-            slots = rng.permutation(slots_n)[:b].astype(np.int32)
+            cache, pages = paged_ring(rng, starts, n, window, page_rows, kv, d, np.float32)
             starts = np.array(starts, np.int32)
-            got = rt.numpy(vm[name](rt.tensor(q), rt.tensor(k), rt.tensor(v), rt.tensor(cache), rt.tensor(slots),
+            got = rt.numpy(vm[name](rt.tensor(q), rt.tensor(k), rt.tensor(v), rt.tensor(cache), rt.tensor(pages),
                                     rt.tensor(starts)))
-            ref = ring_attention_reference(q, k, v, cache, slots, starts, window)[0]
+            ref = ring_attention_reference(q, k, v, cache, pages, starts, window)[0]
             err = float(np.abs(got - ref).max() / np.abs(ref).max())
             check(report, f"attention_{name}_n{n}", err < ATTENTION_RTOL and np.isfinite(got).all(),
                   {"rel_err": err, "b": b, "starts": starts.tolist()})

@@ -10,11 +10,24 @@ try {
   const adapter = await navigator.gpu.requestAdapter();
   const limit = Math.min(adapter.limits.maxBufferSize, adapter.limits.maxStorageBufferBindingSize);
   const GiB = 2 ** 30;
-  // one layer's decoder cache buffer of `bytes` per stream (the cache is one buffer per layer)
+  // one layer's decoder cache buffer of `bytes` per stream at its largest (the cache is one pool of
+  // pages per layer, growing up to every stream's whole window)
   const withDecCache = (bytes) => (m) => {
     const spec = m.state.dec_cache;
     spec.tensor_bytes_per_stream = bytes;
     spec.bytes_per_stream = bytes * (spec.layers ?? 1);
+    spec.tensor_bytes_per_page = bytes / spec.pages_per_stream;
+    spec.bytes_per_page = spec.bytes_per_stream / spec.pages_per_stream;
+  };
+  // a decoder cache whose pool starts with `bytes` per stream (all layers), its whole window `most` bytes
+  const withDecCacheStart = (bytes, most = bytes, pages = 1) => (m) => {
+    const spec = m.state.dec_cache;
+    spec.pages_per_stream = Math.max(pages, spec.pages_per_stream);
+    spec.initial_pages_per_stream = 1;
+    spec.bytes_per_page = bytes;
+    spec.tensor_bytes_per_page = bytes / (spec.layers ?? 1);
+    spec.bytes_per_stream = most;
+    spec.tensor_bytes_per_stream = Math.min(most / (spec.layers ?? 1), Math.floor(limit / 4));
   };
   const cases = [
     { name: "as built" },
@@ -22,12 +35,16 @@ try {
     // half the adapter's buffer limit plus a little per stream: one stream fits, two do not
     { name: "cache, 1 stream", patch: withDecCache(Math.floor(limit / 2) + 4096) },
     { name: "cache, 2 streams", patch: withDecCache(Math.floor(limit / 2) + 4096), maxStreams: 2 },
-    // 4 GiB of weights (many buffers) + 256 MiB of decoder cache (all layers) on a computer reporting 2 GiB
-    // (less than 4 GiB); each buffer within SwiftShader's limits
+    // 4 GiB of weights (many buffers) + 256 MiB of decoder cache (all layers) at load on a computer
+    // reporting 2 GiB (less than 4 GiB); each buffer within SwiftShader's limits
     { name: "memory", deviceMemory: 2,
-      patch: (m) => { m.gpu.total_param_bytes = 4 * GiB; m.state.dec_cache.bytes_per_stream = GiB / 4; } },
+      patch: (m) => { m.gpu.total_param_bytes = 4 * GiB; withDecCacheStart(GiB / 4, GiB / 2, 2)(m); } },
     { name: "memory, 8 GiB reported (a lower bound)", deviceMemory: 8,
-      patch: (m) => { m.gpu.total_param_bytes = 4 * GiB; m.state.dec_cache.bytes_per_stream = GiB / 4; } },
+      patch: (m) => { m.gpu.total_param_bytes = 4 * GiB; withDecCacheStart(GiB / 4)(m); } },
+    // 3.5 GiB of weights and a decoder cache of 2 MiB at load, 1 GiB at most: it starts on a computer
+    // reporting 2 GiB (the caches grow with the audio heard; a full window would not fit)
+    { name: "memory, caches start small", deviceMemory: 2,
+      patch: (m) => { m.gpu.total_param_bytes = 3.5 * GiB; withDecCacheStart(2 << 20, GiB, 512)(m); } },
     { name: "workgroup storage", patch: (m) => { m.gpu.max_workgroup_storage_bytes = 16896; } },
     // a decoder cache and a weight tensor both above the limit: one message names both
     { name: "two buffers too large",

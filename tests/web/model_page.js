@@ -1,11 +1,15 @@
 // Test page driver: ?bundle=<url of the bundle folder>&cases=<url of cases.json>.
 // cases.json: {
+//   load: {maxStreams, kvPages},             // Voxc.load options
 //   streams: [{clip: "<url of float32 LE PCM, 16 kHz>", chunk: <samples per feed, 0 = all at once>,
 //              delayMs, recordLogits}],
+//   concurrent: [[{clip, chunk, delayMs, start: <feed round it joins>}, ...], ...],   // streams fed in turn
+//                                            // (a round feeds each open stream one chunk), then finished
 //   decode: [[token ids], ...],              // TokenTable/IncrementalDecoder vs voxc.tokenizer
 //   framer: [{clip, chunks: [sizes...]}],    // MelFramer windows vs voxc.model.mel
 //   resample: [{inRate, outRate, freq, seconds}]}
-// Posts {ok, streams: [...], decode: [...], framer: [...], resample: [...], loadMs, ...} to /result.
+// Posts {ok, streams: [...], concurrent: [[...]], kv, decode: [...], framer: [...], resample: [...], loadMs, ...}
+// to /result (kv: each key/value cache pool's pages and growths at the end, and the most pages held at once).
 const params = new URLSearchParams(location.search);
 const status = document.getElementById("status");
 const post = (path, obj) => fetch(path, { method: "POST", body: JSON.stringify(obj) });
@@ -43,7 +47,12 @@ try {
       phases.push(r.phase);
       status.textContent = r.text;
     },
+    ...(spec.load ?? {}),
   });
+  const kvMost = {};
+  const noteKv = () => {
+    for (const [name, pool] of Object.entries(model.kv)) kvMost[name] = Math.max(kvMost[name] ?? 0, pool.pagesInUse);
+  };
   const loadMs = performance.now() - t0;
   const clips = {};
   const clip = async (url) => (clips[url] ??= await fetchF32(url));
@@ -55,7 +64,10 @@ try {
     const deltas = [];
     const t = performance.now();
     const step = c.chunk > 0 ? c.chunk : pcm.length;
-    for (let i = 0; i < pcm.length; i += step) deltas.push(await s.feed(pcm.subarray(i, i + step)));
+    for (let i = 0; i < pcm.length; i += step) {
+      deltas.push(await s.feed(pcm.subarray(i, i + step)));
+      noteKv();
+    }
     deltas.push(await s.finish());
     const ms = performance.now() - t;
     const logits = c.recordLogits ? s.logits.map((l) => toB64(l)) : null;
@@ -63,6 +75,36 @@ try {
                    audioSeconds: s.stats.audioSeconds, rtf: s.realTimeFactor, stats: s.stats });
     status.textContent = `stream ${streams.length}/${spec.streams.length}`;
   }
+
+  const concurrent = [];
+  for (const group of spec.concurrent ?? []) {
+    const open = [];
+    const out = group.map(() => ({ deltas: [] }));
+    for (let round = 0; ; round++) {
+      group.forEach((c, k) => {
+        if (c.start === round) open.push({ k, c, s: model.stream({ delayMs: c.delayMs }), at: 0 });
+      });
+      let fed = false;
+      for (const o of open) {
+        const pcm = await clip(o.c.clip);
+        if (o.at >= pcm.length) continue;
+        out[o.k].deltas.push(await o.s.feed(pcm.subarray(o.at, o.at + o.c.chunk)));
+        o.at += o.c.chunk;
+        fed = true;
+        noteKv();
+      }
+      if (!fed && open.length === group.length) break;
+    }
+    for (const o of open) {
+      out[o.k].deltas.push(await o.s.finish());
+      Object.assign(out[o.k], { clip: o.c.clip, tokens: o.s.tokens, text: out[o.k].deltas.join(""), slot: o.s.slot });
+    }
+    concurrent.push(out);
+  }
+  const kv = Object.fromEntries(Object.entries(model.kv).map(([name, pool]) => [name, {
+    size: pool.size, maxPages: pool.maxPages, growths: pool.growths, pagesInUse: pool.pagesInUse,
+    mostInUse: kvMost[name] ?? 0, pageRows: pool.pageRows, perStream: pool.perStream,
+    buffers: pool.tensors.map((t) => t.shape[0]) }]));
 
   const decode = (spec.decode ?? []).map((ids) => {
     const d = model.tokens.incrementalDecoder();
@@ -104,7 +146,9 @@ try {
   const info = model.gpu.info;
   status.textContent = "done";
   await post("/result", {
-    ok: true, loadMs, phases: [...new Set(phases)], streams, decode, framer, resample,
+    ok: true, loadMs, phases: [...new Set(phases)], streams, concurrent, kv, kvBytesInUse: model.kvBytesInUse,
+    footprint: { stateBytes: model.footprint.stateBytes, maxStateBytes: model.footprint.maxStateBytes },
+    decode, framer, resample,
     adapter: { vendor: info.vendor, architecture: info.architecture },
     limits: { maxStorageBufferBindingSize: model.gpu.limits.maxStorageBufferBindingSize,
               maxBufferSize: model.gpu.limits.maxBufferSize,

@@ -32,9 +32,9 @@ class DecoderLayer(nn.Module):
         self.ada_norm = AdaNorm(cfg.dim, cfg.ada_norm_dim, dtype)
         self.feed_forward = SwiGLU(cfg.dim, cfg.hidden_dim, down_bias=False, dtype=dtype)
 
-    def forward(self, x, delay_scale, cache, slots, starts):
+    def forward(self, x, delay_scale, cache, pages, starts):
         """``delay_scale [b, 1, dim]``: this layer's ada-norm scale of each stream (AdaNorm's output)."""
-        attn, cache = self.attention(self.attention_norm(x), cache, slots, starts)
+        attn, cache = self.attention(self.attention_norm(x), cache, pages, starts)
         x = x + attn
         h = self.ffn_norm(x) * delay_scale
         return x + self.feed_forward(h), cache
@@ -50,12 +50,13 @@ class Decoder(nn.Module):
         """``t_cond [b, dim]`` -> each layer's ada-norm scale ``[b, 1, dim]``, in layer order."""
         return [op.unsqueeze(layer.ada_norm(t_cond), 1) for layer in self.layers]
 
-    def forward(self, x, delay_scales, caches, slots, starts):
+    def forward(self, x, delay_scales, caches, pages, slots, starts):
         """``delay_scales [n_slots, n_layers, dim]``: the per-stream state :meth:`delay_scales` fills;
-        each layer reads its row of the streams' slots.  ``caches``: each layer's ring KV cache;
-        returns the final hidden state and the updated caches."""
+        each layer reads its row of the streams' slots.  ``caches``: each layer's paged ring KV cache,
+        ``pages [b, pages_per_ring]`` the streams' rows of the decoder's page table; returns the final
+        hidden state and the updated caches."""
         updated = []
         for i, (layer, cache) in enumerate(zip(self.layers, caches, strict=True)):
-            x, cache = layer(x, read_slot_row(delay_scales, slots, i), cache, slots, starts)
+            x, cache = layer(x, read_slot_row(delay_scales, slots, i), cache, pages, starts)
             updated.append(cache)
         return self.norm(x), updated

@@ -17,8 +17,8 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = rms_norm(cfg.dim, cfg.norm_eps, dtype)
         self.feed_forward = SwiGLU(cfg.dim, cfg.hidden_dim, down_bias=True, dtype=dtype)
 
-    def forward(self, x, cache, slots, starts):
-        attn, cache = self.attention(self.attention_norm(x), cache, slots, starts)
+    def forward(self, x, cache, pages, starts):
+        attn, cache = self.attention(self.attention_norm(x), cache, pages, starts)
         x = x + attn
         return x + self.feed_forward(self.ffn_norm(x)), cache
 
@@ -59,10 +59,11 @@ class Encoder(nn.Module):
                                       slots, zeros)
         return op.permute_dims(frames, [0, 2, 1]), conv0_state, conv1_state
 
-    def transformer(self, frames, caches, slots, starts):
-        """``caches``: each layer's ring KV cache; returns the output and the updated caches."""
+    def transformer(self, frames, caches, pages, starts):
+        """``caches``: each layer's paged ring KV cache, ``pages [b, pages_per_ring]`` the streams' rows
+        of the encoder's page table; returns the output and the updated caches."""
         updated = []
         for layer, cache in zip(self.layers, caches, strict=True):
-            frames, cache = layer(frames, cache, slots, starts)
+            frames, cache = layer(frames, cache, pages, starts)
             updated.append(cache)
         return self.norm(frames), updated

@@ -5,21 +5,24 @@ device-resident state, ``starts`` its absolute position (encoder frames for ``en
 for ``decode``).  The state is updated in place and returned:
 
 * ``conv0_state [S, 2, n_mels]``, ``conv1_state [S, 1, enc_dim]``: the causal convs' left context;
-* ``enc_cache``, ``dec_cache``: ring KV caches (schedules/ring_attention.py), a tuple of one tensor
-  per layer ``[2, S, window, kv_heads, head_dim]`` (each kernel binds only its layer's buffer);
+* ``enc_cache``, ``dec_cache``: ring KV caches in pages (schedules/ring_attention.py), a tuple of one
+  pool per layer ``[n_pages, 2, page_rows, kv_heads, head_dim]`` (each kernel binds only its layer's
+  buffer; each layer's page count is its own symbolic dim, so a pool that grows layer by layer is
+  valid at every step), and ``enc_pages``, ``dec_pages [S, pages_per_ring]`` int32: each tower's page
+  table (voxc.runtime.kv_pages fills it), read only;
 * ``audio_ring [S, AUDIO_RING_ROWS, dec_dim]``: audio embeddings between encoder and decoder,
   token position ``p`` at row ``p mod AUDIO_RING_ROWS``;
 * ``delay_scales [S, n_dec_layers, dec_dim]``: each stream's ada-norm scales, for its delay.
 
 * ``mel(samples [b, n])``: PCM windows -> log-mel frames (voxc.model.mel has the framing contract).
-* ``encode(mel, conv0_state, conv1_state, enc_cache, audio_ring, slots, starts)``: a chunk of mel
+* ``encode(mel, conv0_state, conv1_state, enc_cache, enc_pages, audio_ring, slots, starts)``: a chunk of mel
   frames (8 per text token) -> one audio embedding per token, written to ``audio_ring``.
 * ``encode_stages``: the same computation, also returning the conv-stem output, the encoder output
   and the embeddings (the stage-by-stage oracle tests use it; there is no separate model).
 * ``set_delay(delay_tokens [b], delay_scales, slots)``: conditions each stream on its delay (in text
   tokens): writes the decoder's per-layer ada-norm scales, which depend on the delay only, to its
   slot of ``delay_scales [S, n_layers, dec_dim]``.  A stream calls it once, when it starts.
-* ``decode(tokens [b, n], audio_ring, delay_scales, dec_cache, slots, starts)``: embeds the tokens,
+* ``decode(tokens [b, n], audio_ring, delay_scales, dec_cache, dec_pages, slots, starts)``: embeds the tokens,
   adds the audio embeddings of the same positions, runs the decoder; returns the last position's
   logits, its greedy token and the updated cache.
 """
@@ -37,7 +40,7 @@ from voxc.model.adapter import Adapter
 from voxc.model.decoder import Decoder
 from voxc.model.embedding import DenseEmbedding, split_token_table
 from voxc.model.encoder import Encoder
-from voxc.model.layers import read_slot_rows, sinusoidal_embedding, write_slot_rows
+from voxc.model.layers import page_table_rows, read_slot_rows, sinusoidal_embedding, write_slot_rows
 from voxc.model.mel import LogMel
 from voxc.model.quantization import QuantPlan, quantize_graph
 
@@ -86,16 +89,16 @@ class VoxtralGraph(nn.Module):
         mel = self.mel_frontend(samples)
         return mel if self.dtype == "float32" else mel.astype(self.dtype)
 
-    def encode_stages(self, mel, conv0_state, conv1_state, enc_cache, audio_ring, slots, starts):
+    def encode_stages(self, mel, conv0_state, conv1_state, enc_cache, enc_pages, audio_ring, slots, starts):
         frames, conv0_state, conv1_state = self.enc.stem(mel, conv0_state, conv1_state, slots)
-        hidden, enc_cache = self.enc.transformer(frames, enc_cache, slots, starts)
+        hidden, enc_cache = self.enc.transformer(frames, enc_cache, page_table_rows(enc_pages, slots), starts)
         audio = self.adapter(hidden)
         token_starts = op.divide(starts, op.full((1,), self.cfg.audio.downsample_factor, "int32"))
         audio_ring = write_slot_rows(audio_ring, audio, slots, token_starts)
         return conv0_state, conv1_state, enc_cache, audio_ring, frames, hidden, audio
 
-    def encode(self, mel, conv0_state, conv1_state, enc_cache, audio_ring, slots, starts):
-        return self.encode_stages(mel, conv0_state, conv1_state, enc_cache, audio_ring, slots, starts)[:4]
+    def encode(self, mel, conv0_state, conv1_state, enc_cache, enc_pages, audio_ring, slots, starts):
+        return self.encode_stages(mel, conv0_state, conv1_state, enc_cache, enc_pages, audio_ring, slots, starts)[:4]
 
     # ---- text side --------------------------------------------------------------------------
     def set_delay(self, delay_tokens, delay_scales, slots):
@@ -107,10 +110,10 @@ class VoxtralGraph(nn.Module):
             delay_scales = write_slot_rows(delay_scales, scale, slots, zeros + index)
         return delay_scales
 
-    def decode(self, tokens, audio_ring, delay_scales, dec_cache, slots, starts):
+    def decode(self, tokens, audio_ring, delay_scales, dec_cache, dec_pages, slots, starts):
         n = tokens.shape[1]
         x = self.tok_embeddings.lookup(tokens) + read_slot_rows(audio_ring, slots, starts, n)
-        hidden, dec_cache = self.dec(x, delay_scales, dec_cache, slots, starts)
+        hidden, dec_cache = self.dec(x, delay_scales, dec_cache, page_table_rows(dec_pages, slots), slots, starts)
         last = _last_row(hidden)
         logits = self.tok_embeddings.project(last)
         next_tokens = op.topk(logits, k=1, axis=-1, ret_type="indices", dtype="int32")
@@ -119,16 +122,22 @@ class VoxtralGraph(nn.Module):
     # ---- export -----------------------------------------------------------------------------
     def export_spec(self) -> dict:
         """The entry points' argument specs; the state comes from voxc.artifact.state_layout (a
-        per-layer entry is a list of specs: the entry point takes and returns it as a tuple)."""
+        per-layer entry is a list of specs: the entry point takes and returns it as a tuple; each layer
+        of a paged entry has its own page count ``<name>_pages_<layer>``)."""
         mel_bins = self.cfg.encoder.num_mel_bins
 
-        def state_spec(entry):
-            tensor = spec.Tensor(["n_slots" if d is None else d for d in entry.shape], self.dtype)
-            return tensor if entry.layers is None else [tensor] * entry.layers
+        def state_spec(name, entry):
+            def tensor(rows):
+                return spec.Tensor([rows if d is None else d for d in entry.shape], entry.dtype_for(self.dtype))
 
-        state = {name: state_spec(entry) for name, entry in state_layout(self.cfg).items()}
+            if entry.layers is None:
+                return tensor("n_slots")
+            return [tensor(f"{name}_pages_{i}" if entry.paged else "n_slots") for i in range(entry.layers)]
+
+        state = {name: state_spec(name, entry) for name, entry in state_layout(self.cfg).items()}
         encode_args = {"mel": spec.Tensor(["b", mel_bins, "t"], self.dtype),
-                       **{k: state[k] for k in ("conv0_state", "conv1_state", "enc_cache", "audio_ring")},
+                       **{k: state[k] for k in ("conv0_state", "conv1_state", "enc_cache", "enc_pages",
+                                                "audio_ring")},
                        "slots": spec.Tensor(["b"], "int32"), "starts": spec.Tensor(["b"], "int32")}
         specs = {
             "mel": {"samples": spec.Tensor(["b", "n_samples"], "float32")},
@@ -144,6 +153,7 @@ class VoxtralGraph(nn.Module):
                 "audio_ring": state["audio_ring"],
                 "delay_scales": state["delay_scales"],
                 "dec_cache": state["dec_cache"],
+                "dec_pages": state["dec_pages"],
                 "slots": spec.Tensor(["b"], "int32"),
                 "starts": spec.Tensor(["b"], "int32"),
             },

@@ -81,8 +81,9 @@ def stacked_heads(x: nn.Tensor, first: int, heads: int, head_dim: int, name: str
 
 
 class RingAttention(nn.Module):
-    """Self-attention with biases as configured, RoPE, exact sliding window over a ring KV cache
-    (this layer's own cache tensor, ``[2, slots, window, n_kv_heads, head_dim]``)."""
+    """Self-attention with biases as configured, RoPE, exact sliding window over a ring KV cache in
+    pages (this layer's own pool ``[n_pages, 2, page_rows, n_kv_heads, head_dim]``, read and written
+    through the batch's page-table rows, schedules/ring_attention.py)."""
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int,
                  window: int, rope_theta: float, biases: bool, dtype: str):
@@ -93,7 +94,8 @@ class RingAttention(nn.Module):
         self.wqkv = linear(dim, (n_heads + 2 * n_kv_heads) * head_dim, bias=biases, dtype=dtype)
         self.wo = linear(n_heads * head_dim, dim, bias=biases, dtype=dtype)
 
-    def forward(self, x: nn.Tensor, cache: nn.Tensor, slots: nn.Tensor, starts: nn.Tensor):
+    def forward(self, x: nn.Tensor, cache: nn.Tensor, pages: nn.Tensor, starts: nn.Tensor):
+        """``pages [b, pages_per_ring]``: each stream's row of the tower's page table (:func:`page_table_rows`)."""
         b, n, _ = x.shape
         qkv = self.wqkv(x)
         rope = (starts, self.rope_theta)
@@ -102,11 +104,11 @@ class RingAttention(nn.Module):
         v = stacked_heads(qkv, self.n_heads + self.n_kv_heads, self.n_kv_heads, self.head_dim, "heads_v")
         attn = op.tensor_ir_op(
             ring_attention_func(self.n_heads, self.n_kv_heads, self.head_dim, self.window, self.dtype),
-            "ring_attention", args=[q, k, v, cache, slots, starts],
+            "ring_attention", args=[q, k, v, cache, pages, starts],
             out=nn.Tensor.placeholder((b, n, self.n_heads, self.head_dim), self.dtype))
         cache = op.tensor_ir_inplace_op(
             ring_append_func(self.n_kv_heads, self.head_dim, self.window, self.dtype),
-            "ring_append", args=[cache, k, v, slots, starts], inplace_indices=[0],
+            "ring_append", args=[cache, k, v, pages, starts], inplace_indices=[0],
             out=nn.Tensor.placeholder(cache.shape, self.dtype))
         out = self.wo(op.reshape(attn, (b, n, self.n_heads * self.head_dim)))
         return out, cache
@@ -127,6 +129,16 @@ def sinusoidal_embedding(values: nn.Tensor, dim: int, theta: float = 10000.0) ->
         return te.compute((vt.shape[0], dim), emb, name="time_embedding")
 
     return op.tensor_expr_op(compute, "time_embedding", [values])
+
+
+def page_table_rows(table: nn.Tensor, slots: nn.Tensor) -> nn.Tensor:
+    """[n_slots, pages_per_ring] int32 page table -> [b, pages_per_ring]: the rows of streams ``slots``
+    (gathered once per call; every layer's attention reads them)."""
+
+    def compute(t: te.Tensor, s: te.Tensor):
+        return te.compute((s.shape[0], t.shape[1]), lambda bi, j: t[s[bi].astype("int64"), j], name="page_rows")
+
+    return op.tensor_expr_op(compute, "page_table_rows", [table, slots])
 
 
 def read_slot_rows(ring: nn.Tensor, slots: nn.Tensor, offsets: nn.Tensor, count) -> nn.Tensor:

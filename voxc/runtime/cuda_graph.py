@@ -5,8 +5,9 @@ CUDA graph, and replays the whole step with one launch from then on.
 
 A replay reuses every buffer address of the capture, so the step's inputs live in tensors owned by
 the capture (the caller copies new values into them before each replay) and its state arguments
-(caches, audio ring) must be the same tensors on every call: :meth:`CapturedStep.matches` checks
-that (every tensor of a per-layer cache list too), and the caller captures again when they changed.  Only the CUDA runtime (libcudart, which
+(caches, page table, audio ring) must be the same tensors on every call: :meth:`CapturedStep.matches`
+checks that (every tensor of a per-layer cache list too), and the caller captures again when they
+changed (a KV page pool that grew is a new tensor per layer; the page table is rewritten in place).  Only the CUDA runtime (libcudart, which
 TVM's CUDA runtime already loaded) is used, through ctypes.
 """
 from __future__ import annotations

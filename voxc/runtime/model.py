@@ -1,9 +1,12 @@
 """A loaded artifact: weights on the device, the VM's entry points, and the KV caches.
 
-Caches are allocated per model for ``max_streams`` sequences (one slot each), one tensor per layer
-(voxc.artifact.state_layout): the encoder rings ``[2, slots, 750, H, D]`` and the decoder rings
-``[2, slots, 8192, Hkv, D]``.  Every entry point takes a batch of slots, so the server can decode
-many streams in one step; a :class:`~voxc.runtime.session.StreamingSession` is one slot.
+The state is allocated per model for ``max_streams`` sequences (one slot each; voxc.artifact.state_layout).
+The KV caches are paged (voxc.runtime.kv_pages): per tower one pool per layer of pages of 64 ring rows
+(the encoder's ``[n_pages, 2, 64, H, D]`` for its 750-row window, the decoder's ``[n_pages, 2, 64, Hkv, D]``
+for 8192 rows) and a page table; :meth:`CompiledModel.encode` and :meth:`CompiledModel.decode` hand
+pages to the rows a step writes, so KV memory follows the audio each stream has heard.  Every entry
+point takes a batch of slots, so the server can decode many streams in one step; a
+:class:`~voxc.runtime.session.StreamingSession` is one slot.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ from voxc import artifact
 from voxc.artifact import DECODE_B1N1, ENCODE_B1T8, ISA_FLAGS
 from voxc.config import ModelConfig
 from voxc.errors import VoxcError
+from voxc.runtime.kv_pages import KvPages
 from voxc.runtime.tvm_runtime import Runtime
 
 log = logging.getLogger("voxc")
@@ -49,8 +53,13 @@ def check_cpu_isa(artifact_dir: Path, cpu: dict | None) -> None:
                         f"this CPU) or with `--cpu generic` for any CPU")
 
 
+# How messages name each paged cache.
+KV_CACHE_NAMES = {"enc_cache": "the encoder's KV cache", "dec_cache": "the decoder's KV cache"}
+
+
 class CompiledModel:
-    def __init__(self, artifact_dir: Path, manifest: dict, runtime: Runtime, max_streams: int, progress: bool):
+    def __init__(self, artifact_dir: Path, manifest: dict, runtime: Runtime, max_streams: int, progress: bool,
+                 kv_pages=None):
         from tqdm import tqdm
 
         from voxc.tokenizer import Tokenizer
@@ -88,21 +97,86 @@ class CompiledModel:
         self.cuda_graph_replays = 0     # one-token steps run from a captured graph (benchmarks report it)
         self._encode_single_mel = (1, self.config.encoder.num_mel_bins, ENCODE_B1T8.dim("t"))
         self._view = runtime.ffi.get_global_func("runtime.TVMTensorCreateView")
-        self.slots = SlotPool(max_streams)
+        self.max_streams = max_streams
+        self.slots = SlotPool(max_streams, on_release=self._release_pages)
         self.audio_ring_rows = artifact.AUDIO_RING_ROWS
         self.state_layout = artifact.state_layout(self.config)
+        paged = artifact.paged_entries(self.state_layout)
+        initial = _initial_kv_pages(kv_pages, list(paged))
+        # the KV caches: per tower a pool of pages per layer (separately allocated tensors, so each
+        # layer's kernels bind a buffer of their own: WebGPU/Vulkan limit one binding's size)
+        self.kv = {name: KvPages(runtime, entry, self.dtype, max_streams, what=KV_CACHE_NAMES.get(name, name),
+                                 initial_pages=initial[name]) for name, entry in paged.items()}
+        for pool in self.kv.values():
+            pool.on_grow.append(self._drop_captured_step)
+        self._tables = {entry.page_table: name for name, entry in paged.items()}
         for name, entry in self.state_layout.items():   # one slot per stream
-            shape = entry.concrete_shape(max_streams)
-            # a per-layer entry (a KV cache): a list of separately allocated tensors, so each layer's
-            # kernels bind a buffer of their own (WebGPU/Vulkan limit one binding's size)
-            setattr(self, name, runtime.zeros(shape, self.dtype) if entry.layers is None else
-                    [runtime.zeros(shape, self.dtype) for _ in range(entry.layers)])
+            if entry.paged or name in self._tables:
+                continue
+            setattr(self, name, runtime.zeros(entry.concrete_shape(max_streams), entry.dtype_for(self.dtype)))
+
+    # ---- the paged KV caches ------------------------------------------------------------------
+    @property
+    def enc_cache(self) -> list:
+        return self.kv["enc_cache"].tensors
+
+    @property
+    def dec_cache(self) -> list:
+        return self.kv["dec_cache"].tensors
+
+    @property
+    def enc_pages(self):
+        return self.kv["enc_cache"].table
+
+    @property
+    def dec_pages(self):
+        return self.kv["dec_cache"].table
+
+    @property
+    def kv_bytes_in_use(self) -> int:
+        """Bytes of KV-cache pages the streams hold (both towers, all layers)."""
+        return sum(pool.bytes_in_use for pool in self.kv.values())
+
+    @property
+    def kv_bytes_allocated(self) -> int:
+        """Bytes of the KV-cache pools on the device (both towers, all layers)."""
+        return sum(pool.bytes_allocated for pool in self.kv.values())
+
+    def kv_stats(self) -> dict:
+        """Per tower: page size, pages in use / in the pool / at most, bytes in use / allocated / at most."""
+        return {name: {"page_rows": pool.page_rows, "pages_in_use": pool.pages_in_use, "pages": pool.size,
+                       "max_pages": pool.max_pages, "bytes_in_use": pool.bytes_in_use,
+                       "bytes_allocated": pool.bytes_allocated, "max_bytes": pool.max_bytes, "growths": pool.growths}
+                for name, pool in self.kv.items()}
+
+    def take_kv_pages(self, slots, positions, cache: str = "dec_cache") -> None:
+        """Give streams ``slots`` the pages of ``cache`` for positions 0 .. ``positions`` - 1, as if they had
+        run there: a benchmark that decodes from position 4000 straight away then reads 4000 keys from
+        distinct pages (its own), as a stream that got there would, not one shared unreached page."""
+        pool = self.kv[cache]
+        for slot, position in zip(np.atleast_1d(slots).tolist(), np.broadcast_to(positions, np.shape(slots)).tolist()):
+            pool.ensure([slot], [0], int(position))
+
+    def _release_pages(self, slot: int) -> None:
+        for pool in self.kv.values():
+            pool.release(slot)
+
+    def _drop_captured_step(self) -> None:
+        """A pool is about to be replaced: a captured step (which holds the old tensors) goes."""
+        if self._decode_captured is not None:
+            self._decode_captured.close()
+            self._decode_captured = None
 
     @classmethod
     def load(cls, artifact_dir, device: str | None = None, *, max_streams: int = 1, progress: bool = False,
-             verify: str = "auto"):
+             verify: str = "auto", kv_pages=None):
         """``verify``: ``auto`` checks every file's size, and its SHA-256 on the first load (and again
-        whenever a file changed since); ``full`` hashes every time; ``size`` never hashes."""
+        whenever a file changed since); ``full`` hashes every time; ``size`` never hashes.
+
+        ``kv_pages``: the KV-cache pools' first size in pages (of 64 ring rows), one number for both
+        towers or ``{"enc_cache": n, "dec_cache": m}``; by default enough for the first 4 s of each of
+        ``max_streams`` streams (voxc.artifact.KV_INITIAL_SECONDS).  Pools grow by doubling as streams
+        need pages, up to every stream's whole window."""
         artifact_dir = Path(artifact_dir)
         if verify not in VERIFY_MODES:
             raise VoxcError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
@@ -121,7 +195,7 @@ class CompiledModel:
             from voxc.runtime.wgpu_device import open_wgpu_device
 
             open_wgpu_device(artifact_dir, manifest, int(max_streams))
-        return cls(artifact_dir, manifest, Runtime(kind), int(max_streams), progress)
+        return cls(artifact_dir, manifest, Runtime(kind), int(max_streams), progress, kv_pages)
 
     @property
     def functions(self) -> list[str]:
@@ -156,8 +230,10 @@ class CompiledModel:
         """A new stream starts from silence: zero its conv-stem context (the reference's zero padding),
         and condition its decoder on its delay (the per-layer scales every decode step of it reads).
 
-        Its KV-cache and audio rows need no clearing: positions before the stream's start are masked.
+        Its KV-cache pages (a previous stream's) go back to the pools; its audio rows need no clearing:
+        positions before the stream's start are masked.
         """
+        self._release_pages(slot)
         self.set_delay([slot], [delay_tokens])
         for state in (self.conv0_state, self.conv1_state):
             row_shape = tuple(state.shape[1:])
@@ -184,25 +260,29 @@ class CompiledModel:
         fn = self._encode_stages if stages else self._encode
         if not stages and self._encode_single is not None and tuple(mel.shape) == self._encode_single_mel:
             fn = self._encode_single
-        out = fn(mel, self.conv0_state, self.conv1_state, self.enc_cache, self.audio_ring,
+        pool = self.kv["enc_cache"]
+        pool.ensure(slots, starts, int(mel.shape[2]) // self.config.audio.conv_stride)
+        out = fn(mel, self.conv0_state, self.conv1_state, pool.tensors, pool.table, self.audio_ring,
                  self.rt.tensor(np.asarray(slots, np.int32)), self.rt.tensor(np.asarray(starts, np.int32)),
                  *self.params)
         self.conv0_state, self.conv1_state, self.audio_ring = out[0], out[1], out[3]
-        self.enc_cache = list(out[2])   # the per-layer caches come back as a tuple
+        pool.tensors = list(out[2])   # the per-layer caches come back as a tuple (the same tensors)
         return (out[4], out[5], out[6]) if stages else None
 
     def decode(self, tokens: np.ndarray, slots, starts):
         """Decode tokens [b, n] of streams ``slots`` (each conditioned on its delay by reset_slot) at
         positions ``starts``; returns (logits [b, vocab], greedy tokens [b])."""
         tokens = np.asarray(tokens, np.int32)
+        pool = self.kv["dec_cache"]
+        pool.ensure(slots, starts, tokens.shape[1])
         if tokens.shape == (1, 1) and self._decode_single is not None and self.cuda_graphs:
             return self._decode_graph(tokens, slots, starts)
         fn = self._decode_single if tokens.shape == (1, 1) and self._decode_single is not None else self._decode
         logits, next_tokens, dec_cache = fn(
-            self.rt.tensor(tokens), self.audio_ring, self.delay_scales, self.dec_cache,
+            self.rt.tensor(tokens), self.audio_ring, self.delay_scales, pool.tensors, pool.table,
             self.rt.tensor(np.asarray(slots, np.int32)), self.rt.tensor(np.asarray(starts, np.int32)),
             *self.params)
-        self.dec_cache = list(dec_cache)   # the per-layer caches come back as a tuple
+        pool.tensors = list(dec_cache)   # the per-layer caches come back as a tuple (the same tensors)
         return logits, next_tokens
 
     def _decode_graph(self, tokens, slots, starts):
@@ -215,7 +295,10 @@ class CompiledModel:
         tok, slt, pos = self._graph_inputs
         for tensor, value, dtype in ((tok, tokens, np.int32), (slt, slots, np.int32), (pos, starts, np.int32)):
             self.rt.copy_into(tensor, np.asarray(value, dtype).reshape(tuple(tensor.shape)))
-        args = [tok, self.audio_ring, self.delay_scales, self.dec_cache, slt, pos]
+        pool = self.kv["dec_cache"]
+        # the page table is one tensor for the model's life (rewritten in place), the pools change
+        # when they grow: a grown pool means a new capture
+        args = [tok, self.audio_ring, self.delay_scales, pool.tensors, pool.table, slt, pos]
         if self._decode_captured is None or not self._decode_captured.matches(args):
             if self._decode_captured is not None:
                 self._decode_captured.close()
@@ -227,7 +310,7 @@ class CompiledModel:
                 self._decode_captured = None
                 return self.decode(tokens, slots, starts)
         logits, next_tokens, dec_cache = self._decode_captured.replay()
-        self.dec_cache = list(dec_cache)
+        pool.tensors = list(dec_cache)
         self.cuda_graph_replays += 1
         return logits, next_tokens
 
@@ -253,11 +336,23 @@ def _optional_function(vm, name: str):
         return None
 
 
-class SlotPool:
-    """Cache rows handed to sessions; a finished session's row is reused (its old keys are masked out)."""
+def _initial_kv_pages(kv_pages, names: list[str]) -> dict:
+    """CompiledModel.load's ``kv_pages`` as {cache name: initial pages or None (the default)}."""
+    if kv_pages is None or (isinstance(kv_pages, (int, np.integer)) and not isinstance(kv_pages, bool)):
+        return {name: kv_pages for name in names}
+    if isinstance(kv_pages, dict) and set(kv_pages) <= set(names):
+        return {name: kv_pages.get(name) for name in names}
+    raise VoxcError(f"kv_pages must be a number of pages or a dict with keys among {', '.join(names)}, "
+                    f"not {kv_pages!r}")
 
-    def __init__(self, size: int):
+
+class SlotPool:
+    """Cache rows handed to sessions; a finished session's row is reused (its old keys are masked out).
+    ``on_release(slot)``: called when a slot comes back (the model frees its KV pages)."""
+
+    def __init__(self, size: int, on_release=None):
         self.free = list(range(size))
+        self.on_release = on_release
 
     def acquire(self) -> int:
         if not self.free:
@@ -265,4 +360,6 @@ class SlotPool:
         return self.free.pop(0)
 
     def release(self, slot: int) -> None:
+        if self.on_release is not None:
+            self.on_release(slot)
         self.free.append(slot)

@@ -110,6 +110,8 @@ class Runtime:
         self._alloc = ffi.get_global_func("runtime.TVMTensorAllocWithScope")
         self._from_bytes = ffi.get_global_func("runtime.TVMTensorCopyFromBytes")
         self._to_bytes = ffi.get_global_func("runtime.TVMTensorCopyToBytes")
+        self._copy = ffi.get_global_func("runtime.TVMTensorCopyFromTo")
+        self._view = ffi.get_global_func("runtime.TVMTensorCreateView")
         if device_kind not in ("cpu", "llvm"):
             exists = ffi.get_global_func(f"device_api.{device_kind}", allow_missing=True)
             if exists is None:
@@ -137,6 +139,14 @@ class Runtime:
         """Host -> device copy into an existing tensor (or view) of the same size."""
         array = np.ascontiguousarray(array)
         self._from_bytes(tensor, array.ctypes.data_as(ctypes.c_void_p), array.nbytes)
+
+    def view(self, tensor, shape, byte_offset: int = 0):
+        """A tensor of ``shape`` over ``tensor``'s memory from ``byte_offset`` (same dtype)."""
+        return self._view(tensor, self.ffi.Shape(tuple(int(s) for s in shape)), tensor.dtype, int(byte_offset))
+
+    def copy(self, src, dst) -> None:
+        """Device copy of ``src`` into ``dst`` (tensors or views of the same size and dtype)."""
+        self._copy(src, dst)
 
     def zeros(self, shape, dtype: str):
         return self.tensor(np.zeros(shape, dtype=_numpy_dtype(dtype)))

@@ -8,7 +8,7 @@ Endpoints:
 * ``GET /v1/models``: the one model served (OpenAI clients ask).
 * ``GET /health``: 200 while the model worker runs (503 after it died), with session counts.
 * ``GET /metrics``: Prometheus text (``?format=json`` for JSON): sessions, step latency percentiles,
-  tokens per second, totals.
+  tokens per second, totals, the KV-cache bytes in use and allocated.
 
 Each websocket connection and each HTTP transcription holds one of ``max_sessions`` leases while it
 lasts; a full server answers a websocket with an ``error`` event (code ``server_full``) and closes it
@@ -519,7 +519,8 @@ def metrics(state: ServerState) -> dict:
             "tokens_total": engine.tokens_total, "tokens_per_second": round(engine.tokens_per_second(), 3),
             "audio_seconds_total": round(engine.audio_seconds_total, 3),
             "sessions_total": engine.sessions_total, "sessions_refused_total": engine.refused_total,
-            "stream_errors_total": engine.stream_errors_total, "idle_timeouts_total": state.idle_timeouts_total}
+            "stream_errors_total": engine.stream_errors_total, "idle_timeouts_total": state.idle_timeouts_total,
+            "kv_bytes_in_use": state.model.kv_bytes_in_use, "kv_bytes_allocated": state.model.kv_bytes_allocated}
 
 
 _PROMETHEUS = [
@@ -535,6 +536,8 @@ _PROMETHEUS = [
     ("sessions_refused_total", "counter", "sessions refused because the server was full"),
     ("stream_errors_total", "counter", "streams that failed in the model"),
     ("idle_timeouts_total", "counter", "sessions closed for being idle"),
+    ("kv_bytes_in_use", "gauge", "bytes of KV-cache pages the streams hold (both towers, all layers)"),
+    ("kv_bytes_allocated", "gauge", "bytes of the KV-cache page pools on the device (they grow on demand)"),
     ("uptime_s", "gauge", "seconds since the server started"),
 ]
 

@@ -10,7 +10,9 @@ repeats a *tick*:
 2. free the slots of aborted streams, open a session (a KV-cache slot) for each new stream while
    slots are free, queue the PCM, and mark the end of audio where it came;
 3. ``advance`` all sessions with work together (one batched encode per window length, one batched
-   decode step for all streams past their prompt, until no stream can go further);
+   decode step for all streams past their prompt, until no stream can go further); streams whose KV
+   pages do not fit on the device (voxc.runtime.kv_pages.KvCacheFull) end with that error and the
+   others advance without them;
 4. hand each stream its new text with timestamps (and its final text and usage when it ended) back
    to the event loop.
 
@@ -33,6 +35,7 @@ import numpy as np
 
 from voxc.artifact import MAX_TOKENS_PER_ENCODE
 from voxc.errors import VoxcError
+from voxc.runtime.kv_pages import KvCacheFull
 from voxc.runtime.session import advance
 from voxc.server.timestamps import Piece, token_span
 
@@ -337,13 +340,27 @@ class Engine:
                 self._fail(s, exc)
         sessions = [s.session for s in live]
         failed = False
-        try:
-            advance(sessions)
-        except Exception as exc:
-            failed = True
-            log.error("advance failed:\n%s", traceback.format_exc())
-            for s in live:
-                self._fail(s, exc)
+        while True:
+            try:
+                advance([s.session for s in live])
+                break
+            except KvCacheFull as exc:
+                # the streams that got no KV pages end (their pages go back); the others go on: their
+                # state is as the last step that ran left it
+                short = [s for s in live if s.session is not None and s.session.slot in exc.slots]
+                log.warning("%s: %d stream(s) end", exc, len(short))
+                for s in short:
+                    self._fail(s, exc)
+                live = [s for s in live if s not in short]
+                if not short:
+                    failed = True
+                    break
+            except Exception as exc:
+                failed = True
+                log.error("advance failed:\n%s", traceback.format_exc())
+                for s in live:
+                    self._fail(s, exc)
+                break
         elapsed = time.perf_counter() - started
         if failed:
             return

@@ -1,0 +1,168 @@
+"""The KV-cache page allocator (voxc.runtime.kv_pages) on its own: pages per ring row a step writes, no
+page held by two live streams, release and reuse, growth by doubling with the old pages kept (on the
+CPU runtime's tensors), refusal past the maximum and a growth that runs out of memory, each with one
+clear line, leaving the other streams' pages as they were."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from voxc.artifact import StateEntry
+from voxc.errors import VoxcError
+from voxc.runtime.kv_pages import KvCacheFull, KvPages
+
+
+def _entry(window=100, page_rows=8, heads=2, head_dim=4, layers=3, initial=1):
+    return StateEntry((None, 2, page_rows, heads, head_dim), layers=layers, axis="pages", page_rows=page_rows,
+                      pages_per_stream=-(-window // page_rows), window=window, page_table="t",
+                      initial_pages_per_stream=initial)
+
+
+def _live_pages_are_distinct(pool: KvPages, streams: int):
+    held = [p for s in range(streams) for p in pool.pages_of(s)]
+    assert len(held) == len(set(held)), held
+    assert not set(held) & set(pool.free)
+    assert all(0 <= p < pool.size for p in held)
+    assert len(held) + len(pool.free) == pool.size
+
+
+def test_a_step_gets_pages_for_the_rows_it_writes():
+    pool = KvPages(None, _entry(window=100, page_rows=8), "float32", 2, what="the test cache", initial_pages=64)
+    assert pool.pages_per_stream == 13                       # 12 pages of 8 rows and one of 4
+    pool.ensure([0], [0], 39)                                # a prompt: rows 0..38
+    assert pool.held[0].tolist() == [True] * 5 + [False] * 8
+    pool.ensure([0], [39], 1)                                # row 39: already held
+    assert pool.pages_in_use == 5
+    pool.ensure([0], [40], 1)                                # row 40: page 5
+    assert pool.count[0] == 6 and pool.held[0, 5]
+    pool.ensure([1], [95], 10)                               # rows 95..99 and 0..4: pages 11, 12 and 0
+    assert pool.held[1].nonzero()[0].tolist() == [0, 11, 12]
+    pool.ensure([1], [7], 250)                               # longer than the window: every page
+    assert pool.count[1] == 13
+    _live_pages_are_distinct(pool, 2)
+    # rows not reached point at page 0 in the table
+    assert (pool.host_table[0][~pool.held[0]] == 0).all()
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_streams_never_share_a_page(seed):
+    rng = np.random.default_rng(seed)
+    streams = 5
+    pool = KvPages(None, _entry(window=37, page_rows=4), "float32", streams, what="the test cache", initial_pages=1)
+    positions = [0] * streams
+    for _ in range(400):
+        slot = int(rng.integers(streams))
+        if rng.random() < 0.08:
+            pool.release(slot)
+            positions[slot] = 0
+        else:
+            n = int(rng.choice([1, 1, 1, 3, 8, 40]))
+            pool.ensure([slot], [positions[slot]], n)
+            positions[slot] += n
+        _live_pages_are_distinct(pool, streams)
+        for s in range(streams):   # a stream holds exactly the pages of the ring rows it reached
+            reached = min(positions[s], 37)
+            assert pool.count[s] == -(-reached // 4) or positions[s] >= 37 and pool.count[s] == 10
+    assert pool.size <= pool.max_pages == streams * 10
+
+
+def test_release_gives_the_pages_back_and_a_new_stream_reuses_them():
+    pool = KvPages(None, _entry(window=16, page_rows=4), "float32", 2, what="the test cache", initial_pages=8)
+    pool.ensure([0, 1], [0, 0], 9)                            # 3 pages each
+    first = pool.pages_of(0)
+    pool.release(0)
+    assert pool.count[0] == 0 and (pool.host_table[0] == 0).all() and pool.pages_in_use == 3
+    pool.ensure([0], [0], 12)
+    assert sorted(pool.pages_of(0)) == sorted(first)          # the lowest free pages first: the same ones
+    _live_pages_are_distinct(pool, 2)
+    pool.release(0)
+    pool.release(0)                                           # twice: nothing more happens
+    assert pool.pages_in_use == 3
+
+
+def test_the_pool_grows_by_doubling_and_keeps_every_page():
+    from voxc.runtime.tvm_runtime import Runtime
+
+    rt = Runtime("cpu")
+    pool = KvPages(rt, _entry(window=20, page_rows=4, layers=2), "float32", 4, what="the test cache", initial_pages=1)
+    grown = []
+    pool.on_grow.append(lambda: grown.append(pool.size))
+    pool.ensure([0], [0], 3)
+    assert pool.size == 1 and not grown
+    # a page of each layer, filled with its (layer, page) number
+    def fill():
+        for layer, t in enumerate(pool.tensors):
+            data = rt.numpy(t)
+            for p in range(pool.size):
+                data[p] = 100 * layer + p
+            rt.copy_into(t, data)
+    fill()
+    pool.ensure([1], [0], 9)                                  # 3 pages more: 1 -> 2 -> 4
+    assert pool.size == 4 and grown == [1] and pool.growths == 1
+    for layer, t in enumerate(pool.tensors):
+        data = rt.numpy(t)
+        assert t.shape[0] == 4 and (data[0] == 100 * layer).all() and (data[1:] == 0).all()
+    pool.ensure([2, 3], [0, 0], 20)                           # 10 more: 4 -> 8 -> 16
+    assert pool.size == 16 and pool.growths == 2
+    pool.ensure([0, 1], [3, 9], 17)                           # 6 more: 16 -> 20 (the maximum)
+    assert pool.size == 20 == pool.max_pages == pool.pages_in_use and not pool.free
+    _live_pages_are_distinct(pool, 4)
+    # the device table holds what the host says
+    assert (rt.numpy(pool.table) == pool.host_table).all()
+    assert pool.bytes_in_use == pool.pages_in_use * 2 * 4 * 2 * 4 * 4 * 2
+    assert pool.bytes_allocated == 20 * 2 * 4 * 2 * 4 * 4 * 2
+
+
+def test_past_the_maximum_is_refused_naming_the_cache_and_the_streams():
+    pool = KvPages(None, _entry(window=16, page_rows=4), "float32", 3, what="the decoder's KV cache",
+                   initial_pages=2, max_pages=6)
+    pool.ensure([0], [0], 16)                                 # 4 pages
+    before = pool.host_table.copy()
+    with pytest.raises(KvCacheFull) as err:
+        pool.ensure([1, 2], [0, 0], 8)                        # 2 + 2 pages, 2 free
+    message = str(err.value)
+    assert "\n" not in message and "the decoder's KV cache" in message and "all 6 of its pages" in message, message
+    assert err.value.slots == [2]                             # slot 1 got the last two pages
+    assert isinstance(err.value, VoxcError)
+    assert (pool.host_table[0] == before[0]).all() and pool.count[0] == 4
+    _live_pages_are_distinct(pool, 3)
+    pool.release(1)
+    pool.ensure([2], [0], 8)                                  # now there is room
+    assert pool.count[2] == 2
+
+
+def test_a_growth_without_memory_keeps_the_pool_and_names_what_did_not_fit():
+    from voxc.runtime.tvm_runtime import Runtime
+
+    class TightRuntime(Runtime):
+        """The CPU runtime with a device that holds at most ``budget`` bytes of new tensors."""
+
+        def __init__(self, budget):
+            super().__init__("cpu")
+            self.budget = budget
+
+        def empty(self, shape, dtype):
+            size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            if size > self.budget:
+                raise VoxcError(f"cannot allocate a {dtype} tensor of shape {list(shape)} on cpu: out of memory")
+            return super().empty(shape, dtype)
+
+    rt = TightRuntime(budget=1 << 30)
+    pool = KvPages(rt, _entry(window=64, page_rows=4, layers=3), "float32", 4, what="the encoder's KV cache",
+                   initial_pages=4)
+    page = pool.page_bytes
+    pool.ensure([0], [0], 16)                                 # the 4 pages
+    old = [t for t in pool.tensors]
+    rt.budget = 6 * page                                      # room for 6 pages a layer, not 8
+    pool.ensure([1], [0], 4)                                  # doubling fails; an eighth more (5 pages) fits
+    assert pool.size == 5 and all(t.shape[0] == 5 for t in pool.tensors)
+    rt.budget = 5 * page                                      # no room for any larger layer
+    with pytest.raises(KvCacheFull) as err:
+        pool.ensure([2], [0], 4)
+    message = str(err.value)
+    assert "\n" not in message and "out of device memory for the encoder's KV cache" in message, message
+    assert "from 5 to" in message and "3 layers" in message and err.value.slots == [2]
+    assert pool.size == 5 and pool.count[0] == 4 and pool.count[1] == 1
+    _live_pages_are_distinct(pool, 4)
+    assert old  # the first pools were replaced, not leaked into the list
+    assert len(pool.tensors) == 3
