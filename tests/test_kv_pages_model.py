@@ -143,6 +143,32 @@ def test_two_streams_at_different_positions_share_a_growing_pool(paged):
     sb.finish()
 
 
+def test_a_stream_without_pages_leaves_the_others_intact(paged):
+    """Two streams' first batched encode needs 4 encoder pages of a pool capped at 3: KvCacheFull names
+    the stream left without, nothing runs; that stream ends, and the other one, advanced again, loses
+    no audio: its tokens equal a fresh model's run of it alone."""
+    from voxc.runtime.kv_pages import KvCacheFull
+    from voxc.runtime.session import advance
+
+    artifact, _ = paged
+    model = _load(artifact, max_streams=2)
+    model.kv["enc_cache"].max_pages = 3
+    a = sine_with_noise(seconds=3.0, freq=330.0, seed=21)
+    sa, sb = model.stream(), model.stream()
+    sa.queue(a)
+    sb.queue(a[:16000])
+    with pytest.raises(KvCacheFull) as err:
+        advance([sa, sb])
+    assert err.value.slots == [sb.slot] and "the encoder's KV cache is full" in str(err.value)
+    sb.drop()
+    advance([sa])
+    text = sa.take_text() + sa.finish()
+    fresh = _load(artifact)
+    ref_text, tokens, _ = run_stream(fresh, a)
+    assert sa.tokens == tokens.tolist() and text == ref_text
+    assert model.kv_bytes_in_use == 0
+
+
 def test_a_reused_slot_gives_a_fresh_models_tokens(paged):
     """One slot: a 9 s stream fills both pools and ends; the next stream gets the same pages back (still
     holding the old stream's keys) and must equal a freshly loaded model's run, and transformers."""

@@ -205,11 +205,13 @@ def _encode_ready(model, sessions) -> bool:
         if session._next_window_tokens():
             groups[len(session._windows[0])].append(session)
     for group in groups.values():
-        windows = np.stack([s._windows.popleft() for s in group])
+        windows = np.stack([s._windows[0] for s in group])
         mel = model.mel(windows)
         frames = mel.shape[2] // sessions[0].audio_cfg.conv_stride
+        # a step that raises (no KV pages for some stream: KvCacheFull) leaves every stream's window queued
         model.encode(mel, [s.slot for s in group], [s._encoder_frames for s in group])
         for s in group:
+            s._windows.popleft()
             s._encoder_frames += frames
             s._audio_tokens += frames // s.audio_cfg.downsample_factor
     return bool(groups)
