@@ -583,12 +583,28 @@ def ring_attention_cpu(n_heads: int, n_kv_heads: int, head_dim: int, window: int
                 part[g, jj, lane] = part[g, jj, lane] + part[g, jj, lane + width]
 
     @T.macro
-    def attend(keys, values, key_row, value_row, position, count, query, n_queries,
-               q_scaled, acc, probs, softmax, part, acc_tile):
+    def attend(keys, values, key_row_expr, value_row_expr, position_expr, count_expr, query_expr, n_queries_expr,
+               span, q_scaled, acc, probs, softmax, part, acc_tile):
         # ``count`` consecutive rows of keys [*, HKV, D] from ``key_row`` and of values from ``value_row``,
         # positions ``position``.., for queries at positions ``query``.. (``n_queries`` of them) into
         # acc [QT, H, D] and softmax [QT, H, (running max, mass, rescale)], KB keys at a time.
         # Head h = kvh * G + tile * GT + g.
+        # The span goes through a small scratch buffer: TVM's code generator substitutes let-bound values
+        # into every index it simplifies, and the chain of lets above (task -> run -> page -> piece) grew
+        # each of the unrolled loads' indices into an expression that took minutes to simplify.  Loads
+        # stop the substitution; LLVM keeps the 6 values in registers all the same.
+        span[0] = key_row_expr
+        span[1] = value_row_expr
+        span[2] = position_expr
+        span[3] = count_expr
+        span[4] = query_expr
+        span[5] = n_queries_expr
+        key_row: T.let[T.int64] = span[0]
+        value_row: T.let[T.int64] = span[1]
+        position: T.let[T.int64] = span[2]
+        count: T.let[T.int64] = span[3]
+        query: T.let[T.int64] = span[4]
+        n_queries: T.let[T.int64] = span[5]
         for blk in T.serial((count + KB - 1) // KB):
             first: T.let[T.int64] = blk * KB
             in_block: T.let[T.int64] = T.min(T.int64(KB), count - first)
@@ -688,9 +704,14 @@ def ring_attention_cpu(n_heads: int, n_kv_heads: int, head_dim: int, window: int
                 softmax = T.sblock_alloc_buffer((QT, H, 3), "float32")
                 part = T.sblock_alloc_buffer((GT, JT, LANES), "float32")
                 acc_tile = T.sblock_alloc_buffer((GT, CT, LANES), "float32")
+                span = T.sblock_alloc_buffer((6,), "int64")   # attend()'s rows, positions and counts
+                # divisions by a runtime value (n_tiles, runs) go through memory, as attend()'s span does
+                task_vars = T.sblock_alloc_buffer((4,), "int64")
 
-                bi: T.let[T.int64] = task // RUNS // n_tiles
-                first_query: T.let[T.int64] = task // RUNS % n_tiles * QT
+                task_vars[0] = task // RUNS // n_tiles
+                task_vars[1] = task // RUNS % n_tiles * QT
+                bi: T.let[T.int64] = task_vars[0]
+                first_query: T.let[T.int64] = task_vars[1]
                 n_queries: T.let[T.int64] = T.min(T.int64(QT), n - first_query)
                 slot_of_tile: T.let[T.int64] = task % RUNS
                 start: T.let[T.int64] = T.Cast("int64", starts[bi])
@@ -700,8 +721,10 @@ def ring_attention_cpu(n_heads: int, n_kv_heads: int, head_dim: int, window: int
                 runs: T.let[T.int64] = visible[2]
                 run: T.let[T.int64] = slot_of_tile * runs // RUNS
                 if slot_of_tile * runs % RUNS < runs:   # the first task slot of its run
-                    run_lo: T.let[T.int64] = first_visible + run * n_visible // runs
-                    run_hi: T.let[T.int64] = first_visible + (run + 1) * n_visible // runs
+                    task_vars[2] = first_visible + run * n_visible // runs
+                    task_vars[3] = first_visible + (run + 1) * n_visible // runs
+                    run_lo: T.let[T.int64] = task_vars[2]
+                    run_hi: T.let[T.int64] = task_vars[3]
                     for qi, h in T.grid(n_queries, H):
                         for d in T.vectorized(D):
                             q_scaled[qi, h, d] = T.Cast("float32", q[bi, first_query + qi, h, d]) * T.float32(scale)
@@ -725,12 +748,12 @@ def ring_attention_cpu(n_heads: int, n_kv_heads: int, head_dim: int, window: int
                             + piece_lo - page_start
                         attend(cache_rows, cache_rows, page_row, page_row + P, piece_lo,
                                T.max(piece_hi - piece_lo, T.int64(0)),
-                               start + first_query, n_queries, q_scaled, acc, probs, softmax, part, acc_tile)
+                               start + first_query, n_queries, span, q_scaled, acc, probs, softmax, part, acc_tile)
                     # the chunk's own keys
                     chunk_lo: T.let[T.int64] = T.max(run_lo, start)
                     attend(k_rows, v_rows, bi * n + chunk_lo - start, bi * n + chunk_lo - start, chunk_lo,
                            T.max(run_hi - chunk_lo, T.int64(0)), start + first_query, n_queries,
-                           q_scaled, acc, probs, softmax, part, acc_tile)
+                           span, q_scaled, acc, probs, softmax, part, acc_tile)
                     for qi, h in T.grid(n_queries, H):
                         for d in T.vectorized(D):
                             run_out[task // RUNS * RUNS + run, qi, h, d] = acc[qi, h, d]
@@ -743,8 +766,11 @@ def ring_attention_cpu(n_heads: int, n_kv_heads: int, head_dim: int, window: int
                 T.writes()
                 total = T.sblock_alloc_buffer((D,), "float32")
                 stat = T.sblock_alloc_buffer((3,), "float32")   # max, mass, the run's weight
-                bi: T.let[T.int64] = task // H // n
-                i: T.let[T.int64] = task // H % n
+                row = T.sblock_alloc_buffer((2,), "int64")   # divisions by n through memory (see span)
+                row[0] = task // H // n
+                row[1] = task // H % n
+                bi: T.let[T.int64] = row[0]
+                i: T.let[T.int64] = row[1]
                 h: T.let[T.int64] = task % H
                 tile_row: T.let[T.int64] = (bi * n_tiles + i // QT) * RUNS   # the tile's first run
                 runs: T.let[T.int64] = tile_runs(starts, bi, i // QT * QT, n, W, QT, MIN_RUN, RUNS)[2]
