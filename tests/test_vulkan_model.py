@@ -101,6 +101,20 @@ def test_artifact_holds_the_plugin_and_what_the_adapter_must_offer(models):
     assert model.rt.kind == "webgpu"
 
 
+def test_allocation_failures_name_vulkan(models, monkeypatch):
+    """TVM's webgpu runtime runs the artifact, but an allocation that fails says vulkan (a full-size
+    build's caches that did not fit an H100 once said 'on webgpu')."""
+    rt = models[0].rt
+
+    def fail(*args):
+        raise RuntimeError("wgpu: Out of memory\n  while allocating a buffer")
+
+    monkeypatch.setattr(rt, "_alloc", fail)
+    with pytest.raises(VoxcError, match=r"^cannot allocate a float16 tensor of shape \[2, 3\] on vulkan: "
+                                        r"while allocating a buffer$"):
+        rt.empty((2, 3), "float16")
+
+
 # ---- float32 against the llvm build ---------------------------------------------------------------
 def test_offline_matches_llvm(models, clip):
     gpu, cpu = models

@@ -195,7 +195,8 @@ class CompiledModel:
             from voxc.runtime.wgpu_device import open_wgpu_device
 
             open_wgpu_device(artifact_dir, manifest, int(max_streams))
-        return cls(artifact_dir, manifest, Runtime(kind), int(max_streams), progress, kv_pages)
+        name = manifest["wgpu"].get("backend", manifest["target"]) if manifest.get("wgpu") else kind
+        return cls(artifact_dir, manifest, Runtime(kind, name=name), int(max_streams), progress, kv_pages)
 
     @property
     def functions(self) -> list[str]:

@@ -100,12 +100,15 @@ def _check_cuda_device(ffi, device_id: int) -> None:
 class Runtime:
     """A device plus the runtime functions voxc uses on it."""
 
-    def __init__(self, device_kind: str, device_id: int = 0):
+    def __init__(self, device_kind: str, device_id: int = 0, name: str | None = None):
+        """``name``: the device as messages call it (a Vulkan or Metal artifact runs TVM's webgpu
+        runtime over wgpu, so its errors name vulkan, not webgpu)."""
         if device_kind not in DEVICE_TYPES:
             raise VoxcError(f"unknown device {device_kind!r}; choose one of {sorted(DEVICE_TYPES)}")
         ffi = load_runtime(device_kind)
         self.ffi = ffi
         self.kind = device_kind
+        self.name = name or device_kind
         self.device = ffi.device(device_kind if device_kind != "llvm" else "cpu", device_id)
         self._alloc = ffi.get_global_func("runtime.TVMTensorAllocWithScope")
         self._from_bytes = ffi.get_global_func("runtime.TVMTensorCopyFromBytes")
@@ -125,8 +128,8 @@ class Runtime:
         try:
             return self._alloc(self.ffi.Shape(shape), dtype, self.device, None)
         except Exception as exc:  # tvm_ffi raises its own error types (out of memory, over a device limit)
-            message = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
-            raise VoxcError(f"cannot allocate a {dtype} tensor of shape {list(shape)} on {self.kind}: "
+            message = str(exc).strip().splitlines()[-1].strip() if str(exc).strip() else repr(exc)
+            raise VoxcError(f"cannot allocate a {dtype} tensor of shape {list(shape)} on {self.name}: "
                             f"{message}") from None
 
     def tensor(self, array: np.ndarray):
