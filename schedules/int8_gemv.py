@@ -41,6 +41,11 @@ from voxc.errors import VoxcError
 from voxc.quant.formats import QType, kernel_layout_shapes
 
 GROUP = 32
+# Each thread reads its row tiles' words front to back, 4 interleaved streams of a few KB: the hardware
+# prefetchers barely ramp up before a stream ends, so the kernel prefetches the same words 8 rows (two
+# tiles) ahead.  On 2 Xeon vCPUs with the weights in DRAM: 1.3-1.65x at one row (the decoder's
+# 18432x3072 w1/w3: 5.6 -> 3.4 ms), 1.1-1.5x at the encoder's 4 rows; results bit-identical.
+PREFETCH_ROWS = 8
 ISAS = ("vnni", "avx2", "dotprod", "generic")
 
 
@@ -278,6 +283,10 @@ def int8_gemv(qtype: QType, n: int, k: int, batch: int, dtype: str, isa: str, na
                         lane_scales = _LaneScales(qtype, scales, row, unit, lanes, wpg)
                         for v in range(vectors):
                             w0 = unit * (ugroups * wpg) + v * lanes
+                            if PREFETCH_ROWS:   # one per vector (a 64-byte line at 16 words); x86 and AArch64
+                                ahead = tirx.min(row + PREFETCH_ROWS, n - 1)
+                                T.evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch", tirx.address_of(
+                                    qweight[ahead, w0]), i32(0), i32(3), i32(1)))
                             wv = qweight[row, vlanes(w0)]
                             if qtype is QType.Q8_0:
                                 ops = [wv if _signed_weights(qtype, isa) else wv ^ _u32v([0x80808080] * lanes)]
