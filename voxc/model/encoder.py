@@ -6,7 +6,8 @@ from tvm.relax.frontend.nn import op
 
 from voxc.artifact import CONV0_CONTEXT, CONV1_CONTEXT
 from voxc.config import EncoderConfig
-from voxc.model.layers import RingAttention, SwiGLU, last_frames, read_slot_rows, rms_norm, write_slot_rows
+from voxc.model.layers import (RingAttention, SwiGLU, conv1d_frames, last_frames, read_slot_rows, rms_norm,
+                               write_slot_rows)
 
 
 class EncoderLayer(nn.Module):
@@ -47,17 +48,14 @@ class Encoder(nn.Module):
         read from and written back to its slot of the state rings ([slots, context, channels])."""
         b = mel.shape[0]
         zeros = op.zeros((b,), "int32")
-        context0 = op.permute_dims(read_slot_rows(conv0_state, slots, zeros, self.CONV0_CONTEXT), [0, 2, 1])
-        x = op.concat([context0, mel], dim=2)
-        h = op.gelu(self.conv0(x))
-        context1 = op.permute_dims(read_slot_rows(conv1_state, slots, zeros, self.CONV1_CONTEXT), [0, 2, 1])
-        h_in = op.concat([context1, h], dim=2)
-        frames = op.gelu(self.conv1(h_in))
-        conv0_state = write_slot_rows(conv0_state, op.permute_dims(last_frames(x, self.CONV0_CONTEXT), [0, 2, 1]),
+        context0 = read_slot_rows(conv0_state, slots, zeros, self.CONV0_CONTEXT)
+        h = op.gelu(conv1d_frames(context0, mel, self.conv0, stride=1, channels_first=True))
+        context1 = read_slot_rows(conv1_state, slots, zeros, self.CONV1_CONTEXT)
+        frames = op.gelu(conv1d_frames(context1, h, self.conv1, stride=2))
+        conv0_state = write_slot_rows(conv0_state, last_frames(context0, mel, self.CONV0_CONTEXT, channels_first=True),
                                       slots, zeros)
-        conv1_state = write_slot_rows(conv1_state, op.permute_dims(last_frames(h_in, self.CONV1_CONTEXT), [0, 2, 1]),
-                                      slots, zeros)
-        return op.permute_dims(frames, [0, 2, 1]), conv0_state, conv1_state
+        conv1_state = write_slot_rows(conv1_state, last_frames(context1, h, self.CONV1_CONTEXT), slots, zeros)
+        return frames, conv0_state, conv1_state
 
     def transformer(self, frames, caches, pages, starts):
         """``caches``: each layer's paged ring KV cache, ``pages [b, pages_per_ring]`` the streams' rows

@@ -163,12 +163,50 @@ def write_slot_rows(ring: nn.Tensor, rows: nn.Tensor, slots: nn.Tensor, offsets:
         args=[ring, rows, slots, offsets], inplace_indices=[0], out=nn.Tensor.placeholder(ring.shape, ring.dtype))
 
 
-def last_frames(x: nn.Tensor, count: int) -> nn.Tensor:
-    """[b, c, t] -> [b, c, count]: the last ``count`` frames (the carried context of a causal conv)."""
+def _context_then_body(context: te.Tensor, body: te.Tensor, channels_first: bool):
+    """Frame ``f`` of the stream [context frames; body frames] as ``at(bi, f, channel)``: ``context``
+    [b, c, channels], ``body`` [b, channels, t] (``channels_first``) or [b, t, channels].  Both indices
+    are clamped, so neither branch reads out of bounds."""
+    c = context.shape[1]
 
-    def compute(t: te.Tensor):
-        length = t.shape[2]
-        return te.compute((t.shape[0], t.shape[1], count),
-                          lambda bi, c, j: t[bi, c, length - count + j], name="last_frames")
+    def at(bi, f, ch):
+        g = tirx.max(f - c, 0)
+        from_body = body[bi, ch, g] if channels_first else body[bi, g, ch]
+        return tirx.if_then_else(f < c, context[bi, tirx.min(f, c - 1), ch], from_body)
 
-    return op.tensor_expr_op(compute, "last_frames", [x])
+    length = body.shape[2] if channels_first else body.shape[1]
+    return at, c + length
+
+
+def last_frames(context: nn.Tensor, body: nn.Tensor, count: int, *, channels_first: bool = False) -> nn.Tensor:
+    """The last ``count`` frames [b, count, channels] of [context; body] (the carried context of a
+    causal conv; see :func:`conv1d_frames` for the layouts)."""
+
+    def compute(ctx: te.Tensor, x: te.Tensor):
+        at, length = _context_then_body(ctx, x, channels_first)
+        return te.compute((ctx.shape[0], count, ctx.shape[2]), lambda bi, j, ch: at(bi, length - count + j, ch),
+                          name="last_frames")
+
+    return op.tensor_expr_op(compute, "last_frames", [context, body])
+
+
+def conv1d_frames(context: nn.Tensor, body: nn.Tensor, conv: nn.Conv1D, stride: int, *,
+                  channels_first: bool = False) -> nn.Tensor:
+    """``conv`` (weight [out, in, k], bias) with no padding over the frames [context; body] -> [b, t_out,
+    out], t_out = (frames - k) // stride + 1.  ``context`` [b, c, in] (a state ring's rows), ``body``
+    [b, t, in] or, ``channels_first``, [b, in, t] (the mel input).
+
+    A matmul: each output frame's k input frames side by side ([b, t_out, in * k], the weight's own
+    order, gathered straight from the two inputs: no concatenated copy) times the weight viewed as
+    [out, in * k].  So every target runs the stem's convolutions with its matmul schedules (TVM's
+    default conv1d schedule took 24 ms of a 400 ms stream step on 2 CPU cores for 40 MFLOP)."""
+    out_channels, in_channels, taps = (int(d) for d in conv.weight.shape)
+
+    def columns(ctx: te.Tensor, x: te.Tensor):
+        at, length = _context_then_body(ctx, x, channels_first)
+        return te.compute((ctx.shape[0], (length - taps) // stride + 1, in_channels * taps),
+                          lambda bi, i, ck: at(bi, i * stride + ck % taps, ck // taps), name="conv_columns")
+
+    cols = op.tensor_expr_op(columns, "conv_columns", [context, body])
+    weight = op.reshape(conv.weight, [out_channels, in_channels * taps])
+    return op.matmul(cols, op.permute_dims(weight, [1, 0])) + conv.bias
