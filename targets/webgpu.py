@@ -68,8 +68,10 @@ class WebGPUTarget(TargetSpec):
         return webgpu_target(self.max_workgroup_size)
 
     def graph_options(self, quant: QuantPlan = QuantPlan()) -> GraphOptions:
+        # conv_matmul off: with the stem's convolutions as matmuls, Chromium's WebGPU (SwiftShader in the
+        # tests) lost its device while creating the bundle's pipelines; TVM's conv1d kernels work there
         return dataclasses.replace(super().graph_options(quant), token_table_part_bytes=self.embedding_part_bytes,
-                                   packed_params=True)
+                                   packed_params=True, conv_matmul=False)
 
     def compile(self, mod, report: CompileReport | None = None):
         return compile_model_for_webgpu(mod, max_workgroup_size=self.max_workgroup_size,
