@@ -283,10 +283,10 @@ def int8_gemv(qtype: QType, n: int, k: int, batch: int, dtype: str, isa: str, na
                         lane_scales = _LaneScales(qtype, scales, row, unit, lanes, wpg)
                         for v in range(vectors):
                             w0 = unit * (ugroups * wpg) + v * lanes
-                            if PREFETCH_ROWS:   # one per vector (a 64-byte line at 16 words); x86 and AArch64
-                                ahead = tirx.min(row + PREFETCH_ROWS, n - 1)
-                                T.evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch", tirx.address_of(
-                                    qweight[ahead, w0]), i32(0), i32(3), i32(1)))
+                            # one prefetch per vector (a 64-byte line at 16 words); x86 and AArch64
+                            ahead = tirx.min(row + PREFETCH_ROWS, n - 1)
+                            T.evaluate(tirx.call_llvm_intrin("void", "llvm.prefetch", tirx.address_of(
+                                qweight[ahead, w0]), i32(0), i32(3), i32(1)))
                             wv = qweight[row, vlanes(w0)]
                             if qtype is QType.Q8_0:
                                 ops = [wv if _signed_weights(qtype, isa) else wv ^ _u32v([0x80808080] * lanes)]
