@@ -28,8 +28,8 @@ The dot product instruction comes from the build target's CPU features (:func:`i
 * ``generic``: the same sums in plain 32-bit integer vector arithmetic (any CPU).
 
 Accuracy: the activation rounding adds about 0.4% relative error per dot product (measured in
-tests/test_quant.py); it is therefore an option of the build (``int8_activations``), on by default
-where the CPU has integer dot products.
+tests/test_quant.py); it is therefore an option of the build (``voxc build --int8-activations``,
+targets/llvm.py), off by default.
 """
 from __future__ import annotations
 
