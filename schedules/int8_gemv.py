@@ -300,7 +300,9 @@ def int8_gemv(qtype: QType, n: int, k: int, batch: int, dtype: str, isa: str, na
                                 dot = tirx.Broadcast(i32(0), lanes)
                                 for h, op in enumerate(ops):
                                     dot = dot4(dot, op, xq[b, vlanes(w0 * halves + h * lanes)], isa)
-                                t = tirx.Cast(F, dot) * dxe[b, vlanes(w0)] - corre[b, vlanes(w0)]
+                                t = tirx.Cast(F, dot) * dxe[b, vlanes(w0)]
+                                if zp:        # Q4_K's levels need no zero point (its mins are the offset below)
+                                    t = t - corre[b, vlanes(w0)]
                                 total = acc[b, r, vlanes(i32(0))] + t * wscale
                                 if offset is not None:
                                     total = total - offset * xsume[b, vlanes(w0)]
