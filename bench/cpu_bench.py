@@ -49,7 +49,11 @@ MANIFEST = "voxc-artifact.json"
 # common
 # ---------------------------------------------------------------------------------------------
 def threads() -> int:
-    return int(os.environ.get("TVM_NUM_THREADS") or os.cpu_count() or 1)
+    """The threads of TVM's pool, as voxc's runtime sets them (TVM_NUM_THREADS, default the physical cores)."""
+    from voxc.runtime.tvm_runtime import default_cpu_threads
+
+    default_cpu_threads()
+    return int(os.environ.get("TVM_NUM_THREADS") or os.environ.get("OMP_NUM_THREADS"))
 
 
 def stream_read_gbps(n_threads: int, gib: float | None = None, reps: int = 7) -> dict:
@@ -282,7 +286,7 @@ def cmd_voxc(args):
                           "config_key": config_key(manifest),
                           "build": (manifest.get("bench") or {}).get("cpu_bench"), "library_MB": round((art / manifest["library"]).stat().st_size / 1e6, 1)}
     report["cpu"] = cpu_info()
-    report["tvm_num_threads"] = os.environ.get("TVM_NUM_THREADS", "(unset: TVM's default)")
+    report["tvm_num_threads"] = n_threads
     assert "tvm" not in sys.modules, "TVM compiler imported"
     bw = stream_read_gbps(n_threads)
     report["stream_read_before"] = bw

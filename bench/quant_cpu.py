@@ -9,7 +9,7 @@ through copies that together exceed the L3 cache, so they stream from DRAM as in
 step), the weight bytes per second, the floor (weight bytes / numpy's streaming read bandwidth)
 and the ratio kernel / floor; also dlight's default CPU schedule of the same dequant+GEMV for
 comparison, and (where the CPU has integer dot products, or with ``--int8 ISA``) the int8-activation
-GEMV of schedules/int8_gemv.py (``int8_ms``, ``int8_x_floor``, ``int8_speedup``) in the same run.  Threads: TVM's default pool (TVM_NUM_THREADS to change).
+GEMV of schedules/int8_gemv.py (``int8_ms``, ``int8_x_floor``, ``int8_speedup``) in the same run.  Threads: as voxc's runtime sets them (the physical cores; TVM_NUM_THREADS to change).
 """
 from __future__ import annotations
 
@@ -81,6 +81,9 @@ def run(qtypes=("q4_0", "q8_0", "q4_k"), batch: int = 1, dlight: bool = True, re
     from schedules import int8_gemv
     from schedules.dequant_matmul import make_kernel
     from voxc.quant.formats import QType, kernel_layout_shapes
+    from voxc.runtime.tvm_runtime import default_cpu_threads
+
+    default_cpu_threads()   # the thread count voxc's runtime gives TVM's pool, before the pool starts
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": codegen.llvm_get_system_cpu()})
     if int8 == "auto":
