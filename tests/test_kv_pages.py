@@ -44,6 +44,22 @@ def test_a_step_gets_pages_for_the_rows_it_writes():
     assert (pool.host_table[0][~pool.held[0]] == 0).all()
 
 
+@pytest.mark.parametrize("window, page_rows, start, n, pages", [(16, 16, 12, 9, [0]), (32, 16, 20, 30, [0, 1]),
+                                                              (20, 8, 14, 19, [0, 1, 2])])
+def test_a_step_that_wraps_into_its_first_page_takes_it_once(window, page_rows, start, n, pages):
+    # (the batched check of a 16-row decoder window found a stream given two pages for one ring page,
+    # the first leaked, and the pool "full" with one page a stream)
+    streams = 3
+    pool = KvPages(None, _entry(window=window, page_rows=page_rows), "float32", streams, what="the test cache",
+                   initial_pages=1)
+    for slot in range(streams):
+        pool.ensure([slot], [start], n)
+        assert pool.held[slot].nonzero()[0].tolist() == pages
+        assert pool.count[slot] == len(pages)
+    _live_pages_are_distinct(pool, streams)
+    assert pool.pages_in_use == streams * len(pages) <= pool.max_pages
+
+
 @pytest.mark.parametrize("seed", range(3))
 def test_random_streams_never_share_a_page(seed):
     rng = np.random.default_rng(seed)

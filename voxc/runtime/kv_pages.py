@@ -115,8 +115,10 @@ class KvPages:
         last = first + m - 1
         if last < self.window:
             return range(first // self.page_rows, last // self.page_rows + 1)
-        return [*range(first // self.page_rows, self.pages_per_stream),
-                *range(0, (last - self.window) // self.page_rows + 1)]
+        # the rows wrap past the ring's end: its last pages, then its first ones (once each: a step that
+        # wraps back into the page it started in, as with a one-page window, writes that page twice)
+        return sorted({*range(first // self.page_rows, self.pages_per_stream),
+                       *range(0, (last - self.window) // self.page_rows + 1)})
 
     def ensure(self, slots, starts, n: int) -> None:
         """Before a step of ``n`` positions of streams ``slots`` at positions ``starts``: every ring row
