@@ -61,8 +61,8 @@ from voxc.errors import VoxcError
 from voxc.quant.formats import QType, kernel_layout_shapes
 
 GROUP = 32                   # elements sharing one scale (Q4_K: one sub-block)
-GPU_GEMV_CHUNK_ROWS = 4      # CUDA: rows per GEMV pass above 2 rows (4 measured as fast per row as 8)
-GPU_GEMV_MAX_ROWS = 32       # CUDA: more rows than this run the tiled GEMM
+GPU_GEMV_CHUNK_ROWS = 4      # rows per GEMV pass above 2 (CUDA) or 1 (WebGPU) rows (4 measured on CUDA as fast per row as 8)
+GPU_GEMV_MAX_ROWS = 32       # more rows than this run the tiled GEMM
 MAX_GEMV_BATCH = 16          # above this the weight reuse of GEMM tiles wins
 TARGET_KINDS = ("llvm", "cuda", "webgpu")
 
@@ -507,17 +507,19 @@ def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
             small = _schedule_gemv_llvm(gemv, q, n, k, rows).mod["main"]
             return _finish(row_dispatch([(f"m <= {MAX_GEMV_BATCH}", small)], gemm), spec.name)
         if spec.dispatch_rows:
-            # GPU GEMVs keep per-row accumulators in registers, so their batch is static.  CUDA: a few
-            # rows (a decode step of a few streams, one stream's 4-frame encoder step) go through
-            # static kernels for 1 and 2 rows and, up to GPU_GEMV_MAX_ROWS, chunks of 4 rows that
-            # mask the rows past m (each chunk reads the weights again); more rows, the tensor-core
-            # GEMM.  WebGPU: the one-row step (decode) gets the batch-1 GEMV (schedules/gpu_gemv.py's
-            # WebGPU form), more the tiled GEMM.
+            # GPU GEMVs keep per-row accumulators in registers, so their batch is static.  A few rows
+            # (a decode step of a few streams, one stream's 4-frame encoder step) go through static
+            # kernels for 1 (and on CUDA 2) rows and, up to GPU_GEMV_MAX_ROWS, chunks of 4 rows that
+            # mask the rows past m (each chunk reads the weights again); more rows, the GEMM (CUDA's
+            # on tensor cores).  WebGPU ran 2..32 rows through its 64x64 tiled GEMM until the H100
+            # runs showed it reading the encoder's 1280x5120 weight at 7 GB/s (20 workgroups) and a
+            # two-stream decode step 11x slower than one stream (bench/RESULTS.md, seventh run).
             branches = [(f"m == {rows}", _make_kernel(dataclasses.replace(spec, batch=rows)))
                         for rows in ((1, 2) if spec.target == "cuda" else (1,))]
-            if spec.target == "cuda":
+            if gpu_gemv.supports(q, n, k, GPU_GEMV_CHUNK_ROWS, spec.target):
                 branches.append((f"m <= {GPU_GEMV_MAX_ROWS}",
-                                 gpu_gemv.gpu_gemv(q, n, k, GPU_GEMV_CHUNK_ROWS, spec.dtype, symbolic_rows=True)))
+                                 gpu_gemv.gpu_gemv(q, n, k, GPU_GEMV_CHUNK_ROWS, spec.dtype, symbolic_rows=True,
+                                                   target=spec.target)))
             func = row_dispatch(branches, gemm, gpu=True)
             return _finish(_guard_rows(func, max(n, k), spec.name), spec.name)
         return _finish(_guard_rows(gemm, max(n, k), spec.name), spec.name)
