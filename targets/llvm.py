@@ -64,9 +64,14 @@ class LlvmTarget(TargetSpec):
         return dataclasses.replace(options, quant=plan)
 
     def compile(self, mod, report: CompileReport | None = None):
+        import tvm
+
         # nn.Linear is matmul(x, permute_dims(W)); unfused, every call copies W^T (8x slower decode
         # measured on a 60M-parameter decoder on this machine)
-        return super().compile(schedule_dense_matmuls(apply_cpu_attention(fuse_transpose_matmul(mod))))
+        mod = schedule_dense_matmuls(apply_cpu_attention(fuse_transpose_matmul(mod)))
+        target = self.tvm_target()
+        with target:
+            return tvm.compile(mod, target=target, relax_pipeline=cpu_relax_pipeline(target))
 
     def tvm_target(self):
         import tvm
@@ -86,6 +91,45 @@ class LlvmTarget(TargetSpec):
         mcpu = target.attrs.get("mcpu")
         return {"cpu": {"mcpu": str(mcpu) if mcpu else "generic",
                         "isa": sorted(f for f in features if f in ISA_FLAGS)}}
+
+
+def cpu_relax_pipeline(target):
+    """TVM's default CPU pipeline with :func:`parallel_elementwise` after the operator fusion."""
+    import tvm
+    from tvm.relax.backend import cpu_generic
+
+    @tvm.transform.module_pass(opt_level=0, name="VoxcCpuPipeline")
+    def _pipeline(mod, _ctx):
+        with target:
+            seq = tvm.transform.Sequential(
+                cpu_generic.library_dispatch_passes(target) + cpu_generic.legalize_passes(target)
+                + [parallel_elementwise()] + cpu_generic.pipeline.dataflow_lower_passes(target)
+                + cpu_generic.finalize_passes(target))
+            return seq(mod)
+
+    return _pipeline
+
+
+def parallel_elementwise():
+    """Every fused injective PrimFunc TVM generated (activations, residual adds, RoPE) ->
+    schedules/elementwise_cpu.py's parallel loop; voxc's own kernels (``tirx.is_scheduled``, already
+    parallel, or written without blocks) are left alone."""
+    import tvm
+    from tvm import tirx
+
+    from schedules.elementwise_cpu import schedule_elementwise_llvm
+
+    @tvm.transform.module_pass(opt_level=0, name="VoxcParallelElementwise")
+    def _pass(mod, _ctx):
+        for gv, func in list(mod.functions_items()):
+            if not isinstance(func, tirx.PrimFunc) or func.attrs.get("tirx.is_scheduled"):
+                continue
+            scheduled = schedule_elementwise_llvm(func)
+            if scheduled is not None:
+                mod[gv] = scheduled
+        return mod
+
+    return _pass
 
 
 def apply_cpu_attention(mod):
