@@ -68,10 +68,8 @@ class WebGPUTarget(TargetSpec):
         return webgpu_target(self.max_workgroup_size)
 
     def graph_options(self, quant: QuantPlan = QuantPlan()) -> GraphOptions:
-        # conv_matmul off: with the stem's convolutions as matmuls, Chromium's WebGPU (SwiftShader in the
-        # tests) lost its device while creating the bundle's pipelines; TVM's conv1d kernels work there
         return dataclasses.replace(super().graph_options(quant), token_table_part_bytes=self.embedding_part_bytes,
-                                   packed_params=True, conv_matmul=False)
+                                   packed_params=True)
 
     def compile(self, mod, report: CompileReport | None = None):
         return compile_model_for_webgpu(mod, max_workgroup_size=self.max_workgroup_size,
@@ -218,7 +216,10 @@ def web_relax_pipeline(target, small_m_tiers=SMALL_M_TIERS, report: CompileRepor
     """TVM's generic GPU pipeline with one change: matmuls whose row count is only known at run time
     (every projection: rows = streams x tokens) get dlight's LowBatchGEMV kernels for few rows and
     its tiled Matmul for many, picked on the host by the row count (targets.cuda.small_m_dispatch).
-    A decoder step has one row: the GEMV reads each weight once with all invocations busy."""
+    A decoder step has one row: the GEMV reads each weight once with all invocations busy.  The GEMVs
+    read their padded rows without branches (targets.gpu_pipeline.clamp_padded_rows: SwiftShader, the
+    test browser's WebGPU, ran out of memory compiling the guarded loads of a GEMV with K > 128)."""
     from tvm.relax.backend.gpu_generic import pipeline as gpu_pipeline
 
-    return gpu_relax_pipeline(target, small_m_tiers, gpu_pipeline, "VoxcWebGPUPipeline", report)
+    return gpu_relax_pipeline(target, small_m_tiers, gpu_pipeline, "VoxcWebGPUPipeline", report,
+                              clamp_gemv_padding=True)

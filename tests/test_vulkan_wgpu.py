@@ -166,3 +166,48 @@ def test_wgsl_kernels_of_a_compiled_executable():
         assert len(k.write_access) == len(k.buffer_args) and any(k.write_access)
         assert all(t.startswith(("blockIdx.", "threadIdx.")) for t in k.launch_tags)
         assert not k.needs_f16
+
+
+@pytest.mark.parametrize("rows", [1, 5, 16, 17, 31])
+def test_gemv_with_clamped_padding_matches_numpy(device, rows):
+    """targets.gpu_pipeline.clamp_padded_rows on the stem's first convolution as the web bundle runs
+    it (rows x 384 columns: 3 taps x 128 mel bins, times the weight; dlight's LowBatchGEMV with 16-row
+    buckets, a K loop of 3 passes): no guarded load is left (SwiftShader's compile time doubles with
+    each branch in a loop), and the real rows are right whether the last bucket is full or not."""
+    import tvm
+    from tvm import te, tirx
+    from tvm.s_tir import dlight as dl
+
+    from targets.gpu_pipeline import clamp_padded_rows
+
+    k_cols, n_out = 384, 64
+    m = tirx.Var("m", "int64")
+    cols = te.placeholder((1, m, k_cols), "float32", name="cols")
+    weight = te.placeholder((n_out, k_cols), "float32", name="weight")
+    k = te.reduce_axis((0, k_cols), name="k")
+    out = te.compute((1, m, n_out), lambda b, i, j: te.sum(cols[b, i, k] * weight[j, k], axis=k), name="out")
+    target = webgpu.webgpu_target().with_host(tvm.target.Target({"kind": "llvm"}))
+    with target:
+        gemv = dl.gpu.LowBatchGEMV(16).apply(te.create_prim_func([cols, weight, out]), target, False).mod["main"]
+    assert "if_then_else" in gemv.script()
+    clamped = clamp_padded_rows(gemv)
+    assert "if_then_else" not in clamped.script()
+
+    built, launches = _device_kernels("gemv", clamped.with_attr("global_symbol", "gemv"), target)
+    (name, kernel), = vulkan.wgsl_kernels(built).items()
+    assert "condval" not in kernel.source   # TVM's WGSL for a guarded load: `var condval; if (...)`
+    kparams, grid_exprs = launches[name]
+    rng = np.random.default_rng(rows)
+    arrays = {"cols": rng.standard_normal((1, rows, k_cols)).astype("float32"),
+              "weight": rng.standard_normal((n_out, k_cols)).astype("float32"),
+              "out": np.full((1, rows, n_out), np.nan, "float32")}
+    analyzer = tvm.sym.Analyzer()
+    args = []
+    for kp, ktype in zip(kparams, kernel.arg_types):
+        if ktype == "handle":
+            args.append(arrays[kp.name.removesuffix("_ptr")])
+        else:
+            args.append(rows)
+            analyzer.bind(kp, tirx.IntImm(str(kp.ty), rows))
+    got, = device.run(kernel, args, [_concrete(g, analyzer) for g in grid_exprs])
+    np.testing.assert_allclose(got, arrays["cols"] @ arrays["weight"].T, rtol=1e-5, atol=1e-4)

@@ -199,8 +199,7 @@ def conv1d_frames(context: nn.Tensor, body: nn.Tensor, conv: nn.Conv1D, stride: 
     A matmul: each output frame's k input frames side by side ([b, t_out, in * k], the weight's own
     order, gathered straight from the two inputs: no concatenated copy) times the weight viewed as
     [out, in * k].  So a target runs the stem's convolutions with its matmul schedules (TVM's default
-    conv1d schedule took 24 ms of a 400 ms stream step on 2 CPU cores for 40 MFLOP); the web bundle
-    keeps TVM's conv1d (GraphOptions.conv_matmul)."""
+    conv1d schedule took 24 ms of a 400 ms stream step on 2 CPU cores for 40 MFLOP)."""
     out_channels, in_channels, taps = (int(d) for d in conv.weight.shape)
 
     def columns(ctx: te.Tensor, x: te.Tensor):
