@@ -36,9 +36,8 @@ class Encoder(nn.Module):
     CONV0_CONTEXT = CONV0_CONTEXT
     CONV1_CONTEXT = CONV1_CONTEXT
 
-    def __init__(self, cfg: EncoderConfig, dtype: str, conv_matmul: bool = True):
+    def __init__(self, cfg: EncoderConfig, dtype: str):
         self.cfg = cfg
-        self.conv_matmul = conv_matmul   # the stem's convolutions as matmuls (voxc.model.graph.GraphOptions)
         self.conv0 = nn.Conv1D(cfg.num_mel_bins, cfg.dim, 3, stride=1, bias=True, dtype=dtype)
         self.conv1 = nn.Conv1D(cfg.dim, cfg.dim, 3, stride=2, bias=True, dtype=dtype)
         self.layers = nn.ModuleList([EncoderLayer(cfg, dtype) for _ in range(cfg.n_layers)])
@@ -50,18 +49,12 @@ class Encoder(nn.Module):
         b = mel.shape[0]
         zeros = op.zeros((b,), "int32")
         context0 = read_slot_rows(conv0_state, slots, zeros, self.CONV0_CONTEXT)
+        h = op.gelu(conv1d_frames(context0, mel, self.conv0, stride=1, channels_first=True))
         context1 = read_slot_rows(conv1_state, slots, zeros, self.CONV1_CONTEXT)
-        if self.conv_matmul:
-            h = op.gelu(conv1d_frames(context0, mel, self.conv0, stride=1, channels_first=True))
-            frames = op.gelu(conv1d_frames(context1, h, self.conv1, stride=2))
-        else:   # TVM's conv1d over channels-first concatenations
-            h = op.gelu(self.conv0(op.concat([op.permute_dims(context0, [0, 2, 1]), mel], dim=2)))
-            frames = op.permute_dims(op.gelu(self.conv1(op.concat([op.permute_dims(context1, [0, 2, 1]), h], dim=2))),
-                                     [0, 2, 1])
+        frames = op.gelu(conv1d_frames(context1, h, self.conv1, stride=2))
         conv0_state = write_slot_rows(conv0_state, last_frames(context0, mel, self.CONV0_CONTEXT, channels_first=True),
                                       slots, zeros)
-        conv1_state = write_slot_rows(conv1_state, last_frames(context1, h, self.CONV1_CONTEXT,
-                                                               channels_first=not self.conv_matmul), slots, zeros)
+        conv1_state = write_slot_rows(conv1_state, last_frames(context1, h, self.CONV1_CONTEXT), slots, zeros)
         return frames, conv0_state, conv1_state
 
     def transformer(self, frames, caches, pages, starts):

@@ -55,8 +55,6 @@ class GraphOptions:
     largest storage binding; voxc.model.embedding).  ``packed_params``: the parameters as one
     packed tuple argument (the browser hands the VM one array per call instead of hundreds).
     ``static_entries``: static-shape copies of entry points (voxc.artifact.StaticEntry).
-    ``conv_matmul``: the encoder stem's convolutions as matmuls over gathered frame columns
-    (voxc.model.layers.conv1d_frames) instead of TVM's conv1d.
     """
 
     dtype: str = "float32"
@@ -65,15 +63,14 @@ class GraphOptions:
     token_table_part_bytes: int | None = None
     packed_params: bool = False
     static_entries: tuple[StaticEntry, ...] = ()
-    conv_matmul: bool = True
 
 
 class VoxtralGraph(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: str = "float32", mel_dtype: str = "float64", conv_matmul: bool = True):
+    def __init__(self, cfg: ModelConfig, dtype: str = "float32", mel_dtype: str = "float64"):
         self.cfg = cfg
         self.dtype = dtype
         self.mel_frontend = LogMel(cfg.audio, cfg.encoder.num_mel_bins, compute_dtype=mel_dtype)
-        self.enc = Encoder(cfg.encoder, dtype, conv_matmul)
+        self.enc = Encoder(cfg.encoder, dtype)
         self.adapter = Adapter(cfg.encoder.dim, cfg.decoder.dim, cfg.audio.downsample_factor, dtype)
         self.tok_embeddings = DenseEmbedding(cfg.decoder.vocab_size, cfg.decoder.dim, dtype)
         self.dec = Decoder(cfg.decoder, dtype)
@@ -81,7 +78,7 @@ class VoxtralGraph(nn.Module):
     @classmethod
     def build(cls, cfg: ModelConfig, options: GraphOptions = GraphOptions()) -> "VoxtralGraph":
         """The graph with ``options``' quantization and token-table split applied."""
-        graph = cls(cfg, dtype=options.dtype, mel_dtype=options.mel_dtype, conv_matmul=options.conv_matmul)
+        graph = cls(cfg, dtype=options.dtype, mel_dtype=options.mel_dtype)
         quantize_graph(graph, options.quant)
         if options.token_table_part_bytes is not None:
             split_token_table(graph, options.token_table_part_bytes)
