@@ -1,4 +1,4 @@
-"""Elementwise (injective) kernels on the CPU: the fused activation, residual and RoPE PrimFuncs that
+"""Elementwise (injective) kernels on the CPU: the activation, residual and RoPE PrimFuncs of TVM's legalization that
 no other schedule takes, spread over the thread pool.
 
 TVM's default llvm lowering runs an unscheduled PrimFunc on one thread.  That is cheap for a sum of

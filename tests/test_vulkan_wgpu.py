@@ -133,17 +133,7 @@ def test_wgsl_kernels_match_llvm(device, dtype):
         tvm.compile(cpu, target=llvm)(*tensors)
         want = {buf.name: t.numpy() for buf, t in zip(buffers, tensors)}
 
-        # the same buffers (kernel params are <buffer>_ptr) and scalars for the WGSL kernel
-        args = []
-        kanalyzer = tvm.sym.Analyzer()
-        for kp, ktype in zip(kparams, kernel.arg_types):
-            if ktype == "handle":
-                args.append(arrays[kp.name.removesuffix("_ptr")])
-            else:
-                args.append(SEQ)
-                kanalyzer.bind(kp, tirx.IntImm(str(kp.ty), SEQ))
-        grid = [_concrete(g, kanalyzer) for g in grid_exprs]
-        outs = device.run(kernel, args, grid)
+        outs = device.run(kernel, *_launch_args(kparams, kernel, grid_exprs, arrays, SEQ))
         written = [kparams[i].name.removesuffix("_ptr") for slot, i in enumerate(kernel.buffer_args)
                    if kernel.write_access[slot]]
         for out_name, got in zip(written, outs):
@@ -154,6 +144,23 @@ def test_wgsl_kernels_match_llvm(device, dtype):
         checked.append(name)
     # the module's interesting kernels all ran: norm, projections, attention, softmax
     assert {"rms_norm", "softmax", "fused_matmul_add", "fused_matmul1_multiply", "matmul2"} <= set(checked), checked
+
+
+def _launch_args(kparams, kernel, grid_exprs, arrays, size):
+    """(arguments, grid) of a WGSL kernel: the arrays by buffer name (kernel params are <buffer>_ptr),
+    ``size`` for every scalar (the one shape variable), the grid evaluated with it."""
+    import tvm
+    from tvm import tirx
+
+    args = []
+    analyzer = tvm.sym.Analyzer()
+    for kp, ktype in zip(kparams, kernel.arg_types):
+        if ktype == "handle":
+            args.append(arrays[kp.name.removesuffix("_ptr")])
+        else:
+            args.append(size)
+            analyzer.bind(kp, tirx.IntImm(str(kp.ty), size))
+    return args, [_concrete(g, analyzer) for g in grid_exprs]
 
 
 def test_wgsl_kernels_of_a_compiled_executable():
@@ -201,13 +208,5 @@ def test_gemv_with_clamped_padding_matches_numpy(device, rows):
     arrays = {"cols": rng.standard_normal((1, rows, k_cols)).astype("float32"),
               "weight": rng.standard_normal((n_out, k_cols)).astype("float32"),
               "out": np.full((1, rows, n_out), np.nan, "float32")}
-    analyzer = tvm.sym.Analyzer()
-    args = []
-    for kp, ktype in zip(kparams, kernel.arg_types):
-        if ktype == "handle":
-            args.append(arrays[kp.name.removesuffix("_ptr")])
-        else:
-            args.append(rows)
-            analyzer.bind(kp, tirx.IntImm(str(kp.ty), rows))
-    got, = device.run(kernel, args, [_concrete(g, analyzer) for g in grid_exprs])
+    got, = device.run(kernel, *_launch_args(kparams, kernel, grid_exprs, arrays, rows))
     np.testing.assert_allclose(got, arrays["cols"] @ arrays["weight"].T, rtol=1e-5, atol=1e-4)
