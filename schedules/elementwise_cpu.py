@@ -1,5 +1,5 @@
-"""Elementwise (injective) kernels on the CPU: the activation, residual and RoPE PrimFuncs of TVM's legalization that
-no other schedule takes, spread over the thread pool.
+"""Elementwise (injective) kernels on the CPU: the activation, residual and RoPE PrimFuncs of TVM's
+legalization that no other schedule takes, spread over the thread pool.
 
 TVM's default llvm lowering runs an unscheduled PrimFunc on one thread.  That is cheap for a sum of
 two 3072-wide rows, but not for kernels with transcendentals: the encoder's 4-frame step calls RoPE
