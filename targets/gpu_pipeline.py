@@ -154,3 +154,155 @@ def _row_bounds(cond):
         a, b = _row_bounds(cond.a), _row_bounds(cond.b)
         return None if a is None or b is None else a + b
     return None
+
+
+
+WIDE_LANES = (4, 2)   # vector widths a storage binding may take (WGSL's vec4 / vec2)
+
+
+def wide_storage_params(func):
+    """A WGSL kernel whose 16/32-bit storage bindings are only ever accessed as aligned vectors of
+    L lanes (index ``Ramp(base, 1, L)``, ``base`` provably a multiple of L, a binding whose size is
+    one too), with those bindings declared as arrays of L-lane vectors and indexed by ``base / L``.
+
+    Why: TVM declares every binding as an array of scalars, so a 128-bit load becomes four 32-bit
+    loads (``vec4<u32>(w[i], w[i + 1], w[i + 2], w[i + 3])``) and Dawn's robustness pass clamps each
+    index on its own, which keeps the GPU's compiler from merging them: the Q4 GEMVs read their
+    weights at 7-16% of a copy's bandwidth in Dawn where CUDA's form of the same kernels reaches
+    40-75%.  A binding with any other use (a scalar or unaligned access, another width, the pointer
+    passed on) keeps its scalar array.  Only device kernels change: the host binds the same buffers,
+    whose sizes are at least the declared ones."""
+    import tvm
+    import tvm_ffi
+    from tvm import tirx
+    from tvm.sym.analyzer import Analyzer
+
+    if int(func.attrs.get("calling_conv", 0) if func.attrs else 0) != 2:   # not a device kernel
+        return func
+    candidates = {p.name: p for p in func.params
+                  if isinstance(p.ty, tvm.ir.PointerType) and isinstance(p.ty.element_type, tvm.ir.PrimType)
+                  and p.ty.element_type.dtype.lanes == 1 and p.ty.element_type.dtype.bits in (16, 32)}
+    if not candidates:
+        return func
+    analyzer = Analyzer()
+    tvm_ffi.structural_walk(func.body, ((tirx.LetStmt, tirx.Bind), lambda n: analyzer.bind(n.var, n.value)))
+
+    # buffers declared over a candidate pointer: name -> (buffer, pointer)
+    declared_over = {}
+
+    def note_decl(decl):
+        data = decl.data
+        param = candidates.get(data.name) if isinstance(data, tirx.Var) else None
+        if param is not None and param.same_as(data):
+            declared_over[decl.buffer.name] = (decl.buffer, param)
+
+    tvm_ffi.structural_walk(func.body, (tirx.DeclBuffer, note_decl))
+
+    def param_of(buffer):
+        buffer_and_param = declared_over.get(buffer.name)
+        return buffer_and_param[1] if buffer_and_param and buffer_and_param[0].same_as(buffer) else None
+
+    def multiple(expr, lanes):
+        ms = analyzer.modular_set(expr)
+        return ms.coeff % lanes == 0 and ms.base % lanes == 0
+
+    lanes_of, refused = {}, set()
+
+    def access(buffer, indices):
+        param = param_of(buffer)
+        if param is None:
+            return
+        index = indices[0] if len(indices) == 1 else None
+        lanes = None
+        if (isinstance(index, tirx.Ramp) and isinstance(index.stride, tirx.IntImm) and index.stride.value == 1
+                and isinstance(index.lanes, tirx.IntImm) and int(index.lanes) in WIDE_LANES
+                and multiple(index.base, int(index.lanes))):
+            lanes = int(index.lanes)
+        if lanes is None or lanes_of.setdefault(param.name, lanes) != lanes:
+            refused.add(param.name)
+
+    def declared(decl):
+        param = param_of(decl.buffer)
+        if param is None:
+            return
+        shape = list(decl.buffer.ty.shape)
+        lanes = lanes_of.get(param.name)
+        if len(shape) != 1 or lanes is None or not multiple(shape[0], lanes):
+            refused.add(param.name)
+
+    tvm_ffi.structural_walk(func.body, [
+        (tvm.ir.expr.TensorLoad, lambda n: access(n.source, n.indices)),
+        (tirx.BufferStore, lambda n: access(n.buffer, n.indices))])
+    tvm_ffi.structural_walk(func.body, (tirx.DeclBuffer, declared))
+    wide = {name: lanes for name, lanes in lanes_of.items() if name not in refused}
+    if not wide:
+        return func
+
+    plain = Analyzer()   # simplifies the new indices without inlining the kernel's let-bound values
+    new_params, new_buffers = {}, {}
+    for name, lanes in wide.items():
+        old = candidates[name]
+        dtype = old.ty.element_type.dtype
+        new_params[name] = tirx.Var(name, tvm.ir.PointerType(tvm.ir.PrimType(f"{dtype}x{lanes}"), "global"))
+
+    def wide_buffer(buffer):
+        param = param_of(buffer)
+        if param is None or param.name not in wide:
+            return None
+        key = buffer.name
+        if key not in new_buffers:
+            lanes = wide[param.name]
+            new_buffers[key] = tirx.decl_buffer((plain.simplify(buffer.ty.shape[0] // lanes),),
+                                                new_params[param.name].ty.element_type.dtype, buffer.name,
+                                                data=new_params[param.name])
+        return new_buffers[key], wide[param.name]
+
+    def rewrite_load(node):
+        found = wide_buffer(node.source)
+        if found is None:
+            return node
+        buffer, lanes = found
+        return tirx.BufferLoad(buffer, [plain.simplify(node.indices[0].base // lanes)])
+
+    def rewrite_store(node):
+        found = wide_buffer(node.buffer)
+        if found is None:
+            return node
+        buffer, lanes = found
+        return tirx.BufferStore(buffer, node.value, [plain.simplify(node.indices[0].base // lanes)])
+
+    def rewrite_decl(node):
+        found = wide_buffer(node.buffer)
+        return node if found is None else tirx.DeclBuffer(found[0], data=new_params[param_of(node.buffer).name])
+
+    body = tvm_ffi.structural_map(func.body, [
+        (tvm.ir.expr.TensorLoad, rewrite_load), (tirx.BufferStore, rewrite_store),
+        (tirx.DeclBuffer, rewrite_decl)], order="post")
+    # any use of an old pointer left (a call taking it, a buffer this pass did not see): keep the kernel
+    left = []
+    tvm_ffi.structural_walk(body, (tirx.Var, lambda v: left.append(v) if v.name in wide and any(
+        v.same_as(candidates[n]) for n in wide) else None))
+    if left:
+        return func
+    params = [new_params.get(p.name, p) if p.name in wide else p for p in func.params]
+    return tirx.PrimFunc(params, body, func.ret_type, func.attrs, func.span)
+
+
+WGSL_TIR_PIPELINE = "voxc_wgsl"
+
+
+def wgsl_tir_pipeline() -> str:
+    """The name of TVM's default TIR pipeline with :func:`wide_storage_params` run on every device
+    kernel after finalization (registered on first use; ``tvm.compile(..., tir_pipeline=name)``)."""
+    import tvm
+    from tvm.tirx import compilation_pipeline
+
+    if WGSL_TIR_PIPELINE not in compilation_pipeline.PIPELINE_MAP:
+        def factory():
+            lower, host, device = compilation_pipeline.get_tir_pipeline("default")
+            widen = tvm.tirx.transform.prim_func_pass(lambda f, _m, _c: wide_storage_params(f), opt_level=0,
+                                                      name="WideStorageParams")
+            return lower, host, lambda: tvm.transform.Sequential([device(), widen])
+
+        compilation_pipeline.register_tir_pipeline(WGSL_TIR_PIPELINE, factory)
+    return WGSL_TIR_PIPELINE

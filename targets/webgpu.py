@@ -30,7 +30,7 @@ import re
 from pathlib import Path
 
 from targets.base import CompileReport, TargetSpec
-from targets.gpu_pipeline import gpu_relax_pipeline
+from targets.gpu_pipeline import gpu_relax_pipeline, wgsl_tir_pipeline
 from targets.passes import fuse_transpose_matmul, replace_greedy_topk, schedule_constant_matmuls, swap_ring_attention
 from targets.web_toolchain import export_wasm
 from voxc.artifact import WEB_SHARD_BYTES
@@ -119,7 +119,7 @@ def compile_for_webgpu(mod, *, max_workgroup_size: int = WEBGPU_DEFAULT_MAX_WORK
 
     target = webgpu_target(max_workgroup_size, supports_subgroups, host)
     with target:
-        return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline)
+        return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline, tir_pipeline=wgsl_tir_pipeline())
 
 
 def webgpu_module(executable):
@@ -209,7 +209,8 @@ def compile_model_for_webgpu(mod, *, max_workgroup_size: int = WEBGPU_DEFAULT_MA
     target = webgpu_target(max_workgroup_size, host=host)
     register_wgsl_intrinsics()
     with target:
-        return tvm.compile(mod, target=target, relax_pipeline=web_relax_pipeline(target, small_m_tiers, report))
+        return tvm.compile(mod, target=target, relax_pipeline=web_relax_pipeline(target, small_m_tiers, report),
+                           tir_pipeline=wgsl_tir_pipeline())
 
 
 def web_relax_pipeline(target, small_m_tiers=SMALL_M_TIERS, report: CompileReport | None = None):

@@ -290,14 +290,21 @@ def _wgpu_adapter():
     return adapter, ""
 
 
-def run_wgsl(func, arrays: dict[str, np.ndarray], m: int | None = None, f16: bool = False) -> np.ndarray:
-    """Compile one scheduled PrimFunc for webgpu, run its WGSL with wgpu, return the output.
-    ``arrays`` by buffer name (extra names are ignored).  Without ``f16`` the WGSL must not need
-    shader-f16 (browsers); with it, the device is asked for the feature (the vulkan target's q4f16)."""
+def run_wgsl(func, arrays: dict[str, np.ndarray], m: int | None = None, f16: bool = False,
+             wide: tuple[str, ...] = ()) -> np.ndarray:
+    """Compile one scheduled PrimFunc for webgpu as voxc does (TIR pipeline included), run its WGSL
+    with wgpu, return the output.  ``arrays`` by buffer name (extra names are ignored).  Without
+    ``f16`` the WGSL must not need shader-f16 (browsers); with it, the device is asked for the feature
+    (the vulkan target's q4f16).  ``wide``: bindings that must be arrays of vec4 (one 128-bit load each)."""
     import wgpu
+
+    from targets.gpu_pipeline import wgsl_tir_pipeline
     ex = tvm.compile(tvm.IRModule({func.attrs["global_symbol"]: func}),
-                     target=tvm.target.Target({"kind": "webgpu"}, host={"kind": "llvm"}))
+                     target=tvm.target.Target({"kind": "webgpu"}, host={"kind": "llvm"}),
+                     tir_pipeline=wgsl_tir_pipeline())
     source = ex.mod.imports[0].inspect_source("wgsl")
+    for name in wide:
+        assert re.search(rf"var<storage, read> {name}_ptr : array<vec4<u32>>;", source), name
     assert f16 or not re.search(r"\bf16\b", source), "WGSL must not need shader-f16"
     (entry,) = json.loads(ex.mod.imports[0].inspect_source("func_info"))
     ext = thread_extents(func, m)
@@ -362,6 +369,37 @@ def test_wgsl_kernels_on_lavapipe(qtype):
 
 # Small odd shapes: Q4_0 with an odd group count (one group per unit), odd row counts (one row per
 # thread, fewer warps), and 2560 wide: 40-80 units, so lanes take several steps, the last one partial
+def _wgsl_of(func) -> str:
+    from targets.gpu_pipeline import wgsl_tir_pipeline
+    ex = tvm.compile(tvm.IRModule({"f": func}), target=tvm.target.Target({"kind": "webgpu"}, host={"kind": "llvm"}),
+                     tir_pipeline=wgsl_tir_pipeline())
+    return ex.mod.imports[0].inspect_source("wgsl")
+
+
+@pytest.mark.parametrize("offset, words, wide", [(0, 64, True), (2, 64, False), (0, 62, False)])
+def test_storage_bindings_widen_only_for_aligned_vector_reads(offset, words, wide):
+    """targets.gpu_pipeline.wide_storage_params declares a binding as array<vec4<u32>> only where every
+    access is a 4-lane read at a provable multiple of 4 and the binding's size is one too; otherwise
+    (an unaligned read, a size the last vector would pass) the scalar array stays."""
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def f(var_a: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.noalias": True, "global_symbol": "f"})
+        a = T.match_buffer(var_a, (words,), "uint32")
+        y = T.match_buffer(var_y, (15,), "uint32")
+        for tx in T.thread_binding(15, thread="threadIdx.x"):
+            with T.sblock("b"):
+                w = T.sblock_alloc_buffer((4,), "uint32", scope="local")
+                for v in T.vectorized(4):
+                    w[v] = a[tx * 4 + offset + v]
+                y[tx] = w[0] + w[3]
+
+    source = _wgsl_of(f)
+    assert bool(re.search(r"a_ptr : array<vec4<u32>>;", source)) is wide, source
+    assert re.search(r"y_ptr : array<u32>;", source)          # scalar stores keep the scalar array
+
+
 WEBGPU_GEMV_SHAPES = {QType.Q4_0: [(7, 96), (100, 256), (36, 512), (20, 2560)],
                       QType.Q8_0: [(7, 256), (100, 256), (36, 512), (20, 2560)],
                       QType.Q4_K: [(7, 256), (100, 256), (36, 512), (9, 768), (20, 2560)]}
@@ -383,7 +421,8 @@ def test_webgpu_gemv_on_lavapipe(qtype):
             arrays = {"x": x, "qweight": params["qweight"], "scales": params["scales"], "y": np.zeros((batch, n), np.float32)}
             func = make_kernel(qtype, n, k, batch, target="webgpu")
             assert func.script().count("T.tvm_storage_sync") == 1     # gpu_gemv's one barrier, not the TE schedule
-            _check(run_wgsl(func, arrays), x, wd)
+            # 128-bit weight loads (Q4_0 and Q8_0 read one 32-bit scale word: scalar)
+            _check(run_wgsl(func, arrays, wide=("qweight", "scales") if qtype is QType.Q4_K else ("qweight",)), x, wd)
         for lanes in (4, 16):
             params, x, wd = _case(qtype, n, k, 4, seed=lanes)
             func = gpu_gemv(qtype, n, k, 4, lanes_per_row=lanes, steps_in_flight=2, target="webgpu")
