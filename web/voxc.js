@@ -812,31 +812,204 @@ const PIPELINE_MODES = ["async", "blocking"];
 
 /**
  * Every kernel's compute pipeline, created before the first call (tvmjs would otherwise create each
- * at its first dispatch, blocking).  "async": createComputePipelineAsync for all kernels at once
- * (tvmjs's asyncLoadWebGPUPipelines), so the browser may compile them in parallel while the page
- * stays responsive.  "blocking": createComputePipeline, one kernel after the other, on this thread;
- * in Dawn for Node.js on SwiftShader (2 cores) it took half the async path's time (every kernel's
- * WGSL differs, so there are no modules or pipelines to share either way).
+ * at its first dispatch, blocking), each registered with the VM as a KernelDispatcher submitter.
+ * "async": createComputePipelineAsync for all kernels at once, so the browser may compile them in
+ * parallel while the page stays responsive.  "blocking": createComputePipeline, one kernel after the
+ * other, on this thread; in Dawn for Node.js on SwiftShader (2 cores) it took half the async path's
+ * time (every kernel's WGSL differs, so there are no modules or pipelines to share either way).
  */
-async function createPipelines(tvm, vm, mode, report) {
-  if (mode === "async") {
-    await tvm.asyncLoadWebGPUPipelines(vm.getInternalModule());
-    return;
-  }
-  const context = tvm.lib.webGPUContext;
+async function createPipelines(tvm, vm, mode, report, dispatcher) {
   tvm.beginScope();
+  let kernels, shaderOf, usePipeline;
   try {
     const mod = vm.getInternalModule();
-    const kernels = JSON.parse(mod.getFunction("webgpu.get_fmap", true)());
-    const shaderOf = mod.getFunction("webgpu.get_shader");
-    const usePipeline = mod.getFunction("webgpu.update_prebuild");
-    const names = Object.keys(kernels);
-    names.forEach((name, i) => {
-      usePipeline(name, context.createShader(kernels[name], shaderOf(name)));
-      report("pipelines", (i + 1) / names.length, `Compiling GPU kernels: ${i + 1} of ${names.length}`);
-    });
+    kernels = JSON.parse(mod.getFunction("webgpu.get_fmap", true)());
+    shaderOf = tvm.detachFromCurrentScope(mod.getFunction("webgpu.get_shader"));
+    usePipeline = tvm.detachFromCurrentScope(mod.getFunction("webgpu.update_prebuild"));
   } finally {
     tvm.endScope();
+  }
+  const names = Object.keys(kernels);
+  let done = 0;
+  const create = async (name) => {
+    const kernel = dispatcher.prepare(kernels[name], shaderOf(name));
+    const pipeline = mode === "async"
+      ? await dispatcher.device.createComputePipelineAsync(kernel.pipelineDescriptor)
+      : dispatcher.device.createComputePipeline(kernel.pipelineDescriptor);
+    tvm.beginScope();
+    try {
+      usePipeline(name, dispatcher.submitter(kernel, pipeline));
+    } finally {
+      tvm.endScope();
+    }
+    done++;
+    report("pipelines", done / names.length, `Compiling GPU kernels: ${done} of ${names.length}`);
+  };
+  try {
+    if (mode === "async") {
+      await Promise.all(names.map(create));
+    } else {
+      for (const name of names) await create(name);
+    }
+  } finally {
+    shaderOf.dispose();
+    usePipeline.dispose();
+  }
+}
+
+const DISPATCHES_PER_SUBMIT = 64;     // the GPU starts on a step's first kernels while the rest are encoded
+const MAX_CACHED_BIND_GROUPS = 8192;
+
+/**
+ * Kernel dispatch for tvmjs's WebGPU context with less CPU per dispatch than its own submitShader,
+ * which costs about 40 us per kernel in Dawn (a decode step's 433 kernels: 17 ms of CPU against
+ * 10.6 ms of GPU time, measured on an H100): for every dispatch it begins and ends a compute pass,
+ * writes the launch's scalar arguments to a uniform buffer (queue.writeBuffer) and creates a bind
+ * group, and it submits only at the next readback, so the GPU idles while a step is encoded.
+ * Here a dispatch's bind group and its uniform buffer (written once, at creation) are cached by
+ * kernel, buffers and scalar arguments, which recur every step (the VM's memory plan reuses its
+ * buffers); consecutive dispatches share one compute pass (WebGPU orders them: each dispatch is its
+ * own usage scope); and every DISPATCHES_PER_SUBMIT dispatches are submitted.  While a
+ * KernelProfiler records, each dispatch keeps a pass of its own (its timestamps are per pass).
+ * tvmjs's own encoder (pendingEncoder: its copies, its flush before every readback, write and free)
+ * stays the one command stream: the shared pass is ended before tvmjs encodes anything else.
+ */
+class KernelDispatcher {
+  constructor(context, device, profiler = null) {
+    this.context = context;
+    this.device = device;
+    this.profiler = profiler;
+    this.pass = null;
+    this.sinceSubmit = 0;
+    this.bindGroups = new Map();
+    this.uniforms = [];
+    this.bufferIds = new WeakMap();
+    this.nextBufferId = 1;
+    this.kernelCount = 0;
+    // tvmjs calls these through `this`, so the instance's own properties take over
+    const flush = context.flushCommands.bind(context);
+    context.flushCommands = () => {
+      this.#endPass();
+      flush();
+      this.sinceSubmit = 0;
+      this.#trimCache();
+    };
+    const copyWithin = context.deviceCopyWithinGPU.bind(context);
+    context.deviceCopyWithinGPU = (...args) => {
+      this.#endPass();
+      copyWithin(...args);
+    };
+  }
+
+  #endPass() {
+    if (this.pass) {
+      this.pass.end();
+      this.pass = null;
+    }
+  }
+
+  // after a submit: buffers destroyed now are freed once the submitted work is done
+  #trimCache() {
+    if (this.bindGroups.size <= MAX_CACHED_BIND_GROUPS) return;
+    for (const buffer of this.uniforms) buffer.destroy();
+    this.uniforms = [];
+    this.bindGroups.clear();
+  }
+
+  #bufferId(buffer) {
+    let id = this.bufferIds.get(buffer);
+    if (id === undefined) {
+      id = this.nextBufferId++;
+      this.bufferIds.set(buffer, id);
+    }
+    return id;
+  }
+
+  /** A kernel's launch layout (from tvmjs's function info) and its pipeline descriptor. */
+  prepare(info, code) {
+    const toDim = [];
+    let writes = [];
+    for (const tag of info.launch_param_tags) {
+      if (tag.startsWith("blockIdx.")) toDim.push(tag.charCodeAt(tag.length - 1) - 120);
+      else if (tag.startsWith("threadIdx.")) toDim.push(tag.charCodeAt(tag.length - 1) - 120 + 3);
+      else if (tag.startsWith("paramWriteAccess:")) writes = JSON.parse(tag.substring(17));
+      else throw new VoxcError(`kernel ${info.name}: unknown launch parameter ${tag}`);
+    }
+    const buffers = [];
+    const scalars = [];
+    info.arg_types.forEach((dtype, i) => {
+      if (dtype === "handle") buffers.push(i);
+      else if (/^(u?int|float)/.test(dtype)) scalars.push(i);
+      else throw new VoxcError(`kernel ${info.name}: unsupported argument type ${dtype}`);
+    });
+    const entries = buffers.map((_, binding) => ({
+      binding, visibility: GPUShaderStage.COMPUTE,
+      buffer: { type: writes[binding] ? "storage" : "read-only-storage" } }));
+    entries.push({ binding: buffers.length, visibility: GPUShaderStage.COMPUTE, buffer: { type: "uniform" } });
+    const layout = this.device.createBindGroupLayout({ entries });
+    const module = this.device.createShaderModule({ code });
+    return {
+      id: this.kernelCount++, info, toDim, buffers, scalars, layout,
+      pipelineDescriptor: { layout: this.device.createPipelineLayout({ bindGroupLayouts: [layout] }),
+                            compute: { module, entryPoint: info.name } },
+    };
+  }
+
+  /** The function the VM calls for every launch of the kernel: (buffers and scalars..., launch dims...). */
+  submitter(kernel, pipeline) {
+    const { info, toDim, buffers, scalars, layout } = kernel;
+    const context = this.context;
+    const nargs = buffers.length + scalars.length;
+    return (...args) => {
+      const dims = [1, 1, 1, 1, 1, 1];
+      for (let i = 0; i < toDim.length; i++) dims[toDim[i]] = args[nargs + i];
+      // WebGPU grids stop at 65535 per dimension: fold blockIdx.x into z as TVM's WGSL expects
+      // (the kernel skips the workgroups past packGridDimX)
+      const packedX = dims[0];
+      while (dims[0] >= 65536) {
+        dims[0] = Math.ceil(dims[0] / 2);
+        dims[2] *= 2;
+      }
+      const gpuBuffers = buffers.map((i) => context.gpuBufferFromPtr(args[i]));
+      const values = scalars.map((i) => args[i]);
+      const key = `${kernel.id}|${gpuBuffers.map((b) => this.#bufferId(b)).join(",")}|${values.join(",")}|${packedX}`;
+      let bindGroup = this.bindGroups.get(key);
+      if (bindGroup === undefined) {
+        bindGroup = this.#bindGroup(info, layout, gpuBuffers, scalars, values, packedX);
+        this.bindGroups.set(key, bindGroup);
+      }
+      if (!context.pendingEncoder) context.pendingEncoder = this.device.createCommandEncoder();
+      const ownPass = this.profiler?.recording;
+      if (ownPass) this.#endPass();
+      if (!this.pass) this.pass = context.pendingEncoder.beginComputePass();
+      this.pass.setPipeline(pipeline);
+      this.pass.setBindGroup(0, bindGroup);
+      this.pass.dispatchWorkgroups(dims[0], dims[1], dims[2]);
+      if (ownPass) this.#endPass();
+      if (++this.sinceSubmit >= DISPATCHES_PER_SUBMIT) context.flushCommands();
+    };
+  }
+
+  #bindGroup(info, layout, gpuBuffers, scalars, values, packedX) {
+    const words = new ArrayBuffer(4 * Math.ceil((scalars.length + 1) / 4) * 4);
+    const i32 = new Int32Array(words);
+    const u32 = new Uint32Array(words);
+    const f32 = new Float32Array(words);
+    scalars.forEach((argIndex, i) => {
+      const dtype = info.arg_types[argIndex];
+      if (dtype.startsWith("int")) i32[i] = values[i];
+      else if (dtype.startsWith("uint")) u32[i] = values[i];
+      else f32[i] = values[i];
+    });
+    u32[scalars.length] = packedX;       // the PODArgs struct ends with packGridDimX
+    const uniform = this.device.createBuffer({ size: words.byteLength, usage: GPUBufferUsage.UNIFORM,
+                                              mappedAtCreation: true });
+    new Uint8Array(uniform.getMappedRange()).set(new Uint8Array(words));
+    uniform.unmap();
+    this.uniforms.push(uniform);
+    const entries = gpuBuffers.map((buffer, binding) => ({ binding, resource: { buffer } }));
+    entries.push({ binding: gpuBuffers.length, resource: { buffer: uniform, size: 4 * (scalars.length + 1) } });
+    return this.device.createBindGroup({ layout, entries });
   }
 }
 
@@ -1155,6 +1328,7 @@ export class Voxc {
       console.error(`voxc: the GPU device was lost (${info.reason}): ${info.message}`);
     });
     tvm.initWebGPU(device);
+    const dispatcher = new KernelDispatcher(tvm.lib.webGPUContext, device, profiler);
     const dev = tvm.webgpu();
     // The state buffers (the caches: the largest allocations) before the download, so that a GPU
     // without the memory for them fails now, naming the buffer, rather than after gigabytes.
@@ -1181,7 +1355,7 @@ export class Voxc {
     report("pipelines", 0, "Compiling GPU kernels");
     tvm.beginScope();
     const vm = tvm.detachFromCurrentScope(tvm.createVirtualMachine(dev));
-    await createPipelines(tvm, vm, pipelines, report);
+    await createPipelines(tvm, vm, pipelines, report, dispatcher);
     let params = [];
     let packedParams = null;
     if (manifest.param_names?.length) {
