@@ -221,12 +221,17 @@ try {
   // decoder steps on their own, past a prompt, in a fresh stream slot
   model.resetSlot(0, model.delayTokens(m.streaming.default_delay_ms));
   const d1 = [];
+  let before = null;
   for (let i = 0; i < steps + warm; i++) {
+    if (i === warm) before = model.dispatchStats();
     const t = performance.now();
     await model.decode([[1000 + (i % 200)]], [0], [50 + i]);
     if (i >= warm) d1.push(performance.now() - t);
   }
   out.decode_step = stats(d1);
+  const after = model.dispatchStats();
+  // per step past the warm-up: kernels dispatched, bind groups made (0 once every launch recurs), submits
+  out.decode_dispatch = Object.fromEntries(Object.keys(after).map((k) => [k, (after[k] - before[k]) / steps]));
   const tq = performance.now();
   const queued = [];
   for (let i = 0; i < steps; i++) {   // not awaited one by one: the steps queue up on the GPU

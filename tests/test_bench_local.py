@@ -317,6 +317,11 @@ def test_webgpu_bench_local(tmp_path):
     result = json.loads((out / "tiny.json").read_text())
     assert result["ok"] and result["check"]["pass"], result.get("error") or result["check"]
     assert result["decode_step"]["n"] >= 1 and result["encode"]["tokens_1"]["median"] > 0
+    # voxc.js's KernelDispatcher: the decode steps' launches recur (the VM's pooled buffers rotate
+    # with a period of a few steps), so over 24 steps most reuse a cached bind group; a submit per step
+    dispatch = result["decode_dispatch"]
+    assert dispatch["dispatches"] > 10 and 1 <= dispatch["submits"] <= dispatch["dispatches"]
+    assert dispatch["bindGroupsCreated"] < 0.5 * dispatch["dispatches"], dispatch
     assert result["load"]["pipelines"] == "blocking" and result["load"]["pipelines_s"] > 0
     profile = json.loads((out / "tiny.profile.json").read_text())
     assert profile["problems"] == [], profile["problems"]   # the driver's --profile-check

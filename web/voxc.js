@@ -882,14 +882,16 @@ class KernelDispatcher {
     this.pass = null;
     this.sinceSubmit = 0;
     this.bindGroups = new Map();
-    this.uniforms = [];
+    this.uniforms = new Map();      // the launch scalars' bytes -> a uniform buffer holding them
     this.bufferIds = new WeakMap();
     this.nextBufferId = 1;
     this.kernelCount = 0;
+    this.stats = { dispatches: 0, bindGroupsCreated: 0, submits: 0 };
     // tvmjs calls these through `this`, so the instance's own properties take over
     const flush = context.flushCommands.bind(context);
     context.flushCommands = () => {
       this.#endPass();
+      if (context.pendingEncoder) this.stats.submits++;
       flush();
       this.sinceSubmit = 0;
       this.#trimCache();
@@ -911,8 +913,8 @@ class KernelDispatcher {
   // after a submit: buffers destroyed now are freed once the submitted work is done
   #trimCache() {
     if (this.bindGroups.size <= MAX_CACHED_BIND_GROUPS) return;
-    for (const buffer of this.uniforms) buffer.destroy();
-    this.uniforms = [];
+    for (const buffer of this.uniforms.values()) buffer.destroy();
+    this.uniforms.clear();
     this.bindGroups.clear();
   }
 
@@ -977,7 +979,9 @@ class KernelDispatcher {
       if (bindGroup === undefined) {
         bindGroup = this.#bindGroup(info, layout, gpuBuffers, scalars, values, packedX);
         this.bindGroups.set(key, bindGroup);
+        this.stats.bindGroupsCreated++;
       }
+      this.stats.dispatches++;
       if (!context.pendingEncoder) context.pendingEncoder = this.device.createCommandEncoder();
       const ownPass = this.profiler?.recording;
       if (ownPass) this.#endPass();
@@ -1002,11 +1006,15 @@ class KernelDispatcher {
       else f32[i] = values[i];
     });
     u32[scalars.length] = packedX;       // the PODArgs struct ends with packGridDimX
-    const uniform = this.device.createBuffer({ size: words.byteLength, usage: GPUBufferUsage.UNIFORM,
-                                              mappedAtCreation: true });
-    new Uint8Array(uniform.getMappedRange()).set(new Uint8Array(words));
-    uniform.unmap();
-    this.uniforms.push(uniform);
+    // few distinct launch scalars recur (sizes, grid widths): one buffer each, written once
+    const contents = u32.join(",");
+    let uniform = this.uniforms.get(contents);
+    if (uniform === undefined) {
+      uniform = this.device.createBuffer({ size: words.byteLength, usage: GPUBufferUsage.UNIFORM, mappedAtCreation: true });
+      new Uint8Array(uniform.getMappedRange()).set(new Uint8Array(words));
+      uniform.unmap();
+      this.uniforms.set(contents, uniform);
+    }
     const entries = gpuBuffers.map((buffer, binding) => ({ binding, resource: { buffer } }));
     entries.push({ binding: gpuBuffers.length, resource: { buffer: uniform, size: 4 * (scalars.length + 1) } });
     return this.device.createBindGroup({ layout, entries });
@@ -1376,7 +1384,7 @@ export class Voxc {
     const model = new Voxc({ tvmjs, tvm, vm, dev, params, packedParams, manifest, tokens, requirements,
                              maxStreams: requirements.maxStreams, weightStats,
                              loadSeconds: 0, gpu: { ...gpuInfo, device }, deviceLost: () => lost, state, footprint,
-                             profiler });
+                             profiler, dispatcher });
     if (manifest.kind === "voxtral-realtime") {
       model.#initState();
     }
@@ -1386,6 +1394,11 @@ export class Voxc {
   }
 
   // ---- kernel profiling ------------------------------------------------------------------------
+
+  /** Kernel dispatches, bind groups created and command buffers submitted since the load (counts). */
+  dispatchStats() {
+    return { ...this.dispatcher.stats };
+  }
 
   /** The names of the bundle's GPU kernels (the WGSL entry points, as profiles name them). */
   kernelNames() {
@@ -1459,10 +1472,26 @@ export class Voxc {
     return this.packedParams ? [this.packedParams] : this.params;
   }
 
-  #toDevice({ data, shape, dtype }) {
+  /** ``data`` as a device array.  With ``role`` (e.g. "decode.tokens") the array is kept and
+   * overwritten by the next call of that role and shape: a new GPU buffer per input per call costs a
+   * buffer creation and destruction, and a kernel launch that reads it misses KernelDispatcher's
+   * bind-group cache.  (tvmjs submits the queued kernels before it writes, so those still read the
+   * previous contents.) */
+  #toDevice({ data, shape, dtype }, role = null) {
     const tvm = this.tvm;
     dtype = dtype ?? dtypeOf(data);
     const bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+    if (role !== null && bytes.length % 4 === 0) {
+      this.inputs ??= new Map();
+      const key = `${role}|${shape.join("x")}|${dtype}`;
+      let kept = this.inputs.get(key);
+      if (kept === undefined) {
+        kept = tvm.detachFromCurrentScope(tvm.empty(shape, dtype, this.dev));
+        this.inputs.set(key, kept);
+      }
+      kept.copyFromRawBytes(bytes);
+      return kept;
+    }
     const arr = tvm.empty(shape, dtype, this.dev);
     if (bytes.length % 4 === 0) {
       arr.copyFromRawBytes(bytes);  // queue.writeBuffer straight from JS memory
@@ -1596,15 +1625,15 @@ export class Voxc {
     }
   }
 
-  #i32(values) {
-    return this.#toDevice({ data: Int32Array.from(values), shape: [values.length], dtype: "int32" });
+  #i32(values, role = null) {
+    return this.#toDevice({ data: Int32Array.from(values), shape: [values.length], dtype: "int32" }, role);
   }
 
   /** Stream slots as a device array; a slot outside 0..maxStreams-1 would read and write another
    * stream's state (WebGPU clamps, it does not fail), so it is refused here. */
-  #slotArg(slots) {
+  #slotArg(slots, role = null) {
     this.#checkSlots(slots);
-    return this.#i32(slots);
+    return this.#i32(slots, role);
   }
 
   #checkSlots(slots) {
@@ -1660,13 +1689,14 @@ export class Voxc {
     windows.forEach((w, i) => flat.set(w, i * n));
     tvm.beginScope();
     try {
-      const samples = this.#toDevice({ data: flat, shape: [windows.length, n], dtype: "float32" });
+      const samples = this.#toDevice({ data: flat, shape: [windows.length, n], dtype: "float32" }, "encode.samples");
       const mel = this.fns.mel(samples, ...this.#paramArgs());
       if (mel.shape[2] !== melFrames) {   // the pages above were given for melFrames
         throw new VoxcError(`a window of ${n} samples gave ${mel.shape[2]} mel frames, not ${melFrames}`);
       }
       const ret = this.fns.encode(mel, state.conv0_state, state.conv1_state, this.#stateArg("enc_cache"),
-                                  state.enc_pages, state.audio_ring, this.#slotArg(slots), this.#i32(starts),
+                                  state.enc_pages, state.audio_ring, this.#slotArg(slots, "encode.slots"),
+                                  this.#i32(starts, "encode.starts"),
                                   ...this.#paramArgs());
       ["conv0_state", "conv1_state", "enc_cache", "audio_ring"].forEach((k, i) => this.#replaceState(k, ret.get(i)));
       return mel.shape[2];
@@ -1710,9 +1740,10 @@ export class Voxc {
     let hostTokens = null;
     let hostLogits = null;
     try {
-      const tokIn = this.#toDevice({ data: flat, shape: [b, n], dtype: "int32" });
+      const tokIn = this.#toDevice({ data: flat, shape: [b, n], dtype: "int32" }, "decode.tokens");
       const ret = this.fns.decode(tokIn, state.audio_ring, state.delay_scales, this.#stateArg("dec_cache"),
-                                  state.dec_pages, this.#slotArg(slots), this.#i32(starts), ...this.#paramArgs());
+                                  state.dec_pages, this.#slotArg(slots, "decode.slots"), this.#i32(starts, "decode.starts"),
+                                  ...this.#paramArgs());
       this.#replaceState("dec_cache", ret.get(2));
       if (readTokens) {
         hostTokens = tvm.empty([b], "int32", tvm.cpu());
@@ -1738,6 +1769,7 @@ export class Voxc {
 
   dispose() {
     for (const t of Object.values(this.state ?? {}).flat()) t.dispose();
+    for (const t of this.inputs?.values() ?? []) t.dispose();
     for (const f of Object.values(this.fns ?? {})) f.dispose();
     this.packedParams?.dispose();
     this.params.forEach((p) => p.dispose());
