@@ -128,9 +128,10 @@ def decode_steps(model, slots, start, steps, delay=6):
     return out
 
 
-def kernel_profile(model, audio, steps: int = 20) -> dict:
-    """Per-kernel GPU time of one decode step (static one-stream entry, position 100) and of one
-    80 ms streaming step, from CUPTI through torch.profiler (which records every kernel of the
+def kernel_profile(model, audio, steps: int = 20, batch: int = 1) -> dict:
+    """Per-kernel GPU time of one decode step (static one-stream entry, position 100), of one
+    80 ms streaming step and, with ``batch`` > 1, of one batched decode step of that many streams
+    (generic entries, position 1000, as the batched figures), from CUPTI through torch.profiler (which records every kernel of the
     process, TVM's included, graph-launched ones too).  {} when torch is not importable."""
     with common.tvm_lookups_allowed():
         try:
@@ -138,10 +139,10 @@ def kernel_profile(model, audio, steps: int = 20) -> dict:
             from torch.profiler import ProfilerActivity, profile
         except ImportError:
             return {"skipped": "torch is not importable"}
-        return _kernel_profile(model, audio, steps, torch, ProfilerActivity, profile)
+        return _kernel_profile(model, audio, steps, batch, torch, ProfilerActivity, profile)
 
 
-def _kernel_profile(model, audio, steps, torch, ProfilerActivity, profile) -> dict:
+def _kernel_profile(model, audio, steps, batch, torch, ProfilerActivity, profile) -> dict:
 
     def table(prof, per: int) -> dict:
         rows = []
@@ -174,6 +175,17 @@ def _kernel_profile(model, audio, steps, torch, ProfilerActivity, profile) -> di
         wall = (time.perf_counter() - t) * 1e3 / steps
     s.finish()
     out["stream_80ms"] = {**table(prof, steps), "wall_ms_per_step": round(wall, 3)}
+    if batch > 1:
+        model.use_static_entries(False)
+        try:
+            decode_steps(model, list(range(batch)), 1000, 3)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                wall = decode_steps(model, list(range(batch)), 1000, steps)
+                torch.cuda.synchronize()
+            out[f"decode_b{batch}_pos1000"] = {**table(prof, steps), "wall_ms_per_step": round(float(np.median(wall)), 3)}
+        finally:
+            model.use_static_entries(True)
     return out
 
 
@@ -322,7 +334,7 @@ def bench_artifact(report, art: Path, device: Device, copy_gbps: float):
         report[name] = res
     if os.environ.get("PROFILE", "1") == "1" and device.kind == "cuda" and manifest["device_kind"] == "cuda":
         try:
-            res["profile"] = kernel_profile(model, audio)
+            res["profile"] = kernel_profile(model, audio, batch=min(64, max_streams))
         except Exception as exc:  # noqa: BLE001 - a profiler failure must not cost the other figures
             res["profile"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         report[name] = res
