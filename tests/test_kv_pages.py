@@ -182,3 +182,33 @@ def test_a_growth_without_memory_keeps_the_pool_and_names_what_did_not_fit():
     _live_pages_are_distinct(pool, 4)
     assert old  # the first pools were replaced, not leaked into the list
     assert len(pool.tensors) == 3
+
+
+def test_a_growth_allocates_only_the_larger_pools():
+    """Growth happens when device memory is fullest: besides each layer's larger pool it allocates
+    nothing (the zero pages are copied from a block made with the pool), so a growth that fits in
+    memory does not fail on a temporary (64 streams on an H100 did, failing every stream of the step);
+    the old pages are kept and the new ones are zero."""
+    from voxc.runtime.tvm_runtime import Runtime
+
+    class CountingRuntime(Runtime):
+        def __init__(self):
+            super().__init__("cpu")
+            self.allocated = []
+
+        def empty(self, shape, dtype):
+            self.allocated.append(tuple(shape))
+            return super().empty(shape, dtype)
+
+    rt = CountingRuntime()
+    pool = KvPages(rt, _entry(window=64, page_rows=4, layers=3), "float32", 4, what="the test cache", initial_pages=2)
+    pool.ensure([0], [0], 8)                                  # the 2 pages
+    for t in pool.tensors:
+        rt.copy_into(t, np.full(t.shape, 7.0, np.float32))   # stale contents a reused page would show
+    rt.allocated.clear()
+    pool.ensure([1], [0], 24)                                 # 6 pages more: 2 -> 8
+    assert pool.size == 8
+    assert rt.allocated == [(8, *pool.page_shape)] * 3, rt.allocated
+    for t in pool.tensors:
+        pages = rt.numpy(t)
+        assert (pages[:2] == 7.0).all() and (pages[2:] == 0.0).all()

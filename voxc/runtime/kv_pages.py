@@ -75,6 +75,13 @@ class KvPages:
         self.growths = 0
         self.tensors = [] if rt is None else [rt.zeros((initial, *self.page_shape), self.dtype)
                                               for _ in range(self.layers)]
+        # the zeros new pages are copied from, made now: a growth happens when device memory is
+        # fullest, and a temporary then could fail where the larger pool itself fits (64 streams
+        # on an H100 did: every stream of that step failed)
+        self._zero_block = None
+        if rt is not None and self.max_pages > initial:
+            block_pages = max(1, min(self.max_pages - initial, _ZERO_BLOCK_BYTES // self.page_bytes))
+            self._zero_block = rt.zeros((block_pages, *self.page_shape), self.dtype)
         self.table = None if rt is None else rt.tensor(self.host_table)
         self._dirty: set[int] = set()
 
@@ -228,9 +235,9 @@ class KvPages:
         self.growths += 1
 
     def _zero_rows(self, tensor, first: int, last: int) -> None:
-        """Zero pages ``first`` .. ``last - 1`` of one layer's pool (device copies of a zero block)."""
-        per_copy = max(1, min(last - first, _ZERO_BLOCK_BYTES // self.page_bytes))
-        zeros = self.rt.zeros((per_copy, *self.page_shape), self.dtype)
+        """Zero pages ``first`` .. ``last - 1`` of one layer's pool (device copies of the zero block)."""
+        zeros = self._zero_block
+        per_copy = int(zeros.shape[0])
         page = first
         while page < last:
             count = min(per_copy, last - page)
