@@ -162,8 +162,10 @@ WIDE_LANES = (4, 2)   # vector widths a storage binding may take (WGSL's vec4 / 
 
 def wide_storage_params(func):
     """A WGSL kernel whose 16/32-bit storage bindings are only ever accessed as aligned vectors of
-    L lanes (index ``Ramp(base, 1, L)``, ``base`` provably a multiple of L, a binding whose size is
-    one too), with those bindings declared as arrays of L-lane vectors and indexed by ``base / L``.
+    L lanes (index ``Ramp(base, 1, L)``, ``base`` provably a multiple of L), with those bindings
+    declared as arrays of L-lane vectors and indexed by ``base / L``.  Every vector the kernel then
+    reads is one whose L elements the scalar kernel read, so it lies within the binding whatever the
+    binding's size (runtime-sized arrays: WGSL's arrayLength counts whole vectors).
 
     Why: TVM declares every binding as an array of scalars, so a 128-bit load becomes four 32-bit
     loads (``vec4<u32>(w[i], w[i + 1], w[i + 2], w[i + 3])``) and Dawn's robustness pass clamps each
@@ -225,9 +227,7 @@ def wide_storage_params(func):
         param = param_of(decl.buffer)
         if param is None:
             return
-        shape = list(decl.buffer.ty.shape)
-        lanes = lanes_of.get(param.name)
-        if len(shape) != 1 or lanes is None or not multiple(shape[0], lanes):
+        if len(decl.buffer.ty.shape) != 1:     # flattened by now; anything else is left alone
             refused.add(param.name)
 
     tvm_ffi.structural_walk(func.body, [
