@@ -257,19 +257,21 @@ def wide_storage_params(func):
                                                 data=new_params[param.name])
         return new_buffers[key], wide[param.name]
 
-    def rewrite_load(node):
-        found = wide_buffer(node.source)
+    def wide_access(buffer, indices):
+        """(vector buffer, [vector index]) for an access of a widened binding, else None."""
+        found = wide_buffer(buffer)
         if found is None:
-            return node
-        buffer, lanes = found
-        return tirx.BufferLoad(buffer, [plain.simplify(node.indices[0].base // lanes)])
+            return None
+        vectors, lanes = found
+        return vectors, [plain.simplify(indices[0].base // lanes)]
+
+    def rewrite_load(node):
+        access = wide_access(node.source, node.indices)
+        return node if access is None else tirx.BufferLoad(*access)
 
     def rewrite_store(node):
-        found = wide_buffer(node.buffer)
-        if found is None:
-            return node
-        buffer, lanes = found
-        return tirx.BufferStore(buffer, node.value, [plain.simplify(node.indices[0].base // lanes)])
+        access = wide_access(node.buffer, node.indices)
+        return node if access is None else tirx.BufferStore(access[0], node.value, access[1])
 
     def rewrite_decl(node):
         found = wide_buffer(node.buffer)
