@@ -932,8 +932,9 @@ class KernelDispatcher {
     const toDim = [];
     let writes = [];
     for (const tag of info.launch_param_tags) {
-      if (tag.startsWith("blockIdx.")) toDim.push(tag.charCodeAt(tag.length - 1) - 120);
-      else if (tag.startsWith("threadIdx.")) toDim.push(tag.charCodeAt(tag.length - 1) - 120 + 3);
+      const axis = "xyz".indexOf(tag.at(-1));   // launch dims: blockIdx x/y/z, then threadIdx x/y/z
+      if (tag.startsWith("blockIdx.")) toDim.push(axis);
+      else if (tag.startsWith("threadIdx.")) toDim.push(axis + 3);
       else if (tag.startsWith("paramWriteAccess:")) writes = JSON.parse(tag.substring(17));
       else throw new VoxcError(`kernel ${info.name}: unknown launch parameter ${tag}`);
     }
