@@ -30,6 +30,9 @@
 //                latency is left out of stream.feed_ms.  --profile-check: exit 1 unless the profile is
 //                sane (every name is one of the bundle's kernels, every time > 0, the kernels' sum
 //                within the step's wall time).  Profiling turns off Dawn's timestamp quantization.
+//                With it, copy: a vec4 copy kernel over --copy-mb MB (default 256), timed the same way
+//                (read + write GB/s), and q4_gemv: each quantized GEMV of the decoder step's weight
+//                reads in GB/s and as a share of that copy; q4_gemv_min_of_copy_bw the smallest share.
 // Dawn does not accept lavapipe; on a CPU-only machine point the Vulkan loader at Chromium's
 // SwiftShader (VK_ICD_FILENAMES=/usr/lib/chromium/vk_swiftshader_icd.json) to try it out.
 import { copyFileSync, createReadStream, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
@@ -58,6 +61,7 @@ const profilePath = opt("profile", null);
 const profileCheck = args.includes("--profile-check");
 const profileTop = Number(opt("profile-top", "15"));
 const pipelines = opt("pipelines", "async");
+const copyMB = Number(opt("copy-mb", "256"));
 
 // ---- WebGPU in Node: Dawn's navigator.gpu ----------------------------------------------------
 const webgpuModule = process.env.VOXC_WEBGPU_MODULE
@@ -128,6 +132,66 @@ function profileProblems(step, what, bundleKernels) {
   if (step.gpu_ms > step.wall_ms) problems.push(`${what}: the kernels' sum ${step.gpu_ms} ms exceeds the wall time ${step.wall_ms} ms`);
   if (step.span_ms > step.wall_ms) problems.push(`${what}: the kernels' span ${step.span_ms} ms exceeds the wall time ${step.wall_ms} ms`);
   return problems;
+}
+
+// A copy kernel's bandwidth, timed like the model's kernels (the profiler times every pass).
+const COPY_WGSL = `
+@group(0) @binding(0) var<storage, read> src: array<vec4<u32>>;
+@group(0) @binding(1) var<storage, read_write> dst: array<vec4<u32>>;
+@compute @workgroup_size(256)
+fn copy_vec4(@builtin(global_invocation_id) g: vec3<u32>, @builtin(num_workgroups) n: vec3<u32>) {
+  let i = g.x + g.y * n.x * 256u;
+  if (i < arrayLength(&src)) { dst[i] = src[i]; }
+}`;
+
+async function copyBandwidth(model, megabytes, reps = 10) {
+  const device = model.gpu.device;
+  const limit = Math.min(device.limits.maxStorageBufferBindingSize, device.limits.maxBufferSize);
+  const bytes = Math.floor(Math.min(megabytes * 2 ** 20, limit) / 16) * 16;
+  const usage = GPUBufferUsage.STORAGE;
+  const src = device.createBuffer({ size: bytes, usage });
+  const dst = device.createBuffer({ size: bytes, usage });
+  const pipeline = device.createComputePipeline({
+    layout: "auto", compute: { module: device.createShaderModule({ code: COPY_WGSL }), entryPoint: "copy_vec4" } });
+  const bindGroup = device.createBindGroup({ layout: pipeline.getBindGroupLayout(0), entries: [
+    { binding: 0, resource: { buffer: src } }, { binding: 1, resource: { buffer: dst } }] });
+  const groups = Math.ceil(bytes / 16 / 256);
+  const x = Math.min(groups, 65535);
+  const run = () => {
+    const encoder = device.createCommandEncoder();
+    for (let r = 0; r < reps; r++) {
+      const pass = encoder.beginComputePass();
+      pass.setPipeline(pipeline);
+      pass.setBindGroup(0, bindGroup);
+      pass.dispatchWorkgroups(x, Math.ceil(groups / x));
+      pass.end();
+    }
+    device.queue.submit([encoder.finish()]);
+    return device.queue.onSubmittedWorkDone();
+  };
+  await run();   // warm
+  const p = await model.profileKernels(run);
+  const copy = p.kernels.find((k) => k.name === "copy_vec4");
+  src.destroy();
+  dst.destroy();
+  return { bytes, reps, mean_ms: copy.meanMs, max_ms: copy.maxMs,
+           gbps_read_plus_write: (2 * bytes) / (copy.meanMs / 1e3) / 1e9 };
+}
+
+// Bits per weight of voxc's quantized kernel layouts (voxc.quant.formats): the weight bytes a GEMV reads.
+const BITS_PER_WEIGHT = { q4_0: 4.5, q4_k: 4.5, q8_0: 8.5 };
+
+// Each quantized GEMV kernel of a step (gemm_q4_k_NxK_..., gemv_...): weight GB/s and share of the copy.
+function gemvBandwidth(step, copyGBps) {
+  const rows = [];
+  for (const k of step.kernels) {
+    const m = /^gem[mv]_(q4_0|q4_k|q8_0)_(\d+)x(\d+)_/.exec(k.name);
+    if (!m) continue;
+    const bytes = Number(m[2]) * Number(m[3]) * BITS_PER_WEIGHT[m[1]] / 8;
+    const gbps = bytes * k.count / (k.total_ms / 1e3) / 1e9;
+    rows.push({ name: k.name, count: k.count, mean_us: 1e3 * k.total_ms / k.count, gbps, of_copy: gbps / copyGBps });
+  }
+  return rows.sort((a, b) => a.of_copy - b.of_copy);
 }
 
 function printTop(step, what) {
@@ -254,6 +318,11 @@ try {
     for (const problem of profile.problems) console.error(`profile: ${problem}`);
     out.profile = { file: profilePath, decode_step_gpu_ms: profile.decode_step.gpu_ms,
                     stream_step_gpu_ms: streamProfile?.gpu_ms ?? null, problems: profile.problems.length };
+    out.copy = await copyBandwidth(model, copyMB);
+    out.q4_gemv = gemvBandwidth(profile.decode_step, out.copy.gbps_read_plus_write);
+    out.q4_gemv_min_of_copy_bw = out.q4_gemv.length ? out.q4_gemv[0].of_copy : null;
+    console.error(`copy ${out.copy.gbps_read_plus_write.toFixed(0)} GB/s; decode-step GEMVs ` +
+                  out.q4_gemv.map((g) => `${g.name.split("_m_")[0]} ${(100 * g.of_copy).toFixed(0)}%`).join(", "));
   }
 
   // encoder windows: one 80 ms step and 32 tokens (the session's largest)

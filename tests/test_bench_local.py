@@ -322,6 +322,8 @@ def test_webgpu_bench_local(tmp_path):
     dispatch = result["decode_dispatch"]
     assert dispatch["dispatches"] > 10 and 1 <= dispatch["submits"] <= dispatch["dispatches"]
     assert dispatch["bindGroupsCreated"] < 0.5 * dispatch["dispatches"], dispatch
+    # the copy kernel the GEMVs' bandwidth is measured against (webgpu_q4_gemv_min_of_copy_bw)
+    assert result["copy"]["gbps_read_plus_write"] > 0 and isinstance(result["q4_gemv"], list)
     assert result["load"]["pipelines"] == "blocking" and result["load"]["pipelines_s"] > 0
     profile = json.loads((out / "tiny.profile.json").read_text())
     assert profile["problems"] == [], profile["problems"]   # the driver's --profile-check

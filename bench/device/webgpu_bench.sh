@@ -151,7 +151,7 @@ case "$WHAT" in
     export XDG_RUNTIME_DIR=${XDG_RUNTIME_DIR:-/tmp}
     pack --local
     unpack
-    TINY_STEPS=${TINY_STEPS:-24} TINY_ARGS=${TINY_ARGS:-"--warm 1 --encode-reps 1 --encode-tokens 1 --profile-check"} \
+    TINY_STEPS=${TINY_STEPS:-24} TINY_ARGS=${TINY_ARGS:-"--warm 1 --encode-reps 1 --encode-tokens 1 --profile-check --copy-mb 8"} \
       run_bench tiny
     ;;
   *) echo "usage: $0 pack|run [tiny|full|all]|local" >&2; exit 2 ;;
