@@ -131,8 +131,9 @@ def decode_steps(model, slots, start, steps, delay=6):
 def kernel_profile(model, audio, steps: int = 20, batch: int = 1) -> dict:
     """Per-kernel GPU time of one decode step (static one-stream entry, position 100), of one
     80 ms streaming step and, with ``batch`` > 1, of one batched decode step of that many streams
-    (generic entries, position 1000, as the batched figures), from CUPTI through torch.profiler (which records every kernel of the
-    process, TVM's included, graph-launched ones too).  {} when torch is not importable."""
+    (generic entries, position 1000, as the batched figures), from CUPTI through torch.profiler
+    (which records every kernel of the process, TVM's included, graph-launched ones too).  {} when
+    torch is not importable."""
     with common.tvm_lookups_allowed():
         try:
             import torch
@@ -155,14 +156,17 @@ def _kernel_profile(model, audio, steps, batch, torch, ProfilerActivity, profile
         return {"kernel_us_per_step": round(sum(r["us_per_step"] for r in rows), 1),
                 "launches_per_step": round(sum(r["launches_per_step"] for r in rows), 1), "top": rows[:40]}
 
+    def decode_profile(slots: list[int], position: int) -> dict:
+        decode_steps(model, slots, position, 3)          # warm
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            wall = decode_steps(model, slots, position, steps)
+            torch.cuda.synchronize()
+        return {**table(prof, steps), "wall_ms_per_step": round(float(np.median(wall)), 3)}
+
     out = {}
     model.use_static_entries(True)
-    decode_steps(model, [0], 100, 3)
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        wall = decode_steps(model, [0], 100, steps)
-        torch.cuda.synchronize()
-    out["decode_b1_pos100"] = {**table(prof, steps), "wall_ms_per_step": round(float(np.median(wall)), 3)}
+    out["decode_b1_pos100"] = decode_profile([0], 100)
     s = model.stream()
     chunk = 1280
     for i in range(0, 16000, chunk):          # warm: 1 s
@@ -178,12 +182,7 @@ def _kernel_profile(model, audio, steps, batch, torch, ProfilerActivity, profile
     if batch > 1:
         model.use_static_entries(False)
         try:
-            decode_steps(model, list(range(batch)), 1000, 3)
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                wall = decode_steps(model, list(range(batch)), 1000, steps)
-                torch.cuda.synchronize()
-            out[f"decode_b{batch}_pos1000"] = {**table(prof, steps), "wall_ms_per_step": round(float(np.median(wall)), 3)}
+            out[f"decode_b{batch}_pos1000"] = decode_profile(list(range(batch)), 1000)
         finally:
             model.use_static_entries(True)
     return out
