@@ -290,6 +290,15 @@ def _wgpu_adapter():
     return adapter, ""
 
 
+def _webgpu_module_of(func):
+    """The WGSL module of one scheduled PrimFunc compiled for webgpu as voxc does (TIR pipeline included)."""
+    from targets.gpu_pipeline import wgsl_tir_pipeline
+    ex = tvm.compile(tvm.IRModule({func.attrs["global_symbol"]: func}),
+                     target=tvm.target.Target({"kind": "webgpu"}, host={"kind": "llvm"}),
+                     tir_pipeline=wgsl_tir_pipeline())
+    return ex.mod.imports[0]
+
+
 def run_wgsl(func, arrays: dict[str, np.ndarray], m: int | None = None, f16: bool = False,
              wide: tuple[str, ...] = ()) -> np.ndarray:
     """Compile one scheduled PrimFunc for webgpu as voxc does (TIR pipeline included), run its WGSL
@@ -298,15 +307,12 @@ def run_wgsl(func, arrays: dict[str, np.ndarray], m: int | None = None, f16: boo
     (the vulkan target's q4f16).  ``wide``: bindings that must be arrays of vec4 (one 128-bit load each)."""
     import wgpu
 
-    from targets.gpu_pipeline import wgsl_tir_pipeline
-    ex = tvm.compile(tvm.IRModule({func.attrs["global_symbol"]: func}),
-                     target=tvm.target.Target({"kind": "webgpu"}, host={"kind": "llvm"}),
-                     tir_pipeline=wgsl_tir_pipeline())
-    source = ex.mod.imports[0].inspect_source("wgsl")
+    device_module = _webgpu_module_of(func)
+    source = device_module.inspect_source("wgsl")
     for name in wide:
         assert re.search(rf"var<storage, read> {name}_ptr : array<vec4<u32>>;", source), name
     assert f16 or not re.search(r"\bf16\b", source), "WGSL must not need shader-f16"
-    (entry,) = json.loads(ex.mod.imports[0].inspect_source("func_info"))
+    (entry,) = json.loads(device_module.inspect_source("func_info"))
     ext = thread_extents(func, m)
     grid = (ext.get("blockIdx.x", 1), ext.get("blockIdx.y", 1), ext.get("blockIdx.z", 1))
     assert ext.get("threadIdx.x", 1) * ext.get("threadIdx.y", 1) <= 256
@@ -369,13 +375,6 @@ def test_wgsl_kernels_on_lavapipe(qtype):
 
 # Small odd shapes: Q4_0 with an odd group count (one group per unit), odd row counts (one row per
 # thread, fewer warps), and 2560 wide: 40-80 units, so lanes take several steps, the last one partial
-def _wgsl_of(func) -> str:
-    from targets.gpu_pipeline import wgsl_tir_pipeline
-    ex = tvm.compile(tvm.IRModule({"f": func}), target=tvm.target.Target({"kind": "webgpu"}, host={"kind": "llvm"}),
-                     tir_pipeline=wgsl_tir_pipeline())
-    return ex.mod.imports[0].inspect_source("wgsl")
-
-
 @pytest.mark.parametrize("offset, words, wide", [(0, 64, True), (2, 64, False), (0, 62, True)])
 def test_storage_bindings_widen_only_for_aligned_vector_reads(offset, words, wide):
     """targets.gpu_pipeline.wide_storage_params declares a binding as array<vec4<u32>> only where every
@@ -395,7 +394,7 @@ def test_storage_bindings_widen_only_for_aligned_vector_reads(offset, words, wid
                     w[v] = a[tx * 4 + offset + v]
                 y[tx] = w[0] + w[3]
 
-    source = _wgsl_of(f)
+    source = _webgpu_module_of(f).inspect_source("wgsl")
     assert bool(re.search(r"a_ptr : array<vec4<u32>>;", source)) is wide, source
     assert re.search(r"y_ptr : array<u32>;", source)          # scalar stores keep the scalar array
 
