@@ -494,7 +494,7 @@ def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
         sch = (_schedule_gemv_llvm(func, q, n, k, spec.batch) if spec.target == "llvm"
                else _schedule_gemv_gpu(func, q, n, k, spec.batch, spec.target))
     elif spec.target == "cuda":
-        gemm = _tensor_core_gemm_cuda(q, n, k, spec.dtype)
+        gemm = _tensor_core_gemm_cuda(q, n, k, spec.dtype, split_k_count(n, k, rows=LARGE_GEMM_ROWS))
     else:
         func = gemm_compute(q, n, k, spec.dtype, spec.target, transposed_panel=spec.target == "llvm")
         sch = (_schedule_gemm_llvm(func, q, n, k) if spec.target == "llvm"
@@ -520,6 +520,10 @@ def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
                 branches.append((f"m <= {GPU_GEMV_MAX_ROWS}",
                                  gpu_gemv.gpu_gemv(q, n, k, GPU_GEMV_CHUNK_ROWS, spec.dtype, symbolic_rows=True,
                                                    target=spec.target)))
+            if spec.target == "cuda":   # up to each row count, the fewest K slices that fill the SMs
+                for rows in split_k_row_counts(n, k):
+                    branches.append((f"m <= {rows}", _tensor_core_gemm_cuda(q, n, k, spec.dtype,
+                                                                            split_k_count(n, k, rows))))
             func = row_dispatch(branches, gemm, gpu=True)
             return _finish(_guard_rows(func, max(n, k), spec.name), spec.name)
         return _finish(_guard_rows(gemm, max(n, k), spec.name), spec.name)
@@ -531,25 +535,79 @@ _DLIGHT_CUDA_TARGET = {"kind": "cuda", "arch": "sm_80", "max_shared_memory_per_b
                        "max_threads_per_block": 1024, "thread_warp_size": 32, "registers_per_block": 65536}
 
 
-def _tensor_core_gemm_cuda(qtype: QType, n: int, k: int, dtype: str) -> tirx.PrimFunc:
-    """CUDA GEMM over a symbolic row count: dequantization fused into the load of the weight tile,
-    then tensor cores (WMMA) for float16 activations, scheduled by dlight's Matmul rule (the rule
-    MLC-LLM's q4f16 prefill uses).  The SIMT 64x64 tile GEMM it replaces ran 10-25x behind cuBLAS
-    fp16 at 16-512 rows on an H100."""
+def _dlight_matmul_cuda(func: tirx.PrimFunc) -> tirx.PrimFunc:
+    """``func`` (one matmul block and the elementwise blocks feeding it) scheduled by dlight's
+    Matmul rule (the rule MLC-LLM's q4f16 prefill uses): tensor cores (WMMA) for float16 inputs."""
     import tvm.s_tir.dlight as dl
 
-    m = tirx.Var("m", "int32")
-    x, qweight, scales = _placeholders(qtype, n, k, m, dtype)
-    dec = _Decoder(qtype, qweight, scales, "cuda")
-    w = te.compute((n, k), lambda i, j: dec.value(i, j).astype(dtype), name="w")
-    r = te.reduce_axis((0, k), name="r")
-    acc = te.compute((m, n), lambda a, i: te.sum(x[a, r].astype(F32) * w[i, r].astype(F32), axis=r), name="acc")
-    func = te.create_prim_func([x, qweight, scales, _with_output_cast(acc, dtype)]).with_attr("global_symbol", "main")
     current = tvm.target.Target.current(allow_none=True)
     target = current if current is not None and current.kind.name == "cuda" else tvm.target.Target(_DLIGHT_CUDA_TARGET)
     with target:
-        mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.Fallback())(tvm.IRModule({"main": func}))
+        mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.Fallback())(
+            tvm.IRModule({"main": func.with_attr("global_symbol", "main")}))
     return mod["main"]
+
+
+# dlight's tensor-core Matmul covers 128 rows x 128 columns per thread block; an H100 has 132 SMs.
+TENSOR_CORE_TILE = 128
+CUDA_SMS = 132
+LARGE_GEMM_ROWS = 512      # from here on the row tiles alone fill the SMs at the model's widths
+
+
+def split_k_count(n: int, k: int, rows: int = TENSOR_CORE_TILE) -> int:
+    """How many slices of K the tensor-core GEMM splits into for ``rows`` rows of an [n, k] weight:
+    the fewest that give every SM a block (each slice a whole number of 256-element super-blocks),
+    1 where the output tiles alone fill the GPU.  At 64 rows a 3072-wide output is 24 blocks,
+    which read the decoder's w2 at 58 GB/s on an H100 (bench/RESULTS.md, ninth run)."""
+    tiles = math.ceil(rows / TENSOR_CORE_TILE) * math.ceil(n / TENSOR_CORE_TILE)
+    blocks = k // 256
+    for splits in range(1, blocks + 1):
+        if blocks % splits == 0 and tiles * splits >= CUDA_SMS:
+            return splits
+    return blocks if blocks > 0 else 1
+
+
+def split_k_row_counts(n: int, k: int) -> list[int]:
+    """Row counts below LARGE_GEMM_ROWS at which the split-K count changes: the tensor-core GEMM gets
+    one branch per count (``m <= rows``), the larger row counts the LARGE_GEMM_ROWS count."""
+    counts = [rows for rows in range(TENSOR_CORE_TILE, LARGE_GEMM_ROWS, TENSOR_CORE_TILE)]
+    return [rows for rows in counts if split_k_count(n, k, rows) != split_k_count(n, k, rows + TENSOR_CORE_TILE)]
+
+
+def _tensor_core_gemm_cuda(qtype: QType, n: int, k: int, dtype: str, splits: int = 1) -> tirx.PrimFunc:
+    """CUDA GEMM over a symbolic row count: dequantization fused into the load of the weight tile,
+    then tensor cores (WMMA) for float16 activations, scheduled by dlight's Matmul rule.  The SIMT
+    64x64 tile GEMM it replaces ran 10-25x behind cuBLAS fp16 at 16-512 rows on an H100.
+
+    ``splits`` > 1 cuts K into that many slices, written as a batch of matmuls (dlight puts the
+    slices on blockIdx.z and keeps the tensor cores) into a float32 workspace ``part[s, m, n]``,
+    then one small kernel sums the slices and casts: more blocks where few rows leave most SMs idle."""
+    m = tirx.Var("m", "int32")
+    x, qweight, scales = _placeholders(qtype, n, k, m, dtype)
+    dec = _Decoder(qtype, qweight, scales, "cuda")
+    if splits == 1:
+        w = te.compute((n, k), lambda i, j: dec.value(i, j).astype(dtype), name="w")
+        r = te.reduce_axis((0, k), name="r")
+        acc = te.compute((m, n), lambda a, i: te.sum(x[a, r].astype(F32) * w[i, r].astype(F32), axis=r), name="acc")
+        return _dlight_matmul_cuda(te.create_prim_func([x, qweight, scales, _with_output_cast(acc, dtype)]))
+    if k % splits:
+        raise VoxcError(f"split-K: {splits} slices do not divide in_features {k}")
+    width = k // splits
+    x_sliced = te.compute((splits, m, width), lambda s, a, j: x[a, s * width + j], name="x_sliced")
+    w = te.compute((splits, n, width), lambda s, i, j: dec.value(i, s * width + j).astype(dtype), name="w")
+    r = te.reduce_axis((0, width), name="r")
+    part = te.compute((splits, m, n), lambda s, a, i: te.sum(
+        x_sliced[s, a, r].astype(F32) * w[s, i, r].astype(F32), axis=r), name="part")
+    sliced = _dlight_matmul_cuda(te.create_prim_func([x, qweight, scales, part]))
+    part_in = te.placeholder((splits, m, n), F32, name="part")
+    y = te.compute((m, n), lambda a, i: functools.reduce(
+        lambda total, s: total + part_in[s, a, i], range(1, splits), part_in[0, a, i]).astype(dtype), name="y")
+    sch = tvm.s_tir.Schedule(te.create_prim_func([part_in, y]))
+    block = sch.get_sblock("y")
+    outer, inner = sch.split(sch.fuse(*sch.get_loops(block)), [None, 256])
+    sch.bind(outer, "blockIdx.x")
+    sch.bind(inner, "threadIdx.x")
+    return _chain(sliced, sch.mod["main"])
 
 
 def row_dispatch(branches, default: tirx.PrimFunc, *, gpu: bool = False) -> tirx.PrimFunc:
@@ -562,29 +620,14 @@ def row_dispatch(branches, default: tirx.PrimFunc, *, gpu: bool = False) -> tirx
     differ; its shapes may fix ``m``, e.g. a batch-1 GEMV under ``m == 1``).  Each body goes into its own block of one function, through TVMScript: TVM 0.27's
     Python API has no variable substitution to merge bodies directly.  On GPUs the condition is
     marked thread-invariant, so the host picks the kernel (as targets.cuda.small_m_dispatch)."""
-    import typing
-
-    import tvm.script
-    from tvm.script import tirx as T
-
-    def parts(func):
-        lines = [line for line in func.script().splitlines() if line and not line.startswith(("#", "m = "))]
-        head = next(i for i, line in enumerate(lines) if line.startswith("def "))
-        body = lines[head + 1:]
-        decls = [line for line in body if re.fullmatch(r"    m = T\.int(32|64)\(\)", line)]
-        body = [line for line in body if line not in decls
-                and not line.strip().startswith(("T.func_attr", "# with T.sblock"))]
-        params = re.findall(r"(\w+): T\.Buffer", lines[head])
-        return lines[:head + 1], decls, params, body
-
-    header, decls, params, default_body = parts(default)
+    header, decls, params, default_body = _script_parts(default)
 
     def nested(body):
         return ["        " + line if line.strip() else line for line in body]
 
     source = header + decls
     for index, (condition, func) in enumerate(branches):
-        _, _, branch_params, body = parts(func)
+        _, _, branch_params, body = _script_parts(func)
         if len(branch_params) != len(params):
             raise VoxcError(f"row_dispatch: parameters {branch_params} do not match {params}")
         renames = {old: new for old, new in zip(branch_params, params) if old != new}
@@ -595,10 +638,57 @@ def row_dispatch(branches, default: tirx.PrimFunc, *, gpu: bool = False) -> tirx
         source += [f"    {'if' if index == 0 else 'elif'} {test}:", f'        with T.sblock("rows_case_{index}"):']
         source += nested(body)
     source += ["    else:", '        with T.sblock("rows_default"):'] + nested(default_body)
+    return _from_script(source, decls, default)
+
+
+# A PrimFunc parameter as TVMScript prints it: ``name: T.Buffer((shape...), "dtype")``
+_PARAM = re.compile(r'(\w+): (T\.Buffer\((?:[^()]|\([^()]*\))*\))')
+
+
+def _script_parts(func: tirx.PrimFunc):
+    """``func``'s TVMScript as (header lines, ``m = T.int32()`` declarations, parameter names,
+    body lines without attributes and root-block comments)."""
+    lines = [line for line in func.script().splitlines() if line and not line.startswith(("#", "m = "))]
+    head = next(i for i, line in enumerate(lines) if line.startswith("def "))
+    body = lines[head + 1:]
+    decls = [line for line in body if re.fullmatch(r"    m = T\.int(32|64)\(\)", line)]
+    body = [line for line in body if line not in decls
+            and not line.strip().startswith(("T.func_attr", "# with T.sblock"))]
+    params = [name for name, _ in _PARAM.findall(lines[head])]
+    return lines[:head + 1], decls, params, body
+
+
+def _from_script(source: list[str], decls: list[str], like: tirx.PrimFunc) -> tirx.PrimFunc:
+    """Parse merged TVMScript lines into a PrimFunc with ``like``'s attributes."""
+    import typing
+
+    import tvm.script
+    from tvm.script import tirx as T
+
     # int64 shape variables print as a module-level TypeVar, int32 ones as ``m = T.int32()`` in the body
     extra = {"T": T} if decls else {"T": T, "m": typing.TypeVar("m")}
     merged = tvm.script.from_source("\n".join(source), extra_vars=extra, s_tir=True)
-    return merged.with_attrs(dict(default.attrs)) if default.attrs else merged
+    return merged.with_attrs(dict(like.attrs)) if like.attrs else merged
+
+
+def _chain(producer: tirx.PrimFunc, consumer: tirx.PrimFunc) -> tirx.PrimFunc:
+    """One PrimFunc running ``producer`` then ``consumer``, where the producer's last parameter is
+    the consumer's first: that buffer becomes a global allocation of the merged function (on GPUs a
+    workspace the host takes from TVM's pool per call) and the parameters are the producer's others,
+    then the consumer's others.  Through TVMScript, as :func:`row_dispatch`."""
+    header, decls, _, producer_body = _script_parts(producer)
+    consumer_header, consumer_decls, _, consumer_body = _script_parts(consumer)
+    producer_params = _PARAM.findall(header[-1])
+    consumer_params = _PARAM.findall(consumer_header[-1])
+    (via, via_type), (via_again, _) = producer_params[-1], consumer_params[0]
+    if via != via_again:
+        raise VoxcError(f"_chain: the producer writes {via!r}, the consumer reads {via_again!r}")
+    params = ", ".join(f"{name}: {kind}" for name, kind in producer_params[:-1] + consumer_params[1:])
+    signature = re.sub(r"\(.*\)(\s*(->.*)?:)$", lambda hit: f"({params}){hit.group(1)}", header[-1])
+    allocation = via_type.replace("T.Buffer(", "T.sblock_alloc_buffer(", 1).replace('"m"', "m")
+    decls = decls or consumer_decls
+    source = header[:-1] + [signature] + decls + [f"    {via} = {allocation}"] + producer_body + consumer_body
+    return _from_script(source, decls, producer)
 
 
 def make_kernel(qtype: QType | str, out_features: int, in_features: int, batch: int | None,

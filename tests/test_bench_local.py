@@ -248,6 +248,7 @@ def test_run_bench_local(devpack, vulkan_here, tmp_path):
         assert report["vulkan_decode_vs_cuda"] > 0 and report["vulkan_stream_step_vs_cuda"] > 0
     if HAVE_NVCC:   # quant_gpu.py local: the kernels built at a small shape, checked up to the launch
         assert "quant_gpu local: OK" in (out / "quant_gpu.log").read_text()
+        assert "gemm_gpu local: OK" in (out / "gemm_gpu.log").read_text()
 
 
 def test_cpu_bench_local(tmp_path):

@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import tvm
+from tvm import te, tirx
 from gguf import GGMLQuantizationType as GT
 
 from schedules.dequant_matmul import (gemv_or_gemm, make_embedding_kernel, make_kernel, thread_extents)
@@ -465,6 +466,50 @@ def test_webgpu_gemv_float16_on_lavapipe():
 
 # ---- CUDA: compile to cubin -------------------------------------------------------------------
 
+def _gemm_split_counts(n, k):
+    """The split-K counts of a CUDA GEMM's tensor-core branches, the default (large row counts) last."""
+    from schedules.dequant_matmul import LARGE_GEMM_ROWS, split_k_count, split_k_row_counts
+    return [split_k_count(n, k, rows) for rows in (*split_k_row_counts(n, k), LARGE_GEMM_ROWS)]
+
+
+def test_split_k_fills_the_sms_with_whole_super_blocks():
+    from schedules.dequant_matmul import CUDA_SMS, split_k_count, split_k_row_counts
+    # the decoder's w2 at 64 rows: 24 column tiles, 6 slices of 1536 -> 144 blocks
+    assert split_k_count(3072, 9216, 64) == 6 and split_k_count(3072, 9216, 256) == 3
+    assert split_k_count(131072, 3072, 64) == 1            # the LM head's tiles fill the GPU alone
+    assert split_k_count(1024, 3072, 64) == 12            # 8 tiles: as many slices as super-blocks
+    assert split_k_count(64, 256, 64) == 1                 # one super-block: nothing to split
+    for n, k in ((3072, 9216), (1280, 5120), (5120, 1280), (1024, 3072), (300, 1792)):
+        for rows in (1, 64, 128, 200, 256, 384, 512, 4096):
+            splits = split_k_count(n, k, rows)
+            assert (k // 256) % splits == 0
+            blocks = -(-rows // 128) * -(-n // 128)
+            fewer = [d for d in range(1, splits) if (k // 256) % d == 0]
+            assert all(blocks * d < CUDA_SMS for d in fewer)          # the fewest that fill the SMs
+        assert split_k_row_counts(n, k) == sorted(split_k_row_counts(n, k))
+
+
+def test_chain_runs_the_producer_then_the_consumer():
+    """schedules.dequant_matmul._chain (split-K's slices + their sum in one function): the producer's
+    output becomes a buffer of the merged function, for a symbolic row count, checked on llvm."""
+    from schedules.dequant_matmul import _chain
+    m = tirx.Var("m", "int64")
+    x = te.placeholder((m, 5), "float32", name="x")
+    part = te.compute((3, m, 5), lambda s, a, i: x[a, i] * (s + 1).astype("float32"), name="part")
+    part_in = te.placeholder((3, m, 5), "float32", name="part")
+    y = te.compute((m, 5), lambda a, i: part_in[0, a, i] + part_in[1, a, i] * part_in[2, a, i], name="y")
+    merged = _chain(te.create_prim_func([x, part]), te.create_prim_func([part_in, y]))
+    assert len(merged.params) == 2
+    lib = tvm.compile(tvm.IRModule({"main": merged}), target=LLVM)
+    xs = np.random.default_rng(0).standard_normal((7, 5)).astype(np.float32)
+    out = tvm.runtime.tensor(np.zeros((7, 5), np.float32))
+    lib["main"](tvm.runtime.tensor(xs), out)
+    np.testing.assert_allclose(out.numpy(), xs + 6 * xs * xs, rtol=1e-6)
+    other = te.placeholder((3, m, 5), "float32", name="other")
+    y_other = te.compute((m, 5), lambda a, i: other[0, a, i], name="y")
+    with pytest.raises(VoxcError, match="writes 'part', the consumer reads 'other'"):
+        _chain(te.create_prim_func([x, part]), te.create_prim_func([other, y_other]))
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_cuda_kernels_compile_to_cubin():
     from tvm.support import nvcc
@@ -474,8 +519,9 @@ def test_cuda_kernels_compile_to_cubin():
         for batch, dtype in ((1, "float32"), (4, "float32"), (16, "float16"), (None, "float32"), (None, "float16")):
             f = make_kernel(qtype, n, k, batch, dtype=dtype, target="cuda")
             funcs[f.attrs["global_symbol"]] = f
-            # a symbolic-row GEMM also holds the GEMVs it dispatches few rows to (1, 2, <=32 rows)
-            kernels += 4 if batch is None else 1
+            # a symbolic-row GEMM also holds the GEMVs it dispatches few rows to (1, 2, <=32 rows), and
+            # a split-K GEMM is two kernels (the slices, their sum)
+            kernels += 3 + sum(1 if s == 1 else 2 for s in _gemm_split_counts(n, k)) if batch is None else 1
         f = make_embedding_kernel(qtype, 100, k, target="cuda")
         funcs[f.attrs["global_symbol"]] = f
         kernels += 1

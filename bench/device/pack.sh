@@ -21,7 +21,7 @@
 #            weight-less tiny full_vulkan; then `bash bench/device/run_bench.sh --local` runs the device
 #            steps on the CPU.
 #   VARIANTS="tiny_q4k:--quantization=q4_k tiny_f16:--dtype=float16 full_f16:--dtype=float16 \
-#             full_q4k:--quantization=q4_k quantbench" bash bench/device/pack.sh
+#             full_q4k:--quantization=q4_k quantbench gemmbench" bash bench/device/pack.sh
 #   A variant's --target (cuda by default, or vulkan) names its artifacts: full_q4kf16:--target=vulkan+... ->
 #   full_vulkan_q4kf16 (cuda_bench.py times it beside full_cuda_q4kf16); tiny_f16:--target=vulkan+... ->
 #   tiny_vulkan_f16 and its own llvm twin tiny_llvm_vulkan_f16.
@@ -75,7 +75,7 @@ else
   "$PY" $CB tiny "$PACK/artifacts" --archs ${TINY_ARCHS:-sm_80,sm_90}
   # VARIANTS: which other builds travel, as name:cuda_build-args pairs (tiny_* -> tiny_cuda_<x> and its
   # llvm twin tiny_llvm_<x>; full_* -> a weight-less full-size artifact; quantbench[:quant_gpu-build-args]
-  # -> bench/quant_gpu.py's cubin)
+  # -> bench/quant_gpu.py's cubin; gemmbench[:gemm_gpu-build-args] -> bench/gemm_gpu.py's library)
   VARIANTS=${VARIANTS-"tiny_graph:--cuda-graph full:--archs=sm_80,sm_90 full_graph:--cuda-graph+--archs=sm_90"}
   "$PY" $CB attn "$PACK/artifacts/attn_cuda.so" --archs sm_90
 fi
@@ -93,6 +93,7 @@ for spec in $VARIANTS; do
     full*)   [ "$MODE" = "--quick" ] || "$PY" $CB full "$PACK/artifacts/${name/full/full_$target}" $args ;;
     quantbench) "$PY" bench/quant_gpu.py build --out "$PACK/quantbench" --arch sm_90 $args
                 gzip -9 "$PACK/quantbench/kernels.cu" ;;     # the source, for reading only: 19 MB plain
+    gemmbench) "$PY" bench/gemm_gpu.py build --out "$PACK/gemmbench" --arch sm_90 $args ;;
     *)       echo "unknown variant $name" >&2; exit 2 ;;
   esac
 done

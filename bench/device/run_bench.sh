@@ -3,6 +3,7 @@
 #   check  bench/device/tiny_check.py: tiny cuda builds (f32, graphs, q4k, f16) and vulkan builds vs their
 #          llvm twins
 #   quant  bench/quant_gpu.py run: fused dequant GEMV/GEMM kernels vs copy bandwidth and cuBLAS fp16
+#   gemm   bench/gemm_gpu.py run: the batched Q4_K float16 GEMM per split-K count vs cuBLAS fp16 (pack: gemmbench)
 #   voxc   bench/cuda_bench.py: full-size artifacts (ARTIFACTS="path ..." or every .devpack/artifacts/full_cuda*,
 #          then every full_vulkan*: Vulkan through NVIDIA's driver, with its ratios to the CUDA build)
 #   hf     bench/cuda_hf_baseline.py: transformers' VoxtralRealtime in bf16 on the same GPU
@@ -28,10 +29,10 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export OUT PYTHONUNBUFFERED=1
 if [ -n "$LOCAL" ]; then
   PY="${PYTHON:-$ROOT/.venv/bin/python}"
-  STEPS=${*:-check quant voxc hf}
+  STEPS=${*:-check quant gemm voxc hf}
 else
   PY=python3
-  STEPS=${*:-check quant voxc hf}
+  STEPS=${*:-check quant gemm voxc hf}
 fi
 bash bench/device/setup.sh $LOCAL 2>&1 | tee "$OUT/setup.log"
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "setup failed"; exit 1; }
@@ -49,6 +50,13 @@ for step in $STEPS; do
            else
              PYTHONPATH=/tmp/site:$PACK/src "$PY" "$PACK/src/bench/quant_gpu.py" run --dir "$PACK/quantbench" \
                --json "$OUT/quant_gpu.json" 2>&1 | tee "$OUT/quant_gpu.log"; fi ;;
+    gemm)  if [ -n "$LOCAL" ]; then   # build two tiny shapes, check the library (needs nvcc)
+             if command -v nvcc >/dev/null || [ -x /usr/local/cuda/bin/nvcc ]; then
+               "$PY" bench/gemm_gpu.py local 2>&1 | tee "$OUT/gemm_gpu.log"
+             else echo "gemm: no nvcc, skipped locally"; true; fi
+           else
+             VOXC_TVM_LIB_DIR=$PACK/tvm_runtime/tvm/lib PYTHONPATH=/tmp/site:$PACK/src "$PY" "$PACK/src/bench/gemm_gpu.py" \
+               run --dir "$PACK/gemmbench" --json "$OUT/gemm_gpu.json" 2>&1 | tee "$OUT/gemm_gpu.log"; fi ;;
     voxc)  "$PY" bench/cuda_bench.py $LOCAL ${ARTIFACTS:-} 2>&1 | tee -a "$OUT/cuda_bench.log" ;;
     hf)    if [ -n "$LOCAL" ]; then "$PY" bench/cuda_hf_baseline.py --local "$PACK/artifacts/tiny_llvm" 2>&1 \
              | tee "$OUT/hf_baseline.log"; else "$PY" bench/cuda_hf_baseline.py 2>&1 | tee "$OUT/hf_baseline.log"; fi ;;
@@ -62,7 +70,7 @@ for step in $STEPS; do
                PYTHONPATH=/tmp/site:$PACK/src "$PY" bench/server_load.py --local --artifact "$ART" --clients "$n" --seconds "${SERVER_SECS:-20}" --json --verify size \
                  2>&1 | tee -a "$OUT/server_load.jsonl"
              done; fi ;;
-    *)     echo "unknown step $step (check quant voxc hf server)"; exit 2 ;;
+    *)     echo "unknown step $step (check quant gemm voxc hf server)"; exit 2 ;;
   esac
   rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || failed="$failed $step"
