@@ -2,9 +2,11 @@
 chunks run), whole-call times per split-K count beside cuBLAS fp16 at the same shape, in two steps
 so the GPU machine needs only TVM's runtime.
 
-1. ``build`` (TVM + a host compiler; no GPU): every weight shape of the model, each with the split
-   counts the model's GEMM dispatches to (schedules.dequant_matmul.split_k_row_counts) and 1, compiled as they are in the model (dlight's tensor-core Matmul with the dequantization fused
-   into the weight-tile load) into one library, ``gemm.so`` + ``manifest.json``.
+1. ``build`` (TVM + nvcc; no GPU): every weight shape of the model, each with the split counts the
+   model's GEMM dispatches to (schedules.dequant_matmul.split_k_row_counts) and 1, each dequantized
+   in the weight-tile load (``s<count>``) or first into a float16 workspace (``s<count>dq``),
+   compiled as in the model (dlight's tensor-core Matmul) into one library, ``gemm.so`` +
+   ``manifest.json``.
 
        python bench/gemm_gpu.py build --out DIR [--arch sm_90] [--only dec.w2]
 
@@ -39,15 +41,20 @@ LOCAL_SHAPES = {"tiny 96x512": (96, 512), "tiny 256x768": (256, 768)}
 L2_BYTES = 64 << 20           # weight copies cycled through so that each call reads HBM (H100: 50 MB L2)
 
 
-def kernel_name(n: int, k: int, splits: int) -> str:
-    return f"gemm_q4_k_{n}x{k}_f16_s{splits}"
+def variant_name(splits: int, dequantize_first: bool) -> str:
+    """``s<splits>`` (dequantized in the weight-tile load) or ``s<splits>dq`` (into a float16 workspace first)."""
+    return f"s{splits}" + ("dq" if dequantize_first else "")
 
 
 def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None) -> Path:
     import tvm
 
     from schedules.dequant_matmul import LARGE_GEMM_ROWS, _tensor_core_gemm_cuda, split_k_count, split_k_row_counts
+    from targets.base import CompileReport
+    from targets.cuda import fatbin_compiler, prepare_toolchain
     from voxc.quant.formats import QType
+
+    prepare_toolchain()
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,12 +66,16 @@ def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None) 
             continue
         counts = sorted({1, *(split_k_count(n, k, rows) for rows in (*split_k_row_counts(n, k), LARGE_GEMM_ROWS))})
         for splits in counts:
-            name = kernel_name(n, k, splits)
-            with target:
-                funcs[name] = _tensor_core_gemm_cuda(QType.Q4_K, n, k, "float16", splits).with_attr(
-                    "global_symbol", name)
-            manifest.append({"name": name, "label": label, "n": n, "k": k, "splits": splits})
-    lib = tvm.compile(tvm.IRModule(funcs), target=tvm.target.Target(target, host="llvm"))
+            for dequantize_first in (False, True):
+                variant = variant_name(splits, dequantize_first)
+                name = f"gemm_q4_k_{n}x{k}_f16_{variant}"
+                with target:
+                    funcs[name] = _tensor_core_gemm_cuda(QType.Q4_K, n, k, "float16", splits,
+                                                         dequantize_first).with_attr("global_symbol", name)
+                manifest.append({"name": name, "label": label, "n": n, "k": k, "variant": variant})
+    # the kernels as a fatbin, as voxc's CUDA builds link them (TVM's runtime cannot compile source)
+    with tvm.target.Target(target, host="llvm") as full_target, fatbin_compiler([arch], CompileReport()):
+        lib = tvm.compile(tvm.IRModule(funcs), target=full_target)
     lib.export_library(str(out / "gemm.so"))
     (out / "manifest.json").write_text(json.dumps({"arch": arch, "kernels": manifest}, indent=1))
     print(f"built {len(funcs)} GEMMs for {arch} in {time.time() - t0:.0f} s -> {out}")
@@ -147,10 +158,10 @@ def run(out_dir: str | Path, rows=ROWS, calls: int = 20) -> dict:
                 got = runtime.numpy(y_dev).astype(np.float64)
                 err = float(np.abs(got - reference).max() / (np.abs(reference).max() + 1e-30))
                 secs = seconds_per_call(lambda i: fn(x_dev, *device_weights[i % copies], y_dev))
-                row[f"s{entry['splits']}_us"] = round(secs * 1e6, 2)
-                row[f"s{entry['splits']}_gbps"] = round(weight_bytes / secs / 1e9, 1)
-                row[f"s{entry['splits']}_rel_err"] = float(f"{err:.2e}")
-            best = min((key for key in row if key.endswith("_us") and key.startswith("s")), key=row.get)
+                row[f"{entry['variant']}_us"] = round(secs * 1e6, 2)
+                row[f"{entry['variant']}_gbps"] = round(weight_bytes / secs / 1e9, 1)
+                row[f"{entry['variant']}_rel_err"] = float(f"{err:.2e}")
+            best = min((f"{entry['variant']}_us" for entry in entries), key=row.get)
             row["best"], row["best_vs_cublas"] = best[:-3], round(row[best] / row["cublas_fp16_us"], 2)
             print(json.dumps(row), flush=True)
             results.append(row)

@@ -574,40 +574,65 @@ def split_k_row_counts(n: int, k: int) -> list[int]:
     return [rows for rows in counts if split_k_count(n, k, rows) != split_k_count(n, k, rows + TENSOR_CORE_TILE)]
 
 
-def _tensor_core_gemm_cuda(qtype: QType, n: int, k: int, dtype: str, splits: int = 1) -> tirx.PrimFunc:
-    """CUDA GEMM over a symbolic row count: dequantization fused into the load of the weight tile,
-    then tensor cores (WMMA) for float16 activations, scheduled by dlight's Matmul rule.  The SIMT
-    64x64 tile GEMM it replaces ran 10-25x behind cuBLAS fp16 at 16-512 rows on an H100.
+def _tensor_core_gemm_cuda(qtype: QType, n: int, k: int, dtype: str, splits: int = 1,
+                           dequantize_first: bool = False) -> tirx.PrimFunc:
+    """CUDA GEMM over a symbolic row count on tensor cores (WMMA, float16 activations), scheduled by
+    dlight's Matmul rule.  The SIMT 64x64 tile GEMM it replaced ran 10-25x behind cuBLAS fp16 at
+    16-512 rows on an H100.
 
-    ``splits`` > 1 cuts K into that many slices, written as a batch of matmuls (dlight puts the
-    slices on blockIdx.z and keeps the tensor cores) into a float32 workspace ``part[s, m, n]``,
-    then one small kernel sums the slices and casts: more blocks where few rows leave most SMs idle."""
+    The weight is dequantized in the load of each weight tile, or with ``dequantize_first`` by a
+    kernel of its own into a float16 workspace [n, k] that the matmul then reads as a dense weight
+    (twice the bytes of a float16 model's read, but the matmul's loads are plain copies dlight
+    pipelines asynchronously).  ``splits`` > 1 cuts K into that many slices, written as a batch of
+    matmuls (dlight puts the slices on blockIdx.z) into a float32 workspace ``part[s, m, n]``, then
+    one small kernel sums the slices and casts: more blocks where few rows leave most SMs idle."""
+    if k % splits:
+        raise VoxcError(f"split-K: {splits} slices do not divide in_features {k}")
     m = tirx.Var("m", "int32")
     x, qweight, scales = _placeholders(qtype, n, k, m, dtype)
     dec = _Decoder(qtype, qweight, scales, "cuda")
-    if splits == 1:
-        w = te.compute((n, k), lambda i, j: dec.value(i, j).astype(dtype), name="w")
-        r = te.reduce_axis((0, k), name="r")
-        acc = te.compute((m, n), lambda a, i: te.sum(x[a, r].astype(F32) * w[i, r].astype(F32), axis=r), name="acc")
-        return _dlight_matmul_cuda(te.create_prim_func([x, qweight, scales, _with_output_cast(acc, dtype)]))
-    if k % splits:
-        raise VoxcError(f"split-K: {splits} slices do not divide in_features {k}")
+    weight = te.placeholder((n, k), dtype, name="w_dense") if dequantize_first else None
+
+    def weight_at(i, j):
+        return weight[i, j] if dequantize_first else dec.value(i, j).astype(dtype)
+
     width = k // splits
-    x_sliced = te.compute((splits, m, width), lambda s, a, j: x[a, s * width + j], name="x_sliced")
-    w = te.compute((splits, n, width), lambda s, i, j: dec.value(i, s * width + j).astype(dtype), name="w")
-    r = te.reduce_axis((0, width), name="r")
-    part = te.compute((splits, m, n), lambda s, a, i: te.sum(
-        x_sliced[s, a, r].astype(F32) * w[s, i, r].astype(F32), axis=r), name="part")
-    sliced = _dlight_matmul_cuda(te.create_prim_func([x, qweight, scales, part]))
-    part_in = te.placeholder((splits, m, n), F32, name="part")
-    y = te.compute((m, n), lambda a, i: functools.reduce(
-        lambda total, s: total + part_in[s, a, i], range(1, splits), part_in[0, a, i]).astype(dtype), name="y")
-    sch = tvm.s_tir.Schedule(te.create_prim_func([part_in, y]))
-    block = sch.get_sblock("y")
-    outer, inner = sch.split(sch.fuse(*sch.get_loops(block)), [None, 256])
+    if splits == 1:
+        w = te.compute((n, k), weight_at, name="w")
+        r = te.reduce_axis((0, k), name="r")
+        out = _with_output_cast(te.compute((m, n), lambda a, i: te.sum(
+            x[a, r].astype(F32) * w[i, r].astype(F32), axis=r), name="acc"), dtype)
+    else:
+        x_sliced = te.compute((splits, m, width), lambda s, a, j: x[a, s * width + j], name="x_sliced")
+        w = te.compute((splits, n, width), lambda s, i, j: weight_at(i, s * width + j), name="w")
+        r = te.reduce_axis((0, width), name="r")
+        out = te.compute((splits, m, n), lambda s, a, i: te.sum(
+            x_sliced[s, a, r].astype(F32) * w[s, i, r].astype(F32), axis=r), name="part")
+    inputs = [weight, x] if dequantize_first else [x, qweight, scales]
+    func = _dlight_matmul_cuda(te.create_prim_func([*inputs, out]))
+    if splits > 1:
+        part_in = te.placeholder((splits, m, n), F32, name="part")
+        y = te.compute((m, n), lambda a, i: functools.reduce(
+            lambda total, s: total + part_in[s, a, i], range(1, splits), part_in[0, a, i]).astype(dtype), name="y")
+        func = _chain(func, _elementwise_cuda(te.create_prim_func([part_in, y]), "y"))
+    if dequantize_first:
+        dense = te.compute((n, k), lambda i, j: dec.value(i, j).astype(dtype), name="w_dense")
+        func = _chain(_elementwise_cuda(te.create_prim_func([qweight, scales, dense]), "w_dense", vector=8), func,
+                      order=("x", "qweight", "scales"))
+    return func
+
+
+def _elementwise_cuda(func: tirx.PrimFunc, block: str, vector: int = 1) -> tirx.PrimFunc:
+    """An elementwise PrimFunc on CUDA: 256 threads a block, ``vector`` consecutive elements a thread."""
+    sch = tvm.s_tir.Schedule(func)
+    loops = sch.get_loops(sch.get_sblock(block))
+    if vector > 1:
+        loops = [*loops[:-1], *sch.split(loops[-1], [None, vector])]
+        sch.unroll(loops[-1])
+    outer, inner = sch.split(sch.fuse(*loops[:-1] if vector > 1 else loops), [None, 256])
     sch.bind(outer, "blockIdx.x")
     sch.bind(inner, "threadIdx.x")
-    return _chain(sliced, sch.mod["main"])
+    return sch.mod["main"]
 
 
 def row_dispatch(branches, default: tirx.PrimFunc, *, gpu: bool = False) -> tirx.PrimFunc:
@@ -671,19 +696,23 @@ def _from_script(source: list[str], decls: list[str], like: tirx.PrimFunc) -> ti
     return merged.with_attrs(dict(like.attrs)) if like.attrs else merged
 
 
-def _chain(producer: tirx.PrimFunc, consumer: tirx.PrimFunc) -> tirx.PrimFunc:
+def _chain(producer: tirx.PrimFunc, consumer: tirx.PrimFunc, order: tuple[str, ...] = ()) -> tirx.PrimFunc:
     """One PrimFunc running ``producer`` then ``consumer``, where the producer's last parameter is
-    the consumer's first: that buffer becomes a global allocation of the merged function (on GPUs a
-    workspace the host takes from TVM's pool per call) and the parameters are the producer's others,
-    then the consumer's others.  Through TVMScript, as :func:`row_dispatch`."""
+    a parameter of the consumer of the same name: that buffer becomes a global allocation of the
+    merged function (on GPUs a workspace the host takes from TVM's pool per call) and the
+    parameters are the producer's others, then the consumer's others, those named in ``order``
+    first.  Through TVMScript, as :func:`row_dispatch`."""
     header, decls, _, producer_body = _script_parts(producer)
     consumer_header, consumer_decls, _, consumer_body = _script_parts(consumer)
     producer_params = _PARAM.findall(header[-1])
     consumer_params = _PARAM.findall(consumer_header[-1])
-    (via, via_type), (via_again, _) = producer_params[-1], consumer_params[0]
-    if via != via_again:
-        raise VoxcError(f"_chain: the producer writes {via!r}, the consumer reads {via_again!r}")
-    params = ", ".join(f"{name}: {kind}" for name, kind in producer_params[:-1] + consumer_params[1:])
+    via, via_type = producer_params[-1]
+    if via not in [name for name, _ in consumer_params]:
+        raise VoxcError(f"_chain: the producer writes {via!r}, the consumer reads "
+                        f"{', '.join(name for name, _ in consumer_params)}")
+    merged = producer_params[:-1] + [param for param in consumer_params if param[0] != via]
+    merged.sort(key=lambda param: order.index(param[0]) if param[0] in order else len(order))
+    params = ", ".join(f"{name}: {kind}" for name, kind in merged)
     signature = re.sub(r"\(.*\)(\s*(->.*)?:)$", lambda hit: f"({params}){hit.group(1)}", header[-1])
     allocation = via_type.replace("T.Buffer(", "T.sblock_alloc_buffer(", 1).replace('"m"', "m")
     decls = decls or consumer_decls

@@ -507,7 +507,7 @@ def test_chain_runs_the_producer_then_the_consumer():
     np.testing.assert_allclose(out.numpy(), xs + 6 * xs * xs, rtol=1e-6)
     other = te.placeholder((3, m, 5), "float32", name="other")
     y_other = te.compute((m, 5), lambda a, i: other[0, a, i], name="y")
-    with pytest.raises(VoxcError, match="writes 'part', the consumer reads 'other'"):
+    with pytest.raises(VoxcError, match="writes .part., the consumer reads other"):
         _chain(te.create_prim_func([x, part]), te.create_prim_func([other, y_other]))
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
