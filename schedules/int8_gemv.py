@@ -135,15 +135,14 @@ def _unit_groups(qtype: QType, lanes: int) -> int:
 class _LaneScales:
     """Per-lane weight scale (and Q4_K min) vectors of one unit of one row: lane ``l`` of vector ``v``
     belongs to group ``(v * lanes + l) // wpg`` of the unit, a Python constant, so every vector is a
-    broadcast scale word shifted by a constant per-lane vector (no gathers)."""
+    broadcast scale word shifted by a constant per-lane vector (no gathers).  Q4_K decodes its unit's
+    8 scales and 8 mins once, into one 16-lane vector that each vector's lanes are shuffled from."""
 
     def __init__(self, qtype: QType, scales, row, unit, lanes: int, wpg: int):
         self.qtype, self.scales, self.row, self.unit, self.lanes, self.wpg = qtype, scales, row, unit, lanes, wpg
         self.ugroups = _unit_groups(qtype, lanes)
         if qtype is QType.Q4_K:
-            head = scales[row, unit * 4]
-            self.d = _half(tirx.Broadcast(head & tirx.const(0xFFFF, "uint32"), lanes), lanes)
-            self.dmin = _half(tirx.Broadcast(head >> tirx.const(16, "uint32"), lanes), lanes)
+            self.decoded = T.bind(self._q4k_scales_and_mins())
 
     def _groups(self, v):
         return [(v * self.lanes + l) // self.wpg for l in range(self.lanes)]
@@ -152,7 +151,7 @@ class _LaneScales:
         """uint32 lanes vector from scale words ``scales[row, idx]``, ``idx`` per lane (Python ints
         relative to the unit's first word)."""
         distinct = sorted(set(words_of_lane))
-        base = self.unit * (4 if self.qtype is QType.Q4_K else self.ugroups // 2)
+        base = self.unit * (self.ugroups // 2)
         vec = tirx.Broadcast(self.scales[self.row, base + distinct[-1]], self.lanes)
         lane = tirx.Ramp(tirx.const(0, "int32"), 1, self.lanes)
         for w in reversed(distinct[:-1]):
@@ -161,32 +160,40 @@ class _LaneScales:
                               tirx.Broadcast(self.scales[self.row, base + w], self.lanes), vec)
         return vec
 
-    def _bytes(self, idx_of_lane):
-        """Byte ``idx`` (0..11) of the packed Q4_K scales, per lane."""
-        words = self._select([1 + b // 4 for b in idx_of_lane])
-        return (words >> _u32v([8 * (b % 4) for b in idx_of_lane])) & _u32v([255] * self.lanes)
+    def _q4k_scales_and_mins(self):
+        """float32x16: lanes 0..7 the unit's 8 group scales ``d * sc[j]``, lanes 8..15 its mins
+        ``dmin * m[j]`` (ggml's get_scale_min_k4 on the 12 packed bytes, all 16 lanes at once)."""
+        words = self.scales[self.row, tirx.Ramp(self.unit * 4, 1, 4)]      # head (d, dmin), 12 bytes
+
+        def byte_bits(byte_of_lane, shift_of_lane, mask_of_lane):
+            # (packed byte >> shift) & mask per lane; the packed bytes follow the head word
+            picked = tirx.Shuffle([words] * 4, [tirx.const(1 + b // 4, "int32") for b in byte_of_lane])   # (a shuffle makes at most its inputs' lanes)
+            return (picked >> _u32v([8 * (b % 4) + sh for b, sh in zip(byte_of_lane, shift_of_lane)])) & _u32v(mask_of_lane)
+
+        low_byte, low_shift, low_mask, high_byte, high_mask = [], [], [], [], []
+        for is_min in (False, True):
+            for j in range(8):
+                if j < 4:             # 6 bits of byte j (scale) or j + 4 (min)
+                    low_byte.append(j + 4 if is_min else j), low_shift.append(0), low_mask.append(63)
+                    high_byte.append(0), high_mask.append(0)
+                else:                 # 4 bits of byte j + 4, the top 2 bits of byte j - 4 (scale) or j (min)
+                    low_byte.append(j + 4), low_shift.append(4 if is_min else 0), low_mask.append(15)
+                    high_byte.append(j if is_min else j - 4), high_mask.append(3)
+        levels = byte_bits(low_byte, low_shift, low_mask) | \
+            (byte_bits(high_byte, [6] * 16, high_mask) << _u32v([4] * 16))
+        d_dmin = tirx.Cast("float32x2", tirx.reinterpret("float16x2", tirx.Shuffle([words], [tirx.const(0, "int32")])))
+        factors = tirx.Shuffle([d_dmin] * 8, [tirx.const(i // 8, "int32") for i in range(16)])
+        return factors * tirx.Cast("float32x16", levels)
 
     def scale(self, v):
         groups = self._groups(v)
-        if self.qtype is not QType.Q4_K:
-            words = self._select([g // 2 for g in groups])
-            return _half((words >> _u32v([16 * (g % 2) for g in groups])) & _u32v([0xFFFF] * self.lanes), self.lanes)
-        low = [j for j in groups if j < 4] == groups
-        if low:
-            sc = self._bytes(groups) & _u32v([63] * self.lanes)
-        else:
-            sc = (self._bytes([j + 4 for j in groups]) & _u32v([15] * self.lanes)) | \
-                 ((self._bytes([j - 4 for j in groups]) >> _u32v([6] * self.lanes)) << _u32v([4] * self.lanes))
-        return self.d * tirx.Cast(f"float32x{self.lanes}", sc)
+        if self.qtype is QType.Q4_K:
+            return tirx.Shuffle([self.decoded], [tirx.const(g, "int32") for g in groups])
+        words = self._select([g // 2 for g in groups])
+        return _half((words >> _u32v([16 * (g % 2) for g in groups])) & _u32v([0xFFFF] * self.lanes), self.lanes)
 
     def offset(self, v):
-        groups = self._groups(v)
-        if [j for j in groups if j < 4] == groups:
-            m = self._bytes([j + 4 for j in groups]) & _u32v([63] * self.lanes)
-        else:
-            m = (self._bytes([j + 4 for j in groups]) >> _u32v([4] * self.lanes)) | \
-                ((self._bytes(groups) >> _u32v([6] * self.lanes)) << _u32v([4] * self.lanes))
-        return self.dmin * tirx.Cast(f"float32x{self.lanes}", m)
+        return tirx.Shuffle([self.decoded], [tirx.const(8 + g, "int32") for g in self._groups(v)])
 
 
 def _reduce(op, vec):
