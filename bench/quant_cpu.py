@@ -3,6 +3,7 @@ streaming-read bandwidth floor measured with numpy in the same run.
 
     python bench/quant_cpu.py [--qtypes q4_0,q8_0,q4_k] [--batch 1] [--json out.json] [--no-dlight]
     python bench/quant_cpu.py --local     # one small shape, few repetitions (a check that the bench runs)
+    python bench/quant_cpu.py --shapes encoder --batch 4 --qtypes q4_k --no-dlight   # the encoder's step
 
 For each [out, in] shape and type: milliseconds per call (the best of several, weights rotated
 through copies that together exceed the L3 cache, so they stream from DRAM as in a real decode
@@ -26,6 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 SHAPES = {"dec.w2 3072x9216": (3072, 9216), "dec.w1/w3 9216x3072": (9216, 3072),
           "dec.wq 4096x3072": (4096, 3072), "dec.wo 3072x4096": (3072, 4096), "dec.wk/wv 1024x3072": (1024, 3072)}
+# the streaming encoder's (4 audio frames a step: --batch 4), stacked where the model stacks them
+ENCODER_SHAPES = {"enc.wq/wk/wv 2048x1280": (2048, 1280), "enc.wqkv 6144x1280": (6144, 1280),
+                  "enc.wo 1280x2048": (1280, 2048), "enc.w1/w3 5120x1280": (5120, 1280),
+                  "enc.w13 10240x1280": (10240, 1280), "enc.w2 1280x5120": (1280, 5120)}
 HEAD_SHAPE = {"lm head 131072x3072": (131072, 3072)}
 LOCAL_SHAPES = {"small 64x512": (64, 512)}
 ROTATE_BYTES = 192 << 20      # > L3 of any desktop/server part we run on
@@ -140,12 +145,15 @@ def main(argv=None):
     ap.add_argument("--no-dlight", action="store_true")
     ap.add_argument("--int8", default="auto", help="int8-activation GEMV ISA (vnni, avx2, dotprod, generic), "
                     "auto (this CPU's), or none")
+    ap.add_argument("--shapes", choices=("decoder", "encoder", "all"), default="decoder",
+                    help="the decoder's GEMV shapes, the streaming encoder's, or both")
     ap.add_argument("--head", action="store_true", help="also the tied LM head (131072x3072)")
     ap.add_argument("--local", action="store_true", help="one small shape, 2 repetitions, small buffers")
     args = ap.parse_args(argv)
     local = dict(reps=2, shapes=LOCAL_SHAPES, rotate_bytes=1 << 20, stream_bytes=16 << 20) if args.local else {}
-    if args.head and not args.local:
-        local["shapes"] = {**SHAPES, **HEAD_SHAPE}
+    if not args.local:
+        chosen = {"decoder": SHAPES, "encoder": ENCODER_SHAPES, "all": {**SHAPES, **ENCODER_SHAPES}}[args.shapes]
+        local["shapes"] = {**chosen, **HEAD_SHAPE} if args.head else chosen
     res = run(tuple(args.qtypes.split(",")), args.batch, dlight=not args.no_dlight,
               int8=None if args.int8 == "none" else args.int8, **local)
     if args.json:

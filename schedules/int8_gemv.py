@@ -15,9 +15,19 @@ and z = 0).  One group of the kernel layout is one 128-bit vector: 4 words of ni
 vectors of 4 words of bytes (Q8_0).  Low nibbles (``w & 0x0F0F0F0F``) hold the even elements of
 each word, high nibbles the odd ones, so the activations are stored permuted to match: word ``p``
 of group ``g`` in ``xq`` holds elements ``32g + 8l + 2j + h`` (``p = 4h + l``, byte ``j``) for Q4,
-``32g + 4p + j`` for Q8_0.  The four lanes of a group's dot product are converted to float and
-accumulated with one FMA by the group's combined scale; the zero-point and Q4_K-min corrections
-are scalar per group.
+``32g + 4p + j`` for Q8_0.  The activations are quantized a group at a time in 32-lane vectors.
+
+Several activation rows share each accumulator vector (``slots`` = 1, 2 or 4 rows, :func:`batch_slots`;
+more rows run in blocks of 4, the last padded with zero rows): each 4-word chunk of a vector gives
+``4 / slots`` lanes to each row of the block, and the block's dot product takes ``slots`` steps, step
+``s`` rotating the weight words within their chunk by ``s * 4 / slots`` (one in-lane shuffle) against
+activations stored in the matching order.  The lanes of a vector are then converted to float and
+accumulated with the group's weight scale times its row's activation scale, less the zero-point and
+Q4_K-min terms (per lane, each divided among the row's lanes of the group), once per block instead
+of once per row; the lanes of a row are summed at the end.  Per weight vector the weight words are
+loaded and unpacked once, and a tile of up to 4 weight rows reads the activations once
+(:func:`default_rows_per_tile`).  Q4_K decodes a unit's 8 group scales and 8 mins once per weight
+row into one vector, and each weight vector's per-lane scales are shuffles of it.
 
 The dot product instruction comes from the build target's CPU features (:func:`int8_isa`):
 
@@ -135,15 +145,14 @@ def _unit_groups(qtype: QType, lanes: int) -> int:
 class _LaneScales:
     """Per-lane weight scale (and Q4_K min) vectors of one unit of one row: lane ``l`` of vector ``v``
     belongs to group ``(v * lanes + l) // wpg`` of the unit, a Python constant, so every vector is a
-    broadcast scale word shifted by a constant per-lane vector (no gathers)."""
+    broadcast scale word shifted by a constant per-lane vector (no gathers).  Q4_K decodes its unit's
+    8 scales and 8 mins once, into one 16-lane vector that each vector's lanes are shuffled from."""
 
     def __init__(self, qtype: QType, scales, row, unit, lanes: int, wpg: int):
         self.qtype, self.scales, self.row, self.unit, self.lanes, self.wpg = qtype, scales, row, unit, lanes, wpg
         self.ugroups = _unit_groups(qtype, lanes)
         if qtype is QType.Q4_K:
-            head = scales[row, unit * 4]
-            self.d = _half(tirx.Broadcast(head & tirx.const(0xFFFF, "uint32"), lanes), lanes)
-            self.dmin = _half(tirx.Broadcast(head >> tirx.const(16, "uint32"), lanes), lanes)
+            self.decoded = T.bind(self._q4k_scales_and_mins())
 
     def _groups(self, v):
         return [(v * self.lanes + l) // self.wpg for l in range(self.lanes)]
@@ -152,7 +161,7 @@ class _LaneScales:
         """uint32 lanes vector from scale words ``scales[row, idx]``, ``idx`` per lane (Python ints
         relative to the unit's first word)."""
         distinct = sorted(set(words_of_lane))
-        base = self.unit * (4 if self.qtype is QType.Q4_K else self.ugroups // 2)
+        base = self.unit * (self.ugroups // 2)
         vec = tirx.Broadcast(self.scales[self.row, base + distinct[-1]], self.lanes)
         lane = tirx.Ramp(tirx.const(0, "int32"), 1, self.lanes)
         for w in reversed(distinct[:-1]):
@@ -161,32 +170,50 @@ class _LaneScales:
                               tirx.Broadcast(self.scales[self.row, base + w], self.lanes), vec)
         return vec
 
-    def _bytes(self, idx_of_lane):
-        """Byte ``idx`` (0..11) of the packed Q4_K scales, per lane."""
-        words = self._select([1 + b // 4 for b in idx_of_lane])
-        return (words >> _u32v([8 * (b % 4) for b in idx_of_lane])) & _u32v([255] * self.lanes)
+    def _q4k_scales_and_mins(self):
+        """float32x16: lanes 0..7 the unit's 8 group scales ``d * sc[j]``, lanes 8..15 its mins
+        ``dmin * m[j]`` (ggml's get_scale_min_k4 on the 12 packed bytes, all 16 lanes at once)."""
+        words = self.scales[self.row, tirx.Ramp(self.unit * 4, 1, 4)]      # head (d, dmin), 12 bytes
+
+        def byte_bits(byte_of_lane, shift_of_lane, mask_of_lane):
+            # (packed byte >> shift) & mask per lane; the packed bytes follow the head word
+            picked = tirx.Shuffle([words] * 4, [tirx.const(1 + b // 4, "int32") for b in byte_of_lane])   # (a shuffle makes at most its inputs' lanes)
+            return (picked >> _u32v([8 * (b % 4) + sh for b, sh in zip(byte_of_lane, shift_of_lane)])) & _u32v(mask_of_lane)
+
+        low_byte, low_shift, low_mask, high_byte, high_mask = [], [], [], [], []
+        for is_min in (False, True):
+            for j in range(8):
+                if j < 4:             # 6 bits of byte j (scale) or j + 4 (min)
+                    low_byte.append(j + 4 if is_min else j), low_shift.append(0), low_mask.append(63)
+                    high_byte.append(0), high_mask.append(0)
+                else:                 # 4 bits of byte j + 4, the top 2 bits of byte j - 4 (scale) or j (min)
+                    low_byte.append(j + 4), low_shift.append(4 if is_min else 0), low_mask.append(15)
+                    high_byte.append(j if is_min else j - 4), high_mask.append(3)
+        levels = byte_bits(low_byte, low_shift, low_mask) | \
+            (byte_bits(high_byte, [6] * 16, high_mask) << _u32v([4] * 16))
+        d_dmin = tirx.Cast("float32x2", tirx.reinterpret("float16x2", tirx.Shuffle([words], [tirx.const(0, "int32")])))
+        factors = tirx.Shuffle([d_dmin] * 8, [tirx.const(i // 8, "int32") for i in range(16)])
+        return factors * tirx.Cast("float32x16", levels)
 
     def scale(self, v):
         groups = self._groups(v)
-        if self.qtype is not QType.Q4_K:
-            words = self._select([g // 2 for g in groups])
-            return _half((words >> _u32v([16 * (g % 2) for g in groups])) & _u32v([0xFFFF] * self.lanes), self.lanes)
-        low = [j for j in groups if j < 4] == groups
-        if low:
-            sc = self._bytes(groups) & _u32v([63] * self.lanes)
-        else:
-            sc = (self._bytes([j + 4 for j in groups]) & _u32v([15] * self.lanes)) | \
-                 ((self._bytes([j - 4 for j in groups]) >> _u32v([6] * self.lanes)) << _u32v([4] * self.lanes))
-        return self.d * tirx.Cast(f"float32x{self.lanes}", sc)
+        if self.qtype is QType.Q4_K:
+            return tirx.Shuffle([self.decoded], [tirx.const(g, "int32") for g in groups])
+        words = self._select([g // 2 for g in groups])
+        return _half((words >> _u32v([16 * (g % 2) for g in groups])) & _u32v([0xFFFF] * self.lanes), self.lanes)
 
     def offset(self, v):
-        groups = self._groups(v)
-        if [j for j in groups if j < 4] == groups:
-            m = self._bytes([j + 4 for j in groups]) & _u32v([63] * self.lanes)
-        else:
-            m = (self._bytes([j + 4 for j in groups]) >> _u32v([4] * self.lanes)) | \
-                ((self._bytes(groups) >> _u32v([6] * self.lanes)) << _u32v([4] * self.lanes))
-        return self.dmin * tirx.Cast(f"float32x{self.lanes}", m)
+        return tirx.Shuffle([self.decoded], [tirx.const(8 + g, "int32") for g in self._groups(v)])
+
+
+def _reduce(op, vec):
+    """``op`` folded over the lanes of ``vec`` (a power of two), halving the vector each step."""
+    lanes = vec.ty.lanes if hasattr(vec.ty, "lanes") else int(str(vec.ty.dtype).split("x")[1])
+    while lanes > 1:
+        lanes //= 2
+        vec = op(tirx.Shuffle([vec], [tirx.const(i, "int32") for i in range(lanes)]),
+                 tirx.Shuffle([vec], [tirx.const(lanes + i, "int32") for i in range(lanes)]))
+    return vec
 
 
 def _u32v(values):
@@ -201,12 +228,42 @@ def _half(bits, lanes: int):
     return tirx.Cast(f"float32x{lanes}", tirx.reinterpret(f"float16x{lanes}", tirx.Cast(f"uint16x{lanes}", bits)))
 
 
-def int8_gemv(qtype: QType, n: int, k: int, batch: int, dtype: str, isa: str, name: str = "main") -> tirx.PrimFunc:
-    """PrimFunc ``(x [batch, k], qweight, scales, y [batch, n])`` (the signature of the float GEMV)."""
+def batch_slots(batch: int) -> int:
+    """Activation rows that share one accumulator vector (1, 2 or 4; see :func:`int8_gemv`)."""
+    return 1 if batch == 1 else 2 if batch == 2 else 4
+
+
+def default_rows_per_tile(n: int, batch: int, slots: int) -> int:
+    """Weight rows per parallel tile (each reads the block's activations once for all of them):
+    4 for one block of activation rows, else 2.  Measured on 2 znver5 vCPUs, Q4_K: 4 rows per tile
+    beat 1 at 4 activation rows; at 8 and 16, 4 rows spill (0.12 against 0.07 ms at 2048x1280)
+    and 1 row re-reads 4 blocks of activations per weight row (16 rows, 9216x3072: 2.3 against
+    1.3 ms with 2)."""
+    blocks = -(-batch // slots)
+    widest = 4 if blocks == 1 else 2
+    return next(r for r in (4, 2, 1) if r <= widest and n % r == 0)
+
+
+def int8_gemv(qtype: QType, n: int, k: int, batch: int, dtype: str, isa: str, name: str = "main",
+              slots: int | None = None, rows_per_tile: int | None = None) -> tirx.PrimFunc:
+    """PrimFunc ``(x [batch, k], qweight, scales, y [batch, n])`` (the signature of the float GEMV).
+
+    ``slots`` activation rows (1, 2, 4; default :func:`batch_slots`) share each accumulator vector,
+    each 4-word lane chunk giving ``4 / slots`` lanes to each row, so that a vector's float work (the
+    conversion and scaling by the group's activation and weight scales, the zero point and Q4_K min
+    terms) is paid once per ``slots`` rows instead of once per row.  Each of the ``slots`` dot
+    product steps then rotates the weight words within their 4-word chunk (one in-lane shuffle),
+    and the activations are stored in the matching order.  Rows past ``batch`` (up to a multiple
+    of ``slots``) are zeros."""
     qtype = QType.parse(qtype)
     lanes = vector_words(qtype, isa, k)
     if lanes is None or not supports(qtype, isa):
         raise VoxcError(f"no int8 GEMV for {qtype.value} {n}x{k} on {isa}")
+    slots = slots or batch_slots(batch)
+    if slots not in (1, 2, 4):
+        raise VoxcError(f"int8 GEMV: slots must be 1, 2 or 4, got {slots}")
+    blocks = -(-batch // slots)                         # accumulator vectors per weight row
+    lanes_per_slot = 4 // slots                         # lanes of each 4-word chunk per activation row
     groups = k // GROUP
     wpg = 4 if qtype is not QType.Q8_0 else 8          # packed words per group
     words = k // (8 if qtype is not QType.Q8_0 else 4)
@@ -215,11 +272,20 @@ def int8_gemv(qtype: QType, n: int, k: int, batch: int, dtype: str, isa: str, na
     ugroups = _unit_groups(qtype, lanes)
     vectors = ugroups * wpg // lanes                    # vectors per unit
     shapes = kernel_layout_shapes(qtype, n, k)
-    rows_per_tile = next(r for r in ((4, 2, 1) if batch <= 4 else (1,)) if n % r == 0)
+    rows_per_tile = rows_per_tile or default_rows_per_tile(n, batch, slots)
     F = f"float32x{lanes}"
     i32 = lambda v: tirx.const(v, "int32")            # noqa: E731
     f32 = lambda v: tirx.const(v, "float32")          # noqa: E731
     vlanes = lambda base: tirx.Ramp(base, 1, lanes)    # noqa: E731
+    vgroup = lambda g: tirx.Ramp(g * GROUP, 1, GROUP)   # noqa: E731
+    G = f"float32x{GROUP}"
+
+    def rotated(vec, step: int):
+        """``vec`` with lane ``4c + p`` holding word ``4c + (p + step * lanes_per_slot) % 4``."""
+        if step == 0:
+            return vec
+        order = [4 * (l // 4) + (l % 4 + step * lanes_per_slot) % 4 for l in range(lanes)]
+        return tirx.Shuffle([vec], [i32(i) for i in order])
 
     with IRBuilder() as ib:
         with T.prim_func():
@@ -229,54 +295,61 @@ def int8_gemv(qtype: QType, n: int, k: int, batch: int, dtype: str, isa: str, na
             scales = T.arg("scales", T.buffer(shapes["scales"], "uint32"))
             y = T.arg("y", T.buffer((batch, n), dtype))
             T.func_attr({"tirx.noalias": True})
-            xq = T.alloc_buffer((batch, words * halves), "int32")   # packed int8, in the dot products' order
-            # per weight word (lane): the group's activation scale, its zero-point term
-            # dx * z * sum(xq) / wpg and (Q4_K) its sum(x) / wpg, so that the lanes of a group add up
-            dxe = T.alloc_buffer((batch, words), "float32")
-            corre = T.alloc_buffer((batch, words), "float32")
-            xsume = T.alloc_buffer((batch, words), "float32")
+            # packed int8 per block of ``slots`` rows: per weight vector, ``slots`` steps of ``halves``
+            # vectors, lane 4c + p of step s holding the word that the rotated weights put there
+            xq = T.alloc_buffer((blocks, words * halves * slots), "int32")
+            # per lane of a block: its row's group activation scale, the zero-point term
+            # dx * z * sum(xq) and (Q4_K) sum(x), both divided among the row's lanes of the group
+            dxe = T.alloc_buffer((blocks, words), "float32")
+            corre = T.alloc_buffer((blocks, words), "float32")
+            xsume = T.alloc_buffer((blocks, words), "float32")
+            lanes_per_row_group = wpg // slots
 
-            # -- quantize the activation rows, one group at a time
-            with T.parallel(0, batch * groups) as bg:
+            # -- quantize the activation rows (and the padding rows, to zeros), one group at a time,
+            # in vectors of the group's 32 elements (a scalar loop with local accumulators took 20 us
+            # of a 70 us 4-row 2048x1280 call)
+            with T.parallel(0, blocks * slots * groups) as bg:
                 b, g = bg // groups, bg % groups
-                amax = T.alloc_local((1,), "float32")
-                total = T.alloc_local((1,), "float32")
-                qsum = T.alloc_local((1,), "int32")
-                word = T.alloc_local((1,), "int32")
-                T.buffer_store(amax, f32(0.0), [0])
-                T.buffer_store(total, f32(0.0), [0])
-                T.buffer_store(qsum, i32(0), [0])
-                with T.serial(0, GROUP) as i:
-                    v = x[b, g * GROUP + i].astype("float32")
-                    T.buffer_store(amax, tirx.max(amax[0], tirx.abs(v)), [0])
-                    T.buffer_store(total, total[0] + v, [0])
-                d = amax[0] / f32(127.0)
-                inv = tirx.Select(amax[0] > f32(0.0), f32(127.0) / amax[0], f32(0.0))
-                with T.serial(0, wpg * halves) as p:        # activation words of the group
+                blk, slot = b // slots, b % slots
+                if batch % slots == 0:
+                    xs = x[b, vgroup(g)].astype(G)
+                else:        # a select, not a branch: if_then_else on the vector scalarized the loop
+                    xs = tirx.Select(tirx.Broadcast(b < batch, GROUP), x[tirx.min(b, batch - 1), vgroup(g)].astype(G),
+                                     tirx.Broadcast(f32(0.0), GROUP))
+                xs = T.bind(xs)
+                amax = T.bind(_reduce(tirx.max, tirx.abs(xs)))
+                inv = tirx.Select(amax > f32(0.0), f32(127.0) / amax, f32(0.0))
+                q = T.bind(tirx.Cast(f"int32x{GROUP}", tirx.round(xs * tirx.Broadcast(inv, GROUP))))
+                # the group's activation words, bytes in the order the weight words hold their levels
+                order = [4 * p + j if qtype is QType.Q8_0 else 8 * (p % 4) + 2 * j + p // 4
+                         for p in range(wpg * halves) for j in range(4)]
+                packed = T.bind(tirx.reinterpret(f"int32x{GROUP // 4}", tirx.Cast(f"int8x{GROUP}", tirx.Shuffle([q], [i32(e) for e in order]))))
+                for p in range(wpg * halves):
                     if qtype is QType.Q8_0:
                         w, h = g * wpg + p, 0
-                        dest = w
                     else:
                         w, h = g * wpg + p % 4, p // 4
-                        dest = (w // lanes) * 2 * lanes + h * lanes + w % lanes
-                    T.buffer_store(word, i32(0), [0])
-                    with T.serial(0, 4) as j:
-                        elem = 4 * p + j if qtype is QType.Q8_0 else 8 * (p % 4) + 2 * j + h
-                        q = tirx.Cast("int32", tirx.round(x[b, g * GROUP + elem].astype("float32") * inv))
-                        T.buffer_store(qsum, qsum[0] + q, [0])
-                        T.buffer_store(word, word[0] | ((q & i32(255)) << (j * 8)), [0])
-                    T.buffer_store(xq, word[0], [b, dest])
-                with T.serial(0, wpg) as p:
-                    T.buffer_store(dxe, d, [b, g * wpg + p])
-                    T.buffer_store(corre, d * tirx.Cast("float32", qsum[0] * i32(zp)) / f32(wpg), [b, g * wpg + p])
-                    T.buffer_store(xsume, total[0] / f32(wpg), [b, g * wpg + p])
+                    chunk_word = w % 4
+                    lane = (w % lanes // 4) * 4 + slot * lanes_per_slot + chunk_word % lanes_per_slot
+                    step = (chunk_word // lanes_per_slot - slot + slots) % slots
+                    dest = ((w // lanes) * slots + step) * halves * lanes + h * lanes + lane
+                    T.buffer_store(xq, tirx.Shuffle([packed], [i32(p)]), [blk, dest])
+                d = amax / f32(127.0)
+                correction = d * tirx.Cast("float32", _reduce(lambda u, v: u + v, q) * i32(zp)) / f32(lanes_per_row_group)
+                xsum = _reduce(lambda u, v: u + v, xs) / f32(lanes_per_row_group)
+                with T.serial(0, wpg // 4) as chunk:          # this row's lanes of the group
+                    with T.serial(0, lanes_per_slot) as i:
+                        pos = g * wpg + chunk * 4 + slot * lanes_per_slot + i
+                        T.buffer_store(dxe, d, [blk, pos])
+                        T.buffer_store(corre, correction, [blk, pos])
+                        T.buffer_store(xsume, xsum, [blk, pos])
 
             # -- the integer GEMV: row tiles in parallel; per unit of groups, vectors of ``lanes`` words
             with T.parallel(0, n // rows_per_tile) as io:
-                acc = T.alloc_local((batch, rows_per_tile, lanes), "float32")
-                with T.serial(0, batch) as b:
+                acc = T.alloc_local((blocks, rows_per_tile, lanes), "float32")
+                with T.serial(0, blocks) as blk:
                     with T.serial(0, rows_per_tile) as r:
-                        T.buffer_store(acc, tirx.Broadcast(f32(0.0), lanes), [b, r, vlanes(i32(0))])
+                        T.buffer_store(acc, tirx.Broadcast(f32(0.0), lanes), [blk, r, vlanes(i32(0))])
                 with T.serial(0, groups // ugroups) as unit:
                     with T.unroll(0, rows_per_tile) as r:
                         row = io * rows_per_tile + r
@@ -296,21 +369,25 @@ def int8_gemv(qtype: QType, n: int, k: int, batch: int, dtype: str, isa: str, na
                             ops = [tirx.reinterpret(f"int32x{lanes}", o) for o in ops]
                             wscale = lane_scales.scale(v)
                             offset = lane_scales.offset(v) if qtype is QType.Q4_K else None
-                            with T.serial(0, batch) as b:
+                            with T.serial(0, blocks) as blk:
                                 dot = tirx.Broadcast(i32(0), lanes)
-                                for h, op in enumerate(ops):
-                                    dot = dot4(dot, op, xq[b, vlanes(w0 * halves + h * lanes)], isa)
-                                t = tirx.Cast(F, dot) * dxe[b, vlanes(w0)]
+                                for step in range(slots):
+                                    for h, op in enumerate(ops):
+                                        xbase = w0 * slots * halves + (step * halves + h) * lanes
+                                        dot = dot4(dot, rotated(op, step), xq[blk, vlanes(xbase)], isa)
+                                t = tirx.Cast(F, dot) * dxe[blk, vlanes(w0)]
                                 if zp:        # Q4_K's levels need no zero point (its mins are the offset below)
-                                    t = t - corre[b, vlanes(w0)]
-                                total = acc[b, r, vlanes(i32(0))] + t * wscale
+                                    t = t - corre[blk, vlanes(w0)]
+                                total = acc[blk, r, vlanes(i32(0))] + t * wscale
                                 if offset is not None:
-                                    total = total - offset * xsume[b, vlanes(w0)]
-                                T.buffer_store(acc, total, [b, r, vlanes(i32(0))])
-                with T.serial(0, batch) as b:
-                    with T.serial(0, rows_per_tile) as r:
-                        total = acc[b, r, 0]
-                        for l in range(1, lanes):
-                            total = total + acc[b, r, l]
+                                    total = total - offset * xsume[blk, vlanes(w0)]
+                                T.buffer_store(acc, total, [blk, r, vlanes(i32(0))])
+                with T.serial(0, rows_per_tile) as r:
+                    for b in range(batch):           # each row's lanes of its block's accumulators
+                        blk, slot = divmod(b, slots)
+                        mine = [l for l in range(lanes) if (l % 4) // lanes_per_slot == slot]
+                        total = acc[blk, r, mine[0]]
+                        for l in mine[1:]:
+                            total = total + acc[blk, r, l]
                         T.buffer_store(y, total.astype(dtype), [b, io * rows_per_tile + r])
     return ib.get()

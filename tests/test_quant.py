@@ -952,8 +952,9 @@ def test_llvm_int8_gemv(qtype, isa):
         pytest.skip(f"this CPU has no {isa}")
     if not int8_gemv.supports(qtype, isa):
         pytest.skip(f"no int8 {qtype.value} kernel on {isa}")
-    for n, k in [(37, 256), (64, 512), (8, 1024)]:
-        for batch in (1, 3):
+    # rows 1 (one per accumulator), 2 (two slots), 3 and 5 (four slots, padded), 4 and 16 (whole blocks)
+    for n, k, batches in [(37, 256, (1, 3, 16)), (64, 512, (1, 2, 4, 5)), (8, 1024, (1, 3))]:
+        for batch in batches:
             params, x, wd = _case(qtype, n, k, batch)
             func = make_kernel(qtype, n, k, batch, int8=isa)
             assert "_i8" in func.attrs["global_symbol"]
