@@ -91,9 +91,9 @@ def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None, 
     import tvm
     from tvm.support import nvcc
 
-    from schedules.dequant_matmul import kernel_signature, make_kernel, thread_extents
+    from schedules.dequant_matmul import _tensor_core_gemm_cuda, kernel_signature, make_kernel, thread_extents
     from schedules.gpu_gemv import gpu_gemv
-    from voxc.quant.formats import kernel_layout_shapes
+    from voxc.quant.formats import QType, kernel_layout_shapes
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -120,8 +120,13 @@ def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None, 
             for batch in label_batches:
                 if batch is None and label.startswith("lm_head"):
                     continue
-                add(make_kernel(qtype, n, k, batch, dtype=dtype, target="cuda", dispatch_rows=False),
-                    label, qtype, n, k, batch)
+                if batch is None:   # the one-kernel GEMM (its split-K forms: bench/gemm_gpu.py)
+                    name = f"gemm_{qtype}_{n}x{k}_m_{dtype}_cuda"
+                    func = _tensor_core_gemm_cuda(QType.parse(qtype), n, k, dtype).with_attrs(
+                        {"global_symbol": name, "tirx.is_scheduled": True})
+                else:
+                    func = make_kernel(qtype, n, k, batch, dtype=dtype, target="cuda", dispatch_rows=False)
+                add(func, label, qtype, n, k, batch)
             if qtype == "q4_k" and 1 in label_batches and label in (SHAPES if shapes is None else shapes):
                 for batch, rows_per_thread, warps, lanes, in_flight in variants:
                     variant = (f"r{rows_per_thread}w{warps}" + ("" if lanes == 32 else f"l{lanes}")
