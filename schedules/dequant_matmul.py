@@ -28,7 +28,8 @@ Schedules (written here, except the CUDA GEMM and the 1..8-row GPU GEMVs):
   conversion uses the exponent trick (``bits | 0x4B000000`` minus 2^23) instead of I2F,
   which runs at a quarter rate on NVIDIA.  (This schedule serves CUDA batches of 9..16 rows;
   1..8 rows run schedules/gpu_gemv.py.)  GEMM: the dequantization fused into the weight-tile load
-  of dlight's Matmul rule, which uses tensor cores (WMMA) for float16.
+  of dlight's Matmul rule, which uses tensor cores (WMMA) for float16; where the output's 128x128
+  tiles leave SMs idle (a few dozen rows), K is split into slices run as a batch, then summed.
 * ``webgpu``: GEMVs of 1..8 rows (the decode step's one row, which the symbolic-row kernel
   dispatches to, and static batches) run schedules/gpu_gemv.py too, in its WebGPU form: the same
   layout, the lane groups' partial sums meeting in workgroup memory after one barrier instead of
@@ -62,7 +63,11 @@ from voxc.quant.formats import QType, kernel_layout_shapes
 
 GROUP = 32                   # elements sharing one scale (Q4_K: one sub-block)
 GPU_GEMV_CHUNK_ROWS = 4      # rows per GEMV pass above 2 (CUDA) or 1 (WebGPU) rows (4 measured on CUDA as fast per row as 8)
-GPU_GEMV_MAX_ROWS = 32       # more rows than this run the tiled GEMM
+# More rows than this run the GEMM.  CUDA: a batched decode step at 16 / 32 / 64 streams took 11.0 /
+# 19.6 / 17.1 ms on an H100 with 32 (bench/RESULTS.md, tenth run): each 4-row chunk reads the weights
+# again (~0.54 ms a row), the split-K tensor-core GEMM costs about the same from 1 to 128 rows, so the
+# two meet near 24.  WebGPU's 64x64 tiled GEMM is far slower, so its chunks go on to 32 rows.
+GPU_GEMV_MAX_ROWS = {"cuda": 24, "webgpu": 32}
 MAX_GEMV_BATCH = 16          # above this the weight reuse of GEMM tiles wins
 TARGET_KINDS = ("llvm", "cuda", "webgpu")
 
@@ -517,7 +522,7 @@ def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
             branches = [(f"m == {rows}", _make_kernel(dataclasses.replace(spec, batch=rows)))
                         for rows in ((1, 2) if spec.target == "cuda" else (1,))]
             if gpu_gemv.supports(q, n, k, GPU_GEMV_CHUNK_ROWS, spec.target):
-                branches.append((f"m <= {GPU_GEMV_MAX_ROWS}",
+                branches.append((f"m <= {GPU_GEMV_MAX_ROWS[spec.target]}",
                                  gpu_gemv.gpu_gemv(q, n, k, GPU_GEMV_CHUNK_ROWS, spec.dtype, symbolic_rows=True,
                                                    target=spec.target)))
             if spec.target == "cuda":   # up to each row count, the fewest K slices that fill the SMs
