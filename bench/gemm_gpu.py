@@ -2,11 +2,11 @@
 chunks run), whole-call times per split-K count beside cuBLAS fp16 at the same shape, in two steps
 so the GPU machine needs only TVM's runtime.
 
-1. ``build`` (TVM + nvcc; no GPU): every weight shape of the model, each with the split counts the
-   model's GEMM dispatches to (schedules.dequant_matmul.split_k_row_counts) and 1, each dequantized
-   in the weight-tile load (``s<count>``) or first into a float16 workspace (``s<count>dq``),
-   compiled as in the model (dlight's tensor-core Matmul) into one library, ``gemm.so`` +
-   ``manifest.json``.
+1. ``build`` (TVM + nvcc; no GPU): every weight shape of the model, each in the forms the model's
+   GEMM dispatches to (schedules.dequant_matmul.cuda_gemm_plan) and without a split, the weight
+   dequantized in the weight-tile load (``s<count>``) or first into a float16 workspace
+   (``s<count>dq``), compiled as in the model (dlight's tensor-core Matmul) into one library,
+   ``gemm.so`` + ``manifest.json``.
 
        python bench/gemm_gpu.py build --out DIR [--arch sm_90] [--only dec.w2]
 
@@ -49,7 +49,7 @@ def variant_name(splits: int, dequantize_first: bool) -> str:
 def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None) -> Path:
     import tvm
 
-    from schedules.dequant_matmul import LARGE_GEMM_ROWS, _tensor_core_gemm_cuda, split_k_count, split_k_row_counts
+    from schedules.dequant_matmul import _tensor_core_gemm_cuda, cuda_gemm_plan, split_k_count
     from targets.base import CompileReport
     from targets.cuda import fatbin_compiler, prepare_toolchain
     from voxc.quant.formats import QType
@@ -64,15 +64,15 @@ def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None) 
     for label, (n, k) in (SHAPES if shapes is None else shapes).items():
         if label.startswith("lm_head"):         # its GEMM has 1024 column tiles: no split to try
             continue
-        counts = sorted({1, *(split_k_count(n, k, rows) for rows in (*split_k_row_counts(n, k), LARGE_GEMM_ROWS))})
-        for splits in counts:
-            for dequantize_first in (False, True):
-                variant = variant_name(splits, dequantize_first)
-                name = f"gemm_q4_k_{n}x{k}_f16_{variant}"
-                with target:
-                    funcs[name] = _tensor_core_gemm_cuda(QType.Q4_K, n, k, "float16", splits,
-                                                         dequantize_first).with_attr("global_symbol", name)
-                manifest.append({"name": name, "label": label, "n": n, "k": k, "variant": variant})
+        forms = {(1, False), (1, True), *((splits, dq) for _, splits, dq in cuda_gemm_plan(n, k))}
+        forms |= {(split_k_count(n, k, rows), True) for rows in (512, 1024)}   # split dequantize-first forms
+        for splits, dequantize_first in sorted(forms):
+            variant = variant_name(splits, dequantize_first)
+            name = f"gemm_q4_k_{n}x{k}_f16_{variant}"
+            with target:
+                funcs[name] = _tensor_core_gemm_cuda(QType.Q4_K, n, k, "float16", splits,
+                                                     dequantize_first).with_attr("global_symbol", name)
+            manifest.append({"name": name, "label": label, "n": n, "k": k, "variant": variant})
     # the kernels as a fatbin, as voxc's CUDA builds link them (TVM's runtime cannot compile source)
     with tvm.target.Target(target, host="llvm") as full_target, fatbin_compiler([arch], CompileReport()):
         lib = tvm.compile(tvm.IRModule(funcs), target=full_target)

@@ -499,7 +499,8 @@ def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
         sch = (_schedule_gemv_llvm(func, q, n, k, spec.batch) if spec.target == "llvm"
                else _schedule_gemv_gpu(func, q, n, k, spec.batch, spec.target))
     elif spec.target == "cuda":
-        gemm = _tensor_core_gemm_cuda(q, n, k, spec.dtype, split_k_count(n, k, rows=LARGE_GEMM_ROWS))
+        *_, (_, splits, dequantize_first) = cuda_gemm_plan(n, k)
+        gemm = _tensor_core_gemm_cuda(q, n, k, spec.dtype, splits, dequantize_first)
     else:
         func = gemm_compute(q, n, k, spec.dtype, spec.target, transposed_panel=spec.target == "llvm")
         sch = (_schedule_gemm_llvm(func, q, n, k) if spec.target == "llvm"
@@ -525,10 +526,10 @@ def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
                 branches.append((f"m <= {GPU_GEMV_MAX_ROWS[spec.target]}",
                                  gpu_gemv.gpu_gemv(q, n, k, GPU_GEMV_CHUNK_ROWS, spec.dtype, symbolic_rows=True,
                                                    target=spec.target)))
-            if spec.target == "cuda":   # up to each row count, the fewest K slices that fill the SMs
-                for rows in split_k_row_counts(n, k):
-                    branches.append((f"m <= {rows}", _tensor_core_gemm_cuda(q, n, k, spec.dtype,
-                                                                            split_k_count(n, k, rows))))
+            if spec.target == "cuda":   # the tensor-core forms for the row counts up to SPLIT_K_MAX_ROWS
+                for rows, splits, dequantize_first in cuda_gemm_plan(n, k)[:-1]:
+                    branches.append((f"m <= {rows}", _tensor_core_gemm_cuda(q, n, k, spec.dtype, splits,
+                                                                            dequantize_first)))
             func = row_dispatch(branches, gemm, gpu=True)
             return _finish(_guard_rows(func, max(n, k), spec.name), spec.name)
         return _finish(_guard_rows(gemm, max(n, k), spec.name), spec.name)
@@ -553,30 +554,50 @@ def _dlight_matmul_cuda(func: tirx.PrimFunc) -> tirx.PrimFunc:
     return mod["main"]
 
 
-# dlight's tensor-core Matmul covers 128 rows x 128 columns per thread block; an H100 has 132 SMs.
+# dlight's tensor-core Matmul covers 128 rows x 128 columns per thread block and an H100 runs one
+# such block per SM (132).  Measured on an H100 (bench/gemm_gpu.py, bench/RESULTS.md tenth run), a
+# call costs about (waves of blocks) x (K per block), nearly whatever the row count up to 128 rows:
+# the dequantizing tile loads, not the tensor cores or the memory, set the time of a block.
 TENSOR_CORE_TILE = 128
 CUDA_SMS = 132
-LARGE_GEMM_ROWS = 512      # from here on the row tiles alone fill the SMs at the model's widths
+SPLIT_K_BLOCK_COST = 256     # a block's fixed cost, in columns of K (fit: 130-550 across the shapes)
+SPLIT_K_MAX_ROWS = 384       # above this, the weight dequantized first (a float16 workspace) wins
+DEQUANTIZE_FIRST_MAX_ELEMENTS = 64 << 20    # its workspace at most 128 MiB (not the 805 MB LM head)
 
 
 def split_k_count(n: int, k: int, rows: int = TENSOR_CORE_TILE) -> int:
     """How many slices of K the tensor-core GEMM splits into for ``rows`` rows of an [n, k] weight:
-    the fewest that give every SM a block (each slice a whole number of 256-element super-blocks),
-    1 where the output tiles alone fill the GPU.  At 64 rows a 3072-wide output is 24 blocks,
-    which read the decoder's w2 at 58 GB/s on an H100 (bench/RESULTS.md, ninth run)."""
+    among whole numbers of 256-element super-blocks per slice, the count with the least waves x
+    (K per slice + a block's fixed cost), the smallest such count on a tie (less workspace).
+    At 64 rows w2 3072x9216 has 24 column tiles: 3 slices (72 blocks, one wave) take 98 us a call
+    where 1 took 271 us; 6 slices (two waves of a sixth of K each) take the same as 3."""
     tiles = math.ceil(rows / TENSOR_CORE_TILE) * math.ceil(n / TENSOR_CORE_TILE)
-    blocks = k // 256
-    for splits in range(1, blocks + 1):
-        if blocks % splits == 0 and tiles * splits >= CUDA_SMS:
-            return splits
-    return blocks if blocks > 0 else 1
+    blocks = max(1, k // 256)
+    counts = [splits for splits in range(1, blocks + 1) if blocks % splits == 0]
+    return min(counts, key=lambda splits: (math.ceil(tiles * splits / CUDA_SMS) * (k / splits + SPLIT_K_BLOCK_COST),
+                                           splits))
 
 
-def split_k_row_counts(n: int, k: int) -> list[int]:
-    """Row counts below LARGE_GEMM_ROWS at which the split-K count changes: the tensor-core GEMM gets
-    one branch per count (``m <= rows``), the larger row counts the LARGE_GEMM_ROWS count."""
-    counts = [rows for rows in range(TENSOR_CORE_TILE, LARGE_GEMM_ROWS, TENSOR_CORE_TILE)]
-    return [rows for rows in counts if split_k_count(n, k, rows) != split_k_count(n, k, rows + TENSOR_CORE_TILE)]
+def cuda_gemm_plan(n: int, k: int) -> list[tuple[int | None, int, bool]]:
+    """The tensor-core GEMM forms a symbolic-row CUDA kernel of an [n, k] weight dispatches to:
+    ``(up to rows, splits, dequantize_first)``, the last one (rows None) for every larger count.
+    Up to SPLIT_K_MAX_ROWS: split-K forms per 128-row step (neighbours with the same count merged);
+    above: the weight dequantized into a float16 workspace first (1.3-1.6x faster at 512-1500 rows
+    on an H100: the dense matmul's tile loads are plain copies), unless that workspace is too big."""
+    steps = range(TENSOR_CORE_TILE, SPLIT_K_MAX_ROWS + 1, TENSOR_CORE_TILE)
+    plan = []
+    for rows in steps:
+        splits = split_k_count(n, k, rows)
+        if plan and plan[-1][1] == splits:
+            plan[-1] = (rows, splits, False)
+        else:
+            plan.append((rows, splits, False))
+    if n * k <= DEQUANTIZE_FIRST_MAX_ELEMENTS:
+        plan.append((None, 1, True))
+    else:
+        last = plan.pop()
+        plan.append((None, last[1], False))
+    return plan
 
 
 def _tensor_core_gemm_cuda(qtype: QType, n: int, k: int, dtype: str, splits: int = 1,
