@@ -29,7 +29,8 @@ Schedules (written here, except the CUDA GEMM and the 1..8-row GPU GEMVs):
   which runs at a quarter rate on NVIDIA.  (This schedule serves CUDA batches of 9..16 rows;
   1..8 rows run schedules/gpu_gemv.py.)  GEMM: the dequantization fused into the weight-tile load
   of dlight's Matmul rule, which uses tensor cores (WMMA) for float16; where the output's 128x128
-  tiles leave SMs idle (a few dozen rows), K is split into slices run as a batch, then summed.
+  tiles leave SMs idle (up to a few hundred rows), K is split into slices run as a batch, then
+  summed; above that the weight is dequantized into a float16 workspace first (cuda_gemm_plan).
 * ``webgpu``: GEMVs of 1..8 rows (the decode step's one row, which the symbolic-row kernel
   dispatches to, and static batches) run schedules/gpu_gemv.py too, in its WebGPU form: the same
   layout, the lane groups' partial sums meeting in workgroup memory after one barrier instead of
@@ -608,8 +609,8 @@ def _tensor_core_gemm_cuda(qtype: QType, n: int, k: int, dtype: str, splits: int
 
     The weight is dequantized in the load of each weight tile, or with ``dequantize_first`` by a
     kernel of its own into a float16 workspace [n, k] that the matmul then reads as a dense weight
-    (twice the bytes of a float16 model's read, but the matmul's loads are plain copies dlight
-    pipelines asynchronously).  ``splits`` > 1 cuts K into that many slices, written as a batch of
+    (it writes and reads twice a float16 model's weight bytes, but the matmul's tile loads are then
+    plain copies instead of a dequantization each).  ``splits`` > 1 cuts K into that many slices, written as a batch of
     matmuls (dlight puts the slices on blockIdx.z) into a float32 workspace ``part[s, m, n]``, then
     one small kernel sums the slices and casts: more blocks where few rows leave most SMs idle."""
     if k % splits:
