@@ -15,7 +15,8 @@ waits for the final event.  Reported:
   ``--pace fast`` it is dominated by the queue;
 * ``lost``: clients whose deltas do not add up to the final text, or whose final event reports a
   different audio duration than they sent (nothing may be dropped or duplicated);
-* the server's own metrics (step latency percentiles, tokens/s) at the end.
+* the server's own metrics (step latency percentiles, tokens/s, KV-cache bytes) at the end, and the
+  GPU's memory in use sampled every second (nvidia-smi, where there is one).
 
 ``--local`` starts a server on a CPU artifact itself (``--artifact``, or a tiny random model built
 into a temporary directory, which takes about 15 s) for the run and stops it afterwards; CI runs it
@@ -119,12 +120,42 @@ async def client(url: str, index: int, args) -> dict:
     return result
 
 
+def gpu_memory_used_mib() -> int | None:
+    """Device memory in use on GPU 0 (nvidia-smi), or None without an NVIDIA GPU."""
+    import shutil
+    import subprocess
+
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, timeout=10)
+        return int(out.stdout.split()[0])
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+
+
+async def sample_gpu_memory(samples: list, every_s: float = 1.0) -> None:
+    """Append (seconds since start, MiB used) until cancelled: where a server's memory goes as its
+    sessions grow (the 64-session run ran out of memory in a KV growth)."""
+    started = time.perf_counter()
+    while True:
+        used = await asyncio.to_thread(gpu_memory_used_mib)
+        if used is None:
+            return
+        samples.append((round(time.perf_counter() - started, 1), used))
+        await asyncio.sleep(every_s)
+
+
 async def run_clients(url: str, args) -> dict:
     import aiohttp
 
+    memory: list[tuple[float, int]] = []
+    sampler = asyncio.create_task(sample_gpu_memory(memory))
     started = time.perf_counter()
     results = await asyncio.gather(*[client(url, i, args) for i in range(args.clients)], return_exceptions=True)
     wall = time.perf_counter() - started
+    sampler.cancel()
     errors = [r if isinstance(r, dict) else {"error": f"{type(r).__name__}: {r}", "admitted": False}
               for r in results]
     async with aiohttp.ClientSession() as http:
@@ -143,7 +174,10 @@ async def run_clients(url: str, args) -> dict:
         "latency_s": {"p50": pct(50), "p90": pct(90), "p99": pct(99), "max": pct(100)},
         "wall_s": round(wall, 3), "audio_s_per_wall_s": round(len(admitted) * args.seconds / wall, 3),
         "server": {k: server[k] for k in ("step_seconds", "step_batch_mean", "tokens_per_second", "tokens_total",
-                                          "steps_total", "max_sessions")},
+                                          "steps_total", "max_sessions", "kv_bytes_in_use", "kv_bytes_allocated")
+                   if k in server},
+        "gpu_memory_used_mib": ({"first": memory[0][1], "peak": max(used for _, used in memory), "samples": memory}
+                                if memory else None),
         "ok": failed == 0 and lost == 0 and len(admitted) > 0,
     }
 

@@ -10,6 +10,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import sys
 import time
 import warnings
@@ -572,6 +573,33 @@ def test_server_load_bench_local(artifact):
     assert report["ok"], report
     assert report["sessions_held"] == 3 and report["lost"] == 0 and report["errors"] == 0
     assert report["latency_s"]["p50"] > 0 and report["deltas"] > 0
+    assert report["server"]["kv_bytes_allocated"] >= report["server"]["kv_bytes_in_use"] >= 0
+
+
+def test_server_load_samples_gpu_memory(tmp_path, monkeypatch):
+    """The load bench's memory samples parse nvidia-smi's answer (a stand-in here) and stop when cancelled."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import server_load
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 12345\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    assert server_load.gpu_memory_used_mib() == 12345
+
+    async def sample_for(seconds):
+        samples = []
+        task = asyncio.create_task(server_load.sample_gpu_memory(samples, every_s=0.1))
+        await asyncio.sleep(seconds)
+        task.cancel()
+        return samples
+
+    samples = asyncio.run(sample_for(0.5))
+    assert len(samples) >= 2 and all(used == 12345 for _, used in samples)
+    fake.write_text("#!/bin/sh\necho 'No devices were found'\n")
+    assert server_load.gpu_memory_used_mib() is None
 
 
 # ---- other front ends: an ASGI server, and Ray Serve replicas (optional packages) --------------------------
