@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.quant_gpu import SHAPES, _random_packed  # noqa: E402 - the model's weight shapes, valid random Q4_K
+from bench.quant_gpu import SHAPES, random_packed  # noqa: E402 - the model's weight shapes, valid random Q4_K
 
 ROWS = (16, 32, 64, 96, 128, 192, 256, 384, 512, 1024, 1500)
 LOCAL_SHAPES = {"tiny 96x512": (96, 512), "tiny 256x768": (256, 768)}
@@ -49,7 +49,7 @@ def variant_name(splits: int, dequantize_first: bool) -> str:
 def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None) -> Path:
     import tvm
 
-    from schedules.dequant_matmul import _tensor_core_gemm_cuda, cuda_gemm_plan, split_k_count
+    from schedules.dequant_matmul import cuda_gemm_plan, split_k_count, tensor_core_gemm_cuda
     from targets.base import CompileReport
     from targets.cuda import fatbin_compiler, prepare_toolchain
     from voxc.quant.formats import QType
@@ -70,7 +70,7 @@ def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None) 
             variant = variant_name(splits, dequantize_first)
             name = f"gemm_q4_k_{n}x{k}_f16_{variant}"
             with target:
-                funcs[name] = _tensor_core_gemm_cuda(QType.Q4_K, n, k, "float16", splits,
+                funcs[name] = tensor_core_gemm_cuda(QType.Q4_K, n, k, "float16", splits,
                                                      dequantize_first).with_attr("global_symbol", name)
             manifest.append({"name": name, "label": label, "n": n, "k": k, "variant": variant})
     # the kernels as a fatbin, as voxc's CUDA builds link them (TVM's runtime cannot compile source)
@@ -137,7 +137,7 @@ def run(out_dir: str | Path, rows=ROWS, calls: int = 20) -> dict:
     for entry in kernels:
         shapes.setdefault((entry["label"], entry["n"], entry["k"]), []).append(entry)
     for (label, n, k), entries in shapes.items():
-        packed = _random_packed("q4_k", n, k, rng)
+        packed = random_packed("q4_k", n, k, rng)
         weight = dequantize_kernel_layout(packed, "q4_k", (n, k)).astype(np.float64)
         weight_bytes = sum(a.nbytes for a in packed.values())
         copies = max(1, math.ceil(L2_BYTES / weight_bytes))

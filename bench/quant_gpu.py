@@ -91,7 +91,7 @@ def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None, 
     import tvm
     from tvm.support import nvcc
 
-    from schedules.dequant_matmul import _tensor_core_gemm_cuda, kernel_signature, make_kernel, thread_extents
+    from schedules.dequant_matmul import kernel_signature, make_kernel, tensor_core_gemm_cuda, thread_extents
     from schedules.gpu_gemv import gpu_gemv
     from voxc.quant.formats import QType, kernel_layout_shapes
 
@@ -122,7 +122,7 @@ def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None, 
                     continue
                 if batch is None:   # the one-kernel GEMM (its split-K forms: bench/gemm_gpu.py)
                     name = f"gemm_{qtype}_{n}x{k}_m_{dtype}_cuda"
-                    func = _tensor_core_gemm_cuda(QType.parse(qtype), n, k, dtype).with_attrs(
+                    func = tensor_core_gemm_cuda(QType.parse(qtype), n, k, dtype).with_attrs(
                         {"global_symbol": name, "tirx.is_scheduled": True})
                 else:
                     func = make_kernel(qtype, n, k, batch, dtype=dtype, target="cuda", dispatch_rows=False)
@@ -230,7 +230,7 @@ def local(out_dir: str | Path | None = None, arch: str = "sm_90") -> Path:
     return out
 
 
-def _random_packed(qtype: str, n: int, k: int, rng) -> dict[str, np.ndarray]:
+def random_packed(qtype: str, n: int, k: int, rng) -> dict[str, np.ndarray]:
     """Valid kernel-layout weights without quantizing (Q4_K of the LM head would take minutes in
     numpy): random levels, f16 scales in a realistic range, random 6-bit Q4_K sub-scales."""
     from voxc.quant.formats import kernel_layout_shapes
@@ -379,7 +379,7 @@ def _run(cp, stream, out: Path, gemm_rows, l2_bytes: int, reps: int) -> dict:
         key = (qtype, n, k)
         if key not in weights_cache:
             weights_cache.clear()
-            packed = _random_packed(qtype, n, k, rng)
+            packed = random_packed(qtype, n, k, rng)
             weights_cache[key] = (packed, cp.asarray(dequantize_kernel_layout(packed, qtype, (n, k))))
         packed, wd = weights_cache[key]
         wbytes = sum(a.nbytes for a in packed.values())

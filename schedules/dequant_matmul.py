@@ -501,7 +501,7 @@ def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
                else _schedule_gemv_gpu(func, q, n, k, spec.batch, spec.target))
     elif spec.target == "cuda":
         *_, (_, splits, dequantize_first) = cuda_gemm_plan(n, k)
-        gemm = _tensor_core_gemm_cuda(q, n, k, spec.dtype, splits, dequantize_first)
+        gemm = tensor_core_gemm_cuda(q, n, k, spec.dtype, splits, dequantize_first)
     else:
         func = gemm_compute(q, n, k, spec.dtype, spec.target, transposed_panel=spec.target == "llvm")
         sch = (_schedule_gemm_llvm(func, q, n, k) if spec.target == "llvm"
@@ -529,7 +529,7 @@ def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
                                                    target=spec.target)))
             if spec.target == "cuda":   # the tensor-core forms for the row counts up to SPLIT_K_MAX_ROWS
                 for rows, splits, dequantize_first in cuda_gemm_plan(n, k)[:-1]:
-                    branches.append((f"m <= {rows}", _tensor_core_gemm_cuda(q, n, k, spec.dtype, splits,
+                    branches.append((f"m <= {rows}", tensor_core_gemm_cuda(q, n, k, spec.dtype, splits,
                                                                             dequantize_first)))
             func = row_dispatch(branches, gemm, gpu=True)
             return _finish(_guard_rows(func, max(n, k), spec.name), spec.name)
@@ -601,7 +601,7 @@ def cuda_gemm_plan(n: int, k: int) -> list[tuple[int | None, int, bool]]:
     return plan
 
 
-def _tensor_core_gemm_cuda(qtype: QType, n: int, k: int, dtype: str, splits: int = 1,
+def tensor_core_gemm_cuda(qtype: QType, n: int, k: int, dtype: str, splits: int = 1,
                            dequantize_first: bool = False) -> tirx.PrimFunc:
     """CUDA GEMM over a symbolic row count on tensor cores (WMMA, float16 activations), scheduled by
     dlight's Matmul rule.  The SIMT 64x64 tile GEMM it replaced ran 10-25x behind cuBLAS fp16 at
