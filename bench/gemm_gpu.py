@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.quant_gpu import SHAPES, random_packed  # noqa: E402 - the model's weight shapes, valid random Q4_K
+from bench.quant_gpu import SHAPES, random_packed, select_shapes  # noqa: E402 - the model's weight shapes, valid random Q4_K
 
 ROWS = (16, 32, 64, 96, 128, 192, 256, 384, 512, 1024, 1500)
 LOCAL_SHAPES = {"tiny 96x512": (96, 512), "tiny 256x768": (256, 768)}
@@ -184,9 +184,7 @@ def main(argv=None):
     sub.add_parser("local")
     args = parser.parse_args(argv)
     if args.cmd == "build":
-        shapes = SHAPES if not args.only else {label: shape for label, shape in SHAPES.items()
-                                                if any(label.startswith(p) for p in args.only.split(","))}
-        build(args.out, args.arch, shapes)
+        build(args.out, args.arch, select_shapes(args.only))
     elif args.cmd == "run":
         result = run(args.dir, tuple(int(v) for v in args.rows.split(",")))
         if args.json:

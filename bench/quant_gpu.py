@@ -436,7 +436,8 @@ def _run(cp, stream, out: Path, gemm_rows, l2_bytes: int, reps: int) -> dict:
     return results
 
 
-def _select(only: str | None) -> dict:
+def select_shapes(only: str | None) -> dict:
+    """SHAPES whose labels start with one of the comma-separated prefixes of ``only`` (all without)."""
     if not only:
         return SHAPES
     keys = [s.strip() for s in only.split(",") if s.strip()]
@@ -469,7 +470,7 @@ def main(argv=None):
         local(args.out, args.arch)
         return 0
     if args.cmd in ("build", "all"):
-        build(args.out, args.arch, shapes=_select(args.only), dtype=args.dtype, kinds=tuple(args.kinds.split(",")),
+        build(args.out, args.arch, shapes=select_shapes(args.only), dtype=args.dtype, kinds=tuple(args.kinds.split(",")),
               fused_shapes=None if args.only else FUSED_SHAPES)
     if args.cmd in ("run", "all"):
         res = run(getattr(args, "dir", None) or args.out)

@@ -610,9 +610,10 @@ def tensor_core_gemm_cuda(qtype: QType, n: int, k: int, dtype: str, splits: int 
     The weight is dequantized in the load of each weight tile, or with ``dequantize_first`` by a
     kernel of its own into a float16 workspace [n, k] that the matmul then reads as a dense weight
     (it writes and reads twice a float16 model's weight bytes, but the matmul's tile loads are then
-    plain copies instead of a dequantization each).  ``splits`` > 1 cuts K into that many slices, written as a batch of
-    matmuls (dlight puts the slices on blockIdx.z) into a float32 workspace ``part[s, m, n]``, then
-    one small kernel sums the slices and casts: more blocks where few rows leave most SMs idle."""
+    plain copies instead of a dequantization each).  ``splits`` > 1 cuts K into that many slices,
+    written as a batch of matmuls (dlight puts the slices on blockIdx.z) into a float32 workspace
+    ``part[s, m, n]``, then one small kernel sums the slices and casts: more blocks where few rows
+    leave most SMs idle."""
     if k % splits:
         raise VoxcError(f"split-K: {splits} slices do not divide in_features {k}")
     m = tirx.Var("m", "int32")

@@ -514,6 +514,7 @@ def test_chain_runs_the_producer_then_the_consumer():
     with pytest.raises(VoxcError, match="writes .part., the consumer reads other"):
         _chain(te.create_prim_func([x, part]), te.create_prim_func([other, y_other]))
 
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not on PATH")
 def test_cuda_kernels_compile_to_cubin():
     from tvm.support import nvcc
