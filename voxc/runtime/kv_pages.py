@@ -217,7 +217,7 @@ class KvPages:
             if have >= pages:
                 continue                 # grown by an earlier, failed growth
             try:
-                bigger = self.rt.empty((pages, *self.page_shape), self.dtype)
+                bigger = self._empty_pool(pages)
             except VoxcError as exc:
                 more = (pages - old) * self.page_bytes
                 raise KvCacheFull(
@@ -233,6 +233,18 @@ class KvPages:
             heapq.heappush(self.free, page)
         self.size = pages
         self.growths += 1
+
+    def _empty_pool(self, pages: int):
+        """One layer's pool of ``pages`` pages; if the device is out of memory, once more after the VMs'
+        allocator gave back the intermediates it keeps for reuse (a long run at many batch shapes
+        gathers them)."""
+        shape = (pages, *self.page_shape)
+        try:
+            return self.rt.empty(shape, self.dtype)
+        except VoxcError:
+            if not self.rt.release_cached_memory():
+                raise
+        return self.rt.empty(shape, self.dtype)
 
     def _zero_rows(self, tensor, first: int, last: int) -> None:
         """Zero pages ``first`` .. ``last - 1`` of one layer's pool (device copies of the zero block)."""

@@ -169,6 +169,17 @@ class Runtime:
             raise VoxcError(f"cannot allocate a {dtype} tensor of shape {list(shape)} on {self.name}: "
                             f"{message}") from None
 
+    def release_cached_memory(self) -> bool:
+        """Give back to the driver the device memory the VMs' pooled allocator keeps for reuse: the freed
+        intermediates of earlier steps, one set per batch shape seen, which a long-running model with
+        many stream counts gathers (only free buffers go; tensors in use are untouched).  False where
+        this runtime has no such hook."""
+        clear = self.ffi.get_global_func("vm.builtin.memory_manager.clear", allow_missing=True)
+        if clear is None:
+            return False
+        clear()
+        return True
+
     def tensor(self, array: np.ndarray):
         array = np.ascontiguousarray(array)
         out = self.empty(array.shape, _dtype_name(array.dtype))
