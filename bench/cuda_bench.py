@@ -22,7 +22,7 @@ fits the adapter's buffer binding limit (see wgpu_stream_limit).
 Env: SECS (60) clip length, MAX_STREAMS (auto: as many whole windows of KV as the free memory holds, at
 most 128; the caches are paged, so a count set here may go further: streams hold the pages of the audio
 they heard), QUICK=1 fewer repetitions, ONLY=batched, BATCH_COUNTS (stream counts of the batched decode,
-"1 2 4 8 16 32 64", and MAX_STREAMS), REALTIME (1), STREAM_SECS (60), PROFILE (1: per-kernel times through
+"1 2 4 8 16 32 64 MAX_STREAMS"), REALTIME (1), STREAM_SECS (60), PROFILE (1: per-kernel times through
 torch.profiler where torch is there), REALTIME_COUNTS (stream counts of the realtime test; default "1 max";
 "max" = MAX_STREAMS; a count keeps real time when the p99 of its last 10 s of steps is under 80 ms).
 """
@@ -130,6 +130,7 @@ def decode_steps(model, slots, start, steps, delay=6):
         _, nxt = model.decode(tokens, slots, np.full(b, start + i, np.int32))
         tokens = model.rt.numpy(nxt).reshape(b, 1).astype(np.int32)
         out.append((time.perf_counter() - t) * 1e3)
+    model.release_kv_pages(slots)        # free for the streams of the later tests
     return out
 
 
@@ -351,7 +352,8 @@ def bench_artifact(report, art: Path, device: Device, copy_gbps: float):
     model.use_static_entries(False)
     batch = {}
     batch_steps = env("BATCH_STEPS", 15 if quick else 40)
-    for b in sorted({int(c) for c in os.environ.get("BATCH_COUNTS", "1 2 4 8 16 32 64").split()} | {max_streams}):
+    counts = os.environ.get("BATCH_COUNTS", f"1 2 4 8 16 32 64 {max_streams}").split()
+    for b in sorted({int(c) for c in counts}):
         if b > max_streams:
             continue
         ms = stats(decode_steps(model, list(range(b)), 1000, batch_steps)[min(3, batch_steps // 2):])

@@ -96,7 +96,7 @@ def test_release_gives_the_pages_back_and_a_new_stream_reuses_them():
     assert pool.pages_in_use == 3
 
 
-def test_the_pool_grows_by_doubling_and_keeps_every_page():
+def test_the_pool_grows_by_what_is_missing_plus_a_quarter_and_keeps_every_page():
     from voxc.runtime.tvm_runtime import Runtime
 
     rt = Runtime("cpu")
@@ -113,14 +113,14 @@ def test_the_pool_grows_by_doubling_and_keeps_every_page():
                 data[p] = 100 * layer + p
             rt.copy_into(t, data)
     fill()
-    pool.ensure([1], [0], 9)                                  # 3 pages more: 1 -> 2 -> 4
+    pool.ensure([1], [0], 9)                                  # 3 pages more (+ a quarter of 1: none): 1 -> 4
     assert pool.size == 4 and grown == [1] and pool.growths == 1
     for layer, t in enumerate(pool.tensors):
         data = rt.numpy(t)
         assert t.shape[0] == 4 and (data[0] == 100 * layer).all() and (data[1:] == 0).all()
-    pool.ensure([2, 3], [0, 0], 20)                           # 10 more: 4 -> 8 -> 16
-    assert pool.size == 16 and pool.growths == 2
-    pool.ensure([0, 1], [3, 9], 17)                           # 6 more: 16 -> 20 (the maximum)
+    pool.ensure([2, 3], [0, 0], 20)                           # 10 more + a quarter of 4: 4 -> 15
+    assert pool.size == 15 and pool.growths == 2 and len(pool.free) == 1
+    pool.ensure([0, 1], [3, 9], 17)                           # 6 wanted, 1 free: 15 -> 20 (the maximum)
     assert pool.size == 20 == pool.max_pages == pool.pages_in_use and not pool.free
     _live_pages_are_distinct(pool, 4)
     # the device table holds what the host says
@@ -169,8 +169,8 @@ def test_a_growth_without_memory_keeps_the_pool_and_names_what_did_not_fit():
     page = pool.page_bytes
     pool.ensure([0], [0], 16)                                 # the 4 pages
     old = [t for t in pool.tensors]
-    rt.budget = 6 * page                                      # room for 6 pages a layer, not 8
-    pool.ensure([1], [0], 4)                                  # doubling fails; an eighth more (5 pages) fits
+    rt.budget = 5 * page                                      # room for 5 pages a layer, not 6
+    pool.ensure([1], [0], 4)                                  # 1 + a quarter (6) fails; what is missing (5) fits
     assert pool.size == 5 and all(t.shape[0] == 5 for t in pool.tensors)
     rt.budget = 5 * page                                      # no room for any larger layer
     with pytest.raises(KvCacheFull) as err:

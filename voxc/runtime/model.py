@@ -157,6 +157,12 @@ class CompiledModel:
         for slot, position in zip(np.atleast_1d(slots).tolist(), np.broadcast_to(positions, np.shape(slots)).tolist()):
             pool.ensure([slot], [0], int(position))
 
+    def release_kv_pages(self, slots) -> None:
+        """Give back every KV page streams ``slots`` hold (the counterpart of :meth:`take_kv_pages` for a
+        benchmark that used slots without streams; a stream's pages go back when it ends)."""
+        for slot in np.atleast_1d(slots).tolist():
+            self._release_pages(int(slot))
+
     def _release_pages(self, slot: int) -> None:
         for pool in self.kv.values():
             pool.release(slot)
@@ -175,8 +181,8 @@ class CompiledModel:
 
         ``kv_pages``: the KV-cache pools' first size in pages (of 64 ring rows), one number for both
         towers or ``{"enc_cache": n, "dec_cache": m}``; by default enough for the first 4 s of each of
-        ``max_streams`` streams (voxc.artifact.KV_INITIAL_SECONDS).  Pools grow by doubling as streams
-        need pages, up to every stream's whole window."""
+        ``max_streams`` streams (voxc.artifact.KV_INITIAL_SECONDS).  Pools grow (by what is missing plus
+        a quarter) as streams need pages, up to every stream's whole window."""
         artifact_dir = Path(artifact_dir)
         if verify not in VERIFY_MODES:
             raise VoxcError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
