@@ -377,7 +377,7 @@ def bench_artifact(report, art: Path, device: Device, copy_gbps: float):
             res[f"realtime_{n}_streams"]["used_gb"] = round(device.used_gb(), 2)
             res[f"realtime_{n}_streams"]["kv_allocated_gb"] = {name: round(pool.bytes_allocated / 1e9, 2)
                                                                for name, pool in model.kv.items()}
-            model.rt.release_cached_memory()
+            model.release_cached_memory()
             res[f"realtime_{n}_streams"]["used_gb_after_release"] = round(device.used_gb(), 2)
             print(name, f"realtime {n} streams:", json.dumps(res[f"realtime_{n}_streams"]["last_10s"]), flush=True)
             report[name] = res

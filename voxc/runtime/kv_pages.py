@@ -239,7 +239,8 @@ class KvPages:
     def _empty_pool(self, pages: int):
         """One layer's pool of ``pages`` pages; if the device is out of memory, once more after the VMs'
         allocator gave back the intermediates it keeps for reuse (a long run at many batch shapes
-        gathers them)."""
+        gathers them).  Safe because the ``on_grow`` hooks ran first: a captured CUDA graph, which
+        replays into such buffers, has let go of them."""
         shape = (pages, *self.page_shape)
         try:
             return self.rt.empty(shape, self.dtype)

@@ -167,6 +167,13 @@ class CompiledModel:
         for pool in self.kv.values():
             pool.release(slot)
 
+    def release_cached_memory(self) -> bool:
+        """Give the device memory the VM's allocator keeps for reuse (the freed buffers of every batch
+        shape run so far) back to the driver.  A captured CUDA graph replays into such buffers, so it
+        goes first (the next one-stream step captures again).  False where the runtime cannot."""
+        self._drop_captured_step()
+        return self.rt.release_cached_memory()
+
     def _drop_captured_step(self) -> None:
         """A pool is about to be replaced: a captured step (which holds the old tensors) goes."""
         if self._decode_captured is not None:

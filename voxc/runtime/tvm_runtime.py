@@ -172,8 +172,9 @@ class Runtime:
     def release_cached_memory(self) -> bool:
         """Give back to the driver the device memory the VMs' pooled allocator keeps for reuse: the freed
         intermediates of earlier steps, one set per batch shape seen, which a long-running model with
-        many stream counts gathers (only free buffers go; tensors in use are untouched).  False where
-        this runtime has no such hook."""
+        many stream counts gathers (only free buffers go; tensors in use are untouched).  A captured
+        CUDA graph that replays into such buffers must be dropped first (Model.release_cached_memory
+        does).  False where this runtime has no such hook."""
         clear = self.ffi.get_global_func("vm.builtin.memory_manager.clear", allow_missing=True)
         if clear is None:
             return False

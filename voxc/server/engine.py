@@ -186,16 +186,17 @@ class Engine:
 
     def warm_up(self) -> None:
         """One batched step at every batch size the server can run (1..max_sessions streams), before
-        the first client (start() does this on GPUs): the first call of a shape allocates its buffers
-        (and on CUDA captures the one-stream graphs), which cost a GPU server 0.3-0.9 s steps in its
-        first seconds of load (measured on an H100 with 32-48 sessions joining at once).  The
-        streams are dropped afterwards."""
+        the first client (start() does this on GPUs): the first call of a shape loads its kernels,
+        allocates its buffers (and on CUDA captures the one-stream graphs), which cost a GPU server
+        0.3-0.9 s steps in its first seconds of load (measured on an H100 with 32-48 sessions joining
+        at once).  The streams are dropped afterwards, and the buffers the VM's allocator kept for
+        every batch size go back to the device (at 64 sessions they held 70 of an H100's 80 GB, and
+        the KV caches then had to wait for a release mid-load: a 0.2 s step); the one-stream step runs
+        once more after that, so that its graph capture finds the buffers it needs already pooled."""
         t0 = time.perf_counter()
         silence = np.zeros(self.spt, np.float32)
-        # largest batch first: the one-stream step, which captures its CUDA graph at its first
-        # call, then finds TVM's memory pool already filled by the batched steps (a capture may
-        # not allocate; a first-ever lone step crashed an H100 server in that capture)
-        for batch in range(self.max_sessions, 0, -1):
+
+        def step(batch: int) -> None:
             streams = [self.model.stream() for _ in range(batch)]
             try:
                 for s in streams:
@@ -204,6 +205,14 @@ class Engine:
             finally:
                 for s in streams:
                     s.drop()
+
+        # largest batch first: the one-stream step, which captures its CUDA graph at its first
+        # call, then finds TVM's memory pool already filled by the batched steps (a capture may
+        # not allocate; a first-ever lone step crashed an H100 server in that capture)
+        for batch in range(self.max_sessions, 0, -1):
+            step(batch)
+        if self.model.release_cached_memory():
+            step(1)
         self.warmup_seconds = time.perf_counter() - t0
         log.info("warm-up: 1..%d streams in %.1f s", self.max_sessions, self.warmup_seconds)
 
