@@ -24,7 +24,8 @@ most 128; the caches are paged, so a count set here may go further: streams hold
 they heard), QUICK=1 fewer repetitions, ONLY=batched, BATCH_COUNTS (stream counts of the batched decode,
 "1 2 4 8 16 32 64 MAX_STREAMS"), REALTIME (1), STREAM_SECS (60), PROFILE (1: per-kernel times through
 torch.profiler where torch is there), REALTIME_COUNTS (stream counts of the realtime test; default "1 max";
-"max" = MAX_STREAMS; a count keeps real time when the p99 of its last 10 s of steps is under 80 ms).
+"max" = MAX_STREAMS; a count keeps real time when the p99 of its last 10 s of steps is under 80 ms),
+REALTIME_PROFILE_STEPS (0: that many more steps of each count under torch.profiler, CUDA only).
 """
 from __future__ import annotations
 
@@ -149,26 +150,27 @@ def kernel_profile(model, audio, steps: int = 20, batch: int = 1) -> dict:
         return _kernel_profile(model, audio, steps, batch, torch, ProfilerActivity, profile)
 
 
+def profile_table(prof, per: int) -> dict:
+    """torch.profiler's kernels as per-step figures over ``per`` steps, the 40 largest first."""
+    rows = []
+    for ev in prof.key_averages():
+        us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
+        if us > 0 and ev.count:
+            rows.append({"kernel": ev.key[:120], "launches_per_step": round(ev.count / per, 2),
+                         "us_per_step": round(us / per, 2)})
+    rows.sort(key=lambda r: -r["us_per_step"])
+    return {"kernel_us_per_step": round(sum(r["us_per_step"] for r in rows), 1),
+            "launches_per_step": round(sum(r["launches_per_step"] for r in rows), 1), "top": rows[:40]}
+
+
 def _kernel_profile(model, audio, steps, batch, torch, ProfilerActivity, profile) -> dict:
-
-    def table(prof, per: int) -> dict:
-        rows = []
-        for ev in prof.key_averages():
-            us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
-            if us > 0 and ev.count:
-                rows.append({"kernel": ev.key[:120], "launches_per_step": round(ev.count / per, 2),
-                             "us_per_step": round(us / per, 2)})
-        rows.sort(key=lambda r: -r["us_per_step"])
-        return {"kernel_us_per_step": round(sum(r["us_per_step"] for r in rows), 1),
-                "launches_per_step": round(sum(r["launches_per_step"] for r in rows), 1), "top": rows[:40]}
-
     def decode_profile(slots: list[int], position: int) -> dict:
         decode_steps(model, slots, position, 3)          # warm
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             wall = decode_steps(model, slots, position, steps)
             torch.cuda.synchronize()
-        return {**table(prof, steps), "wall_ms_per_step": round(float(np.median(wall)), 3)}
+        return {**profile_table(prof, steps), "wall_ms_per_step": round(float(np.median(wall)), 3)}
 
     out = {}
     model.use_static_entries(True)
@@ -184,7 +186,7 @@ def _kernel_profile(model, audio, steps, batch, torch, ProfilerActivity, profile
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t) * 1e3 / steps
     s.finish()
-    out["stream_80ms"] = {**table(prof, steps), "wall_ms_per_step": round(wall, 3)}
+    out["stream_80ms"] = {**profile_table(prof, steps), "wall_ms_per_step": round(wall, 3)}
     if batch > 1:
         model.use_static_entries(False)
         try:
@@ -194,11 +196,14 @@ def _kernel_profile(model, audio, steps, batch, torch, ProfilerActivity, profile
     return out
 
 
-def realtime_streams(model, n: int, seconds: float, chunk: int = 1280, seed: int = 1) -> dict:
+def realtime_streams(model, n: int, seconds: float, chunk: int = 1280, seed: int = 1,
+                     profile_steps: int = 0) -> dict:
     """``n`` concurrent streams, each fed 80 ms of audio per step and all advanced together in one
     batched step (runtime.session.advance: batched mel + encode, then batched decode), for
     ``seconds`` of audio. Step latencies per 10 s of stream time; a step under 80 ms keeps all ``n``
-    streams real time at that point of their audio."""
+    streams real time at that point of their audio.  With ``profile_steps`` (and torch importable on
+    a CUDA machine) that many more steps run under torch.profiler afterwards, outside the latencies:
+    ``profile`` holds their kernels per step (where a step at this many streams spends its time)."""
     from voxc.runtime.session import advance
 
     rng = np.random.default_rng(seed)
@@ -206,14 +211,18 @@ def realtime_streams(model, n: int, seconds: float, chunk: int = 1280, seed: int
     noise = (0.1 * rng.standard_normal((n, chunk * 50))).astype(np.float32)   # 4 s of distinct noise each
     steps = int(seconds * 16000 // chunk)
     lat = []
+
+    def step(k: int) -> None:
+        offset = (k % 50) * chunk
+        for i, s in enumerate(sessions):
+            s.queue(noise[i, offset:offset + chunk])
+        advance(sessions)
+
     t0 = time.perf_counter()
     try:
-        for step in range(steps):
-            offset = (step % 50) * chunk
+        for k in range(steps):
             t = time.perf_counter()
-            for i, s in enumerate(sessions):
-                s.queue(noise[i, offset:offset + chunk])
-            advance(sessions)
+            step(k)
             lat.append((time.perf_counter() - t) * 1e3)
     except Exception:
         for s in sessions:
@@ -221,6 +230,23 @@ def realtime_streams(model, n: int, seconds: float, chunk: int = 1280, seed: int
         print(f"{n} streams failed at {len(lat) * chunk / 16000:.1f} s of audio", flush=True)
         raise
     total = time.perf_counter() - t0
+    profiled = None
+    if profile_steps > 0:
+        with common.tvm_lookups_allowed():
+            try:
+                import torch
+                from torch.profiler import ProfilerActivity, profile
+            except ImportError:
+                profiled = {"skipped": "torch is not importable"}
+            else:
+                torch.cuda.synchronize()
+                t = time.perf_counter()
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for k in range(steps, steps + profile_steps):
+                        step(k)
+                    torch.cuda.synchronize()
+                wall = (time.perf_counter() - t) * 1e3 / profile_steps
+                profiled = {**profile_table(prof, profile_steps), "wall_ms_per_step": round(wall, 3)}
     per_10s = int(10 * 16000 // chunk)
     windows = {f"{(k + 1) * 10}s": stats(lat[k * per_10s:(k + 1) * per_10s])
                for k in range(len(lat) // per_10s)}
@@ -232,7 +258,7 @@ def realtime_streams(model, n: int, seconds: float, chunk: int = 1280, seed: int
         s.finish()
     return {"streams": n, "seconds_of_audio": seconds, "wall_s": round(total, 1), "step_ms_by_stream_time": windows,
             "last_10s": stats(last), "realtime": bool(np.percentile(last, 99) < chunk / 16),
-            "tokens_per_stream": sessions[0].token_count}
+            "tokens_per_stream": sessions[0].token_count, **({"profile": profiled} if profiled else {})}
 
 
 def env(name: str, default):
@@ -367,7 +393,8 @@ def bench_artifact(report, art: Path, device: Device, copy_gbps: float):
         counts = os.environ.get("REALTIME_COUNTS", "1 max").split()
         for n in sorted({min(max_streams, max_streams if c == "max" else int(c)) for c in counts}):
             try:
-                res[f"realtime_{n}_streams"] = realtime_streams(model, n, stream_secs)
+                res[f"realtime_{n}_streams"] = realtime_streams(
+                    model, n, stream_secs, profile_steps=env("REALTIME_PROFILE_STEPS", 0) if device.kind == "cuda" else 0)
             except voxc.VoxcError as exc:   # e.g. out of memory: the count's error, and the next count still runs
                 res[f"realtime_{n}_streams"] = {"error": str(exc)[:400], "used_gb": round(device.used_gb(), 2),
                                                 "kv_allocated_gb": {name: round(pool.bytes_allocated / 1e9, 2)

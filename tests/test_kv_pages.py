@@ -212,3 +212,55 @@ def test_a_growth_allocates_only_the_larger_pools():
     for t in pool.tensors:
         pages = rt.numpy(t)
         assert (pages[:2] == 7.0).all() and (pages[2:] == 0.0).all()
+
+
+def test_a_growth_that_finds_the_device_full_asks_the_vm_for_its_cached_buffers_once():
+    """TVM's pooled allocator keeps the freed intermediates of every batch shape run: a growth that
+    fails asks the runtime to give them back (after the on_grow hooks let a captured graph go) and
+    tries once more; a runtime without the hook, or still without room, fails as before."""
+    from voxc.runtime.tvm_runtime import Runtime
+
+    class CachingRuntime(Runtime):
+        """A device whose free memory is ``budget`` bytes, ``cached`` more once the VM gives them back."""
+
+        def __init__(self, budget, cached, hook=True):
+            super().__init__("cpu")
+            self.budget, self.cached, self.hook, self.events = budget, cached, hook, []
+
+        def empty(self, shape, dtype):
+            size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            if size > self.budget:
+                self.events.append("refused")
+                raise VoxcError(f"cannot allocate a {dtype} tensor of shape {list(shape)} on cpu: out of memory")
+            return super().empty(shape, dtype)
+
+        def release_cached_memory(self):
+            self.events.append("released")
+            if not self.hook:
+                return False
+            self.budget += self.cached
+            self.cached = 0
+            return True
+
+    def pool_on(rt):
+        pool = KvPages(rt, _entry(window=64, page_rows=4, layers=2), "float32", 4, what="the decoder's KV cache",
+                       initial_pages=4)
+        pool.on_grow.append(lambda: rt.events.append("hooks"))
+        pool.ensure([0], [0], 16)                             # the 4 pages
+        return pool
+
+    rt = CachingRuntime(budget=1 << 30, cached=0)
+    pool = pool_on(rt)
+    rt.budget, rt.cached = 4 * pool.page_bytes, 4 * pool.page_bytes
+    pool.ensure([1], [0], 8)                                  # 2 more + a quarter: 7 pages a layer
+    assert pool.size == 7 and rt.events == ["hooks", "refused", "released"], rt.events
+    assert pool.count[1] == 2
+
+    for hook in (False, True):                                # no hook / nothing cached: the growth fails
+        rt = CachingRuntime(budget=1 << 30, cached=0, hook=hook)
+        pool = pool_on(rt)
+        rt.budget = 4 * pool.page_bytes
+        with pytest.raises(KvCacheFull) as err:
+            pool.ensure([1], [0], 8)
+        assert "out of device memory for the decoder's KV cache" in str(err.value) and err.value.slots == [1]
+        assert rt.events.count("released") == 2 and pool.size == 4   # once per try (7 pages, then 6)
