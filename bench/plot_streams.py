@@ -4,7 +4,9 @@ bench/cuda_hf_baseline.py JSON (bench/results/), as a PNG for bench/RESULTS.md.
     python bench/plot_streams.py OUT.png VOXC_JSON[:LABEL] ... [--hf HF_JSON[:LABEL]]
 
 voxc: every ``realtime_<n>_streams`` entry of each artifact in a cuda_bench JSON (each stream fed
-80 ms per batched step; the median and p90 step of the last 10 s); transformers: the ms per
+80 ms per batched step; the median and the p99 step of the last 10 s, the p90 in runs that did not
+record the p99; a count that failed, e.g. out of memory, is left out); the points of files given the
+same label form one line (counts measured in separate calls); transformers: the ms per
 generated token of each ``batch<n>`` (one token per stream per 80 ms of audio, so the same 80 ms
 line applies).  Needs matplotlib (a plotting tool only: ``pip install matplotlib``).
 """
@@ -19,14 +21,16 @@ REALTIME_MS = 80.0
 
 
 def voxc_points(path: Path) -> dict[str, list[tuple[int, float, float]]]:
-    """artifact name -> [(streams, median ms, p90 ms)] from a cuda_bench JSON."""
+    """artifact name -> [(streams, median ms, p99 ms (p90 where no p99 was recorded))] from a
+    cuda_bench JSON; counts that failed are left out."""
     data = json.loads(path.read_text())
     out = {}
     for name, res in data.items():
         if not isinstance(res, dict):
             continue
-        points = sorted((v["streams"], v["last_10s"]["median_ms"], v["last_10s"]["p90_ms"])
-                        for k, v in res.items() if k.startswith("realtime_") and k.endswith("_streams"))
+        points = sorted((v["streams"], v["last_10s"]["median_ms"], v["last_10s"].get("p99_ms", v["last_10s"]["p90_ms"]))
+                        for k, v in res.items()
+                        if k.startswith("realtime_") and k.endswith("_streams") and "last_10s" in v)
         if points:
             out[name] = points
     return out
@@ -58,14 +62,17 @@ def main(argv=None) -> None:
         sys.exit("plot_streams.py needs matplotlib: pip install matplotlib")
 
     fig, (ax_step, ax_margin) = plt.subplots(1, 2, figsize=(11, 4.2))
+    lines: dict[str, dict[int, tuple[int, float, float]]] = {}    # label -> streams -> point
     for spec in args.voxc:
         path, label = _split(spec)
         for name, points in voxc_points(path).items():
-            streams = [p[0] for p in points]
-            tag = label or name
-            ax_step.plot(streams, [p[1] for p in points], "o-", label=f"voxc {tag} (median)")
-            ax_step.fill_between(streams, [p[1] for p in points], [p[2] for p in points], alpha=0.2)
-            ax_margin.plot(streams, [REALTIME_MS / p[2] for p in points], "o-", label=f"voxc {tag} (p90 step)")
+            lines.setdefault(label or name, {}).update({p[0]: p for p in points})
+    for tag, by_count in lines.items():
+        points = [by_count[n] for n in sorted(by_count)]
+        streams = [p[0] for p in points]
+        ax_step.plot(streams, [p[1] for p in points], "o-", label=f"voxc {tag} (median)")
+        ax_step.fill_between(streams, [p[1] for p in points], [p[2] for p in points], alpha=0.2)
+        ax_margin.plot(streams, [REALTIME_MS / p[2] for p in points], "o-", label=f"voxc {tag} (p99 step)")
     for spec in args.hf:
         path, label = _split(spec)
         points = hf_points(path)
