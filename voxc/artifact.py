@@ -88,10 +88,14 @@ AUDIO_RING_ROWS = 256
 # per block and step at full size) and of the CPU kernel's 16-key blocks, and 768 encoder rows for its
 # 750-row window either way.  The float16 decoder page is 256 KiB per layer, the encoder's 512 KiB.
 KV_PAGE_ROWS = 64
-# A new model's page pools hold this much audio per stream (max_streams of them), and grow by doubling
-# up to every stream's whole window: 4 s is the 39-token prompt plus 0.9 s of speech in the decoder,
-# 200 encoder frames.
+# A new model's page pools hold this much audio per stream (max_streams of them), and grow as streams
+# need up to every stream's whole window: 4 s is the 39-token prompt plus 0.9 s of speech in the
+# decoder, 200 encoder frames.
 KV_INITIAL_SECONDS = 4.0
+# A growth adds the pages missing plus 1/KV_GROWTH_HEADROOM of the pool (not a doubling: at tens of GB
+# that overshoots by as much; a 256-stream decoder pool on an H100 doubled from the 28 GB its streams
+# held to 56 GB and left the encoder's no room).  In the manifest (``growth_headroom``) for voxc.js.
+KV_GROWTH_HEADROOM = 4
 
 
 def kv_page_rows(window: int) -> int:
@@ -200,8 +204,9 @@ def state_section(cfg: ModelConfig, dtype: str) -> dict:
     pages), and the bytes per stream of one tensor and of the entry (a paged entry: a whole window's
     pages, the most one stream holds).  A paged entry also gives its page layout: ``page_rows``,
     ``pages_per_stream``, ``window``, ``page_table`` (the entry holding the page table),
-    ``initial_pages_per_stream`` (a new pool's pages per stream), and the bytes of one page in one
-    layer's tensor and in all layers."""
+    ``initial_pages_per_stream`` (a new pool's pages per stream), ``growth_headroom`` (a growth adds the
+    pages missing plus the pool's size over this), and the bytes of one page in one layer's tensor and
+    in all layers."""
     out = {}
     for name, v in state_layout(cfg).items():
         one = v.tensor_bytes(dtype)
@@ -211,7 +216,7 @@ def state_section(cfg: ModelConfig, dtype: str) -> dict:
             page = v.page_bytes(dtype)
             spec.update({"page_rows": v.page_rows, "pages_per_stream": v.pages_per_stream, "window": v.window,
                          "page_table": v.page_table, "initial_pages_per_stream": v.initial_pages_per_stream,
-                         "tensor_bytes_per_page": page, "bytes_per_page": v.tensors * page})
+                         "growth_headroom": KV_GROWTH_HEADROOM, "tensor_bytes_per_page": page, "bytes_per_page": v.tensors * page})
         out[name] = spec
     return out
 

@@ -651,7 +651,8 @@ async function allocateState(tvm, dev, device, manifest, requirements) {
  * row r of the stream in slot s is row r % page_rows of page table[s][floor(r / page_rows)].  Before a
  * step, ensure() gives pages to the ring rows the step writes (growing the pool when none is free) and
  * writes the table to the GPU when it changed; release() gives a stream's pages back.  The pool
- * grows by doubling up to every stream's whole window: per layer a larger buffer, the old pages
+ * grows by the pages missing plus its size over the manifest's growth_headroom (a bundle without
+ * one: plus its size), up to every stream's whole window: per layer a larger buffer, the old pages
  * copied into its start (copyBufferToBuffer), the old buffer freed; the new pages are WebGPU's zeros.
  */
 class KvPages {
@@ -753,12 +754,13 @@ class KvPages {
     this.table.copyFromRawBytes(new Uint8Array(this.hostTable.buffer));
   }
 
-  /** Room for `wanted` free pages: double the pool (as often as needed) up to its maximum; if the GPU has no
-   * memory for that, grow by an eighth (or what is missing) only.  Throws (code "memory") if it cannot. */
+  /** Room for `wanted` free pages: grow the pool by what is missing plus its size over the manifest's
+   * growth_headroom (voxc/runtime/kv_pages.py), up to its maximum; if the GPU has no memory for that,
+   * by an eighth (or what is missing) only.  Throws (code "memory") if it cannot. */
   async #grow(wanted) {
     const more = wanted - this.free.length;
-    let target = this.size;
-    while (target - this.size < more && target < this.maxPages) target = Math.min(2 * target, this.maxPages);
+    const headroom = this.spec.growth_headroom ?? 1;
+    const target = Math.min(this.maxPages, this.size + more + Math.floor(this.size / headroom));
     try {
       await this.#growTo(target);
     } catch (err) {

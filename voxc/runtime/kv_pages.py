@@ -11,9 +11,9 @@ memory follows the audio it has heard, up to its whole window (after its ring wr
 point at page 0 (any page would do: no kernel lets a row that is not visible weigh in).
 
 The pool starts with ``initial_pages`` pages and, when the free pages do not cover a step, grows by
-what is missing plus a quarter of its size, up to ``max_pages`` (by default every stream's whole
-window); not by doubling, which at a pool of tens of GB overshoots by as much (a 256-stream decoder
-cache on an H100 went from the 28 GB its streams held to 56 GB, and the encoder's then had no room): each layer's tensor is replaced
+what is missing plus a quarter of its size (voxc.artifact.KV_GROWTH_HEADROOM: not by doubling, which
+overshoots by tens of GB on a large server), up to ``max_pages`` (by default every stream's whole
+window): each layer's tensor is replaced
 by a larger one holding the old pages at the start (a device copy) and zeros after them, one layer at a
 time, so a growth needs the memory of one more layer's pool on top of the current ones.  Each layer's
 page count is its own dimension of the compiled entry points, so a growth that runs out of memory
@@ -27,11 +27,9 @@ import heapq
 
 import numpy as np
 
-from voxc.artifact import StateEntry
+from voxc.artifact import KV_GROWTH_HEADROOM, StateEntry
 from voxc.errors import VoxcError
 
-# A growth adds what is missing plus size // GROWTH_HEADROOM pages.
-GROWTH_HEADROOM = 4
 # Zeros for a grown pool's new pages are copied on the device from a block of at most this size.
 _ZERO_BLOCK_BYTES = 16 << 20
 
@@ -195,7 +193,7 @@ class KvPages:
         for that, by an eighth (or what is missing) only, so a nearly full device still fits what the
         streams need.  Raises KvCacheFull if the pool still lacks pages (it grew as far as it could)."""
         more = wanted - len(self.free)
-        target = min(self.size + more + self.size // GROWTH_HEADROOM, self.max_pages)
+        target = min(self.size + more + self.size // KV_GROWTH_HEADROOM, self.max_pages)
         try:
             self.grow_to(target)
         except KvCacheFull:
