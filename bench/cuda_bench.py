@@ -391,10 +391,10 @@ def bench_artifact(report, art: Path, device: Device, copy_gbps: float):
     if os.environ.get("REALTIME", "1") == "1":
         stream_secs = env("STREAM_SECS", 60.0)
         counts = os.environ.get("REALTIME_COUNTS", "1 max").split()
+        profile_steps = env("REALTIME_PROFILE_STEPS", 0) if device.kind == "cuda" else 0
         for n in sorted({min(max_streams, max_streams if c == "max" else int(c)) for c in counts}):
             try:
-                res[f"realtime_{n}_streams"] = realtime_streams(
-                    model, n, stream_secs, profile_steps=env("REALTIME_PROFILE_STEPS", 0) if device.kind == "cuda" else 0)
+                res[f"realtime_{n}_streams"] = realtime_streams(model, n, stream_secs, profile_steps=profile_steps)
             except voxc.VoxcError as exc:   # e.g. out of memory: the count's error, and the next count still runs
                 res[f"realtime_{n}_streams"] = {"error": str(exc)[:400], "used_gb": round(device.used_gb(), 2),
                                                 "kv_allocated_gb": {name: round(pool.bytes_allocated / 1e9, 2)

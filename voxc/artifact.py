@@ -216,7 +216,8 @@ def state_section(cfg: ModelConfig, dtype: str) -> dict:
             page = v.page_bytes(dtype)
             spec.update({"page_rows": v.page_rows, "pages_per_stream": v.pages_per_stream, "window": v.window,
                          "page_table": v.page_table, "initial_pages_per_stream": v.initial_pages_per_stream,
-                         "growth_headroom": KV_GROWTH_HEADROOM, "tensor_bytes_per_page": page, "bytes_per_page": v.tensors * page})
+                         "growth_headroom": KV_GROWTH_HEADROOM,
+                         "tensor_bytes_per_page": page, "bytes_per_page": v.tensors * page})
         out[name] = spec
     return out
 

@@ -10,16 +10,15 @@ memory follows the audio it has heard, up to its whole window (after its ring wr
 :meth:`KvPages.release` gives a stream's pages back.  Table entries of rows a stream has not reached
 point at page 0 (any page would do: no kernel lets a row that is not visible weigh in).
 
-The pool starts with ``initial_pages`` pages and, when the free pages do not cover a step, grows by
-what is missing plus a quarter of its size (voxc.artifact.KV_GROWTH_HEADROOM: not by doubling, which
+The pool starts with ``initial_pages`` pages and, when the free pages do not cover a step, grows by what
+is missing plus a quarter of its size (voxc.artifact.KV_GROWTH_HEADROOM: not by doubling, which
 overshoots by tens of GB on a large server), up to ``max_pages`` (by default every stream's whole
-window): each layer's tensor is replaced
-by a larger one holding the old pages at the start (a device copy) and zeros after them, one layer at a
-time, so a growth needs the memory of one more layer's pool on top of the current ones.  Each layer's
-page count is its own dimension of the compiled entry points, so a growth that runs out of memory
-part-way leaves a valid state: the pool stays at its old size (the layers already grown keep their
-larger tensors for the next try), and :class:`KvCacheFull` names what did not fit and the slots whose
-step could not get its pages; the other streams are untouched.
+window): each layer's tensor is replaced by a larger one holding the old pages at the start (a device
+copy) and zeros after them, one layer at a time, so a growth needs the memory of one more layer's pool
+on top of the current ones. Each layer's page count is its own dimension of the compiled entry points,
+so a growth that runs out of memory part-way leaves a valid state: the pool stays at its old size (the
+layers already grown keep their larger tensors for the next try), and :class:`KvCacheFull` names what
+did not fit and the slots whose step could not get its pages; the other streams are untouched.
 """
 from __future__ import annotations
 
