@@ -222,6 +222,27 @@ def test_a_changed_manifest_setting_is_found(tmp_path, good):
         voxc.load(art)
 
 
+def test_an_artifact_built_before_the_kv_growth_headroom_was_recorded_still_loads(tmp_path, good):
+    """The manifest's paged caches gained ``growth_headroom`` (2026-12-07); an artifact without it is
+    not corrupt (its web runtime grows pools by doubling), and one with another value is."""
+    from voxc import artifact
+
+    art = tmp_path / "before"
+    shutil.copytree(good[0], art)
+    path = art / "voxc-artifact.json"
+    manifest = json.loads(path.read_text())
+    paged = [s for s in manifest["state"].values() if s.get("axis") == "pages"]
+    assert paged and all(s["growth_headroom"] == artifact.KV_GROWTH_HEADROOM for s in paged)
+    for spec in paged:
+        del spec["growth_headroom"]
+    path.write_text(json.dumps(artifact.seal(manifest)))
+    assert voxc.load(art, verify="size").transcribe(CLIP) == good[1]
+    paged[0]["growth_headroom"] = artifact.KV_GROWTH_HEADROOM + 1
+    path.write_text(json.dumps(artifact.seal(manifest)))
+    with pytest.raises(VoxcError, match="state section disagrees"):
+        voxc.load(art, verify="size")
+
+
 def test_verify_command(tmp_path, good):
     assert voxc_cli("verify", good[0], check=True).stdout.strip().endswith("match their checksums")
     art = damaged(tmp_path, good, "params_shard_0.bin", "overwrite")
