@@ -194,13 +194,24 @@ MAX_GRID_YZ = 65535
 MAX_SHARED_BYTES = 48 * 1024
 
 
+# Query rows x query heads that share each K/V tile a block loads: a kv head's group of query heads
+# does, and where the group is smaller (the encoder's plain multi-head attention: 1), consecutive query
+# rows of a chunk fill the block instead (the streaming encoder's 4 frames a step), so that the rows
+# read their keys once instead of once each.
+ROWS_X_HEADS_PER_TILE = 4
+
+
 def cuda_kernel_layout(n_heads: int, n_kv_heads: int, head_dim: int, window: int, dtype: str,
                        threads: int = 128, max_splits: int = 32, keys_per_split: int = 256, *,
+                       query_rows: int | None = None,
                        max_threads: int = MAX_THREADS_PER_BLOCK, max_z: int = MAX_BLOCK_Z,
                        max_shared_bytes: int = MAX_SHARED_BYTES, max_grid_y: int = MAX_GRID_YZ,
                        max_vector_lanes: int = 16) -> dict:
     """Thread-block shape of the CUDA ring attention: tx over head_dim vectors (one warp at most),
-    ty over query heads of one kv head, tz over keys; ``n_splits`` blocks share a query's keys.
+    ty over ``query_rows`` consecutive query rows x the query heads of one kv head, tz over keys;
+    ``n_splits`` blocks share a query's keys.  ``query_rows`` (default: ROWS_X_HEADS_PER_TILE over the
+    group, at least 1) is lowered until the block fits; a kv head whose group spreads over several
+    head blocks takes one row per block.
 
     ``threads`` is the block size aimed at; the shape always stays within the launch limits
     (``max_threads`` per block, ``max_z`` on z, ``max_shared_bytes`` of shared memory per block,
@@ -240,7 +251,11 @@ def cuda_kernel_layout(n_heads: int, n_kv_heads: int, head_dim: int, window: int
         raise VoxcError(f"ring attention with head_dim {head_dim} ({dtype}) needs more than "
                         f"{max_shared_bytes} bytes of shared memory per block")
     head_blocks = -(-group // bdy_max)
-    bdy = -(-group // head_blocks)                           # balanced; head_blocks * bdy >= group
+    heads = -(-group // head_blocks)                         # balanced; head_blocks * heads >= group
+    rows = 1 if head_blocks > 1 else max(1, ROWS_X_HEADS_PER_TILE // group if query_rows is None else int(query_rows))
+    while rows > 1 and (bdx * heads * rows > max_threads or shared_bytes(heads * rows, 1, 1) > max_shared_bytes):
+        rows -= 1
+    bdy = heads * rows
     bdz = max(1, min(threads // (bdx * bdy), max_threads // (bdx * bdy), max_z))
     while bdz > 1 and shared_bytes(bdy, bdz, 1) > max_shared_bytes:
         bdz -= 1
@@ -251,7 +266,8 @@ def cuda_kernel_layout(n_heads: int, n_kv_heads: int, head_dim: int, window: int
         raise VoxcError(f"ring attention with {n_heads} heads exceeds the grid limit of {max_grid_y} blocks")
     n_splits = max(1, min(max_splits, -(-window // keys_per_split), max_grid_y // (n_kv_heads * head_blocks)))
     return dict(group=group, vec=vec, load_lanes=load_lanes, bdx=bdx, bdy=bdy, bdz=bdz, tile=tile,
-                head_blocks=head_blocks, n_splits=n_splits, shared_bytes=shared_bytes(bdy, bdz, tile))
+                head_blocks=head_blocks, query_rows=rows, n_splits=n_splits,
+                shared_bytes=shared_bytes(bdy, bdz, tile))
 
 
 def float32_lanes(T, vec: int):
@@ -275,10 +291,12 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
     P = ring_page_rows(window, page_rows)
     NPT = ring_pages(window, P)
     lay = cuda_kernel_layout(n_heads, n_kv_heads, head_dim, window, dtype, **layout_args)
-    G, VEC, LV, bdx, bdy, bdz, TILE, HB, NS = (lay[k] for k in (
-        "group", "vec", "load_lanes", "bdx", "bdy", "bdz", "tile", "head_blocks", "n_splits"))
+    G, VEC, LV, bdx, bdy, bdz, TILE, HB, NS, QR = (lay[k] for k in (
+        "group", "vec", "load_lanes", "bdx", "bdy", "bdz", "tile", "head_blocks", "n_splits", "query_rows"))
+    BH = bdy // QR                      # query heads per block; ty = row * BH + head
     H, HKV, D, W = n_heads, n_kv_heads, head_dim, window
-    MASK_HEADS = HB * bdy > G           # the last head block has idle ty rows
+    MASK_HEADS = HB * BH > G            # the last head block has idle ty rows
+    MASK_ROWS = QR > 1                  # the last row block of a chunk may have idle ty rows
     F32_LANES = float32_lanes(T, VEC)
     ROWS = bdz * bdy * TILE              # keys per iteration of a block
     scale = float(head_dim ** -0.5) * _LOG2E
@@ -298,7 +316,7 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
         o = T.match_buffer(var_o, (b, n, H, NS, D), "float32")
         lse = T.match_buffer(var_lse, (b, n, H, NS), "float32")
 
-        for bx in T.thread_binding(b * n, thread="blockIdx.x"):
+        for bx in T.thread_binding(b * ((n + QR - 1) // QR), thread="blockIdx.x"):
             for by in T.thread_binding(HKV * HB * NS, thread="blockIdx.y"):
                 for ty in T.thread_binding(bdy, thread="threadIdx.y"):
                     for tx in T.thread_binding(bdx, thread="threadIdx.x"):
@@ -319,20 +337,29 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                 st_d = T.sblock_alloc_buffer((1,), "float32", scope="local")
                                 o_local = T.sblock_alloc_buffer((VEC,), "float32", scope="local")
 
-                                bi: T.let[T.int64] = bx // n
-                                i: T.let[T.int64] = bx % n
+                                bi: T.let[T.int64] = bx // ((n + QR - 1) // QR)
+                                # the block's query rows first .. last; this thread's row i (idle rows
+                                # of a last, partial row block compute row n - 1 again and store nothing)
+                                first: T.let[T.int64] = bx % ((n + QR - 1) // QR) * QR
+                                last: T.let[T.int64] = T.min(first + QR - 1, n - 1)
+                                row: T.let[T.int64] = first + T.Cast("int64", ty // BH)
+                                i: T.let[T.int64] = T.min(row, n - 1)
                                 kvh: T.let[T.int64] = T.Cast("int64", by % HKV)
                                 split: T.let[T.int64] = T.Cast("int64", by // (HKV * HB))
                                 # query head g of the kv head's group (idle rows of a masked block
                                 # compute head G - 1 again and store nothing)
-                                g: T.let[T.int64] = T.Cast("int64", by // HKV % HB * bdy + ty)
+                                g: T.let[T.int64] = T.Cast("int64", by // HKV % HB * BH + ty % BH)
                                 h: T.let[T.int64] = kvh * G + T.min(g, T.int64(G - 1))
                                 start: T.let[T.int64] = T.Cast("int64", starts[bi])
+                                # this row's visible keys lo .. hi; the block's splits cut the union
+                                # of its rows' ranges, so that its rows share each tile of keys
                                 hi: T.let[T.int64] = start + i
                                 lo: T.let[T.int64] = T.max(hi - W + 1, T.int64(0))
-                                per: T.let[T.int64] = (hi - lo + NS) // NS
-                                s_lo: T.let[T.int64] = lo + split * per
-                                s_len: T.let[T.int64] = T.max(T.min(per, hi + 1 - s_lo), T.int64(0))
+                                hi_block: T.let[T.int64] = start + last
+                                lo_block: T.let[T.int64] = T.max(start + first - W + 1, T.int64(0))
+                                per: T.let[T.int64] = (hi_block - lo_block + NS) // NS
+                                s_lo: T.let[T.int64] = lo_block + split * per
+                                s_len: T.let[T.int64] = T.max(T.min(per, hi_block + 1 - s_lo), T.int64(0))
 
                                 st_m[0] = T.float32(_EMPTY)
                                 st_d[0] = T.float32(1.0)
@@ -386,7 +413,8 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                                    "reduce_scope", T.int32(0))
                                             T.tvm_thread_allreduce(T.uint32(1), s_part[0], True, s_sum[0], tx, dtype="void")
                                         s_local[j] = T.float32(_EMPTY)
-                                        if (it * bdz + T.Cast("int64", tz)) * bdy * TILE + T.Cast("int64", j) < s_len:
+                                        key: T.let[T.int64] = (it * bdz + T.Cast("int64", tz)) * bdy * TILE + T.Cast("int64", j)
+                                        if key < s_len and (not MASK_ROWS or (s_lo + key >= lo and s_lo + key <= hi)):
                                             s_local[j] = s_sum[0]
                                         st_m[0] = T.max(st_m[0], s_local[j])
                                     o_scale: T.let[T.float32] = T.exp2(m_prev[0] - st_m[0])
@@ -421,7 +449,7 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                         for vec in F32_LANES(VEC):
                                             o_local[vec] = o_local[vec] * T.exp2(m_prev[0] - st_m[0]) + \
                                                 o_merge[z, ty, tx * VEC + vec] * T.exp2(md_merge[z, ty, 0] - st_m[0])
-                                if tz == 0 and (not MASK_HEADS or g < G):
+                                if tz == 0 and (not MASK_HEADS or g < G) and (not MASK_ROWS or row < n):
                                     for vec in F32_LANES(VEC):
                                         o[bi, i, h, split, tx * VEC + vec] = o_local[vec] / st_d[0]
                                     if tx == 0:
