@@ -142,12 +142,21 @@ def kernel_profile(model, audio, steps: int = 20, batch: int = 1) -> dict:
     (which records every kernel of the process, TVM's included, graph-launched ones too).  {} when
     torch is not importable."""
     with common.tvm_lookups_allowed():
-        try:
-            import torch
-            from torch.profiler import ProfilerActivity, profile
-        except ImportError:
+        profiler = torch_profiler()
+        if profiler is None:
             return {"skipped": "torch is not importable"}
-        return _kernel_profile(model, audio, steps, batch, torch, ProfilerActivity, profile)
+        return _kernel_profile(model, audio, steps, batch, *profiler)
+
+
+def torch_profiler():
+    """(torch, ProfilerActivity, profile), or None where torch is not importable (call inside
+    common.tvm_lookups_allowed(): torch's import looks TVM's names up)."""
+    try:
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
+        return None
+    return torch, ProfilerActivity, profile
 
 
 def profile_table(prof, per: int) -> dict:
@@ -233,12 +242,11 @@ def realtime_streams(model, n: int, seconds: float, chunk: int = 1280, seed: int
     profiled = None
     if profile_steps > 0:
         with common.tvm_lookups_allowed():
-            try:
-                import torch
-                from torch.profiler import ProfilerActivity, profile
-            except ImportError:
+            profiler = torch_profiler()
+            if profiler is None:
                 profiled = {"skipped": "torch is not importable"}
             else:
+                torch, ProfilerActivity, profile = profiler
                 torch.cuda.synchronize()
                 t = time.perf_counter()
                 with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -259,6 +267,12 @@ def realtime_streams(model, n: int, seconds: float, chunk: int = 1280, seed: int
     return {"streams": n, "seconds_of_audio": seconds, "wall_s": round(total, 1), "step_ms_by_stream_time": windows,
             "last_10s": stats(last), "realtime": bool(np.percentile(last, 99) < chunk / 16),
             "tokens_per_stream": sessions[0].token_count, **({"profile": profiled} if profiled else {})}
+
+
+def memory_use(model, device) -> dict:
+    """Device memory in use and each KV pool's allocated size, in GB."""
+    return {"used_gb": round(device.used_gb(), 2),
+            "kv_allocated_gb": {name: round(pool.bytes_allocated / 1e9, 2) for name, pool in model.kv.items()}}
 
 
 def env(name: str, default):
@@ -396,14 +410,10 @@ def bench_artifact(report, art: Path, device: Device, copy_gbps: float):
             try:
                 res[f"realtime_{n}_streams"] = realtime_streams(model, n, stream_secs, profile_steps=profile_steps)
             except voxc.VoxcError as exc:   # e.g. out of memory: the count's error, and the next count still runs
-                res[f"realtime_{n}_streams"] = {"error": str(exc)[:400], "used_gb": round(device.used_gb(), 2),
-                                                "kv_allocated_gb": {name: round(pool.bytes_allocated / 1e9, 2)
-                                                                    for name, pool in model.kv.items()}}
+                res[f"realtime_{n}_streams"] = {"error": str(exc)[:400], **memory_use(model, device)}
                 gc.collect()
                 continue
-            res[f"realtime_{n}_streams"]["used_gb"] = round(device.used_gb(), 2)
-            res[f"realtime_{n}_streams"]["kv_allocated_gb"] = {name: round(pool.bytes_allocated / 1e9, 2)
-                                                               for name, pool in model.kv.items()}
+            res[f"realtime_{n}_streams"].update(memory_use(model, device))
             model.release_cached_memory()
             res[f"realtime_{n}_streams"]["used_gb_after_release"] = round(device.used_gb(), 2)
             print(name, f"realtime {n} streams:", json.dumps(res[f"realtime_{n}_streams"]["last_10s"]), flush=True)
