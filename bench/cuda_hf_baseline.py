@@ -1,9 +1,11 @@
 """The peer baseline on the same GPU: transformers' VoxtralRealtimeForConditionalGeneration, full-size
 config, bf16, with voxc's random weights when an artifact with weights is given (else its own seeded
-init). Offline generate of a SECS-second clip at batch 1 and BATCH; the recipe of
+init). Offline generate of a SECS-second clip at each of BATCHES; the recipe of
 ../shared/research/probes/hf_gpu_baseline.py; then (HF_COMPILED=1, the default on a GPU) the same with
-a static cache and each of COMPILED_CONFIGS (torch.compile with and without CUDA graphs), and
-``fastest``: the quickest configuration per batch, the one voxc is compared with.
+a static cache and each of COMPILED_CONFIGS (the static cache alone, transformers' own compiled generate,
+torch.compile with and without CUDA graphs; HF_CONFIGS picks some), and ``fastest``: the quickest
+configuration per batch, the one voxc is compared with.  BATCHES: the batch sizes (default 1,16,64: its
+aggregate throughput grows with the batch, so the largest matters as much as the first).
 Writes $OUT/hf_baseline.json.
 
     python bench/cuda_hf_baseline.py [ARTIFACT_WITH_WEIGHTS]
@@ -66,15 +68,29 @@ def has_weights(artifact_dir: Path) -> bool:
 # the audio features are reused across steps), CUDA graphs over the language model alone, and the
 # compiled whole forward without CUDA graphs.  (tag, the submodule compiled (a dotted path; None: the
 # whole model), torch.compile mode)
-COMPILED_CONFIGS = (("graphs", None, "reduce-overhead"), ("graphs_lm", "model.language_model", "reduce-overhead"),
-                    ("inductor", None, "default"))
+# (tag, module whose forward torch.compile wraps ("" the whole model, None no torch.compile), mode);
+# every one runs generate with a static cache.  "generate_compiled" is transformers' own fast path: with
+# a static cache generate compiles the forward itself (its CompileConfig: inductor with CUDA graphs).
+# The others turn that off (generation_config.disable_compile) and compile as said, so two compilations
+# never stack; the CUDA-graph ones mark a new step before each call (torch.compiler.cudagraph_mark_step_begin),
+# without which the graphs' outputs of one call are overwritten while generate still reads them.
+COMPILED_CONFIGS = (("static", None, None), ("generate_compiled", None, None), ("inductor", "", "default"),
+                    ("graphs", "", "reduce-overhead"), ("graphs_lm", "model.language_model", "reduce-overhead"))
 
 
 def compiled_runs(model, run, batches, secs: float, report, torch) -> None:
-    """Each of COMPILED_CONFIGS: ``compiled_<tag>_batch<b>`` figures or ``compiled_<tag>_error``; then
-    ``fastest``: per batch the quickest ms per step of every configuration that ran (eager included)."""
-    model.generation_config.cache_implementation = "static"
+    """Each of COMPILED_CONFIGS (HF_CONFIGS: a comma list of their tags, all by default): figures
+    ``compiled_<tag>_batch<b>`` or ``compiled_<tag>_error``; then ``fastest``: per batch the quickest ms
+    per step of every configuration that ran (eager included)."""
+    chosen = os.environ.get("HF_CONFIGS")
+    tags = [c[0] for c in COMPILED_CONFIGS]
+    if chosen and not set(chosen.split(",")) <= set(tags):
+        raise SystemExit(f"HF_CONFIGS: {chosen!r} names none of {', '.join(tags)}")
+    gen = model.generation_config
+    gen.cache_implementation = "static"
     for tag, attribute, mode in COMPILED_CONFIGS:
+        if chosen and tag not in chosen.split(","):
+            continue
         target = model
         for name in attribute.split(".") if attribute else ():
             target = getattr(target, name, None)
@@ -82,9 +98,18 @@ def compiled_runs(model, run, batches, secs: float, report, torch) -> None:
             report[f"compiled_{tag}_error"] = f"the model has no {attribute}"
             continue
         original = target.forward
+        gen.disable_compile = tag != "generate_compiled"
         try:
             torch._dynamo.reset()
-            target.forward = torch.compile(original, mode=mode, fullgraph=False)
+            if attribute is not None:
+                compiled = torch.compile(original, mode=mode, fullgraph=False)
+                if mode == "reduce-overhead":
+                    def forward(*args, _compiled=compiled, **kwargs):
+                        torch.compiler.cudagraph_mark_step_begin()
+                        return _compiled(*args, **kwargs)
+                    target.forward = forward
+                else:
+                    target.forward = compiled
             t = time.perf_counter()
             for b in batches:
                 run(b, 40)      # compiles (and captures) for this batch's shapes, outside the timing
@@ -126,7 +151,7 @@ def main(argv=None):
         for key, value in LOCAL_ENV.items():
             os.environ.setdefault(key, value)
     secs = float(os.environ.get("SECS", 60))
-    batches = [int(b) for b in os.environ.get("BATCHES", "1,16").split(",")]
+    batches = [int(b) for b in os.environ.get("BATCHES", "1,16,64").split(",")]
     device, dtype_name = ("cpu", "float32") if args.local else ("cuda", "bfloat16")
 
     import torch
@@ -190,7 +215,7 @@ def main(argv=None):
     run(1, 20)  # warm-up
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for b in batches:
+    for b in batches if os.environ.get("HF_EAGER", "1") == "1" else ():   # HF_EAGER=0: compiled ones only
         dt, steps = run(b)
         report[f"batch{b}"] = {"seconds": round(dt, 3), "steps": int(steps), "ms_per_step": round(1000 * dt / steps, 3),
                                "rtf_per_stream": round(dt / secs, 4), "streams_x_realtime": round(b * secs / dt, 2)}
