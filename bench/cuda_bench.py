@@ -205,6 +205,9 @@ def _kernel_profile(model, audio, steps, batch, torch, ProfilerActivity, profile
     return out
 
 
+WORST_STEPS = 12     # realtime_streams reports this many of the slowest steps
+
+
 def realtime_streams(model, n: int, seconds: float, chunk: int = 1280, seed: int = 1,
                      profile_steps: int = 0) -> dict:
     """``n`` concurrent streams, each fed 80 ms of audio per step and all advanced together in one
@@ -212,7 +215,9 @@ def realtime_streams(model, n: int, seconds: float, chunk: int = 1280, seed: int
     ``seconds`` of audio. Step latencies per 10 s of stream time; a step under 80 ms keeps all ``n``
     streams real time at that point of their audio.  With ``profile_steps`` (and torch importable on
     a CUDA machine) that many more steps run under torch.profiler afterwards, outside the latencies:
-    ``profile`` holds their kernels per step (where a step at this many streams spends its time)."""
+    ``profile`` holds their kernels per step (where a step at this many streams spends its time).
+    ``worst_steps``: the WORST_STEPS slowest steps (they set the p99), each with whether a KV pool grew in
+    it, the pages it handed out and the generations Python's collector went through during it."""
     from voxc.runtime.session import advance
 
     rng = np.random.default_rng(seed)
@@ -220,6 +225,17 @@ def realtime_streams(model, n: int, seconds: float, chunk: int = 1280, seed: int
     noise = (0.1 * rng.standard_normal((n, chunk * 50))).astype(np.float32)   # 4 s of distinct noise each
     steps = int(seconds * 16000 // chunk)
     lat = []
+    events = []          # per step: what else happened in it (KV pool growths, pages handed out, Python's collector)
+    collections = []
+
+    def collected(phase, info):       # a gc callback: the generations Python's collector went through
+        if phase == "stop":
+            collections.append(info["generation"])
+
+    gc.callbacks.append(collected)
+
+    def pool_state():
+        return {name: (pool.growths, pool.pages_in_use) for name, pool in model.kv.items()}
 
     def step(k: int) -> None:
         offset = (k % 50) * chunk
@@ -229,15 +245,24 @@ def realtime_streams(model, n: int, seconds: float, chunk: int = 1280, seed: int
 
     t0 = time.perf_counter()
     try:
+        before = pool_state()
         for k in range(steps):
+            collections.clear()
             t = time.perf_counter()
             step(k)
             lat.append((time.perf_counter() - t) * 1e3)
+            after = pool_state()
+            events.append({"gc_generations": list(collections),
+                           **{f"{name}_grew": after[name][0] > before[name][0] for name in after},
+                           **{f"{name}_pages_taken": after[name][1] - before[name][1] for name in after}})
+            before = after
     except Exception:
         for s in sessions:
             s.drop()                  # their slots and pages back: the next count starts clean
         print(f"{n} streams failed at {len(lat) * chunk / 16000:.1f} s of audio", flush=True)
         raise
+    finally:
+        gc.callbacks.remove(collected)
     total = time.perf_counter() - t0
     profiled = None
     if profile_steps > 0:
@@ -264,7 +289,11 @@ def realtime_streams(model, n: int, seconds: float, chunk: int = 1280, seed: int
     advance(sessions)
     for s in sessions:
         s.finish()
+    # the slowest steps (they set the p99) with what else happened in them
+    worst = [{"step": k, "stream_s": round((k + 1) * chunk / 16000, 2), "ms": round(lat[k], 2), **events[k]}
+             for k in sorted(range(len(lat)), key=lambda k: -lat[k])[:WORST_STEPS]]
     return {"streams": n, "seconds_of_audio": seconds, "wall_s": round(total, 1), "step_ms_by_stream_time": windows,
+            "worst_steps": worst,
             "last_10s": stats(last), "realtime": bool(np.percentile(last, 99) < chunk / 16),
             "tokens_per_stream": sessions[0].token_count, **({"profile": profiled} if profiled else {})}
 
