@@ -200,16 +200,36 @@ MAX_SHARED_BYTES = 48 * 1024
 # read their keys once instead of once each.
 ROWS_X_HEADS_PER_TILE = 4
 
+# Blocks a launch should have before splitting a query's keys further pays: four per SM of an H100
+# (132).  ``n_splits`` is the most splits a layout allows (the partial output's size); a call uses
+# fewer where its batch already gives this many blocks (active_splits).  A decode step of 144 streams
+# had 36864 blocks of about 24 keys each: the partial outputs (75 MB a layer, written, then read by the
+# merge) were a third of the traffic of its 448 MB of keys and values, and each block's fixed work
+# (loading its queries, merging across tz, storing) was paid for 24 keys.
+FILL_BLOCKS = 4 * 132
+
+
+def active_splits(b, n, lay: dict):
+    """The splits a call of ``b`` sequences of ``n`` query rows runs (a TIR expression, the partial and
+    the merge kernel agree on it): the fewest that, with the call's other blocks, make FILL_BLOCKS, at
+    least 1 and at most the layout's ``n_splits``."""
+    other = tirx.max(b * ((n + lay["query_rows"] - 1) // lay["query_rows"]) * (lay["n_kv_heads"] * lay["head_blocks"]),
+                     tirx.const(1, "int64"))        # an empty call (b or n 0) divides by 1
+    fill = tirx.const(lay["fill_blocks"], "int64")
+    return tirx.min(tirx.const(lay["n_splits"], "int64"),
+                    tirx.max(tirx.const(1, "int64"), (fill + other - 1) // other))
+
 
 def cuda_kernel_layout(n_heads: int, n_kv_heads: int, head_dim: int, window: int, dtype: str,
                        threads: int = 128, max_splits: int = 32, keys_per_split: int = 256, *,
-                       query_rows: int | None = None,
+                       query_rows: int | None = None, fill_blocks: int = FILL_BLOCKS,
                        max_threads: int = MAX_THREADS_PER_BLOCK, max_z: int = MAX_BLOCK_Z,
                        max_shared_bytes: int = MAX_SHARED_BYTES, max_grid_y: int = MAX_GRID_YZ,
                        max_vector_lanes: int = 16) -> dict:
     """Thread-block shape of the CUDA ring attention: tx over head_dim vectors (one warp at most),
     ty over ``query_rows`` consecutive query rows x the query heads of one kv head, tz over keys;
-    ``n_splits`` blocks share a query's keys.  ``query_rows`` (default: ROWS_X_HEADS_PER_TILE over the
+    up to ``n_splits`` blocks share a query's keys (fewer where the batch fills the GPU without them:
+    :func:`active_splits`, ``fill_blocks``).  ``query_rows`` (default: ROWS_X_HEADS_PER_TILE over the
     group, at least 1) is lowered until the block fits; a kv head whose group spreads over several
     head blocks takes one row per block.
 
@@ -266,8 +286,8 @@ def cuda_kernel_layout(n_heads: int, n_kv_heads: int, head_dim: int, window: int
         raise VoxcError(f"ring attention with {n_heads} heads exceeds the grid limit of {max_grid_y} blocks")
     n_splits = max(1, min(max_splits, -(-window // keys_per_split), max_grid_y // (n_kv_heads * head_blocks)))
     return dict(group=group, vec=vec, load_lanes=load_lanes, bdx=bdx, bdy=bdy, bdz=bdz, tile=tile,
-                head_blocks=head_blocks, query_rows=rows, n_splits=n_splits,
-                shared_bytes=shared_bytes(bdy, bdz, tile))
+                head_blocks=head_blocks, query_rows=rows, n_splits=n_splits, n_kv_heads=n_kv_heads,
+                fill_blocks=max(1, int(fill_blocks)), shared_bytes=shared_bytes(bdy, bdz, tile))
 
 
 def float32_lanes(T, vec: int):
@@ -317,7 +337,7 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
         lse = T.match_buffer(var_lse, (b, n, H, NS), "float32")
 
         for bx in T.thread_binding(b * ((n + QR - 1) // QR), thread="blockIdx.x"):
-            for by in T.thread_binding(HKV * HB * NS, thread="blockIdx.y"):
+            for by in T.thread_binding(HKV * HB * active_splits(b, n, lay), thread="blockIdx.y"):
                 for ty in T.thread_binding(bdy, thread="threadIdx.y"):
                     for tx in T.thread_binding(bdx, thread="threadIdx.x"):
                         for tz in T.thread_binding(bdz, thread="threadIdx.z"):
@@ -357,7 +377,8 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                 lo: T.let[T.int64] = T.max(hi - W + 1, T.int64(0))
                                 hi_block: T.let[T.int64] = start + last
                                 lo_block: T.let[T.int64] = T.max(start + first - W + 1, T.int64(0))
-                                per: T.let[T.int64] = (hi_block - lo_block + NS) // NS
+                                splits: T.let[T.int64] = active_splits(b, n, lay)
+                                per: T.let[T.int64] = (hi_block - lo_block + splits) // splits
                                 s_lo: T.let[T.int64] = lo_block + split * per
                                 s_len: T.let[T.int64] = T.max(T.min(per, hi_block + 1 - s_lo), T.int64(0))
 
@@ -460,7 +481,8 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
 
 def ring_attention_merge_cuda(n_heads: int, n_kv_heads: int, head_dim: int, window: int,
                               dtype: str = "float32", **layout_args):
-    """out [b, n, H, D] = the splits of :func:`ring_attention_partial_cuda` weighted by their mass."""
+    """out [b, n, H, D] = the splits of :func:`ring_attention_partial_cuda` weighted by their mass (the
+    :func:`active_splits` of the call, which the partial kernel wrote)."""
     from tvm.script import tirx as T
 
     lay = cuda_kernel_layout(n_heads, n_kv_heads, head_dim, window, dtype, **layout_args)
@@ -475,6 +497,7 @@ def ring_attention_merge_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wind
         o = T.match_buffer(var_o, (b, n, H, NS, D), "float32")
         lse = T.match_buffer(var_lse, (b, n, H, NS), "float32")
         out = T.match_buffer(var_out, (b, n, H, D), dtype)
+        splits: T.let[T.int64] = active_splits(b, n, lay)   # those the partial kernel wrote
         for bx in T.thread_binding(b * n, thread="blockIdx.x"):
             for h in T.thread_binding(H, thread="blockIdx.y"):
                 for tx in T.thread_binding(bdx, thread="threadIdx.x"):
@@ -485,12 +508,12 @@ def ring_attention_merge_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wind
                         bi: T.let[T.int64] = bx // n
                         i: T.let[T.int64] = bx % n
                         m[0] = T.float32(_EMPTY)
-                        for s in T.serial(NS):
+                        for s in T.serial(splits):
                             m[0] = T.max(m[0], lse[bi, i, h, s])
                         d[0] = T.float32(0)
                         for vec in F32_LANES(VEC):
                             acc[vec] = T.float32(0)
-                        for s in T.serial(NS):
+                        for s in T.serial(splits):
                             w: T.let[T.float32] = T.exp2(lse[bi, i, h, s] - m[0])
                             d[0] = d[0] + w
                             for vec in F32_LANES(VEC):
