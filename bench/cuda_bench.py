@@ -169,7 +169,34 @@ def profile_table(prof, per: int) -> dict:
                          "us_per_step": round(us / per, 2)})
     rows.sort(key=lambda r: -r["us_per_step"])
     return {"kernel_us_per_step": round(sum(r["us_per_step"] for r in rows), 1),
-            "launches_per_step": round(sum(r["launches_per_step"] for r in rows), 1), "top": rows[:40]}
+            "launches_per_step": round(sum(r["launches_per_step"] for r in rows), 1), "top": rows[:40],
+            **idle_gaps(prof, per)}
+
+
+GAPS_LISTED = 10
+
+
+def idle_gaps(prof, per: int) -> dict:
+    """Where the GPU waited between its kernels (and copies) in the profiled steps: ``idle_us_per_step``,
+    the time no kernel ran between the first and the last, and the GAPS_LISTED longest gaps with the
+    kernels on either side (a host that synchronises mid-step, or launches slower than tiny kernels
+    run, shows here; the first gap of each step, the host preparing it, too)."""
+    try:
+        spans = sorted((ev.time_range.start, ev.time_range.end, ev.name) for ev in prof.events()
+                       if str(getattr(ev, "device_type", "")).endswith("CUDA") and ev.time_range.end > ev.time_range.start)
+    except Exception as exc:  # noqa: BLE001 - an older torch without these fields: the table stands alone
+        return {"idle_gaps_error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+    if not spans:
+        return {}
+    gaps, busy_until, before = [], spans[0][1], spans[0][2]
+    for start, end, name in spans[1:]:
+        if start > busy_until:
+            gaps.append((start - busy_until, before, name))
+        if end > busy_until:
+            busy_until, before = end, name
+    gaps.sort(key=lambda g: -g[0])
+    return {"idle_us_per_step": round(sum(g[0] for g in gaps) / per, 1),
+            "longest_gaps": [{"us": round(us, 1), "after": a[:80], "before": b[:80]} for us, a, b in gaps[:GAPS_LISTED]]}
 
 
 def _kernel_profile(model, audio, steps, batch, torch, ProfilerActivity, profile) -> dict:
