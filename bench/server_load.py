@@ -212,8 +212,9 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory(prefix="voxc-load-") as tmp:
             artifact = args.artifact or _local_artifact(Path(tmp))
             sessions = args.max_sessions or args.clients
-            model = voxc.load(artifact, max_streams=sessions, verify=args.verify)
-            with ServerThread(model, ServerConfig(max_sessions=sessions)) as server:
+            config = ServerConfig(max_sessions=sessions)
+            model = voxc.load(artifact, max_streams=sessions, verify=args.verify, kv_seconds=config.kv_seconds)
+            with ServerThread(model, config) as server:
                 report = asyncio.run(run_clients(server.url, args))
     else:
         report = asyncio.run(run_clients(args.url, args))

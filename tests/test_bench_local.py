@@ -238,6 +238,9 @@ def test_run_bench_local(devpack, vulkan_here, tmp_path):
     bench = json.loads((out / "cuda_bench.json").read_text())["full_llvm"]
     assert bench["decode_b1_static_b1n1_pos100"]["median_ms"] > 0 and bench["offline_generic"]["tokens"] > 0
     assert bench["realtime_2_streams"]["tokens_per_stream"] > 0
+    worst = bench["realtime_2_streams"]["worst_steps"]   # the slowest steps, slowest first, with what happened in them
+    assert worst and [w["ms"] for w in worst] == sorted((w["ms"] for w in worst), reverse=True)
+    assert {"dec_cache_grew", "enc_cache_pages_taken", "gc_generations"} <= set(worst[0])
     assert json.loads((out / "hf_baseline.json").read_text())["batch2"]["steps"] > 0
     if vulkan_here:
         assert all(check[f"tiny_vulkan_f16_{k}"]["ok"] for k in ("offline", "streaming_80ms", "batched_decode"))

@@ -176,3 +176,9 @@ def test_unknown_cpu_is_a_clear_error(tmp_path, tiny_ckpt_dir):
     result = voxc_cli("build", tiny_ckpt_dir, "--target", "webgpu", "--cpu", "native", "-o", tmp_path / "y",
                       check=False)
     assert result.returncode != 0 and "--cpu applies to the llvm" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_refuses_a_negative_kv_seconds(artifact):
+    result = voxc_cli("serve", artifact, "--kv-seconds", "-1", check=False)
+    assert result.returncode != 0
+    assert "--kv-seconds must be a number of seconds >= 0" in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -192,3 +192,43 @@ def test_a_reused_slot_gives_a_fresh_models_tokens(paged):
     session.feed(second[:16000])
     assert set(model.kv["dec_cache"].pages_of(session.slot)) <= set(old_pages["dec_cache"])
     session.finish()
+
+
+def test_kv_seconds_sizes_every_pool_for_its_streams(paged):
+    """``kv_seconds``: each pool starts with the pages that many seconds of audio take in its tower, for
+    every stream (the encoder fills 4 positions per 80 ms token, the decoder one), capped at the window;
+    streams within it never grow a pool and still decode what transformers does."""
+    cfg = voxc.load(paged[0]).config
+    per_second = {"enc_cache": cfg.audio.frame_rate * cfg.audio.downsample_factor, "dec_cache": cfg.audio.frame_rate}
+    windows = {"enc_cache": ENCODER_WINDOW, "dec_cache": DECODER_WINDOW}
+    for seconds in (0.5, 1.5, 60):
+        model = voxc.load(paged[0], max_streams=3, kv_seconds=seconds)
+        for name, pool in model.kv.items():
+            rows = min(windows[name], int(np.ceil(seconds * per_second[name])))
+            assert pool.size == 3 * -(-rows // 64), (name, seconds, pool.size)
+    artifact, oracle = paged
+    model = voxc.load(artifact, max_streams=2, kv_seconds=60)     # whole windows: nothing left to grow
+    audio = sine_with_noise(seconds=4.0, freq=260.0, seed=5)
+    ref_tokens, ref_logits = oracle.stream_generate(audio)
+    for _ in range(2):                                            # the second one reuses the first's pages
+        session = model.stream(480)
+        session.record_logits = True
+        for begin in range(0, len(audio), 1280):
+            session.feed(audio[begin:begin + 1280])
+        session.finish()
+        tokens, logits = np.array(session.tokens), np.array(session.logits)
+        n = min(len(ref_tokens), len(tokens))
+        assert n > 20
+        _matches_oracle(tokens[:n], logits[:n], (ref_tokens[:n], ref_logits[:n]), "kv_seconds=60")
+    assert all(pool.growths == 0 for pool in model.kv.values())
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), True, "15"])
+def test_kv_seconds_must_be_a_positive_number(paged, bad):
+    with pytest.raises(voxc.VoxcError, match="kv_seconds must be a positive number"):
+        voxc.load(paged[0], kv_seconds=bad)
+
+
+def test_kv_pages_and_kv_seconds_are_one_choice(paged):
+    with pytest.raises(voxc.VoxcError, match="not both"):
+        voxc.load(paged[0], kv_pages=4, kv_seconds=15)

@@ -132,6 +132,7 @@ class StateEntry:
     window: int | None = None
     page_table: str | None = None
     initial_pages_per_stream: int | None = None
+    positions_per_second: float | None = None   # a paged entry: ring rows a stream fills per second of audio
 
     @property
     def tensors(self) -> int:
@@ -153,6 +154,11 @@ class StateEntry:
         """Bytes of one page of one layer's pool (a paged entry)."""
         return math.prod(self.concrete_shape(1)) * numpy_dtype(self.dtype_for(dtype)).itemsize
 
+    def pages_for_seconds(self, seconds: float) -> int:
+        """Pages one stream holds after ``seconds`` of audio (a paged entry; at most its whole window)."""
+        rows = min(int(self.window), math.ceil(seconds * self.positions_per_second))
+        return -(-rows // self.page_rows)
+
     def rows_for(self, streams: int) -> int:
         """Length of the variable axis for ``streams`` streams at most."""
         return streams * self.pages_per_stream if self.paged else streams
@@ -160,11 +166,6 @@ class StateEntry:
     def concrete_shape(self, rows: int) -> tuple[int, ...]:
         """The shape with ``rows`` at the variable axis (slots, or pages of a paged entry)."""
         return tuple(rows if s is None else s for s in self.shape)
-
-
-def _initial_pages(window: int, positions_per_second: float) -> int:
-    rows = min(int(window), math.ceil(KV_INITIAL_SECONDS * positions_per_second))
-    return -(-rows // kv_page_rows(window))
 
 
 def state_layout(cfg: ModelConfig) -> dict[str, StateEntry]:
@@ -175,9 +176,10 @@ def state_layout(cfg: ModelConfig) -> dict[str, StateEntry]:
     def cache(window, heads, head_dim, layers, table, positions_per_second):
         # paged ring KV caches (schedules/ring_attention.py): per layer [pages, 2 (k, v), page_rows, heads, head_dim]
         rows = kv_page_rows(window)
-        return StateEntry((None, 2, rows, heads, head_dim), layers=layers, axis="pages", page_rows=rows,
-                          pages_per_stream=kv_pages_per_stream(window), window=window, page_table=table,
-                          initial_pages_per_stream=_initial_pages(window, positions_per_second))
+        entry = StateEntry((None, 2, rows, heads, head_dim), layers=layers, axis="pages", page_rows=rows,
+                           pages_per_stream=kv_pages_per_stream(window), window=window, page_table=table,
+                           positions_per_second=positions_per_second)
+        return dataclasses.replace(entry, initial_pages_per_stream=entry.pages_for_seconds(KV_INITIAL_SECONDS))
 
     return {
         "conv0_state": StateEntry((None, CONV0_CONTEXT, e.num_mel_bins)),

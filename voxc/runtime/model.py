@@ -11,6 +11,7 @@ point takes a batch of slots, so the server can decode many streams in one step;
 from __future__ import annotations
 
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -59,7 +60,7 @@ KV_CACHE_NAMES = {"enc_cache": "the encoder's KV cache", "dec_cache": "the decod
 
 class CompiledModel:
     def __init__(self, artifact_dir: Path, manifest: dict, runtime: Runtime, max_streams: int, progress: bool,
-                 kv_pages=None):
+                 kv_pages=None, kv_seconds: float | None = None):
         from tqdm import tqdm
 
         from voxc.tokenizer import Tokenizer
@@ -103,6 +104,11 @@ class CompiledModel:
         self.state_layout = artifact.state_layout(self.config)
         paged = artifact.paged_entries(self.state_layout)
         initial = _initial_kv_pages(kv_pages, list(paged))
+        if kv_seconds is not None:
+            if kv_pages is not None:
+                raise VoxcError("give the KV pools' first size as kv_pages or as kv_seconds, not both")
+            seconds = _check_kv_seconds(kv_seconds)
+            initial = {name: max_streams * entry.pages_for_seconds(seconds) for name, entry in paged.items()}
         # the KV caches: per tower a pool of pages per layer (separately allocated tensors, so each
         # layer's kernels bind a buffer of their own: WebGPU/Vulkan limit one binding's size)
         self.kv = {name: KvPages(runtime, entry, self.dtype, max_streams, what=KV_CACHE_NAMES.get(name, name),
@@ -182,14 +188,17 @@ class CompiledModel:
 
     @classmethod
     def load(cls, artifact_dir, device: str | None = None, *, max_streams: int = 1, progress: bool = False,
-             verify: str = "auto", kv_pages=None):
+             verify: str = "auto", kv_pages=None, kv_seconds: float | None = None):
         """``verify``: ``auto`` checks every file's size, and its SHA-256 on the first load (and again
         whenever a file changed since); ``full`` hashes every time; ``size`` never hashes.
 
         ``kv_pages``: the KV-cache pools' first size in pages (of 64 ring rows), one number for both
         towers or ``{"enc_cache": n, "dec_cache": m}``; by default enough for the first 4 s of each of
         ``max_streams`` streams (voxc.artifact.KV_INITIAL_SECONDS).  Pools grow (by what is missing plus
-        a quarter) as streams need pages, up to every stream's whole window."""
+        a quarter) as streams need pages, up to every stream's whole window.  ``kv_seconds`` instead: pools
+        that start with room for that many seconds of audio for each of ``max_streams`` streams (a growth
+        copies every layer's pool: at 192 streams on an H100 one took a 255 ms step; a server that sizes
+        its pools for its sessions at load never waits for one while they stay within it)."""
         artifact_dir = Path(artifact_dir)
         if verify not in VERIFY_MODES:
             raise VoxcError(f"verify must be one of {', '.join(VERIFY_MODES)}, not {verify!r}")
@@ -209,7 +218,9 @@ class CompiledModel:
 
             open_wgpu_device(artifact_dir, manifest, int(max_streams))
         name = manifest["wgpu"].get("backend", manifest["target"]) if manifest.get("wgpu") else kind
-        return cls(artifact_dir, manifest, Runtime(kind, name=name), int(max_streams), progress, kv_pages)
+        if kv_seconds is not None:    # checked before the runtime starts and the weights load
+            _check_kv_seconds(kv_seconds)
+        return cls(artifact_dir, manifest, Runtime(kind, name=name), int(max_streams), progress, kv_pages, kv_seconds)
 
     @property
     def functions(self) -> list[str]:
@@ -358,6 +369,13 @@ def _initial_kv_pages(kv_pages, names: list[str]) -> dict:
         return {name: kv_pages.get(name) for name in names}
     raise VoxcError(f"kv_pages must be a number of pages or a dict with keys among {', '.join(names)}, "
                     f"not {kv_pages!r}")
+
+
+def _check_kv_seconds(seconds) -> float:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(seconds) or seconds <= 0:
+        raise VoxcError(f"kv_seconds must be a positive number of seconds, not {seconds!r}")
+    return float(seconds)
 
 
 class SlotPool:

@@ -47,6 +47,11 @@ class ServerConfig:
     max_message_bytes: int = 1 << 20     # larger websocket events get an error event (the session goes on)
     max_upload_bytes: int = 200 << 20    # file transcription upload limit
     model_name: str | None = None
+    # The KV pools hold this many seconds of audio for every session from the start (voxc.load's
+    # kv_seconds): 15 s is the encoder's whole window, which every session past 15 s holds, so its
+    # pool never grows (a growth copies every layer's pool, a step of hundreds of ms at 192 sessions on
+    # an H100); the decoder's grows past 15 s of a session.  None: start small and grow as sessions need.
+    kv_seconds: float | None = 15.0
 
     @property
     def hard_message_bytes(self) -> int:
@@ -571,7 +576,7 @@ def serve(artifact, *, host: str = "127.0.0.1", port: int = 8000, config: Server
     import voxc
 
     config = config or ServerConfig()
-    model = voxc.load(artifact, max_streams=config.max_sessions, progress=progress)
+    model = voxc.load(artifact, max_streams=config.max_sessions, progress=progress, kv_seconds=config.kv_seconds)
     app = create_app(model, config)
     print(f"voxc: serving {artifact} on http://{host}:{port} (websocket ws://{host}:{port}/v1/realtime, "
           f"{config.max_sessions} sessions)", flush=True)

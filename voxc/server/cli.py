@@ -25,6 +25,9 @@ def register(sub) -> None:
     p.add_argument("--max-upload-mb", type=int, default=200, help="largest file for /v1/audio/transcriptions")
     p.add_argument("--served-model-name", default=None,
                    help="model name reported to clients (default: the artifact directory's name)")
+    p.add_argument("--kv-seconds", type=float, default=15.0,
+                   help="seconds of audio per session the KV caches hold from the start (default 15, the "
+                        "encoder's window: its cache never grows mid-session; 0: start small and grow as needed)")
     p.add_argument("--quiet", action="store_true", help="no progress bar while loading")
     p.set_defaults(handler=run)
 
@@ -41,9 +44,11 @@ def run(args) -> int:
         raise VoxcError("--idle-timeout must be positive")
     if not 1 <= args.port <= 65535:
         raise VoxcError("--port must be 1..65535")
+    if not args.kv_seconds >= 0 or args.kv_seconds == float("inf"):
+        raise VoxcError("--kv-seconds must be a number of seconds >= 0")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     config = ServerConfig(max_sessions=args.max_sessions, idle_timeout=args.idle_timeout,
                           max_message_bytes=args.max_message_kb * 1024, max_upload_bytes=args.max_upload_mb << 20,
-                          model_name=args.served_model_name)
+                          model_name=args.served_model_name, kv_seconds=args.kv_seconds or None)
     serve(args.artifact, host=args.host, port=args.port, config=config, progress=not args.quiet)
     return 0

@@ -41,7 +41,7 @@ class VoxcReplica:
         import voxc
 
         self.config = ServerConfig(**config)
-        model = voxc.load(artifact, max_streams=self.config.max_sessions)
+        model = voxc.load(artifact, max_streams=self.config.max_sessions, kv_seconds=self.config.kv_seconds)
         self.state = ServerState(model, self.config)
 
     def __serve_build_asgi_app__(self):
