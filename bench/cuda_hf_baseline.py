@@ -62,12 +62,10 @@ def has_weights(artifact_dir: Path) -> bool:
     return bool(manifest.get("weights_included") or "weights_random_seed" in manifest)
 
 
-# transformers' faster decoding settings, tried in turn (each a static KV cache and a compiled
-# forward): CUDA graphs over the whole forward ("reduce-overhead", its documented fastest; on
-# VoxtralRealtime it has failed with "accessing tensor output of CUDAGraphs that has been overwritten":
-# the audio features are reused across steps), CUDA graphs over the language model alone, and the
-# compiled whole forward without CUDA graphs.  (tag, the submodule compiled (a dotted path; None: the
-# whole model), torch.compile mode)
+# transformers' faster decoding settings, tried in turn, each with a static KV cache.  Until the
+# twelfth run (bench/RESULTS.md) every compiled one failed alike with "accessing tensor output of
+# CUDAGraphs that has been overwritten": with a static cache generate compiled the forward itself, with
+# CUDA graphs, under each of them.
 # (tag, module whose forward torch.compile wraps ("" the whole model, None no torch.compile), mode);
 # every one runs generate with a static cache.  "generate_compiled" is transformers' own fast path: with
 # a static cache generate compiles the forward itself (its CompileConfig: inductor with CUDA graphs).
@@ -85,7 +83,7 @@ def compiled_runs(model, run, batches, secs: float, report, torch) -> None:
     chosen = os.environ.get("HF_CONFIGS")
     tags = [c[0] for c in COMPILED_CONFIGS]
     if chosen and not set(chosen.split(",")) <= set(tags):
-        raise SystemExit(f"HF_CONFIGS: {chosen!r} names none of {', '.join(tags)}")
+        raise SystemExit(f"HF_CONFIGS: {chosen!r} names a configuration outside {', '.join(tags)}")
     gen = model.generation_config
     gen.cache_implementation = "static"
     for tag, attribute, mode in COMPILED_CONFIGS:
