@@ -25,7 +25,9 @@ they heard), QUICK=1 fewer repetitions, ONLY=batched, BATCH_COUNTS (stream count
 "1 2 4 8 16 32 64 MAX_STREAMS"), REALTIME (1), STREAM_SECS (60), PROFILE (1: per-kernel times through
 torch.profiler where torch is there), REALTIME_COUNTS (stream counts of the realtime test; default "1 max";
 "max" = MAX_STREAMS; a count keeps real time when the p99 of its last 10 s of steps is under 80 ms),
-REALTIME_PROFILE_STEPS (0: that many more steps of each count under torch.profiler, CUDA only).
+REALTIME_PROFILE_STEPS (0: that many more steps of each count under torch.profiler, CUDA only),
+KV_SECONDS (0: the KV pools start small and grow; else sized at load for that many seconds of every
+stream, as `voxc serve --kv-seconds` does).
 """
 from __future__ import annotations
 
@@ -386,7 +388,7 @@ def bench_artifact(report, art: Path, device: Device, copy_gbps: float):
     t = time.perf_counter()
     while True:   # random weights written here: the manifest records their sizes, not hashes
         try:
-            model = voxc.load(art, max_streams=max_streams, verify="size")
+            model = voxc.load(art, max_streams=max_streams, verify="size", kv_seconds=env("KV_SECONDS", 0.0) or None)
             break
         except voxc.VoxcError as exc:
             # Vulkan on the H100 refused 63 streams' caches ("Not enough memory left") although
