@@ -275,7 +275,7 @@ class CompiledModel:
     def mel(self, windows: np.ndarray):
         """PCM windows [b, n] (or [n]) -> log-mel [b, n_mels, frames] on the device."""
         windows = np.ascontiguousarray(np.atleast_2d(windows), dtype=np.float32)
-        return self._mel(self.rt.tensor(windows), *self.params)
+        return self._mel(self.rt.staged("mel_windows", windows), *self.params)
 
     def encode(self, mel, slots, starts, stages: bool = False):
         """Encode mel [b, n_mels, 8k] for streams ``slots`` at encoder positions ``starts``.
@@ -288,8 +288,8 @@ class CompiledModel:
         pool = self.kv["enc_cache"]
         pool.ensure(slots, starts, int(mel.shape[2]) // self.config.audio.conv_stride)
         out = fn(mel, self.conv0_state, self.conv1_state, pool.tensors, pool.table, self.audio_ring,
-                 self.rt.tensor(np.asarray(slots, np.int32)), self.rt.tensor(np.asarray(starts, np.int32)),
-                 *self.params)
+                 self.rt.staged("encode_slots", np.asarray(slots, np.int32)),
+                 self.rt.staged("encode_starts", np.asarray(starts, np.int32)), *self.params)
         self.conv0_state, self.conv1_state, self.audio_ring = out[0], out[1], out[3]
         pool.tensors = list(out[2])   # the per-layer caches come back as a tuple (the same tensors)
         return (out[4], out[5], out[6]) if stages else None
@@ -304,8 +304,9 @@ class CompiledModel:
             return self._decode_graph(tokens, slots, starts)
         fn = self._decode_single if tokens.shape == (1, 1) and self._decode_single is not None else self._decode
         logits, next_tokens, dec_cache = fn(
-            self.rt.tensor(tokens), self.audio_ring, self.delay_scales, pool.tensors, pool.table,
-            self.rt.tensor(np.asarray(slots, np.int32)), self.rt.tensor(np.asarray(starts, np.int32)),
+            self.rt.staged("decode_tokens", tokens), self.audio_ring, self.delay_scales, pool.tensors, pool.table,
+            self.rt.staged("decode_slots", np.asarray(slots, np.int32)),
+            self.rt.staged("decode_starts", np.asarray(starts, np.int32)),
             *self.params)
         pool.tensors = list(dec_cache)   # the per-layer caches come back as a tuple (the same tensors)
         return logits, next_tokens

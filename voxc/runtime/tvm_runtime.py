@@ -145,6 +145,7 @@ class Runtime:
         ffi = load_runtime(device_kind)
         self.ffi = ffi
         self.kind = device_kind
+        self._staging = {}      # (role, dtype) -> the device buffer :meth:`staged` reuses
         self.name = name or device_kind
         self.device = ffi.device(device_kind if device_kind != "llvm" else "cpu", device_id)
         self._alloc = ffi.get_global_func("runtime.TVMTensorAllocWithScope")
@@ -187,6 +188,26 @@ class Runtime:
         self.copy_into(out, array)
         return out
 
+    def staged(self, role: str, array: np.ndarray):
+        """``array`` on the device in the buffer kept for ``role`` (a call's input: PCM windows, tokens,
+        slots, positions), as a view of its shape: where the device orders a host copy after the work
+        already queued (CUDA's copies wait for it; the CPU runs calls as they come), every call of a
+        role reuses one buffer, grown when an input outgrows it, instead of allocating a tensor that
+        is freed when Python drops it (CUDA's cudaFree waits for the whole device: a stall in the middle
+        of a batched step).  Elsewhere (wgpu, whose copies may overtake kernels not yet submitted) a
+        fresh tensor, as :meth:`tensor`."""
+        array = np.ascontiguousarray(array)
+        if self.kind not in REUSED_INPUT_KINDS:
+            return self.tensor(array)
+        dtype = _dtype_name(array.dtype)
+        buffer = self._staging.get((role, dtype))
+        if buffer is None or int(buffer.shape[0]) < array.size:
+            grown = max(array.size, 1, 2 * int(buffer.shape[0]) if buffer is not None else 0)
+            buffer = self._staging[(role, dtype)] = self.empty((grown,), dtype)
+        view = self.view(buffer, array.shape)
+        self.copy_into(view, array)
+        return view
+
     def copy_into(self, tensor, array: np.ndarray) -> None:
         """Host -> device copy into an existing tensor (or view) of the same size."""
         array = np.ascontiguousarray(array)
@@ -221,6 +242,11 @@ class Runtime:
             init += [DEVICE_TYPES["cpu"], 0, _POOLED_ALLOCATOR]
         vm["vm_initialization"](*init)
         return vm
+
+
+# Device kinds whose host-to-device copies are ordered after the work already queued, so a call's
+# input buffer may be rewritten for the next call at once (Runtime.staged).
+REUSED_INPUT_KINDS = ("cuda", "cpu", "llvm")
 
 
 def _dtype_name(dtype: np.dtype) -> str:
