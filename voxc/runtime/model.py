@@ -60,7 +60,7 @@ KV_CACHE_NAMES = {"enc_cache": "the encoder's KV cache", "dec_cache": "the decod
 
 class CompiledModel:
     def __init__(self, artifact_dir: Path, manifest: dict, runtime: Runtime, max_streams: int, progress: bool,
-                 kv_pages=None, kv_seconds: float | None = None):
+                 kv_pages=None):
         from tqdm import tqdm
 
         from voxc.tokenizer import Tokenizer
@@ -103,12 +103,7 @@ class CompiledModel:
         self.audio_ring_rows = artifact.AUDIO_RING_ROWS
         self.state_layout = artifact.state_layout(self.config)
         paged = artifact.paged_entries(self.state_layout)
-        initial = _initial_kv_pages(kv_pages, list(paged))
-        if kv_seconds is not None:
-            if kv_pages is not None:
-                raise VoxcError("give the KV pools' first size as kv_pages or as kv_seconds, not both")
-            seconds = _check_kv_seconds(kv_seconds)
-            initial = {name: max_streams * entry.pages_for_seconds(seconds) for name, entry in paged.items()}
+        initial = _initial_kv_pages(kv_pages, None, paged, max_streams)
         # the KV caches: per tower a pool of pages per layer (separately allocated tensors, so each
         # layer's kernels bind a buffer of their own: WebGPU/Vulkan limit one binding's size)
         self.kv = {name: KvPages(runtime, entry, self.dtype, max_streams, what=KV_CACHE_NAMES.get(name, name),
@@ -218,9 +213,10 @@ class CompiledModel:
 
             open_wgpu_device(artifact_dir, manifest, int(max_streams))
         name = manifest["wgpu"].get("backend", manifest["target"]) if manifest.get("wgpu") else kind
-        if kv_seconds is not None:    # checked before the runtime starts and the weights load
-            _check_kv_seconds(kv_seconds)
-        return cls(artifact_dir, manifest, Runtime(kind, name=name), int(max_streams), progress, kv_pages, kv_seconds)
+        # the pools' first sizes, checked before the runtime starts and the weights load
+        paged = artifact.paged_entries(artifact.state_layout(ModelConfig.from_dict(manifest["config"])))
+        kv_pages = _initial_kv_pages(kv_pages, kv_seconds, paged, int(max_streams))
+        return cls(artifact_dir, manifest, Runtime(kind, name=name), int(max_streams), progress, kv_pages)
 
     @property
     def functions(self) -> list[str]:
@@ -362,21 +358,23 @@ def _optional_function(vm, name: str):
         return None
 
 
-def _initial_kv_pages(kv_pages, names: list[str]) -> dict:
-    """CompiledModel.load's ``kv_pages`` as {cache name: initial pages or None (the default)}."""
+def _initial_kv_pages(kv_pages, kv_seconds, paged: dict, max_streams: int) -> dict:
+    """CompiledModel.load's ``kv_pages`` or ``kv_seconds`` as {cache name: initial pages or None (the
+    default)}; ``paged``: the paged state entries."""
+    names = list(paged)
+    if kv_seconds is not None:
+        if kv_pages is not None:
+            raise VoxcError("give the KV pools' first size as kv_pages or as kv_seconds, not both")
+        if isinstance(kv_seconds, bool) or not isinstance(kv_seconds, (int, float, np.integer, np.floating)) \
+                or not math.isfinite(kv_seconds) or kv_seconds <= 0:
+            raise VoxcError(f"kv_seconds must be a positive number of seconds, not {kv_seconds!r}")
+        return {name: max_streams * entry.pages_for_seconds(float(kv_seconds)) for name, entry in paged.items()}
     if kv_pages is None or (isinstance(kv_pages, (int, np.integer)) and not isinstance(kv_pages, bool)):
         return {name: kv_pages for name in names}
     if isinstance(kv_pages, dict) and set(kv_pages) <= set(names):
         return {name: kv_pages.get(name) for name in names}
     raise VoxcError(f"kv_pages must be a number of pages or a dict with keys among {', '.join(names)}, "
                     f"not {kv_pages!r}")
-
-
-def _check_kv_seconds(seconds) -> float:
-    if isinstance(seconds, bool) or not isinstance(seconds, (int, float, np.integer, np.floating)) \
-            or not math.isfinite(seconds) or seconds <= 0:
-        raise VoxcError(f"kv_seconds must be a positive number of seconds, not {seconds!r}")
-    return float(seconds)
 
 
 class SlotPool:
