@@ -4,9 +4,9 @@ so the GPU machine needs only TVM's runtime.
 
 1. ``build`` (TVM + nvcc; no GPU): every weight shape of the model, each in the forms the model's
    GEMM dispatches to (schedules.dequant_matmul.cuda_gemm_plan) and without a split, the weight
-   dequantized in the weight-tile load (``s<count>``) or first into a float16 workspace
-   (``s<count>dq``), compiled as in the model (dlight's tensor-core Matmul) into one library,
-   ``gemm.so`` + ``manifest.json``.
+   dequantized in the weight-tile load (``s<count>``), or first into a float16 workspace and then
+   dlight's tensor-core Matmul (``s<count>dq``) or cuBLAS (``cublas``, targets/cuda_cublas.cc linked
+   in), compiled as in the model into one library, ``gemm.so`` + ``manifest.json``.
 
        python bench/gemm_gpu.py build --out DIR [--arch sm_90] [--only dec.w2]
 
@@ -41,17 +41,18 @@ LOCAL_SHAPES = {"tiny 96x512": (96, 512), "tiny 256x768": (256, 768)}
 L2_BYTES = 64 << 20           # weight copies cycled through so that each call reads HBM (H100: 50 MB L2)
 
 
-def variant_name(splits: int, dequantize_first: bool) -> str:
-    """``s<splits>`` (dequantized in the weight-tile load) or ``s<splits>dq`` (into a float16 workspace first)."""
-    return f"s{splits}" + ("dq" if dequantize_first else "")
+def variant_name(form) -> str:
+    """``s<splits>`` (dequantized in the weight-tile load), ``s<splits>dq`` (into a float16 workspace
+    first, then dlight's matmul) or ``cublas`` (into the workspace, then cuBLAS)."""
+    return {"tiles": f"s{form.splits}", "dequantize_first": f"s{form.splits}dq", "cublas": "cublas"}[form.form]
 
 
 def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None) -> Path:
     import tvm
 
-    from schedules.dequant_matmul import cuda_gemm_plan, split_k_count, tensor_core_gemm_cuda
+    from schedules.dequant_matmul import GemmForm, cuda_gemm_form, cuda_gemm_plan, split_k_count
     from targets.base import CompileReport
-    from targets.cuda import fatbin_compiler, prepare_toolchain
+    from targets.cuda import compile_cublas_shim, fatbin_compiler, prepare_toolchain
     from voxc.quant.formats import QType
 
     prepare_toolchain()
@@ -64,19 +65,20 @@ def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None) 
     for label, (n, k) in (SHAPES if shapes is None else shapes).items():
         if label.startswith("lm_head"):         # its GEMM has 1024 column tiles: no split to try
             continue
-        forms = {(1, False), (1, True), *((splits, dq) for _, splits, dq in cuda_gemm_plan(n, k))}
-        forms |= {(split_k_count(n, k, rows), True) for rows in (512, 1024)}   # split dequantize-first forms
-        for splits, dequantize_first in sorted(forms):
-            variant = variant_name(splits, dequantize_first)
+        forms = {GemmForm(None, 1, "tiles"), GemmForm(None, 1, "dequantize_first"), GemmForm(None, 1, "cublas"),
+                 *(form._replace(rows=None) for form in cuda_gemm_plan(n, k, cublas=False))}
+        # split dequantize-first forms
+        forms |= {GemmForm(None, split_k_count(n, k, rows), "dequantize_first") for rows in (512, 1024)}
+        for form in sorted(forms, key=lambda form: (form.form, form.splits)):
+            variant = variant_name(form)
             name = f"gemm_q4_k_{n}x{k}_f16_{variant}"
             with target:
-                funcs[name] = tensor_core_gemm_cuda(QType.Q4_K, n, k, "float16", splits,
-                                                     dequantize_first).with_attr("global_symbol", name)
+                funcs[name] = cuda_gemm_form(QType.Q4_K, n, k, "float16", form).with_attr("global_symbol", name)
             manifest.append({"name": name, "label": label, "n": n, "k": k, "variant": variant})
     # the kernels as a fatbin, as voxc's CUDA builds link them (TVM's runtime cannot compile source)
     with tvm.target.Target(target, host="llvm") as full_target, fatbin_compiler([arch], CompileReport()):
         lib = tvm.compile(tvm.IRModule(funcs), target=full_target)
-    lib.export_library(str(out / "gemm.so"))
+    lib.export_library(str(out / "gemm.so"), addons=[str(compile_cublas_shim(out))])   # the cuBLAS forms' call
     (out / "manifest.json").write_text(json.dumps({"arch": arch, "kernels": manifest}, indent=1))
     print(f"built {len(funcs)} GEMMs for {arch} in {time.time() - t0:.0f} s -> {out}")
     return out

@@ -53,6 +53,7 @@ import dataclasses
 import functools
 import math
 import re
+import typing
 
 import tvm
 from tvm import te, tirx
@@ -500,8 +501,7 @@ def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
         sch = (_schedule_gemv_llvm(func, q, n, k, spec.batch) if spec.target == "llvm"
                else _schedule_gemv_gpu(func, q, n, k, spec.batch, spec.target))
     elif spec.target == "cuda":
-        *_, (_, splits, dequantize_first) = cuda_gemm_plan(n, k)
-        gemm = tensor_core_gemm_cuda(q, n, k, spec.dtype, splits, dequantize_first)
+        gemm = cuda_gemm_form(q, n, k, spec.dtype, cuda_gemm_plan(n, k, spec.dtype)[-1])
     else:
         func = gemm_compute(q, n, k, spec.dtype, spec.target, transposed_panel=spec.target == "llvm")
         sch = (_schedule_gemm_llvm(func, q, n, k) if spec.target == "llvm"
@@ -528,9 +528,8 @@ def _make_kernel(spec: KernelSpec) -> tirx.PrimFunc:
                                  gpu_gemv.gpu_gemv(q, n, k, GPU_GEMV_CHUNK_ROWS, spec.dtype, symbolic_rows=True,
                                                    target=spec.target)))
             if spec.target == "cuda":   # the tensor-core forms for the row counts up to SPLIT_K_MAX_ROWS
-                for rows, splits, dequantize_first in cuda_gemm_plan(n, k)[:-1]:
-                    branches.append((f"m <= {rows}", tensor_core_gemm_cuda(q, n, k, spec.dtype, splits,
-                                                                            dequantize_first)))
+                for form in cuda_gemm_plan(n, k, spec.dtype)[:-1]:
+                    branches.append((f"m <= {form.rows}", cuda_gemm_form(q, n, k, spec.dtype, form)))
             func = row_dispatch(branches, gemm, gpu=True)
             return _finish(_guard_rows(func, max(n, k), spec.name), spec.name)
         return _finish(_guard_rows(gemm, max(n, k), spec.name), spec.name)
@@ -564,6 +563,15 @@ CUDA_SMS = 132
 SPLIT_K_BLOCK_COST = 256     # a block's fixed cost, in columns of K (fit: 130-550 across the shapes)
 SPLIT_K_MAX_ROWS = 384       # above this, the weight dequantized first (a float16 workspace) wins
 DEQUANTIZE_FIRST_MAX_ELEMENTS = 64 << 20    # its workspace at most 128 MiB (not the 805 MB LM head)
+# cuBLAS on the dequantized workspace: 3-8x faster than dlight's WMMA forms from 64 to 1500 rows on an
+# H100 (bench/RESULTS.md, tenth run: w2 3072x9216 at 256 rows 34 us against 149; the encoder's
+# 5120x1280 at 1500 rows 32 against 111), but the dequantization costs a write and a read of the
+# float16 weight (about 25 us for w2): up to CUBLAS_MIN_ROWS rows split-K stays.  The global
+# function is targets/cuda_cublas.cc's, linked into every CUDA model.so.
+CUBLAS_GEMM_NT = "voxc.cublas.gemm_nt"      # (x [m, k], w [n, k], y [m, n]): y = x @ w.T, float32 sums
+CUBLAS_DTYPES = ("float16", "float32")
+PACKED_CALLS_ATTR = "voxc_packed_calls"     # a kernel's global functions called from its host code
+CUBLAS_MIN_ROWS = 128
 
 
 def split_k_count(n: int, k: int, rows: int = TENSOR_CORE_TILE) -> int:
@@ -579,25 +587,39 @@ def split_k_count(n: int, k: int, rows: int = TENSOR_CORE_TILE) -> int:
                                            splits))
 
 
-def cuda_gemm_plan(n: int, k: int) -> list[tuple[int | None, int, bool]]:
-    """The tensor-core GEMM forms a symbolic-row CUDA kernel of an [n, k] weight dispatches to:
-    ``(up to rows, splits, dequantize_first)``, the last one (rows None) for every larger count.
-    Up to SPLIT_K_MAX_ROWS: split-K forms per 128-row step (neighbours with the same count merged);
-    above: the weight dequantized into a float16 workspace first (1.3-1.6x faster at 512-1500 rows
-    on an H100: the dense matmul's tile loads are plain copies), unless that workspace is too big."""
-    steps = range(TENSOR_CORE_TILE, SPLIT_K_MAX_ROWS + 1, TENSOR_CORE_TILE)
-    plan = []
-    for rows in steps:
+class GemmForm(typing.NamedTuple):
+    """One form of a symbolic-row CUDA GEMM: used up to ``rows`` rows (None: every larger count).
+    ``form``: "tiles" (the weight dequantized in dlight's tensor-core tile loads, K cut into ``splits``
+    slices), "dequantize_first" (into a float16 workspace, then dlight's dense tensor-core matmul) or
+    "cublas" (into the workspace, then cuBLAS: :data:`CUBLAS_GEMM_NT`)."""
+    rows: int | None
+    splits: int
+    form: str
+
+
+def cuda_gemm_plan(n: int, k: int, dtype: str = "float16", cublas: bool = True) -> list[GemmForm]:
+    """The tensor-core GEMM forms a symbolic-row CUDA kernel of an [n, k] weight dispatches to, the
+    last one (rows None) for every larger count.  Up to SPLIT_K_MAX_ROWS (or CUBLAS_MIN_ROWS where
+    cuBLAS takes over): split-K forms per 128-row step (neighbours with the same count merged); above:
+    the weight dequantized into a workspace first, then cuBLAS (``cublas`` and a dtype it takes), or
+    dlight's dense matmul (1.3-1.6x faster than the tile-load form at 512-1500 rows on an H100: its
+    tile loads are plain copies); the tile-load form where that workspace would be too big."""
+    workspace_fits = n * k <= DEQUANTIZE_FIRST_MAX_ELEMENTS
+    use_cublas = cublas and workspace_fits and dtype in CUBLAS_DTYPES
+    last_split_rows = CUBLAS_MIN_ROWS if use_cublas else SPLIT_K_MAX_ROWS
+    plan: list[GemmForm] = []
+    for rows in range(TENSOR_CORE_TILE, last_split_rows + 1, TENSOR_CORE_TILE):
         splits = split_k_count(n, k, rows)
-        if plan and plan[-1][1] == splits:
-            plan[-1] = (rows, splits, False)
+        if plan and plan[-1].splits == splits:
+            plan[-1] = GemmForm(rows, splits, "tiles")
         else:
-            plan.append((rows, splits, False))
-    if n * k <= DEQUANTIZE_FIRST_MAX_ELEMENTS:
-        plan.append((None, 1, True))
+            plan.append(GemmForm(rows, splits, "tiles"))
+    if use_cublas:
+        plan.append(GemmForm(None, 1, "cublas"))
+    elif workspace_fits:
+        plan.append(GemmForm(None, 1, "dequantize_first"))
     else:
-        last = plan.pop()
-        plan.append((None, last[1], False))
+        plan[-1] = GemmForm(None, plan[-1].splits, "tiles")
     return plan
 
 
@@ -643,11 +665,43 @@ def tensor_core_gemm_cuda(qtype: QType, n: int, k: int, dtype: str, splits: int 
         y = te.compute((m, n), lambda a, i: functools.reduce(
             lambda total, s: total + part_in[s, a, i], range(1, splits), part_in[0, a, i]).astype(dtype), name="y")
         func = _chain(func, _elementwise_cuda(te.create_prim_func([part_in, y]), "y"))
-    if dequantize_first:
-        dense = te.compute((n, k), lambda i, j: dec.value(i, j).astype(dtype), name="w_dense")
-        func = _chain(_elementwise_cuda(te.create_prim_func([qweight, scales, dense]), "w_dense", vector=8), func,
-                      order=("x", "qweight", "scales"))
-    return func
+    return _dequantized_into_workspace(qtype, n, k, dtype, func) if dequantize_first else func
+
+
+def cuda_gemm_form(qtype: QType, n: int, k: int, dtype: str, form: GemmForm) -> tirx.PrimFunc:
+    """The PrimFunc ``(x, qweight, scales, y)`` of one form of :func:`cuda_gemm_plan`."""
+    if form.form == "cublas":
+        return cublas_gemm_cuda(qtype, n, k, dtype)
+    return tensor_core_gemm_cuda(qtype, n, k, dtype, form.splits, form.form == "dequantize_first")
+
+
+def cublas_gemm_cuda(qtype: QType, n: int, k: int, dtype: str) -> tirx.PrimFunc:
+    """The weight dequantized into a workspace [n, k] of ``dtype``, then cuBLAS (``CUBLAS_GEMM_NT``, on
+    TVM's current stream, float32 sums): ``(x [m, k], qweight, scales, y [m, n])`` for a symbolic ``m``.
+    The call is made by the host between the dequantization's launch and the next kernel's."""
+    m = tirx.Var("m", "int32")
+    x = te.placeholder((m, k), dtype, name="x")
+    weight = te.placeholder((n, k), dtype, name="w_dense")
+    # plain buffers (te.extern's default ones have a symbolic element offset, which the merged row
+    # dispatch would give ``x`` and so break the other forms' aligned vector loads of it)
+    buffers = [tirx.decl_buffer(t.shape, dtype, t.op.name) for t in (x, weight)]
+    y = te.extern((m, n), [x, weight],
+                  lambda ins, outs: tirx.call_packed(CUBLAS_GEMM_NT, ins[0], ins[1], outs[0]),
+                  name="y", dtype=dtype, in_buffers=buffers, out_buffers=[tirx.decl_buffer((m, n), dtype, "y")])
+    func = _dequantized_into_workspace(qtype, n, k, dtype, te.create_prim_func([weight, x, y]))
+    # what a target links and the runtime loads (targets.cuda.packed_calls; row_dispatch keeps the
+    # attributes of its default form, which this one is where the plan has it)
+    return func.with_attr(PACKED_CALLS_ATTR, [CUBLAS_GEMM_NT])
+
+
+def _dequantized_into_workspace(qtype: QType, n: int, k: int, dtype: str, consumer: tirx.PrimFunc) -> tirx.PrimFunc:
+    """``consumer`` (which reads a dense weight ``w_dense`` [n, k]) after a kernel that dequantizes
+    ``qweight`` and ``scales`` into that workspace: ``(x, qweight, scales, y)``."""
+    _, qweight, scales = _placeholders(qtype, n, k, tirx.Var("m", "int32"), dtype)
+    dec = _Decoder(qtype, qweight, scales, "cuda")
+    dense = te.compute((n, k), lambda i, j: dec.value(i, j).astype(dtype), name="w_dense")
+    return _chain(_elementwise_cuda(te.create_prim_func([qweight, scales, dense]), "w_dense", vector=8), consumer,
+                  order=("x", "qweight", "scales"))
 
 
 def _elementwise_cuda(func: tirx.PrimFunc, block: str, vector: int = 1) -> tirx.PrimFunc:

@@ -23,6 +23,7 @@ from pathlib import Path
 from targets.base import CompileReport, TargetSpec
 from targets.gpu_pipeline import gpu_relax_pipeline
 from targets.passes import fuse_transpose_matmul, replace_greedy_topk, swap_ring_attention
+from schedules.dequant_matmul import CUBLAS_GEMM_NT, PACKED_CALLS_ATTR
 from voxc.artifact import DECODE_B1N1
 from voxc.errors import VoxcError
 
@@ -88,15 +89,44 @@ class CudaTarget(TargetSpec):
         config = {"relax.backend.use_cuda_graph": bool(self.cuda_graph)}
         pipeline = gpu_relax_pipeline(target, self.small_m_tiers, cuda_pipeline, "VoxcCudaPipeline", report)
         with target, tvm.transform.PassContext(opt_level=3, config=config), fatbin_compiler(self.archs, report):
-            return tvm.compile(mod, target=target, relax_pipeline=pipeline)
+            executable = tvm.compile(mod, target=target, relax_pipeline=pipeline)
+        # which native libraries the artifact's kernels call (the manifest's native_libraries)
+        executable.voxc_packed_calls = packed_calls(mod)
+        return executable
 
     def export(self, executable, out_dir: Path) -> Path:
+        import tempfile
+
         path = out_dir / self.library_name
-        executable.export_library(str(path))
+        with tempfile.TemporaryDirectory(prefix="voxc-cublas-") as scratch:
+            # every CUDA model.so holds the cuBLAS call (it loads cuBLAS only when first called)
+            executable.export_library(str(path), addons=[str(compile_cublas_shim(Path(scratch)))])
         if FATBIN_MAGIC not in path.read_bytes():
             raise VoxcError(f"{path} holds no compiled CUDA binary (TVM kept the source); "
                             "is the CUDA runtime of TVM loadable?")
         return path
+
+    def package(self, out_dir: Path, *, executable, tokenizer_bytes: bytes, params, cfg,
+                weights_written: bool) -> dict:
+        extras = super().package(out_dir, executable=executable, tokenizer_bytes=tokenizer_bytes, params=params,
+                                 cfg=cfg, weights_written=weights_written)
+        calls = getattr(executable, "voxc_packed_calls", set())
+        # the runtime finds and loads these before the model (voxc.runtime.tvm_runtime.preload_native)
+        extras["native_libraries"] = sorted(name for name, fn in NATIVE_LIBRARY_CALLS.items() if fn in calls)
+        return extras
+
+
+# Native libraries a CUDA artifact may call, by the global function its kernels call them through.
+NATIVE_LIBRARY_CALLS = {"cublas": CUBLAS_GEMM_NT}
+
+
+def packed_calls(mod) -> set[str]:
+    """Names of the global functions that the PrimFuncs of ``mod`` call from their host code, as their
+    schedules recorded them (schedules.dequant_matmul.PACKED_CALLS_ATTR)."""
+    from tvm import tirx
+
+    return {str(name) for func in mod.functions.values() if isinstance(func, tirx.PrimFunc) and func.attrs
+            for name in func.attrs.get(PACKED_CALLS_ATTR, ())}
 
 
 TARGET = CudaTarget()
@@ -239,6 +269,37 @@ def fatbin_archs(data: bytes) -> set[str]:
         # CUDA ELF e_flags: bits 8..15 hold the SM version for CUDA >= 12 (ABI v8), bits 0..7 before.
         sm = (flags >> 8) & 0xFF if (flags & 0xFF) in (0, 0x40, 0x80) or (flags >> 8) & 0xFF >= 50 else flags & 0xFF
         found.add(f"sm_{sm}")
+
+
+CUBLAS_SHIM_SOURCE = Path(__file__).with_name("cuda_cublas.cc")
+
+
+def compile_cublas_shim(out_dir: Path) -> Path:
+    """Compile targets/cuda_cublas.cc (the ``voxc.cublas.gemm_nt`` global function) into a
+    position-independent object file in ``out_dir`` for linking into model.so; returns its path.
+
+    Needs only g++ and tvm_ffi's headers: the shim dlopens libcublas at run time, so neither the CUDA
+    toolkit's cuBLAS nor a GPU is needed here.  Not cached: it compiles in about a second.
+    """
+    import tvm_ffi.libinfo  # noqa: PLC0415 - only builds need it
+
+    cxx = shutil.which("g++")
+    if cxx is None:
+        raise VoxcError("building for CUDA needs g++ to compile voxc's cuBLAS shim: apt-get install g++")
+    includes = dict.fromkeys([tvm_ffi.libinfo.find_include_path(), tvm_ffi.libinfo.find_dlpack_include_path()])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    obj = out_dir / "cuda_cublas.o"
+    cmd = [cxx, "-std=c++17", "-O2", "-fPIC", "-c", str(CUBLAS_SHIM_SOURCE), "-o", str(obj)]
+    cmd += [f"-I{d}" for d in includes]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        lines = [line.strip() for line in (proc.stderr or proc.stdout).splitlines() if line.strip()]
+        # gcc's first "file:line:col: error: ..." line, else whatever it said first
+        errors = [line for line in lines if ": error:" in line or ": fatal error:" in line]
+        first = (errors or lines or [f"exit status {proc.returncode}"])[0]
+        raise VoxcError(f"g++ could not compile voxc's cuBLAS shim {CUBLAS_SHIM_SOURCE.name}: {first}")
+    return obj
 
 
 if __name__ == "__main__":  # pragma: no cover - debugging aid: python -m targets.cuda <library.so>

@@ -104,6 +104,9 @@ def test_cuda_build_holds_a_fatbin_for_each_arch(cuda_artifact):
     import json
     manifest = json.loads((cuda_artifact / "voxc-artifact.json").read_text())
     assert manifest["target"] == "cuda" and manifest["device_kind"] == "cuda" and manifest["weights"]
+    # the cuBLAS call is linked into every CUDA model.so, but only quantized kernels call it: a float32
+    # build's manifest asks the runtime for no native library
+    assert b"voxc.cublas.gemm_nt" in lib and manifest["native_libraries"] == []
 
 
 @needs_nvcc

@@ -466,15 +466,19 @@ def test_webgpu_gemv_float16_on_lavapipe():
 
 # ---- CUDA: compile to cubin -------------------------------------------------------------------
 
-def _gemm_kernel_count(n, k):
-    """Kernels of a CUDA GEMM's tensor-core forms: a split-K form is two (slices, sum), a
-    dequantize-first form one more (the dequantization)."""
+def _gemm_kernel_count(n, k, dtype):
+    """Kernels of a CUDA GEMM's forms: a split-K tile form is two (slices, sum), a dequantize-first
+    form two (the dequantization, the matmul), a cuBLAS form one (the dequantization; cuBLAS runs
+    its own)."""
     from schedules.dequant_matmul import cuda_gemm_plan
-    return sum(1 + (splits > 1) + dequantize_first for _, splits, dequantize_first in cuda_gemm_plan(n, k))
+    per_form = {"tiles": lambda form: 1 + (form.splits > 1), "dequantize_first": lambda form: 2,
+                "cublas": lambda form: 1}
+    return sum(per_form[form.form](form) for form in cuda_gemm_plan(n, k, dtype))
 
 
 def test_split_k_follows_the_measured_cost_model():
-    from schedules.dequant_matmul import DEQUANTIZE_FIRST_MAX_ELEMENTS, cuda_gemm_plan, split_k_count
+    from schedules.dequant_matmul import (CUBLAS_MIN_ROWS, DEQUANTIZE_FIRST_MAX_ELEMENTS, SPLIT_K_MAX_ROWS,
+                                          cuda_gemm_plan, split_k_count)
     # the best split counts measured on an H100 (bench/RESULTS.md, tenth run; bench/gemm_gpu.py)
     measured_best = {(3072, 9216, 256): 2, (3072, 4096, 64): 4, (1024, 3072, 64): 12, (1024, 3072, 256): 6,
                      (5120, 1280, 64): 5, (5120, 1280, 256): 1, (1280, 5120, 64): 10, (1280, 5120, 384): 4,
@@ -486,11 +490,19 @@ def test_split_k_follows_the_measured_cost_model():
     for n, k in ((3072, 9216), (1280, 5120), (5120, 1280), (1024, 3072), (300, 1792), (131072, 3072), (36, 512)):
         for rows in (1, 64, 128, 200, 256, 384, 512, 4096):
             assert (k // 256) % split_k_count(n, k, rows) == 0     # whole super-blocks per slice
-        plan = cuda_gemm_plan(n, k)
-        bounds = [rows for rows, _, _ in plan[:-1]]
-        assert plan[-1][0] is None and bounds == sorted(bounds) and all(rows <= 384 for rows in bounds)
-        assert not any(dequantize_first for _, _, dequantize_first in plan[:-1])   # only for many rows
-        assert plan[-1][2] == (n * k <= DEQUANTIZE_FIRST_MAX_ELEMENTS)             # and a bounded workspace
+        fits = n * k <= DEQUANTIZE_FIRST_MAX_ELEMENTS             # a bounded workspace
+        for dtype, cublas, last in (("float16", True, "cublas" if fits else "tiles"),
+                                    ("float16", False, "dequantize_first" if fits else "tiles"),
+                                    ("float32", True, "cublas" if fits else "tiles")):
+            plan = cuda_gemm_plan(n, k, dtype, cublas=cublas)
+            bounds = [form.rows for form in plan[:-1]]
+            split_rows = CUBLAS_MIN_ROWS if last == "cublas" else SPLIT_K_MAX_ROWS
+            assert plan[-1].rows is None and bounds == sorted(bounds) and all(rows <= split_rows for rows in bounds)
+            assert all(form.form == "tiles" for form in plan[:-1])   # the workspace forms only for many rows
+            assert plan[-1].form == last, (n, k, dtype, cublas, plan)
+            if last != "tiles":
+                assert plan[-1].splits == 1
+    assert cuda_gemm_plan(3072, 9216, "bfloat16")[-1].form == "dequantize_first"   # a dtype cuBLAS is not given
 
 
 def test_chain_runs_the_producer_then_the_consumer():
@@ -526,7 +538,7 @@ def test_cuda_kernels_compile_to_cubin():
             funcs[f.attrs["global_symbol"]] = f
             # a symbolic-row GEMM also holds the GEMVs it dispatches few rows to (1, 2, <=24 rows) and
             # its tensor-core forms
-            kernels += 3 + _gemm_kernel_count(n, k) if batch is None else 1
+            kernels += 3 + _gemm_kernel_count(n, k, dtype) if batch is None else 1
         f = make_embedding_kernel(qtype, 100, k, target="cuda")
         funcs[f.attrs["global_symbol"]] = f
         kernels += 1

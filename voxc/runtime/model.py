@@ -22,7 +22,7 @@ from voxc.artifact import DECODE_B1N1, ENCODE_B1T8, ISA_FLAGS
 from voxc.config import ModelConfig
 from voxc.errors import VoxcError
 from voxc.runtime.kv_pages import KvPages
-from voxc.runtime.tvm_runtime import Runtime
+from voxc.runtime.tvm_runtime import Runtime, preload_native
 
 log = logging.getLogger("voxc")
 
@@ -69,6 +69,7 @@ class CompiledModel:
         self.manifest = manifest
         self.config = ModelConfig.from_dict(manifest["config"])
         self.rt = runtime
+        preload_native(manifest.get("native_libraries", ()))
         self.vm = runtime.load_vm(artifact_dir / manifest["library"])
         self.tokenizer = Tokenizer(artifact_dir / manifest["tokenizer"])
         streaming = manifest["streaming"]

@@ -99,29 +99,59 @@ def load_runtime(device_kind: str = "cpu"):
     return tvm_ffi
 
 
-def _preload_cudart() -> None:
-    """libtvm_runtime_cuda.so needs libcudart.so.13; find it where the toolkit or pip put it.
-
-    Once a library of that soname is loaded, the dynamic linker reuses it for the runtime's
-    DT_NEEDED entry, so no LD_LIBRARY_PATH is needed.
-    """
-    if "libcudart" in _loaded_kinds:
-        return
-    candidates = ["libcudart.so.13"]
+def _nvidia_library_candidates(sonames: tuple[str, ...], wheel_dirs: tuple[str, ...]) -> list[str]:
+    """Where the CUDA toolkit or NVIDIA's pip wheels put a library: the plain sonames first (the
+    loader's own search: LD_LIBRARY_PATH, ldconfig), then the toolkit's and the wheels' directories."""
+    candidates = list(sonames)
     for root in filter(None, [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]):
-        candidates += [str(Path(root) / "lib64" / "libcudart.so.13"), str(Path(root) / "lib" / "libcudart.so.13")]
-    for sub in ("nvidia/cu13/lib", "nvidia/cuda_runtime/lib"):
-        spec = importlib.util.find_spec("nvidia")
-        for base in (spec.submodule_search_locations if spec and spec.submodule_search_locations else []):
-            candidates.append(str(Path(base).parent / sub / "libcudart.so.13"))
-    for candidate in candidates:
+        candidates += [str(Path(root) / sub / name) for name in sonames for sub in ("lib64", "lib")]
+    spec = importlib.util.find_spec("nvidia")
+    for base in (spec.submodule_search_locations if spec and spec.submodule_search_locations else []):
+        candidates += [str(Path(base).parent / sub / name) for name in sonames for sub in wheel_dirs]
+    return candidates
+
+
+def _preload(kind: str, sonames: tuple[str, ...], wheel_dirs: tuple[str, ...]) -> bool:
+    """dlopen the first loadable of ``sonames`` (RTLD_GLOBAL); True when one is loaded.  Once a library
+    of that soname is loaded, the dynamic linker reuses it for a DT_NEEDED entry or a later dlopen by
+    soname, so no LD_LIBRARY_PATH is needed."""
+    if kind in _loaded_kinds:
+        return True
+    for candidate in _nvidia_library_candidates(sonames, wheel_dirs):
         try:
             ctypes.CDLL(candidate, mode=ctypes.RTLD_GLOBAL)
         except OSError:
             continue
-        _loaded_kinds.add("libcudart")
-        return
-    # not found: loading libtvm_runtime_cuda.so below reports it with a hint
+        _loaded_kinds.add(kind)
+        return True
+    return False
+
+
+def _preload_cudart() -> None:
+    """libtvm_runtime_cuda.so needs libcudart.so.13; find it where the toolkit or pip put it (not
+    found: loading libtvm_runtime_cuda.so reports it with a hint)."""
+    _preload("libcudart", ("libcudart.so.13",), ("nvidia/cu13/lib", "nvidia/cuda_runtime/lib"))
+
+
+# Native libraries an artifact's kernels may call (its manifest's native_libraries): sonames in the
+# order tried, the pip wheels' directories, and what to install.  cuBLAS: the CUDA build's large
+# matmuls (targets/cuda_cublas.cc dlopens the same sonames, so it finds the one loaded here).
+NATIVE_LIBRARIES = {
+    "cublas": (("libcublas.so.13", "libcublas.so.12"), ("nvidia/cu13/lib", "nvidia/cublas/lib"),
+               "pip install nvidia-cublas (or put the CUDA toolkit's lib64 on LD_LIBRARY_PATH)"),
+}
+
+
+def preload_native(names) -> None:
+    """Load the native libraries an artifact's manifest lists, before its model.so runs; a missing one
+    is a one-line error naming what to install."""
+    for name in names:
+        if name not in NATIVE_LIBRARIES:
+            raise VoxcError(f"the artifact needs the native library {name!r}, which this voxc does not know "
+                            f"(it knows {', '.join(NATIVE_LIBRARIES)}): upgrade voxc or rebuild the artifact")
+        sonames, wheel_dirs, hint = NATIVE_LIBRARIES[name]
+        if not _preload(name, sonames, wheel_dirs):
+            raise VoxcError(f"the artifact calls {name} ({' or '.join(sonames)}), which was not found: {hint}")
 
 
 def _check_cuda_device(ffi, device_id: int) -> None:
