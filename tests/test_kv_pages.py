@@ -264,3 +264,24 @@ def test_a_growth_that_finds_the_device_full_asks_the_vm_for_its_cached_buffers_
             pool.ensure([1], [0], 8)
         assert "out of device memory for the decoder's KV cache" in str(err.value) and err.value.slots == [1]
         assert rt.events.count("released") == 2 and pool.size == 4   # once per try (7 pages, then 6)
+
+
+def test_the_batch_filter_sends_every_stream_that_needs_a_page_to_the_exact_walk():
+    """KvPages._may_need_pages (the whole batch at once) never drops a stream that the per-stream walk
+    would give a page: random windows, page sizes, step lengths, positions and pages held."""
+    rng = np.random.default_rng(7)
+    for trial in range(300):
+        window = int(rng.integers(1, 60))
+        page_rows = int(rng.integers(1, window + 1))
+        streams = int(rng.integers(1, 9))
+        pool = KvPages(None, _entry(window=window, page_rows=page_rows), "float32", streams, what="the test cache",
+                       initial_pages=streams * -(-window // page_rows))
+        pool.held[:] = rng.random(pool.held.shape) < 0.6
+        pool.count[:] = pool.held.sum(axis=1)
+        slots = rng.permutation(streams)[:int(rng.integers(1, streams + 1))]
+        starts = rng.integers(0, 3 * window, slots.size)
+        n = int(rng.integers(0, 2 * window + 2))
+        exact = {(int(slot), int(start)) for slot, start in zip(slots, starts)
+                 if pool.count[slot] < pool.pages_per_stream
+                 and any(not pool.held[slot, j] for j in pool._pages_written(int(start), n))}
+        assert exact <= set(pool._may_need_pages(slots, starts, n)), (trial, window, page_rows, n)
