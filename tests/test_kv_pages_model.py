@@ -198,14 +198,25 @@ def test_kv_seconds_sizes_every_pool_for_its_streams(paged):
     """``kv_seconds``: each pool starts with the pages that many seconds of audio take in its tower, for
     every stream (the encoder fills 4 positions per 80 ms token, the decoder one), capped at the window;
     streams within it never grow a pool and still decode what transformers does."""
-    cfg = voxc.load(paged[0]).config
+    probe = voxc.load(paged[0])
+    cfg = probe.config
     per_second = {"enc_cache": cfg.audio.frame_rate * cfg.audio.downsample_factor, "dec_cache": cfg.audio.frame_rate}
     windows = {"enc_cache": ENCODER_WINDOW, "dec_cache": DECODER_WINDOW}
+    # a stream's positions besides its audio: the left padding, then the right padding of the longest
+    # delay (30 tokens), one more token, the 10-token buffer and a last partial token
+    padding_tokens = probe.left_pad_tokens + 30 + 1 + 10 + 1
     for seconds in (0.5, 1.5, 60):
         model = voxc.load(paged[0], max_streams=3, kv_seconds=seconds)
         for name, pool in model.kv.items():
-            rows = min(windows[name], int(np.ceil(seconds * per_second[name])))
-            assert pool.size == 3 * -(-rows // 64), (name, seconds, pool.size)
+            rows = min(windows[name], int(np.ceil(seconds * per_second[name] + padding_tokens * per_second[name]
+                                                  / cfg.audio.frame_rate)))
+            assert pool.size == 3 * -(-rows // pool.page_rows), (name, seconds, pool.size)
+    # a stream of exactly kv_seconds of audio at the longest delay, padding and all, grows no pool
+    model = voxc.load(paged[0], max_streams=1, kv_seconds=1.0)
+    session = model.stream(2400)
+    session.feed(sine_with_noise(seconds=1.0, freq=300.0, seed=2))
+    session.finish()
+    assert session.token_count > 0 and all(pool.growths == 0 for pool in model.kv.values())
     artifact, oracle = paged
     model = voxc.load(artifact, max_streams=2, kv_seconds=60)     # whole windows: nothing left to grow
     audio = sine_with_noise(seconds=4.0, freq=260.0, seed=5)

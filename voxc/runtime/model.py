@@ -192,7 +192,8 @@ class CompiledModel:
         towers or ``{"enc_cache": n, "dec_cache": m}``; by default enough for the first 4 s of each of
         ``max_streams`` streams (voxc.artifact.KV_INITIAL_SECONDS).  Pools grow (by what is missing plus
         a quarter) as streams need pages, up to every stream's whole window.  ``kv_seconds`` instead: pools
-        that start with room for that many seconds of audio for each of ``max_streams`` streams (a growth
+        that start with room for that many seconds of audio, plus the padding a stream adds, for each of
+        ``max_streams`` streams (a growth
         copies every layer's pool: at 192 streams on an H100 one took a 255 ms step; a server that sizes
         its pools for its sessions at load never waits for one while they stay within it)."""
         artifact_dir = Path(artifact_dir)
@@ -216,7 +217,8 @@ class CompiledModel:
         name = manifest["wgpu"].get("backend", manifest["target"]) if manifest.get("wgpu") else kind
         # the pools' first sizes, checked before the runtime starts and the weights load
         paged = artifact.paged_entries(artifact.state_layout(ModelConfig.from_dict(manifest["config"])))
-        kv_pages = _initial_kv_pages(kv_pages, kv_seconds, paged, int(max_streams))
+        kv_pages = _initial_kv_pages(kv_pages, kv_seconds, paged, int(max_streams),
+                                     padding_seconds=stream_padding_seconds(manifest["streaming"]))
         return cls(artifact_dir, manifest, Runtime(kind, name=name), int(max_streams), progress, kv_pages)
 
     @property
@@ -359,9 +361,21 @@ def _optional_function(vm, name: str):
         return None
 
 
-def _initial_kv_pages(kv_pages, kv_seconds, paged: dict, max_streams: int) -> dict:
+def stream_padding_seconds(streaming: dict) -> float:
+    """Seconds of padding a stream's positions hold besides its audio, at most: the left padding its
+    session feeds first, and at its end the right padding of the longest delay plus the last partial
+    token (runtime.session: StreamingSession.end): 74 tokens (5.9 s) with 32 tokens of left padding."""
+    tokens = (int(streaming["left_pad_tokens"]) + max(streaming["allowed_delay_tokens"]) + 1
+              + int(streaming["right_pad_buffer_tokens"]) + 1)
+    return tokens * float(streaming["ms_per_token"]) / 1000.0
+
+
+def _initial_kv_pages(kv_pages, kv_seconds, paged: dict, max_streams: int, padding_seconds: float = 0.0) -> dict:
     """CompiledModel.load's ``kv_pages`` or ``kv_seconds`` as {cache name: initial pages or None (the
-    default)}; ``paged``: the paged state entries."""
+    default)}; ``paged``: the paged state entries.  ``kv_seconds`` counts audio: the pools also hold
+    ``padding_seconds`` more of positions (the stream's padding), so that a stream of that many seconds
+    never grows them (at 224 streams on an H100 the decoder's pool, sized for the audio alone, grew at
+    59 s of 60: one step of 1.7 s)."""
     names = list(paged)
     if kv_seconds is not None:
         if kv_pages is not None:
@@ -369,7 +383,8 @@ def _initial_kv_pages(kv_pages, kv_seconds, paged: dict, max_streams: int) -> di
         if isinstance(kv_seconds, bool) or not isinstance(kv_seconds, (int, float, np.integer, np.floating)) \
                 or not math.isfinite(kv_seconds) or kv_seconds <= 0:
             raise VoxcError(f"kv_seconds must be a positive number of seconds, not {kv_seconds!r}")
-        return {name: max_streams * entry.pages_for_seconds(float(kv_seconds)) for name, entry in paged.items()}
+        return {name: max_streams * entry.pages_for_seconds(float(kv_seconds) + padding_seconds)
+                for name, entry in paged.items()}
     if kv_pages is None or (isinstance(kv_pages, (int, np.integer)) and not isinstance(kv_pages, bool)):
         return {name: kv_pages for name in names}
     if isinstance(kv_pages, dict) and set(kv_pages) <= set(names):
