@@ -4,8 +4,10 @@ init). Offline generate of a SECS-second clip at each of BATCHES; the recipe of
 ../shared/research/probes/hf_gpu_baseline.py; then (HF_COMPILED=1, the default on a GPU) the same with
 a static cache and each of COMPILED_CONFIGS (the static cache alone, transformers' own compiled generate,
 torch.compile with and without CUDA graphs; HF_CONFIGS picks some), and ``fastest``: the quickest
-configuration per batch, the one voxc is compared with.  BATCHES: the batch sizes (default 1,16,64: its
-aggregate throughput grows with the batch, so the largest matters as much as the first).
+configuration per batch, the one voxc is compared with, and ``best_aggregate``: the batch and configuration
+with the most streams' worth of real time.  BATCHES: the batch sizes (default 1,16,64,128,256: its step
+hardly grows with the batch, so its aggregate keeps rising with it; a batch that fails, e.g. out of
+memory, is recorded as ``batch<n>_error`` and the others still run).
 Writes $OUT/hf_baseline.json.
 
     python bench/cuda_hf_baseline.py [ARTIFACT_WITH_WEIGHTS]
@@ -78,8 +80,7 @@ COMPILED_CONFIGS = (("static", None, None), ("generate_compiled", None, None), (
 
 def compiled_runs(model, run, batches, secs: float, report, torch) -> None:
     """Each of COMPILED_CONFIGS (HF_CONFIGS: a comma list of their tags, all by default): figures
-    ``compiled_<tag>_batch<b>`` or ``compiled_<tag>_error``; then ``fastest``: per batch the quickest ms
-    per step of every configuration that ran (eager included)."""
+    ``compiled_<tag>_batch<b>`` or ``compiled_<tag>_error``."""
     chosen = os.environ.get("HF_CONFIGS")
     tags = [c[0] for c in COMPILED_CONFIGS]
     if chosen and not set(chosen.split(",")) <= set(tags):
@@ -124,6 +125,13 @@ def compiled_runs(model, run, batches, secs: float, report, torch) -> None:
         finally:
             target.forward = original
         report.save()
+
+
+def summarize_fastest(report) -> None:
+    """``fastest``: per batch the quickest ms per step of every configuration that ran (eager included);
+    ``best_aggregate``: the batch and configuration with the most streams' worth of real time, the
+    figure voxc's concurrent streams are compared with (transformers' step hardly grows with its batch,
+    being launch-bound, so the largest batch that fits tends to win)."""
     fastest = {}
     for key, figures in report.data.items():
         if isinstance(figures, dict) and "ms_per_step" in figures and "batch" in key:
@@ -133,6 +141,9 @@ def compiled_runs(model, run, batches, secs: float, report, torch) -> None:
                 fastest[b] = {"config": config, "ms_per_step": figures["ms_per_step"],
                               "streams_x_realtime": figures["streams_x_realtime"]}
     report["fastest"] = fastest
+    if fastest:
+        batch, best = max(fastest.items(), key=lambda item: item[1]["streams_x_realtime"])
+        report["best_aggregate"] = {"batch": int(batch), **best}
     report.save()
 
 
@@ -149,7 +160,7 @@ def main(argv=None):
         for key, value in LOCAL_ENV.items():
             os.environ.setdefault(key, value)
     secs = float(os.environ.get("SECS", 60))
-    batches = [int(b) for b in os.environ.get("BATCHES", "1,16,64").split(",")]
+    batches = [int(b) for b in os.environ.get("BATCHES", "1,16,64,128,256").split(",")]
     device, dtype_name = ("cpu", "float32") if args.local else ("cuda", "bfloat16")
 
     import torch
@@ -214,12 +225,19 @@ def main(argv=None):
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     for b in batches if os.environ.get("HF_EAGER", "1") == "1" else ():   # HF_EAGER=0: compiled ones only
-        dt, steps = run(b)
+        try:
+            dt, steps = run(b)
+        except Exception as exc:  # noqa: BLE001 - e.g. out of memory at a large batch: the others stand
+            report[f"batch{b}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            continue
         report[f"batch{b}"] = {"seconds": round(dt, 3), "steps": int(steps), "ms_per_step": round(1000 * dt / steps, 3),
                                "rtf_per_stream": round(dt / secs, 4), "streams_x_realtime": round(b * secs / dt, 2)}
         report.save()
     if os.environ.get("HF_COMPILED", "1" if device == "cuda" else "0") == "1":
         compiled_runs(model, run, batches, secs, report, torch)
+    summarize_fastest(report)
     if device == "cuda":
         report["peak_mem_GB"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     report.save()

@@ -241,7 +241,11 @@ def test_run_bench_local(devpack, vulkan_here, tmp_path):
     worst = bench["realtime_2_streams"]["worst_steps"]   # the slowest steps, slowest first, with what happened in them
     assert worst and [w["ms"] for w in worst] == sorted((w["ms"] for w in worst), reverse=True)
     assert {"dec_cache_grew", "enc_cache_pages_taken", "gc_generations"} <= set(worst[0])
-    assert json.loads((out / "hf_baseline.json").read_text())["batch2"]["steps"] > 0
+    hf = json.loads((out / "hf_baseline.json").read_text())
+    assert hf["batch2"]["steps"] > 0
+    best = max((1, 2), key=lambda b: hf[f"batch{b}"]["streams_x_realtime"])    # its best aggregate, eager here
+    assert hf["best_aggregate"] == {"batch": best, "config": "eager", **{k: hf[f"batch{best}"][k] for k in (
+        "ms_per_step", "streams_x_realtime")}}
     if vulkan_here:
         assert all(check[f"tiny_vulkan_f16_{k}"]["ok"] for k in ("offline", "streaming_80ms", "batched_decode"))
         report = json.loads((out / "cuda_bench.json").read_text())
