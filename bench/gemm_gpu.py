@@ -6,7 +6,8 @@ so the GPU machine needs only TVM's runtime.
    GEMM dispatches to (schedules.dequant_matmul.cuda_gemm_plan) and without a split, the weight
    dequantized in the weight-tile load (``s<count>``), or first into a float16 workspace and then
    dlight's tensor-core Matmul (``s<count>dq``) or cuBLAS (``cublas``, targets/cuda_cublas.cc linked
-   in), compiled as in the model into one library, ``gemm.so`` + ``manifest.json``.
+   in; ``cublas_scalar_stores``: its dequantization with one 2-byte store per element, as in the
+   fourteenth run), compiled as in the model into one library, ``gemm.so`` + ``manifest.json``.
 
        python bench/gemm_gpu.py build --out DIR [--arch sm_90] [--only dec.w2]
 
@@ -50,7 +51,7 @@ def variant_name(form) -> str:
 def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None) -> Path:
     import tvm
 
-    from schedules.dequant_matmul import GemmForm, cuda_gemm_form, cuda_gemm_plan, split_k_count
+    from schedules.dequant_matmul import GemmForm, cublas_gemm_cuda, cuda_gemm_form, cuda_gemm_plan, split_k_count
     from targets.base import CompileReport
     from targets.cuda import compile_cublas_shim, fatbin_compiler, prepare_toolchain
     from voxc.quant.formats import QType
@@ -75,6 +76,11 @@ def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None) 
             with target:
                 funcs[name] = cuda_gemm_form(QType.Q4_K, n, k, "float16", form).with_attr("global_symbol", name)
             manifest.append({"name": name, "label": label, "n": n, "k": k, "variant": variant})
+        # the cuBLAS form with the fourteenth run's dequantization (2-byte stores), beside the 16-byte one
+        name = f"gemm_q4_k_{n}x{k}_f16_cublas_scalar_stores"
+        with target:
+            funcs[name] = cublas_gemm_cuda(QType.Q4_K, n, k, "float16", vector_store=False).with_attr("global_symbol", name)
+        manifest.append({"name": name, "label": label, "n": n, "k": k, "variant": "cublas_scalar_stores"})
     # the kernels as a fatbin, as voxc's CUDA builds link them (TVM's runtime cannot compile source)
     with tvm.target.Target(target, host="llvm") as full_target, fatbin_compiler([arch], CompileReport()):
         lib = tvm.compile(tvm.IRModule(funcs), target=full_target)

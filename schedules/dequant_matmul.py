@@ -675,7 +675,7 @@ def cuda_gemm_form(qtype: QType, n: int, k: int, dtype: str, form: GemmForm) -> 
     return tensor_core_gemm_cuda(qtype, n, k, dtype, form.splits, form.form == "dequantize_first")
 
 
-def cublas_gemm_cuda(qtype: QType, n: int, k: int, dtype: str) -> tirx.PrimFunc:
+def cublas_gemm_cuda(qtype: QType, n: int, k: int, dtype: str, vector_store: bool = True) -> tirx.PrimFunc:
     """The weight dequantized into a workspace [n, k] of ``dtype``, then cuBLAS (``CUBLAS_GEMM_NT``, on
     TVM's current stream, float32 sums): ``(x [m, k], qweight, scales, y [m, n])`` for a symbolic ``m``.
     The call is made by the host between the dequantization's launch and the next kernel's."""
@@ -688,32 +688,45 @@ def cublas_gemm_cuda(qtype: QType, n: int, k: int, dtype: str) -> tirx.PrimFunc:
     y = te.extern((m, n), [x, weight],
                   lambda ins, outs: tirx.call_packed(CUBLAS_GEMM_NT, ins[0], ins[1], outs[0]),
                   name="y", dtype=dtype, in_buffers=buffers, out_buffers=[tirx.decl_buffer((m, n), dtype, "y")])
-    func = _dequantized_into_workspace(qtype, n, k, dtype, te.create_prim_func([weight, x, y]))
+    func = _dequantized_into_workspace(qtype, n, k, dtype, te.create_prim_func([weight, x, y]), vector_store)
     # what a target links and the runtime loads (targets.cuda.packed_calls; row_dispatch keeps the
     # attributes of its default form, which this one is where the plan has it)
     return func.with_attr(PACKED_CALLS_ATTR, [CUBLAS_GEMM_NT])
 
 
-def _dequantized_into_workspace(qtype: QType, n: int, k: int, dtype: str, consumer: tirx.PrimFunc) -> tirx.PrimFunc:
+def _dequantized_into_workspace(qtype: QType, n: int, k: int, dtype: str, consumer: tirx.PrimFunc,
+                                vector_store: bool = True) -> tirx.PrimFunc:
     """``consumer`` (which reads a dense weight ``w_dense`` [n, k]) after a kernel that dequantizes
-    ``qweight`` and ``scales`` into that workspace: ``(x, qweight, scales, y)``."""
+    ``qweight`` and ``scales`` into that workspace: ``(x, qweight, scales, y)``; ``vector_store`` as
+    :func:`_elementwise_cuda` (16-byte stores; False: the fourteenth run's 2-byte ones, for the bench)."""
     _, qweight, scales = _placeholders(qtype, n, k, tirx.Var("m", "int32"), dtype)
     dec = _Decoder(qtype, qweight, scales, "cuda")
     dense = te.compute((n, k), lambda i, j: dec.value(i, j).astype(dtype), name="w_dense")
-    return _chain(_elementwise_cuda(te.create_prim_func([qweight, scales, dense]), "w_dense", vector=8), consumer,
-                  order=("x", "qweight", "scales"))
+    lanes = 128 // tvm.DataType(dtype).bits    # one 16-byte store a thread
+    producer = _elementwise_cuda(te.create_prim_func([qweight, scales, dense]), "w_dense", vector=lanes,
+                                 vector_store=vector_store)
+    return _chain(producer, consumer, order=("x", "qweight", "scales"))
 
 
-def _elementwise_cuda(func: tirx.PrimFunc, block: str, vector: int = 1) -> tirx.PrimFunc:
-    """An elementwise PrimFunc on CUDA: 256 threads a block, ``vector`` consecutive elements a thread."""
+def _elementwise_cuda(func: tirx.PrimFunc, block: str, vector: int = 1, vector_store: bool = False) -> tirx.PrimFunc:
+    """An elementwise PrimFunc on CUDA: 256 threads a block, ``vector`` consecutive elements a thread.
+    ``vector_store``: the thread's elements are computed into registers, then written with one vector
+    store (16 bytes for 8 halves) instead of one 2-byte store each: a warp's scalar stores, 16 bytes
+    apart, each fill a quarter of the sectors they touch.  (The dequantization into cuBLAS's workspace
+    wrote at about 1.1 TB/s on an H100, a third of a copy: bench/RESULTS.md, fourteenth run.)"""
     sch = tvm.s_tir.Schedule(func)
-    loops = sch.get_loops(sch.get_sblock(block))
+    computed = sch.get_sblock(block)
+    loops = sch.get_loops(computed)
     if vector > 1:
         loops = [*loops[:-1], *sch.split(loops[-1], [None, vector])]
         sch.unroll(loops[-1])
     outer, inner = sch.split(sch.fuse(*loops[:-1] if vector > 1 else loops), [None, 256])
     sch.bind(outer, "blockIdx.x")
     sch.bind(inner, "threadIdx.x")
+    if vector_store and vector > 1:
+        store = sch.cache_write(computed, 0, "local")
+        sch.reverse_compute_at(store, inner)
+        sch.vectorize(sch.get_loops(store)[-1])
     return sch.mod["main"]
 
 
