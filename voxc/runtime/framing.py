@@ -53,6 +53,8 @@ def offline_padded(audio: np.ndarray, cfg: AudioConfig) -> tuple[np.ndarray, int
 
 def _as_pcm(chunk) -> np.ndarray:
     """Mono float PCM in [-1, 1] as float32 (the extractor casts to float32 before anything else)."""
+    if type(chunk) is np.ndarray and chunk.dtype == np.float32 and chunk.ndim == 1:
+        return chunk          # what a session passes on every chunk: nothing to check or convert
     pcm = np.asarray(chunk)
     if pcm.ndim != 1:
         raise VoxcError(f"expected mono PCM as a 1-D array, got shape {pcm.shape}")
@@ -104,7 +106,8 @@ class StreamingMelFramer:
         if pcm.size == 0:
             return None
         self.samples_received += pcm.shape[0]
-        self._tail = np.concatenate([self._tail, pcm])[-(self._half + 1):]
+        keep = self._half + 1
+        self._tail = pcm[-keep:] if pcm.shape[0] >= keep else np.concatenate([self._tail, pcm])[-keep:]
         self._pending = np.concatenate([self._pending, pcm])
         if not self._started:
             if self._pending.shape[0] <= self._half:

@@ -255,6 +255,6 @@ def check_pcm(pcm) -> np.ndarray:
     if array.dtype.kind != "f":
         raise VoxcError(f"feed() takes float PCM, got dtype {array.dtype}")
     array = array.astype(np.float32, copy=False)
-    if not np.all(np.isfinite(array)):
+    if not np.isfinite(array).all():
         raise VoxcError("audio chunk contains NaN or infinite samples")
     return array
