@@ -32,6 +32,11 @@ from schedules import pin_source
 pin_source(__name__)   # the TVMScript kernel builders below parse this file when called
 
 NEG_INF = -3.0e38
+INT8_MAX = 127.0   # an 8-bit cache's codes are -127 .. 127 (symmetric: -128 is never stored)
+# Threads that quantize one row of an 8-bit cache on a GPU (a warp: the row's max is one warp reduction),
+# and rows per block.
+INT8_APPEND_LANES = 32
+INT8_APPEND_ROWS_PER_BLOCK = 4
 
 
 def ring_page_rows(window: int, page_rows: int | None) -> int:
@@ -48,6 +53,59 @@ def ring_page_rows(window: int, page_rows: int | None) -> int:
 def ring_pages(window: int, page_rows: int) -> int:
     """Pages of one sequence's whole ring."""
     return -(-window // page_rows)
+
+
+def int8_page(kv_dtype: str | None, page_rows: int, n_kv_heads: int, head_dim: int):
+    """The byte layout of an 8-bit cache's page (voxc.artifact.Int8KvPage), or None for a float cache."""
+    from voxc.artifact import Int8KvPage
+
+    return Int8KvPage(page_rows, n_kv_heads, head_dim) if kv_dtype == "int8" else None
+
+
+def cache_shape(page, page_rows: int, n_kv_heads: int, head_dim: int, n_pages) -> tuple:
+    """A layer's pool: ``[n_pages, 2, P, Hkv, D]`` (float) or ``[n_pages, page_bytes]`` (8-bit ``page``)."""
+    if page is None:
+        return (n_pages, 2, page_rows, n_kv_heads, head_dim)
+    return (n_pages, page.page_bytes)
+
+
+def int8_scale_from_bytes(cache, page_index, page, kv, row, head):
+    """The float32 scale of (k or v, row, head) of an 8-bit page, assembled from its four bytes (a TE
+    expression: a TE tensor has one dtype, so the word is built with shifts, then reinterpreted)."""
+    first = page.scale_index(kv, row, head) * 4
+    word = tirx.const(0, "uint32")
+    for byte in range(4):
+        part = cache[page_index, first + byte].astype("uint8").astype("uint32")
+        word = word | (part << tirx.const(8 * byte, "uint32")) if byte else part
+    return tirx.reinterpret("float32", word)
+
+
+def int8_dequantized(values, scale, dtype: str):
+    """An 8-bit cache element as the kernels read it (float32): value x scale, rounded to the activation
+    dtype first, so that a ring row and :func:`int8_roundtrip`'s chunk row are the same number."""
+    return (values.astype("float32") * scale).astype(dtype).astype("float32")
+
+
+def int8_roundtrip(x: te.Tensor) -> te.Tensor:
+    """x [b, n, heads, D] -> what an 8-bit cache gives back for it (quantized per (b, n, head) row as
+    :func:`ring_append_int8_func` stores it, then :func:`int8_dequantized`), in x's dtype.
+
+    The attention reads a chunk's own keys and values from the chunk, the earlier ones from the ring:
+    through this, both are the cached numbers, so an 8-bit build's results do not depend on how a
+    stream is cut into chunks (offline equals any streaming)."""
+    b, n, heads, dim = x.shape
+    rd = te.reduce_axis((0, dim), name="rd")
+    amax = te.compute((b, n, heads), lambda bi, i, h: te.max(tirx.abs(x[bi, i, h, rd].astype("float32")), axis=rd),
+                      name="int8_row_max")
+    limit = tirx.const(INT8_MAX, "float32")
+
+    def roundtrip(bi, i, h, d):
+        inverse = tirx.if_then_else(amax[bi, i, h] > tirx.const(0, "float32"), limit / amax[bi, i, h],
+                                    tirx.const(0, "float32"))
+        code = tirx.max(tirx.min(tirx.round(x[bi, i, h, d].astype("float32") * inverse), limit), -limit)
+        return int8_dequantized(code.astype("int8"), amax[bi, i, h] / limit, x.dtype).astype(x.dtype)
+
+    return te.compute(x.shape, roundtrip, name="int8_roundtrip")
 
 
 def ring_attrs(func, window: int, page_rows: int):
@@ -67,17 +125,21 @@ def _ring_position(start, row, window):
 
 
 def ring_attention_func(n_heads: int, n_kv_heads: int, head_dim: int, window: int, dtype: str = "float32",
-                        page_rows: int | None = None):
+                        page_rows: int | None = None, kv_dtype: str | None = None):
     """PrimFunc: out[b, i, h, :] = softmax-weighted sum over visible ring rows and chunk keys.
 
     Arguments: q [b, n, H, D], k/v [b, n, Hkv, D] (RoPE already applied to q and k),
-    cache [n_pages, 2, P, Hkv, D] (the layer's pool), pages [b, ceil(W / P)] int32 (each sequence's
-    page table row), starts [b] int32 (position of the chunk's first token). Returns out [b, n, H, D].
+    cache [n_pages, 2, P, Hkv, D] (the layer's pool; ``kv_dtype`` "int8": [n_pages, page_bytes] of
+    voxc.artifact.Int8KvPage), pages [b, ceil(W / P)] int32 (each sequence's page table row), starts
+    [b] int32 (position of the chunk's first token). Returns out [b, n, H, D].
     ``page_rows`` P: voxc.artifact.kv_page_rows(window) unless given.  A ring row that is not visible
     is read (this definition scores all W rows) but weighs exactly 0: its score and its value are both
-    replaced, so a row of a page never written (whatever its bits) cannot turn the sum into NaN.
+    replaced, so a row of a page never written (whatever its bits) cannot turn the sum into NaN.  An
+    8-bit ring row weighs in as :func:`int8_dequantized`; the chunk's own keys as given (the model
+    passes them through :func:`int8_roundtrip` first).
     """
     P = ring_page_rows(window, page_rows)
+    page8 = int8_page(kv_dtype, P, n_kv_heads, head_dim)
     b, n = te.var("b", "int64"), te.var("n", "int64")
     n_pages = te.var("n_pages", "int64")
     group = n_heads // n_kv_heads
@@ -85,7 +147,7 @@ def ring_attention_func(n_heads: int, n_kv_heads: int, head_dim: int, window: in
     q = te.placeholder((b, n, n_heads, head_dim), dtype, name="q")
     k = te.placeholder((b, n, n_kv_heads, head_dim), dtype, name="k")
     v = te.placeholder((b, n, n_kv_heads, head_dim), dtype, name="v")
-    cache = te.placeholder((n_pages, 2, P, n_kv_heads, head_dim), dtype, name="cache")
+    cache = te.placeholder(cache_shape(page8, P, n_kv_heads, head_dim, n_pages), kv_dtype or dtype, name="cache")
     pages = te.placeholder((b, ring_pages(window, P)), "int32", name="pages")
     starts = te.placeholder((b,), "int32", name="starts")
     n_keys = window + n
@@ -100,18 +162,22 @@ def ring_attention_func(n_heads: int, n_kv_heads: int, head_dim: int, window: in
         return tirx.if_then_else(j < window, from_ring, from_chunk)
 
     def key_or_value(kv_index, chunk, bi, j, kh, d):
+        """Key or value j (ring row j < W, else chunk row j - W) in float32."""
         row = tirx.min(j, window - 1)
         page = pages[bi, tirx.floordiv(row, P)].astype("int64")
-        return tirx.if_then_else(
-            j < window,
-            cache[page, kv_index, tirx.floormod(row, P), kh, d],
-            chunk[bi, tirx.max(j - window, 0), kh, d])
+        page_row = tirx.floormod(row, P)
+        if page8 is None:
+            cached = cache[page, kv_index, page_row, kh, d].astype("float32")
+        else:
+            cached = int8_dequantized(cache[page, page8.value_offset(kv_index, page_row, kh, d)],
+                                      int8_scale_from_bytes(cache, page, page8, kv_index, page_row, kh), dtype)
+        return tirx.if_then_else(j < window, cached, chunk[bi, tirx.max(j - window, 0), kh, d].astype("float32"))
 
     rd = te.reduce_axis((0, head_dim), name="rd")
     dots = te.compute(
         (b, n_heads, n, n_keys),
-        lambda bi, h, i, j: te.sum(q[bi, i, h, rd].astype("float32")
-                                   * key_or_value(0, k, bi, j, h // group, rd).astype("float32"), axis=rd),
+        lambda bi, h, i, j: te.sum(q[bi, i, h, rd].astype("float32") * key_or_value(0, k, bi, j, h // group, rd),
+                                   axis=rd),
         name="dots")
     scores = te.compute(
         (b, n_heads, n, n_keys),
@@ -128,7 +194,7 @@ def ring_attention_func(n_heads: int, n_kv_heads: int, head_dim: int, window: in
     weighted = te.compute(
         (b, n, n_heads, head_dim),
         lambda bi, i, h, d: te.sum(weights[bi, h, i, ro] * tirx.if_then_else(
-            visible(bi, i, ro), key_or_value(1, v, bi, ro, h // group, d).astype("float32"),
+            visible(bi, i, ro), key_or_value(1, v, bi, ro, h // group, d),
             tirx.const(0.0, "float32")), axis=ro),
         name="weighted")
     out = te.compute((b, n, n_heads, head_dim),
@@ -138,11 +204,14 @@ def ring_attention_func(n_heads: int, n_kv_heads: int, head_dim: int, window: in
 
 
 def ring_append_func(n_kv_heads: int, head_dim: int, window: int, dtype: str = "float32",
-                     page_rows: int | None = None):
+                     page_rows: int | None = None, kv_dtype: str | None = None):
     """In-place PrimFunc writing a chunk's last ``min(n, window)`` keys and values into the ring, through
-    the page table: (cache [n_pages, 2, P, Hkv, D], k, v, pages [b, ceil(W / P)], starts)."""
+    the page table: (cache [n_pages, 2, P, Hkv, D], k, v, pages [b, ceil(W / P)], starts).  An 8-bit
+    cache (``kv_dtype`` "int8"): :func:`ring_append_int8_func`."""
     from tvm.script import tirx as T
 
+    if kv_dtype == "int8":
+        return ring_append_int8_func(n_kv_heads, head_dim, window, dtype, page_rows)
     P = ring_page_rows(window, page_rows)
     NPT = ring_pages(window, P)
 
@@ -169,6 +238,92 @@ def ring_append_func(n_kv_heads: int, head_dim: int, window: int, dtype: str = "
                       vh, vd] = \
                     T.if_then_else(vkv == 0, k[vb, n - T.min(n, window) + vi, vh, vd],
                                    v[vb, n - T.min(n, window) + vi, vh, vd])
+
+    return ring_attrs(ring_append, window, P)
+
+
+def ring_append_int8_func(n_kv_heads: int, head_dim: int, window: int, dtype: str = "float32",
+                          page_rows: int | None = None, gpu: bool = False):
+    """:func:`ring_append_func` into an 8-bit cache (voxc.artifact.Int8KvPage): each (k or v, row,
+    kv head) of the chunk's last ``min(n, window)`` tokens is stored as round(x * 127 / max|x|), clamped
+    to +-127, with the scale max|x| / 127 (0 for an all-zero row, whose values are then 0).
+
+    The same loop nest on every target: ``gpu`` binds the rows to blocks and a warp's lanes to a row's
+    elements (the max is a warp reduction); otherwise the rows run in parallel, one element at a time."""
+    from tvm.script import tirx as T
+
+    P = ring_page_rows(window, page_rows)
+    NPT = ring_pages(window, P)
+    page8 = int8_page("int8", P, n_kv_heads, head_dim)
+    PB, HKV, D = page8.page_bytes, n_kv_heads, head_dim
+    WORDS = PB // 4                                    # float32 words of a page
+    LANES = INT8_APPEND_LANES if gpu else 1
+    RPB = INT8_APPEND_ROWS_PER_BLOCK if gpu else 1
+    STEPS = -(-D // LANES)                             # elements of a row per lane
+
+    def rows_loop(extent):
+        return T.thread_binding(extent, thread="blockIdx.x") if gpu else T.parallel(extent)
+
+    def row_block_loop():
+        return T.thread_binding(RPB, thread="threadIdx.y") if gpu else T.serial(RPB)
+
+    def lanes_loop():
+        return T.thread_binding(LANES, thread="threadIdx.x") if gpu else T.serial(LANES)
+
+    @T.prim_func(private=True, s_tir=True)
+    def ring_append(var_cache: T.handle, var_k: T.handle, var_v: T.handle, var_pages: T.handle,
+                    var_starts: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        n_pages, b, n = T.int64(), T.int64(), T.int64()
+        cache = T.match_buffer(var_cache, (n_pages, PB), "int8")
+        k = T.match_buffer(var_k, (b, n, HKV, D), dtype)
+        v = T.match_buffer(var_v, (b, n, HKV, D), dtype)
+        pages = T.match_buffer(var_pages, (b, NPT), "int32")
+        starts = T.match_buffer(var_starts, (b,), "int32")
+        scales = T.decl_buffer((n_pages * WORDS,), "float32", data=cache.data)
+        # rows: (sequence, chunk token, k or v, kv head), the chunk's last min(n, W) tokens
+        for rb in rows_loop((b * T.min(n, window) * 2 * HKV + RPB - 1) // RPB):
+            for ry in row_block_loop():
+                for tx in lanes_loop():
+                    with T.sblock("append_int8"):
+                        T.reads()
+                        T.writes()
+                        part = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        amax = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        r: T.let[T.int64] = rb * RPB + T.Cast("int64", ry)
+                        if r < b * T.min(n, window) * 2 * HKV:
+                            h: T.let[T.int64] = r % HKV
+                            kv: T.let[T.int64] = r // HKV % 2
+                            i: T.let[T.int64] = r // (2 * HKV) % T.min(n, window)
+                            bi: T.let[T.int64] = r // (2 * HKV * T.min(n, window))
+                            token: T.let[T.int64] = n - T.min(n, window) + i
+                            ring_row: T.let[T.int64] = T.floormod(T.Cast("int64", starts[bi]) + token, window)
+                            page: T.let[T.int64] = T.Cast("int64", pages[bi, ring_row // P])
+                            part[0] = T.float32(0)
+                            for j in T.serial(STEPS):
+                                if j * LANES + T.Cast("int64", tx) < D:
+                                    part[0] = T.max(part[0], T.fabs(T.Cast("float32", T.if_then_else(
+                                        kv == 0, k[bi, token, h, j * LANES + tx], v[bi, token, h, j * LANES + tx]))))
+                            if gpu:
+                                with T.sblock("row_max"):
+                                    T.reads(part[0])
+                                    T.writes(amax[0])
+                                    T.attr(T.comm_reducer(lambda x0, y0: T.max(x0, y0), [T.float32(0)]),
+                                           "reduce_scope", T.int32(0))
+                                    T.tvm_thread_allreduce(T.uint32(1), part[0], True, amax[0], tx, dtype="void")
+                            else:
+                                amax[0] = part[0]
+                            inverse: T.let[T.float32] = T.if_then_else(
+                                amax[0] > T.float32(0), T.float32(INT8_MAX) / amax[0], T.float32(0))
+                            for j in T.serial(STEPS):
+                                if j * LANES + T.Cast("int64", tx) < D:
+                                    cache[page, page8.value_offset(kv, ring_row % P, h, j * LANES + tx)] = T.Cast(
+                                        "int8", T.max(T.min(T.round(T.Cast("float32", T.if_then_else(
+                                            kv == 0, k[bi, token, h, j * LANES + tx], v[bi, token, h, j * LANES + tx]))
+                                            * inverse), T.float32(INT8_MAX)), T.float32(-INT8_MAX)))
+                            if tx == 0:
+                                scales[page * WORDS + page8.scale_index(kv, ring_row % P, h)] = \
+                                    amax[0] / T.float32(INT8_MAX)
 
     return ring_attrs(ring_append, window, P)
 
@@ -298,18 +453,25 @@ def float32_lanes(T, vec: int):
 
 
 def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, window: int,
-                                dtype: str = "float32", page_rows: int | None = None, **layout_args):
+                                dtype: str = "float32", page_rows: int | None = None,
+                                kv_dtype: str | None = None, **layout_args):
     """Split-K partial attention: o [b, n, H, splits, D] (normalised within the split) and
     lse [b, n, H, splits] (log2 of the split's softmax mass, plus its max). Same arguments as
     :func:`ring_attention_func` up to ``starts``.
 
     Each thread row loads its key and value row through the page table on its own (one 4-byte table
     read, L1-resident, per row of 2 x D elements), so a tile of keys may cross a page boundary at no
-    cost: its rows are separate loads whether or not they share a page.  Only visible rows are read."""
+    cost: its rows are separate loads whether or not they share a page.  Only visible rows are read.
+    An 8-bit cache's row is dequantized (values x its scale) on its way into shared memory, so the
+    rest of the kernel is the float one; it reads half the bytes of a float16 row."""
     from tvm.script import tirx as T
 
     P = ring_page_rows(window, page_rows)
     NPT = ring_pages(window, P)
+    page8 = int8_page(kv_dtype, P, n_kv_heads, head_dim)
+    INT8 = page8 is not None
+    CACHE_SHAPE = cache_shape(page8, P, n_kv_heads, head_dim, 1)[1:]
+    WORDS = page8.page_bytes // 4 if INT8 else 1
     lay = cuda_kernel_layout(n_heads, n_kv_heads, head_dim, window, dtype, **layout_args)
     G, VEC, LV, bdx, bdy, bdz, TILE, HB, NS, QR = (lay[k] for k in (
         "group", "vec", "load_lanes", "bdx", "bdy", "bdz", "tile", "head_blocks", "n_splits", "query_rows"))
@@ -330,11 +492,12 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
         q = T.match_buffer(var_q, (b, n, H, D), dtype)
         k = T.match_buffer(var_k, (b, n, HKV, D), dtype)
         v = T.match_buffer(var_v, (b, n, HKV, D), dtype)
-        cache = T.match_buffer(var_cache, (n_pages, 2, P, HKV, D), dtype)
+        cache = T.match_buffer(var_cache, (n_pages, *CACHE_SHAPE), kv_dtype or dtype)
         pages = T.match_buffer(var_pages, (b, NPT), "int32")
         starts = T.match_buffer(var_starts, (b,), "int32")
         o = T.match_buffer(var_o, (b, n, H, NS, D), "float32")
         lse = T.match_buffer(var_lse, (b, n, H, NS), "float32")
+        scales = T.decl_buffer((n_pages * WORDS,), "float32", data=cache.data)   # an 8-bit page's scales
 
         for bx in T.thread_binding(b * ((n + QR - 1) // QR), thread="blockIdx.x"):
             for by in T.thread_binding(HKV * HB * active_splits(b, n, lay), thread="blockIdx.y"):
@@ -343,6 +506,8 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                         for tz in T.thread_binding(bdz, thread="threadIdx.z"):
                             with T.sblock("attn"):
                                 q_local = T.sblock_alloc_buffer((VEC,), "float32", scope="local")
+                                k8 = T.sblock_alloc_buffer((LV,), "int8", scope="local")
+                                v8 = T.sblock_alloc_buffer((LV,), "int8", scope="local")
                                 k_smem = T.sblock_alloc_buffer((ROWS, D), dtype, scope="shared")
                                 v_smem = T.sblock_alloc_buffer((ROWS, D), dtype, scope="shared")
                                 o_merge = T.sblock_alloc_buffer((bdz, bdy, D), "float32", scope="shared")
@@ -401,12 +566,30 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                                 if pos < start:
                                                     ring_row: T.let[T.int64] = T.floormod(pos, W)
                                                     page: T.let[T.int64] = T.Cast("int64", pages[bi, ring_row // P])
-                                                    for c in T.unroll(VEC // LV):
-                                                        for vec in T.vectorized(LV):
-                                                            k_smem[row_s + j, tx * VEC + c * LV + vec] = cache[
-                                                                page, 0, ring_row % P, kvh, tx * VEC + c * LV + vec]
-                                                            v_smem[row_s + j, tx * VEC + c * LV + vec] = cache[
-                                                                page, 1, ring_row % P, kvh, tx * VEC + c * LV + vec]
+                                                    if INT8:
+                                                        k_scale: T.let[T.float32] = scales[
+                                                            page * WORDS + page8.scale_index(0, ring_row % P, kvh)]
+                                                        v_scale: T.let[T.float32] = scales[
+                                                            page * WORDS + page8.scale_index(1, ring_row % P, kvh)]
+                                                        for c in T.unroll(VEC // LV):
+                                                            for vec in T.vectorized(LV):
+                                                                k8[vec] = cache[page, page8.value_offset(
+                                                                    0, ring_row % P, kvh, tx * VEC + c * LV + vec)]
+                                                            for vec in T.vectorized(LV):
+                                                                v8[vec] = cache[page, page8.value_offset(
+                                                                    1, ring_row % P, kvh, tx * VEC + c * LV + vec)]
+                                                            for vec in T.unroll(LV):
+                                                                k_smem[row_s + j, tx * VEC + c * LV + vec] = T.Cast(
+                                                                    dtype, T.Cast("float32", k8[vec]) * k_scale)
+                                                                v_smem[row_s + j, tx * VEC + c * LV + vec] = T.Cast(
+                                                                    dtype, T.Cast("float32", v8[vec]) * v_scale)
+                                                    else:
+                                                        for c in T.unroll(VEC // LV):
+                                                            for vec in T.vectorized(LV):
+                                                                k_smem[row_s + j, tx * VEC + c * LV + vec] = cache[
+                                                                    page, 0, ring_row % P, kvh, tx * VEC + c * LV + vec]
+                                                                v_smem[row_s + j, tx * VEC + c * LV + vec] = cache[
+                                                                    page, 1, ring_row % P, kvh, tx * VEC + c * LV + vec]
                                                 else:
                                                     for c in T.unroll(VEC // LV):
                                                         for vec in T.vectorized(LV):

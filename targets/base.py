@@ -26,6 +26,10 @@ class TargetSpec:
     mel_dtype: str = "float64"  # WebGPU has no f64
     shard_bytes: int = NATIVE_SHARD_BYTES
     static_entries: tuple = ()   # voxc.artifact.StaticEntry copies of entry points with static shapes
+    kv_int8: tuple = ()          # towers with 8-bit KV caches (voxc build --kv-int8; voxc.artifact.Int8KvPage)
+    # whether this target compiles 8-bit KV caches: CUDA's kernels read them (llvm runs their reference
+    # definition, for tests); WebGPU and Vulkan shaders have no 8-bit storage without extensions
+    supports_kv_int8 = False
 
     def tvm_target(self):
         raise NotImplementedError
@@ -34,7 +38,7 @@ class TargetSpec:
         """How this target's graph differs from the common one (voxc.model.graph.GraphOptions)."""
         return GraphOptions(dtype=self.model_dtype, mel_dtype=self.mel_dtype,
                             quant=dataclasses.replace(quant, kernel_target=self.name),
-                            static_entries=tuple(self.static_entries))
+                            static_entries=tuple(self.static_entries), kv_int8=tuple(self.kv_int8))
 
     def compile(self, mod, report: CompileReport | None = None):
         """Relax IRModule -> executable; targets override to add their schedules and passes."""

@@ -63,6 +63,7 @@ class CudaTarget(TargetSpec):
     # its tiled Matmul (rows padded to its tile) above. (max M, bucket); M beyond the last -> Matmul.
     # Measured on the H100 (bench/RESULTS.md): bucket 4 up to M=64 beats buckets 8 and 16 at M=8..27.
     small_m_tiers: tuple = ((64, 4),)
+    supports_kv_int8 = True
 
     def tvm_target(self):
         import tvm

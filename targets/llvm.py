@@ -44,6 +44,7 @@ class LlvmTarget(TargetSpec):
     # Off by default: rounding the activations to int8 moves the tiny Q4_K model's logits by up to
     # 3e-2 of their range against every other target's float activations (voxc build --int8-activations)
     int8_activations: bool = False
+    supports_kv_int8 = True   # through the reference kernels (schedules/ring_attention.py): correct, not tuned
 
     def int8_isa(self) -> str | None:
         """The integer dot product the quantized GEMVs use on this build's CPU, or None (float)."""
@@ -127,7 +128,11 @@ def apply_cpu_attention(mod):
 
     for gv, func in list(mod.functions_items()):
         if isinstance(func, tirx.PrimFunc) and gv.name_hint.startswith("ring_attention"):
-            q, k = func.params[:2]   # buffer params carry their shapes
+            q, k, _, cache = func.params[:4]   # buffer params carry their shapes
+            if str(cache.dtype) == "int8":
+                # an 8-bit cache (voxc build --kv-int8, made for CUDA) keeps the TE definition here:
+                # correct, one thread, every ring row scored
+                continue
             window, page_rows = ring_shape(func)
             mod[gv] = ring_attention_cpu(int(q.shape[2]), int(k.shape[2]), int(q.shape[3]), window, str(q.dtype),
                                          page_rows=page_rows)

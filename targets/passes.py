@@ -76,7 +76,8 @@ def _rewrite_calls(mod, rewrite):
 def swap_ring_attention(mod, **layout):
     """Each call of a TE ``ring_attention*`` PrimFunc (voxc.model.layers.RingAttention) -> voxc's
     split-K GPU kernels (partial + merge, schedules/ring_attention.py) laid out by ``layout``
-    (``cuda_kernel_layout``'s keyword arguments: threads, keys_per_split, max_splits)."""
+    (``cuda_kernel_layout``'s keyword arguments: threads, keys_per_split, max_splits); the append into
+    an 8-bit cache -> its GPU form (a float cache's append is a plain spatial block dlight schedules)."""
     import tvm
     from tvm import relax, tirx
 
@@ -84,6 +85,14 @@ def swap_ring_attention(mod, **layout):
 
     attention = {gv for gv, f in mod.functions_items()
                  if isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith("ring_attention")}
+    for gv, func in list(mod.functions_items()):
+        # an 8-bit cache's append quantizes each row: one warp per row (its max is a warp reduction)
+        if isinstance(func, tirx.PrimFunc) and gv.name_hint.startswith("ring_append") \
+                and str(func.params[0].dtype) == "int8":
+            k = func.params[1]
+            window, page_rows = ra.ring_shape(func)
+            mod[gv] = ra.ring_append_int8_func(int(k.shape[2]), int(k.shape[3]), window, str(k.dtype), page_rows,
+                                               gpu=True)
     if not attention:
         return mod
     call_tir = tvm.ir.Op.get("relax.call_tir")
@@ -92,13 +101,14 @@ def swap_ring_attention(mod, **layout):
     def kernels_for(builder, gv):
         if gv not in kernels:
             func = mod[gv]
-            q, k = func.params[:2]   # buffer params carry their shapes
+            q, k, _, cache = func.params[:4]   # buffer params carry their shapes
             heads, head_dim = int(q.shape[2]), int(q.shape[3])
             kv_heads, dtype = int(k.shape[2]), str(q.dtype)
             window, page_rows = ra.ring_shape(func)
             shape = (heads, kv_heads, head_dim, window, dtype)
             splits = ra.cuda_kernel_layout(*shape, **layout)["n_splits"]
-            partial = builder.builder_.add_func(ra.ring_attention_partial_cuda(*shape, page_rows=page_rows, **layout),
+            partial = builder.builder_.add_func(ra.ring_attention_partial_cuda(
+                *shape, page_rows=page_rows, kv_dtype=str(cache.dtype), **layout),
                                                 gv.name_hint + "_partial")
             merge = builder.builder_.add_func(ra.ring_attention_merge_cuda(*shape, **layout), gv.name_hint + "_merge")
             kernels[gv] = (partial, merge, heads, head_dim, splits)

@@ -63,7 +63,7 @@ def write_web_files(out: Path, *, target, executable, tokenizer_bytes: bytes, pa
     for name in (target.library_name, WEIGHT_INDEX, WEB_TOKENIZER_TABLE):
         h.update(hashlib.sha256((out / name).read_bytes()).digest())
     sizes = [int(np.prod(shape)) * np.dtype(dtype).itemsize for _, shape, dtype in params]
-    state = state_section(cfg, target.model_dtype)
+    state = state_section(cfg, target.model_dtype, target.kv_int8)
     parts = split_embedding_parts(params)
     return {
         "kind": "voxtral-realtime",

@@ -46,6 +46,72 @@ def ring_attention_reference(q, k, v, cache, pages, starts, window):
     return out, after
 
 
+def int8_kv_quantize(rows):
+    """Rows [..., head_dim] -> (int8 values, float32 scales [...]): symmetric, max |x| / 127 per row
+    (an all-zero row: scale 0, values 0); numpy's own rounding, written apart from the kernels."""
+    rows = np.asarray(rows, np.float32)
+    amax = np.abs(rows).max(axis=-1)
+    inverse = np.where(amax > 0, np.float32(127.0) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    values = np.clip(np.round(rows * inverse[..., None]), -127, 127).astype(np.int8)
+    return values, (amax / np.float32(127.0)).astype(np.float32)
+
+
+def int8_kv_pages(cache):
+    """A float pool [n_pages, 2, P, H, D] -> the 8-bit pool [n_pages, page_bytes] int8 that holds it
+    (voxc.artifact.Int8KvPage: the values in (k/v, row, head, element) order, padded, then the float32
+    scales in (k/v, row, head) order).  A page that is all NaN (the reference's never-reached page)
+    becomes all 0xFF bytes: values -1 and NaN scales, so a kernel that reads it still gives NaN."""
+    from voxc.artifact import Int8KvPage
+
+    n_pages, _, rows, heads, dim = cache.shape
+    layout = Int8KvPage(rows, heads, dim)
+    pool = np.zeros((n_pages, layout.page_bytes), np.int8)
+    for page in range(n_pages):
+        if np.isnan(cache[page]).all():
+            pool[page] = -1
+            continue
+        values, scales = int8_kv_quantize(cache[page])
+        pool[page, :values.size] = values.reshape(-1)
+        first = layout.values_bytes
+        pool[page, first:first + scales.size * 4] = scales.reshape(-1).view(np.int8)
+    return pool
+
+
+def int8_kv_floats(pool, rows, heads, dim):
+    """The 8-bit pool [n_pages, page_bytes] -> float64 [n_pages, 2, rows, heads, dim]: values x scales."""
+    from voxc.artifact import Int8KvPage
+
+    layout = Int8KvPage(rows, heads, dim)
+    count = 2 * rows * heads
+    values = pool[:, :count * dim].reshape(-1, 2, rows, heads, dim).astype(np.float64)
+    scales = np.ascontiguousarray(pool[:, layout.values_bytes:layout.values_bytes + 4 * count]).view(np.float32)
+    return values * scales.reshape(-1, 2, rows, heads, 1).astype(np.float64)
+
+
+def int8_ring_append_reference(pool, k, v, pages, starts, window, rows):
+    """The 8-bit pool after the append of a chunk's last min(n, window) keys and values (each row
+    quantized by :func:`int8_kv_quantize`), everything else unchanged."""
+    from voxc.artifact import Int8KvPage
+
+    heads, dim = k.shape[2], k.shape[3]
+    layout = Int8KvPage(rows, heads, dim)
+    after = pool.copy()
+    scales = after[:, layout.values_bytes:layout.values_bytes + 8 * rows * heads].view(np.float32)
+    n = k.shape[1]
+    m = min(n, window)
+    for bi in range(k.shape[0]):
+        for i in range(m):
+            row = (int(starts[bi]) + n - m + i) % window
+            page = pages[bi, row // rows]
+            for kv, chunk in enumerate((k, v)):
+                values, scale = int8_kv_quantize(chunk[bi, n - m + i])
+                for h in range(heads):
+                    first = layout.value_offset(kv, row % rows, h, 0)
+                    after[page, first:first + dim] = values[h]
+                    scales[page, layout.scale_index(kv, row % rows, h) - layout.values_bytes // 4] = scale[h]
+    return after
+
+
 def paged_ring(rng, starts, n, window, page_rows, kv_heads, head_dim, dtype, garbage=np.nan):
     """A random pool and page-table rows for sequences at ``starts`` about to take a chunk of ``n``:
     each sequence's pages for the ring rows it will have reached after the chunk, distinct and shuffled

@@ -98,6 +98,59 @@ KV_INITIAL_SECONDS = 4.0
 KV_GROWTH_HEADROOM = 4
 
 
+# 8-bit KV caches (``voxc build --kv-int8``): a tower's pool holds int8 values with one float32 scale
+# per (k or v, ring row, kv head) -- max |x| / 127 over the head's values, so every row keeps its own
+# range.  A page of such a pool is plain bytes, ``[n_pages, page_bytes] int8``: first the page's
+# ``2 x page_rows x heads x head_dim`` values in the float layout's order (k/v, row, head, element),
+# padded to INT8_KV_ALIGN bytes, then the ``2 x page_rows x heads`` scales in the same order, as
+# little-endian float32.  One tensor per layer keeps one page table and one binding per kernel; the
+# alignment lets the CUDA kernels read 16-byte vectors of values and 4-byte scales.  It halves the
+# encoder's cache (and the bytes its attention reads a step) against float16.
+KV_TOWERS = {"encoder": "enc_cache", "decoder": "dec_cache"}   # --kv-int8 names -> state entries
+INT8_KV_ALIGN = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Int8KvPage:
+    """Byte layout of one page of an 8-bit KV pool (see INT8_KV_ALIGN)."""
+    page_rows: int
+    heads: int
+    head_dim: int
+
+    @property
+    def values_bytes(self) -> int:
+        return -(-2 * self.page_rows * self.heads * self.head_dim // INT8_KV_ALIGN) * INT8_KV_ALIGN
+
+    @property
+    def page_bytes(self) -> int:
+        scales = 2 * self.page_rows * self.heads * 4
+        return -(-(self.values_bytes + scales) // INT8_KV_ALIGN) * INT8_KV_ALIGN
+
+    def value_offset(self, kv, row, head, element):
+        """Byte of value ``element`` of (k or v, row, head) within its page (ints or TIR expressions)."""
+        return ((kv * self.page_rows + row) * self.heads + head) * self.head_dim + element
+
+    def scale_index(self, kv, row, head):
+        """Index of (k or v, row, head)'s scale among the page's float32 words."""
+        return self.values_bytes // 4 + (kv * self.page_rows + row) * self.heads + head
+
+
+def kv_int8_towers(towers) -> tuple[str, ...]:
+    """``--kv-int8``'s towers, checked and in a fixed order: a comma list of encoder/decoder, or all/none."""
+
+    if towers is None:
+        return ()
+    names = [t.strip() for t in (towers.split(",") if isinstance(towers, str) else towers) if t.strip()]
+    if names in (["all"], ["both"]):
+        names = list(KV_TOWERS)
+    if names == ["none"]:
+        names = []
+    unknown = [t for t in names if t not in KV_TOWERS]
+    if unknown:
+        raise VoxcError(f"--kv-int8 {','.join(unknown)}: the towers are {', '.join(KV_TOWERS)} (or all, none)")
+    return tuple(t for t in KV_TOWERS if t in names)
+
+
 def kv_page_rows(window: int) -> int:
     """Rows of one page of a ring of ``window`` rows."""
     return min(KV_PAGE_ROWS, int(window))
@@ -168,15 +221,21 @@ class StateEntry:
         return tuple(rows if s is None else s for s in self.shape)
 
 
-def state_layout(cfg: ModelConfig) -> dict[str, StateEntry]:
+def state_layout(cfg: ModelConfig, kv_int8: tuple[str, ...] = ()) -> dict[str, StateEntry]:
     """Device state, name -> entry.  Every entry point takes and returns the entries it uses, updated
-    in place (a per-layer entry as a tuple; the page tables are only read); the order is the runtime's."""
+    in place (a per-layer entry as a tuple; the page tables are only read); the order is the runtime's.
+    ``kv_int8``: the towers whose KV caches are 8-bit (:class:`Int8KvPage`)."""
     e, d, a = cfg.encoder, cfg.decoder, cfg.audio
+    int8_entries = {KV_TOWERS[t] for t in kv_int8_towers(kv_int8)}
 
-    def cache(window, heads, head_dim, layers, table, positions_per_second):
-        # paged ring KV caches (schedules/ring_attention.py): per layer [pages, 2 (k, v), page_rows, heads, head_dim]
+    def cache(window, heads, head_dim, layers, table, positions_per_second, name):
+        # paged ring KV caches (schedules/ring_attention.py): per layer [pages, 2 (k, v), page_rows, heads,
+        # head_dim], or an 8-bit pool's [pages, page bytes] int8
         rows = kv_page_rows(window)
-        entry = StateEntry((None, 2, rows, heads, head_dim), layers=layers, axis="pages", page_rows=rows,
+        shape, dtype = (None, 2, rows, heads, head_dim), None
+        if name in int8_entries:
+            shape, dtype = (None, Int8KvPage(rows, heads, head_dim).page_bytes), "int8"
+        entry = StateEntry(shape, layers=layers, dtype=dtype, axis="pages", page_rows=rows,
                            pages_per_stream=kv_pages_per_stream(window), window=window, page_table=table,
                            positions_per_second=positions_per_second)
         return dataclasses.replace(entry, initial_pages_per_stream=entry.pages_for_seconds(KV_INITIAL_SECONDS))
@@ -185,10 +244,10 @@ def state_layout(cfg: ModelConfig) -> dict[str, StateEntry]:
         "conv0_state": StateEntry((None, CONV0_CONTEXT, e.num_mel_bins)),
         "conv1_state": StateEntry((None, CONV1_CONTEXT, e.dim)),
         "enc_cache": cache(e.sliding_window, e.n_heads, e.head_dim, e.n_layers, "enc_pages",
-                           a.frame_rate * a.downsample_factor),
+                           a.frame_rate * a.downsample_factor, "enc_cache"),
         "enc_pages": StateEntry((None, kv_pages_per_stream(e.sliding_window)), dtype="int32"),
         "audio_ring": StateEntry((None, AUDIO_RING_ROWS, d.dim)),
-        "dec_cache": cache(d.sliding_window, d.n_kv_heads, d.head_dim, d.n_layers, "dec_pages", a.frame_rate),
+        "dec_cache": cache(d.sliding_window, d.n_kv_heads, d.head_dim, d.n_layers, "dec_pages", a.frame_rate, "dec_cache"),
         "dec_pages": StateEntry((None, kv_pages_per_stream(d.sliding_window)), dtype="int32"),
         # each stream's ada-norm scale per decoder layer: set once per stream, for its delay (set_delay)
         "delay_scales": StateEntry((None, d.n_layers, d.dim)),
@@ -200,7 +259,7 @@ def paged_entries(layout: dict[str, StateEntry]) -> dict[str, StateEntry]:
     return {name: entry for name, entry in layout.items() if entry.paged}
 
 
-def state_section(cfg: ModelConfig, dtype: str) -> dict:
+def state_section(cfg: ModelConfig, dtype: str, kv_int8: tuple[str, ...] = ()) -> dict:
     """The manifest's ``state`` section: per entry the shape of one tensor (null at the variable axis),
     ``layers`` (a per-layer tuple) or null, its dtype, ``axis`` (what the null axis counts: slots, or
     pages), and the bytes per stream of one tensor and of the entry (a paged entry: a whole window's
@@ -210,7 +269,7 @@ def state_section(cfg: ModelConfig, dtype: str) -> dict:
     pages missing plus the pool's size over this), and the bytes of one page in one layer's tensor and
     in all layers."""
     out = {}
-    for name, v in state_layout(cfg).items():
+    for name, v in state_layout(cfg, kv_int8).items():
         one = v.tensor_bytes(dtype)
         spec = {"shape": list(v.shape), "layers": v.layers, "dtype": v.dtype_for(dtype), "axis": v.axis,
                 "tensor_bytes_per_stream": one, "bytes_per_stream": v.tensors * one}
@@ -224,9 +283,9 @@ def state_section(cfg: ModelConfig, dtype: str) -> dict:
     return out
 
 
-def state_bytes_per_stream(cfg: ModelConfig, dtype: str) -> dict[str, int]:
+def state_bytes_per_stream(cfg: ModelConfig, dtype: str, kv_int8: tuple[str, ...] = ()) -> dict[str, int]:
     """Bytes of each state entry (all its tensors) per stream (the KV caches: a whole window's pages)."""
-    return {k: s["bytes_per_stream"] for k, s in state_section(cfg, dtype).items()}
+    return {k: s["bytes_per_stream"] for k, s in state_section(cfg, dtype, kv_int8).items()}
 
 
 # ---- streaming ---------------------------------------------------------------------------------------
@@ -326,7 +385,7 @@ ISA_FLAGS = {
 def new_manifest(*, target: str, device_kind: str, library: str, model_dtype: str, cfg: ModelConfig,
                  params: list[tuple[str, list[int], str]], quantization: str | None, left_pad_tokens: int,
                  default_delay_ms: int, tokenizer: str, voxc_version: str, tvm_version: str,
-                 entries: list[str], **extras) -> dict:
+                 entries: list[str], kv_int8: tuple[str, ...] = (), **extras) -> dict:
     """A manifest without its ``files`` section (:func:`write_manifest` adds that)."""
     return {
         "format": FORMAT_VERSION,
@@ -343,7 +402,8 @@ def new_manifest(*, target: str, device_kind: str, library: str, model_dtype: st
         "weights": WEIGHT_INDEX,
         "tokenizer": tokenizer,
         "streaming": streaming_section(cfg, left_pad_tokens=left_pad_tokens, default_delay_ms=default_delay_ms),
-        "state": state_section(cfg, model_dtype),
+        "kv_int8": list(kv_int8_towers(kv_int8)),
+        "state": state_section(cfg, model_dtype, kv_int8),
         **extras,
     }
 
@@ -545,7 +605,16 @@ def _check_manifest(path: Path, m: dict) -> None:
     if streaming != want:
         wrong = sorted(k for k in set(want) | set(streaming) if want.get(k, ...) != streaming.get(k, ...))
         bad(f"streaming {', '.join(wrong)} disagree with the model config")
-    want = json.loads(json.dumps(state_section(cfg, m["model_dtype"])))
+    kv_int8 = m.get("kv_int8", [])   # absent: an artifact from before 8-bit caches (all float)
+    if not (isinstance(kv_int8, list) and all(isinstance(t, str) for t in kv_int8)):
+        bad(f"kv_int8 is {str(kv_int8)[:80]}, not a list of towers")
+    try:
+        ordered = list(kv_int8_towers(kv_int8))
+    except VoxcError as exc:
+        bad(f"kv_int8: {exc}")
+    if ordered != kv_int8:
+        bad(f"kv_int8 {kv_int8} is not an ordered list of {', '.join(KV_TOWERS)}")
+    want = json.loads(json.dumps(state_section(cfg, m["model_dtype"], tuple(kv_int8))))
     for name, spec in want.items():
         # artifacts built before the growth headroom was recorded (voxc.js then grows by doubling)
         if "growth_headroom" not in (m["state"].get(name) or {}):

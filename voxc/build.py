@@ -26,7 +26,7 @@ DTYPES = ("float32", "float16")
 def build(checkpoint: str | Path, target, out_dir: str | Path, *, progress: bool = True,
           left_pad_tokens: int | None = None, quantization: str | None = None, dtype: str | None = None,
           tokenizer: str | Path | None = None, cpu: str | None = None, weights: bool = True, force: bool = False,
-          strict_quantization: bool = False, int8_activations: bool = False, report=None) -> Path:
+          strict_quantization: bool = False, int8_activations: bool = False, kv_int8=None, report=None) -> Path:
     """Compile ``checkpoint`` for ``target`` into the artifact directory ``out_dir``.
 
     ``target``: a target name (llvm, cuda, webgpu) or a targets.base.TargetSpec.
@@ -36,7 +36,9 @@ def build(checkpoint: str | Path, target, out_dir: str | Path, *, progress: bool
     ``dtype``: the activation, cache and float-weight dtype (float32 or float16; default: the
     target's, float16 for a quantized GPU build).  ``cpu`` (llvm only): the CPU to generate code for,
     ``native`` (default), ``generic`` or an LLVM CPU name.  ``int8_activations`` (llvm only): quantized
-    GEMVs round activations to int8 and use the CPU's integer dot products (faster, less exact).  ``weights=False`` writes no weights (a
+    GEMVs round activations to int8 and use the CPU's integer dot products (faster, less exact).
+    ``kv_int8``: towers (encoder, decoder, "all") whose KV caches store 8-bit values with a float32
+    scale per row and head (CUDA; llvm through reference kernels): half of float16's memory and reads.  ``weights=False`` writes no weights (a
     benchmark artifact: the checkpoint needs only its config and tokenizer; runtimes fill random
     weights).  ``force``: replace an existing ``out_dir``.  ``report``: a targets.base.CompileReport
     the compile fills in.
@@ -64,6 +66,11 @@ def build(checkpoint: str | Path, target, out_dir: str | Path, *, progress: bool
         if not hasattr(target, "int8_activations"):
             raise VoxcError(f"--int8-activations applies to the llvm (CPU) target, not {target.name}")
         target = dataclasses.replace(target, int8_activations=True)
+    towers = artifact.kv_int8_towers(kv_int8)
+    if towers:
+        if not target.supports_kv_int8:
+            raise VoxcError(f"--kv-int8 needs the cuda target (or llvm); {target.name} has no 8-bit KV-cache kernels")
+        target = dataclasses.replace(target, kv_int8=towers)
     if left_pad_tokens is not None:
         artifact.check_left_pad_tokens(left_pad_tokens)
     quant_request = QType.parse(quantization).value if quantization else None
@@ -123,7 +130,7 @@ def build(checkpoint: str | Path, target, out_dir: str | Path, *, progress: bool
             default_delay_ms=default_delay_ms, tokenizer=artifact.TOKENIZER_FILE, voxc_version=_voxc_version(),
             tvm_version=_tvm_version(),
             entries=[*artifact.ENTRY_POINTS, *(e.name for e in getattr(target, "static_entries", ()))],
-            weights_included=weights, **fixed_delay, **target.manifest_extras(), **extras)
+            weights_included=weights, kv_int8=target.kv_int8, **fixed_delay, **target.manifest_extras(), **extras)
         footprint = extras.get("gpu", {}).get("footprint")
         if footprint:   # a web bundle: what the browser must hold on its GPU
             state = sum(footprint["state_bytes_per_stream"].values())

@@ -24,10 +24,11 @@ class AdaNorm(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DecoderConfig, dtype: str):
+    def __init__(self, cfg: DecoderConfig, dtype: str, cache_dtype: str):
         self.attention_norm = rms_norm(cfg.dim, cfg.norm_eps, dtype)
         self.attention = RingAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim,
-                                       cfg.sliding_window, cfg.rope_theta, biases=False, dtype=dtype)
+                                       cfg.sliding_window, cfg.rope_theta, biases=False, dtype=dtype,
+                                       cache_dtype=cache_dtype)
         self.ffn_norm = rms_norm(cfg.dim, cfg.norm_eps, dtype)
         self.ada_norm = AdaNorm(cfg.dim, cfg.ada_norm_dim, dtype)
         self.feed_forward = SwiGLU(cfg.dim, cfg.hidden_dim, down_bias=False, dtype=dtype)
@@ -41,9 +42,9 @@ class DecoderLayer(nn.Module):
 
 
 class Decoder(nn.Module):
-    def __init__(self, cfg: DecoderConfig, dtype: str):
+    def __init__(self, cfg: DecoderConfig, dtype: str, cache_dtype: str | None = None):
         self.cfg = cfg
-        self.layers = nn.ModuleList([DecoderLayer(cfg, dtype) for _ in range(cfg.n_layers)])
+        self.layers = nn.ModuleList([DecoderLayer(cfg, dtype, cache_dtype or dtype) for _ in range(cfg.n_layers)])
         self.norm = rms_norm(cfg.dim, cfg.norm_eps, dtype)
 
     def delay_scales(self, t_cond: nn.Tensor) -> list[nn.Tensor]:

@@ -11,10 +11,11 @@ from voxc.model.layers import (RingAttention, SwiGLU, conv1d_frames, last_frames
 
 
 class EncoderLayer(nn.Module):
-    def __init__(self, cfg: EncoderConfig, dtype: str):
+    def __init__(self, cfg: EncoderConfig, dtype: str, cache_dtype: str):
         self.attention_norm = rms_norm(cfg.dim, cfg.norm_eps, dtype)
         self.attention = RingAttention(cfg.dim, cfg.n_heads, cfg.n_heads, cfg.head_dim,
-                                       cfg.sliding_window, cfg.rope_theta, biases=True, dtype=dtype)
+                                       cfg.sliding_window, cfg.rope_theta, biases=True, dtype=dtype,
+                                       cache_dtype=cache_dtype)
         self.ffn_norm = rms_norm(cfg.dim, cfg.norm_eps, dtype)
         self.feed_forward = SwiGLU(cfg.dim, cfg.hidden_dim, down_bias=True, dtype=dtype)
 
@@ -36,11 +37,11 @@ class Encoder(nn.Module):
     CONV0_CONTEXT = CONV0_CONTEXT
     CONV1_CONTEXT = CONV1_CONTEXT
 
-    def __init__(self, cfg: EncoderConfig, dtype: str):
+    def __init__(self, cfg: EncoderConfig, dtype: str, cache_dtype: str | None = None):
         self.cfg = cfg
         self.conv0 = nn.Conv1D(cfg.num_mel_bins, cfg.dim, 3, stride=1, bias=True, dtype=dtype)
         self.conv1 = nn.Conv1D(cfg.dim, cfg.dim, 3, stride=2, bias=True, dtype=dtype)
-        self.layers = nn.ModuleList([EncoderLayer(cfg, dtype) for _ in range(cfg.n_layers)])
+        self.layers = nn.ModuleList([EncoderLayer(cfg, dtype, cache_dtype or dtype) for _ in range(cfg.n_layers)])
         self.norm = rms_norm(cfg.dim, cfg.norm_eps, dtype)
 
     def stem(self, mel: nn.Tensor, conv0_state: nn.Tensor, conv1_state: nn.Tensor, slots: nn.Tensor):

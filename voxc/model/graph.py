@@ -55,6 +55,7 @@ class GraphOptions:
     largest storage binding; voxc.model.embedding).  ``packed_params``: the parameters as one
     packed tuple argument (the browser hands the VM one array per call instead of hundreds).
     ``static_entries``: static-shape copies of entry points (voxc.artifact.StaticEntry).
+    ``kv_int8``: the towers whose KV caches hold 8-bit values and per-row scales (voxc.artifact.Int8KvPage).
     """
 
     dtype: str = "float32"
@@ -63,22 +64,25 @@ class GraphOptions:
     token_table_part_bytes: int | None = None
     packed_params: bool = False
     static_entries: tuple[StaticEntry, ...] = ()
+    kv_int8: tuple[str, ...] = ()
 
 
 class VoxtralGraph(nn.Module):
-    def __init__(self, cfg: ModelConfig, dtype: str = "float32", mel_dtype: str = "float64"):
+    def __init__(self, cfg: ModelConfig, dtype: str = "float32", mel_dtype: str = "float64",
+                 kv_int8: tuple[str, ...] = ()):
         self.cfg = cfg
         self.dtype = dtype
+        self.state = state_layout(cfg, kv_int8)
         self.mel_frontend = LogMel(cfg.audio, cfg.encoder.num_mel_bins, compute_dtype=mel_dtype)
-        self.enc = Encoder(cfg.encoder, dtype)
+        self.enc = Encoder(cfg.encoder, dtype, self.state["enc_cache"].dtype_for(dtype))
         self.adapter = Adapter(cfg.encoder.dim, cfg.decoder.dim, cfg.audio.downsample_factor, dtype)
         self.tok_embeddings = DenseEmbedding(cfg.decoder.vocab_size, cfg.decoder.dim, dtype)
-        self.dec = Decoder(cfg.decoder, dtype)
+        self.dec = Decoder(cfg.decoder, dtype, self.state["dec_cache"].dtype_for(dtype))
 
     @classmethod
     def build(cls, cfg: ModelConfig, options: GraphOptions = GraphOptions()) -> "VoxtralGraph":
         """The graph with ``options``' quantization and token-table split applied."""
-        graph = cls(cfg, dtype=options.dtype, mel_dtype=options.mel_dtype)
+        graph = cls(cfg, dtype=options.dtype, mel_dtype=options.mel_dtype, kv_int8=options.kv_int8)
         quantize_graph(graph, options.quant)
         if options.token_table_part_bytes is not None:
             split_token_table(graph, options.token_table_part_bytes)
@@ -134,7 +138,7 @@ class VoxtralGraph(nn.Module):
                 return tensor("n_slots")
             return [tensor(f"{name}_pages_{i}" if entry.paged else "n_slots") for i in range(entry.layers)]
 
-        state = {name: state_spec(name, entry) for name, entry in state_layout(self.cfg).items()}
+        state = {name: state_spec(name, entry) for name, entry in self.state.items()}
         encode_args = {"mel": spec.Tensor(["b", mel_bins, "t"], self.dtype),
                        **{k: state[k] for k in ("conv0_state", "conv1_state", "enc_cache", "enc_pages",
                                                 "audio_ring")},

@@ -7,7 +7,7 @@ from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from schedules.ring_attention import ring_append_func, ring_attention_func
+from schedules.ring_attention import int8_roundtrip, ring_append_func, ring_attention_func
 from schedules.slot_rows import slot_rows_read, slot_rows_write_func
 
 def linear(in_features: int, out_features: int, bias: bool = False, dtype: str = "float32") -> nn.Module:
@@ -82,13 +82,15 @@ def stacked_heads(x: nn.Tensor, first: int, heads: int, head_dim: int, name: str
 
 class RingAttention(nn.Module):
     """Self-attention with biases as configured, RoPE, exact sliding window over a ring KV cache in
-    pages (this layer's own pool ``[n_pages, 2, page_rows, n_kv_heads, head_dim]``, read and written
+    pages (this layer's own pool ``[n_pages, 2, page_rows, n_kv_heads, head_dim]``, or with
+    ``cache_dtype`` int8 ``[n_pages, page_bytes]`` (voxc.artifact.Int8KvPage), read and written
     through the batch's page-table rows, schedules/ring_attention.py)."""
 
     def __init__(self, dim: int, n_heads: int, n_kv_heads: int, head_dim: int,
-                 window: int, rope_theta: float, biases: bool, dtype: str):
+                 window: int, rope_theta: float, biases: bool, dtype: str, cache_dtype: str | None = None):
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, head_dim
         self.window, self.rope_theta, self.dtype = window, rope_theta, dtype
+        self.cache_dtype = cache_dtype or dtype
         # q, k and v as one matmul (rows of wq, wk, wv; voxc.loader.names.STACKED_PROJECTIONS): one
         # GEMV launch per decode step.  With biases, k's part of the stacked bias is zero (wk has none).
         self.wqkv = linear(dim, (n_heads + 2 * n_kv_heads) * head_dim, bias=biases, dtype=dtype)
@@ -102,14 +104,18 @@ class RingAttention(nn.Module):
         q = stacked_heads(qkv, 0, self.n_heads, self.head_dim, "rope_q", rope)
         k = stacked_heads(qkv, self.n_heads, self.n_kv_heads, self.head_dim, "rope_k", rope)
         v = stacked_heads(qkv, self.n_heads + self.n_kv_heads, self.n_kv_heads, self.head_dim, "heads_v")
+        k_seen, v_seen = k, v
+        if self.cache_dtype == "int8":   # the chunk's keys as the cache will give them back
+            k_seen, v_seen = (op.tensor_expr_op(int8_roundtrip, "int8_roundtrip", [t]) for t in (k, v))
         attn = op.tensor_ir_op(
-            ring_attention_func(self.n_heads, self.n_kv_heads, self.head_dim, self.window, self.dtype),
-            "ring_attention", args=[q, k, v, cache, pages, starts],
+            ring_attention_func(self.n_heads, self.n_kv_heads, self.head_dim, self.window, self.dtype,
+                                kv_dtype=self.cache_dtype),
+            "ring_attention", args=[q, k_seen, v_seen, cache, pages, starts],
             out=nn.Tensor.placeholder((b, n, self.n_heads, self.head_dim), self.dtype))
         cache = op.tensor_ir_inplace_op(
-            ring_append_func(self.n_kv_heads, self.head_dim, self.window, self.dtype),
+            ring_append_func(self.n_kv_heads, self.head_dim, self.window, self.dtype, kv_dtype=self.cache_dtype),
             "ring_append", args=[cache, k, v, pages, starts], inplace_indices=[0],
-            out=nn.Tensor.placeholder(cache.shape, self.dtype))
+            out=nn.Tensor.placeholder(cache.shape, self.cache_dtype))
         out = self.wo(op.reshape(attn, (b, n, self.n_heads * self.head_dim)))
         return out, cache
 
