@@ -57,7 +57,7 @@ def config_checkpoint(cfg, directory: Path) -> Path:
 
 
 def build_weightless(cfg, target, out_dir: Path, *, quantization: str | None = None, dtype: str | None = None,
-                     force: bool = False, extra: dict | None = None) -> Path:
+                     force: bool = False, extra: dict | None = None, kv_int8: str | None = None) -> Path:
     """Compile ``cfg`` for ``target`` (a name or a targets.base.TargetSpec) into ``out_dir`` without
     weights (the manifest says ``weights_included: false``; :func:`ensure_weights` fills them)."""
     from targets.base import CompileReport
@@ -70,19 +70,20 @@ def build_weightless(cfg, target, out_dir: Path, *, quantization: str | None = N
     with tempfile.TemporaryDirectory(prefix="voxc-bench-config-") as tmp:
         ckpt = config_checkpoint(cfg, Path(tmp) / "ckpt")
         build(ckpt, target, out_dir, progress=False, weights=False, quantization=quantization, dtype=dtype,
-              force=force, report=report)
+              force=force, report=report, kv_int8=kv_int8)
     record_bench_info(out_dir, target, report, time.perf_counter() - t0, extra)
     return out_dir
 
 
 def build_tiny_pair(out_root: Path, target=None, *, quantization: str | None = None, dtype: str | None = None,
-                    cuda: bool = True, twin_cpu: str = "generic", config=None) -> tuple[Path | None, Path]:
+                    cuda: bool = True, twin_cpu: str = "generic", config=None,
+                    kv_int8: str | None = None) -> tuple[Path | None, Path]:
     """The tiny test checkpoint built twice from the same weights: for ``target`` (default: the cuda
     target; any GPU target, e.g. vulkan) into ``tiny_<target name>`` and for llvm into ``tiny_llvm``,
     both with the same ``quantization`` and ``dtype``.  The llvm twin is compiled for ``twin_cpu``
     (generic: any x86-64 CPU, so the GPU machine's host runs it whatever this machine's CPU).
     ``cuda=False``: the llvm twin only.  ``config``: the checkpoint's ModelConfig (default
-    ModelConfig.tiny())."""
+    ModelConfig.tiny()).  ``kv_int8``: both twins' 8-bit KV caches (voxc build --kv-int8)."""
     from targets.base import CompileReport
     from voxc.build import build
     from voxc.loader.tiny import make_tiny
@@ -98,10 +99,11 @@ def build_tiny_pair(out_root: Path, target=None, *, quantization: str | None = N
         report = CompileReport()
         t0 = time.perf_counter()
         build(ckpt, target, cuda_dir, progress=False, quantization=quantization, dtype=dtype, force=True,
-              report=report)
+              report=report, kv_int8=kv_int8)
         record_bench_info(cuda_dir, target, report, time.perf_counter() - t0)
     llvm_dir = out_root / "tiny_llvm"
-    build(ckpt, "llvm", llvm_dir, progress=False, quantization=quantization, dtype=dtype, cpu=twin_cpu, force=True)
+    build(ckpt, "llvm", llvm_dir, progress=False, quantization=quantization, dtype=dtype, cpu=twin_cpu, force=True,
+          kv_int8=kv_int8)
     return cuda_dir, llvm_dir
 
 
@@ -329,6 +331,8 @@ def main(argv=None):
     ap.add_argument("--tiny-config", action="store_true", help="full: ModelConfig.tiny() (a rehearsal) instead of "
                                                                "ModelConfig()")
     ap.add_argument("--force", action="store_true", help="full: replace an existing artifact")
+    ap.add_argument("--kv-int8", default=None, help="full, tiny: 8-bit KV caches for these towers (encoder, "
+                                                    "decoder, all; voxc build --kv-int8)")
     ap.add_argument("--q4k-config", action="store_true",
                     help="tiny: every input width a multiple of 256 (tests/references.py q4k_config), so that "
                          "Q4_K and Q8_0 quantize every layer instead of falling back to dense ones")
@@ -347,7 +351,7 @@ def main(argv=None):
     if args.what == "full":
         cfg = ModelConfig.tiny() if args.tiny_config else ModelConfig()
         out = build_weightless(cfg, target, Path(args.out), quantization=args.quantization, dtype=args.dtype,
-                               force=args.force)
+                               force=args.force, kv_int8=args.kv_int8)
     elif args.what == "attn":
         out = build_attention_modules(target, Path(args.out), TINY_ATTENTION_CASES if args.tiny else ATTENTION_CASES)
     else:
@@ -359,7 +363,8 @@ def main(argv=None):
             config = q4k_config()
         gpu_target = target if args.target == "vulkan" else cuda_target(args)
         out = build_tiny_pair(Path(args.out), None if args.no_cuda else gpu_target,
-                              quantization=args.quantization, dtype=args.dtype, cuda=not args.no_cuda, config=config)
+                              quantization=args.quantization, dtype=args.dtype, cuda=not args.no_cuda, config=config,
+                              kv_int8=args.kv_int8)
     print(f"built {out} in {time.perf_counter() - t0:.1f}s", flush=True)
 
 
