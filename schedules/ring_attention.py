@@ -328,6 +328,56 @@ def ring_append_int8_func(n_kv_heads: int, head_dim: int, window: int, dtype: st
     return ring_attrs(ring_append, window, P)
 
 
+def int8_roundtrip_cuda(heads: int, head_dim: int, dtype: str):
+    """:func:`int8_roundtrip` as a GPU kernel (dlight's schedule of the TE took 55 us a call for 5 MB):
+    the row layout of :func:`ring_append_int8_func`'s GPU form, one warp per (token, head) row, the
+    row's max a warp reduction, and the same arithmetic, so that the numbers equal the cached ones."""
+    from tvm.script import tirx as T
+
+    LANES, RPB, D = INT8_APPEND_LANES, INT8_APPEND_ROWS_PER_BLOCK, head_dim
+    STEPS = -(-D // LANES)
+
+    @T.prim_func(private=True, s_tir=True)
+    def int8_roundtrip(var_x: T.handle, var_y: T.handle):
+        T.func_attr({"tirx.is_scheduled": True, "tirx.noalias": True})
+        b, n = T.int64(), T.int64()
+        x = T.match_buffer(var_x, (b, n, heads, D), dtype)
+        y = T.match_buffer(var_y, (b, n, heads, D), dtype)
+        for rb in T.thread_binding((b * n * heads + RPB - 1) // RPB, thread="blockIdx.x"):
+            for ry in T.thread_binding(RPB, thread="threadIdx.y"):
+                for tx in T.thread_binding(LANES, thread="threadIdx.x"):
+                    with T.sblock("roundtrip"):
+                        T.reads()
+                        T.writes()
+                        part = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        amax = T.sblock_alloc_buffer((1,), "float32", scope="local")
+                        r: T.let[T.int64] = rb * RPB + T.Cast("int64", ry)
+                        if r < b * n * heads:
+                            h: T.let[T.int64] = r % heads
+                            i: T.let[T.int64] = r // heads % n
+                            bi: T.let[T.int64] = r // (heads * n)
+                            part[0] = T.float32(0)
+                            for j in T.serial(STEPS):
+                                if j * LANES + T.Cast("int64", tx) < D:
+                                    part[0] = T.max(part[0], T.fabs(T.Cast("float32", x[bi, i, h, j * LANES + tx])))
+                            with T.sblock("row_max"):
+                                T.reads(part[0])
+                                T.writes(amax[0])
+                                T.attr(T.comm_reducer(lambda x0, y0: T.max(x0, y0), [T.float32(0)]),
+                                       "reduce_scope", T.int32(0))
+                                T.tvm_thread_allreduce(T.uint32(1), part[0], True, amax[0], tx, dtype="void")
+                            inverse: T.let[T.float32] = T.if_then_else(
+                                amax[0] > T.float32(0), T.float32(INT8_MAX) / amax[0], T.float32(0))
+                            for j in T.serial(STEPS):
+                                if j * LANES + T.Cast("int64", tx) < D:
+                                    y[bi, i, h, j * LANES + tx] = T.Cast(dtype, T.Cast(dtype, T.Cast("float32", T.Cast(
+                                        "int8", T.max(T.min(T.round(T.Cast("float32", x[bi, i, h, j * LANES + tx])
+                                                                    * inverse), T.float32(INT8_MAX)),
+                                                      T.float32(-INT8_MAX)))) * (amax[0] / T.float32(INT8_MAX))))
+
+    return int8_roundtrip
+
+
 # ---- CUDA kernels ----------------------------------------------------------------------------------------
 # The TE function above is the definition; on GPUs dlight cannot schedule it (its fallback rejects the
 # fused softmax blocks, and would read the whole W-row ring for every query). These two kernels compute
@@ -508,6 +558,8 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                 q_local = T.sblock_alloc_buffer((VEC,), "float32", scope="local")
                                 k8 = T.sblock_alloc_buffer((LV,), "int8", scope="local")
                                 v8 = T.sblock_alloc_buffer((LV,), "int8", scope="local")
+                                k_deq = T.sblock_alloc_buffer((LV,), dtype, scope="local")
+                                v_deq = T.sblock_alloc_buffer((LV,), dtype, scope="local")
                                 k_smem = T.sblock_alloc_buffer((ROWS, D), dtype, scope="shared")
                                 v_smem = T.sblock_alloc_buffer((ROWS, D), dtype, scope="shared")
                                 o_merge = T.sblock_alloc_buffer((bdz, bdy, D), "float32", scope="shared")
@@ -521,6 +573,7 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                 st_m = T.sblock_alloc_buffer((1,), "float32", scope="local")
                                 st_d = T.sblock_alloc_buffer((1,), "float32", scope="local")
                                 o_local = T.sblock_alloc_buffer((VEC,), "float32", scope="local")
+                                span = T.sblock_alloc_buffer((6,), "int64", scope="local")
 
                                 bi: T.let[T.int64] = bx // ((n + QR - 1) // QR)
                                 # the block's query rows first .. last; this thread's row i (idle rows
@@ -546,6 +599,15 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                 per: T.let[T.int64] = (hi_block - lo_block + splits) // splits
                                 s_lo: T.let[T.int64] = lo_block + split * per
                                 s_len: T.let[T.int64] = T.max(T.min(per, hi_block + 1 - s_lo), T.int64(0))
+                                # computed once, in registers: TIR inlines a let at every use, and the
+                                # loops below then redid 64-bit divisions by run-time values (the split
+                                # arithmetic) for every key row -- integer work, not memory, bound the kernel
+                                span[0] = s_lo
+                                span[1] = s_len
+                                span[2] = start
+                                span[3] = lo
+                                span[4] = hi
+                                span[5] = bi
 
                                 st_m[0] = T.float32(_EMPTY)
                                 st_d[0] = T.float32(1.0)
@@ -554,18 +616,19 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                 for vec in F32_LANES(VEC):
                                     q_local[vec] = T.Cast("float32", q[bi, i, h, tx * VEC + vec]) * T.float32(scale)
 
-                                for it in T.serial((s_len + ROWS - 1) // ROWS):
+                                for it in T.serial((span[1] + ROWS - 1) // ROWS):
                                     row_s: T.let[T.int32] = (tz * bdy + ty) * TILE
                                     row_g: T.let[T.int64] = ((it * bdz + T.Cast("int64", tz)) * bdy + T.Cast("int64", ty)) * TILE
                                     for j in T.serial(TILE):
                                         with T.sblock("kv_load"):
                                             T.reads()
                                             T.writes()
-                                            if row_g + j < s_len:
-                                                pos: T.let[T.int64] = s_lo + row_g + j
-                                                if pos < start:
-                                                    ring_row: T.let[T.int64] = T.floormod(pos, W)
-                                                    page: T.let[T.int64] = T.Cast("int64", pages[bi, ring_row // P])
+                                            if row_g + j < span[1]:
+                                                pos: T.let[T.int64] = span[0] + row_g + j
+                                                if pos < span[2]:
+                                                    # pos >= 0 and < 2^31: a 32-bit remainder by a constant
+                                                    ring_row: T.let[T.int32] = T.truncmod(T.Cast("int32", pos), W)
+                                                    page: T.let[T.int64] = T.Cast("int64", pages[span[5], ring_row // P])
                                                     if INT8:
                                                         k_scale: T.let[T.float32] = scales[
                                                             page * WORDS + page8.scale_index(0, ring_row % P, kvh)]
@@ -579,10 +642,12 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                                                 v8[vec] = cache[page, page8.value_offset(
                                                                     1, ring_row % P, kvh, tx * VEC + c * LV + vec)]
                                                             for vec in T.unroll(LV):
-                                                                k_smem[row_s + j, tx * VEC + c * LV + vec] = T.Cast(
-                                                                    dtype, T.Cast("float32", k8[vec]) * k_scale)
-                                                                v_smem[row_s + j, tx * VEC + c * LV + vec] = T.Cast(
-                                                                    dtype, T.Cast("float32", v8[vec]) * v_scale)
+                                                                k_deq[vec] = T.Cast(dtype, T.Cast("float32", k8[vec]) * k_scale)
+                                                                v_deq[vec] = T.Cast(dtype, T.Cast("float32", v8[vec]) * v_scale)
+                                                            for vec in T.vectorized(LV):   # one 16-byte store each
+                                                                k_smem[row_s + j, tx * VEC + c * LV + vec] = k_deq[vec]
+                                                            for vec in T.vectorized(LV):
+                                                                v_smem[row_s + j, tx * VEC + c * LV + vec] = v_deq[vec]
                                                     else:
                                                         for c in T.unroll(VEC // LV):
                                                             for vec in T.vectorized(LV):
@@ -594,9 +659,9 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                                     for c in T.unroll(VEC // LV):
                                                         for vec in T.vectorized(LV):
                                                             k_smem[row_s + j, tx * VEC + c * LV + vec] = k[
-                                                                bi, pos - start, kvh, tx * VEC + c * LV + vec]
+                                                                span[5], pos - span[2], kvh, tx * VEC + c * LV + vec]
                                                             v_smem[row_s + j, tx * VEC + c * LV + vec] = v[
-                                                                bi, pos - start, kvh, tx * VEC + c * LV + vec]
+                                                                span[5], pos - span[2], kvh, tx * VEC + c * LV + vec]
                                             else:
                                                 for c in T.unroll(VEC // LV):
                                                     for vec in T.vectorized(LV):
@@ -618,7 +683,7 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                             T.tvm_thread_allreduce(T.uint32(1), s_part[0], True, s_sum[0], tx, dtype="void")
                                         s_local[j] = T.float32(_EMPTY)
                                         key: T.let[T.int64] = (it * bdz + T.Cast("int64", tz)) * bdy * TILE + T.Cast("int64", j)
-                                        if key < s_len and (not MASK_ROWS or (s_lo + key >= lo and s_lo + key <= hi)):
+                                        if key < span[1] and (not MASK_ROWS or (span[0] + key >= span[3] and span[0] + key <= span[4])):
                                             s_local[j] = s_sum[0]
                                         st_m[0] = T.max(st_m[0], s_local[j])
                                     o_scale: T.let[T.float32] = T.exp2(m_prev[0] - st_m[0])

@@ -86,13 +86,18 @@ def swap_ring_attention(mod, **layout):
     attention = {gv for gv, f in mod.functions_items()
                  if isinstance(f, tirx.PrimFunc) and gv.name_hint.startswith("ring_attention")}
     for gv, func in list(mod.functions_items()):
-        # an 8-bit cache's append quantizes each row: one warp per row (its max is a warp reduction)
-        if isinstance(func, tirx.PrimFunc) and gv.name_hint.startswith("ring_append") \
-                and str(func.params[0].dtype) == "int8":
+        if not isinstance(func, tirx.PrimFunc):
+            continue
+        # an 8-bit cache's append quantizes each row: one warp per row (its max is a warp reduction);
+        # the chunk's keys rounded as the cache rounds them: the same row layout
+        if gv.name_hint.startswith("ring_append") and str(func.params[0].dtype) == "int8":
             k = func.params[1]
             window, page_rows = ra.ring_shape(func)
             mod[gv] = ra.ring_append_int8_func(int(k.shape[2]), int(k.shape[3]), window, str(k.dtype), page_rows,
                                                gpu=True)
+        elif gv.name_hint.startswith("int8_roundtrip"):
+            x = func.params[0]
+            mod[gv] = ra.int8_roundtrip_cuda(int(x.shape[2]), int(x.shape[3]), str(x.dtype))
     if not attention:
         return mod
     call_tir = tvm.ir.Op.get("relax.call_tir")
