@@ -82,30 +82,8 @@ def int8_scale_from_bytes(cache, page_index, page, kv, row, head):
 
 def int8_dequantized(values, scale, dtype: str):
     """An 8-bit cache element as the kernels read it (float32): value x scale, rounded to the activation
-    dtype first, so that a ring row and :func:`int8_roundtrip`'s chunk row are the same number."""
+    dtype first, so that a ring row and :func:`int8_roundtrip_func`'s chunk row are the same number."""
     return (values.astype("float32") * scale).astype(dtype).astype("float32")
-
-
-def int8_roundtrip(x: te.Tensor) -> te.Tensor:
-    """x [b, n, heads, D] -> what an 8-bit cache gives back for it (quantized per (b, n, head) row as
-    :func:`ring_append_int8_func` stores it, then :func:`int8_dequantized`), in x's dtype.
-
-    The attention reads a chunk's own keys and values from the chunk, the earlier ones from the ring:
-    through this, both are the cached numbers, so an 8-bit build's results do not depend on how a
-    stream is cut into chunks (offline equals any streaming)."""
-    b, n, heads, dim = x.shape
-    rd = te.reduce_axis((0, dim), name="rd")
-    amax = te.compute((b, n, heads), lambda bi, i, h: te.max(tirx.abs(x[bi, i, h, rd].astype("float32")), axis=rd),
-                      name="int8_row_max")
-    limit = tirx.const(INT8_MAX, "float32")
-
-    def roundtrip(bi, i, h, d):
-        inverse = tirx.if_then_else(amax[bi, i, h] > tirx.const(0, "float32"), limit / amax[bi, i, h],
-                                    tirx.const(0, "float32"))
-        code = tirx.max(tirx.min(tirx.round(x[bi, i, h, d].astype("float32") * inverse), limit), -limit)
-        return int8_dequantized(code.astype("int8"), amax[bi, i, h] / limit, x.dtype).astype(x.dtype)
-
-    return te.compute(x.shape, roundtrip, name="int8_roundtrip")
 
 
 def ring_attrs(func, window: int, page_rows: int):
@@ -136,7 +114,7 @@ def ring_attention_func(n_heads: int, n_kv_heads: int, head_dim: int, window: in
     is read (this definition scores all W rows) but weighs exactly 0: its score and its value are both
     replaced, so a row of a page never written (whatever its bits) cannot turn the sum into NaN.  An
     8-bit ring row weighs in as :func:`int8_dequantized`; the chunk's own keys as given (the model
-    passes them through :func:`int8_roundtrip` first).
+    passes them through :func:`int8_roundtrip_func` first).
     """
     P = ring_page_rows(window, page_rows)
     page8 = int8_page(kv_dtype, P, n_kv_heads, head_dim)
@@ -328,14 +306,30 @@ def ring_append_int8_func(n_kv_heads: int, head_dim: int, window: int, dtype: st
     return ring_attrs(ring_append, window, P)
 
 
-def int8_roundtrip_cuda(heads: int, head_dim: int, dtype: str):
-    """:func:`int8_roundtrip` as a GPU kernel (dlight's schedule of the TE took 55 us a call for 5 MB):
-    the row layout of :func:`ring_append_int8_func`'s GPU form, one warp per (token, head) row, the
-    row's max a warp reduction, and the same arithmetic, so that the numbers equal the cached ones."""
+def int8_roundtrip_func(heads: int, head_dim: int, dtype: str = "float32", gpu: bool = False):
+    """PrimFunc (x [b, n, heads, D], y): y = what an 8-bit cache gives back for x, each (b, n, head) row
+    quantized as :func:`ring_append_int8_func` stores it, then :func:`int8_dequantized`.
+
+    The attention reads a chunk's own keys and values from the chunk, the earlier ones from the ring:
+    through this, both are the cached numbers, so an 8-bit build's results do not depend on how a
+    stream is cut into chunks (offline equals any streaming).  The append's row layout and arithmetic:
+    ``gpu`` gives each row a warp (its max a warp reduction; dlight's schedule of the same function
+    written in TE took 55 us a call for 5 MB), otherwise rows run in parallel."""
     from tvm.script import tirx as T
 
-    LANES, RPB, D = INT8_APPEND_LANES, INT8_APPEND_ROWS_PER_BLOCK, head_dim
+    LANES = INT8_APPEND_LANES if gpu else 1
+    RPB = INT8_APPEND_ROWS_PER_BLOCK if gpu else 1
+    D = head_dim
     STEPS = -(-D // LANES)
+
+    def rows_loop(extent):
+        return T.thread_binding(extent, thread="blockIdx.x") if gpu else T.parallel(extent)
+
+    def row_block_loop():
+        return T.thread_binding(RPB, thread="threadIdx.y") if gpu else T.serial(RPB)
+
+    def lanes_loop():
+        return T.thread_binding(LANES, thread="threadIdx.x") if gpu else T.serial(LANES)
 
     @T.prim_func(private=True, s_tir=True)
     def int8_roundtrip(var_x: T.handle, var_y: T.handle):
@@ -343,9 +337,9 @@ def int8_roundtrip_cuda(heads: int, head_dim: int, dtype: str):
         b, n = T.int64(), T.int64()
         x = T.match_buffer(var_x, (b, n, heads, D), dtype)
         y = T.match_buffer(var_y, (b, n, heads, D), dtype)
-        for rb in T.thread_binding((b * n * heads + RPB - 1) // RPB, thread="blockIdx.x"):
-            for ry in T.thread_binding(RPB, thread="threadIdx.y"):
-                for tx in T.thread_binding(LANES, thread="threadIdx.x"):
+        for rb in rows_loop((b * n * heads + RPB - 1) // RPB):
+            for ry in row_block_loop():
+                for tx in lanes_loop():
                     with T.sblock("roundtrip"):
                         T.reads()
                         T.writes()
@@ -360,20 +354,23 @@ def int8_roundtrip_cuda(heads: int, head_dim: int, dtype: str):
                             for j in T.serial(STEPS):
                                 if j * LANES + T.Cast("int64", tx) < D:
                                     part[0] = T.max(part[0], T.fabs(T.Cast("float32", x[bi, i, h, j * LANES + tx])))
-                            with T.sblock("row_max"):
-                                T.reads(part[0])
-                                T.writes(amax[0])
-                                T.attr(T.comm_reducer(lambda x0, y0: T.max(x0, y0), [T.float32(0)]),
-                                       "reduce_scope", T.int32(0))
-                                T.tvm_thread_allreduce(T.uint32(1), part[0], True, amax[0], tx, dtype="void")
+                            if gpu:
+                                with T.sblock("row_max"):
+                                    T.reads(part[0])
+                                    T.writes(amax[0])
+                                    T.attr(T.comm_reducer(lambda x0, y0: T.max(x0, y0), [T.float32(0)]),
+                                           "reduce_scope", T.int32(0))
+                                    T.tvm_thread_allreduce(T.uint32(1), part[0], True, amax[0], tx, dtype="void")
+                            else:
+                                amax[0] = part[0]
                             inverse: T.let[T.float32] = T.if_then_else(
                                 amax[0] > T.float32(0), T.float32(INT8_MAX) / amax[0], T.float32(0))
                             for j in T.serial(STEPS):
                                 if j * LANES + T.Cast("int64", tx) < D:
-                                    y[bi, i, h, j * LANES + tx] = T.Cast(dtype, T.Cast(dtype, T.Cast("float32", T.Cast(
+                                    y[bi, i, h, j * LANES + tx] = T.Cast(dtype, T.Cast("float32", T.Cast(
                                         "int8", T.max(T.min(T.round(T.Cast("float32", x[bi, i, h, j * LANES + tx])
                                                                     * inverse), T.float32(INT8_MAX)),
-                                                      T.float32(-INT8_MAX)))) * (amax[0] / T.float32(INT8_MAX))))
+                                                      T.float32(-INT8_MAX)))) * (amax[0] / T.float32(INT8_MAX)))
 
     return int8_roundtrip
 

@@ -97,7 +97,7 @@ def swap_ring_attention(mod, **layout):
                                                gpu=True)
         elif gv.name_hint.startswith("int8_roundtrip"):
             x = func.params[0]
-            mod[gv] = ra.int8_roundtrip_cuda(int(x.shape[2]), int(x.shape[3]), str(x.dtype))
+            mod[gv] = ra.int8_roundtrip_func(int(x.shape[2]), int(x.shape[3]), str(x.dtype), gpu=True)
     if not attention:
         return mod
     call_tir = tvm.ir.Op.get("relax.call_tir")

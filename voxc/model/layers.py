@@ -7,7 +7,7 @@ from tvm import te, tirx
 from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
-from schedules.ring_attention import int8_roundtrip, ring_append_func, ring_attention_func
+from schedules.ring_attention import int8_roundtrip_func, ring_append_func, ring_attention_func
 from schedules.slot_rows import slot_rows_read, slot_rows_write_func
 
 def linear(in_features: int, out_features: int, bias: bool = False, dtype: str = "float32") -> nn.Module:
@@ -106,7 +106,9 @@ class RingAttention(nn.Module):
         v = stacked_heads(qkv, self.n_heads + self.n_kv_heads, self.n_kv_heads, self.head_dim, "heads_v")
         k_seen, v_seen = k, v
         if self.cache_dtype == "int8":   # the chunk's keys as the cache will give them back
-            k_seen, v_seen = (op.tensor_expr_op(int8_roundtrip, "int8_roundtrip", [t]) for t in (k, v))
+            k_seen, v_seen = (op.tensor_ir_op(int8_roundtrip_func(self.n_kv_heads, self.head_dim, self.dtype),
+                                              "int8_roundtrip", args=[t], out=nn.Tensor.placeholder(t.shape, self.dtype))
+                              for t in (k, v))
         attn = op.tensor_ir_op(
             ring_attention_func(self.n_heads, self.n_kv_heads, self.head_dim, self.window, self.dtype,
                                 kv_dtype=self.cache_dtype),
