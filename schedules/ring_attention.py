@@ -220,14 +220,67 @@ def ring_append_func(n_kv_heads: int, head_dim: int, window: int, dtype: str = "
     return ring_attrs(ring_append, window, P)
 
 
+def _int8_row_loops(gpu: bool):
+    """The loops over an 8-bit kernel's rows: blocks of INT8_APPEND_ROWS_PER_BLOCK rows (threadIdx.y)
+    with INT8_APPEND_LANES lanes each (a warp, threadIdx.x) on a GPU; parallel rows, one lane, on a CPU.
+    Returns (rows, lanes, rows_loop(extent), row_block_loop(), lanes_loop())."""
+    from tvm.script import tirx as T
+
+    lanes = INT8_APPEND_LANES if gpu else 1
+    rows = INT8_APPEND_ROWS_PER_BLOCK if gpu else 1
+
+    def rows_loop(extent):
+        return T.thread_binding(extent, thread="blockIdx.x") if gpu else T.parallel(extent)
+
+    def row_block_loop():
+        return T.thread_binding(rows, thread="threadIdx.y") if gpu else T.serial(rows)
+
+    def lanes_loop():
+        return T.thread_binding(lanes, thread="threadIdx.x") if gpu else T.serial(lanes)
+
+    return rows, lanes, rows_loop, row_block_loop, lanes_loop
+
+
+def _int8_code(value, inverse):
+    """The 8-bit code of ``value`` (float32) for a row whose 127 / max|x| is ``inverse``."""
+    from tvm.script import tirx as T
+
+    return T.Cast("int8", T.max(T.min(T.round(value * inverse), T.float32(INT8_MAX)), T.float32(-INT8_MAX)))
+
+
+def _int8_row_macro():
+    """A TVMScript macro: the max |x| of row (bi, i, h) of ``src0`` (``sel`` 0) or ``src1`` into
+    ``amax[0]``, each of ``lanes`` lanes (lane ``tx``) taking every lanes-th element, then a warp
+    reduction (``gpu``).  The 8-bit append and the chunk-key rounding share it, so that they round alike."""
+    from tvm.script import tirx as T
+
+    @T.macro(hygienic=False)
+    def int8_row_max(src0, src1, sel, bi, i, h, part, amax, tx, dim, lanes, gpu):
+        part[0] = T.float32(0)
+        for j in T.serial((dim + lanes - 1) // lanes):
+            if j * lanes + T.Cast("int64", tx) < dim:
+                part[0] = T.max(part[0], T.fabs(T.Cast("float32", T.if_then_else(
+                    sel == 0, src0[bi, i, h, j * lanes + tx], src1[bi, i, h, j * lanes + tx]))))
+        if gpu:
+            with T.sblock("row_max"):
+                T.reads(part[0])
+                T.writes(amax[0])
+                T.attr(T.comm_reducer(lambda x0, y0: T.max(x0, y0), [T.float32(0)]), "reduce_scope", T.int32(0))
+                T.tvm_thread_allreduce(T.uint32(1), part[0], True, amax[0], tx, dtype="void")
+        else:
+            amax[0] = part[0]
+
+    return int8_row_max
+
+
 def ring_append_int8_func(n_kv_heads: int, head_dim: int, window: int, dtype: str = "float32",
                           page_rows: int | None = None, gpu: bool = False):
     """:func:`ring_append_func` into an 8-bit cache (voxc.artifact.Int8KvPage): each (k or v, row,
     kv head) of the chunk's last ``min(n, window)`` tokens is stored as round(x * 127 / max|x|), clamped
     to +-127, with the scale max|x| / 127 (0 for an all-zero row, whose values are then 0).
 
-    The same loop nest on every target: ``gpu`` binds the rows to blocks and a warp's lanes to a row's
-    elements (the max is a warp reduction); otherwise the rows run in parallel, one element at a time."""
+    The same loop nest on every target (:func:`_int8_row_loops`): ``gpu`` binds the rows to blocks and a
+    warp's lanes to a row's elements (the max is a warp reduction); otherwise the rows run in parallel."""
     from tvm.script import tirx as T
 
     P = ring_page_rows(window, page_rows)
@@ -235,18 +288,9 @@ def ring_append_int8_func(n_kv_heads: int, head_dim: int, window: int, dtype: st
     page8 = int8_page("int8", P, n_kv_heads, head_dim)
     PB, HKV, D = page8.page_bytes, n_kv_heads, head_dim
     WORDS = PB // 4                                    # float32 words of a page
-    LANES = INT8_APPEND_LANES if gpu else 1
-    RPB = INT8_APPEND_ROWS_PER_BLOCK if gpu else 1
+    RPB, LANES, rows_loop, row_block_loop, lanes_loop = _int8_row_loops(gpu)
     STEPS = -(-D // LANES)                             # elements of a row per lane
-
-    def rows_loop(extent):
-        return T.thread_binding(extent, thread="blockIdx.x") if gpu else T.parallel(extent)
-
-    def row_block_loop():
-        return T.thread_binding(RPB, thread="threadIdx.y") if gpu else T.serial(RPB)
-
-    def lanes_loop():
-        return T.thread_binding(LANES, thread="threadIdx.x") if gpu else T.serial(LANES)
+    int8_row_max = _int8_row_macro()
 
     @T.prim_func(private=True, s_tir=True)
     def ring_append(var_cache: T.handle, var_k: T.handle, var_v: T.handle, var_pages: T.handle,
@@ -277,28 +321,15 @@ def ring_append_int8_func(n_kv_heads: int, head_dim: int, window: int, dtype: st
                             token: T.let[T.int64] = n - T.min(n, window) + i
                             ring_row: T.let[T.int64] = T.floormod(T.Cast("int64", starts[bi]) + token, window)
                             page: T.let[T.int64] = T.Cast("int64", pages[bi, ring_row // P])
-                            part[0] = T.float32(0)
-                            for j in T.serial(STEPS):
-                                if j * LANES + T.Cast("int64", tx) < D:
-                                    part[0] = T.max(part[0], T.fabs(T.Cast("float32", T.if_then_else(
-                                        kv == 0, k[bi, token, h, j * LANES + tx], v[bi, token, h, j * LANES + tx]))))
-                            if gpu:
-                                with T.sblock("row_max"):
-                                    T.reads(part[0])
-                                    T.writes(amax[0])
-                                    T.attr(T.comm_reducer(lambda x0, y0: T.max(x0, y0), [T.float32(0)]),
-                                           "reduce_scope", T.int32(0))
-                                    T.tvm_thread_allreduce(T.uint32(1), part[0], True, amax[0], tx, dtype="void")
-                            else:
-                                amax[0] = part[0]
+                            int8_row_max(k, v, kv, bi, token, h, part, amax, tx, D, LANES, gpu)
                             inverse: T.let[T.float32] = T.if_then_else(
                                 amax[0] > T.float32(0), T.float32(INT8_MAX) / amax[0], T.float32(0))
                             for j in T.serial(STEPS):
                                 if j * LANES + T.Cast("int64", tx) < D:
-                                    cache[page, page8.value_offset(kv, ring_row % P, h, j * LANES + tx)] = T.Cast(
-                                        "int8", T.max(T.min(T.round(T.Cast("float32", T.if_then_else(
-                                            kv == 0, k[bi, token, h, j * LANES + tx], v[bi, token, h, j * LANES + tx]))
-                                            * inverse), T.float32(INT8_MAX)), T.float32(-INT8_MAX)))
+                                    cache[page, page8.value_offset(kv, ring_row % P, h, j * LANES + tx)] = _int8_code(
+                                        T.Cast("float32", T.if_then_else(
+                                            kv == 0, k[bi, token, h, j * LANES + tx], v[bi, token, h, j * LANES + tx])),
+                                        inverse)
                             if tx == 0:
                                 scales[page * WORDS + page8.scale_index(kv, ring_row % P, h)] = \
                                     amax[0] / T.float32(INT8_MAX)
@@ -312,24 +343,14 @@ def int8_roundtrip_func(heads: int, head_dim: int, dtype: str = "float32", gpu: 
 
     The attention reads a chunk's own keys and values from the chunk, the earlier ones from the ring:
     through this, both are the cached numbers, so an 8-bit build's results do not depend on how a
-    stream is cut into chunks (offline equals any streaming).  The append's row layout and arithmetic:
-    ``gpu`` gives each row a warp (its max a warp reduction; dlight's schedule of the same function
-    written in TE took 55 us a call for 5 MB), otherwise rows run in parallel."""
+    stream is cut into chunks (offline equals any streaming).  The append's loops and arithmetic
+    (dlight's schedule of the same function written in TE took 55 us a call for 5 MB on a GPU)."""
     from tvm.script import tirx as T
 
-    LANES = INT8_APPEND_LANES if gpu else 1
-    RPB = INT8_APPEND_ROWS_PER_BLOCK if gpu else 1
     D = head_dim
+    RPB, LANES, rows_loop, row_block_loop, lanes_loop = _int8_row_loops(gpu)
     STEPS = -(-D // LANES)
-
-    def rows_loop(extent):
-        return T.thread_binding(extent, thread="blockIdx.x") if gpu else T.parallel(extent)
-
-    def row_block_loop():
-        return T.thread_binding(RPB, thread="threadIdx.y") if gpu else T.serial(RPB)
-
-    def lanes_loop():
-        return T.thread_binding(LANES, thread="threadIdx.x") if gpu else T.serial(LANES)
+    int8_row_max = _int8_row_macro()
 
     @T.prim_func(private=True, s_tir=True)
     def int8_roundtrip(var_x: T.handle, var_y: T.handle):
@@ -350,27 +371,14 @@ def int8_roundtrip_func(heads: int, head_dim: int, dtype: str = "float32", gpu: 
                             h: T.let[T.int64] = r % heads
                             i: T.let[T.int64] = r // heads % n
                             bi: T.let[T.int64] = r // (heads * n)
-                            part[0] = T.float32(0)
-                            for j in T.serial(STEPS):
-                                if j * LANES + T.Cast("int64", tx) < D:
-                                    part[0] = T.max(part[0], T.fabs(T.Cast("float32", x[bi, i, h, j * LANES + tx])))
-                            if gpu:
-                                with T.sblock("row_max"):
-                                    T.reads(part[0])
-                                    T.writes(amax[0])
-                                    T.attr(T.comm_reducer(lambda x0, y0: T.max(x0, y0), [T.float32(0)]),
-                                           "reduce_scope", T.int32(0))
-                                    T.tvm_thread_allreduce(T.uint32(1), part[0], True, amax[0], tx, dtype="void")
-                            else:
-                                amax[0] = part[0]
+                            int8_row_max(x, x, 0, bi, i, h, part, amax, tx, D, LANES, gpu)
                             inverse: T.let[T.float32] = T.if_then_else(
                                 amax[0] > T.float32(0), T.float32(INT8_MAX) / amax[0], T.float32(0))
                             for j in T.serial(STEPS):
                                 if j * LANES + T.Cast("int64", tx) < D:
-                                    y[bi, i, h, j * LANES + tx] = T.Cast(dtype, T.Cast("float32", T.Cast(
-                                        "int8", T.max(T.min(T.round(T.Cast("float32", x[bi, i, h, j * LANES + tx])
-                                                                    * inverse), T.float32(INT8_MAX)),
-                                                      T.float32(-INT8_MAX)))) * (amax[0] / T.float32(INT8_MAX)))
+                                    y[bi, i, h, j * LANES + tx] = T.Cast(dtype, T.Cast("float32", _int8_code(
+                                        T.Cast("float32", x[bi, i, h, j * LANES + tx]), inverse))
+                                        * (amax[0] / T.float32(INT8_MAX)))
 
     return int8_roundtrip
 
