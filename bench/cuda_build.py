@@ -310,6 +310,8 @@ def cuda_target(args):
         target = dataclasses.replace(target, small_m_tiers=tiers)
     if args.no_static:
         target = dataclasses.replace(target, static_entries=())
+    if args.span_registers:
+        target = dataclasses.replace(target, attention_span_in_registers=True)
     return target
 
 
@@ -321,6 +323,8 @@ def main(argv=None):
     ap.add_argument("--archs", default=None, help="comma list, e.g. sm_90 (default: targets.cuda.DEFAULT_ARCHS)")
     ap.add_argument("--tiers", default=None, help="small-M tiers 'maxM:bucket,...', e.g. 4:4,64:8")
     ap.add_argument("--no-static", action="store_true", help="no static-shape entry points")
+    ap.add_argument("--span-registers", action="store_true",
+                    help="ring attention keeps its key span in registers (CudaTarget.attention_span_in_registers)")
     ap.add_argument("--dtype", default=None, help="float32 or float16 (default: the target's)")
     ap.add_argument("--quantization", default=None, help="q4_0, q4_k or q8_0 (default: dense)")
     ap.add_argument("--no-cuda", action="store_true", help="tiny: the llvm twin only (no nvcc here)")

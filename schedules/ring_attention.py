@@ -435,7 +435,7 @@ def cuda_kernel_layout(n_heads: int, n_kv_heads: int, head_dim: int, window: int
                        query_rows: int | None = None, fill_blocks: int = FILL_BLOCKS,
                        max_threads: int = MAX_THREADS_PER_BLOCK, max_z: int = MAX_BLOCK_Z,
                        max_shared_bytes: int = MAX_SHARED_BYTES, max_grid_y: int = MAX_GRID_YZ,
-                       max_vector_lanes: int = 16) -> dict:
+                       max_vector_lanes: int = 16, span_in_registers: bool = False) -> dict:
     """Thread-block shape of the CUDA ring attention: tx over head_dim vectors (one warp at most),
     ty over ``query_rows`` consecutive query rows x the query heads of one kv head, tz over keys;
     up to ``n_splits`` blocks share a query's keys (fewer where the batch fills the GPU without them:
@@ -448,7 +448,10 @@ def cuda_kernel_layout(n_heads: int, n_kv_heads: int, head_dim: int, window: int
     ``max_grid_y`` blocks on y) for any head count, GQA ratio, head size and window: a kv head's
     ``group`` query heads share one block (each K/V row loaded once for all of them) unless that
     block would be too large, and then spread over ``head_blocks`` blocks of ``bdy`` heads (the
-    last one masked when ``bdy`` does not divide ``group``)."""
+    last one masked when ``bdy`` does not divide ``group``).  ``span_in_registers``: the partial kernel
+    keeps its block's key span in a local array (see the kernel) instead of recomputing it at every
+    key row: not yet the default (on lavapipe's Vulkan it gave wrong batched results; not yet run on a
+    CUDA GPU: targets.cuda.CudaTarget.attention_span_in_registers builds it for the comparison)."""
     from voxc.errors import VoxcError
 
     if n_heads < 1 or n_kv_heads < 1 or n_heads % n_kv_heads or head_dim < 1 or window < 1:
@@ -497,6 +500,7 @@ def cuda_kernel_layout(n_heads: int, n_kv_heads: int, head_dim: int, window: int
     n_splits = max(1, min(max_splits, -(-window // keys_per_split), max_grid_y // (n_kv_heads * head_blocks)))
     return dict(group=group, vec=vec, load_lanes=load_lanes, bdx=bdx, bdy=bdy, bdz=bdz, tile=tile,
                 head_blocks=head_blocks, query_rows=rows, n_splits=n_splits, n_kv_heads=n_kv_heads,
+                span_in_registers=bool(span_in_registers),
                 fill_blocks=max(1, int(fill_blocks)), shared_bytes=shared_bytes(bdy, bdz, tile))
 
 
@@ -536,6 +540,11 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
     MASK_ROWS = QR > 1                  # the last row block of a chunk may have idle ty rows
     F32_LANES = float32_lanes(T, VEC)
     ROWS = bdz * bdy * TILE              # keys per iteration of a block
+    SPAN_REGS = lay["span_in_registers"]
+
+    def span_value(register, expression):
+        """A key-span value from its register, or the expression itself (inlined at every use)."""
+        return T.Cast("int64", register) if SPAN_REGS else expression
     scale = float(head_dim ** -0.5) * _LOG2E
 
     @T.prim_func(private=True, s_tir=True)
@@ -578,7 +587,8 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                 st_m = T.sblock_alloc_buffer((1,), "float32", scope="local")
                                 st_d = T.sblock_alloc_buffer((1,), "float32", scope="local")
                                 o_local = T.sblock_alloc_buffer((VEC,), "float32", scope="local")
-                                span = T.sblock_alloc_buffer((6,), "int64", scope="local")
+                                span = T.sblock_alloc_buffer((4,), "int32", scope="local")        # the block's (uniform)
+                                row_span = T.sblock_alloc_buffer((2,), "int32", scope="local")    # this thread row's
 
                                 bi: T.let[T.int64] = bx // ((n + QR - 1) // QR)
                                 # the block's query rows first .. last; this thread's row i (idle rows
@@ -606,13 +616,23 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                 s_len: T.let[T.int64] = T.max(T.min(per, hi_block + 1 - s_lo), T.int64(0))
                                 # computed once, in registers: TIR inlines a let at every use, and the
                                 # loops below then redid 64-bit divisions by run-time values (the split
-                                # arithmetic) for every key row -- integer work, not memory, bound the kernel
-                                span[0] = s_lo
-                                span[1] = s_len
-                                span[2] = start
-                                span[3] = lo
-                                span[4] = hi
-                                span[5] = bi
+                                # arithmetic) for every key row -- integer work, not memory, bound the kernel.
+                                # int32: positions and batch rows fit, and WGSL has no 64-bit integers.  The
+                                # block's values apart from the thread row's: WGSL's uniformity analysis
+                                # must see the key loop's bound (it holds barriers) as the same in every thread
+                                if SPAN_REGS:
+                                    span[0] = T.Cast("int32", s_lo)
+                                    span[1] = T.Cast("int32", s_len)
+                                    span[2] = T.Cast("int32", start)
+                                    span[3] = T.Cast("int32", bi)
+                                    row_span[0] = T.Cast("int32", lo)
+                                    row_span[1] = T.Cast("int32", hi)
+                                key_lo: T.let[T.int64] = span_value(span[0], s_lo)   # (inlined: a register read)
+                                key_count: T.let[T.int64] = span_value(span[1], s_len)
+                                chunk_start: T.let[T.int64] = span_value(span[2], start)
+                                seq: T.let[T.int64] = span_value(span[3], bi)
+                                row_lo: T.let[T.int64] = span_value(row_span[0], lo)
+                                row_hi: T.let[T.int64] = span_value(row_span[1], hi)
 
                                 st_m[0] = T.float32(_EMPTY)
                                 st_d[0] = T.float32(1.0)
@@ -621,19 +641,19 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                 for vec in F32_LANES(VEC):
                                     q_local[vec] = T.Cast("float32", q[bi, i, h, tx * VEC + vec]) * T.float32(scale)
 
-                                for it in T.serial((span[1] + ROWS - 1) // ROWS):
+                                for it in T.serial((key_count + ROWS - 1) // ROWS):
                                     row_s: T.let[T.int32] = (tz * bdy + ty) * TILE
                                     row_g: T.let[T.int64] = ((it * bdz + T.Cast("int64", tz)) * bdy + T.Cast("int64", ty)) * TILE
                                     for j in T.serial(TILE):
                                         with T.sblock("kv_load"):
                                             T.reads()
                                             T.writes()
-                                            if row_g + j < span[1]:
-                                                pos: T.let[T.int64] = span[0] + row_g + j
-                                                if pos < span[2]:
+                                            if row_g + j < key_count:
+                                                pos: T.let[T.int64] = key_lo + row_g + j
+                                                if pos < chunk_start:
                                                     # pos >= 0 and < 2^31: a 32-bit remainder by a constant
                                                     ring_row: T.let[T.int32] = T.truncmod(T.Cast("int32", pos), W)
-                                                    page: T.let[T.int64] = T.Cast("int64", pages[span[5], ring_row // P])
+                                                    page: T.let[T.int64] = T.Cast("int64", pages[seq, ring_row // P])
                                                     if INT8:
                                                         k_scale: T.let[T.float32] = scales[
                                                             page * WORDS + page8.scale_index(0, ring_row % P, kvh)]
@@ -664,9 +684,9 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                                     for c in T.unroll(VEC // LV):
                                                         for vec in T.vectorized(LV):
                                                             k_smem[row_s + j, tx * VEC + c * LV + vec] = k[
-                                                                span[5], pos - span[2], kvh, tx * VEC + c * LV + vec]
+                                                                seq, pos - chunk_start, kvh, tx * VEC + c * LV + vec]
                                                             v_smem[row_s + j, tx * VEC + c * LV + vec] = v[
-                                                                span[5], pos - span[2], kvh, tx * VEC + c * LV + vec]
+                                                                seq, pos - chunk_start, kvh, tx * VEC + c * LV + vec]
                                             else:
                                                 for c in T.unroll(VEC // LV):
                                                     for vec in T.vectorized(LV):
@@ -688,7 +708,7 @@ def ring_attention_partial_cuda(n_heads: int, n_kv_heads: int, head_dim: int, wi
                                             T.tvm_thread_allreduce(T.uint32(1), s_part[0], True, s_sum[0], tx, dtype="void")
                                         s_local[j] = T.float32(_EMPTY)
                                         key: T.let[T.int64] = (it * bdz + T.Cast("int64", tz)) * bdy * TILE + T.Cast("int64", j)
-                                        if key < span[1] and (not MASK_ROWS or (span[0] + key >= span[3] and span[0] + key <= span[4])):
+                                        if key < key_count and (not MASK_ROWS or (key_lo + key >= row_lo and key_lo + key <= row_hi)):
                                             s_local[j] = s_sum[0]
                                         st_m[0] = T.max(st_m[0], s_local[j])
                                     o_scale: T.let[T.float32] = T.exp2(m_prev[0] - st_m[0])

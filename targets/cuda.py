@@ -64,6 +64,9 @@ class CudaTarget(TargetSpec):
     # Measured on the H100 (bench/RESULTS.md): bucket 4 up to M=64 beats buckets 8 and 16 at M=8..27.
     small_m_tiers: tuple = ((64, 4),)
     supports_kv_int8 = True
+    # ring attention keeps each block's key span in registers (schedules/ring_attention.py
+    # cuda_kernel_layout): off until a GPU run shows it correct and faster (bench/cuda_build.py --span-registers)
+    attention_span_in_registers: bool = False
 
     def tvm_target(self):
         import tvm
@@ -83,7 +86,7 @@ class CudaTarget(TargetSpec):
         # nn.Linear is matmul(x, permute_dims(W)): unfused, every call materialises W^T (3x the bytes)
         mod = fuse_transpose_matmul(mod)
         if self.hand_kernels:   # voxc's split-K attention instead of dlight's fallback for the TE definition
-            mod = swap_ring_attention(mod)
+            mod = swap_ring_attention(mod, span_in_registers=self.attention_span_in_registers)
             # greedy topk(k=1) as one argmax kernel: TVM's topk lowering measured 80 us and 11 launches
             # of a 2.75 ms decode step on an H100 (the argmax: one block per row)
             mod = replace_greedy_topk(mod, threads=1024)

@@ -19,6 +19,7 @@ reaches point at page 0, full of NaN: a kernel that lets an invisible row weigh 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -129,7 +130,9 @@ def build(out_dir: str | Path, archs=("sm_90",), target_name: str = "cuda") -> P
     if target_name == "cuda":
         from targets import cuda as tc
 
-        target = dataclasses.replace(tc.TARGET, archs=tuple(archs))
+        # ATTN_SPAN_REGISTERS=1: the kernels with their key span in registers (CudaTarget.attention_span_in_registers)
+        target = dataclasses.replace(tc.TARGET, archs=tuple(archs),
+                                     attention_span_in_registers=os.environ.get("ATTN_SPAN_REGISTERS") == "1")
     else:
         from targets import get_target
 
