@@ -78,6 +78,8 @@ class CudaTarget(TargetSpec):
         }, host={"kind": "llvm"})
 
     def compile(self, mod, report: CompileReport | None = None):
+        if self.kv_int8 and not self.hand_kernels:
+            raise VoxcError("8-bit KV caches need voxc's attention kernels on CUDA (hand_kernels=True)")
         prepare_toolchain()
         import tvm
         from tvm.relax.backend.cuda import pipeline as cuda_pipeline
