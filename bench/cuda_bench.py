@@ -380,7 +380,7 @@ def bench_artifact(report, art: Path, device: Device, copy_gbps: float):
     res["weights_written_s"] = round(res["weights_written_s"], 1)
     cfg = ModelConfig.from_dict(manifest["config"])
     per_stream = sum(artifact.state_bytes_per_stream(cfg, manifest["model_dtype"],
-                                                     tuple(manifest.get("kv_int8", ()))).values())
+                                                     artifact.manifest_kv_int8(manifest)).values())
     res["cache_bytes_per_stream_gb"] = round(per_stream / 1e9, 3)
     max_streams = env("MAX_STREAMS", 0) or \
         max(1, min(128, int((device.free_bytes() - res["weights_gb"] * 1e9 - 6e9) // per_stream)))

@@ -151,6 +151,11 @@ def kv_int8_towers(towers) -> tuple[str, ...]:
     return tuple(t for t in KV_TOWERS if t in names)
 
 
+def manifest_kv_int8(manifest: dict) -> tuple[str, ...]:
+    """The towers a (checked) manifest says have 8-bit KV caches (none in one built before them)."""
+    return tuple(manifest.get("kv_int8", ()))
+
+
 def kv_page_rows(window: int) -> int:
     """Rows of one page of a ring of ``window`` rows."""
     return min(KV_PAGE_ROWS, int(window))

@@ -102,7 +102,7 @@ class CompiledModel:
         self.max_streams = max_streams
         self.slots = SlotPool(max_streams, on_release=self._release_pages)
         self.audio_ring_rows = artifact.AUDIO_RING_ROWS
-        self.state_layout = artifact.state_layout(self.config, tuple(manifest.get("kv_int8", ())))
+        self.state_layout = artifact.state_layout(self.config, artifact.manifest_kv_int8(manifest))
         paged = artifact.paged_entries(self.state_layout)
         initial = _initial_kv_pages(kv_pages, None, paged, max_streams)
         # the KV caches: per tower a pool of pages per layer (separately allocated tensors, so each
@@ -217,7 +217,7 @@ class CompiledModel:
         name = manifest["wgpu"].get("backend", manifest["target"]) if manifest.get("wgpu") else kind
         # the pools' first sizes, checked before the runtime starts and the weights load
         paged = artifact.paged_entries(artifact.state_layout(ModelConfig.from_dict(manifest["config"]),
-                                                             tuple(manifest.get("kv_int8", ()))))
+                                                             artifact.manifest_kv_int8(manifest)))
         kv_pages = _initial_kv_pages(kv_pages, kv_seconds, paged, int(max_streams),
                                      padding_seconds=stream_padding_seconds(manifest["streaming"]))
         return cls(artifact_dir, manifest, Runtime(kind, name=name), int(max_streams), progress, kv_pages)
