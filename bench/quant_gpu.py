@@ -61,12 +61,17 @@ FUSED_SHAPES = {
     "fused dec.wqkv 6144x3072": (6144, 3072), "fused dec.w1+w3 18432x3072": (18432, 3072),
     "fused enc.wqkv 6144x1280": (6144, 1280), "fused enc.w1+w3 10240x1280": (10240, 1280),
 }
-# Launch layouts of the CUDA GEMV (schedules/gpu_gemv.py) tried beside its defaults:
-# (activation rows, weight rows per thread, warps per block, lanes per weight row, steps in flight).
+# Launch layouts of the CUDA GEMV (schedules/gpu_gemv.py) tried beside its defaults: (activation rows,
+# weight rows per thread, warps per block, lanes per weight row, steps in flight[, k-splits]).
 GEMV_VARIANTS = ((1, 1, 4, 32, 1), (1, 4, 4, 32, 1), (1, 2, 8, 32, 1), (1, 2, 2, 32, 1), (4, 1, 4, 32, 1),
                  (8, 2, 4, 32, 1), (1, 2, 4, 16, 1), (1, 1, 4, 16, 1), (1, 1, 8, 16, 1), (1, 2, 4, 8, 1),
                  (1, 1, 4, 4, 1), (4, 2, 4, 16, 1), (4, 1, 4, 4, 1), (1, 2, 4, 32, 2), (1, 1, 4, 32, 3),
                  (1, 2, 4, 16, 3), (1, 1, 4, 16, 4), (1, 1, 4, 4, 5), (4, 1, 4, 16, 3))
+# Split-K within a block (warps sharing rows: fewer dependent rounds of loads per thread), batch 1 and 4
+SPLIT_K_VARIANTS = ((1, 2, 1, 32, 1, 2), (1, 2, 1, 32, 1, 4), (1, 2, 2, 32, 1, 2), (1, 2, 2, 32, 2, 2),
+                    (1, 1, 2, 32, 1, 4), (1, 2, 1, 16, 1, 3), (1, 2, 2, 16, 1, 3), (1, 2, 1, 16, 2, 3),
+                    (1, 1, 1, 16, 1, 8), (1, 2, 1, 32, 2, 4), (1, 2, 2, 16, 2, 2), (4, 2, 1, 32, 1, 2),
+                    (4, 2, 1, 16, 1, 3), (4, 1, 2, 32, 1, 4))
 # The CUDA GEMV over a symbolic row count in chunks of 4 rows (what GEMMs dispatch up to 32 rows to)
 CHUNKED_ROWS = (3, 8, 16, 32, 64)
 # `local`: a few tiny shapes (odd row counts, one Q4_K super-block per row) that build in seconds
@@ -84,10 +89,11 @@ GUARD = 256                 # NaN elements on each side of an output
 
 def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None, qtypes=QTYPES,
           batches=GEMV_BATCHES, dtype: str = "float32", kinds=("gemv", "gemm"),
-          fused_shapes: dict | None = None, variants=GEMV_VARIANTS) -> Path:
+          fused_shapes: dict | None = None, variants=GEMV_VARIANTS, fused_variants: bool = False) -> Path:
     """``shapes`` get every qtype, GEMV batch and (unless the LM head) the GEMM; ``fused_shapes`` the
-    Q4_K GEMV at batches 1 and 4; ``variants`` (rows, rows per thread, warps, lanes per row, steps in flight) of the CUDA GEMV run at batch
-    1 on every Q4_K shape of ``shapes``, named ``..._r<R>w<W>``."""
+    Q4_K GEMV at batches 1 and 4; ``variants`` (rows, rows per thread, warps, lanes per row, steps in
+    flight[, k-splits]) of the CUDA GEMV run on every Q4_K shape of ``shapes`` (and of ``fused_shapes``
+    with ``fused_variants``), named ``..._r<R>w<W>[l<L>][p<P>][s<S>]``."""
     import tvm
     from tvm.support import nvcc
 
@@ -127,13 +133,15 @@ def build(out_dir: str | Path, arch: str = "sm_90", shapes: dict | None = None, 
                 else:
                     func = make_kernel(qtype, n, k, batch, dtype=dtype, target="cuda", dispatch_rows=False)
                 add(func, label, qtype, n, k, batch)
-            if qtype == "q4_k" and 1 in label_batches and label in (SHAPES if shapes is None else shapes):
-                for batch, rows_per_thread, warps, lanes, in_flight in variants:
+            if qtype == "q4_k" and 1 in label_batches and (label in (SHAPES if shapes is None else shapes)
+                                                           or fused_variants):
+                for batch, rows_per_thread, warps, lanes, in_flight, *rest in variants:
+                    splits = rest[0] if rest else 1
                     variant = (f"r{rows_per_thread}w{warps}" + ("" if lanes == 32 else f"l{lanes}")
-                               + ("" if in_flight == 1 else f"p{in_flight}"))
+                               + ("" if in_flight == 1 else f"p{in_flight}") + ("" if splits == 1 else f"s{splits}"))
                     name = f"gemv_{qtype}_{n}x{k}_b{batch}_{dtype}_cuda_{variant}"
                     func = gpu_gemv(qtype, n, k, batch, dtype, rows_per_thread=rows_per_thread, warps=warps,
-                                    lanes_per_row=lanes, steps_in_flight=in_flight)
+                                    lanes_per_row=lanes, steps_in_flight=in_flight, k_splits=splits)
                     add(func.with_attrs({"global_symbol": name, "tirx.is_scheduled": True}), label, qtype, n, k, batch,
                         variant=variant)
                 if "gemm" in kinds and not label.startswith("lm_head"):
@@ -221,7 +229,7 @@ def local(out_dir: str | Path | None = None, arch: str = "sm_90") -> Path:
 
     out = Path(out_dir) if out_dir else Path(tempfile.mkdtemp(prefix="quant_gpu_local_"))
     build(out, arch, shapes=LOCAL_SHAPES, batches=(1, 4, 16), fused_shapes={"fused tiny 72x256": (72, 256)},
-          variants=GEMV_VARIANTS[-1:])
+          variants=GEMV_VARIANTS[-1:] + SPLIT_K_VARIANTS[-1:])
     problems = check_manifest(out)
     if problems:
         raise SystemExit("quant_gpu local: " + "; ".join(problems))
@@ -457,6 +465,11 @@ def main(argv=None):
         b.add_argument("--kinds", default="gemv,gemm", help="gemv, gemm or both")
         b.add_argument("--dtype", default="float32", choices=["float32", "float16"])
         b.add_argument("--only", help="comma list of shape-label prefixes, e.g. lm_head,dec.w2")
+        b.add_argument("--qtypes", default=",".join(QTYPES), help="comma list of " + ", ".join(QTYPES))
+        b.add_argument("--batches", default=",".join(map(str, GEMV_BATCHES)), help="GEMV activation rows")
+        b.add_argument("--sweep", choices=("layouts", "split-k", "both"), default="layouts",
+                       help="which CUDA GEMV layout variants run beside the defaults (split-k: also on the "
+                            "fused shapes)")
         if name == "all":
             b.add_argument("--json")
     r = sub.add_parser("run")
@@ -470,8 +483,12 @@ def main(argv=None):
         local(args.out, args.arch)
         return 0
     if args.cmd in ("build", "all"):
+        variants = {"layouts": GEMV_VARIANTS, "split-k": SPLIT_K_VARIANTS,
+                    "both": GEMV_VARIANTS + SPLIT_K_VARIANTS}[args.sweep]
         build(args.out, args.arch, shapes=select_shapes(args.only), dtype=args.dtype, kinds=tuple(args.kinds.split(",")),
-              fused_shapes=None if args.only else FUSED_SHAPES)
+              qtypes=tuple(args.qtypes.split(",")), batches=tuple(int(b) for b in args.batches.split(",")),
+              fused_shapes=FUSED_SHAPES if args.sweep != "layouts" or not args.only else None,
+              variants=variants, fused_variants=args.sweep != "layouts")
     if args.cmd in ("run", "all"):
         res = run(getattr(args, "dir", None) or args.out)
         if args.json:

@@ -72,12 +72,14 @@ MAX_ROWS = 8              # activation rows held in registers (beyond: dequant_m
 MAGIC = 0x4B000000        # float bits of 2^23: OR-ing a small integer into the mantissa gives 2^23 + v
 
 
+MAX_K_SPLITS = 8          # warps sharing one row (threadIdx.z): the block stays within 1024 threads
 LANE_GROUPS = (32, 16, 8, 4)   # lanes per weight row a warp may use (powers of two: the shuffle tree)
 TARGETS = ("cuda", "webgpu")
 # WebGPU's default limits (what every adapter grants): invocations and workgroup storage per
 # workgroup, workgroups per grid dimension (tvmjs folds a larger blockIdx.x into z, but TVM's WGSL
 # lets the first padding workgroup of an uneven fold run, so the layouts stay within it)
 WEBGPU_MAX_INVOCATIONS = 256
+CUDA_MAX_THREADS = 1024
 WEBGPU_MAX_WORKGROUP_STORAGE = 16 << 10
 WEBGPU_MAX_WORKGROUPS = 65535
 
@@ -92,6 +94,7 @@ class GemvLayout:
     warps: int                # warps per block (threadIdx.y)
     blocks: int
     lanes_per_row: int = WARP  # lanes sharing one row's units (L); a warp holds 32 / L lane groups
+    k_splits: int = 1          # warps (threadIdx.z) sharing the same rows, each on every S-th lane step
 
     @property
     def rows_per_warp(self) -> int:
@@ -99,7 +102,7 @@ class GemvLayout:
 
     @property
     def threads(self) -> tuple[int, int, int]:
-        return (WARP, self.warps, 1)
+        return (WARP, self.warps, self.k_splits)
 
 
 def lanes_for(units: int) -> int:
@@ -109,10 +112,12 @@ def lanes_for(units: int) -> int:
 
 def gemv_layout(qtype: QType | str, n: int, k: int, max_rows: int = 1,
                 rows_per_thread: int | None = None, warps: int | None = None,
-                lanes_per_row: int | None = None, target: str = "cuda") -> GemvLayout:
+                lanes_per_row: int | None = None, target: str = "cuda", k_splits: int | None = None) -> GemvLayout:
     """The launch layout of :func:`gpu_gemv` for an ``[n, k]`` weight (any valid shape on CUDA; on
     WebGPU a VoxcError where even the largest row blocks leave over 65535 workgroups, see
-    :func:`supports`)."""
+    :func:`supports`).  ``k_splits`` warps share each row (split-K within a block): a row's units are
+    dealt to ``lanes_per_row x k_splits`` lanes, so each thread has fewer steps, that is fewer
+    dependent rounds of memory latency, at the cost of one shared-memory reduction."""
     qtype = QType.parse(qtype)
     if target not in TARGETS:
         raise VoxcError(f"gpu_gemv: no kernel for target {target!r} (have {', '.join(TARGETS)})")
@@ -140,6 +145,9 @@ def gemv_layout(qtype: QType | str, n: int, k: int, max_rows: int = 1,
         lanes_per_row = 16 if units % WARP == 16 and n >= 8192 else WARP
     if lanes_per_row not in LANE_GROUPS:
         raise VoxcError(f"gpu_gemv: lanes_per_row must be one of {LANE_GROUPS}, got {lanes_per_row}")
+    k_splits = 1 if k_splits is None else int(k_splits)
+    if not 1 <= k_splits <= MAX_K_SPLITS:
+        raise VoxcError(f"gpu_gemv: k_splits must be 1..{MAX_K_SPLITS}, got {k_splits}")
     # every lane group of every warp of every block owns whole rows: fall back to fewer rows per
     # thread, more lanes per row, fewer warps until the row count divides (any n: 32 lanes, 1 row);
     # WebGPU also keeps the grid within 65535 workgroups
@@ -151,8 +159,11 @@ def gemv_layout(qtype: QType | str, n: int, k: int, max_rows: int = 1,
     if found is None:
         raise VoxcError(f"gpu_gemv: no {target} layout of {n} rows within {max_blocks} workgroups")
     r, lanes, w = found
-    return GemvLayout(per_unit, 8 if qtype is QType.Q8_0 else 4, units, -(-units // lanes), r, w,
-                      n // (r * (WARP // lanes) * w), lanes)
+    max_threads = WEBGPU_MAX_INVOCATIONS if target == "webgpu" else CUDA_MAX_THREADS
+    if WARP * w * k_splits > max_threads:
+        raise VoxcError(f"gpu_gemv: {w} warps x {k_splits} k-splits exceed {max_threads} {target} threads a block")
+    return GemvLayout(per_unit, 8 if qtype is QType.Q8_0 else 4, units, -(-units // (lanes * k_splits)), r, w,
+                      n // (r * (WARP // lanes) * w), lanes, k_splits)
 
 
 def _level(word, e, qtype: QType):
@@ -189,7 +200,8 @@ def _small(v):
 def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "float32", *,
              symbolic_rows: bool = False, rows_per_thread: int | None = None,
              warps: int | None = None, lanes_per_row: int | None = None,
-             steps_in_flight: int | None = None, target: str = "cuda") -> tirx.PrimFunc:
+             steps_in_flight: int | None = None, k_splits: int | None = None,
+             target: str = "cuda") -> tirx.PrimFunc:
     """PrimFunc ``(x [rows, k], qweight, scales, y [rows, n])``; ``rows`` is ``max_rows`` or, with
     ``symbolic_rows``, an int32 variable ``m`` (any count: ``ceil(m / max_rows)`` row chunks).
     ``target``: "cuda" (warp-shuffle reduction) or "webgpu" (WGSL: workgroup-memory reduction, f16
@@ -197,13 +209,14 @@ def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "fl
     ``steps_in_flight``: a thread issues the loads of that many of its steps before the arithmetic
     of the first (more bytes in flight per thread, more registers).  By default 2 for one activation
     row (on an H100 within 1% or faster at every unstacked decoder, encoder and adapter shape: 14% on
-    1280x5120, 27% on 1024x3072) and 1 for more rows, whose activations already fill the registers."""
+    1280x5120, 27% on 1024x3072) and 1 for more rows, whose activations already fill the registers.
+    ``k_splits``: see :func:`gemv_layout`."""
     from tvm.script import tirx as T
 
     qtype = QType.parse(qtype)
-    lay = gemv_layout(qtype, n, k, max_rows, rows_per_thread, warps, lanes_per_row, target)
-    GU, WPG, U, STEPS, R, TY, L = (lay.groups_per_unit, lay.words_per_group, lay.units, lay.steps,
-                                   lay.rows_per_thread, lay.warps, lay.lanes_per_row)
+    lay = gemv_layout(qtype, n, k, max_rows, rows_per_thread, warps, lanes_per_row, target, k_splits)
+    GU, WPG, U, STEPS, R, TY, L, S = (lay.groups_per_unit, lay.words_per_group, lay.units, lay.steps,
+                                      lay.rows_per_thread, lay.warps, lay.lanes_per_row, lay.k_splits)
     GROUPS_PER_WARP = WARP // L
     if steps_in_flight is None:
         steps_in_flight = 2 if max_rows == 1 else 1
@@ -215,15 +228,17 @@ def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "fl
     # activations per vector load: 128 bits on CUDA; WGSL's widest vector is vec4 (64 bits of f16)
     LV = min(EPW, 4 if WEBGPU else 16 // (2 if dtype == "float16" else 4))
     # WebGPU: one float per (row, activation row) of every invocation in workgroup memory
-    RED = R * B * TY * WARP
+    RED = R * B * TY * WARP * S
     OUTPUT_STEPS = -(-(R * B) // L)          # outputs each lane of a group finishes (WebGPU)
-    if WEBGPU and (WARP * TY > WEBGPU_MAX_INVOCATIONS or RED * 4 > WEBGPU_MAX_WORKGROUP_STORAGE):
-        raise VoxcError(f"gpu_gemv: {WARP * TY} invocations and {RED * 4} B of workgroup memory exceed "
+    if WEBGPU and (WARP * TY * S > WEBGPU_MAX_INVOCATIONS or RED * 4 > WEBGPU_MAX_WORKGROUP_STORAGE):
+        raise VoxcError(f"gpu_gemv: {WARP * TY * S} invocations and {RED * 4} B of workgroup memory exceed "
                         f"WebGPU's defaults ({WEBGPU_MAX_INVOCATIONS}, {WEBGPU_MAX_WORKGROUP_STORAGE} B)")
+    # CUDA with k_splits: each lane group's first lane leaves its R x B sums for the z == 0 warp
+    KRED = S * TY * GROUPS_PER_WARP * R * B
     shapes = kernel_layout_shapes(qtype, n, k)
     QK = qtype is QType.Q4_K
     PAIRED = qtype is QType.Q4_0 and GU == 2                     # one scale word holds both halves
-    PARTIAL = U % L != 0 or STEPS % P != 0      # some (lane, step) pairs have no unit
+    PARTIAL = U % (L * S) != 0 or STEPS % P != 0      # some (lane, step) pairs have no unit
     rows = tirx.Var("m", "int32") if symbolic_rows else B
     MASK_ROWS = bool(symbolic_rows)
     CHUNKS = (rows + B - 1) // B if symbolic_rows else 1
@@ -263,7 +278,8 @@ def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "fl
         y = T.match_buffer(var_y, (rows, n), dtype)
         for by in T.thread_binding(CHUNKS, thread="blockIdx.y"):
           for bx in T.thread_binding(lay.blocks, thread="blockIdx.x"):
-            for ty in T.thread_binding(TY, thread="threadIdx.y"):
+            for tz in T.thread_binding(S, thread="threadIdx.z"):
+              for ty in T.thread_binding(TY, thread="threadIdx.y"):
                 for tx in T.thread_binding(WARP, thread="threadIdx.x"):
                     with T.sblock("gemv"):
                         sums = T.sblock_alloc_buffer((R * B,), "float32", scope="local")
@@ -281,7 +297,7 @@ def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "fl
                         for chunk in T.serial(CHUNKS_OF_STEPS):
                             # every load of the chunk's P steps first: P x R x 32 B per thread in flight
                             for s in T.unroll(P):
-                                u: T.let[T.int32] = (chunk * P + s) * L + tx % L
+                                u: T.let[T.int32] = ((chunk * P + s) * S + tz) * L + tx % L
                                 if not PARTIAL or u < U:
                                     for r in T.unroll(R):
                                         for h in T.unroll(GU):
@@ -295,7 +311,7 @@ def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "fl
                                         else:
                                             sw[s * R + r] = scales[row0 + r, group_of(u, 0) // 2]
                             for s in T.unroll(P):
-                                u: T.let[T.int32] = (chunk * P + s) * L + tx % L
+                                u: T.let[T.int32] = ((chunk * P + s) * S + tz) * L + tx % L
                                 if not PARTIAL or u < U:
                                     for h in T.unroll(GU):
                                         for r in T.unroll(R):
@@ -342,14 +358,16 @@ def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "fl
                             red = T.sblock_alloc_buffer((RED,), "float32", scope="shared")
                             total = T.sblock_alloc_buffer((1,), "float32", scope="local")
                             for i in T.unroll(R * B):
-                                red[(ty * WARP + tx) * (R * B) + i] = sums[i]
+                                red[((tz * TY + ty) * WARP + tx) * (R * B) + i] = sums[i]
                             T.tvm_storage_sync("shared")
                             for q in T.unroll(OUTPUT_STEPS):
                                 o: T.let[T.int32] = q * L + tx % L          # (row, activation row) o // B, o % B
-                                if o < R * B and (not MASK_ROWS or by * B + o % B < rows):
+                                if tz == 0 and o < R * B and (not MASK_ROWS or by * B + o % B < rows):
                                     total[0] = T.float32(0)
-                                    for lane in T.unroll(L):
-                                        total[0] = total[0] + red[(ty * WARP + tx - tx % L + lane) * (R * B) + o]
+                                    for z in T.unroll(S):
+                                        for lane in T.unroll(L):
+                                            total[0] = total[0] + red[
+                                                ((z * TY + ty) * WARP + tx - tx % L + lane) * (R * B) + o]
                                     y[by * B + o % B, row0 + o // B] = T.Cast(dtype, total[0])
                         else:
                             for r in T.unroll(R):
@@ -359,7 +377,21 @@ def gpu_gemv(qtype: QType | str, n: int, k: int, max_rows: int, dtype: str = "fl
                                     for j in T.unroll(L.bit_length() - 1):
                                         sums[r * B + b] = sums[r * B + b] + T.tvm_warp_shuffle_down(
                                             T.uint32(0xFFFFFFFF), sums[r * B + b], (L // 2) >> j, WARP, WARP)
-                                    if tx % L == 0 and (not MASK_ROWS or by * B + b < rows):
+                            if S > 1:
+                                # the k-splits' sums meet in shared memory; the z == 0 warp adds and stores
+                                kred = T.sblock_alloc_buffer((KRED,), "float32", scope="shared")
+                                if tx % L == 0:
+                                    for i in T.unroll(R * B):
+                                        kred[((tz * TY + ty) * GROUPS_PER_WARP + tx // L) * (R * B) + i] = sums[i]
+                                T.tvm_storage_sync("shared")
+                                if tz == 0 and tx % L == 0:
+                                    for i in T.unroll(R * B):
+                                        sums[i] = T.float32(0)
+                                        for z in T.unroll(S):
+                                            sums[i] = sums[i] + kred[((z * TY + ty) * GROUPS_PER_WARP + tx // L) * (R * B) + i]
+                            for r in T.unroll(R):
+                                for b in T.unroll(B):
+                                    if (S == 1 or tz == 0) and tx % L == 0 and (not MASK_ROWS or by * B + b < rows):
                                         y[by * B + b, row0 + r] = T.Cast(dtype, sums[r * B + b])
 
     return gemv

@@ -29,6 +29,7 @@ from tvm import tirx  # noqa: E402
 from schedules import dequant_matmul as dm  # noqa: E402
 from schedules import ring_attention as ra  # noqa: E402
 from schedules.slot_rows import slot_rows_write_func  # noqa: E402
+from voxc.errors import VoxcError  # noqa: E402
 
 MAX_BLOCK = {"threadIdx.x": 1024, "threadIdx.y": 1024, "threadIdx.z": 64}
 MAX_GRID = {"blockIdx.x": 2**31 - 1, "blockIdx.y": 65535, "blockIdx.z": 65535}
@@ -416,14 +417,20 @@ def test_gemv_lane_groups_cover_every_row_once_and_launch_legally():
     for n, k in full + odd:
         if k % 256:
             continue
-        for lanes in LANE_GROUPS:
-            lay = gemv_layout("q4_k", n, k, 1, lanes_per_row=lanes)
+        for lanes, splits in [(lanes, 1) for lanes in LANE_GROUPS] + [(32, 4), (16, 3), (4, 8)]:
+            lay = gemv_layout("q4_k", n, k, 1, lanes_per_row=lanes, k_splits=splits)
             assert lay.blocks * lay.warps * (WARP // lay.lanes_per_row) * lay.rows_per_thread == n, (n, k, lanes, lay)
-            assert lay.lanes_per_row >= lanes and lay.steps * lay.lanes_per_row >= lay.units
+            assert lay.lanes_per_row >= lanes and lay.steps * lay.lanes_per_row * lay.k_splits >= lay.units
+            assert lay.threads == (WARP, lay.warps, splits)
             if (n, k) in odd:
-                func = gpu_gemv("q4_k", n, k, 4, "float16", lanes_per_row=lanes, steps_in_flight=lanes // 4)
-                for kernel in launch_dims(func.with_attr("global_symbol", f"gemv_{n}x{k}_l{lanes}"), {}):
-                    problems += launch_problems(f"gemv {n}x{k} lanes {lanes}", kernel)
+                func = gpu_gemv("q4_k", n, k, 4, "float16", lanes_per_row=lanes, steps_in_flight=lanes // 4,
+                                k_splits=splits)
+                for kernel in launch_dims(func.with_attr("global_symbol", f"gemv_{n}x{k}_l{lanes}s{splits}"), {}):
+                    problems += launch_problems(f"gemv {n}x{k} lanes {lanes} k-splits {splits}", kernel)
     assert not problems, "\n".join(problems)
     # 48 units (a 3072-wide Q4_K row) fill 16 lanes in 3 steps; 20 units (1280 wide) fill 4 lanes
     assert (lanes_for(48), lanes_for(20), lanes_for(64), lanes_for(1)) == (16, 4, 32, 4)
+    with pytest.raises(VoxcError, match="exceed 1024 cuda threads"):
+        gemv_layout("q4_k", 4096, 3072, 1, warps=8, k_splits=8)
+    with pytest.raises(VoxcError, match="k_splits must be 1..8"):
+        gemv_layout("q4_k", 4096, 3072, 1, k_splits=9)

@@ -423,10 +423,12 @@ def test_webgpu_gemv_on_lavapipe(qtype):
             assert func.script().count("T.tvm_storage_sync") == 1     # gpu_gemv's one barrier, not the TE schedule
             # 128-bit weight loads (Q4_0 and Q8_0 read one 32-bit scale word: scalar)
             _check(run_wgsl(func, arrays, wide=("qweight", "scales") if qtype is QType.Q4_K else ("qweight",)), x, wd)
-        for lanes in (4, 16):
-            params, x, wd = _case(qtype, n, k, 4, seed=lanes)
-            func = gpu_gemv(qtype, n, k, 4, lanes_per_row=lanes, steps_in_flight=2, target="webgpu")
-            y = run_wgsl(func.with_attr("global_symbol", f"gemv_l{lanes}"),
+        # other lane layouts; split-K (warps sharing rows, a step each in turn: some with no unit at all)
+        for lanes, splits in ((4, 1), (16, 1), (4, 3), (8, 2)):
+            params, x, wd = _case(qtype, n, k, 4, seed=lanes + splits)
+            func = gpu_gemv(qtype, n, k, 4, lanes_per_row=lanes, steps_in_flight=2, k_splits=splits,
+                            warps=1 if splits > 1 else None, target="webgpu")
+            y = run_wgsl(func.with_attr("global_symbol", f"gemv_l{lanes}s{splits}"),
                          {"x": x, "qweight": params["qweight"], "scales": params["scales"], "y": np.zeros((4, n), np.float32)})
             _check(y, x, wd)
 

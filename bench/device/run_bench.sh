@@ -2,6 +2,9 @@
 # ONE device call: runtime-only set-up, then the steps named (default: all), in this order:
 #   check  bench/device/tiny_check.py: tiny cuda builds (f32, graphs, q4k, f16) and vulkan builds vs their
 #          llvm twins
+#   attn   tests/gpu_attention_check.py run on every .devpack/attn_*/ (built here by
+#          `python tests/gpu_attention_check.py build .devpack/attn_<name> cuda`): the ring attention kernels
+#          alone against numpy -> $OUT/attention_<name>.log
 #   quant  bench/quant_gpu.py run: fused dequant GEMV/GEMM kernels vs copy bandwidth and cuBLAS fp16
 #   gemm   bench/gemm_gpu.py run: the batched Q4_K float16 GEMM per split-K count vs cuBLAS fp16 (pack: gemmbench)
 #   voxc   bench/cuda_bench.py: full-size artifacts (ARTIFACTS="path ..." or every .devpack/artifacts/full_cuda*,
@@ -57,6 +60,17 @@ for step in $STEPS; do
            else
              VOXC_TVM_LIB_DIR=$PACK/tvm_runtime/tvm/lib PYTHONPATH=/tmp/site:$PACK/src "$PY" "$PACK/src/bench/gemm_gpu.py" \
                run --dir "$PACK/gemmbench" --json "$OUT/gemm_gpu.json" 2>&1 | tee "$OUT/gemm_gpu.log"; fi ;;
+    attn)  # each tests/gpu_attention_check.py build in the pack (.devpack/attn_*/: attn_odd.so[.gz] + cases.json)
+           rc_attn=0; found_attn=0
+           for dir in "$PACK"/attn_*/; do
+             [ -f "$dir/cases.json" ] || continue; found_attn=1
+             find "$dir" -name '*.so.gz' -exec gunzip -kf {} +
+             VOXC_TVM_LIB_DIR=${VOXC_TVM_LIB_DIR:-$PACK/tvm_runtime/tvm/lib} "$PY" tests/gpu_attention_check.py run "$dir" \
+               $([ -n "$LOCAL" ] && echo cpu) > "$OUT/attention_$(basename "$dir").log" 2>&1 || rc_attn=1
+             echo "attention $(basename "$dir"): $(tail -1 "$OUT/attention_$(basename "$dir").log")"
+           done
+           [ $found_attn = 1 ] || echo "attn: no .devpack/attn_*/ builds"
+           (exit $rc_attn) ;;
     voxc)  "$PY" bench/cuda_bench.py $LOCAL ${ARTIFACTS:-} 2>&1 | tee -a "$OUT/cuda_bench.log" ;;
     hf)    if [ -n "$LOCAL" ]; then "$PY" bench/cuda_hf_baseline.py --local "$PACK/artifacts/tiny_llvm" 2>&1 \
              | tee "$OUT/hf_baseline.log"; else "$PY" bench/cuda_hf_baseline.py 2>&1 | tee "$OUT/hf_baseline.log"; fi ;;
@@ -70,7 +84,7 @@ for step in $STEPS; do
                PYTHONPATH=/tmp/site:$PACK/src "$PY" bench/server_load.py --local --artifact "$ART" --clients "$n" --seconds "${SERVER_SECS:-20}" --json --verify size \
                  2>&1 | tee -a "$OUT/server_load.jsonl"
              done; fi ;;
-    *)     echo "unknown step $step (check quant gemm voxc hf server)"; exit 2 ;;
+    *)     echo "unknown step $step (check attn quant gemm voxc hf server)"; exit 2 ;;
   esac
   rc=${PIPESTATUS[0]}
   [ "$rc" = 0 ] || failed="$failed $step"
