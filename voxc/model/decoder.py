@@ -9,7 +9,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from voxc.config import DecoderConfig
-from voxc.model.layers import RingAttention, SwiGLU, linear, read_slot_row, rms_norm
+from voxc.model.layers import RingAttention, SwiGLU, linear, rms_norm, scale_by_slot_row
 
 
 class AdaNorm(nn.Module):
@@ -33,11 +33,12 @@ class DecoderLayer(nn.Module):
         self.ada_norm = AdaNorm(cfg.dim, cfg.ada_norm_dim, dtype)
         self.feed_forward = SwiGLU(cfg.dim, cfg.hidden_dim, down_bias=False, dtype=dtype)
 
-    def forward(self, x, delay_scale, cache, pages, starts):
-        """``delay_scale [b, 1, dim]``: this layer's ada-norm scale of each stream (AdaNorm's output)."""
+    def forward(self, x, delay_scales, slots, index, cache, pages, starts):
+        """``delay_scales [n_slots, n_layers, dim]``: the streams' ada-norm scales (AdaNorm's outputs,
+        filled by ``set_delay``); this layer's is row ``index`` of each stream's slot."""
         attn, cache = self.attention(self.attention_norm(x), cache, pages, starts)
         x = x + attn
-        h = self.ffn_norm(x) * delay_scale
+        h = scale_by_slot_row(self.ffn_norm(x), delay_scales, slots, index)
         return x + self.feed_forward(h), cache
 
 
@@ -58,6 +59,6 @@ class Decoder(nn.Module):
         hidden state and the updated caches."""
         updated = []
         for i, (layer, cache) in enumerate(zip(self.layers, caches, strict=True)):
-            x, cache = layer(x, read_slot_row(delay_scales, slots, i), cache, pages, starts)
+            x, cache = layer(x, delay_scales, slots, i, cache, pages, starts)
             updated.append(cache)
         return self.norm(x), updated

@@ -26,11 +26,28 @@ def split_rows(y: nn.Tensor, sizes: list[int]) -> tuple[nn.Tensor, ...]:
     return tuple(op.split(y, bounds, axis=-1))
 
 
+def swiglu_gate(gate_up: nn.Tensor, hidden: int) -> nn.Tensor:
+    """``silu(gate) * up`` of a stacked ``[..., 2 * hidden]`` projection output (gate columns first),
+    as one elementwise kernel: a split, a silu and a multiply were three launches per layer (TVM's
+    fusion does not cross the split's tuple).  Computed in float32, stored in the input's dtype."""
+
+    def compute(t: te.Tensor):
+        def value(*index):
+            *lead, j = index
+            gate = t[(*lead, j)].astype("float32")
+            up = t[(*lead, j + hidden)].astype("float32")
+            return (gate / (tirx.const(1.0, "float32") + tirx.exp(-gate)) * up).astype(t.dtype)
+
+        return te.compute((*t.shape[:-1], hidden), value, name="swiglu_gate")
+
+    return op.tensor_expr_op(compute, "swiglu_gate", [gate_up])
+
+
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x); Mistral's names (w1 gate, w3 up, w2 down).
 
     w1 and w3 run as one matmul ``w13`` (rows of w1, then of w3; voxc.loader.names.STACKED_PROJECTIONS):
-    one GEMV launch reads both weights of a decode step."""
+    one GEMV launch reads both weights of a decode step, one kernel (:func:`swiglu_gate`) gates them."""
 
     def __init__(self, dim: int, hidden_dim: int, down_bias: bool, dtype: str):
         self.hidden_dim = hidden_dim
@@ -38,8 +55,7 @@ class SwiGLU(nn.Module):
         self.w2 = linear(hidden_dim, dim, bias=down_bias, dtype=dtype)
 
     def forward(self, x: nn.Tensor) -> nn.Tensor:
-        gate, up = split_rows(self.w13(x), [self.hidden_dim, self.hidden_dim])
-        return self.w2(op.silu(gate) * up)
+        return self.w2(swiglu_gate(self.w13(x), self.hidden_dim))
 
 
 def stacked_heads(x: nn.Tensor, first: int, heads: int, head_dim: int, name: str,
@@ -154,14 +170,16 @@ def read_slot_rows(ring: nn.Tensor, slots: nn.Tensor, offsets: nn.Tensor, count)
     return op.tensor_expr_op(lambda r, s, o: slot_rows_read(r, s, o, count), "slot_rows_read", [ring, slots, offsets])
 
 
-def read_slot_row(ring: nn.Tensor, slots: nn.Tensor, row: int) -> nn.Tensor:
-    """[n_slots, rows, width] ring -> [b, 1, width]: row ``row`` of each stream's slot."""
+def scale_by_slot_row(x: nn.Tensor, ring: nn.Tensor, slots: nn.Tensor, row: int) -> nn.Tensor:
+    """``x [b, n, width]`` times row ``row`` of each stream's slot of ``ring [n_slots, rows, width]``
+    (the same row for all n positions of a stream), in one kernel: reading the row first was a
+    launch of its own per layer (TVM does not fuse a gather through a slot index into its consumer)."""
 
-    def compute(r: te.Tensor, s: te.Tensor):
-        return te.compute((s.shape[0], 1, r.shape[2]), lambda bi, i, c: r[s[bi].astype("int64"), row, c],
-                          name="slot_row_read")
+    def compute(xt: te.Tensor, r: te.Tensor, s: te.Tensor):
+        return te.compute(xt.shape, lambda bi, i, c: xt[bi, i, c] * r[s[bi].astype("int64"), row, c],
+                          name="slot_row_scale")
 
-    return op.tensor_expr_op(compute, "slot_row_read", [ring, slots])
+    return op.tensor_expr_op(compute, "slot_row_scale", [x, ring, slots])
 
 
 def write_slot_rows(ring: nn.Tensor, rows: nn.Tensor, slots: nn.Tensor, offsets: nn.Tensor) -> nn.Tensor:
