@@ -20,12 +20,6 @@ def rms_norm(dim: int, eps: float, dtype: str = "float32") -> nn.Module:
     return nn.RMSNorm(dim, axes=-1, epsilon=eps, bias=False, dtype=dtype)
 
 
-def split_rows(y: nn.Tensor, sizes: list[int]) -> tuple[nn.Tensor, ...]:
-    """The outputs of a stacked projection, ``y [..., sum(sizes)]`` cut back into its parts."""
-    bounds = [sum(sizes[:i]) for i in range(1, len(sizes))]
-    return tuple(op.split(y, bounds, axis=-1))
-
-
 def swiglu_gate(gate_up: nn.Tensor, hidden: int) -> nn.Tensor:
     """``silu(gate) * up`` of a stacked ``[..., 2 * hidden]`` projection output (gate columns first),
     as one elementwise kernel: a split, a silu and a multiply were three launches per layer (TVM's
