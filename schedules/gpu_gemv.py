@@ -110,6 +110,25 @@ def lanes_for(units: int) -> int:
     return min(LANE_GROUPS, key=lambda lanes: (-(-units // lanes) * lanes, -lanes))
 
 
+# Split-K by default for Q4_K on CUDA below this many weight rows (the LM head's 131072 rows fill the GPU
+# without it: measured the same or slower there)
+SPLIT_K_MAX_N = 65536
+
+
+def split_k_default(units: int) -> tuple[int, int]:
+    """(lanes per row, k_splits) for a row of ``units`` on CUDA at 1-4 activation rows, from the sweep on
+    an H100 (bench/RESULTS.md, sixteenth run; one warp of rows per block, two rows per thread): the
+    fastest layouts gave each row a lane count that divides its units, so every thread runs the same
+    few independent loads: 48 lanes (16 x 3 splits) at 48 and 144 units (K 3072, 9216: decoder
+    GEMVs 8-21% faster), 64 (32 x 2) at 64 units (K 4096), 32 lanes at up to 32 units (as before);
+    otherwise 32 lanes and enough splits (at most 4) for about one step (K 5120: 27% faster)."""
+    if units % 48 == 0:
+        return 16, 3
+    if units % 64 == 0:
+        return 32, 2
+    return WARP, max(1, min(4, -(-units // WARP)))
+
+
 def gemv_layout(qtype: QType | str, n: int, k: int, max_rows: int = 1,
                 rows_per_thread: int | None = None, warps: int | None = None,
                 lanes_per_row: int | None = None, target: str = "cuda", k_splits: int | None = None) -> GemvLayout:
@@ -145,6 +164,9 @@ def gemv_layout(qtype: QType | str, n: int, k: int, max_rows: int = 1,
         lanes_per_row = 16 if units % WARP == 16 and n >= 8192 else WARP
     if lanes_per_row not in LANE_GROUPS:
         raise VoxcError(f"gpu_gemv: lanes_per_row must be one of {LANE_GROUPS}, got {lanes_per_row}")
+    if k_splits is None and warps is None and (target, qtype, max_rows <= 4, n < SPLIT_K_MAX_N) == ("cuda", QType.Q4_K, True, True):
+        lanes_per_row, k_splits = split_k_default(units)
+        warps = 1
     k_splits = 1 if k_splits is None else int(k_splits)
     if not 1 <= k_splits <= MAX_K_SPLITS:
         raise VoxcError(f"gpu_gemv: k_splits must be 1..{MAX_K_SPLITS}, got {k_splits}")

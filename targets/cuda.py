@@ -22,7 +22,7 @@ from pathlib import Path
 
 from targets.base import CompileReport, TargetSpec
 from targets.gpu_pipeline import gpu_relax_pipeline
-from targets.passes import fuse_transpose_matmul, replace_greedy_topk, swap_ring_attention
+from targets.passes import fuse_transpose_matmul, replace_greedy_topk, swap_ring_attention, swap_row_norms
 from schedules.dequant_matmul import CUBLAS_GEMM_NT, PACKED_CALLS_ATTR
 from voxc.artifact import DECODE_B1N1
 from voxc.errors import VoxcError
@@ -87,6 +87,7 @@ class CudaTarget(TargetSpec):
         target = self.tvm_target()
         # nn.Linear is matmul(x, permute_dims(W)): unfused, every call materialises W^T (3x the bytes)
         mod = fuse_transpose_matmul(mod)
+        mod = swap_row_norms(mod)   # each residual add and its norm: one block per row
         if self.hand_kernels:   # voxc's split-K attention instead of dlight's fallback for the TE definition
             mod = swap_ring_attention(mod, span_in_registers=self.attention_span_in_registers)
             # greedy topk(k=1) as one argmax kernel: TVM's topk lowering measured 80 us and 11 launches

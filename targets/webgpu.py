@@ -31,7 +31,8 @@ from pathlib import Path
 
 from targets.base import CompileReport, TargetSpec
 from targets.gpu_pipeline import gpu_relax_pipeline, wgsl_tir_pipeline
-from targets.passes import fuse_transpose_matmul, replace_greedy_topk, schedule_constant_matmuls, swap_ring_attention
+from targets.passes import (fuse_transpose_matmul, replace_greedy_topk, schedule_constant_matmuls, swap_ring_attention,
+                            swap_row_norms)
 from targets.web_toolchain import export_wasm
 from voxc.artifact import WEB_SHARD_BYTES
 from voxc.errors import VoxcError
@@ -202,6 +203,7 @@ def compile_model_for_webgpu(mod, *, max_workgroup_size: int = WEBGPU_DEFAULT_MA
     mod = replace_greedy_topk(mod, threads=min(256, max_workgroup_size))
     mod = schedule_constant_matmuls(mod)
     mod = fuse_transpose_matmul(mod)
+    mod = swap_row_norms(mod, max_threads=max_workgroup_size)
     # WebGPU's default limits: 256 invocations and 16 KiB of workgroup storage per workgroup, depth 64
     mod = swap_ring_attention(mod, threads=min(attention_threads, max_workgroup_size), keys_per_split=256,
                               max_splits=32, max_threads=max_workgroup_size, max_z=64,

@@ -434,3 +434,26 @@ def test_gemv_lane_groups_cover_every_row_once_and_launch_legally():
         gemv_layout("q4_k", 4096, 3072, 1, warps=8, k_splits=8)
     with pytest.raises(VoxcError, match="k_splits must be 1..8"):
         gemv_layout("q4_k", 4096, 3072, 1, k_splits=9)
+
+
+def test_gemv_default_splits_rows_below_the_lm_head_on_cuda():
+    """The CUDA Q4_K default (measured on an H100): rows below SPLIT_K_MAX_N get lanes x splits that
+    divide their units where possible; the LM head, 5+ activation rows and WebGPU keep one split; any
+    row count still tiles exactly with a legal block."""
+    from schedules.gpu_gemv import CUDA_MAX_THREADS, SPLIT_K_MAX_N, WARP, gemv_layout, split_k_default
+
+    assert [split_k_default(u) for u in (48, 144, 64, 20, 32, 80, 1)] == \
+        [(16, 3), (16, 3), (32, 2), (32, 1), (32, 1), (32, 3), (32, 1)]
+    full, odd = _quant_shapes()
+    for n, k in full + odd:
+        if k % 256:
+            continue
+        for rows in (1, 4, 8):
+            lay = gemv_layout("q4_k", n, k, rows)
+            assert lay.blocks * lay.warps * (WARP // lay.lanes_per_row) * lay.rows_per_thread == n
+            assert lay.steps * lay.lanes_per_row * lay.k_splits >= lay.units
+            assert WARP * lay.warps * lay.k_splits <= CUDA_MAX_THREADS
+            assert (lay.k_splits > 1) <= (rows <= 4 and n < SPLIT_K_MAX_N), (n, k, rows, lay)
+    assert gemv_layout("q4_k", 3072, 9216, 1).k_splits == 3
+    assert gemv_layout("q4_k", 3072, 9216, 1, target="webgpu").k_splits == 1
+    assert gemv_layout("q4_k", 131072, 3072, 1).k_splits == 1

@@ -9,7 +9,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from voxc.config import DecoderConfig
-from voxc.model.layers import RingAttention, SwiGLU, linear, rms_norm, scale_by_slot_row
+from voxc.model.layers import RingAttention, SwiGLU, linear, pre_norm_layers, residual_rms_norm, rms_norm
 
 
 class AdaNorm(nn.Module):
@@ -33,13 +33,14 @@ class DecoderLayer(nn.Module):
         self.ada_norm = AdaNorm(cfg.dim, cfg.ada_norm_dim, dtype)
         self.feed_forward = SwiGLU(cfg.dim, cfg.hidden_dim, down_bias=False, dtype=dtype)
 
-    def forward(self, x, delay_scales, slots, index, cache, pages, starts):
-        """``delay_scales [n_slots, n_layers, dim]``: the streams' ada-norm scales (AdaNorm's outputs,
-        filled by ``set_delay``); this layer's is row ``index`` of each stream's slot."""
-        attn, cache = self.attention(self.attention_norm(x), cache, pages, starts)
-        x = x + attn
-        h = scale_by_slot_row(self.ffn_norm(x), delay_scales, slots, index)
-        return x + self.feed_forward(h), cache
+    def forward(self, x, h, next_norm, cache, pages, starts, delay_scales, slots, index):
+        """As voxc.model.layers.pre_norm_layers runs it.  ``delay_scales [n_slots, n_layers, dim]``:
+        the streams' ada-norm scales (AdaNorm's outputs, filled by ``set_delay``); this layer's is row
+        ``index`` of each stream's slot."""
+        attn, cache = self.attention(h, cache, pages, starts)
+        x, h = residual_rms_norm(x, attn, self.ffn_norm, (delay_scales, slots, index))
+        x, h = residual_rms_norm(x, self.feed_forward(h), next_norm)
+        return x, h, cache
 
 
 class Decoder(nn.Module):
@@ -57,8 +58,5 @@ class Decoder(nn.Module):
         each layer reads its row of the streams' slots.  ``caches``: each layer's paged ring KV cache,
         ``pages [b, pages_per_ring]`` the streams' rows of the decoder's page table; returns the final
         hidden state and the updated caches."""
-        updated = []
-        for i, (layer, cache) in enumerate(zip(self.layers, caches, strict=True)):
-            x, cache = layer(x, delay_scales, slots, i, cache, pages, starts)
-            updated.append(cache)
-        return self.norm(x), updated
+        return pre_norm_layers(self.layers, self.norm, x, caches, pages, starts,
+                               lambda index: (delay_scales, slots, index))

@@ -6,8 +6,8 @@ from tvm.relax.frontend.nn import op
 
 from voxc.artifact import CONV0_CONTEXT, CONV1_CONTEXT
 from voxc.config import EncoderConfig
-from voxc.model.layers import (RingAttention, SwiGLU, conv1d_frames, last_frames, read_slot_rows, rms_norm,
-                               write_slot_rows)
+from voxc.model.layers import (RingAttention, SwiGLU, conv1d_frames, last_frames, pre_norm_layers,
+                               read_slot_rows, residual_rms_norm, rms_norm, write_slot_rows)
 
 
 class EncoderLayer(nn.Module):
@@ -19,10 +19,12 @@ class EncoderLayer(nn.Module):
         self.ffn_norm = rms_norm(cfg.dim, cfg.norm_eps, dtype)
         self.feed_forward = SwiGLU(cfg.dim, cfg.hidden_dim, down_bias=True, dtype=dtype)
 
-    def forward(self, x, cache, pages, starts):
-        attn, cache = self.attention(self.attention_norm(x), cache, pages, starts)
-        x = x + attn
-        return x + self.feed_forward(self.ffn_norm(x)), cache
+    def forward(self, x, h, next_norm, cache, pages, starts):
+        """As voxc.model.layers.pre_norm_layers runs it."""
+        attn, cache = self.attention(h, cache, pages, starts)
+        x, h = residual_rms_norm(x, attn, self.ffn_norm)
+        x, h = residual_rms_norm(x, self.feed_forward(h), next_norm)
+        return x, h, cache
 
 
 class Encoder(nn.Module):
@@ -61,8 +63,4 @@ class Encoder(nn.Module):
     def transformer(self, frames, caches, pages, starts):
         """``caches``: each layer's paged ring KV cache, ``pages [b, pages_per_ring]`` the streams' rows
         of the encoder's page table; returns the output and the updated caches."""
-        updated = []
-        for layer, cache in zip(self.layers, caches, strict=True):
-            frames, cache = layer(frames, cache, pages, starts)
-            updated.append(cache)
-        return self.norm(frames), updated
+        return pre_norm_layers(self.layers, self.norm, frames, caches, pages, starts)

@@ -8,6 +8,7 @@ from tvm.relax.frontend import nn
 from tvm.relax.frontend.nn import op
 
 from schedules.ring_attention import int8_roundtrip_func, ring_append_func, ring_attention_func
+from schedules.row_norm import NAME as RESIDUAL_RMS_NORM, residual_rms_norm_te
 from schedules.slot_rows import slot_rows_read, slot_rows_write_func
 
 def linear(in_features: int, out_features: int, bias: bool = False, dtype: str = "float32") -> nn.Module:
@@ -18,6 +19,41 @@ def linear(in_features: int, out_features: int, bias: bool = False, dtype: str =
 
 def rms_norm(dim: int, eps: float, dtype: str = "float32") -> nn.Module:
     return nn.RMSNorm(dim, axes=-1, epsilon=eps, bias=False, dtype=dtype)
+
+
+def residual_rms_norm(x: nn.Tensor, residual: nn.Tensor, norm: nn.RMSNorm,
+                      delay: tuple[nn.Tensor, nn.Tensor, int] | None = None) -> tuple[nn.Tensor, nn.Tensor]:
+    """``(x + residual, norm(x + residual))`` as one kernel (schedules/row_norm.py; the GPU targets swap
+    in its hand-written form by the PrimFunc's ``voxc_kernel`` attribute).  ``delay = (ring, slots,
+    row)``: the norm's output is also scaled by row ``row`` of each stream's slot of ``ring`` (the
+    decoder's ada-norm delay scales)."""
+    eps = float(norm.epsilon)
+    attrs = {"voxc_kernel": RESIDUAL_RMS_NORM, "voxc_eps": eps, "voxc_delay_row": -1 if delay is None else delay[2]}
+    if delay is None:
+        summed, normed = op.tensor_expr_op(lambda xt, rt, wt: residual_rms_norm_te(xt, rt, wt, eps),
+                                           RESIDUAL_RMS_NORM, [x, residual, norm.weight], attrs=attrs)
+    else:
+        ring, slots, row = delay
+        summed, normed = op.tensor_expr_op(
+            lambda xt, rt, wt, ringt, st: residual_rms_norm_te(xt, rt, wt, eps, (ringt, st, row)),
+            RESIDUAL_RMS_NORM + "_scaled", [x, residual, norm.weight, ring, slots], attrs=attrs)
+    return summed, normed
+
+
+def pre_norm_layers(layers: nn.ModuleList, final_norm: nn.RMSNorm, x: nn.Tensor, caches, pages, starts,
+                    extra=lambda index: ()):
+    """Runs pre-norm transformer layers whose ``forward(x, h, next_norm, cache, pages, starts, *extra)``
+    takes the residual stream ``x`` with its attention norm ``h`` and returns the new stream, ``next_norm``
+    of it and the updated cache: each residual add meets the norm that reads it in one kernel
+    (:func:`residual_rms_norm`), so a layer applies the next layer's attention norm, and the last
+    layer the tower's final norm.  Returns the final norm's output and the updated caches."""
+    updated = []
+    h = layers[0].attention_norm(x)
+    for index, (layer, cache) in enumerate(zip(layers, caches, strict=True)):
+        next_norm = layers[index + 1].attention_norm if index + 1 < len(layers) else final_norm
+        x, h, cache = layer(x, h, next_norm, cache, pages, starts, *extra(index))
+        updated.append(cache)
+    return h, updated
 
 
 def swiglu_gate(gate_up: nn.Tensor, hidden: int) -> nn.Tensor:
@@ -162,18 +198,6 @@ def page_table_rows(table: nn.Tensor, slots: nn.Tensor) -> nn.Tensor:
 def read_slot_rows(ring: nn.Tensor, slots: nn.Tensor, offsets: nn.Tensor, count) -> nn.Tensor:
     """[n_slots, rows, width] ring -> [b, count, width]: each stream's rows offsets[b] .. + count."""
     return op.tensor_expr_op(lambda r, s, o: slot_rows_read(r, s, o, count), "slot_rows_read", [ring, slots, offsets])
-
-
-def scale_by_slot_row(x: nn.Tensor, ring: nn.Tensor, slots: nn.Tensor, row: int) -> nn.Tensor:
-    """``x [b, n, width]`` times row ``row`` of each stream's slot of ``ring [n_slots, rows, width]``
-    (the same row for all n positions of a stream), in one kernel: reading the row first was a
-    launch of its own per layer (TVM does not fuse a gather through a slot index into its consumer)."""
-
-    def compute(xt: te.Tensor, r: te.Tensor, s: te.Tensor):
-        return te.compute(xt.shape, lambda bi, i, c: xt[bi, i, c] * r[s[bi].astype("int64"), row, c],
-                          name="slot_row_scale")
-
-    return op.tensor_expr_op(compute, "slot_row_scale", [x, ring, slots])
 
 
 def write_slot_rows(ring: nn.Tensor, rows: nn.Tensor, slots: nn.Tensor, offsets: nn.Tensor) -> nn.Tensor:
