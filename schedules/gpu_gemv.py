@@ -166,7 +166,8 @@ def gemv_layout(qtype: QType | str, n: int, k: int, max_rows: int = 1,
         raise VoxcError(f"gpu_gemv: lanes_per_row must be one of {LANE_GROUPS}, got {lanes_per_row}")
     if k_splits is None and warps is None and (target, qtype, max_rows <= 4, n < SPLIT_K_MAX_N) == ("cuda", QType.Q4_K, True, True):
         lanes_per_row, k_splits = split_k_default(units)
-        warps = 1
+        if k_splits > 1:   # measured with one warp of rows per block; one split keeps the old layout
+            warps = 1
     k_splits = 1 if k_splits is None else int(k_splits)
     if not 1 <= k_splits <= MAX_K_SPLITS:
         raise VoxcError(f"gpu_gemv: k_splits must be 1..{MAX_K_SPLITS}, got {k_splits}")
