@@ -96,21 +96,21 @@ def residual_rms_norm_gpu_func(dim: int, eps: float, dtype: str, delay_row: int 
         part[tx] = acc[0]
         T.tvm_storage_sync("shared")
         for step in T.unroll(steps):
-            half: T.let[T.int32] = T.shift_right(T.int32(threads // 2), T.Cast("int32", step))
-            acc[0] = part[T.min(tx + half, threads - 1)]
+            offset: T.let[T.int32] = T.shift_right(T.int32(threads // 2), T.Cast("int32", step))
+            acc[0] = part[T.min(tx + offset, threads - 1)]
             T.tvm_storage_sync("shared")
-            if tx < half:
+            if tx < offset:
                 part[tx] = part[tx] + acc[0]
             T.tvm_storage_sync("shared")
-        row_rstd: T.let[T.float32] = T.rsqrt(part[0] / T.float32(dim) + T.float32(eps))
+        inv_rms: T.let[T.float32] = T.rsqrt(part[0] / T.float32(dim) + T.float32(eps))
         for j2 in T.unroll(per_thread):
             col: T.let[T.int64] = T.int64(j2 * threads) + T.Cast("int64", tx)
             if col < dim:
                 if scaled:
-                    out[bi, ni, col] = T.Cast(dtype, vals[j2] * row_rstd * T.Cast("float32", weight[col])
+                    out[bi, ni, col] = T.Cast(dtype, vals[j2] * inv_rms * T.Cast("float32", weight[col])
                                               * T.Cast("float32", ring[T.Cast("int64", slots[bi]), row, col]))
                 else:
-                    out[bi, ni, col] = T.Cast(dtype, vals[j2] * row_rstd * T.Cast("float32", weight[col]))
+                    out[bi, ni, col] = T.Cast(dtype, vals[j2] * inv_rms * T.Cast("float32", weight[col]))
 
     if scaled:
         @T.prim_func(private=True, s_tir=True)
