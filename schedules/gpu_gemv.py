@@ -156,6 +156,11 @@ def gemv_layout(qtype: QType | str, n: int, k: int, max_rows: int = 1,
         # two rows halve the activation loads per weight; with 8 activation rows the registers
         # (8 x 8 activations, 2 x 8 x 2 sums) would cut the number of resident warps instead
         rows_per_thread = 2 if max_rows <= 4 else 1
+    if (lanes_per_row, warps, k_splits) == (None, None, None) and target == "cuda" and qtype is QType.Q4_K \
+            and max_rows <= 4 and n < SPLIT_K_MAX_N:
+        lanes, splits = split_k_default(units)
+        if splits > 1:   # measured with one warp of rows per block; one split keeps the layout below
+            lanes_per_row, k_splits, warps = lanes, splits, 1
     if lanes_per_row is None:
         # Measured on an H100 (bench/RESULTS.md, fifth run): 16 lanes on a 3072-wide row (48 units)
         # took the LM head (131072 rows) from 58% to 75% of copy bandwidth and a 9216-row w1/w3 from
@@ -164,10 +169,6 @@ def gemv_layout(qtype: QType | str, n: int, k: int, max_rows: int = 1,
         lanes_per_row = 16 if units % WARP == 16 and n >= 8192 else WARP
     if lanes_per_row not in LANE_GROUPS:
         raise VoxcError(f"gpu_gemv: lanes_per_row must be one of {LANE_GROUPS}, got {lanes_per_row}")
-    if k_splits is None and warps is None and (target, qtype, max_rows <= 4, n < SPLIT_K_MAX_N) == ("cuda", QType.Q4_K, True, True):
-        lanes_per_row, k_splits = split_k_default(units)
-        if k_splits > 1:   # measured with one warp of rows per block; one split keeps the old layout
-            warps = 1
     k_splits = 1 if k_splits is None else int(k_splits)
     if not 1 <= k_splits <= MAX_K_SPLITS:
         raise VoxcError(f"gpu_gemv: k_splits must be 1..{MAX_K_SPLITS}, got {k_splits}")

@@ -457,3 +457,5 @@ def test_gemv_default_splits_rows_below_the_lm_head_on_cuda():
     assert gemv_layout("q4_k", 3072, 9216, 1).k_splits == 3
     assert gemv_layout("q4_k", 3072, 9216, 1, target="webgpu").k_splits == 1
     assert gemv_layout("q4_k", 131072, 3072, 1).k_splits == 1
+    # a layout the caller names (bench/quant_gpu.py's variants) is built as named, without a split
+    assert gemv_layout("q4_k", 3072, 3072, 1, lanes_per_row=32).k_splits == 1

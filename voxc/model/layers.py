@@ -28,15 +28,14 @@ def residual_rms_norm(x: nn.Tensor, residual: nn.Tensor, norm: nn.RMSNorm,
     row)``: the norm's output is also scaled by row ``row`` of each stream's slot of ``ring`` (the
     decoder's ada-norm delay scales)."""
     eps = float(norm.epsilon)
-    attrs = {"voxc_kernel": RESIDUAL_RMS_NORM, "voxc_eps": eps, "voxc_delay_row": -1 if delay is None else delay[2]}
-    if delay is None:
-        summed, normed = op.tensor_expr_op(lambda xt, rt, wt: residual_rms_norm_te(xt, rt, wt, eps),
-                                           RESIDUAL_RMS_NORM, [x, residual, norm.weight], attrs=attrs)
-    else:
-        ring, slots, row = delay
-        summed, normed = op.tensor_expr_op(
-            lambda xt, rt, wt, ringt, st: residual_rms_norm_te(xt, rt, wt, eps, (ringt, st, row)),
-            RESIDUAL_RMS_NORM + "_scaled", [x, residual, norm.weight, ring, slots], attrs=attrs)
+    row = -1 if delay is None else delay[2]
+    attrs = {"voxc_kernel": RESIDUAL_RMS_NORM, "voxc_eps": eps, "voxc_delay_row": row}
+
+    def compute(xt, rt, wt, *ring_slots):
+        return residual_rms_norm_te(xt, rt, wt, eps, (*ring_slots, row) if ring_slots else None)
+
+    summed, normed = op.tensor_expr_op(compute, RESIDUAL_RMS_NORM + ("" if delay is None else "_scaled"),
+                                       [x, residual, norm.weight, *(delay[:2] if delay else ())], attrs=attrs)
     return summed, normed
 
 
